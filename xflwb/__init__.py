@@ -1,0 +1,32 @@
+"""xflwb: a Jupyter-native workbench for cross-platform (Android + iOS) federated learning.
+
+Public API: ``export``, ``SGD``, ``Adam`` and the IPython extension hook. Heavy libraries
+(TensorFlow, coremltools) load lazily on first use so ``%load_ext xflwb`` stays quick.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# TensorFlow's C++ logging prints pages per export; users can still set their own level.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from xflwb.bridge.export import DropoutWarning, ExportResult, export
+from xflwb.bridge.graph import ExportError
+from xflwb.bridge.manifest import ManifestError
+from xflwb.bridge.optim import SGD, Adam
+from xflwb.bridge.parity import ParityError
+
+__version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext xflwb``: register the xflwb magics."""
+    from xflwb.magics import register
+
+    register(ipython)
+
+
+__all__ = ["SGD", "Adam", "DropoutWarning", "ExportError", "ExportResult", "ManifestError",
+           "ParityError", "__version__", "export", "load_ipython_extension"]

@@ -1,0 +1,281 @@
+"""``xflwb.export``: one Keras model → trainable TFLite + updatable Core ML + manifest + parity.
+
+Each export is built in a hidden staging directory and renamed to ``<out>/<name>/v<N>`` only
+when complete, so a failed export leaves nothing behind and an existing version is never
+touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from xflwb.bridge import coreml as coreml_builder
+from xflwb.bridge import graph as graph_mod
+from xflwb.bridge import manifest as manifest_mod
+from xflwb.bridge import params
+from xflwb.bridge import parity as parity_mod
+from xflwb.bridge import tflite as tflite_builder
+from xflwb.bridge.graph import ExportError
+from xflwb.bridge.optim import resolve_optimizer
+
+PLATFORMS = ("android", "ios")
+LOSS_ALIASES = {"categorical_crossentropy": "categorical_crossentropy",
+                "sparse_categorical_crossentropy": "categorical_crossentropy",
+                "cce": "categorical_crossentropy", "crossentropy": "categorical_crossentropy",
+                "mse": "mse", "mean_squared_error": "mse"}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class DropoutWarning(UserWarning):
+    """Core ML trains without dropout, so iOS and Android/Keras training differ."""
+
+
+@dataclass
+class ExportResult:
+    """What ``export`` produced; ``_repr_html_`` renders the export report in notebooks."""
+
+    name: str
+    version: int
+    directory: Path
+    paths: dict[str, Path]
+    manifest: dict[str, Any]
+    parity: pd.DataFrame
+    layers: pd.DataFrame
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def parameters(self) -> pd.DataFrame:
+        from xflwb.widgets.report import parameter_table
+
+        return parameter_table(self.manifest)
+
+    def _repr_html_(self) -> str:
+        from xflwb.widgets.report import export_report_html
+
+        return export_report_html(self)
+
+    def __repr__(self) -> str:
+        ok = bool(self.parity["ok"].all()) if len(self.parity) else True
+        return (f"ExportResult(name={self.name!r}, version={self.version}, "
+                f"platforms={list(self.manifest['platforms'])}, parity={'ok' if ok else 'FAILED'},"
+                f" directory='{self.directory}')")
+
+
+def _check_args(name: Any, loss: Any, batch_size: Any, epochs: Any,
+                platforms: Any) -> tuple[str, tuple[str, ...]]:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"name {name!r} must be 1-64 letters, digits, '_', '-' or '.', "
+                         "starting with a letter or digit")
+    if not isinstance(loss, str) or loss.lower() not in LOSS_ALIASES:
+        raise ValueError(f"unsupported loss {loss!r}; use 'categorical_crossentropy' (integer "
+                         "labels) or 'mse'")
+    for what, value in (("batch_size", batch_size), ("epochs", epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    if isinstance(platforms, str):
+        platforms = tuple(p.strip() for p in platforms.split(",") if p.strip())
+    plats = tuple(dict.fromkeys(platforms))
+    bad = [p for p in plats if p not in PLATFORMS]
+    if bad or not plats:
+        raise ValueError(f"platforms must be a non-empty subset of {PLATFORMS}, got {platforms!r}")
+    return LOSS_ALIASES[loss.lower()], plats
+
+
+def next_version(root: Path) -> int:
+    versions = [int(m.group(1)) for p in root.glob("v*") if (m := re.fullmatch(r"v(\d+)", p.name))]
+    return max(versions, default=0) + 1
+
+
+def layer_table(graph: graph_mod.ModelGraph, platforms: Sequence[str]) -> pd.DataFrame:
+    rows = []
+    for lay in graph.layers:
+        rows.append({
+            "layer": lay.name, "type": lay.keras_class, "output_shape": str(lay.out_shape),
+            "params": sum(int(__import__("numpy").prod(graph.parameters[i]["shape"]))
+                          for i in lay.params),
+            "android": "yes" if "android" in platforms else "-",
+            "ios": ("-" if "ios" not in platforms else
+                    "no: " + lay.ios_problem if lay.ios_problem else
+                    "identity (no dropout in Core ML)" if lay.kind == "dropout" else
+                    "trains" if lay.has_weights else "yes"),
+        })
+    return pd.DataFrame(rows)
+
+
+def export(model: Any, name: str, data_type: str | None = None,
+           out_dir: str | os.PathLike[str] = "artifacts",
+           loss: str = "categorical_crossentropy", optimizer: Any = None,
+           batch_size: int = 32, epochs: int = 1,
+           platforms: Sequence[str] | str = ("android", "ios"),
+           strict: bool = True, check_parity: bool = True) -> ExportResult:
+    """Export ``model`` for Android (TFLite) and iOS (Core ML) and prove they agree.
+
+    Raises ``ExportError`` naming every layer a platform cannot handle, and
+    ``ParityError`` when the artifacts disagree with Keras beyond 1e-4 (unless
+    ``strict=False``, which keeps the export and reports the failure in ``res.parity``).
+    """
+    t0 = time.perf_counter()
+    loss, plats = _check_args(name, loss, batch_size, epochs, platforms)
+    opt = resolve_optimizer(optimizer)
+    graph = graph_mod.analyze(model)
+    if loss == "categorical_crossentropy":
+        if len(graph.output_shape) != 1 or graph.final_activation != "softmax":
+            raise ExportError(
+                f"loss 'categorical_crossentropy' needs a model that ends in softmax over a "
+                f"flat output (got activation '{graph.final_activation}', output shape "
+                f"{graph.output_shape}); add activation='softmax' to the last layer or use "
+                "loss='mse'")
+        classes: int | None = int(graph.output_shape[0])
+    else:
+        classes = None
+    if "ios" in plats:
+        problems = graph.ios_problems()
+        if problems:
+            raise ExportError("the model cannot train on iOS (Core ML):\n  - "
+                              + "\n  - ".join(problems)
+                              + "\nFix these layers, or export for Android only with "
+                              "platforms=('android',).")
+    notes: list[str] = []
+    if graph.has_dropout and "ios" in plats:
+        msg = ("model uses Dropout; Core ML has no dropout layer, so iOS trains without it "
+               "(Keras/Android training differs from iOS training)")
+        warnings.warn(msg, DropoutWarning, stacklevel=2)
+        notes.append(msg)
+
+    canon = params.canonical(model)
+    root = Path(out_dir) / name
+    root.mkdir(parents=True, exist_ok=True)
+    stage = Path(out_dir) / f".{name}.staging-{os.getpid()}-{time.time_ns()}"
+    stage.mkdir(parents=True)
+    try:
+        m = _build(model, graph, canon, stage, name, data_type or name, loss, opt, batch_size,
+                   epochs, plats, classes)
+        m["_dir"] = str(stage.resolve())
+        report = pd.DataFrame(columns=parity_mod.COLUMNS)
+        if check_parity:
+            report = run_parity(m, model, graph, plats)
+            if strict:
+                parity_mod.assert_ok(report)
+        # claim the next version atomically: rename fails if another export took it
+        while True:
+            version = next_version(root)
+            final = root / f"v{version}"
+            m["version"] = version
+            try:
+                _finalise(stage, m, version, plats)
+                stage.rename(final)
+                break
+            except OSError:
+                if final.exists():
+                    _unfinalise(stage, m, version, plats)
+                    continue
+                raise
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    m["_dir"] = str(final.resolve())
+    paths = {"manifest": final / manifest_mod.FILENAME,
+             "keras": final / m["source"]["keras_file"]}
+    for p in plats:
+        paths[p] = final / m["platforms"][p]["file"]
+    return ExportResult(name, version, final.resolve(), paths, m, report,
+                        layer_table(graph, plats), notes, time.perf_counter() - t0)
+
+
+def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, name: str,
+           data_type: str, loss: str, opt: Any, batch_size: int, epochs: int,
+           plats: tuple[str, ...], classes: int | None) -> dict[str, Any]:
+    import numpy as np
+
+    keras_file = "model.keras"
+    model.save(str(stage / keras_file))
+    m: dict[str, Any] = {
+        "schema": manifest_mod.SCHEMA, "name": name, "version": 0, "data_type": data_type,
+        "input": {"shape": list(graph.input_shape), "dtype": "float32", "layout": "NHWC"
+                  if len(graph.input_shape) == 3 else "ND"},
+        "output_shape": list(graph.output_shape),
+        "classes": classes, "loss": loss, "optimizer": opt.to_dict(),
+        "batch_size": batch_size, "epochs": epochs,
+        "parameters": graph.parameters, "has_dropout": graph.has_dropout,
+        "platforms": {},
+        "source": {"keras_file": keras_file, "keras_class": type(model).__name__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if "android" in plats:
+        data = tflite_builder.build(model, graph, loss, opt)
+        fname = f"{name}-{{version}}.tflite"
+        (stage / "android.tflite").write_bytes(data)
+        m["platforms"]["android"] = {
+            "file": fname, "sha256": "", "bytes": len(data),
+            "tflite_layers": [int(np.prod(p["shape"])) * 4 for p in graph.parameters],
+            "signatures": {"train": {"inputs": ["x", "y"], "outputs": ["loss"]},
+                           "infer": {"inputs": ["x"], "outputs": ["logits"]},
+                           "parameters": {"inputs": [],
+                                          "outputs": [f"a{i}" for i in
+                                                      range(len(graph.parameters))]},
+                           "restore": {"inputs": [f"a{i}" for i in
+                                                  range(len(graph.parameters))]}},
+            "label_format": "one_hot_float32" if loss == "categorical_crossentropy"
+            else "float32",
+        }
+    if "ios" in plats:
+        built = coreml_builder.build(graph, canon, loss, opt, batch_size, epochs)
+        coreml_builder.save(built.spec, stage / "ios.mlmodel")
+        m["platforms"]["ios"] = {"file": f"{name}-{{version}}.mlmodel", "sha256": "",
+                                 "bytes": (stage / "ios.mlmodel").stat().st_size,
+                                 "coreml_layers": built.coreml_layers, **built.io}
+    # staged under fixed names until the version is known; _finalise renames them
+    m["platforms"] = {p: m["platforms"][p] for p in plats}
+    m["_staged"] = {"android": "android.tflite", "ios": "ios.mlmodel"}
+    for p in plats:
+        m["platforms"][p]["file"] = m["_staged"][p]
+    return m
+
+
+def _finalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ...]) -> None:
+    """Give artifacts versioned names (phones cache by file name), hash them, write JSON."""
+    ext = {"android": "tflite", "ios": "mlmodel"}
+    for p in plats:
+        src = stage / m["platforms"][p]["file"]
+        dst = stage / f"{m['name']}-v{version}.{ext[p]}"
+        src.rename(dst)
+        m["platforms"][p]["file"] = dst.name
+        m["platforms"][p]["sha256"] = manifest_mod.sha256(dst)
+        m["platforms"][p]["bytes"] = dst.stat().st_size
+    m["source"]["sha256"] = manifest_mod.sha256(stage / m["source"]["keras_file"])
+    manifest_mod.validate(m)
+    manifest_mod.save({k: v for k, v in m.items() if k != "_staged"}, stage)
+
+
+def _unfinalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ...]) -> None:
+    (stage / manifest_mod.FILENAME).unlink(missing_ok=True)
+    for p in plats:
+        cur = stage / m["platforms"][p]["file"]
+        cur.rename(stage / m["_staged"][p])
+        m["platforms"][p]["file"] = m["_staged"][p]
+
+
+def run_parity(m: dict[str, Any], model: Any, graph: graph_mod.ModelGraph,
+               plats: tuple[str, ...]) -> pd.DataFrame:
+    from xflwb.bridge import runtime
+
+    runtimes = {"keras": runtime.load(m, "keras")}
+    for p in plats:
+        runtimes[p] = runtime.load(m, p)
+    no_drop = None
+    if graph.has_dropout and "ios" in plats:
+        from xflwb.bridge.runtime.keras import KerasRuntime
+
+        no_drop = KerasRuntime(m, manifest_mod.artifact_path(m, "keras"), dropout=False)
+    return parity_mod.check(m, runtimes, no_drop)

@@ -1,0 +1,208 @@
+"""One parameter representation (canonical = Keras ``trainable_weights``) and its platform views.
+
+Android holds the canonical tensors as they are (the ``parameters`` signature returns
+``a0..aN``). iOS holds one tensor per convolution/innerProduct weights and bias, in Core ML
+layout, in ``coreml_layers`` order. Every mapping is a pure permutation of elements, so
+round trips are exact. The wire carries tensors as raw little-endian float32 (FedKit, Flower
+Android) or ``.npy`` (Flower's iOS SDK); ``decode_tensor`` accepts both.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PLATFORMS = ("android", "ios")
+NPY_MAGIC = b"\x93NUMPY"
+
+
+# -- canonical -------------------------------------------------------------------------------
+def canonical(keras_model: Any) -> list[np.ndarray]:
+    """The model's trainable weights, in Keras order and layout, as float32 copies."""
+    return [np.array(v.numpy(), dtype=np.float32) for v in keras_model.trainable_weights]
+
+
+# -- single-array layout transforms -----------------------------------------------------------
+def to_platform_array(k: np.ndarray, layout: str, chw: Sequence[int] | None = None
+                      ) -> np.ndarray:
+    """Canonical (Keras) array → Core ML layout."""
+    if layout == "identity":
+        return k
+    if layout == "dense":  # Dense (in, out) → innerProduct [out, in]
+        return np.ascontiguousarray(k.T)
+    if layout == "dense_chw":
+        # Keras flattens (h, w, c); Core ML's CHANNEL_FIRST flatten orders (c, h, w):
+        # permute the kernel's rows to match, then transpose to [out, in].
+        c, h, w = chw  # type: ignore[misc]
+        out = k.shape[1]
+        return np.ascontiguousarray(
+            k.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(-1, out).T)
+    if layout == "conv":  # (kh, kw, in/g, out) → [out, in/g, kh, kw]
+        return np.ascontiguousarray(k.transpose(3, 2, 0, 1))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def from_platform_array(w: np.ndarray, layout: str, chw: Sequence[int] | None = None
+                        ) -> np.ndarray:
+    """Core ML layout → canonical (Keras) array; the exact inverse of ``to_platform_array``."""
+    if layout == "identity":
+        return w
+    if layout == "dense":
+        return np.ascontiguousarray(w.T)
+    if layout == "dense_chw":
+        c, h, ww = chw  # type: ignore[misc]
+        out = w.shape[0]
+        return np.ascontiguousarray(
+            w.T.reshape(c, h, ww, out).transpose(1, 2, 0, 3).reshape(-1, out))
+    if layout == "conv":
+        return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+# -- whole parameter lists --------------------------------------------------------------------
+def _check_platform(manifest: dict[str, Any], platform: str) -> None:
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown platform {platform!r}; use one of {PLATFORMS}")
+    if platform not in manifest.get("platforms", {}):
+        raise ValueError(f"model '{manifest.get('name')}' v{manifest.get('version')} was not "
+                         f"exported for {platform}")
+
+
+def _canonical_shapes(manifest: dict[str, Any]) -> list[tuple[int, ...]]:
+    return [tuple(p["shape"]) for p in manifest["parameters"]]
+
+
+def platform_shapes(manifest: dict[str, Any], platform: str) -> list[tuple[int, ...]]:
+    """Shapes of the tensors a phone of ``platform`` holds, in its order."""
+    _check_platform(manifest, platform)
+    if platform == "android":
+        return _canonical_shapes(manifest)
+    return [tuple(e["shape"]) for e in manifest["platforms"]["ios"]["coreml_layers"]]
+
+
+def _platform_names(manifest: dict[str, Any], platform: str) -> list[str]:
+    if platform == "android":
+        return [f"a{i} ({p['name']})" for i, p in enumerate(manifest["parameters"])]
+    return [f"{e['name']} {e['type']}" for e in manifest["platforms"]["ios"]["coreml_layers"]]
+
+
+def _shaped(arrays: Sequence[Any], shapes: list[tuple[int, ...]], names: list[str],
+            what: str) -> list[np.ndarray]:
+    if len(arrays) != len(shapes):
+        raise ValueError(f"expected {len(shapes)} {what} tensors, got {len(arrays)}")
+    out = []
+    for arr, shape, name in zip(arrays, shapes, names, strict=True):
+        a = np.asarray(arr, dtype=np.float32)
+        size = int(np.prod(shape))
+        if a.size != size:
+            raise ValueError(f"{what} tensor for layer {name} has {a.size} elements, "
+                             f"expected {size} (shape {list(shape)})")
+        if a.shape != shape:
+            if a.ndim > 1 and a.shape != shape:
+                raise ValueError(f"{what} tensor for layer {name} has shape {list(a.shape)},"
+                                 f" expected {list(shape)} (or a flat array of {size})")
+            a = a.reshape(shape)
+        out.append(a)
+    return out
+
+
+def to_platform(canonical: Sequence[np.ndarray], manifest: dict[str, Any],
+                platform: str) -> list[np.ndarray]:
+    """Canonical parameters → the tensors a phone of ``platform`` holds, in its order."""
+    _check_platform(manifest, platform)
+    canon = _shaped(canonical, _canonical_shapes(manifest),
+                    [p["name"] for p in manifest["parameters"]], "canonical")
+    if platform == "android":
+        return [a.copy() for a in canon]
+    return [to_platform_array(canon[e["canonical"]], e["layout"], e.get("chw")).copy()
+            for e in manifest["platforms"]["ios"]["coreml_layers"]]
+
+
+def from_platform(arrays: Sequence[np.ndarray], manifest: dict[str, Any],
+                  platform: str) -> list[np.ndarray]:
+    """A phone's tensors (shaped or flat, as on the wire) → canonical parameters."""
+    shaped = _shaped(arrays, platform_shapes(manifest, platform),
+                     _platform_names(manifest, platform), platform)
+    if platform == "android":
+        return [a.copy() for a in shaped]
+    out: list[np.ndarray | None] = [None] * len(manifest["parameters"])
+    for arr, e in zip(shaped, manifest["platforms"]["ios"]["coreml_layers"], strict=True):
+        idx = e.get("canonical")
+        if idx is not None:
+            out[idx] = from_platform_array(arr, e["layout"], e.get("chw")).copy()
+    missing = [manifest["parameters"][i]["name"] for i, a in enumerate(out) if a is None]
+    if missing:
+        raise ValueError(f"iOS tensors do not cover canonical parameters {missing}")
+    return out  # type: ignore[return-value]
+
+
+def trained_mask(manifest: dict[str, Any], platform: str) -> list[bool]:
+    """Per canonical parameter: does a phone of ``platform`` train it?"""
+    _check_platform(manifest, platform)
+    n = len(manifest["parameters"])
+    if platform == "android":
+        return [True] * n
+    mask = [False] * n
+    for e in manifest["platforms"]["ios"]["coreml_layers"]:
+        if e.get("canonical") is not None and e.get("updatable"):
+            mask[e["canonical"]] = True
+    return mask
+
+
+# -- wire codecs ------------------------------------------------------------------------------
+def encode_raw(array: np.ndarray) -> bytes:
+    """Raw little-endian float32, row-major, no header (FedKit / Flower Android)."""
+    return np.ascontiguousarray(array, dtype="<f4").tobytes()
+
+
+def decode_raw(data: bytes) -> np.ndarray:
+    if len(data) % 4:
+        raise ValueError(f"raw float32 tensor has {len(data)} bytes, not a multiple of 4")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """``.npy`` bytes (Flower's iOS SDK, ``tensor_type='ndarray'``)."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"malformed .npy tensor: {exc}") from exc
+    return np.asarray(arr, dtype=np.float32)
+
+
+CODECS = {"raw": (encode_raw, decode_raw), "npy": (encode_npy, decode_npy)}
+
+
+def detect_codec(data: bytes) -> str:
+    return "npy" if data[:6] == NPY_MAGIC else "raw"
+
+
+def decode_tensor(data: bytes) -> tuple[np.ndarray, str]:
+    """Decode one wire tensor, whichever encoding it used; returns (array, codec name)."""
+    codec = detect_codec(data)
+    return CODECS[codec][1](data), codec
+
+
+def encode_tensors(arrays: Sequence[np.ndarray], codec: str = "raw") -> list[bytes]:
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; use one of {sorted(CODECS)}")
+    enc = CODECS[codec][0]
+    return [enc(a) for a in arrays]
+
+
+def decode_tensors(blobs: Sequence[bytes]) -> tuple[list[np.ndarray], str]:
+    """Decode a list of wire tensors; all must use one codec (answers reuse it)."""
+    decoded = [decode_tensor(b) for b in blobs]
+    codecs = {c for _, c in decoded}
+    if len(codecs) > 1:
+        raise ValueError(f"tensors mix encodings {sorted(codecs)}")
+    return [a for a, _ in decoded], (codecs.pop() if codecs else "raw")

@@ -1,0 +1,89 @@
+"""The reference runtime: the exported Keras model trained by a ``tf.function`` step."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xflwb.bridge.optim import resolve_optimizer
+from xflwb.bridge.runtime.base import Runtime
+
+
+class KerasRuntime(Runtime):
+    """Parameters are the canonical list (Keras ``trainable_weights``)."""
+
+    platform = "keras"
+
+    def __init__(self, manifest: dict[str, Any], path: Path | None = None, model: Any = None,
+                 dropout: bool = True) -> None:
+        super().__init__(manifest)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+
+        from xflwb.bridge.tflite import keras_loss, keras_optimizer, reset_optimizer
+
+        if model is None:
+            model = keras.models.load_model(str(path), compile=False)
+        else:  # a private copy: fitting must never change the caller's model
+            clone = keras.models.clone_model(model)
+            clone.set_weights(model.get_weights())
+            model = clone
+        self.model = model
+        opt = resolve_optimizer(manifest["optimizer"])
+        self._lr = opt.learning_rate
+        self.opt = keras_optimizer(opt)
+        self.opt.build(model.trainable_variables)
+        self._reset = reset_optimizer
+        loss_fn = keras_loss(self.loss)
+        training = bool(dropout)
+
+        @tf.function(reduce_retracing=True)
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                value = loss_fn(y, model(x, training=training))
+            grads = tape.gradient(value, model.trainable_variables)
+            self.opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+            return value
+
+        @tf.function(reduce_retracing=True)
+        def infer(x):
+            return model(x, training=False)
+
+        self._step = step
+        self._infer = infer
+
+    def get_parameters(self) -> list[np.ndarray]:
+        return [np.array(v.numpy(), dtype=np.float32) for v in self.model.trainable_variables]
+
+    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+        from xflwb.bridge import params
+
+        shaped = params._shaped(arrays, [tuple(p["shape"]) for p in self.manifest["parameters"]],
+                                [p["name"] for p in self.manifest["parameters"]], "canonical")
+        for v, a in zip(self.model.trainable_variables, shaped, strict=True):
+            v.assign(a)
+
+    def canonical_parameters(self) -> list[np.ndarray]:
+        return self.get_parameters()
+
+    def set_canonical_parameters(self, canonical: Sequence[np.ndarray]) -> None:
+        self.set_parameters(canonical)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = self._check_x(x)
+        return np.array(self._infer(x), dtype=np.float32)
+
+    def _begin_task(self) -> None:
+        self._reset(self.opt, self._lr)
+
+    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        if self.loss == "categorical_crossentropy":
+            y = np.eye(int(self.classes), dtype=np.float32)[y]
+        else:
+            y = y.reshape(len(y), *self.manifest["output_shape"]).astype(np.float32)
+        return float(self._step(x, y))

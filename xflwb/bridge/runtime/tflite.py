@@ -1,0 +1,80 @@
+"""The Android runtime: TF's TFLite interpreter (with the Flex delegate) running the exported
+signatures exactly as FedKit's Android library calls them."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xflwb.bridge.runtime.base import Runtime
+
+
+def load_interpreter(model: Path | bytes):
+    """A ``tf.lite.Interpreter``; TF 2.18's wheel links the Flex delegate in automatically."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if isinstance(model, bytes | bytearray):
+            interp = tf.lite.Interpreter(model_content=bytes(model))
+        else:
+            interp = tf.lite.Interpreter(model_path=str(model))
+    interp.allocate_tensors()
+    return interp
+
+
+class AndroidRuntime(Runtime):
+    """A virtual Android phone's model: parameters are ``a0..aN`` in canonical layout."""
+
+    platform = "android"
+
+    def __init__(self, manifest: dict[str, Any], path: Path | bytes) -> None:
+        super().__init__(manifest)
+        self.interpreter = load_interpreter(path)
+        sigs = self.interpreter.get_signature_list()
+        missing = {"train", "infer", "parameters", "restore"} - set(sigs)
+        if missing:
+            raise ValueError(f"{path} lacks the FedKit signatures {sorted(missing)}")
+        self._train = self.interpreter.get_signature_runner("train")
+        self._infer = self.interpreter.get_signature_runner("infer")
+        self._params = self.interpreter.get_signature_runner("parameters")
+        self._restore = self.interpreter.get_signature_runner("restore")
+        self._n = len(sigs["parameters"]["outputs"])
+        self._shapes = [tuple(p["shape"]) for p in manifest["parameters"]]
+        if self._n != len(self._shapes):
+            raise ValueError(f"the .tflite has {self._n} parameters, the manifest "
+                             f"{len(self._shapes)}")
+
+    def get_parameters(self) -> list[np.ndarray]:
+        out = self._params()
+        return [np.array(out[f"a{i}"], dtype=np.float32) for i in range(self._n)]
+
+    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+        from xflwb.bridge import params
+
+        shaped = params.from_platform(arrays, self.manifest, "android")
+        self._restore(**{f"a{i}": a for i, a in enumerate(shaped)})
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        x = self._check_x(x)
+        if len(x) == 0:
+            return np.zeros((0, *self.manifest["output_shape"]), np.float32)
+        return np.array(self._infer(x=x)["logits"], dtype=np.float32)
+
+    def _begin_task(self) -> None:
+        # restore() resets the optimizer state (FedKit restores before every round)
+        self._restore(**{f"a{i}": a for i, a in enumerate(self.get_parameters())})
+
+    def _labels(self, y: np.ndarray) -> np.ndarray:
+        if self.loss == "categorical_crossentropy":
+            return np.eye(int(self.classes), dtype=np.float32)[y]  # FedKit: one-hot rows
+        return y.reshape(len(y), *self.manifest["output_shape"]).astype(np.float32)
+
+    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float(self._train(x=x, y=self._labels(y))["loss"])

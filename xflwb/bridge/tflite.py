@@ -1,0 +1,149 @@
+"""Build a training-capable ``.tflite`` with the signatures FedKit's Android library calls.
+
+``train(x, y) -> loss``, ``infer(x) -> logits``, ``parameters() -> a0..aN``,
+``restore(a0..aN)``. The Keras model runs inside ``train`` with a Keras optimizer, so the
+step has Keras semantics; ``restore`` also resets every optimizer variable (slots and
+iteration to zero, learning rate to its value), which both starts each round from zero
+optimizer state (as a Core ML update task does) and avoids READ_VARIABLE failures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from xflwb.bridge.graph import ModelGraph
+from xflwb.bridge.optim import SGD, Optimizer
+
+
+def keras_optimizer(optimizer: Optimizer):
+    import keras
+
+    if isinstance(optimizer, SGD):
+        return keras.optimizers.SGD(learning_rate=optimizer.learning_rate,
+                                    momentum=optimizer.momentum)
+    return keras.optimizers.Adam(learning_rate=optimizer.learning_rate,
+                                 beta_1=optimizer.beta_1, beta_2=optimizer.beta_2,
+                                 epsilon=optimizer.epsilon)
+
+
+def keras_loss(loss: str):
+    import keras
+
+    if loss == "categorical_crossentropy":
+        return keras.losses.CategoricalCrossentropy()
+    return keras.losses.MeanSquaredError()
+
+
+def reset_optimizer(opt: Any, learning_rate: float) -> None:
+    """Assign every optimizer variable: slots/iteration to 0, learning rate to its value."""
+    import tensorflow as tf
+
+    for v in opt.variables:
+        if v.path.endswith("learning_rate"):
+            v.assign(tf.constant(learning_rate, dtype=v.dtype))
+        else:
+            v.assign(tf.zeros(v.shape, dtype=v.dtype))
+
+
+def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer):
+    """A ``tf.Module`` whose four tf.functions are the FedKit signatures."""
+    import tensorflow as tf
+
+    opt = keras_optimizer(optimizer)
+    opt.build(model.trainable_variables)
+    loss_fn = keras_loss(loss)
+    lr = float(optimizer.learning_rate)
+    x_spec = tf.TensorSpec([None, *graph.input_shape], tf.float32, name="x")
+    y_spec = tf.TensorSpec([None, *graph.output_shape], tf.float32, name="y")
+    param_specs = [tf.TensorSpec(v.shape, tf.float32, name=f"a{i}")
+                   for i, v in enumerate(model.trainable_variables)]
+
+    class FedKitModule(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.opt = opt
+            # Keras 3 variables are not tracked by tf.Module: track the backing tf.Variables
+            # so the SavedModel (and TFLite) initialise them with the exported values on load.
+            self._tracked = [v.value for v in [*model.variables, *opt.variables]]
+
+        @tf.function(input_signature=[x_spec, y_spec])
+        def train(self, x, y):
+            with tf.GradientTape() as tape:
+                pred = self.model(x, training=True)
+                value = loss_fn(y, pred)
+            grads = tape.gradient(value, self.model.trainable_variables)
+            self.opt.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+            return {"loss": value}
+
+        @tf.function(input_signature=[x_spec])
+        def infer(self, x):
+            return {"logits": self.model(x, training=False)}
+
+        @tf.function(input_signature=[])
+        def parameters(self):
+            return {f"a{i}": tf.identity(v.value)
+                    for i, v in enumerate(self.model.trainable_variables)}
+
+        @tf.function(input_signature=param_specs)
+        def restore(self, *arrays):
+            for v, a in zip(self.model.trainable_variables, arrays, strict=True):
+                v.assign(a)
+            reset_optimizer(self.opt, lr)
+            return {f"a{i}": tf.identity(v.value)
+                    for i, v in enumerate(self.model.trainable_variables)}
+
+    return FedKitModule()
+
+
+def save_saved_model(module: Any, directory: Path) -> Path:
+    import tensorflow as tf
+
+    signatures = {name: getattr(module, name).get_concrete_function()
+                  for name in ("train", "infer", "parameters", "restore")}
+    with _quiet():
+        tf.saved_model.save(module, str(directory), signatures=signatures)
+    return Path(directory)
+
+
+def convert_saved_model(directory: Path) -> bytes:
+    """TFLite converter with Select TF ops (the gradients need the Flex delegate)."""
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(directory))
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                      tf.lite.OpsSet.SELECT_TF_OPS]
+    conv.experimental_enable_resource_variables = True
+    with _quiet():
+        return conv.convert()
+
+
+def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> bytes:
+    """Return the ``.tflite`` bytes for ``model``."""
+    module = build_module(model, graph, loss, optimizer)
+    with tempfile.TemporaryDirectory(prefix="xflwb-sm-") as tmp:
+        save_saved_model(module, Path(tmp) / "saved_model")
+        return convert_saved_model(Path(tmp) / "saved_model")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The converter logs a page per export; keep notebooks readable."""
+    logger = logging.getLogger("tensorflow")
+    old = logger.level
+    old_env = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    logger.setLevel(logging.ERROR)
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+        if old_env is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = old_env

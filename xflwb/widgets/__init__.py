@@ -1,0 +1,1 @@
+"""Notebook views (HTML reports, ipywidgets) over the public API; they compute nothing."""
