@@ -7,6 +7,8 @@ here is one Core ML can train or backpropagate through (COREML_TRAINING.md).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,11 +180,12 @@ def build(graph: ModelGraph, canonical: list[np.ndarray], loss: str, optimizer: 
         blob = out
 
     builder.make_updatable(updatable)
-    if loss == "categorical_crossentropy":
-        builder.set_categorical_cross_entropy_loss(name=LOSS_NAME, input=OUTPUT_NAME)
-    else:
-        builder.set_mean_squared_error_loss(
-            name=LOSS_NAME, input_feature=(OUTPUT_NAME, datatypes.Array(out_dim)))
+    with contextlib.redirect_stdout(io.StringIO()):  # the builder prints what it adds
+        if loss == "categorical_crossentropy":
+            builder.set_categorical_cross_entropy_loss(name=LOSS_NAME, input=OUTPUT_NAME)
+        else:
+            builder.set_mean_squared_error_loss(
+                name=LOSS_NAME, input_feature=(OUTPUT_NAME, datatypes.Array(out_dim)))
     batches = sorted(set(ALLOWED_BATCH_SIZES) | {int(batch_size)})
     if isinstance(optimizer, SGD):
         p = SgdParams(lr=optimizer.learning_rate, batch=int(batch_size),
@@ -203,14 +206,14 @@ def build(graph: ModelGraph, canonical: list[np.ndarray], loss: str, optimizer: 
     builder.set_shuffle()
     spec = builder.spec
     spec.description.metadata.shortDescription = "xflwb export (updatable neural network)"
-    io = {"input_name": INPUT_NAME, "input_shape": list(in_type.dimensions),
+    info = {"input_name": INPUT_NAME, "input_shape": list(in_type.dimensions),
           "output_name": OUTPUT_NAME, "target_name": TARGET_NAME,
           "target_dtype": "int32" if loss == "categorical_crossentropy" else "double",
           "flatten_mode": "CHANNEL_FIRST",
           "allowed_epochs": [ALLOWED_EPOCHS[0], max(ALLOWED_EPOCHS[-1], int(epochs))],
           "allowed_batch_sizes": [batches[0], batches[-1]],
           "specification_version": int(spec.specificationVersion)}
-    return CoreMLBuild(spec, coreml_layers, io)
+    return CoreMLBuild(spec, coreml_layers, info)
 
 
 def _add_entries(entries: list[dict[str, Any]], name: str, lay: Any, layout: str,

@@ -1,0 +1,47 @@
+"""Shared fixtures: small Keras models built fresh (and seeded) for every test."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import pytest
+
+
+@pytest.fixture
+def cnn():
+    """The digits CNN shape: conv same → maxpool → flatten → dense softmax."""
+    keras.utils.set_random_seed(1)
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+
+
+@pytest.fixture
+def mlp():
+    keras.utils.set_random_seed(2)
+    return keras.Sequential([
+        keras.Input((12,)),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(8, activation="sigmoid"),
+        keras.layers.Dense(4, activation="softmax"),
+    ])
+
+
+@pytest.fixture
+def unseen():
+    """Non-square two-channel input, stride-2 same conv, max-pool, flatten, two dense."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((9, 7, 2))
+    h = keras.layers.Conv2D(6, (3, 2), strides=2, padding="same", activation="relu")(inp)
+    h = keras.layers.MaxPooling2D((2, 2), padding="same")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(12, activation="relu")(h)
+    out = keras.layers.Dense(5, activation="softmax")(h)
+    return keras.Model(inp, out, name="unseen")

@@ -1,0 +1,111 @@
+"""The notebook magic and the CLI: thin, and they report bad input instead of crashing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+
+import pytest
+from IPython.testing.globalipapp import start_ipython
+
+import xflwb
+from xflwb import cli
+
+
+@pytest.fixture(scope="module")
+def ip():
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "xflwb")
+    return shell
+
+
+def _cell(ip, line, body):
+    return ip.run_cell_magic("xfl_export", line, textwrap.dedent(body))
+
+
+def test_magic_exports_model_variable_and_binds_result(ip, tmp_path, capsys):
+    _cell(ip, f"digits_net --data-type digits --optimizer adam --lr 0.01 --batch-size 16 "
+              f"--epochs 2 --out {tmp_path}", """
+        import keras
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8, 8, 1)),
+                                  keras.layers.Conv2D(2, 3, activation="relu"),
+                                  keras.layers.Flatten(),
+                                  keras.layers.Dense(10, activation="softmax")])
+    """)
+    res = ip.user_ns["digits_net"]
+    assert isinstance(res, xflwb.ExportResult)
+    assert res.name == "digits_net" and res.manifest["data_type"] == "digits"
+    assert res.manifest["optimizer"]["type"] == "adam"
+    assert res.manifest["optimizer"]["learning_rate"] == 0.01
+    assert (res.manifest["batch_size"], res.manifest["epochs"]) == (16, 2)
+    assert res.parity["ok"].all()
+    assert res.paths["ios"].exists() and res.paths["android"].exists()
+
+
+def test_magic_finds_the_only_new_model(ip, tmp_path):
+    _cell(ip, f"only_one --platforms android --out {tmp_path}", """
+        import keras
+        net = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+        not_a_model = 3
+    """)
+    res = ip.user_ns["only_one"]
+    assert res.manifest["input"]["shape"] == [3]
+    assert list(res.manifest["platforms"]) == ["android"]
+
+
+def test_magic_reports_errors_without_raising(ip, tmp_path, capsys):
+    _cell(ip, f"nothing --out {tmp_path}", "x = 1\n")
+    out = capsys.readouterr().out
+    assert "defined no Keras model" in out
+    assert "nothing" not in ip.user_ns
+    _cell(ip, f"two --out {tmp_path}", """
+        import keras
+        a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+        b = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    """)
+    assert "several Keras models (a, b)" in capsys.readouterr().out
+    _cell(ip, "bad --optimizer rmsprop", "pass\n")
+    assert "invalid choice: 'rmsprop'" in capsys.readouterr().out
+    _cell(ip, f"lstm --out {tmp_path}", """
+        import keras
+        model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Reshape((4, 4)),
+                                  keras.layers.LSTM(3, name="lstm_1"),
+                                  keras.layers.Dense(2, activation="softmax")])
+    """)
+    assert "layer 'lstm_1' (LSTM)" in capsys.readouterr().out
+
+
+def test_cli_export_module_attr(tmp_path, monkeypatch, capsys):
+    (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
+        import keras
+
+        def small():
+            keras.utils.set_random_seed(0)
+            return keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="relu"),
+                                     keras.layers.Dense(3, activation="softmax")])
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc = cli.main(["export", "mymodels:small", "--name", "small", "--out", "arts",
+                   "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "exported small v1" in out and "train_step" in out
+    m = json.loads((tmp_path / "arts" / "small" / "v1" / "manifest.json").read_text())
+    assert m["optimizer"] == {"type": "sgd", "learning_rate": 0.1, "momentum": 0.9}
+    rc = cli.main(["export", "mymodels:missing", "--out", "arts"]) if False else None
+    with pytest.raises(SystemExit, match="no attribute"):
+        cli.main(["export", "mymodels:missing", "--out", "arts"])
+    with pytest.raises(SystemExit, match="module:attr"):
+        cli.main(["export", "mymodels", "--out", "arts"])
+
+
+def test_cli_reports_export_errors(tmp_path, monkeypatch, capsys):
+    (tmp_path / "bad_models.py").write_text("model = object()\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("bad_models", None)
+    assert cli.main(["export", "bad_models:model", "--out", "arts"]) == 2
+    assert "expected a Keras 3 model" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""Canonical ↔ platform layouts and the wire codecs: exact, and loud on bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xflwb.bridge import params
+
+MANIFEST = {
+    "name": "t", "version": 1,
+    "parameters": [
+        {"name": "conv/kernel", "shape": [3, 2, 2, 5]},
+        {"name": "conv/bias", "shape": [5]},
+        {"name": "dense/kernel", "shape": [3 * 4 * 5, 7]},
+        {"name": "dense/bias", "shape": [7]},
+        {"name": "out/kernel", "shape": [7, 2]},
+    ],
+    "platforms": {
+        "android": {"tflite_layers": [240, 20, 240 * 7, 28, 56]},
+        "ios": {"coreml_layers": [
+            {"name": "conv", "type": "weights", "updatable": True, "shape": [5, 2, 3, 2],
+             "canonical": 0, "layout": "conv"},
+            {"name": "conv", "type": "bias", "updatable": True, "shape": [5], "canonical": 1,
+             "layout": "identity"},
+            {"name": "dense", "type": "weights", "updatable": True, "shape": [7, 60],
+             "canonical": 2, "layout": "dense_chw", "chw": [5, 3, 4]},
+            {"name": "dense", "type": "bias", "updatable": False, "shape": [7], "canonical": 3,
+             "layout": "identity"},
+            {"name": "out", "type": "weights", "updatable": True, "shape": [2, 7],
+             "canonical": 4, "layout": "dense"},
+        ]},
+    },
+}
+
+
+def _canonical(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(p["shape"]).astype(np.float32) for p in MANIFEST["parameters"]]
+
+
+@pytest.mark.parametrize("platform", ["android", "ios"])
+def test_round_trip_is_exact(platform):
+    canon = _canonical()
+    plat = params.to_platform(canon, MANIFEST, platform)
+    assert [list(a.shape) for a in plat] == [list(s) for s in
+                                             params.platform_shapes(MANIFEST, platform)]
+    back = params.from_platform(plat, MANIFEST, platform)
+    for a, b in zip(back, canon, strict=True):
+        np.testing.assert_array_equal(a, b)
+    flat = params.from_platform([a.ravel() for a in plat], MANIFEST, platform)
+    for a, b in zip(flat, canon, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ios_layouts_match_core_ml_documentation():
+    canon = _canonical(1)
+    conv, _, dense, _, out = params.to_platform(canon, MANIFEST, "ios")
+    np.testing.assert_array_equal(conv, canon[0].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(out, canon[4].T)
+    # Keras flattens (h, w, c); CHANNEL_FIRST orders (c, h, w): check element by element
+    k = canon[2]
+    c, h, w = 5, 3, 4
+    for (ci, hi, wi) in [(0, 0, 0), (4, 2, 3), (2, 1, 0), (1, 0, 3)]:
+        keras_row = (hi * w + wi) * c + ci
+        coreml_col = (ci * h + hi) * w + wi
+        np.testing.assert_array_equal(dense[:, coreml_col], k[keras_row])
+
+
+def test_trained_mask_follows_updatable_flags():
+    assert params.trained_mask(MANIFEST, "android") == [True] * 5
+    assert params.trained_mask(MANIFEST, "ios") == [True, True, True, False, True]
+
+
+def test_wrong_count_and_size_name_the_layer():
+    plat = params.to_platform(_canonical(), MANIFEST, "ios")
+    with pytest.raises(ValueError, match="expected 5 ios tensors, got 4"):
+        params.from_platform(plat[:4], MANIFEST, "ios")
+    bad = list(plat)
+    bad[2] = np.zeros(59, np.float32)
+    with pytest.raises(ValueError, match=r"layer dense weights has 59 elements, expected 420"):
+        params.from_platform(bad, MANIFEST, "ios")
+    bad = list(params.to_platform(_canonical(), MANIFEST, "android"))
+    bad[1] = np.zeros((6,), np.float32)
+    with pytest.raises(ValueError, match=r"a1 \(conv/bias\)"):
+        params.from_platform(bad, MANIFEST, "android")
+    bad = list(plat)
+    bad[4] = np.zeros((7, 2), np.float32)  # right size, wrong (canonical) shape
+    with pytest.raises(ValueError, match="shape"):
+        params.from_platform(bad, MANIFEST, "ios")
+    with pytest.raises(ValueError, match="unknown platform"):
+        params.to_platform(_canonical(), MANIFEST, "web")
+
+
+@pytest.mark.parametrize("codec", ["raw", "npy"])
+def test_codecs_round_trip(codec):
+    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5,
+              np.array([np.pi], np.float32)]
+    blobs = params.encode_tensors(arrays, codec)
+    if codec == "raw":
+        assert blobs[0] == arrays[0].astype("<f4").tobytes()
+        assert len(blobs[0]) == 48
+    else:
+        assert blobs[0].startswith(params.NPY_MAGIC)
+    decoded, used = params.decode_tensors(blobs)
+    assert used == codec
+    np.testing.assert_array_equal(decoded[0].reshape(3, 4), arrays[0])
+    np.testing.assert_array_equal(decoded[1].ravel(), arrays[1])
+
+
+def test_raw_is_little_endian_even_from_big_endian_input():
+    a = np.array([1.5, -2.0], dtype=">f4")
+    assert params.encode_raw(a) == np.array([1.5, -2.0], "<f4").tobytes()
+
+
+def test_codec_errors():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        params.decode_raw(b"\x00\x01\x02")
+    with pytest.raises(ValueError, match="malformed .npy"):
+        params.decode_npy(params.NPY_MAGIC + b"garbage")
+    with pytest.raises(ValueError, match="mix encodings"):
+        params.decode_tensors([params.encode_raw(np.ones(2)), params.encode_npy(np.ones(2))])
+    with pytest.raises(ValueError, match="unknown codec"):
+        params.encode_tensors([np.ones(2)], "protobuf")

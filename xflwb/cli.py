@@ -1,0 +1,114 @@
+"""The ``xflwb`` command: parses arguments and delegates to the public API."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def add_export_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``xflwb export`` and ``%%xfl_export``."""
+    p.add_argument("--data-type", default=None, help="data type phones ask for (default: name)")
+    p.add_argument("--platforms", default="android,ios", help="comma list: android,ios")
+    p.add_argument("--loss", default="categorical_crossentropy",
+                   help="categorical_crossentropy (integer labels) or mse")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
+    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--out", default="artifacts", help="artifact directory")
+    p.add_argument("--no-strict", action="store_true",
+                   help="keep the export even if parity fails")
+
+
+def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import xflwb
+
+    if args.optimizer == "sgd":
+        opt = xflwb.SGD(learning_rate=0.01 if args.lr is None else args.lr,
+                        momentum=args.momentum or 0.0)
+    else:
+        if args.momentum is not None:
+            raise ValueError("--momentum applies to --optimizer sgd only")
+        opt = xflwb.Adam(learning_rate=0.001 if args.lr is None else args.lr)
+    return {"data_type": args.data_type, "platforms": args.platforms, "loss": args.loss,
+            "optimizer": opt, "batch_size": args.batch_size, "epochs": args.epochs,
+            "out_dir": args.out, "strict": not args.no_strict}
+
+
+def resolve_model(target: str) -> Any:
+    """``package.module:attr`` → a Keras model (``attr`` may be a zero-argument factory)."""
+    if ":" not in target:
+        raise SystemExit(f"expected module:attr, got {target!r}")
+    mod_name, attr = target.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise SystemExit(f"cannot import {mod_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SystemExit(f"{mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    import keras
+
+    if callable(obj) and not isinstance(obj, keras.Model):
+        obj = obj()
+    return obj
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import xflwb
+
+    model = resolve_model(args.target)
+    name = args.name or args.target.split(":", 1)[1].replace(".", "_")
+    try:
+        res = xflwb.export(model, name=name, **export_kwargs(args))
+    except (xflwb.ExportError, xflwb.ParityError, ValueError, TypeError) as exc:
+        print(f"xflwb export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {res.name} v{res.version} → {res.directory}")
+    for plat, path in res.paths.items():
+        print(f"  {plat:9s} {path}")
+    for w in res.warnings:
+        print(f"warning: {w}")
+    print(res.parity.drop(columns=["note"]).to_string(index=False))
+    return 0 if bool(res.parity["ok"].all()) else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xflwb import demo
+
+    demo.run(out=args.out, epochs=args.epochs, seed=args.seed)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xflwb", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    e = sub.add_parser("export", help="export a Keras model for Android and iOS")
+    e.add_argument("target", help="module:attr naming a Keras model or a factory")
+    e.add_argument("--name", default=None, help="model name (default: attr)")
+    add_export_options(e)
+    e.set_defaults(func=cmd_export)
+    d = sub.add_parser("demo", help="export the demo CNN and train every runtime")
+    d.add_argument("--out", default="demo-output")
+    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

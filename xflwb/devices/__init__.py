@@ -1,0 +1,1 @@
+"""Virtual phones, fleets, datasets and partitions."""
