@@ -116,7 +116,7 @@ def test_raw_is_little_endian_even_from_big_endian_input():
 def test_codec_errors():
     with pytest.raises(ValueError, match="multiple of 4"):
         params.decode_raw(b"\x00\x01\x02")
-    with pytest.raises(ValueError, match="malformed .npy"):
+    with pytest.raises(ValueError, match=r"malformed \.npy"):
         params.decode_npy(params.NPY_MAGIC + b"garbage")
     with pytest.raises(ValueError, match="mix encodings"):
         params.decode_tensors([params.encode_raw(np.ones(2)), params.encode_npy(np.ones(2))])

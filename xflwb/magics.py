@@ -27,19 +27,31 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def find_model(namespace: dict[str, Any], before: dict[str, int]) -> Any:
-    """The variable ``model``, else the only Keras model the cell created or rebound."""
+def _assigns_model(cell: str) -> bool:
+    """Does the cell bind the name ``model`` (even to an object that existed before)?"""
+    import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    try:
+        tree = ast.parse(TransformerManager().transform_cell(cell))
+    except SyntaxError:
+        return False
+    return any(isinstance(n, ast.Name) and n.id == "model" and isinstance(n.ctx, ast.Store)
+               for n in ast.walk(tree))
+
+
+def find_model(namespace: dict[str, Any], before: dict[str, int], cell: str = "") -> Any:
+    """The variable ``model`` if the cell binds it, else the only Keras model it created."""
     import keras
 
     if isinstance(namespace.get("model"), keras.Model) and (
-            before.get("model") != id(namespace["model"])):
+            before.get("model") != id(namespace["model"]) or _assigns_model(cell)):
         return namespace["model"]
     new = {k: v for k, v in namespace.items()
            if isinstance(v, keras.Model) and before.get(k) != id(v) and not k.startswith("_")}
     if len(new) == 1:
         return next(iter(new.values()))
-    if isinstance(namespace.get("model"), keras.Model):
-        return namespace["model"]
     if not new:
         raise MagicUsageError("the cell defined no Keras model: assign one to a variable "
                               "named `model` (e.g. model = keras.Sequential([...]))")
@@ -67,7 +79,7 @@ class XflMagics(Magics):
         if not result.success:
             return None
         try:
-            model = find_model(ns, before)
+            model = find_model(ns, before, cell)
             kwargs = export_kwargs(args)
             res = xflwb.export(model, name=args.name, **kwargs)
         except (MagicUsageError, xflwb.ExportError, xflwb.ParityError, ValueError,

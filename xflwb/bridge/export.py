@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from xflwb.bridge import coreml as coreml_builder
@@ -102,8 +103,7 @@ def layer_table(graph: graph_mod.ModelGraph, platforms: Sequence[str]) -> pd.Dat
     for lay in graph.layers:
         rows.append({
             "layer": lay.name, "type": lay.keras_class, "output_shape": str(lay.out_shape),
-            "params": sum(int(__import__("numpy").prod(graph.parameters[i]["shape"]))
-                          for i in lay.params),
+            "params": sum(int(np.prod(graph.parameters[i]["shape"])) for i in lay.params),
             "android": "yes" if "android" in platforms else "-",
             "ios": ("-" if "ios" not in platforms else
                     "no: " + lay.ios_problem if lay.ios_problem else
@@ -196,8 +196,6 @@ def export(model: Any, name: str, data_type: str | None = None,
 def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, name: str,
            data_type: str, loss: str, opt: Any, batch_size: int, epochs: int,
            plats: tuple[str, ...], classes: int | None) -> dict[str, Any]:
-    import numpy as np
-
     keras_file = "model.keras"
     model.save(str(stage / keras_file))
     m: dict[str, Any] = {
@@ -214,10 +212,9 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, na
     }
     if "android" in plats:
         data = tflite_builder.build(model, graph, loss, opt)
-        fname = f"{name}-{{version}}.tflite"
-        (stage / "android.tflite").write_bytes(data)
+        (stage / _STAGED["android"]).write_bytes(data)
         m["platforms"]["android"] = {
-            "file": fname, "sha256": "", "bytes": len(data),
+            "file": _STAGED["android"], "sha256": "", "bytes": len(data),
             "tflite_layers": [int(np.prod(p["shape"])) * 4 for p in graph.parameters],
             "signatures": {"train": {"inputs": ["x", "y"], "outputs": ["loss"]},
                            "infer": {"inputs": ["x"], "outputs": ["logits"]},
@@ -231,39 +228,38 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, na
         }
     if "ios" in plats:
         built = coreml_builder.build(graph, canon, loss, opt, batch_size, epochs)
-        coreml_builder.save(built.spec, stage / "ios.mlmodel")
-        m["platforms"]["ios"] = {"file": f"{name}-{{version}}.mlmodel", "sha256": "",
-                                 "bytes": (stage / "ios.mlmodel").stat().st_size,
+        coreml_builder.save(built.spec, stage / _STAGED["ios"])
+        m["platforms"]["ios"] = {"file": _STAGED["ios"], "sha256": "",
+                                 "bytes": (stage / _STAGED["ios"]).stat().st_size,
                                  "coreml_layers": built.coreml_layers, **built.io}
-    # staged under fixed names until the version is known; _finalise renames them
-    m["platforms"] = {p: m["platforms"][p] for p in plats}
-    m["_staged"] = {"android": "android.tflite", "ios": "ios.mlmodel"}
-    for p in plats:
-        m["platforms"][p]["file"] = m["_staged"][p]
     return m
+
+
+# artifacts are staged under fixed names until the version is known; _finalise renames them
+_STAGED = {"android": "android.tflite", "ios": "ios.mlmodel"}
+_EXT = {"android": "tflite", "ios": "mlmodel"}
 
 
 def _finalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ...]) -> None:
     """Give artifacts versioned names (phones cache by file name), hash them, write JSON."""
-    ext = {"android": "tflite", "ios": "mlmodel"}
     for p in plats:
         src = stage / m["platforms"][p]["file"]
-        dst = stage / f"{m['name']}-v{version}.{ext[p]}"
+        dst = stage / f"{m['name']}-v{version}.{_EXT[p]}"
         src.rename(dst)
         m["platforms"][p]["file"] = dst.name
         m["platforms"][p]["sha256"] = manifest_mod.sha256(dst)
         m["platforms"][p]["bytes"] = dst.stat().st_size
     m["source"]["sha256"] = manifest_mod.sha256(stage / m["source"]["keras_file"])
     manifest_mod.validate(m)
-    manifest_mod.save({k: v for k, v in m.items() if k != "_staged"}, stage)
+    manifest_mod.save(m, stage)
 
 
 def _unfinalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ...]) -> None:
     (stage / manifest_mod.FILENAME).unlink(missing_ok=True)
     for p in plats:
         cur = stage / m["platforms"][p]["file"]
-        cur.rename(stage / m["_staged"][p])
-        m["platforms"][p]["file"] = m["_staged"][p]
+        cur.rename(stage / _STAGED[p])
+        m["platforms"][p]["file"] = _STAGED[p]
 
 
 def run_parity(m: dict[str, Any], model: Any, graph: graph_mod.ModelGraph,

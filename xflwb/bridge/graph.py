@@ -97,10 +97,7 @@ def _chain(model: Any) -> list[Any]:
                     "chain (it is shared or takes several inputs); only Sequential and "
                     "single-chain functional models are supported")
             src = tensors[0]._keras_history.operation
-            if prev is None:
-                ok = isinstance(src, keras.layers.InputLayer)
-            else:
-                ok = src is prev
+            ok = isinstance(src, keras.layers.InputLayer) if prev is None else src is prev
             if not ok:
                 raise ExportError(
                     f"layer '{lay.name}' ({type(lay).__name__}) does not take the previous "

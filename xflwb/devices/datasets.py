@@ -31,7 +31,7 @@ def _split(name: str, x: np.ndarray, y: np.ndarray, classes: int, test_fraction:
            seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
-    n_test = int(round(len(x) * test_fraction))
+    n_test = round(len(x) * test_fraction)
     test, train = order[:n_test], order[n_test:]
     return Dataset(name, x[train], y[train], x[test], y[test], classes)
 

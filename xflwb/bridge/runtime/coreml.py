@@ -102,20 +102,17 @@ def _correlate(xp: np.ndarray, wg: np.ndarray, groups: int, k: tuple[int, int],
                ) -> tuple[np.ndarray, np.ndarray]:
     """Grouped cross-correlation of padded ``xp`` with ``wg`` (G, Cout/G, Cin/G·kh·kw).
 
-    Returns (y as (N·Ho·Wo, Cout) rows, the im2col matrix) — the rows are NHWC so the
-    caller gets NCHW with a free transpose, and the columns are kept for dW.
+    Returns (y as an NCHW view of a (Cout, N, Ho, Wo) array, the im2col matrix
+    (G, Cin/G·kh·kw, N·Ho·Wo)). Columns are samples × pixels so the im2col copy runs along
+    contiguous rows, and they are kept for dW.
     """
     n, c = xp.shape[:2]
     win = _windows(xp, k, s, d, out)
-    m = n * out[0] * out[1]
-    if groups == 1:
-        cols = win.transpose(0, 2, 3, 1, 4, 5).reshape(m, -1)
-        return cols @ wg[0].T, cols
     cg = c // groups
     cols = win.reshape(n, groups, cg, out[0], out[1], k[0], k[1]).transpose(
-        1, 0, 3, 4, 2, 5, 6).reshape(groups, m, -1)
-    y = np.matmul(cols, wg.transpose(0, 2, 1))  # (G, M, Cout/G)
-    return y.transpose(1, 0, 2).reshape(m, -1), cols
+        1, 2, 5, 6, 0, 3, 4).reshape(groups, cg * k[0] * k[1], -1)
+    y = (wg[0] @ cols[0])[None] if groups == 1 else np.matmul(wg, cols)  # (G, Cout/G, M)
+    return y.reshape(-1, n, *out).transpose(1, 0, 2, 3), cols
 
 
 # -- layers ----------------------------------------------------------------------------------
@@ -247,25 +244,21 @@ class _Conv(_Weighted):
         return self.W.reshape(self.groups, self.cout // self.groups, -1)
 
     def forward(self, x: np.ndarray, keep: bool) -> np.ndarray:
-        n = x.shape[0]
         y, cols = _correlate(_pad(x, self.pads, 0.0), self._wg(), self.groups, self.k, self.s,
                              self.d, self.hw_out)
         if self.b is not None:
-            y += self.b
+            y += self.b[:, None, None]
         self._cols = cols if keep else None
-        return y.reshape(n, *self.hw_out, self.cout).transpose(0, 3, 1, 2)
+        return y
 
     def backward(self, dy: np.ndarray, need_dx: bool) -> np.ndarray | None:
         n = dy.shape[0]
         g, cog = self.groups, self.cout // self.groups
-        dym = dy.transpose(0, 2, 3, 1).reshape(-1, self.cout)  # (M, Cout), NHWC rows
+        # (G, Cout/G, M): free when dy kept the (C, N, H, W) memory order of the forward pass
+        dyg = dy.transpose(1, 0, 2, 3).reshape(g, cog, -1)
         if self.updatable:
-            if g == 1:
-                self.dW = (dym.T @ self._cols).reshape(self.w_shape)
-            else:
-                dyg = dym.reshape(-1, g, cog).transpose(1, 2, 0)  # (G, Cout/G, M)
-                self.dW = np.matmul(dyg, self._cols).reshape(self.w_shape)
-            self.db = dym.sum(axis=0) if self.b is not None else None
+            self.dW = np.matmul(dyg, self._cols.transpose(0, 2, 1)).reshape(self.w_shape)
+            self.db = dyg.sum(axis=2).reshape(-1) if self.b is not None else None
         if not need_dx:
             return None
         # dx = stride-1 correlation of the stride-up-sampled, padded dy with the flipped
@@ -279,8 +272,7 @@ class _Conv(_Weighted):
         region = big[:, :, pt:pt + h + keh - 1, pl:pl + w + kew - 1]
         wt = self.W.reshape(g, cog, self.cg, *self.k)[:, :, :, ::-1, ::-1]
         wt = wt.transpose(0, 2, 1, 3, 4).reshape(g, self.cg, -1)
-        dx, _ = _correlate(region, wt, g, self.k, (1, 1), self.d, (h, w))
-        return dx.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+        return _correlate(region, wt, g, self.k, (1, 1), self.d, (h, w))[0]
 
 
 class _InnerProduct(_Weighted):
@@ -362,15 +354,16 @@ class _Pool(_Layer):
         n, c = x.shape[:2]
         xp = _pad(x, self.pads, -np.inf if self.is_max else 0.0)
         win = _windows(xp, self.k, self.s, (1, 1), self.hw_out)
+        # window cells first: reductions over a leading axis run along contiguous rows
+        flat = win.transpose(4, 5, 0, 1, 2, 3).reshape(self.k[0] * self.k[1], n, c,
+                                                         *self.hw_out)
         if not self.is_max:
-            self._n = n
-            return win.sum(axis=(4, 5)) * self._inv_div
-        if not keep:
-            return win.max(axis=(4, 5))
-        flat = win.reshape(n, c, *self.hw_out, -1)
-        arg = flat.argmax(axis=-1)  # first arg-max, as Core ML is assumed to do
-        self._arg = arg
-        return np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+            return flat.sum(axis=0) * self._inv_div
+        y = flat.max(axis=0)
+        if keep:  # the first arg-max, as Core ML is assumed to do (argmax(axis=0) is slower)
+            cells = np.arange(len(flat), dtype=np.min_scalar_type(len(flat)))
+            self._arg = np.where(flat == y, cells.reshape(-1, 1, 1, 1, 1), len(flat)).min(axis=0)
+        return y
 
     def _scatter(self, idx: np.ndarray, vals: np.ndarray, n: int) -> np.ndarray:
         """Sum ``vals`` into a padded (N, C, Hp, Wp) map at flat ``idx``; crop the padding."""
@@ -528,6 +521,7 @@ class CoreMLExecutor:
         self.trainable = [(lay, what) for lay in self.weighted if lay.updatable
                           for what in (("weights", "bias") if lay.has_bias else ("weights",))]
         self._keep: set[int] = set()
+        self._defaults: dict[str, Any] | None = None
         self.has_update = self.nn.HasField("updateParams") and len(
             self.nn.updateParams.lossLayers) > 0
         if self.has_update:
@@ -622,11 +616,9 @@ class CoreMLExecutor:
                 needed.add(lay.inp)
             if need_dx or lay.updatable:
                 self._bwd.append((lay, need_dx))
-        unreached = [lay.name for lay, _ in self.trainable if not any(
-            lay is b for b, _ in self._bwd)]
-        if unreached:
-            raise ValueError(f"updatable layers {sorted(set(unreached))} do not feed the loss")
         self._keep = {id(lay) for lay, _ in self._bwd}
+        # updatable layers off the loss path get zero gradients (the loss does not see them)
+        self._idle = [lay for lay in self.weighted if lay.updatable and id(lay) not in self._keep]
 
     # -- inference --------------------------------------------------------------------------
     def _as_input(self, x: np.ndarray) -> np.ndarray:
@@ -691,6 +683,9 @@ class CoreMLExecutor:
             per = 1 if self.mse_reduction == "sum" else out.shape[1]
             loss = float(np.sum(np.square(diff, dtype=np.float64)) / (n * per))
             g = diff * (2.0 / (n * per))
+        for lay in self._idle:
+            lay.dW = np.zeros_like(lay.W)
+            lay.db = None if lay.b is None else np.zeros_like(lay.b)
         grads = {self.grad_blob: g.astype(self.dtype, copy=False).reshape(
             n, *self.blob_shapes[self.grad_blob])}
         for lay, need_dx in self._bwd:
@@ -788,17 +783,20 @@ class CoreMLExecutor:
         throws.
         """
         name, fields = self._fields()
-        hp: dict[str, Any] = {"optimizer": name}
-        for key, msg in fields.items():
-            if msg is not None:
-                hp[key] = msg.defaultValue
-        if name == "sgd":
-            hp.setdefault("momentum", 0.0)
-        if "epochs" not in hp:
-            raise ValueError("the spec's update parameters have no epochs (Core ML requires "
-                             "them)")
-        hp.setdefault("shuffle", False)
-        hp.setdefault("seed", None)
+        if self._defaults is None:
+            hp: dict[str, Any] = {"optimizer": name}
+            for key, msg in fields.items():
+                if msg is not None:
+                    hp[key] = msg.defaultValue
+            if name == "sgd":
+                hp.setdefault("momentum", 0.0)
+            if "epochs" not in hp:
+                raise ValueError("the spec's update parameters have no epochs (Core ML "
+                                 "requires them)")
+            hp.setdefault("shuffle", False)
+            hp.setdefault("seed", None)
+            self._defaults = hp
+        hp = dict(self._defaults)
         for key, value in (overrides or {}).items():
             if value is None:
                 continue
@@ -909,8 +907,6 @@ class CoreMLExecutor:
         if a.ndim > 1 and a.shape != shape:
             raise ValueError(f"layer '{name}' {what}: got shape {list(a.shape)}, expected "
                              f"{list(shape)} (or a flat array of {size})")
-        if not np.all(np.isfinite(a)):
-            raise ValueError(f"layer '{name}' {what} holds NaN or infinite values")
         return a.reshape(shape).copy()
 
     def to_spec(self) -> Any:
