@@ -1,7 +1,7 @@
 """A numpy reference executor of Core ML updatable neural networks (the "virtual iPhone").
 
 Core ML only runs on Apple hardware, so xflwb executes the ``.mlmodel`` protobuf itself.
-The semantics follow /work/shared/COREML_TRAINING.md: rank-5 tensors (per sample C, H, W,
+The semantics follow COREML_TRAINING.md (shared notes): rank-5 tensors (per sample C, H, W,
 batched here as N, C, H, W), Core ML weight layouts, the validator's rules on what may train
 and what gradients may cross, fused softmax + cross-entropy, mean-of-batch gradients, SGD
 with momentum and bias-corrected Adam whose state starts at zero in every update task.
@@ -41,6 +41,21 @@ def _pair(values: Sequence[int], default: int) -> tuple[int, int]:
     if len(values) != 2:
         raise ValueError(f"expected 2 values, got {list(values)}")
     return int(values[0]), int(values[1])
+
+
+def _runs(values: Sequence[int]) -> str:
+    """An allowed set written compactly as runs, e.g. ``1..100, 150``."""
+    vals = sorted(set(int(v) for v in values))
+    parts: list[str] = []
+    start = prev = vals[0] if vals else 0
+    for v in [*vals[1:], None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        parts.append(str(start) if start == prev else f"{start}..{prev}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(parts) if vals else ""
 
 
 def _same_pads(size: int, k_eff: int, stride: int, top_left_heavy: bool
@@ -832,10 +847,8 @@ class CoreMLExecutor:
             raise ValueError(f"{key}={value} is outside the model's allowed range "
                              f"[{msg.range.minValue}, {msg.range.maxValue}] (Core ML throws)")
         if which == "set" and value not in set(msg.set.values):
-            vals = sorted(msg.set.values)
-            shown = f"{vals[0]}..{vals[-1]} ({len(vals)} values)" if len(vals) > 8 else vals
-            raise ValueError(f"{key}={value} is not in the model's allowed set {shown} "
-                             "(Core ML throws)")
+            raise ValueError(f"{key}={value} is not in the model's allowed set "
+                             f"{{{_runs(msg.set.values)}}} (Core ML throws)")
         return value
 
     def update(self, x: np.ndarray, target: np.ndarray, epochs: int | None = None,
@@ -946,13 +959,13 @@ class IOSRuntime(Runtime):
         self.path = pathlib.Path(path)
         self.executor = CoreMLExecutor(_load_spec(self.path), adam_epsilon=adam_epsilon)
         ex = self.executor
-        want = (self.input_shape[2], *self.input_shape[:2]) if len(self.input_shape) == 3 \
-            else tuple(self.input_shape)
-        if tuple(ex.input_dims) != want:
+        shape = self.input_shape  # Keras layout: (H, W, C) is (C, H, W) in Core ML
+        want = (shape[2], shape[0], shape[1]) if len(shape) == 3 else shape
+        if tuple(ex.input_dims) != tuple(want):
             raise ValueError(f"{self.path.name}: Core ML input {list(ex.input_dims)} does not "
-                             f"match the manifest's input {list(self.input_shape)}")
-        index = {(name, what): i for i, (name, what, _) in enumerate(ex.weight_keys())}
+                             f"match the manifest's input {list(shape)}")
         shapes = ex.weight_keys()
+        index = {(name, what): i for i, (name, what, _) in enumerate(shapes)}
         self.entries = manifest["platforms"]["ios"]["coreml_layers"]
         self._order: list[int] = []
         for e in self.entries:

@@ -1,0 +1,34 @@
+"""`make demo`'s job, end to end on offline data (slow: real exports and three trainings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from xflwb import demo
+
+
+@pytest.mark.slow
+def test_demo_trains_every_runtime_alike(tmp_path):
+    out = demo.run(out=tmp_path, epochs=2, quiet=True)
+    table = out["table"].set_index("runtime")
+    assert list(table.index) == ["keras", "android", "ios"]
+    assert out["export"].parity["ok"].all()
+    assert (table["test_accuracy"] > 0.85).all(), table
+    assert (table["test_accuracy_before"] < 0.3).all(), table
+    assert float(table["train_loss_last"].max() - table["train_loss_last"].min()) < 1e-4
+    for name in ("runtimes.csv", "parity.csv", "training_loss.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    again = demo.run(out=tmp_path, epochs=1, quiet=True)
+    assert again["export"].version == 2  # a second run never overwrites the first export
+
+
+@pytest.mark.slow
+def test_cli_demo_prints_parity_table(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "xflwb", "demo", "--out", str(tmp_path),
+                           "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "parity (Keras vs TFLite vs Core ML executor)" in proc.stdout
+    assert "train_3_steps" in proc.stdout and "False" not in proc.stdout
