@@ -319,3 +319,26 @@ def test_parity_failure_raises_unless_not_strict(cnn, tmp_path, monkeypatch):
     assert not res.parity["ok"].all()
     assert res.parity.set_index(["platform", "check"]).loc[("android", "forward"), "ok"]
     assert "FAILED" in repr(res)
+
+
+def test_allowed_sets_cover_large_session_settings(mlp, tmp_path):
+    """A session may ask for more epochs / bigger batches than the defaults: all allowed."""
+    res = xflwb.export(mlp, name="wide", out_dir=tmp_path, epochs=150, batch_size=512,
+                       platforms="ios")
+    ios = res.manifest["platforms"]["ios"]
+    assert ios["allowed_epochs"] == [1, 150] and ios["allowed_batch_sizes"] == [1, 512]
+    rt = runtime.load(res, "ios")
+    x = np.random.default_rng(0).random((20, 12), dtype=np.float32)
+    y = np.arange(20) % 4
+    assert len(rt.update(x, y, overrides={"epochs": 120, "mini_batch_size": 300})) == 120
+    with pytest.raises(ValueError, match="epochs"):
+        rt.update(x, y, overrides={"epochs": 151})
+
+
+def test_trailing_dropout_after_softmax_is_fine_for_ios(tmp_path):
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax"),
+                              keras.layers.Dropout(0.1)])
+    with pytest.warns(xflwb.DropoutWarning):
+        res = xflwb.export(model, name="td", out_dir=tmp_path)
+    assert res.parity["ok"].all(), res.parity

@@ -186,7 +186,8 @@ def build(graph: ModelGraph, canonical: list[np.ndarray], loss: str, optimizer: 
         else:
             builder.set_mean_squared_error_loss(
                 name=LOSS_NAME, input_feature=(OUTPUT_NAME, datatypes.Array(out_dim)))
-    batches = sorted(set(ALLOWED_BATCH_SIZES) | {int(batch_size)})
+    # contiguous sets, so the manifest's [min, max] describes them exactly
+    batches = list(range(1, max(ALLOWED_BATCH_SIZES[-1], int(batch_size)) + 1))
     if isinstance(optimizer, SGD):
         p = SgdParams(lr=optimizer.learning_rate, batch=int(batch_size),
                       momentum=optimizer.momentum)
@@ -202,7 +203,8 @@ def build(graph: ModelGraph, canonical: list[np.ndarray], loss: str, optimizer: 
         builder.set_adam_optimizer(p)
     else:  # pragma: no cover - resolve_optimizer guarantees the type
         raise ExportError(f"unsupported optimizer {optimizer!r}")
-    builder.set_epochs(int(epochs), sorted(set(ALLOWED_EPOCHS) | {int(epochs)}))
+    epoch_set = list(range(1, max(ALLOWED_EPOCHS[-1], int(epochs)) + 1))
+    builder.set_epochs(int(epochs), epoch_set)
     builder.set_shuffle()
     spec = builder.spec
     spec.description.metadata.shortDescription = "xflwb export (updatable neural network)"
@@ -210,7 +212,7 @@ def build(graph: ModelGraph, canonical: list[np.ndarray], loss: str, optimizer: 
           "output_name": OUTPUT_NAME, "target_name": TARGET_NAME,
           "target_dtype": "int32" if loss == "categorical_crossentropy" else "double",
           "flatten_mode": "CHANNEL_FIRST",
-          "allowed_epochs": [ALLOWED_EPOCHS[0], max(ALLOWED_EPOCHS[-1], int(epochs))],
+          "allowed_epochs": [epoch_set[0], epoch_set[-1]],
           "allowed_batch_sizes": [batches[0], batches[-1]],
           "specification_version": int(spec.specificationVersion)}
     return CoreMLBuild(spec, coreml_layers, info)

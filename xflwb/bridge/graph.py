@@ -239,13 +239,18 @@ def analyze(model: Any) -> ModelGraph:
         specs.append(spec)
         shape = out
 
-    # legacy softmax passes gradients only straight into the loss: it must be last
-    for spec in specs[:-1]:
+    # legacy softmax passes gradients only straight into the loss: it must be the last
+    # layer that emits anything (trailing Dropout and no-op Flatten emit no Core ML layer)
+    last = len(specs) - 1
+    while last > 0 and (specs[last].kind == "dropout" or (
+            specs[last].kind == "flatten" and len(specs[last].in_shape) == 1)):
+        last -= 1
+    for spec in specs[:last]:
         if spec.config.get("activation") == "softmax" and not spec.ios_problem:
             spec.ios_problem = ("applies softmax before the last layer; Core ML's softmax "
                                 "passes gradients only directly into the loss")
-    final = specs[-1].config.get("activation", "linear") if specs else "linear"
-    if specs and specs[-1].kind in ("dropout", "flatten"):
+    final = specs[last].config.get("activation", "linear")
+    if specs[last].kind in ("dropout", "flatten"):
         final = "linear"
     if len(shape) != 1:
         specs[-1].ios_problem = specs[-1].ios_problem or (
