@@ -17,6 +17,7 @@ from xflwb.bridge.graph import ExportError
 from xflwb.bridge.manifest import ManifestError
 from xflwb.bridge.optim import SGD, Adam
 from xflwb.bridge.parity import ParityError
+from xflwb.workbench import Workbench
 
 __version__ = "0.1.0"
 
@@ -29,4 +30,4 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = ["SGD", "Adam", "DropoutWarning", "ExportError", "ExportResult", "ManifestError",
-           "ParityError", "__version__", "export", "load_ipython_extension"]
+           "ParityError", "Workbench", "__version__", "export", "load_ipython_extension"]

@@ -34,6 +34,7 @@ LOSS_ALIASES = {"categorical_crossentropy": "categorical_crossentropy",
                 "sparse_categorical_crossentropy": "categorical_crossentropy",
                 "cce": "categorical_crossentropy", "crossentropy": "categorical_crossentropy",
                 "mse": "mse", "mean_squared_error": "mse"}
+INITIAL_FILE = "initial_parameters.npz"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -198,6 +199,8 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, na
            plats: tuple[str, ...], classes: int | None) -> dict[str, Any]:
     keras_file = "model.keras"
     model.save(str(stage / keras_file))
+    # the starting point for sessions, readable without TensorFlow (servers stay light)
+    np.savez(stage / INITIAL_FILE, *[np.asarray(a, np.float32) for a in canon])
     m: dict[str, Any] = {
         "schema": manifest_mod.SCHEMA, "name": name, "version": 0, "data_type": data_type,
         "input": {"shape": list(graph.input_shape), "dtype": "float32", "layout": "NHWC"
@@ -207,7 +210,8 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, na
         "batch_size": batch_size, "epochs": epochs,
         "parameters": graph.parameters, "has_dropout": graph.has_dropout,
         "platforms": {},
-        "source": {"keras_file": keras_file, "keras_class": type(model).__name__},
+        "source": {"keras_file": keras_file, "keras_class": type(model).__name__,
+                   "initial_parameters": INITIAL_FILE},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if "android" in plats:

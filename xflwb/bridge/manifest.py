@@ -92,6 +92,22 @@ def load(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def initial_parameters(manifest: dict[str, Any]) -> list:
+    """The exported model's canonical parameters, read without TensorFlow."""
+    import numpy as np
+
+    base = manifest.get("_dir")
+    fname = manifest.get("source", {}).get("initial_parameters")
+    if base is None or fname is None:
+        raise ManifestError("manifest has no initial parameters file (re-export the model)")
+    with np.load(Path(base) / fname) as data:
+        arrays = [np.asarray(data[f"arr_{i}"], np.float32) for i in range(len(data.files))]
+    shapes = [tuple(p["shape"]) for p in manifest["parameters"]]
+    if [a.shape for a in arrays] != shapes:
+        raise ManifestError(f"{fname} does not match the manifest's parameter shapes")
+    return arrays
+
+
 def artifact_path(manifest: dict[str, Any], platform: str) -> Path:
     """Absolute path of a platform's artifact; needs a manifest that knows its directory."""
     if platform == "keras":

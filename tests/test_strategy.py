@@ -1,0 +1,124 @@
+"""The cross-platform strategy with real Flower message types: decoding, masking,
+rejection, server optimisers, per-client encodings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.test_params import MANIFEST
+from xflwb.bridge import params
+from xflwb.server.flower_legacy import (
+    ClientProxy,
+    Code,
+    FedAdam,
+    FitRes,
+    Parameters,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from xflwb.server.strategy import CrossPlatformStrategy
+
+MANIFEST = {**MANIFEST, "platforms": {k: {**v, "file": "f", "sha256": "0", "bytes": 1}
+                                      for k, v in MANIFEST["platforms"].items()}}
+
+
+class Phone(ClientProxy):
+    """A stand-in for a connected client: only its identity and platform matter here."""
+
+    def __init__(self, cid: str, platform: str) -> None:
+        super().__init__(cid)
+        self.platform = platform
+
+    def get_properties(self, *a):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    get_parameters = fit = evaluate = reconnect = get_properties
+
+
+def _canon(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(p["shape"]).astype(np.float32) for p in MANIFEST["parameters"]]
+
+
+def _res(arrays, n, codec="raw"):
+    tensors = params.encode_tensors(arrays, codec)
+    return FitRes(status=Status(Code.OK, ""), parameters=Parameters(tensors=tensors,
+                                                                    tensor_type="ND"),
+                  num_examples=n, metrics={})
+
+
+def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():
+    start, a, i = _canon(0), _canon(1), _canon(2)
+    reports = []
+    s = CrossPlatformStrategy(MANIFEST, start, on_fit_round=lambda r, g: reports.append(r))
+    ios = Phone("i", "ios")
+    results = [(Phone("a", "android"), _res(a, 10)),
+               (ios, _res(params.to_platform(i, MANIFEST, "ios"), 30, codec="npy"))]
+    out, _ = s.aggregate_fit(1, results, [])
+    got = parameters_to_ndarrays(out)
+    # dense/bias (index 3) is not updatable on iOS: Android's value alone
+    np.testing.assert_allclose(got[3], a[3], atol=1e-6)
+    for k in (0, 1, 2, 4):
+        np.testing.assert_allclose(got[k], (10 * a[k] + 30 * i[k]) / 40, atol=1e-5)
+    assert s.codec_of == {"a": "raw", "i": "npy"}
+    ins = dict(s.configure_fit(2, out, _Manager([ios])))
+    enc = next(iter(ins.values()))
+    assert enc.parameters.tensor_type == "ndarray"  # answered in the encoding it used
+    assert enc.config == {"local_epochs": 1}
+    decoded = [params.decode_npy(t) for t in enc.parameters.tensors]
+    for d, w in zip(decoded, params.to_platform(got, MANIFEST, "ios"), strict=True):
+        np.testing.assert_allclose(d, w, atol=1e-6)
+    metrics = {(p, k): v for p, k, v in reports[0].metrics}
+    assert metrics[("ios", "examples")] == 30 and metrics[("all", "clients")] == 2
+
+
+class _Manager:
+    def __init__(self, clients):
+        self.clients = clients
+
+    def num_available(self):
+        return len(self.clients)
+
+    def sample(self, num_clients, min_num_clients=None, criterion=None):
+        return self.clients[:num_clients]
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (lambda a: a[:-1], "expected 5 android tensors, got 4"),
+    (lambda a: [*a[:-1], np.zeros(3, np.float32)], "has 3 elements, expected 14"),
+    (lambda a: [np.full_like(x, np.inf) for x in a], "NaN or inf"),
+])
+def test_bad_update_is_rejected_round_goes_on(bad, reason):
+    start, good = _canon(0), _canon(1)
+    reports = []
+    s = CrossPlatformStrategy(MANIFEST, start, on_fit_round=lambda r, g: reports.append(r))
+    out, _ = s.aggregate_fit(1, [(Phone("g", "android"), _res(good, 5)),
+                                 (Phone("b", "android"), _res(bad(good), 500))], [])
+    for x, y in zip(parameters_to_ndarrays(out), good, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    (platform, cid, why), = reports[0].rejections
+    assert (platform, cid) == ("android", "b") and reason in why
+
+
+def test_no_good_update_keeps_the_global():
+    start = _canon(0)
+    s = CrossPlatformStrategy(MANIFEST, start)
+    out, _ = s.aggregate_fit(1, [(Phone("b", "ios"), _res([np.ones(1)], 5))], [])
+    for x, y in zip(parameters_to_ndarrays(out), start, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_server_optimiser_is_flowers_on_the_canonical_pseudo_gradient():
+    start, a = _canon(0), _canon(1)
+    s = CrossPlatformStrategy(MANIFEST, start, strategy="fedadam",
+                              strategy_options={"eta": 0.05})
+    out, _ = s.aggregate_fit(1, [(Phone("a", "android"), _res(a, 10))], [])
+    ref = FedAdam(initial_parameters=ndarrays_to_parameters(start), eta=0.05)
+    want, _ = ref.aggregate_fit(1, [(Phone("a", "android"), FitRes(
+        Status(Code.OK, ""), ndarrays_to_parameters(a), 10, {}))], [])
+    for x, y in zip(parameters_to_ndarrays(out), parameters_to_ndarrays(want), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        CrossPlatformStrategy(MANIFEST, start, strategy="fedmagic")

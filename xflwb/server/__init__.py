@@ -1,0 +1,1 @@
+"""The bundled backend: registry, HTTP API, sessions, cross-platform strategy."""

@@ -1,0 +1,282 @@
+"""The cross-platform layer around aggregation: decode → canonical → validate → aggregate →
+server optimiser → per-platform encode.
+
+It wraps, rather than edits, the pieces it composes (STYLE.md): the masked average is
+``StreamingFedAvg`` (which knows nothing of platforms or wire formats) and the server-side
+optimiser is Flower's own strategy (FedAvgM, FedAdam, FedYogi, FedAdagrad) fed the masked
+average as a single result, so it acts on the canonical pseudo-gradient exactly as Flower
+defines it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from xflwb.bridge import params
+from xflwb.server.aggregate import StreamingFedAvg
+from xflwb.server.flower_legacy import (
+    SERVER_STRATEGIES,
+    ClientManager,
+    ClientProxy,
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Status,
+    Strategy,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+
+log = logging.getLogger("xflwb.strategy")
+TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
+
+
+class PlatformClientManager(ClientManager):
+    """One per gRPC port: tags each client with the platform of the port it joined on, and
+    registers it with the session's shared manager (DESIGN §4.3: never guess from sizes)."""
+
+    def __init__(self, shared: ClientManager, platform: str) -> None:
+        self.shared = shared
+        self.platform = platform
+
+    def register(self, client: ClientProxy) -> bool:
+        client.platform = self.platform  # type: ignore[attr-defined]
+        return self.shared.register(client)
+
+    def unregister(self, client: ClientProxy) -> None:
+        self.shared.unregister(client)
+
+    def num_available(self) -> int:
+        return self.shared.num_available()
+
+    def all(self) -> dict[str, ClientProxy]:
+        return self.shared.all()
+
+    def wait_for(self, num_clients: int, timeout: int) -> bool:
+        return self.shared.wait_for(num_clients, timeout)
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Any = None) -> list[ClientProxy]:
+        return self.shared.sample(num_clients, min_num_clients, criterion)
+
+
+class _Tracked(ClientProxy):
+    """Delegates to a real client proxy, measuring fit time and bytes each way."""
+
+    def __init__(self, inner: ClientProxy, platform: str) -> None:
+        super().__init__(inner.cid)
+        self.inner = inner
+        self.platform = platform
+        self.seconds = 0.0
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    def get_properties(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
+        return self.inner.get_properties(ins, timeout, group_id)
+
+    def get_parameters(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
+        return self.inner.get_parameters(ins, timeout, group_id)
+
+    def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
+        self.bytes_down = sum(len(t) for t in ins.parameters.tensors)
+        t0 = time.perf_counter()
+        res = self.inner.fit(ins, timeout, group_id)
+        self.seconds = time.perf_counter() - t0
+        self.bytes_up = sum(len(t) for t in res.parameters.tensors)
+        return res
+
+    def evaluate(self, ins: EvaluateIns, timeout: float | None,
+                 group_id: int | None) -> EvaluateRes:
+        return self.inner.evaluate(ins, timeout, group_id)
+
+    def reconnect(self, ins: Any, timeout: float | None, group_id: int | None) -> Any:
+        return self.inner.reconnect(ins, timeout, group_id)
+
+
+@dataclass
+class RoundReport:
+    """What one round produced, handed to the session for persistence."""
+
+    round: int
+    metrics: list[tuple[str, str, float | None]] = field(default_factory=list)
+    rejections: list[tuple[str, str, str]] = field(default_factory=list)  # platform, cid, why
+    evaluations: list[tuple[str, str, float, int]] = field(default_factory=list)
+
+
+def server_optimizer(name: str, initial: list[np.ndarray], **options: Any) -> Strategy:
+    """Flower's strategy named ``name``, used only for its server-side update rule."""
+    key = name.lower()
+    if key not in SERVER_STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; use one of {sorted(SERVER_STRATEGIES)}")
+    return SERVER_STRATEGIES[key](initial_parameters=ndarrays_to_parameters(initial),
+                                  min_fit_clients=1, min_evaluate_clients=1,
+                                  min_available_clients=1, **options)
+
+
+class CrossPlatformStrategy(Strategy):
+    """A Flower strategy serving Android and iOS clients of one exported model."""
+
+    def __init__(self, manifest: dict[str, Any], initial: list[np.ndarray], *,
+                 strategy: str = "fedavg", strategy_options: dict[str, Any] | None = None,
+                 fraction_fit: float = 1.0, fraction_evaluate: float = 1.0,
+                 min_clients: int = 2, local_epochs: int = 1,
+                 on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
+                 on_evaluate_round: Callable[[RoundReport], None] | None = None) -> None:
+        super().__init__()
+        self.manifest = manifest
+        self.global_ = [np.asarray(a, np.float32) for a in initial]
+        params.to_platform(self.global_, manifest, next(iter(manifest["platforms"])))  # validate
+        self.inner = server_optimizer(strategy, self.global_, **(strategy_options or {}))
+        self.plain = strategy.lower() == "fedavg"
+        self.fraction_fit = fraction_fit
+        self.fraction_evaluate = fraction_evaluate
+        self.min_clients = max(1, int(min_clients))
+        self.local_epochs = int(local_epochs)
+        self.on_fit_round = on_fit_round
+        self.on_evaluate_round = on_evaluate_round
+        self.codec_of: dict[str, str] = {}  # cid → the encoding that client used
+        self._lock = threading.Lock()
+        self._masks = {p: params.trained_mask(manifest, p) for p in manifest["platforms"]}
+
+    def __repr__(self) -> str:
+        return f"CrossPlatformStrategy({self.manifest['name']}, {self.inner.__class__.__name__})"
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _encoded(self, platform: str, codec: str,
+                 cache: dict[tuple[str, str], Parameters]) -> Parameters:
+        key = (platform, codec)
+        if key not in cache:
+            tensors = params.encode_tensors(
+                params.to_platform(self.global_, self.manifest, platform), codec)
+            cache[key] = Parameters(tensors=tensors, tensor_type=TENSOR_TYPES[codec])
+        return cache[key]
+
+    def _sample(self, client_manager: ClientManager, fraction: float) -> list[ClientProxy]:
+        available = client_manager.num_available()
+        n = max(int(available * fraction), self.min_clients)
+        return client_manager.sample(num_clients=n, min_num_clients=self.min_clients)
+
+    # -- Strategy --------------------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(self.global_)
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        cache: dict[tuple[str, str], Parameters] = {}
+        out = []
+        for client in self._sample(client_manager, self.fraction_fit):
+            platform = getattr(client, "platform", None)
+            if platform not in self.manifest["platforms"]:
+                continue
+            enc = self._encoded(platform, self.codec_of.get(client.cid, "raw"), cache)
+            # FedKit reads local_epochs as a sint64 Scalar: a Python int serialises to it
+            out.append((_Tracked(client, platform),
+                        FitIns(parameters=enc, config={"local_epochs": self.local_epochs})))
+        return out
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
+        report = RoundReport(server_round)
+        agg = StreamingFedAvg(self.global_)
+        per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for client, res in results:
+            platform = getattr(client, "platform", "unknown")
+            stats = per[platform]
+            stats["bytes_up"] += getattr(client, "bytes_up", 0)
+            stats["bytes_down"] += getattr(client, "bytes_down", 0)
+            try:
+                arrays, codec = params.decode_tensors(res.parameters.tensors)
+                canonical = params.from_platform(arrays, self.manifest, platform)
+                if isinstance(res.num_examples, bool) or int(res.num_examples) <= 0:
+                    raise ValueError(f"num_examples must be positive, got {res.num_examples}")
+                agg.add(canonical, int(res.num_examples), self._masks[platform])
+            except (ValueError, KeyError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                log.warning("round %s: rejected %s update from %s: %s", server_round,
+                            platform, client.cid, reason)
+                report.rejections.append((platform, client.cid, reason))
+                stats["rejected"] += 1
+                continue
+            self.codec_of[client.cid] = codec
+            stats["clients"] += 1
+            stats["examples"] += int(res.num_examples)
+            stats["fit_seconds"] += getattr(client, "seconds", 0.0)
+        if agg.count:
+            average = agg.result()
+            if self.plain:
+                new = average
+            else:
+                total = int(sum(s["examples"] for s in per.values()))
+                fake = FitRes(status=Status(code=Code.OK, message=""),
+                              parameters=ndarrays_to_parameters(average), num_examples=total,
+                              metrics={})
+                out, _ = self.inner.aggregate_fit(server_round, [(results[0][0], fake)], [])
+                new = parameters_to_ndarrays(out)
+            self.global_ = [np.asarray(a, np.float32) for a in new]
+        for platform, stats in per.items():
+            n = stats.get("clients", 0.0)
+            report.metrics += [
+                (platform, "clients", n), (platform, "examples", stats.get("examples", 0.0)),
+                (platform, "fit_seconds", stats["fit_seconds"] / n if n else None),
+                (platform, "bytes_up", stats["bytes_up"]),
+                (platform, "bytes_down", stats["bytes_down"]),
+                (platform, "rejected", stats.get("rejected", 0.0))]
+        totals = {k: sum(s.get(k, 0.0) for s in per.values())
+                  for k in ("clients", "examples", "bytes_up", "bytes_down", "rejected")}
+        report.metrics += [("all", k, v) for k, v in totals.items()]
+        report.metrics.append(("all", "failures", float(len(failures))))
+        if self.on_fit_round is not None:
+            self.on_fit_round(report, self.global_)
+        return ndarrays_to_parameters(self.global_), {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy,
+                                                                        EvaluateIns]]:
+        if self.fraction_evaluate <= 0:
+            return []
+        cache: dict[tuple[str, str], Parameters] = {}
+        out = []
+        for client in self._sample(client_manager, self.fraction_evaluate):
+            platform = getattr(client, "platform", None)
+            if platform not in self.manifest["platforms"]:
+                continue
+            enc = self._encoded(platform, self.codec_of.get(client.cid, "raw"), cache)
+            out.append((client, EvaluateIns(parameters=enc, config={})))
+        return out
+
+    def aggregate_evaluate(self, server_round: int,
+                           results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
+        report = RoundReport(server_round)
+        sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        for client, res in results:
+            platform = getattr(client, "platform", "unknown")
+            loss, n = float(res.loss), int(res.num_examples)
+            report.evaluations.append((platform, client.cid, loss, n))
+            if n > 0 and np.isfinite(loss):
+                sums[platform][0] += loss * n
+                sums[platform][1] += n
+        for platform, (s, n) in sums.items():
+            report.metrics += [(platform, "eval_loss", s / n if n else None),
+                               (platform, "eval_examples", n)]
+        s_all = sum(v[0] for v in sums.values())
+        n_all = sum(v[1] for v in sums.values())
+        loss_all = s_all / n_all if n_all else None
+        report.metrics += [("all", "eval_loss", loss_all), ("all", "eval_examples", n_all)]
+        if self.on_evaluate_round is not None:
+            self.on_evaluate_round(report)
+        return loss_all, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None

@@ -1,0 +1,159 @@
+"""``xflwb.Workbench``: the bundled backend, run in the background of a notebook kernel.
+
+The HTTP API runs in a uvicorn server on a daemon thread (the kernel stays responsive);
+each training session runs in its own process. ``stop()`` ends both and leaves nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from xflwb.server.registry import Registry
+from xflwb.server.session import Session, SessionManager
+
+
+class Workbench:
+    """Registry + FedKit-compatible HTTP API + Flower sessions, in one object."""
+
+    def __init__(self, data_dir: str | os.PathLike[str] = "xfl-data", host: str = "127.0.0.1",
+                 port: int = 8000, db_url: str | None = None, admin_token: str | None = None,
+                 auto_start: bool = False,
+                 session_defaults: dict[str, Any] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.port = int(port)
+        self.db_url = db_url
+        self.admin_token = (admin_token or os.environ.get("XFLWB_ADMIN_TOKEN")
+                            or secrets.token_urlsafe(24))
+        self.auto_start = auto_start
+        self.session_defaults = dict(session_defaults or {})
+        self.registry: Registry | None = None
+        self.sessions: SessionManager | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def url(self) -> str:
+        """The base URL phones use."""
+        if not self.running:
+            raise RuntimeError("the workbench is not running: call wb.start()")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Workbench:
+        import uvicorn
+
+        from xflwb.server.app import AppState, create_app
+
+        if self.running:
+            return self
+        self.registry = Registry(self.data_dir, self.db_url)
+        self.sessions = SessionManager(self.registry, host=self.host)
+        self.sessions.refresh()  # sessions of a previous kernel are not running any more
+        app = create_app(AppState(self.registry, self.sessions, self.admin_token,
+                                  self.auto_start, self.session_defaults))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"cannot listen on {self.host}:{self.port} ({exc.strerror}); "
+                          "pass port=0 to pick a free port") from exc
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
+                                        name="xflwb-http", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Stop every session process and the HTTP server."""
+        if self.sessions is not None:
+            self.sessions.stop_all()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._sock is not None:
+            self._sock.close()
+        if self.registry is not None:
+            self.registry.close()
+        self._server = self._thread = self._sock = None
+
+    def __enter__(self) -> Workbench:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        where = self.url if self.running else "stopped"
+        return f"Workbench({where}, data_dir='{self.data_dir}')"
+
+    # -- models and sessions -----------------------------------------------------------------
+    def _reg(self) -> Registry:
+        if self.registry is None:
+            self.start()
+        assert self.registry is not None
+        return self.registry
+
+    def publish(self, res: Any) -> dict[str, Any]:
+        """Register an export (``ExportResult`` or export directory); versions are immutable."""
+        return self._reg().publish(res)
+
+    @property
+    def models(self) -> pd.DataFrame:
+        rows = [{"id": m["id"], "name": m["name"], "version": m["version"],
+                 "data_type": m["data_type"],
+                 "platforms": ",".join(m["manifest"]["platforms"])}
+                for m in self._reg().list_models()]
+        return pd.DataFrame(rows, columns=["id", "name", "version", "data_type", "platforms"])
+
+    def train(self, name: str, rounds: int = 10, strategy: str = "fedavg",
+              min_clients: int = 2, fraction_fit: float = 1.0, local_epochs: int = 1,
+              round_timeout: float = 600.0, **options: Any) -> Session:
+        """Start a Flower session serving the latest version of model ``name``."""
+        self._reg()
+        assert self.sessions is not None
+        return self.sessions.start(name, rounds=rounds, strategy=strategy,
+                                   min_clients=min_clients, fraction_fit=fraction_fit,
+                                   local_epochs=local_epochs, round_timeout=round_timeout,
+                                   **options)
+
+    def session(self, session_id: int) -> Session:
+        self._reg()
+        assert self.sessions is not None
+        return self.sessions.get(session_id)
+
+    @property
+    def session_table(self) -> pd.DataFrame:
+        reg = self._reg()
+        assert self.sessions is not None
+        self.sessions.refresh()
+        rows = [{"id": s["id"], "model": s["model_name"], "status": s["status"],
+                 "round": s["round"], "rounds": s["config"]["rounds"], "ports": s["ports"]}
+                for s in reg.list_sessions()]
+        return pd.DataFrame(rows, columns=["id", "model", "status", "round", "rounds", "ports"])
