@@ -82,6 +82,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if bool(res.parity["ok"].all()) else 1
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """Run the backend in the foreground until Ctrl-C / SIGTERM."""
+    import signal
+    import threading
+
+    import xflwb
+
+    wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
+                         db_url=args.db_url, admin_token=args.token,
+                         auto_start=args.auto_start)
+    try:
+        wb.start()
+    except OSError as exc:
+        print(f"xflwb server: error: {exc}", file=sys.stderr)
+        return 2
+    for path in args.publish or []:
+        try:
+            m = wb.publish(path)
+            print(f"published {m['name']} v{m['version']} ({m['data_type']})")
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"xflwb server: cannot publish {path}: {exc}", file=sys.stderr)
+    print(f"xflwb backend at {wb.url}  (admin token: {wb.admin_token})", flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        while not done.wait(0.5):
+            pass
+    finally:
+        wb.stop()
+        print("xflwb backend stopped", flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from xflwb import demo
 
@@ -97,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default=None, help="model name (default: attr)")
     add_export_options(e)
     e.set_defaults(func=cmd_export)
+    s = sub.add_parser("server", help="run the backend (HTTP API + sessions) in the foreground")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    s.add_argument("--data-dir", default="xfl-data")
+    s.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: SQLite in data dir)")
+    s.add_argument("--token", default=None, help="admin bearer token (default: "
+                   "$XFLWB_ADMIN_TOKEN or a random one, printed)")
+    s.add_argument("--auto-start", action="store_true",
+                   help="start a default session when a phone asks for a server")
+    s.add_argument("--publish", action="append", metavar="EXPORT_DIR",
+                   help="publish an export directory at start (repeatable)")
+    s.set_defaults(func=cmd_server)
     d = sub.add_parser("demo", help="export the demo CNN and train every runtime")
     d.add_argument("--out", default="demo-output")
     d.add_argument("--epochs", type=int, default=3)

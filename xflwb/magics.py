@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 from typing import Any
 
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 
 class MagicUsageError(ValueError):
@@ -93,5 +94,100 @@ class XflMagics(Magics):
         return None
 
 
+def _server_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%xfl_server", add_help=False)
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--data-dir", default="xfl-data")
+    p.add_argument("--db-url", default=None)
+    p.add_argument("--auto-start", action="store_true")
+    return p
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%xfl_train", add_help=False)
+    p.add_argument("name", help="an ExportResult variable or a published model name")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--min-clients", type=int, default=2)
+    p.add_argument("--fraction-fit", type=float, default=1.0)
+    p.add_argument("--fraction-evaluate", type=float, default=1.0)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--round-timeout", type=float, default=600.0)
+    p.add_argument("--start-fresh", action="store_true")
+    return p
+
+
+@magics_class
+class XflServerMagics(Magics):
+    """``%xfl_server start|stop|status`` and ``%xfl_train NAME``: the notebook's backend."""
+
+    workbench: Any = None
+
+    @line_magic
+    def xfl_server(self, line: str) -> Any:
+        import xflwb
+
+        try:
+            args = _server_parser().parse_args(shlex.split(line))
+        except MagicUsageError as exc:
+            print(exc)
+            return None
+        wb = XflServerMagics.workbench
+        if args.action == "start":
+            if wb is not None and wb.running:
+                print(f"already running at {wb.url}")
+                return wb
+            wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
+                                 db_url=args.db_url, auto_start=args.auto_start).start()
+            XflServerMagics.workbench = wb
+            self.shell.user_ns["xfl_wb"] = wb
+            print(f"xflwb backend at {wb.url} (as `xfl_wb`; admin token in xfl_wb.admin_token)")
+            return wb
+        if wb is None or not wb.running:
+            print("no xflwb backend is running; %xfl_server start")
+            return None
+        if args.action == "stop":
+            wb.stop()
+            print("xflwb backend stopped")
+            return None
+        print(wb)
+        return wb.session_table
+
+    @line_magic
+    def xfl_train(self, line: str) -> Any:
+        import xflwb
+
+        try:
+            args = _train_parser().parse_args(shlex.split(line))
+        except MagicUsageError as exc:
+            print(exc)
+            return None
+        wb = XflServerMagics.workbench
+        if wb is None or not wb.running:
+            print("no xflwb backend is running; start one with %xfl_server start")
+            return None
+        target = self.shell.user_ns.get(args.name)
+        name = args.name
+        try:
+            if isinstance(target, xflwb.ExportResult):
+                wb.publish(target)
+                name = target.name
+            session = wb.train(name, rounds=args.rounds, strategy=args.strategy,
+                               min_clients=args.min_clients, fraction_fit=args.fraction_fit,
+                               fraction_evaluate=args.fraction_evaluate,
+                               local_epochs=args.local_epochs,
+                               round_timeout=args.round_timeout, start_fresh=args.start_fresh)
+        except (ValueError, RuntimeError) as exc:
+            print(f"xfl_train: {exc}")
+            return None
+        var = re.sub(r"\W", "_", name) + "_session"
+        self.shell.user_ns[var] = session
+        print(f"session {session.id} for {name}: ports {session.ports} (as `{var}`)")
+        return session
+
+
 def register(ipython: Any) -> None:
     ipython.register_magics(XflMagics)
+    ipython.register_magics(XflServerMagics)

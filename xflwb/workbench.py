@@ -76,7 +76,9 @@ class Workbench:
                           "pass port=0 to pick a free port") from exc
         self.port = sock.getsockname()[1]
         self._sock = sock
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        # log_config=None: never reconfigure the kernel's logging (dictConfig would close
+        # other libraries' handlers, e.g. absl's, and with them sys.stderr)
+        config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name="xflwb-http", daemon=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -212,10 +212,11 @@ def telemetry_router(state: AppState) -> APIRouter:
     return r
 
 
-def admin_router(state: AppState) -> APIRouter:
-    bearer = HTTPBearer(auto_error=False)
+_BEARER = HTTPBearer(auto_error=False)
 
-    def auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+
+def admin_router(state: AppState) -> APIRouter:
+    def auth(cred: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         if cred is None or not secrets.compare_digest(cred.credentials, state.admin_token):
             raise HTTPException(401, "missing or wrong bearer token (see wb.admin_token or "
                                      "XFLWB_ADMIN_TOKEN)",
@@ -266,10 +267,8 @@ def admin_router(state: AppState) -> APIRouter:
         name = opts.pop("model")
         try:
             session = state.sessions.start(name, **opts)
-        except NotFound:
-            raise
         except RegistryError:
-            raise
+            raise  # NotFound → 404, conflicts → 409 (handlers above)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         return _session_out(registry.get_session(session.id))

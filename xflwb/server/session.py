@@ -103,8 +103,13 @@ def load_checkpoint(path: str | Path) -> list[np.ndarray]:
 
 def run_session(data_dir: str, db_url: str, session_id: int) -> None:
     """Entry point of a session process."""
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s session-{session_id} %(name)s: %(message)s")
+    # Flower logs through its own handler; give xflwb's loggers one (no root config)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s session-{session_id} %(name)s: "
+                                           "%(message)s"))
+    xlog = logging.getLogger("xflwb")
+    xlog.addHandler(handler)
+    xlog.setLevel(logging.INFO)
     registry = Registry(data_dir, db_url)
     servers: list[Any] = []
     stopping = {"flag": False}
@@ -132,7 +137,7 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             if ckpt is not None and Path(ckpt["path"]).exists():
                 initial = load_checkpoint(ckpt["path"])
                 resumed = ckpt["id"]
-                logging.info("resuming %s from checkpoint %s (round %s of session %s)",
+                xlog.info("resuming %s from checkpoint %s (round %s of session %s)",
                              model["name"], ckpt["path"], ckpt["round"], ckpt["session_id"])
         cm = SimpleClientManager()
         ports = {}

@@ -1,0 +1,96 @@
+"""`xflwb server` in the foreground and the %xfl_server / %xfl_train magics."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import keras
+import pytest
+from IPython.testing.globalipapp import start_ipython
+
+import xflwb
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
+    return xflwb.export(model, name="tiny", data_type="tiny-data",
+                        out_dir=tmp_path_factory.mktemp("e"))
+
+
+def test_cli_server_serves_and_stops_on_sigterm(export, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xflwb", "server", "--port", "0", "--data-dir",
+         str(tmp_path / "d"), "--token", "tok", "--publish", str(export.directory)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        lines = []
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if m := re.search(r"backend at (http://\S+)", line):
+                url = m.group(1)
+        assert url, lines
+        assert any("published tiny v1" in x for x in lines)
+        ad = httpx.post(f"{url}/train/advertised", json={"data_type": "tiny-data"})
+        assert ad.status_code == 200 and ad.json()["name"] == "tiny"
+        assert httpx.get(f"{url}/api/v1/models",
+                         headers={"Authorization": "Bearer tok"}).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped" in out
+
+
+def test_cli_server_port_in_use_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "xflwb", "server", "--port", str(port),
+                               "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                              timeout=60)
+    assert proc.returncode == 2
+    assert "pass port=0" in proc.stderr
+
+
+def test_server_and_train_magics(export, tmp_path, capsys):
+    ip = start_ipython()
+    ip.run_line_magic("load_ext", "xflwb")
+    ip.user_ns["tiny_export"] = export
+    wb = ip.run_line_magic("xfl_server", f"start --data-dir {tmp_path / 'm'}")
+    try:
+        assert wb.running and ip.user_ns["xfl_wb"] is wb
+        assert "xflwb backend at http://127.0.0.1:" in capsys.readouterr().out
+        session = ip.run_line_magic("xfl_train", "tiny_export --rounds 1 --min-clients 1 "
+                                                 "--local-epochs 2")
+        assert session.status == "running" and ip.user_ns["tiny_session"] is session
+        assert session.info["config"]["local_epochs"] == 2
+        table = ip.run_line_magic("xfl_server", "status")
+        assert list(table.model) == ["tiny"]
+        ip.run_line_magic("xfl_train", "tiny --rounds 0")
+        assert "rounds must be a positive integer" in capsys.readouterr().out
+        ip.run_line_magic("xfl_train", "unknown_model")
+        assert "no published model named 'unknown_model'" in capsys.readouterr().out
+    finally:
+        ip.run_line_magic("xfl_server", "stop")
+    assert not wb.running
+    pid = session.info["pid"] if False else None
+    del pid
+    ip.run_line_magic("xfl_train", "tiny")
+    assert "no xflwb backend is running" in capsys.readouterr().out
+    assert os.path.exists(tmp_path / "m" / "xflwb.db")
