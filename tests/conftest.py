@@ -45,3 +45,13 @@ def unseen():
     h = keras.layers.Dense(12, activation="relu")(h)
     out = keras.layers.Dense(5, activation="softmax")(h)
     return keras.Model(inp, out, name="unseen")
+
+
+@pytest.fixture(scope="session")
+def ip():
+    """One IPython shell for the whole run (IPython allows a single global instance)."""
+    from IPython.testing.globalipapp import get_ipython, start_ipython
+
+    shell = start_ipython() or get_ipython()
+    shell.run_line_magic("load_ext", "xflwb")
+    return shell

@@ -7,17 +7,9 @@ import sys
 import textwrap
 
 import pytest
-from IPython.testing.globalipapp import start_ipython
 
 import xflwb
 from xflwb import cli
-
-
-@pytest.fixture(scope="module")
-def ip():
-    shell = start_ipython()
-    shell.run_line_magic("load_ext", "xflwb")
-    return shell
 
 
 def _cell(ip, line, body):

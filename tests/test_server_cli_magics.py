@@ -12,7 +12,6 @@ import time
 import httpx
 import keras
 import pytest
-from IPython.testing.globalipapp import start_ipython
 
 import xflwb
 
@@ -68,9 +67,7 @@ def test_cli_server_port_in_use_is_a_clear_error(tmp_path):
     assert "pass port=0" in proc.stderr
 
 
-def test_server_and_train_magics(export, tmp_path, capsys):
-    ip = start_ipython()
-    ip.run_line_magic("load_ext", "xflwb")
+def test_server_and_train_magics(ip, export, tmp_path, capsys):
     ip.user_ns["tiny_export"] = export
     wb = ip.run_line_magic("xfl_server", f"start --data-dir {tmp_path / 'm'}")
     try:
@@ -89,8 +86,6 @@ def test_server_and_train_magics(export, tmp_path, capsys):
     finally:
         ip.run_line_magic("xfl_server", "stop")
     assert not wb.running
-    pid = session.info["pid"] if False else None
-    del pid
     ip.run_line_magic("xfl_train", "tiny")
     assert "no xflwb backend is running" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "m" / "xflwb.db")
