@@ -56,7 +56,7 @@ def _find_axpy() -> _Axpy:
     Resolved on first use (importing scipy.linalg costs ~0.2 s). Calls go in slices of
     ``_BLAS_SLICE`` elements: OpenBLAS spreads longer vectors over threads, which is a
     little faster on an idle machine and several times slower when another process holds a
-    core (measured with one busy: median 589 ms against 87 ms for 100 updates of 1M). The
+    core (measured with one busy: median 589 ms against 101 ms for 100 updates of 1M). The
     probe checks that saxpy updates ``y`` in place, which the hot path relies on.
     """
     try:
