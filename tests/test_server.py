@@ -341,16 +341,13 @@ def test_publish_is_immutable(wb, exports, tmp_path):
 
 
 def test_stop_leaves_no_process_or_thread(tmp_path, exports):
-    import multiprocessing
-
     bench = xflwb.Workbench(data_dir=tmp_path / "x", port=0).start()
     bench.publish(exports["gamma"])
     s = bench.train("gamma", rounds=3, min_clients=5)
     pid = s.info["pid"]
     bench.stop()
-    assert not multiprocessing.active_children()
     with pytest.raises(ProcessLookupError):
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # reaped: not even a zombie left
     assert not [t for t in threading.enumerate() if t.name == "xflwb-http"]
     with pytest.raises(RuntimeError, match="not running"):
         _ = bench.url

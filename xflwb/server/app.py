@@ -147,6 +147,17 @@ def fedkit_router(state: AppState) -> APIRouter:
             tflite_layers=entry["tflite_layers"] if platform == "android" else None,
             coreml_layers=layers, tflite=platform == "android", coreml=platform == "ios")
 
+    @r.get("/train/manifest/{model_id}")
+    def manifest(model_id: int) -> dict[str, Any]:
+        """The manifest of a platform model id (an xflwb addition for virtual devices and
+        tools: layouts, shapes and the sha256 of every file; FedKit apps never call it)."""
+        try:
+            art = registry.get_artifact(model_id)
+        except NotFound:
+            raise HTTPException(404, f"no model with id {model_id}") from None
+        m = registry.get_model(art["model_id"])["manifest"]
+        return {k: v for k, v in m.items() if not k.startswith("_")}
+
     @r.get("/static/{filename}", response_class=FileResponse)
     def download(filename: str) -> FileResponse:
         q = (sa.select(reg.models.c.directory, reg.artifacts.c.file)

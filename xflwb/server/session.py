@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -273,8 +274,8 @@ class SessionManager:
     def __init__(self, registry: Registry, host: str = "127.0.0.1") -> None:
         self.registry = registry
         self.host = host
-        self._procs: dict[int, Any] = {}
-        self._ctx = mp.get_context("spawn")
+        self._procs: dict[int, subprocess.Popen] = {}
+        self.log_dir = registry.data_dir / "logs"
 
     def start(self, model_name: str, wait_ready: float = 120.0, **options: Any) -> Session:
         options.setdefault("host", self.host)
@@ -286,10 +287,15 @@ class SessionManager:
             raise RegistryError(f"model {model_name!r} already has session {active['id']} "
                                 f"({active['status']}); stop it first")
         sid = self.registry.create_session(model, asdict(cfg))
-        proc = self._ctx.Process(target=run_session, name=f"xflwb-session-{sid}",
-                                 args=(str(self.registry.data_dir), self.registry.db_url, sid),
-                                 daemon=True)
-        proc.start()
+        # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__,
+        # so scripts without a main guard work too; its log goes to data_dir/logs
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_dir / f"session-{sid}.log", "ab") as logf:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "xflwb.server.session", str(self.registry.data_dir),
+                 self.registry.db_url, str(sid)],
+                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                start_new_session=True)
         self._procs[sid] = proc
         self.registry.update_session(sid, pid=proc.pid)
         session = Session(self, sid)
@@ -313,9 +319,9 @@ class SessionManager:
         """Mark sessions whose process died without saying so as crashed."""
         for info in self.registry.list_sessions(status=ACTIVE):
             proc = self._procs.get(info["id"])
-            alive = proc.is_alive() if proc is not None else _pid_alive(info["pid"])
+            alive = proc.poll() is None if proc is not None else _pid_alive(info["pid"])
             if not alive:
-                code = proc.exitcode if proc is not None else None
+                code = proc.returncode if proc is not None else None
                 # the process may have written its final status just before exiting
                 latest = self.registry.get_session(info["id"])
                 if latest["status"] in ACTIVE:
@@ -326,12 +332,13 @@ class SessionManager:
     def stop(self, session_id: int, timeout: float = 10.0) -> None:
         info = self.registry.get_session(session_id)
         proc = self._procs.get(session_id)
-        if proc is not None and proc.is_alive():
+        if proc is not None and proc.poll() is None:
             proc.terminate()
-            proc.join(timeout)
-            if proc.is_alive():
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.join(timeout)
+                proc.wait(timeout)
         elif proc is None and info["status"] in ACTIVE and _pid_alive(info["pid"]):
             os.kill(info["pid"], signal.SIGTERM)
         if self.registry.get_session(session_id)["status"] in ACTIVE:
@@ -339,7 +346,12 @@ class SessionManager:
 
     def stop_all(self) -> None:
         for sid, proc in list(self._procs.items()):
-            if proc.is_alive():
+            if proc.poll() is None:
                 self.stop(sid)
-            proc.join(1)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
         self._procs.clear()
+
+
+if __name__ == "__main__":  # python -m xflwb.server.session DATA_DIR DB_URL SESSION_ID
+    run_session(sys.argv[1], sys.argv[2], int(sys.argv[3]))

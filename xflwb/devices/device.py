@@ -1,0 +1,325 @@
+"""A virtual phone: FedKit's client flow, run with the real exported artifact.
+
+advertise → fetch the manifest → download the model file and verify its sha256 →
+``train/server`` (retrying with bounded backoff while there is no session or it is
+occupied) → Flower legacy gRPC ``Join`` → answer GetParameters / Fit / Evaluate /
+Reconnect → telemetry. Android devices run the ``.tflite`` in the TFLite interpreter, iOS
+devices the ``.mlmodel`` in the Core ML executor; tensors travel in the platform's layout,
+as raw float32 (FedKit) or ``.npy`` (Flower's iOS SDK).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+log = logging.getLogger("xflwb.device")
+FLAGS = {"android": {"tflite": True, "coreml": False},
+         "ios": {"tflite": False, "coreml": True}}
+
+
+class DeviceError(RuntimeError):
+    """The device cannot take part; the message says why."""
+
+
+class CorruptModelError(DeviceError):
+    """The downloaded model file does not match the manifest's sha256."""
+
+
+class _Dropped(Exception):
+    """The simulated phone lost its connection mid-fit."""
+
+
+@dataclass
+class DeviceOptions:
+    """Heterogeneity knobs (all optional)."""
+
+    slowdown: float = 1.0          # compute slowdown factor (1 = as fast as this machine)
+    join_delay: float = 0.0        # seconds before the first request
+    drop_prob: float = 0.0         # probability of dropping mid-fit, per FitIns
+    rejoin_delay: float = 1.0      # seconds before a dropped device comes back
+    network_delay: float = 0.0     # seconds added before each answer
+    encoding: str = "raw"          # "raw" (FedKit, "ND") or "npy" (Flower iOS SDK)
+    max_wait: float = 120.0        # give up when no session appears within this time
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.slowdown < 1.0:
+            raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
+        if self.encoding not in ("raw", "npy"):
+            raise ValueError(f"encoding must be 'raw' or 'npy', got {self.encoding!r}")
+        for name in ("join_delay", "rejoin_delay", "network_delay", "max_wait"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0")
+
+
+@dataclass
+class DeviceStatus:
+    device_id: int
+    platform: str
+    status: str = "created"
+    train_size: int = 0
+    test_size: int = 0
+    rounds_done: int = 0
+    evaluations: int = 0
+    last_loss: float | None = None
+    last_accuracy: float | None = None
+    drops: int = 0
+    model: str | None = None
+    session_id: int | None = None
+    error: str | None = None
+    updated: float = field(default_factory=time.time)
+
+
+class Device:
+    """One virtual phone of ``platform`` holding its own train/test data."""
+
+    def __init__(self, backend_url: str, platform: str, data_type: str,
+                 x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                 y_test: np.ndarray, device_id: int = 1, cache_dir: str | Path = ".xfl-cache",
+                 options: DeviceOptions | None = None,
+                 on_status: Callable[[DeviceStatus], None] | None = None) -> None:
+        if platform not in FLAGS:
+            raise ValueError(f"platform must be 'android' or 'ios', got {platform!r}")
+        self.url = backend_url.rstrip("/")
+        self.platform = platform
+        self.data_type = data_type
+        self.x_train, self.y_train = x_train, y_train
+        self.x_test, self.y_test = x_test, y_test
+        self.options = options or DeviceOptions()
+        self.cache_dir = Path(cache_dir)
+        self.status = DeviceStatus(device_id, platform, train_size=len(x_train),
+                                   test_size=len(x_test))
+        self._on_status = on_status
+        self._rng = random.Random(self.options.seed * 7919 + device_id)
+        self._stop = threading.Event()
+        self.runtime: Any = None
+        self.manifest: dict[str, Any] | None = None
+        self._http: Any = None
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _set(self, **values: Any) -> None:
+        for k, v in values.items():
+            setattr(self.status, k, v)
+        self.status.updated = time.time()
+        if self._on_status is not None:
+            self._on_status(self.status)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # -- HTTP ----------------------------------------------------------------------------
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        r = self._http.post(f"{self.url}/{path}", json=body)
+        if r.status_code != 200:
+            raise DeviceError(f"POST {path} → {r.status_code}: {r.text[:300]}")
+        return r.json()
+
+    def prepare(self) -> dict[str, Any]:
+        """Advertise, fetch manifest and model (verified), load the runtime."""
+        from xflwb.bridge import runtime
+
+        ad = self._post("train/advertised", {"data_type": self.data_type,
+                                             **FLAGS[self.platform]})
+        r = self._http.get(f"{self.url}/train/manifest/{ad['id']}")
+        if r.status_code != 200:
+            raise DeviceError(f"manifest of model {ad['id']}: {r.status_code} {r.text[:200]}")
+        manifest = r.json()
+        entry = manifest["platforms"][self.platform]
+        path = (ad["tflite_path"] if self.platform == "android" else ad["coreml_path"]) or ""
+        folder = self.cache_dir / ad["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / entry["file"]
+        if not target.exists() or _sha256(target.read_bytes()) != entry["sha256"]:
+            blob = self._http.get(f"{self.url}/{path.lstrip('/')}").content
+            digest = _sha256(blob)
+            if digest != entry["sha256"]:
+                raise CorruptModelError(
+                    f"downloaded {path} has sha256 {digest[:12]}…, the manifest says "
+                    f"{entry['sha256'][:12]}…; refusing to train on it")
+            tmp = target.with_suffix(target.suffix + ".part")
+            tmp.write_bytes(blob)
+            tmp.replace(target)
+        manifest["_dir"] = str(folder.resolve())
+        self.manifest = manifest
+        self.runtime = runtime.load(manifest, self.platform)
+        self._set(model=f"{manifest['name']} v{manifest['version']}")
+        return ad
+
+    def request_server(self, model_id: int) -> dict[str, Any] | None:
+        """``train/server`` until a port comes back; None when no session appears in time."""
+        deadline = time.monotonic() + self.options.max_wait
+        delay = 0.2
+        while not self._stop.is_set():
+            res = self._post("train/server", {"id": model_id, "start_fresh": False})
+            if res.get("port"):
+                return res
+            self._set(status=f"waiting ({res.get('status')})")
+            if time.monotonic() + delay > deadline:
+                return None
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
+        return None
+
+    # -- the device's life -------------------------------------------------------------
+    def run(self) -> DeviceStatus:
+        """Take part until the session ends; never raises (errors land in status)."""
+        import httpx
+
+        self._http = httpx.Client(timeout=60)
+        try:
+            if self.options.join_delay:
+                self._set(status="delayed")
+                if self._stop.wait(self.options.join_delay):
+                    return self.status
+            ad = self.prepare()
+            joined = False
+            while not self._stop.is_set():
+                server = self.request_server(ad["id"])
+                if server is None:
+                    self._set(status="finished" if joined else "no session")
+                    break
+                self._set(status="joined", session_id=server["session_id"])
+                joined = True
+                try:
+                    if self._serve(server):
+                        self._set(status="finished")
+                        break
+                except _Dropped:
+                    self._set(status="dropped", drops=self.status.drops + 1)
+                    self._stop.wait(self.options.rejoin_delay)
+        except Exception as exc:  # noqa: BLE001 - reported, never raised
+            log.warning("device %s failed: %s", self.status.device_id, exc)
+            self._set(status="failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._http.close()
+        return self.status
+
+    def _serve(self, server: dict[str, Any]) -> bool:
+        """One gRPC stream; True when the server said goodbye (ReconnectIns / stream end)."""
+        import grpc
+
+        from xflwb.server.flower_legacy import transport_pb2 as pb
+        from xflwb.server.flower_legacy import transport_pb2_grpc as pbg
+
+        host = urlparse(self.url).hostname
+        out: queue.Queue = queue.Queue()
+        channel = grpc.insecure_channel(f"{host}:{server['port']}",
+                                        options=[("grpc.max_send_message_length", -1),
+                                                 ("grpc.max_receive_message_length", -1)])
+
+        def requests():
+            while (msg := out.get()) is not None:
+                yield msg
+
+        try:
+            stream = pbg.FlowerServiceStub(channel).Join(requests())
+            for msg in stream:
+                if self._stop.is_set():
+                    return True
+                kind = msg.WhichOneof("msg")
+                if kind == "reconnect_ins":
+                    out.put(pb.ClientMessage(disconnect_res=pb.ClientMessage.DisconnectRes()))
+                    return True
+                reply = self._answer(pb, kind, msg, server["session_id"])
+                if self.options.network_delay:
+                    time.sleep(self.options.network_delay)
+                out.put(reply)
+                self._after(kind, server["session_id"])
+            return True
+        except grpc.RpcError as exc:
+            if self._stop.is_set():
+                return True
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                return True  # the session ended
+            raise
+        finally:
+            out.put(None)
+            channel.close()
+
+    def _decode(self, pb: Any, parameters: Any) -> list[np.ndarray]:
+        from xflwb.bridge import params
+
+        arrays, _ = params.decode_tensors(list(parameters.tensors))
+        return arrays
+
+    def _encode(self, pb: Any, arrays: list[np.ndarray]) -> Any:
+        from xflwb.bridge import params
+
+        tensors = params.encode_tensors(arrays, self.options.encoding)
+        return pb.Parameters(tensors=tensors,
+                             tensor_type="ND" if self.options.encoding == "raw" else "ndarray")
+
+    def _answer(self, pb: Any, kind: str, msg: Any, session_id: int) -> Any:
+        rt = self.runtime
+        if kind == "get_parameters_ins":
+            return pb.ClientMessage(get_parameters_res=pb.ClientMessage.GetParametersRes(
+                parameters=self._encode(pb, rt.get_parameters())))
+        if kind == "fit_ins":
+            self._fit_start = int(time.time() * 1000)
+            rt.set_parameters(self._decode(pb, msg.fit_ins.parameters))
+            cfg = msg.fit_ins.config
+            epochs = int(cfg["local_epochs"].sint64) if "local_epochs" in cfg else 1
+            self._set(status="training")
+            t0 = time.perf_counter()
+            drop = self._rng.random() < self.options.drop_prob
+            losses = rt.fit(self.x_train, self.y_train, epochs=epochs,
+                            seed=self.options.seed + self.status.rounds_done)
+            took = time.perf_counter() - t0
+            if self.options.slowdown > 1:
+                time.sleep((self.options.slowdown - 1.0) * took)
+            if drop:
+                raise _Dropped()
+            self._set(status="joined", rounds_done=self.status.rounds_done + 1,
+                      last_loss=float(losses[-1]))
+            return pb.ClientMessage(fit_res=pb.ClientMessage.FitRes(
+                parameters=self._encode(pb, rt.get_parameters()),
+                num_examples=len(self.x_train)))
+        if kind == "evaluate_ins":
+            self._eval_start = int(time.time() * 1000)
+            rt.set_parameters(self._decode(pb, msg.evaluate_ins.parameters))
+            loss, acc = rt.evaluate(self.x_test, self.y_test)
+            self._last_eval = (loss, acc)
+            self._set(evaluations=self.status.evaluations + 1, last_loss=float(loss),
+                      last_accuracy=float(acc))
+            return pb.ClientMessage(evaluate_res=pb.ClientMessage.EvaluateRes(
+                loss=float(loss), num_examples=len(self.x_test)))
+        raise DeviceError(f"unexpected server message {kind!r}")
+
+    def _after(self, kind: str, session_id: int) -> None:
+        """Telemetry, as FedKit's clients post it after answering."""
+        now = int(time.time() * 1000)
+        base = {"device_id": self.status.device_id, "session_id": session_id}
+        try:
+            if kind == "fit_ins":
+                self._post("telemetry/fit_ins", {**base, "start": self._fit_start, "end": now})
+            elif kind == "evaluate_ins":
+                loss, acc = self._last_eval
+                acc = 0.0 if acc != acc else acc  # regression: FedKit always sends a number
+                self._post("telemetry/evaluate_ins", {
+                    **base, "start": self._eval_start, "end": now, "loss": float(loss),
+                    "accuracy": float(acc), "test_size": len(self.x_test)})
+        except DeviceError as exc:  # telemetry is best effort, training goes on
+            log.warning("device %s telemetry: %s", self.status.device_id, exc)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def status_json(status: DeviceStatus) -> str:
+    return json.dumps(asdict(status))

@@ -1,0 +1,326 @@
+"""Split a dataset across simulated devices: IID, Dirichlet label skew, or McMahan shards.
+
+Partition schemes are a registry of small parts picked by a spec string (``"iid"``,
+``"dirichlet:0.5"``, ``"shards:2"``) so fleets, the CLI and notebooks name them the same
+way. The splitting itself is flwr-datasets' partitioners, run on an in-memory Hugging Face
+``Dataset`` of ``(label, idx)`` rows: we only ever ask them for *indices*, so the arrays stay
+in xflwb's own NHWC numpy conventions and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import datasets as xdatasets
+
+# Hugging Face `datasets` must never reach for the network here: only `Dataset.from_dict`.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+Split = Callable[..., list[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One partition scheme: how its spec reads, how to parse its argument, how to split."""
+
+    form: str
+    parse_arg: Callable[[str | None], dict[str, Any]]
+    split: Split
+
+
+# ----------------------------------------------------------------------------- specs
+
+
+class _BadArg(ValueError):
+    """Raised by an argument parser; `parse` turns it into a message naming the spec."""
+
+
+def _no_arg(arg: str | None) -> dict[str, Any]:
+    if arg is not None:
+        raise _BadArg("takes no argument")
+    return {}
+
+
+def _alpha_arg(arg: str | None) -> dict[str, Any]:
+    if arg is None:
+        raise _BadArg("needs a concentration alpha")
+    try:
+        alpha = float(arg)
+    except ValueError:
+        raise _BadArg(f"alpha {arg!r} is not a number") from None
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise _BadArg(f"alpha must be a finite number > 0, got {arg!r}")
+    return {"alpha": alpha}
+
+
+def _shards_arg(arg: str | None) -> dict[str, Any]:
+    if arg is None:
+        raise _BadArg("needs a number of shards per partition k")
+    try:
+        k = int(arg)
+    except ValueError:
+        raise _BadArg(f"k {arg!r} is not an integer") from None
+    if k < 1:
+        raise _BadArg(f"k must be an integer >= 1, got {arg!r}")
+    return {"k": k}
+
+
+def _valid_forms() -> str:
+    return ", ".join(s.form for s in PARTITIONERS.values())
+
+
+def parse(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"dirichlet:0.5"`` → ``("dirichlet", {"alpha": 0.5})``; a ValueError says what's valid."""
+    if not isinstance(spec, str):
+        raise ValueError(f"partition spec must be a string, got {spec!r}; "
+                         f"valid forms: {_valid_forms()}")
+    name, sep, arg = spec.strip().partition(":")
+    scheme = PARTITIONERS.get(name)
+    if scheme is None:
+        raise ValueError(f"unknown partition spec {spec!r}; valid forms: {_valid_forms()}")
+    try:
+        params = scheme.parse_arg(arg.strip() if sep else None)
+    except _BadArg as e:
+        raise ValueError(f"bad partition spec {spec!r}: {name} {e}; "
+                         f"valid forms: {_valid_forms()}") from None
+    return name, params
+
+
+# ------------------------------------------------------------------------ splitters
+
+
+def _hf_dataset(labels: np.ndarray, seed: int) -> Any:
+    """Rows ``(label, idx)`` in a seeded random order.
+
+    flwr-datasets' ``FederatedDataset`` shuffles before partitioning; the bare partitioners
+    do not (``IidPartitioner`` is a contiguous ``shard``, the others take each class's rows
+    in order), so we shuffle here. ``idx`` carries the original position through.
+    """
+    import datasets as hf
+
+    order = np.random.default_rng(seed).permutation(len(labels))
+    return hf.Dataset.from_dict({"label": labels[order], "idx": order})
+
+
+def _indices(partitioner: Any, num_partitions: int) -> list[np.ndarray]:
+    with warnings.catch_warnings():
+        # pyarrow >= 25 deprecates an option `datasets.Dataset.sort` still passes.
+        warnings.filterwarnings("ignore", message=".*null_placement.*", category=FutureWarning)
+        return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
+                for i in range(num_partitions)]
+
+
+def _iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import IidPartitioner
+
+    p = IidPartitioner(num_partitions)
+    p.dataset = _hf_dataset(labels, seed)
+    return _indices(p, num_partitions)
+
+
+def _dirichlet(labels: np.ndarray, num_partitions: int, seed: int,
+               alpha: float) -> list[np.ndarray]:
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    n = len(labels)
+    # flwr-datasets' default of 10 is impossible for small data; demand at least one sample
+    # per device (an empty device can't train) and at most 10.
+    min_size = max(1, min(10, n // (2 * num_partitions)))
+    p = DirichletPartitioner(num_partitions, partition_by="label", alpha=float(alpha),
+                             min_partition_size=min_size, seed=seed)
+    p.dataset = _hf_dataset(labels, seed)
+    try:
+        with warnings.catch_warnings():
+            # It warns on every resampling attempt; the fallback below handles failure.
+            warnings.filterwarnings("ignore", message=".*min_partition_size.*")
+            return _indices(p, num_partitions)
+    except ValueError:
+        # DirichletPartitioner resamples at most 11 times until every partition holds
+        # min_partition_size rows, then raises. With tiny data or tiny alpha (≈ one class
+        # per device) that can't succeed, so sample once ourselves and top small partitions
+        # up from the largest: a slight dilution of the skew, but never an empty device.
+        return _dirichlet_numpy(labels, num_partitions, seed, alpha, min_size)
+
+
+def _dirichlet_numpy(labels: np.ndarray, num_partitions: int, seed: int, alpha: float,
+                     min_size: int) -> list[np.ndarray]:
+    """Per-class Dirichlet split (as flwr-datasets does), then a repair to ``min_size``."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    owner = np.empty(len(labels), dtype=np.int64)
+    for c in np.unique(labels):
+        rows = order[labels[order] == c]
+        props = rng.dirichlet(np.full(num_partitions, alpha))
+        cuts = (np.cumsum(props)[:-1] * len(rows)).astype(int)
+        owner[rows] = np.repeat(np.arange(num_partitions), np.diff(cuts, prepend=0,
+                                                                    append=len(rows)))
+    sizes = np.bincount(owner, minlength=num_partitions)
+    for small in np.flatnonzero(sizes < min_size):
+        need = min_size - sizes[small]
+        while need > 0:  # take from whichever partition is largest right now
+            big = int(np.argmax(sizes))
+            take = min(need, sizes[big] - min_size)
+            moved = rng.choice(np.flatnonzero(owner == big), size=take, replace=False)
+            owner[moved] = small
+            sizes[big] -= take
+            sizes[small] += take
+            need -= take
+    return [rng.permutation(np.flatnonzero(owner == i)) for i in range(num_partitions)]
+
+
+def _shards(labels: np.ndarray, num_partitions: int, seed: int, k: int) -> list[np.ndarray]:
+    """McMahan et al. (2017): sort by label, cut ``num_partitions * k`` shards, deal k each.
+
+    Shards are equal-sized (``n // (num_partitions*k)``), so up to ``num_partitions*k - 1``
+    trailing rows are left out, and a shard straddling a label boundary holds two labels.
+    """
+    from flwr_datasets.partitioner import ShardPartitioner
+
+    if len(labels) < num_partitions * k:
+        raise ValueError(
+            f"shards:{k} with {num_partitions} partitions needs at least "
+            f"{num_partitions * k} samples, the dataset has {len(labels)}; "
+            "use fewer partitions or a smaller k")
+    # ShardPartitioner insists on a Python int (numpy ints raise TypeError).
+    p = ShardPartitioner(int(num_partitions), partition_by="label",
+                         num_shards_per_partition=int(k), seed=seed)
+    p.dataset = _hf_dataset(labels, seed)
+    return _indices(p, num_partitions)
+
+
+PARTITIONERS: dict[str, Scheme] = {
+    "iid": Scheme("iid", _no_arg, _iid),
+    "dirichlet": Scheme("dirichlet:<alpha> (alpha > 0)", _alpha_arg, _dirichlet),
+    "shards": Scheme("shards:<k> (integer k >= 1)", _shards_arg, _shards),
+}
+
+
+def _check_num_partitions(num_partitions: int, n: int | None = None) -> None:
+    if (not isinstance(num_partitions, int | np.integer) or isinstance(num_partitions, bool)
+            or num_partitions < 1):
+        raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+    if n is not None and num_partitions > n:
+        raise ValueError(f"num_partitions={num_partitions} exceeds the {n} samples available; "
+                         "every device needs at least one sample")
+
+
+def partition_indices(labels: np.ndarray, num_partitions: int, spec: str,
+                      seed: int = 0) -> list[np.ndarray]:
+    """Original row indices for each of ``num_partitions`` devices under ``spec``.
+
+    Partitions are disjoint and deterministic for a seed; ``iid`` and ``dirichlet`` use
+    every row, ``shards`` may drop a remainder (see `_shards`).
+    """
+    name, params = parse(spec)
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+    _check_num_partitions(num_partitions, len(labels))
+    return PARTITIONERS[name].split(labels, int(num_partitions), int(seed), **params)
+
+
+# -------------------------------------------------------------------------- devices
+
+
+@dataclass
+class DeviceData:
+    """One simulated device's own data, already split into its local train and test sets."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    partition_id: int
+    num_partitions: int
+
+
+def _pool(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+    """All samples of a dataset (its global train/test split is meaningless per device)."""
+    d = xdatasets.load(dataset)
+    return np.concatenate([d.x_train, d.x_test]), np.concatenate([d.y_train, d.y_test])
+
+
+def _partitions(dataset: str, partition: str, num_partitions: int,
+                seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(x, y)`` for every device.
+
+    Synthetic(α, β) data is federated by construction (each device draws its own model
+    and input distribution), so its devices *are* the partitions and a label-based scheme
+    is ignored (still validated); ``"iid"`` instead pools all devices' samples, reshuffles
+    and deals them out evenly, the IID baseline for the same data.
+    """
+    name, params = parse(partition)
+    base, kwargs = xdatasets.parse_name(dataset)
+    if base == "synthetic":
+        _check_num_partitions(num_partitions)
+        devices = xdatasets.synthetic_federated(num_partitions, seed=seed, **kwargs)
+        if name != "iid":
+            return devices
+        x = np.concatenate([d[0] for d in devices])
+        y = np.concatenate([d[1] for d in devices])
+        parts = np.array_split(np.random.default_rng(seed).permutation(len(y)), num_partitions)
+    else:
+        x, y = _pool(dataset)
+        _check_num_partitions(num_partitions, len(y))
+        parts = PARTITIONERS[name].split(y, int(num_partitions), int(seed), **params)
+    return [(x[p], y[p]) for p in parts]
+
+
+def _local_split(n: int, test_fraction: float, seed: int,
+                 partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, test) positions; at least one test row when there are ≥ 2 rows."""
+    order = np.random.default_rng([seed, partition_id]).permutation(n)
+    n_test = round(n * test_fraction)
+    if test_fraction > 0 and n >= 2:
+        n_test = min(max(n_test, 1), n - 1)
+    return order[n_test:], order[:n_test]
+
+
+def _check_fraction(test_fraction: float) -> None:
+    if not 0 <= test_fraction < 1:
+        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+
+
+def device_data(dataset: str, partition: str, num_partitions: int, partition_id: int,
+                seed: int = 0, test_fraction: float = 0.2) -> DeviceData:
+    """Device ``partition_id``'s data: partition the whole dataset, then split locally.
+
+    A device evaluates on held-out data from its *own* distribution, as a phone would.
+    """
+    _check_fraction(test_fraction)
+    if not isinstance(partition_id, int | np.integer) or isinstance(partition_id, bool):
+        raise ValueError(f"partition_id must be an integer, got {partition_id!r}")
+    parse(partition)
+    _check_num_partitions(num_partitions)
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id={partition_id} out of range: "
+                         f"expected 0 <= partition_id < num_partitions={num_partitions}")
+    x, y = _partitions(dataset, partition, num_partitions, seed)[partition_id]
+    train, test = _local_split(len(y), test_fraction, seed, partition_id)
+    return DeviceData(x[train], y[train], x[test], y[test], int(partition_id),
+                      int(num_partitions))
+
+
+def partition_table(dataset: str, partition: str, num_partitions: int, seed: int = 0,
+                    test_fraction: float = 0.2) -> pd.DataFrame:
+    """One row per device: local train/test sizes and a label histogram, to eyeball skew."""
+    _check_fraction(test_fraction)
+    parts = _partitions(dataset, partition, num_partitions, seed)
+    classes = int(max(int(y.max()) for _, y in parts if len(y)) + 1)
+    rows = []
+    for pid, (_, y) in enumerate(parts):
+        train, test = _local_split(len(y), test_fraction, seed, pid)
+        hist = np.bincount(y, minlength=classes)
+        rows.append({"partition_id": pid, "train": len(train), "test": len(test),
+                     "labels": int(np.count_nonzero(hist)),
+                     **{f"label_{c}": int(h) for c, h in enumerate(hist)}})
+    return pd.DataFrame(rows)
