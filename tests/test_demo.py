@@ -26,9 +26,23 @@ def test_demo_trains_every_runtime_alike(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_federated_demo_reaches_90_percent_with_both_platforms(tmp_path):
+    out = demo.run_federated(out=tmp_path, rounds=10, quiet=True)
+    assert out["status"] == "finished"
+    assert out["both_every_round"]
+    assert min(out["accuracy"].values()) >= 0.90, out["accuracy"]
+    assert abs(out["accuracy"]["android"] - out["accuracy"]["ios"]) < 0.01
+    assert list(out["devices"].status) == ["finished"] * 4
+    for name in ("history.csv", "devices.csv", "federated.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.slow
 def test_cli_demo_prints_parity_table(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "xflwb", "demo", "--out", str(tmp_path),
-                           "--epochs", "1"], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "xflwb", "demo", "--local-only", "--out",
+                           str(tmp_path), "--epochs", "1"], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "parity (Keras vs TFLite vs Core ML executor)" in proc.stdout
     assert "train_3_steps" in proc.stdout and "False" not in proc.stdout

@@ -116,11 +116,59 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_device(args: argparse.Namespace) -> int:
+    """One virtual phone following FedKit's client flow (exit 0 when its session ends)."""
+    import json
+    import logging
+    import os
+    import signal
+
+    from xflwb.devices.device import Device, DeviceOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from xflwb.devices.partition import device_data
+
+    try:
+        options = DeviceOptions(slowdown=args.slowdown, join_delay=args.join_delay,
+                                drop_prob=args.drop_prob, rejoin_delay=args.rejoin_delay,
+                                network_delay=args.network_delay, encoding=args.encoding,
+                                max_wait=args.max_wait, seed=args.seed)
+        data = device_data(args.dataset, args.partition, args.num_partitions,
+                           args.partition_id, seed=args.seed)
+    except ValueError as exc:
+        print(f"xflwb device: error: {exc}", file=sys.stderr)
+        return 2
+
+    def write_status(status) -> None:  # atomic, so a reader never sees half a file
+        if args.status_file:
+            from dataclasses import asdict
+
+            tmp = f"{args.status_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({**asdict(status), "id": status.device_id}, f)
+            os.replace(tmp, args.status_file)
+
+    device = Device(args.backend, args.platform, args.data_type or args.dataset,
+                    data.x_train, data.y_train, data.x_test, data.y_test,
+                    device_id=args.device_id, cache_dir=args.cache_dir, options=options,
+                    on_status=write_status)
+    signal.signal(signal.SIGTERM, lambda *_: device.stop())
+    write_status(device.status)
+    status = device.run()
+    print(f"device {status.device_id} ({status.platform}): {status.status}, "
+          f"{status.rounds_done} rounds" + (f", error: {status.error}" if status.error else ""),
+          flush=True)
+    return 1 if status.status == "failed" else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from xflwb import demo
 
-    demo.run(out=args.out, epochs=args.epochs, seed=args.seed)
-    return 0
+    if args.local_only:
+        demo.run(out=args.out, epochs=args.epochs, seed=args.seed)
+        return 0
+    result = demo.run_federated(out=args.out, rounds=args.rounds, seed=args.seed)
+    return 0 if result["status"] == "finished" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,10 +191,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--publish", action="append", metavar="EXPORT_DIR",
                    help="publish an export directory at start (repeatable)")
     s.set_defaults(func=cmd_server)
+    v = sub.add_parser("device", help="run one virtual phone (FedKit client flow)")
+    v.add_argument("--backend", required=True, help="backend URL, e.g. http://127.0.0.1:8000")
+    v.add_argument("--platform", required=True, choices=["android", "ios"])
+    v.add_argument("--data-type", default=None, help="data type to ask for (default: dataset)")
+    v.add_argument("--dataset", default="digits")
+    v.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
+    v.add_argument("--num-partitions", type=int, default=1)
+    v.add_argument("--partition-id", type=int, default=0)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device-id", type=int, default=1)
+    v.add_argument("--encoding", default="raw", choices=["raw", "npy"],
+                   help="raw float32 (FedKit) or npy (Flower's iOS SDK)")
+    v.add_argument("--slowdown", type=float, default=1.0, help="compute slowdown factor")
+    v.add_argument("--join-delay", type=float, default=0.0)
+    v.add_argument("--drop-prob", type=float, default=0.0, help="chance to drop mid-fit")
+    v.add_argument("--rejoin-delay", type=float, default=1.0)
+    v.add_argument("--network-delay", type=float, default=0.0)
+    v.add_argument("--max-wait", type=float, default=120.0,
+                   help="seconds to wait for a session before giving up")
+    v.add_argument("--cache-dir", default=".xfl-cache")
+    v.add_argument("--status-file", default=None, help="JSON status, rewritten on change")
+    v.set_defaults(func=cmd_device)
     d = sub.add_parser("demo", help="export the demo CNN and train every runtime")
     d.add_argument("--out", default="demo-output")
-    d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--epochs", type=int, default=3, help="with --local-only")
+    d.add_argument("--rounds", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--local-only", action="store_true",
+                   help="only export and train the three runtimes side by side")
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -41,6 +41,8 @@ class Workbench:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._fleets: list[Any] = []
+        self._fleet_count = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -93,6 +95,8 @@ class Workbench:
 
     def stop(self) -> None:
         """Stop every session process and the HTTP server."""
+        for fleet in self._fleets:
+            fleet.stop()
         if self.sessions is not None:
             self.sessions.stop_all()
         if self._server is not None:
@@ -149,6 +153,25 @@ class Workbench:
         self._reg()
         assert self.sessions is not None
         return self.sessions.get(session_id)
+
+    def spawn_devices(self, android: int = 0, ios: int = 0, dataset: str = "digits",
+                      partition: str = "iid", seed: int = 0, data_type: str | None = None,
+                      **knobs: Any) -> Any:
+        """Start virtual phones (a process each) against this backend; returns the Fleet.
+
+        ``knobs``: slowdown, join_delay, drop_prob, network_delay (a value or one per
+        device), encoding ("raw" | "npy"), max_wait.
+        """
+        from xflwb.devices.fleet import Fleet
+
+        url = self.url
+        self._fleet_count += 1
+        first = 1000 * self._fleet_count + 1
+        fleet = Fleet(url, self.data_dir / "fleets" / f"fleet-{self._fleet_count}",
+                      android=android, ios=ios, dataset=dataset, partition=partition,
+                      data_type=data_type, seed=seed, first_device_id=first, **knobs)
+        self._fleets.append(fleet)
+        return fleet.start()
 
     @property
     def session_table(self) -> pd.DataFrame:

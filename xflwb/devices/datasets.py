@@ -1,4 +1,6 @@
-"""Datasets that ship with the installed packages or are generated: nothing is downloaded.
+"""Datasets that ship with the installed packages or are generated offline.
+
+Only loaders registered for where a network exists (``mnist``) download, and only when called.
 
 A small registry (name → loader) so fleets, the CLI and notebooks pick data by name.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,23 +48,103 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     return _split("digits", x, d.target.astype(np.int64), 10, test_fraction, seed)
 
 
-def synthetic(n: int = 2000, input_shape: tuple[int, ...] = (8, 8, 1), classes: int = 10,
-              test_fraction: float = 0.2, seed: int = 0) -> Dataset:
-    """Gaussian class prototypes plus noise: learnable, any shape, generated offline."""
+def synthetic_federated(num_devices: int, alpha: float = 1.0, beta: float = 1.0, seed: int = 0,
+                        *, dim: int = 60, classes: int = 10, min_samples: int = 50,
+                        max_samples: int = 500) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Synthetic(α, β) of FedProx (Li et al., 2020): per-device models *and* input shift.
+
+    Device k draws u_k ~ N(0, α), B_k ~ N(0, β); W_k ~ N(u_k, 1) (classes × dim),
+    b_k ~ N(u_k, 1); v_k ~ N(B_k, 1) elementwise; x ~ N(v_k, Σ) with Σ_jj = j^-1.2;
+    y = argmax(W_k x + b_k). As in the reference code (litian96/FedProx), α and β are
+    standard deviations and sample counts are lognormal(4, 2) + ``min_samples``, here capped
+    at ``max_samples``. β moves each device's inputs apart; α only adds the same u_k to every
+    logit, which argmax ignores, so in this model α alone doesn't change any device's data.
+    Returns one ``(x float32 (n, dim), y int64 (n,))`` per device.
+    """
+    if num_devices < 1:
+        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"alpha and beta are standard deviations (>= 0), got {alpha}, {beta}")
+    if not 1 <= min_samples <= max_samples:
+        raise ValueError(f"need 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
     rng = np.random.default_rng(seed)
-    protos = rng.random((classes, *input_shape), dtype=np.float32)
-    y = rng.integers(0, classes, size=n)
-    x = protos[y] + 0.25 * rng.standard_normal((n, *input_shape)).astype(np.float32)
-    return _split("synthetic", x.astype(np.float32), y.astype(np.int64), classes,
-                  test_fraction, seed)
+    sizes = np.minimum(rng.lognormal(4, 2, num_devices).astype(np.int64) + min_samples,
+                       max_samples)
+    u = rng.normal(0.0, alpha, num_devices)
+    big_b = rng.normal(0.0, beta, num_devices)
+    sd = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt of Σ_jj = j^-1.2
+    devices = []
+    for k in range(num_devices):
+        w = rng.normal(u[k], 1.0, (classes, dim))
+        b = rng.normal(u[k], 1.0, classes)
+        v = rng.normal(big_b[k], 1.0, dim)
+        x = v + sd * rng.standard_normal((sizes[k], dim))
+        y = np.argmax(x @ w.T + b, axis=1)  # softmax is monotone: argmax of the logits
+        devices.append((x.astype(np.float32), y.astype(np.int64)))
+    return devices
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {"digits": digits, "synthetic": synthetic}
+def synthetic(num_devices: int = 30, alpha: float = 1.0, beta: float = 1.0,
+              test_fraction: float = 0.2, seed: int = 0, **kwargs: int) -> Dataset:
+    """All devices of `synthetic_federated` pooled, for centralised baselines (x is (60,))."""
+    devices = synthetic_federated(num_devices, alpha, beta, seed, **kwargs)
+    x = np.concatenate([d[0] for d in devices])
+    y = np.concatenate([d[1] for d in devices])
+    name = "synthetic" if (alpha, beta) == (1.0, 1.0) else f"synthetic:{alpha:g},{beta:g}"
+    return _split(name, x, y, kwargs.get("classes", 10), test_fraction, seed)
 
 
-def load(name: str, **kwargs: object) -> Dataset:
+def _synthetic_args(arg: str) -> dict[str, float]:
+    """``"0.5,0.5"`` → α, β."""
     try:
-        loader = DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}") from None
-    return loader(**kwargs)
+        alpha, beta = (float(a) for a in arg.split(","))
+    except ValueError:
+        raise ValueError(
+            f"synthetic takes 'synthetic:<alpha>,<beta>', got suffix {arg!r}") from None
+    if not (alpha >= 0 and beta >= 0 and np.isfinite([alpha, beta]).all()):
+        raise ValueError(f"synthetic alpha, beta must be finite and >= 0, got {arg!r}")
+    return {"alpha": alpha, "beta": beta}
+
+
+def mnist() -> Dataset:
+    """MNIST via Keras (28×28×1). Downloads on first call, so never used offline or in tests."""
+    import keras
+
+    (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+    scale = np.float32(1 / 255)
+    return Dataset("mnist", (x_train.astype(np.float32) * scale)[..., None],
+                   y_train.astype(np.int64), (x_test.astype(np.float32) * scale)[..., None],
+                   y_test.astype(np.int64), 10)
+
+
+# Loaders are only called by `load`, so registering `mnist` downloads nothing.
+DATASETS: dict[str, Callable[..., Dataset]] = {
+    "digits": digits,
+    "synthetic": synthetic,
+    "mnist": mnist,
+}
+
+# Datasets whose name takes a ``:suffix`` of parameters, e.g. ``"synthetic:0.5,0.5"``.
+NAME_ARGS: dict[str, Callable[[str], dict[str, Any]]] = {"synthetic": _synthetic_args}
+
+
+def parse_name(name: str) -> tuple[str, dict[str, Any]]:
+    """``"synthetic:0.5,0.5"`` → ``("synthetic", {"alpha": 0.5, "beta": 0.5})``."""
+    base, sep, arg = name.partition(":")
+    if base not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)} "
+                         f"(parameterised: {', '.join(f'{n}:...' for n in NAME_ARGS)})")
+    if not sep:
+        return base, {}
+    if base not in NAME_ARGS:
+        raise ValueError(f"dataset {base!r} takes no ':' parameters, got {name!r}")
+    return base, NAME_ARGS[base](arg)
+
+
+def load(name: str, **kwargs: Any) -> Dataset:
+    """A registered dataset by name; a ``:suffix`` sets its parameters (``synthetic:α,β``)."""
+    base, params = parse_name(name)
+    clash = params.keys() & kwargs.keys()
+    if clash:
+        raise ValueError(f"{sorted(clash)} given both in the name {name!r} and as arguments")
+    return DATASETS[base](**params, **kwargs)

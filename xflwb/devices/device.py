@@ -160,14 +160,17 @@ class Device:
         self._set(model=f"{manifest['name']} v{manifest['version']}")
         return ad
 
-    def request_server(self, model_id: int) -> dict[str, Any] | None:
-        """``train/server`` until a port comes back; None when no session appears in time."""
+    def request_server(self, model_id: int, rejoining: bool = False) -> dict[str, Any] | None:
+        """``train/server`` until a port comes back; None when no session appears in time,
+        or at once when a device coming back finds its session over."""
         deadline = time.monotonic() + self.options.max_wait
         delay = 0.2
         while not self._stop.is_set():
             res = self._post("train/server", {"id": model_id, "start_fresh": False})
             if res.get("port"):
                 return res
+            if rejoining and res.get("status") == "no_session":
+                return None
             self._set(status=f"waiting ({res.get('status')})")
             if time.monotonic() + delay > deadline:
                 return None
@@ -189,11 +192,13 @@ class Device:
             ad = self.prepare()
             joined = False
             while not self._stop.is_set():
-                server = self.request_server(ad["id"])
+                server = self.request_server(ad["id"], rejoining=joined)
                 if server is None:
                     self._set(status="finished" if joined else "no session")
                     break
                 self._set(status="joined", session_id=server["session_id"])
+                log.info("device %s: joined session %s on port %s", self.status.device_id,
+                         server["session_id"], server["port"])
                 joined = True
                 try:
                     if self._serve(server):
@@ -202,7 +207,7 @@ class Device:
                 except _Dropped:
                     self._set(status="dropped", drops=self.status.drops + 1)
                     self._stop.wait(self.options.rejoin_delay)
-        except Exception as exc:  # noqa: BLE001 - reported, never raised
+        except Exception as exc:
             log.warning("device %s failed: %s", self.status.device_id, exc)
             self._set(status="failed", error=f"{type(exc).__name__}: {exc}")
         finally:
@@ -232,6 +237,7 @@ class Device:
                 if self._stop.is_set():
                     return True
                 kind = msg.WhichOneof("msg")
+                log.debug("device %s: %s", self.status.device_id, kind)
                 if kind == "reconnect_ins":
                     out.put(pb.ClientMessage(disconnect_res=pb.ClientMessage.DisconnectRes()))
                     return True
@@ -245,6 +251,8 @@ class Device:
             if self._stop.is_set():
                 return True
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                log.info("device %s: stream closed (%s: %s)", self.status.device_id,
+                         exc.code().name, exc.details())
                 return True  # the session ended
             raise
         finally:

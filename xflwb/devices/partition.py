@@ -115,8 +115,10 @@ def _indices(partitioner: Any, num_partitions: int) -> list[np.ndarray]:
     with warnings.catch_warnings():
         # pyarrow >= 25 deprecates an option `datasets.Dataset.sort` still passes.
         warnings.filterwarnings("ignore", message=".*null_placement.*", category=FutureWarning)
-        return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
-                for i in range(num_partitions)]
+        # Read the column as one numpy batch: `ds["idx"]` is a lazy Column in datasets 4,
+        # converted row by row (~10x slower).
+        return [np.asarray(partitioner.load_partition(i).with_format("numpy", columns=["idx"])
+                           [:]["idx"], dtype=np.int64) for i in range(num_partitions)]
 
 
 def _iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
@@ -243,15 +245,16 @@ class DeviceData:
     num_partitions: int
 
 
-def _pool(dataset: str) -> tuple[np.ndarray, np.ndarray]:
+def _pool(dataset: str) -> tuple[np.ndarray, np.ndarray, int]:
     """All samples of a dataset (its global train/test split is meaningless per device)."""
     d = xdatasets.load(dataset)
-    return np.concatenate([d.x_train, d.x_test]), np.concatenate([d.y_train, d.y_test])
+    return (np.concatenate([d.x_train, d.x_test]), np.concatenate([d.y_train, d.y_test]),
+            d.classes)
 
 
 def _partitions(dataset: str, partition: str, num_partitions: int,
-                seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(x, y)`` for every device.
+                seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+    """``(x, y)`` for every device, and the number of classes.
 
     Synthetic(α, β) data is federated by construction (each device draws its own model
     and input distribution), so its devices *are* the partitions and a label-based scheme
@@ -263,16 +266,17 @@ def _partitions(dataset: str, partition: str, num_partitions: int,
     if base == "synthetic":
         _check_num_partitions(num_partitions)
         devices = xdatasets.synthetic_federated(num_partitions, seed=seed, **kwargs)
+        classes = int(kwargs.get("classes", 10))
         if name != "iid":
-            return devices
+            return devices, classes
         x = np.concatenate([d[0] for d in devices])
         y = np.concatenate([d[1] for d in devices])
         parts = np.array_split(np.random.default_rng(seed).permutation(len(y)), num_partitions)
     else:
-        x, y = _pool(dataset)
+        x, y, classes = _pool(dataset)
         _check_num_partitions(num_partitions, len(y))
         parts = PARTITIONERS[name].split(y, int(num_partitions), int(seed), **params)
-    return [(x[p], y[p]) for p in parts]
+    return [(x[p], y[p]) for p in parts], classes
 
 
 def _local_split(n: int, test_fraction: float, seed: int,
@@ -304,7 +308,7 @@ def device_data(dataset: str, partition: str, num_partitions: int, partition_id:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id={partition_id} out of range: "
                          f"expected 0 <= partition_id < num_partitions={num_partitions}")
-    x, y = _partitions(dataset, partition, num_partitions, seed)[partition_id]
+    x, y = _partitions(dataset, partition, num_partitions, seed)[0][partition_id]
     train, test = _local_split(len(y), test_fraction, seed, partition_id)
     return DeviceData(x[train], y[train], x[test], y[test], int(partition_id),
                       int(num_partitions))
@@ -314,8 +318,7 @@ def partition_table(dataset: str, partition: str, num_partitions: int, seed: int
                     test_fraction: float = 0.2) -> pd.DataFrame:
     """One row per device: local train/test sizes and a label histogram, to eyeball skew."""
     _check_fraction(test_fraction)
-    parts = _partitions(dataset, partition, num_partitions, seed)
-    classes = int(max(int(y.max()) for _, y in parts if len(y)) + 1)
+    parts, classes = _partitions(dataset, partition, num_partitions, seed)
     rows = []
     for pid, (_, y) in enumerate(parts):
         train, test = _local_split(len(y), test_fraction, seed, pid)

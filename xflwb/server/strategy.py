@@ -163,6 +163,8 @@ class CrossPlatformStrategy(Strategy):
         return cache[key]
 
     def _sample(self, client_manager: ClientManager, fraction: float) -> list[ClientProxy]:
+        # wait for the minimum first, so the fraction applies to everyone then connected
+        client_manager.wait_for(self.min_clients, timeout=86400)
         available = client_manager.num_available()
         n = max(int(available * fraction), self.min_clients)
         return client_manager.sample(num_clients=n, min_num_clients=self.min_clients)

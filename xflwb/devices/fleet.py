@@ -1,0 +1,146 @@
+"""Fleets: many virtual phones, each in its own process (``xflwb device``).
+
+A process per device keeps phones independent like real ones: one can be killed (SIGKILL)
+without touching the others, and the TFLite interpreter / Core ML executor of each runs in
+its own interpreter. Each device writes its status to a JSON file the fleet reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = ["id", "platform", "status", "partition", "train_size", "test_size", "rounds_done",
+           "last_loss", "last_accuracy", "drops", "error"]
+
+
+def _per_device(value: Any, n: int, name: str) -> list[Any]:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"{name} lists {len(value)} values for {n} devices")
+        return list(value)
+    return [value] * n
+
+
+class Fleet:
+    """Android and iOS virtual devices on partitions of one dataset."""
+
+    def __init__(self, backend_url: str, workdir: str | Path, android: int = 0, ios: int = 0,
+                 dataset: str = "digits", partition: str = "iid", data_type: str | None = None,
+                 seed: int = 0, slowdown: float | Sequence[float] = 1.0,
+                 join_delay: float | Sequence[float] = 0.0,
+                 drop_prob: float | Sequence[float] = 0.0,
+                 network_delay: float | Sequence[float] = 0.0, encoding: str = "raw",
+                 max_wait: float = 300.0, first_device_id: int = 1) -> None:
+        n = int(android) + int(ios)
+        if android < 0 or ios < 0 or n == 0:
+            raise ValueError(f"ask for at least one device (android={android}, ios={ios})")
+        from xflwb.devices.partition import parse
+
+        parse(partition)  # fail now, not in n processes
+        self.url = backend_url
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.platforms = ["android"] * int(android) + ["ios"] * int(ios)
+        self.dataset, self.partition, self.seed = dataset, partition, seed
+        self.data_type = data_type or dataset
+        self.knobs = {"slowdown": _per_device(slowdown, n, "slowdown"),
+                      "join_delay": _per_device(join_delay, n, "join_delay"),
+                      "drop_prob": _per_device(drop_prob, n, "drop_prob"),
+                      "network_delay": _per_device(network_delay, n, "network_delay")}
+        self.encoding = encoding
+        self.max_wait = max_wait
+        self.ids = list(range(first_device_id, first_device_id + n))
+        self.procs: dict[int, subprocess.Popen] = {}
+
+    def _status_file(self, device_id: int) -> Path:
+        return self.workdir / f"device-{device_id}.json"
+
+    def start(self) -> Fleet:
+        n = len(self.platforms)
+        for k, (device_id, platform) in enumerate(zip(self.ids, self.platforms, strict=True)):
+            cmd = [sys.executable, "-m", "xflwb", "device", "--backend", self.url,
+                   "--platform", platform, "--data-type", self.data_type,
+                   "--dataset", self.dataset, "--partition", self.partition,
+                   "--num-partitions", str(n), "--partition-id", str(k),
+                   "--seed", str(self.seed), "--device-id", str(device_id),
+                   "--encoding", self.encoding, "--max-wait", str(self.max_wait),
+                   "--cache-dir", str(self.workdir / "cache"),
+                   "--status-file", str(self._status_file(device_id))]
+            for knob, values in self.knobs.items():
+                cmd += [f"--{knob.replace('_', '-')}", str(values[k])]
+            log = open(self.workdir / f"device-{device_id}.log", "ab")  # noqa: SIM115
+            self.procs[device_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                                     stderr=subprocess.STDOUT)
+            log.close()
+        return self
+
+    # -- views ------------------------------------------------------------------------------
+    def statuses(self) -> list[dict[str, Any]]:
+        rows = []
+        for k, (device_id, platform) in enumerate(zip(self.ids, self.platforms, strict=True)):
+            row = {"id": device_id, "platform": platform, "status": "starting",
+                   "partition": k}
+            path = self._status_file(device_id)
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                data = json.loads(path.read_text())
+                row.update({c: data.get(c) for c in COLUMNS if c in data and c != "id"})
+            proc = self.procs.get(device_id)
+            if proc is not None and proc.poll() is not None and row["status"] not in (
+                    "finished", "failed", "no session"):
+                row["status"] = f"exited ({proc.returncode})"
+            rows.append(row)
+        return rows
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """id, platform, status, partition, train/test sizes, rounds done, last loss/acc."""
+        return pd.DataFrame(self.statuses(), columns=COLUMNS)
+
+    def __repr__(self) -> str:
+        counts = pd.Series([r["status"] for r in self.statuses()]).value_counts().to_dict()
+        return f"Fleet({len(self.ids)} devices: {counts})"
+
+    # -- control ----------------------------------------------------------------------------
+    def alive(self) -> list[int]:
+        return [i for i, p in self.procs.items() if p.poll() is None]
+
+    def kill(self, device_id: int, sig: int = signal.SIGKILL) -> None:
+        """Kill one device process (e.g. to test robustness)."""
+        os.kill(self.procs[device_id].pid, sig)
+
+    def wait(self, timeout: float | None = None) -> pd.DataFrame:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.alive():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"devices {self.alive()} still running after {timeout} s")
+            time.sleep(0.2)
+        return self.table
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Terminate every device process and reap it: nothing is left behind."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+
+    def __enter__(self) -> Fleet:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
