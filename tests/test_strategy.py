@@ -14,6 +14,7 @@ from xflwb.server.flower_legacy import (
     FedAdam,
     FitRes,
     Parameters,
+    SimpleClientManager,
     Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -52,7 +53,8 @@ def _res(arrays, n, codec="raw"):
 def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():
     start, a, i = _canon(0), _canon(1), _canon(2)
     reports = []
-    s = CrossPlatformStrategy(MANIFEST, start, on_fit_round=lambda r, g: reports.append(r))
+    s = CrossPlatformStrategy(MANIFEST, start, min_clients=1,
+                              on_fit_round=lambda r, g: reports.append(r))
     ios = Phone("i", "ios")
     results = [(Phone("a", "android"), _res(a, 10)),
                (ios, _res(params.to_platform(i, MANIFEST, "ios"), 30, codec="npy"))]
@@ -63,7 +65,9 @@ def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():
     for k in (0, 1, 2, 4):
         np.testing.assert_allclose(got[k], (10 * a[k] + 30 * i[k]) / 40, atol=1e-5)
     assert s.codec_of == {"a": "raw", "i": "npy"}
-    ins = dict(s.configure_fit(2, out, _Manager([ios])))
+    manager = SimpleClientManager()
+    manager.register(ios)
+    ins = dict(s.configure_fit(2, out, manager))
     enc = next(iter(ins.values()))
     assert enc.parameters.tensor_type == "ndarray"  # answered in the encoding it used
     assert enc.config == {"local_epochs": 1}
@@ -72,17 +76,6 @@ def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():
         np.testing.assert_allclose(d, w, atol=1e-6)
     metrics = {(p, k): v for p, k, v in reports[0].metrics}
     assert metrics[("ios", "examples")] == 30 and metrics[("all", "clients")] == 2
-
-
-class _Manager:
-    def __init__(self, clients):
-        self.clients = clients
-
-    def num_available(self):
-        return len(self.clients)
-
-    def sample(self, num_clients, min_num_clients=None, criterion=None):
-        return self.clients[:num_clients]
 
 
 @pytest.mark.parametrize("bad, reason", [
