@@ -17,6 +17,7 @@ from xflwb.bridge.graph import ExportError
 from xflwb.bridge.manifest import ManifestError
 from xflwb.bridge.optim import SGD, Adam
 from xflwb.bridge.parity import ParityError
+from xflwb.widgets.dashboard import Dashboard, report
 from xflwb.workbench import Workbench
 
 __version__ = "0.1.0"
@@ -29,5 +30,18 @@ def load_ipython_extension(ipython: Any) -> None:
     register(ipython)
 
 
-__all__ = ["SGD", "Adam", "DropoutWarning", "ExportError", "ExportResult", "ManifestError",
-           "ParityError", "Workbench", "__version__", "export", "load_ipython_extension"]
+__all__ = [
+    "SGD",
+    "Adam",
+    "Dashboard",
+    "DropoutWarning",
+    "ExportError",
+    "ExportResult",
+    "ManifestError",
+    "ParityError",
+    "Workbench",
+    "__version__",
+    "export",
+    "load_ipython_extension",
+    "report",
+]

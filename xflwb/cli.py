@@ -161,6 +161,21 @@ def cmd_device(args: argparse.Namespace) -> int:
     return 1 if status.status == "failed" else 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from xflwb import experiment
+
+    try:
+        params = {k: experiment.parse_value(v) for k, v in (args.parameter or [])}
+        grid = experiment.parse_grid(args.grid or [])
+        df = experiment.run(args.notebook, args.out, params, grid, kernel_name=args.kernel,
+                            progress=False)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        print(f"xflwb experiment: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{df['run'].nunique()} run(s); results in {Path(args.out) / 'results.csv'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from xflwb import demo
 
@@ -213,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--cache-dir", default=".xfl-cache")
     v.add_argument("--status-file", default=None, help="JSON status, rewritten on change")
     v.set_defaults(func=cmd_device)
+    x = sub.add_parser("experiment", help="run experiment notebooks headless (papermill)")
+    xsub = x.add_subparsers(dest="action", required=True)
+    xr = xsub.add_parser("run", help="execute a notebook, write it and a results CSV")
+    xr.add_argument("notebook")
+    xr.add_argument("--out", required=True, help="output directory (never overwritten)")
+    xr.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("KEY", "VALUE"))
+    xr.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                    help="sweep: run every combination (repeatable)")
+    xr.add_argument("--kernel", default=None, help="Jupyter kernel name")
+    xr.set_defaults(func=cmd_experiment)
     d = sub.add_parser("demo", help="export the demo CNN and train every runtime")
     d.add_argument("--out", default="demo-output")
     d.add_argument("--epochs", type=int, default=3, help="with --local-only")

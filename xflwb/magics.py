@@ -119,11 +119,64 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _devices_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%xfl_devices", add_help=False)
+    p.add_argument("action", choices=["spawn", "list", "stop"])
+    p.add_argument("--android", type=int, default=0)
+    p.add_argument("--ios", type=int, default=0)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--partition", default="iid")
+    p.add_argument("--data-type", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slowdown", type=float, default=1.0)
+    p.add_argument("--drop-prob", type=float, default=0.0)
+    p.add_argument("--encoding", default="raw", choices=["raw", "npy"])
+    return p
+
+
 @magics_class
 class XflServerMagics(Magics):
     """``%xfl_server start|stop|status`` and ``%xfl_train NAME``: the notebook's backend."""
 
     workbench: Any = None
+    fleets: list[Any] = []  # noqa: RUF012 - shared by design: one backend per kernel
+
+    @line_magic
+    def xfl_devices(self, line: str) -> Any:
+        """``%xfl_devices spawn --android N --ios M ... | list | stop``."""
+        try:
+            args = _devices_parser().parse_args(shlex.split(line))
+        except MagicUsageError as exc:
+            print(exc)
+            return None
+        wb = XflServerMagics.workbench
+        if args.action == "spawn":
+            if wb is None or not wb.running:
+                print("no xflwb backend is running; %xfl_server start")
+                return None
+            try:
+                fleet = wb.spawn_devices(android=args.android, ios=args.ios,
+                                         dataset=args.dataset, partition=args.partition,
+                                         seed=args.seed, data_type=args.data_type,
+                                         slowdown=args.slowdown, drop_prob=args.drop_prob,
+                                         encoding=args.encoding)
+            except ValueError as exc:
+                print(f"xfl_devices: {exc}")
+                return None
+            XflServerMagics.fleets.append(fleet)
+            self.shell.user_ns["xfl_fleet"] = fleet
+            print(f"spawned {args.android} Android + {args.ios} iOS devices (as `xfl_fleet`)")
+            return fleet.table
+        if args.action == "list":
+            import pandas as pd
+
+            tables = [f.table for f in XflServerMagics.fleets]
+            return pd.concat(tables, ignore_index=True) if tables else None
+        for fleet in XflServerMagics.fleets:
+            fleet.stop()
+        XflServerMagics.fleets.clear()
+        print("devices stopped")
+        return None
 
     @line_magic
     def xfl_server(self, line: str) -> Any:
@@ -149,6 +202,7 @@ class XflServerMagics(Magics):
             print("no xflwb backend is running; %xfl_server start")
             return None
         if args.action == "stop":
+            XflServerMagics.fleets.clear()
             wb.stop()
             print("xflwb backend stopped")
             return None
@@ -185,6 +239,12 @@ class XflServerMagics(Magics):
         var = re.sub(r"\W", "_", name) + "_session"
         self.shell.user_ns[var] = session
         print(f"session {session.id} for {name}: ports {session.ports} (as `{var}`)")
+        from IPython.display import display
+
+        from xflwb.widgets.dashboard import Dashboard
+
+        fleet = XflServerMagics.fleets[-1] if XflServerMagics.fleets else None
+        display(Dashboard(session, fleet).start())
         return session
 
 

@@ -134,15 +134,17 @@ def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> byt
 @contextlib.contextmanager
 def _quiet():
     """The converter logs a page per export; keep notebooks readable."""
-    logger = logging.getLogger("tensorflow")
-    old = logger.level
+    loggers = [logging.getLogger(n) for n in ("tensorflow", "absl")]
+    old = [lg.level for lg in loggers]
     old_env = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
-    logger.setLevel(logging.ERROR)
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
     try:
         yield
     finally:
-        logger.setLevel(old)
+        for lg, level in zip(loggers, old, strict=True):
+            lg.setLevel(level)
         if old_env is None:
             os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
         else:

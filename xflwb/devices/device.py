@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
 import random
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -151,9 +153,11 @@ class Device:
                 raise CorruptModelError(
                     f"downloaded {path} has sha256 {digest[:12]}…, the manifest says "
                     f"{entry['sha256'][:12]}…; refusing to train on it")
-            tmp = target.with_suffix(target.suffix + ".part")
-            tmp.write_bytes(blob)
-            tmp.replace(target)
+            # a unique temp name: devices of a fleet share the cache and download at once
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{entry['file']}.", suffix=".part")
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            os.replace(tmp, target)
         manifest["_dir"] = str(folder.resolve())
         self.manifest = manifest
         self.runtime = runtime.load(manifest, self.platform)
@@ -175,7 +179,7 @@ class Device:
             if time.monotonic() + delay > deadline:
                 return None
             self._stop.wait(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, 2.0)
         return None
 
     # -- the device's life -------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 SQLAlchemy Core over embedded SQLite (WAL, so the API thread and every session process can
 write at once); the URL is configurable so a team can point it at PostgreSQL. Artifacts are
-copied under ``<data_dir>/artifacts/<name>/v<version>/`` and never change afterwards.
+copied under ``<data_dir>/registry/<name>/v<version>/`` and never change afterwards.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ class Registry:
     def __init__(self, data_dir: str | Path, db_url: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.artifact_dir = self.data_dir / "artifacts"
+        self.artifact_dir = self.data_dir / "registry"  # not "artifacts": users export there
         self.checkpoint_dir = self.data_dir / "checkpoints"
         self.db_url = db_url or f"sqlite:///{self.data_dir / 'xflwb.db'}"
         self.engine = _engine(self.db_url)

@@ -45,6 +45,9 @@ class SessionConfig:
     start_fresh: bool = False
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=dict)  # fixed ports; empty = free ports
+    #: clients trained in parallel and gRPC streams per port (Flower's defaults, 6 threads
+    #: on 2 cores and 1000 streams, would serialise a large fleet's fits)
+    max_workers: int = 1024
 
     def __post_init__(self) -> None:
         from xflwb.server.flower_legacy import SERVER_STRATEGIES
@@ -71,7 +74,8 @@ def _free_port(host: str) -> int:
         return int(s.getsockname()[1])
 
 
-def _start_grpc(cm: Any, platform: str, host: str, port: int | None) -> tuple[Any, int]:
+def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
+                max_workers: int = 1000) -> tuple[Any, int]:
     from xflwb.server.flower_legacy import start_grpc_server
     from xflwb.server.strategy import PlatformClientManager
 
@@ -80,7 +84,8 @@ def _start_grpc(cm: Any, platform: str, host: str, port: int | None) -> tuple[An
         p = port or _free_port(host)
         try:
             return start_grpc_server(client_manager=PlatformClientManager(cm, platform),
-                                     server_address=f"{host}:{p}"), p
+                                     server_address=f"{host}:{p}",
+                                     max_concurrent_workers=max_workers), p
         except RuntimeError as exc:  # grpc: port taken between probe and bind
             last = exc
     raise RuntimeError(f"could not bind a gRPC port for {platform}: {last}")
@@ -143,7 +148,8 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         cm = SimpleClientManager()
         ports = {}
         for platform in m["platforms"]:
-            srv, port = _start_grpc(cm, platform, cfg.host, cfg.ports.get(platform))
+            srv, port = _start_grpc(cm, platform, cfg.host, cfg.ports.get(platform),
+                                    cfg.max_workers)
             servers.append(srv)
             ports[platform] = port
 
@@ -167,6 +173,7 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         registry.update_session(session_id, status="running", ports=ports, pid=os.getpid(),
                                 resumed_from=resumed)
         server = Server(client_manager=cm, strategy=strategy)
+        server.set_max_workers(cfg.max_workers)
         server.fit(num_rounds=cfg.rounds, timeout=cfg.round_timeout)
         with contextlib.suppress(Exception):
             server.disconnect_all_clients(timeout=5)

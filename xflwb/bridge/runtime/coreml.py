@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -935,13 +934,10 @@ class CoreMLExecutor:
 
 # -- the iOS runtime ---------------------------------------------------------------------------
 def _load_spec(path: pathlib.Path) -> Any:
-    """Load the protobuf, silencing coremltools' import-time chatter about macOS-only parts."""
-    from xflwb.bridge.coreml import _quiet_import, load_spec
+    """Parse the protobuf without importing coremltools (and with it TensorFlow)."""
+    from xflwb.bridge.coreml_proto import load_spec
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _quiet_import()
-        return load_spec(path)
+    return load_spec(path)
 
 
 class IOSRuntime(Runtime):

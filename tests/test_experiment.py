@@ -1,0 +1,56 @@
+"""Headless experiments through papermill: parameters injected, results CSV per platform."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from xflwb import experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "experiments" / "fedavg_digits.ipynb"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def test_experiment_run_writes_notebook_and_platform_csv(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "xflwb", "experiment", "run", str(NOTEBOOK), "--out",
+         str(tmp_path), "-p", "rounds", "2", "-p", "n_android", "1", "-p", "n_ios", "1"],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    executed = nbformat.read(tmp_path / "fedavg_digits.ipynb", as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert injected and "rounds = 2" in injected[0].source and "n_ios = 1" in injected[0].source
+    df = pd.read_csv(tmp_path / "results.csv")
+    assert {"round", "platform", "metric", "value", "rounds", "n_android"} <= set(df.columns)
+    assert {"android", "ios"} <= set(df.platform)
+    assert df["round"].max() == 2
+    # results are never overwritten
+    again = subprocess.run(
+        [sys.executable, "-m", "xflwb", "experiment", "run", str(NOTEBOOK), "--out",
+         str(tmp_path), "-p", "rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+
+
+def test_grid_sweep_combines_runs(tmp_path):
+    df = experiment.run(NOTEBOOK, tmp_path, {"rounds": 1, "n_android": 1, "n_ios": 1},
+                        grid={"alpha": [0.3, 10.0]})
+    assert sorted(df["alpha"].unique()) == [0.3, 10.0]
+    assert df["run"].nunique() == 2
+    assert (tmp_path / "comparison.png").stat().st_size > 0
+    assert (tmp_path / "fedavg_digits-alpha=0.3.ipynb").exists()
+
+
+def test_bad_arguments():
+    assert experiment.parse_value("3") == 3 and experiment.parse_value("abc") == "abc"
+    assert experiment.parse_grid(["alpha=0.1, 1"]) == {"alpha": [0.1, 1]}
+    with pytest.raises(ValueError, match="key=v1"):
+        experiment.parse_grid(["alpha"])
+    with pytest.raises(FileNotFoundError):
+        experiment.run("missing.ipynb", "/tmp/x")

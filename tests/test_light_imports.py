@@ -1,0 +1,29 @@
+"""Virtual iPhones and session processes must stay light: no TensorFlow, no coremltools."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import keras
+
+import xflwb
+
+
+def test_ios_runtime_and_session_code_do_not_import_tensorflow(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    res = xflwb.export(model, name="light", out_dir=tmp_path, platforms="ios")
+    code = (
+        "import sys, numpy as np\n"
+        "from xflwb.bridge import runtime\n"
+        "import xflwb.server.session, xflwb.server.strategy, xflwb.devices.device\n"
+        f"rt = runtime.load({str(res.paths['manifest'])!r}, 'ios')\n"
+        "rt.fit(np.ones((5, 4), np.float32), np.arange(5) % 3, epochs=1)\n"
+        "heavy = [m for m in ('tensorflow', 'coremltools', 'keras') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('light')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "light" in proc.stdout
