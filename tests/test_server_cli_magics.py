@@ -79,6 +79,9 @@ def test_server_and_train_magics(ip, export, tmp_path, capsys):
         assert session.info["config"]["local_epochs"] == 2
         table = ip.run_line_magic("xfl_server", "status")
         assert list(table.model) == ["tiny"]
+        ip.run_line_magic("xfl_train", "--help")
+        helptext = capsys.readouterr().out
+        assert "--rounds" in helptext and "--strategy" in helptext
         ip.run_line_magic("xfl_train", "tiny --rounds 0")
         assert "rounds must be a positive integer" in capsys.readouterr().out
         ip.run_line_magic("xfl_train", "unknown_model")
@@ -89,3 +92,17 @@ def test_server_and_train_magics(ip, export, tmp_path, capsys):
     ip.run_line_magic("xfl_train", "tiny")
     assert "no xflwb backend is running" in capsys.readouterr().out
     assert os.path.exists(tmp_path / "m" / "xflwb.db")
+
+
+def test_status_html_has_url_token_and_qr(tmp_path):
+    from xflwb.magics import status_html
+
+    with xflwb.Workbench(data_dir=tmp_path, port=0, admin_token="tok") as wb:
+        page = status_html(wb, [])
+        assert wb.url in page and "tok" in page and "<svg" in page
+    wild = xflwb.Workbench(data_dir=tmp_path / "w", host="0.0.0.0", port=0).start()
+    try:
+        assert "0.0.0.0" not in wild.url  # phones get a dialable address
+        assert httpx.get(wild.url + "/openapi.json").status_code == 200
+    finally:
+        wild.stop()

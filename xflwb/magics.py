@@ -19,6 +19,19 @@ class _Parser(argparse.ArgumentParser):
         raise MagicUsageError(f"{self.format_usage().strip()}\n{self.prog}: {message}")
 
 
+def _parse(parser: argparse.ArgumentParser, line: str) -> argparse.Namespace | None:
+    """Parse a magic line; print help or a short usage error instead of raising."""
+    args = shlex.split(line)
+    if "-h" in args or "--help" in args:
+        print(parser.format_help())
+        return None
+    try:
+        return parser.parse_args(args)
+    except MagicUsageError as exc:
+        print(exc)
+        return None
+
+
 def _export_parser() -> argparse.ArgumentParser:
     from xflwb.cli import add_export_options
 
@@ -69,10 +82,8 @@ class XflMagics(Magics):
         import xflwb
         from xflwb.cli import export_kwargs
 
-        try:
-            args = _export_parser().parse_args(shlex.split(line))
-        except MagicUsageError as exc:
-            print(exc)
+        args = _parse(_export_parser(), line)
+        if args is None:
             return None
         ns = self.shell.user_ns
         before = {k: id(v) for k, v in ns.items()}
@@ -144,10 +155,8 @@ class XflServerMagics(Magics):
     @line_magic
     def xfl_devices(self, line: str) -> Any:
         """``%xfl_devices spawn --android N --ios M ... | list | stop``."""
-        try:
-            args = _devices_parser().parse_args(shlex.split(line))
-        except MagicUsageError as exc:
-            print(exc)
+        args = _parse(_devices_parser(), line)
+        if args is None:
             return None
         wb = XflServerMagics.workbench
         if args.action == "spawn":
@@ -182,10 +191,8 @@ class XflServerMagics(Magics):
     def xfl_server(self, line: str) -> Any:
         import xflwb
 
-        try:
-            args = _server_parser().parse_args(shlex.split(line))
-        except MagicUsageError as exc:
-            print(exc)
+        args = _parse(_server_parser(), line)
+        if args is None:
             return None
         wb = XflServerMagics.workbench
         if args.action == "start":
@@ -206,17 +213,17 @@ class XflServerMagics(Magics):
             wb.stop()
             print("xflwb backend stopped")
             return None
-        print(wb)
+        from IPython.display import HTML, display
+
+        display(HTML(status_html(wb, XflServerMagics.fleets)))
         return wb.session_table
 
     @line_magic
     def xfl_train(self, line: str) -> Any:
         import xflwb
 
-        try:
-            args = _train_parser().parse_args(shlex.split(line))
-        except MagicUsageError as exc:
-            print(exc)
+        args = _parse(_train_parser(), line)
+        if args is None:
             return None
         wb = XflServerMagics.workbench
         if wb is None or not wb.running:
@@ -246,6 +253,19 @@ class XflServerMagics(Magics):
         fleet = XflServerMagics.fleets[-1] if XflServerMagics.fleets else None
         display(Dashboard(session, fleet).start())
         return session
+
+
+def status_html(wb: Any, fleets: list[Any]) -> str:
+    """URL, admin token, sessions, devices and a QR code a phone can scan for the URL."""
+    import html
+
+    import segno
+
+    qr = segno.make(wb.url, error="m").svg_inline(scale=3)
+    devices = sum(len(f.ids) for f in fleets)
+    return (f"<div><b>xflwb backend</b> at <code>{html.escape(wb.url)}</code> — admin token "
+            f"<code>{html.escape(wb.admin_token)}</code>, {len(wb.session_table)} session(s), "
+            f"{devices} virtual device(s)<br/>{qr}</div>")
 
 
 def register(ipython: Any) -> None:

@@ -21,6 +21,19 @@ from xflwb.server.registry import Registry
 from xflwb.server.session import Session, SessionManager
 
 
+def _reachable_host(host: str) -> str:
+    """A wildcard bind address is not something a phone can dial: use this machine's
+    outward-facing address instead (no packet is sent by connecting a UDP socket)."""
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
 class Workbench:
     """Registry + FedKit-compatible HTTP API + Flower sessions, in one object."""
 
@@ -54,7 +67,7 @@ class Workbench:
         """The base URL phones use."""
         if not self.running:
             raise RuntimeError("the workbench is not running: call wb.start()")
-        return f"http://{self.host}:{self.port}"
+        return f"http://{_reachable_host(self.host)}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Workbench:
         import uvicorn
