@@ -18,9 +18,8 @@ if [[ ! -x "$CHROMIUM" ]]; then
     fi
     export DEBIAN_FRONTEND=noninteractive
     # Update the package lists only if apt does not know the package yet.
-    if ! apt-cache show chromium >/dev/null 2>&1 \
-            || [[ -z "$(apt-cache policy chromium 2>/dev/null | awk '/Candidate:/ {print $2}' \
-                        | grep -v '(none)' || true)" ]]; then
+    policy="$(apt-cache policy chromium 2>/dev/null || true)"
+    if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
         apt-get update -qq
     fi
     if ! apt-get install -y -qq chromium; then

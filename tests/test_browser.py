@@ -1,0 +1,354 @@
+"""The quickstart notebook, run by a real browser in a real JupyterLab.
+
+JupyterLab serves a copy of ``notebooks/01-quickstart.ipynb`` on loopback; headless
+Chromium (Debian's ``/usr/bin/chromium``, driven by Playwright's Python package — never
+``playwright install``) opens it, runs every cell and waits for the live ipywidgets
+dashboard to show per-platform curves and tables and for the static report of the last
+cell. ``XFLWB_UPDATE_SCREENSHOT=1`` copies the dashboard cell's screenshot to
+``docs/dashboard.png`` (the README's picture); otherwise it stays in the test's tmp dir.
+
+Nothing is installed here: ``scripts/install-browser.sh`` (the project's install step) puts
+chromium, jupyterlab and playwright on the machine beforehand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "01-quickstart.ipynb"
+CHROMIUM = Path("/usr/bin/chromium")
+DOCS_SHOT = ROOT / "docs" / "dashboard.png"
+
+# Without the background-networking flags Chromium keeps calling home on a closed network.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+LAB_START_TIMEOUT = 120  # s until /api/status answers
+KERNEL_IDLE_TIMEOUT = 180  # s until the notebook's kernel is up and idle
+RUN_TIMEOUT = 480  # s for "Run All Cells" (three federated rounds on two virtual phones)
+
+
+def _missing() -> str | None:
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing (scripts/install-browser.sh installs Debian's chromium)"
+    for mod in ("playwright", "jupyterlab"):
+        if importlib.util.find_spec(mod) is None:
+            return f"python package {mod!r} is missing (scripts/install-browser.sh installs it)"
+    return None
+
+
+# The project's install step (scripts/install-browser.sh, run by `make test`) provides all
+# three, so in CI this test always runs: the skip is only for a hand-made venv without them.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.browser,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(_missing() is not None, reason=_missing() or ""),
+]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:  # loopback only
+        return resp.status, resp.read()
+
+
+def _lab_settings(settings_dir: Path) -> None:
+    """User settings for a quiet, deterministic Lab: no news/update checks, and every cell
+    attached to the DOM (the default windowing may leave off-screen outputs unrendered)."""
+    files = {
+        "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+        "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+            "fetchNews": "false", "checkForUpdates": False},
+    }
+    for rel, content in files.items():
+        path = settings_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(content))
+
+
+def _descendants(pid: int) -> list:
+    try:
+        import psutil
+
+        return psutil.Process(pid).children(recursive=True)
+    except Exception:
+        return []
+
+
+def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
+    """Shut kernels and server down politely, then make sure nothing is left: the kernel runs
+    in its own session (jupyter_client), so killing the lab's process group is not enough."""
+    children = _descendants(proc.pid)
+    if proc.poll() is None:
+        with contextlib.suppress(Exception):
+            _http(f"{base}/api/shutdown?token={token}", method="POST", timeout=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(15)
+    for child in children:
+        with contextlib.suppress(Exception):
+            if child.is_running():
+                child.kill()
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """JupyterLab on 127.0.0.1 serving a copy of the quickstart notebook; yields (url, token)."""
+    shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
+    state = tmp_path / ".lab-state"
+    settings = state / "settings"
+    _lab_settings(settings)
+    port, token = _free_port(), secrets.token_hex(24)
+    base = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    env.update({
+        "JUPYTER_CONFIG_DIR": str(state / "config"),
+        "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
+        "IPYTHONDIR": str(state / "ipython"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "PYTHONUNBUFFERED": "1",
+    })
+    cmd = [
+        sys.executable, "-m", "jupyter", "lab", "--no-browser",
+        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+        "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={tmp_path}", "--ServerApp.open_browser=False",
+        "--ServerApp.terminals_enabled=False",
+        "--LabApp.expose_app_in_browser=True",
+        "--LabApp.extension_manager=readonly",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={state / 'workspaces'}",
+    ]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:  # CI and the dev machines run as root
+        cmd.append("--ServerApp.allow_root=True")
+    log_path = tmp_path / "jupyterlab.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + LAB_START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"jupyter lab exited with {proc.returncode}:\n"
+                            + log_path.read_text(errors="replace")[-4000:])
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                if _http(f"{base}/api/status?token={token}")[0] == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail("jupyter lab did not answer /api/status in time:\n"
+                            + log_path.read_text(errors="replace")[-4000:])
+            time.sleep(0.5)
+        yield base, token
+    finally:
+        _stop_lab(proc, base, token)
+        print(f"\n[browser test] jupyterlab log: {log_path}")
+
+
+# Everything read from the page goes through the Lab application object (exposed with
+# --LabApp.expose_app_in_browser) and the notebook's DOM; no sleeps on guessed durations.
+KERNEL_STATE_JS = """() => {
+  const app = window.jupyterapp;
+  const w = app && app.shell && app.shell.currentWidget;
+  const k = w && w.sessionContext && w.sessionContext.session
+            && w.sessionContext.session.kernel;
+  return {ready: !!(w && w.context && w.context.isReady && w.content
+                    && w.content.widgets && w.content.widgets.length),
+          kernel: k ? k.status : null};
+}"""
+
+RUN_STATE_JS = """() => {
+  const app = window.jupyterapp;
+  const w = app.shell.currentWidget;
+  const k = w.sessionContext.session && w.sessionContext.session.kernel;
+  const cells = w.content.widgets.filter(c => c.model.type === 'code');
+  const counts = cells.map(c => c.model.executionCount);
+  const prompts = Array.from(document.querySelectorAll('.jp-Notebook .jp-InputPrompt'))
+                       .map(e => e.textContent.trim());
+  const tracebacks = Array.from(document.querySelectorAll(
+      '.jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"]'))
+      .map(e => e.textContent).filter(t => t.includes('Traceback'));
+  const stderr = Array.from(document.querySelectorAll(
+      '.jp-RenderedText[data-mime-type="application/vnd.jupyter.stderr"]'))
+      .map(e => e.textContent.slice(-1500));
+  const widget = document.querySelector('.jp-OutputArea .widget-vbox');
+  const img = widget && widget.querySelector('img.widget-image, .jupyter-widgets img');
+  const cellsText = widget ? Array.from(widget.querySelectorAll('.widget-html td'))
+                                   .map(td => td.textContent.trim()) : [];
+  const header = widget && widget.querySelector('.widget-html');
+  const bar = widget && widget.querySelector(
+      '.widget-hprogress .progress-bar, .widget-vprogress .progress-bar');
+  const reports = Array.from(document.querySelectorAll(
+      '.jp-RenderedHTMLCommon .xflwb-dashboard'));
+  return {
+    kernel: k ? k.status : null,
+    counts: counts,
+    running: prompts.filter(p => p.includes('*')).length,
+    tracebacks: tracebacks.map(t => t.slice(-3000)),
+    stderr: stderr,
+    widget: !!widget,
+    widgetAsText: Array.from(document.querySelectorAll('.jp-OutputArea-output'))
+                       .some(e => /^VBox\\(/.test(e.textContent.trim())
+                                  || e.textContent.includes('Error displaying widget')),
+    imgSrc: img ? img.getAttribute('src').slice(0, 30) : null,
+    imgSize: img ? [img.naturalWidth, img.naturalHeight] : null,
+    progress: bar ? {width: bar.style.width, cls: bar.className} : null,
+    tds: cellsText,
+    header: header ? header.textContent : '',
+    report: reports.length ? reports[0].innerHTML.slice(0, 200000) : null,
+  };
+}"""
+
+
+def _wait_kernel_idle(page) -> None:
+    deadline = time.monotonic() + KERNEL_IDLE_TIMEOUT
+    state = None
+    while time.monotonic() < deadline:
+        state = page.evaluate(KERNEL_STATE_JS)
+        if state["ready"] and state["kernel"] == "idle":
+            return
+        time.sleep(1)
+    pytest.fail(f"notebook/kernel not ready in {KERNEL_IDLE_TIMEOUT}s: {state}")
+
+
+def _dump(page, tmp_path: Path, name: str) -> None:
+    with contextlib.suppress(Exception):
+        page.screenshot(path=str(tmp_path / name), full_page=True)
+        print(f"[browser test] screenshot: {tmp_path / name}")
+
+
+def _wait_run_all(page, tmp_path: Path, n_code: int) -> dict:
+    """Poll until every code cell has run and the dashboard/report show everything."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    t0, last, state, stalled_since = time.monotonic(), None, {}, None
+    while time.monotonic() < deadline:
+        state = page.evaluate(RUN_STATE_JS)
+        brief = (state["kernel"], state["counts"], state["running"], state["widget"],
+                 state["imgSrc"], sorted(set(state["tds"]) & {"android", "ios", "all"}),
+                 state["report"] is not None)
+        if brief != last:
+            print(f"[browser test] {time.monotonic() - t0:6.1f}s {brief}", flush=True)
+            last = brief
+        if state["tracebacks"]:
+            _dump(page, tmp_path, "failure.png")
+            pytest.fail("a cell raised:\n" + "\n---\n".join(state["tracebacks"]))
+        # Run All stops at a failing cell: idle kernel, nothing queued, cells left unrun.
+        stalled = (state["kernel"] == "idle" and state["running"] == 0
+                   and any(c for c in state["counts"])
+                   and not all(c for c in state["counts"]))
+        stalled_since = (stalled_since or time.monotonic()) if stalled else None
+        if stalled_since and time.monotonic() - stalled_since > 15:
+            _dump(page, tmp_path, "failure.png")
+            pytest.fail(f"Run All stopped early: counts {state['counts']}; stderr:\n"
+                        + "\n---\n".join(state["stderr"]))
+        done = (state["kernel"] == "idle" and state["running"] == 0
+                and len(state["counts"]) == n_code
+                and all(isinstance(c, int) and c > 0 for c in state["counts"])
+                and state["widget"] and state["imgSrc"]
+                and {"android", "ios", "all"} <= set(state["tds"])
+                and "finished" in state["header"] and state["report"] is not None)
+        if done:
+            return state
+        time.sleep(2)
+    _dump(page, tmp_path, "timeout.png")
+    pytest.fail(f"Run All Cells did not complete in {RUN_TIMEOUT}s; last state: "
+                f"{ {k: v for k, v in state.items() if k != 'report'} }")
+
+
+def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    nb = json.loads(NOTEBOOK.read_text())
+    n_code = sum(c["cell_type"] == "code" for c in nb["cells"])
+    shot = tmp_path / "dashboard.png"
+    t_start = time.monotonic()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}",
+                      wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            _wait_kernel_idle(page)
+
+            # Run → Run All Cells, as the application command behind that menu item (the
+            # menu bar itself is only a click path to the same command).
+            page.evaluate("() => { window.jupyterapp.commands"
+                          ".execute('notebook:run-all-cells'); }")
+            state = _wait_run_all(page, tmp_path, n_code)
+
+            # The live widget: rendered by the widget manager, not as its text repr.
+            assert not state["widgetAsText"], "ipywidgets rendered as text: widget manager?"
+            # The IntProgress: all three rounds done, styled as a success.
+            assert state["progress"], "no IntProgress in the dashboard"
+            assert state["progress"]["width"].startswith("100"), state["progress"]
+            assert "progress-bar-success" in state["progress"]["cls"], state["progress"]
+            assert state["imgSrc"].startswith(("data:image/png", "blob:")), state["imgSrc"]
+            assert state["imgSize"] and state["imgSize"][0] > 100, state["imgSize"]
+            assert {"android", "ios", "all"} <= set(state["tds"]), state["tds"]
+            assert "session" in state["header"] and "finished" in state["header"]
+            # The static report of the last cells.
+            report = state["report"]
+            assert "last round per platform" in report
+            assert "data:image/png;base64," in report
+            for plat in ("android", "ios", "all"):
+                assert f"<td>{plat}</td>" in report, plat
+            out = page.locator(
+                '.jp-RenderedText[data-mime-type="application/vnd.jupyter.stdout"]'
+            ).filter(has_text="final accuracy reported by devices")
+            assert out.count() == 1, out.count()
+            print(f"[browser test] {out.first.inner_text().strip()}")
+
+            # Screenshot of the dashboard cell (input + live widget) for docs/ and README.
+            cell = page.locator(".jp-Notebook .jp-CodeCell").filter(
+                has=page.locator(".widget-vbox")).first
+            cell.scroll_into_view_if_needed()
+            page.wait_for_function(
+                "() => { const i = document.querySelector('.widget-vbox img');"
+                " return i && i.complete && i.naturalWidth > 0; }")
+            cell.screenshot(path=str(shot))
+        finally:
+            browser.close()
+
+    assert shot.stat().st_size > 10_000, shot.stat().st_size
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("XFLWB_UPDATE_SCREENSHOT"):  # refresh the README's picture on demand
+        DOCS_SHOT.parent.mkdir(exist_ok=True)
+        shutil.copyfile(shot, DOCS_SHOT)
+    print(f"[browser test] {time.monotonic() - t_start:.0f}s in the browser; "
+          f"screenshot {shot} -> {DOCS_SHOT} ({shot.stat().st_size} bytes)")
