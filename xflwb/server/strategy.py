@@ -169,23 +169,29 @@ class CrossPlatformStrategy(Strategy):
         n = max(int(available * fraction), self.min_clients)
         return client_manager.sample(num_clients=n, min_num_clients=self.min_clients)
 
+    def _targets(self, client_manager: ClientManager,
+                 fraction: float) -> list[tuple[ClientProxy, str, Parameters]]:
+        """Sampled clients with their platform and the global model in their layout and
+        encoding (encoded once per platform and encoding, not once per client)."""
+        cache: dict[tuple[str, str], Parameters] = {}
+        out = []
+        for client in self._sample(client_manager, fraction):
+            platform = getattr(client, "platform", None)
+            if platform in self.manifest["platforms"]:
+                enc = self._encoded(platform, self.codec_of.get(client.cid, "raw"), cache)
+                out.append((client, platform, enc))
+        return out
+
     # -- Strategy --------------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.global_)
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        cache: dict[tuple[str, str], Parameters] = {}
-        out = []
-        for client in self._sample(client_manager, self.fraction_fit):
-            platform = getattr(client, "platform", None)
-            if platform not in self.manifest["platforms"]:
-                continue
-            enc = self._encoded(platform, self.codec_of.get(client.cid, "raw"), cache)
-            # FedKit reads local_epochs as a sint64 Scalar: a Python int serialises to it
-            out.append((_Tracked(client, platform),
-                        FitIns(parameters=enc, config={"local_epochs": self.local_epochs})))
-        return out
+        # FedKit reads local_epochs as a sint64 Scalar: a Python int serialises to it
+        config = {"local_epochs": self.local_epochs}
+        return [(_Tracked(client, platform), FitIns(parameters=enc, config=config))
+                for client, platform, enc in self._targets(client_manager, self.fraction_fit)]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
@@ -247,15 +253,9 @@ class CrossPlatformStrategy(Strategy):
                                                                         EvaluateIns]]:
         if self.fraction_evaluate <= 0:
             return []
-        cache: dict[tuple[str, str], Parameters] = {}
-        out = []
-        for client in self._sample(client_manager, self.fraction_evaluate):
-            platform = getattr(client, "platform", None)
-            if platform not in self.manifest["platforms"]:
-                continue
-            enc = self._encoded(platform, self.codec_of.get(client.cid, "raw"), cache)
-            out.append((client, EvaluateIns(parameters=enc, config={})))
-        return out
+        return [(client, EvaluateIns(parameters=enc, config={}))
+                for client, platform, enc in self._targets(client_manager,
+                                                           self.fraction_evaluate)]
 
     def aggregate_evaluate(self, server_round: int,
                            results: list[tuple[ClientProxy, EvaluateRes]],
