@@ -150,6 +150,15 @@ class XflServerMagics(Magics):
     """``%xfl_server start|stop|status`` and ``%xfl_train NAME``: the notebook's backend."""
 
     workbench: Any = None
+
+    @staticmethod
+    def _running() -> Any:
+        """The kernel's running Workbench, or None after saying how to start one."""
+        wb = XflServerMagics.workbench
+        if wb is None or not wb.running:
+            print("no xflwb backend is running; start one with %xfl_server start")
+            return None
+        return wb
     fleets: list[Any] = []  # noqa: RUF012 - shared by design: one backend per kernel
 
     @line_magic
@@ -158,10 +167,9 @@ class XflServerMagics(Magics):
         args = _parse(_devices_parser(), line)
         if args is None:
             return None
-        wb = XflServerMagics.workbench
         if args.action == "spawn":
-            if wb is None or not wb.running:
-                print("no xflwb backend is running; %xfl_server start")
+            wb = self._running()
+            if wb is None:
                 return None
             try:
                 fleet = wb.spawn_devices(android=args.android, ios=args.ios,
@@ -205,8 +213,8 @@ class XflServerMagics(Magics):
             self.shell.user_ns["xfl_wb"] = wb
             print(f"xflwb backend at {wb.url} (as `xfl_wb`; admin token in xfl_wb.admin_token)")
             return wb
-        if wb is None or not wb.running:
-            print("no xflwb backend is running; %xfl_server start")
+        wb = self._running()
+        if wb is None:
             return None
         if args.action == "stop":
             XflServerMagics.fleets.clear()
@@ -225,9 +233,8 @@ class XflServerMagics(Magics):
         args = _parse(_train_parser(), line)
         if args is None:
             return None
-        wb = XflServerMagics.workbench
-        if wb is None or not wb.running:
-            print("no xflwb backend is running; start one with %xfl_server start")
+        wb = self._running()
+        if wb is None:
             return None
         target = self.shell.user_ns.get(args.name)
         name = args.name
