@@ -1,6 +1,7 @@
 """xflwb: a Jupyter-native workbench for cross-platform (Android + iOS) federated learning.
 
-Public API: ``export``, ``SGD``, ``Adam`` and the IPython extension hook. Heavy libraries
+Public API: ``export``, ``SGD``, ``Adam``, ``Workbench``, ``simulate``, ``Dashboard``,
+``report`` and the IPython extension hook. Heavy libraries
 (TensorFlow, coremltools) load lazily on first use so ``%load_ext xflwb`` stays quick.
 """
 
@@ -17,6 +18,7 @@ from xflwb.bridge.graph import ExportError
 from xflwb.bridge.manifest import ManifestError
 from xflwb.bridge.optim import SGD, Adam
 from xflwb.bridge.parity import ParityError
+from xflwb.simulation import simulate
 from xflwb.widgets.dashboard import Dashboard, report
 from xflwb.workbench import Workbench
 
@@ -44,4 +46,5 @@ __all__ = [
     "export",
     "load_ipython_extension",
     "report",
+    "simulate",
 ]

@@ -162,6 +162,17 @@ class Workbench:
                                    local_epochs=local_epochs, round_timeout=round_timeout,
                                    **options)
 
+    def simulate(self, name_or_export: Any, android: int = 0, ios: int = 0,
+                 wait: bool = False, timeout: float | None = None, **options: Any) -> Session:
+        """``xflwb.simulate`` recorded in this workbench's registry (so ``session_table``,
+        dashboards and the admin API see it); does not block unless ``wait=True``."""
+        from xflwb import simulation
+
+        self._reg()
+        assert self.sessions is not None
+        return simulation.start(self.sessions, name_or_export, wait=wait, timeout=timeout,
+                                android=android, ios=ios, **options)
+
     def session(self, session_id: int) -> Session:
         self._reg()
         assert self.sessions is not None

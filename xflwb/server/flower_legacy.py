@@ -10,6 +10,7 @@ test ``tests/test_flower_legacy.py`` pins what we rely on).
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -32,6 +33,41 @@ with warnings.catch_warnings():
     from flwr.server.strategy.aggregate import aggregate as flower_aggregate
     from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 
+
+
+def simulation_api() -> SimpleNamespace:
+    """Flower's Simulation Engine pieces, imported on demand (they pull in Ray).
+
+    ``run_simulation`` is the in-process entry point (deprecated in favour of ``flwr run``,
+    which needs a SuperLink and a Flower app project: not something a notebook call can
+    be); ``start_grid`` runs a legacy ``Server`` over a ``Grid``, which is how the
+    same ``CrossPlatformStrategy`` that serves phones serves simulated clients.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from flwr.app import ConfigRecord
+        from flwr.client import Client, ClientApp
+        from flwr.common import (
+            GetPropertiesIns,
+            GetPropertiesRes,
+            Message,
+            MessageTypeLegacy,
+            ndarrays_to_parameters,
+        )
+        from flwr.compat.common import recorddict_compat as compat
+        from flwr.server import ServerApp, ServerConfig
+        from flwr.server.compat.app import start_grid
+        from flwr.simulation import run_simulation
+
+    return SimpleNamespace(
+        Client=Client, ClientApp=ClientApp, ConfigRecord=ConfigRecord, ServerApp=ServerApp,
+        ServerConfig=ServerConfig,
+        GetPropertiesIns=GetPropertiesIns, GetPropertiesRes=GetPropertiesRes, Message=Message,
+        GET_PROPERTIES=MessageTypeLegacy.GET_PROPERTIES, compat=compat,
+        ndarrays_to_parameters=ndarrays_to_parameters, start_grid=start_grid,
+        run_simulation=run_simulation)
+
+
 #: Flower's server-side optimisers, by the name ``wb.train(strategy=...)`` takes.
 SERVER_STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam,
                      "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
@@ -40,6 +76,6 @@ __all__ = [
     "SERVER_STRATEGIES", "ClientManager", "ClientProxy", "Code", "EvaluateIns", "EvaluateRes",
     "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "FitIns", "FitRes", "Parameters",
     "Server", "SimpleClientManager", "Status", "Strategy", "flower_aggregate",
-    "ndarrays_to_parameters", "parameters_to_ndarrays", "start_grpc_server", "transport_pb2",
-    "transport_pb2_grpc",
+    "ndarrays_to_parameters", "parameters_to_ndarrays", "simulation_api", "start_grpc_server",
+    "transport_pb2", "transport_pb2_grpc",
 ]

@@ -87,6 +87,8 @@ checkpoints = sa.Table(
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
 )
+#: sessions run on the Simulation Engine (their config says so; see SimulationConfig)
+_SIMULATION = sessions.c.config.like('%"engine": "simulation"%')
 devices = sa.Table(
     "devices", meta,
     sa.Column("id", sa.Integer, primary_key=True),  # FedKit's device_id
@@ -314,8 +316,9 @@ class Registry:
             return [self._session_row(r) for r in c.execute(q).all()]
 
     def active_session_for(self, model_name: str) -> dict[str, Any] | None:
+        """The model's running phone session (simulations never take phones)."""
         q = (sessions.select().where(sessions.c.model_name == model_name,
-                                     sessions.c.status.in_(ACTIVE))
+                                     sessions.c.status.in_(ACTIVE), ~_SIMULATION)
              .order_by(sessions.c.id.desc()))
         with self.engine.connect() as c:
             row = c.execute(q).first()
@@ -369,6 +372,9 @@ class Registry:
             q = q.where(checkpoints.c.model_version == model_version)
         if session_id is not None:
             q = q.where(checkpoints.c.session_id == session_id)
+        else:  # a phone session resumes from phone sessions, never from a simulation
+            q = q.where(checkpoints.c.session_id.not_in(
+                sa.select(sessions.c.id).where(_SIMULATION)))
         with self.engine.connect() as c:
             row = c.execute(q.order_by(checkpoints.c.id.desc())).first()
         return None if row is None else dict(row._mapping)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,7 @@ def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
     raise RuntimeError(f"could not bind a gRPC port for {platform}: {last}")
 
 
-def _save_checkpoint(registry: Registry, session_id: int, model: dict[str, Any], rnd: int,
+def save_checkpoint(registry: Registry, session_id: int, model: dict[str, Any], rnd: int,
                      arrays: list[np.ndarray]) -> None:
     folder = registry.checkpoint_dir / model["name"] / f"session-{session_id}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,25 @@ def _save_checkpoint(registry: Registry, session_id: int, model: dict[str, Any],
 def load_checkpoint(path: str | Path) -> list[np.ndarray]:
     with np.load(path) as data:
         return [np.asarray(data[f"arr_{i}"], np.float32) for i in range(len(data.files))]
+
+
+def round_recorders(registry: Registry, session_id: int, model: dict[str, Any]
+                    ) -> tuple[Callable[[Any, list[np.ndarray]], None], Callable[[Any], None]]:
+    """The strategy's per-round callbacks that persist metrics, rejections, evaluations and
+    a checkpoint; shared by phone sessions and simulations so both record the same way."""
+
+    def on_fit(report: Any, global_: list[np.ndarray]) -> None:
+        registry.add_metrics(session_id, report.round, report.metrics)
+        for platform, cid, reason in report.rejections:
+            registry.add_rejection(session_id, report.round, platform, cid, reason)
+        save_checkpoint(registry, session_id, model, report.round, global_)
+        registry.update_session(session_id, round=report.round)
+
+    def on_eval(report: Any) -> None:
+        registry.add_metrics(session_id, report.round, report.metrics)
+        registry.add_evaluations(session_id, report.round, report.evaluations)
+
+    return on_fit, on_eval
 
 
 def run_session(data_dir: str, db_url: str, session_id: int) -> None:
@@ -153,23 +173,13 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             servers.append(srv)
             ports[platform] = port
 
-        def on_fit(report: Any, global_: list[np.ndarray]) -> None:
-            registry.add_metrics(session_id, report.round, report.metrics)
-            for platform, cid, reason in report.rejections:
-                registry.add_rejection(session_id, report.round, platform, cid, reason)
-            _save_checkpoint(registry, session_id, model, report.round, global_)
-            registry.update_session(session_id, round=report.round)
-
-        def on_eval(report: Any) -> None:
-            registry.add_metrics(session_id, report.round, report.metrics)
-            registry.add_evaluations(session_id, report.round, report.evaluations)
-
+        on_fit, on_eval = round_recorders(registry, session_id, model)
         strategy = CrossPlatformStrategy(
             m, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
             fraction_fit=cfg.fraction_fit, fraction_evaluate=cfg.fraction_evaluate,
             min_clients=cfg.min_clients, local_epochs=cfg.local_epochs,
             on_fit_round=on_fit, on_evaluate_round=on_eval)
-        _save_checkpoint(registry, session_id, model, 0, initial)
+        save_checkpoint(registry, session_id, model, 0, initial)
         registry.update_session(session_id, status="running", ports=ports, pid=os.getpid(),
                                 resumed_from=resumed)
         server = Server(client_manager=cm, strategy=strategy)
@@ -294,12 +304,27 @@ class SessionManager:
             raise RegistryError(f"model {model_name!r} already has session {active['id']} "
                                 f"({active['status']}); stop it first")
         sid = self.registry.create_session(model, asdict(cfg))
+        return self._launch(sid, "xflwb.server.session", wait_ready)
+
+    def start_simulation(self, model_name: str, wait_ready: float = 120.0,
+                         **options: Any) -> Session:
+        """Run ``model_name`` on Flower's Simulation Engine (see ``xflwb.simulate``); the
+        handle is a ``Session`` like any other, recorded in the same registry."""
+        from xflwb.simulation.config import SimulationConfig
+
+        cfg = SimulationConfig(**options)
+        model = self.registry.latest_model(model_name)
+        cfg.check_platforms(model["manifest"])
+        sid = self.registry.create_session(model, asdict(cfg))
+        return self._launch(sid, "xflwb.simulation.server", wait_ready)
+
+    def _launch(self, sid: int, module: str, wait_ready: float) -> Session:
         # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__,
         # so scripts without a main guard work too; its log goes to data_dir/logs
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"session-{sid}.log", "ab") as logf:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "xflwb.server.session", str(self.registry.data_dir),
+                [sys.executable, "-m", module, str(self.registry.data_dir),
                  self.registry.db_url, str(sid)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                 start_new_session=True)
@@ -346,6 +371,9 @@ class SessionManager:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout)
+            # anything it started in its process group (a simulation's Ray processes)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
         elif proc is None and info["status"] in ACTIVE and _pid_alive(info["pid"]):
             os.kill(info["pid"], signal.SIGTERM)
         if self.registry.get_session(session_id)["status"] in ACTIVE:

@@ -262,6 +262,9 @@ class CrossPlatformStrategy(Strategy):
                            failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
         report = RoundReport(server_round)
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+        # accuracy only where the client put it in EvaluateRes.metrics (simulated clients);
+        # FedKit phones report it through telemetry instead, matched in the registry
+        accs: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for client, res in results:
             platform = getattr(client, "platform", "unknown")
             loss, n = float(res.loss), int(res.num_examples)
@@ -269,6 +272,11 @@ class CrossPlatformStrategy(Strategy):
             if n > 0 and np.isfinite(loss):
                 sums[platform][0] += loss * n
                 sums[platform][1] += n
+            acc = (res.metrics or {}).get("accuracy")
+            if n > 0 and isinstance(acc, int | float) and np.isfinite(acc):
+                for key in (platform, "all"):
+                    accs[key][0] += float(acc) * n
+                    accs[key][1] += n
         for platform, (s, n) in sums.items():
             report.metrics += [(platform, "eval_loss", s / n if n else None),
                                (platform, "eval_examples", n)]
@@ -276,6 +284,7 @@ class CrossPlatformStrategy(Strategy):
         n_all = sum(v[1] for v in sums.values())
         loss_all = s_all / n_all if n_all else None
         report.metrics += [("all", "eval_loss", loss_all), ("all", "eval_examples", n_all)]
+        report.metrics += [(key, "accuracy", s / n) for key, (s, n) in accs.items() if n]
         if self.on_evaluate_round is not None:
             self.on_evaluate_round(report)
         return loss_all, {}

@@ -1,0 +1,91 @@
+"""Thousands of virtual phones on Flower's Simulation Engine (Ray).
+
+``xflwb.simulate(...)`` runs the exported artifacts — the TFLite interpreter for Android
+clients, the Core ML executor for iOS clients — as Flower ``ClientApp`` clients, served by
+the same ``CrossPlatformStrategy`` and ``StreamingFedAvg`` as phones. It returns the same
+``Session`` handle as ``wb.train``: ``history``, ``global_parameters()``, ``wait()``,
+``stop()``, and a live ``Dashboard``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from xflwb.simulation.config import SimulationConfig
+
+_MANAGERS: dict[tuple[str, str | None], Any] = {}
+
+
+def _manager(data_dir: str | os.PathLike[str], db_url: str | None) -> Any:
+    """One registry + session manager per data directory for handles made without a
+    Workbench (they must outlive the call so ``stop()`` and crash detection work)."""
+    from xflwb.server.registry import Registry
+    from xflwb.server.session import SessionManager
+
+    key = (str(Path(data_dir).resolve()), db_url)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = SessionManager(Registry(data_dir, db_url))
+    return _MANAGERS[key]
+
+
+def resolve_model(registry: Any, name_or_export: Any) -> str:
+    """The registry name of an ``ExportResult``, export directory, manifest path or a
+    published model name (publishing the export first when needed; versions are
+    immutable, so publishing the same export twice is a no-op)."""
+    if isinstance(name_or_export, str) and not Path(name_or_export).exists():
+        registry.latest_model(name_or_export)  # a clear "no model named ..." otherwise
+        return name_or_export
+    return str(registry.publish(name_or_export)["name"])
+
+
+def start(manager: Any, name_or_export: Any, *, wait: bool, timeout: float | None,
+          **options: Any) -> Any:
+    """Start a simulation on ``manager`` (a ``SessionManager``); optionally wait for it."""
+    name = resolve_model(manager.registry, name_or_export)
+    session = manager.start_simulation(name, **options)
+    if wait:
+        status = session.wait(timeout=timeout)
+        if status != "finished":
+            info = session.info
+            raise RuntimeError(f"simulation {session.id} {status}: {info.get('error') or ''}"
+                               f" (log: {manager.log_dir / f'session-{session.id}.log'})")
+    return session
+
+
+def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str = "digits",
+             partition: str = "iid", rounds: int = 10, strategy: str = "fedavg",
+             fraction_fit: float = 1.0, local_epochs: int = 1, seed: int = 0,
+             backend_config: dict[str, Any] | None = None, ray_address: str | None = None,
+             *, fraction_evaluate: float | None = None, min_clients: int | None = None,
+             strategy_options: dict[str, Any] | None = None, test_fraction: float = 0.2,
+             data_dir: str | os.PathLike[str] = "xfl-data", db_url: str | None = None,
+             wait: bool = True, timeout: float | None = None) -> Any:
+    """Federated training of an export on a simulated fleet; returns a ``Session``.
+
+    Clients ``0..android-1`` run the ``.tflite`` in TF's interpreter, the next ``ios`` run
+    the ``.mlmodel`` in xflwb's Core ML executor, each on its partition of ``dataset``
+    (``partition``: ``iid`` | ``dirichlet:α`` | ``shards:k``; per-client train/test split
+    ``test_fraction``). Each round samples ``fraction_fit`` of the fleet (at least
+    ``min_clients``) and evaluates ``fraction_evaluate`` (default: the same fraction).
+
+    ``ray_address`` (``"auto"``, ``"ray://host:10001"``) attaches to a running Ray cluster
+    whose nodes have xflwb installed; the artifacts travel through Ray's object store.
+    Without it Ray starts locally with this machine's CPUs. ``backend_config`` is Flower's
+    (``{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}`` by default; its
+    ``init_args`` go to ``ray.init``).
+
+    ``wait=False`` returns at once (the simulation runs in its own process); otherwise it
+    blocks until the end and raises if the simulation failed.
+    """
+    return start(_manager(data_dir, db_url), name_or_export, wait=wait, timeout=timeout,
+                 android=android, ios=ios, dataset=dataset, partition=partition,
+                 rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
+                 local_epochs=local_epochs, seed=seed, backend_config=backend_config,
+                 ray_address=ray_address, fraction_evaluate=fraction_evaluate,
+                 min_clients=min_clients, strategy_options=dict(strategy_options or {}),
+                 test_fraction=test_fraction)
+
+
+__all__ = ["SimulationConfig", "simulate"]

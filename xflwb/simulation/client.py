@@ -1,0 +1,173 @@
+"""The simulated phone: a Flower ``Client`` that runs the exported artifact.
+
+It is what a virtual device does in a round, without the HTTP/gRPC shell: decode the
+parameters in its platform's layout and encoding, train with ``xflwb.bridge.runtime``
+(TFLite interpreter for Android, the numpy Core ML executor for iOS), answer in the same
+encoding. Ray reuses a worker process for many clients, so each worker keeps its runtimes
+and the dataset partitions in module-level caches: one artifact load per worker and
+platform, not one per client per round.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xflwb.bridge import params
+from xflwb.server.flower_legacy import (
+    Code,
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Status,
+    simulation_api,
+)
+
+#: (bundle sha, platform) → loaded runtime, for the life of the Ray worker
+_RUNTIMES: dict[tuple[str, str], Any] = {}
+#: bundle sha → directory holding the unpacked manifest and artifacts
+_BUNDLES: dict[str, Path] = {}
+TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Everything a worker needs to act as any client of one simulation (small: Ray ships
+    it with every message)."""
+
+    bundle: Any  # a Ray ObjectRef to the artifact bundle (dict name → bytes)
+    bundle_sha: str
+    android: int
+    ios: int
+    dataset: str
+    partition: str
+    seed: int
+    test_fraction: float
+
+    def platform_of(self, partition_id: int) -> str:
+        return "android" if partition_id < self.android else "ios"
+
+
+def make_bundle(manifest: dict[str, Any], platforms: list[str]) -> tuple[dict[str, bytes], str]:
+    """Manifest + the artifacts the fleet needs, as bytes: Ray workers may run on other
+    machines that cannot see the registry's files."""
+    from xflwb.bridge import manifest as manifest_mod
+
+    clean = {k: v for k, v in manifest.items() if k != "_dir"}
+    blob = {"manifest.json": json.dumps(clean, sort_keys=True).encode()}
+    for plat in platforms:
+        path = manifest_mod.artifact_path(manifest, plat)
+        blob[path.name] = path.read_bytes()
+    digest = hashlib.sha256()
+    for name in sorted(blob):
+        digest.update(name.encode() + b"\0" + blob[name])
+    return blob, digest.hexdigest()[:16]
+
+
+def _bundle_dir(spec: ClientSpec) -> Path:
+    if spec.bundle_sha not in _BUNDLES:
+        import ray
+
+        blob = spec.bundle if isinstance(spec.bundle, dict) else ray.get(spec.bundle)
+        folder = Path(tempfile.mkdtemp(prefix=f"xflwb-sim-{spec.bundle_sha}-"))
+        for name, data in blob.items():
+            (folder / name).write_bytes(data)
+        _BUNDLES[spec.bundle_sha] = folder
+    return _BUNDLES[spec.bundle_sha]
+
+
+def runtime_for(spec: ClientSpec, platform: str) -> Any:
+    """This worker's runtime for ``platform``: loaded on first use, then reused."""
+    key = (spec.bundle_sha, platform)
+    if key not in _RUNTIMES:
+        from xflwb.bridge import runtime
+
+        _RUNTIMES[key] = runtime.load(_bundle_dir(spec), platform)
+    return _RUNTIMES[key]
+
+
+@functools.lru_cache(maxsize=4)
+def _partitions(dataset: str, partition: str, num_partitions: int, seed: int) -> Any:
+    from xflwb.devices.partition import _partitions as split
+
+    return split(dataset, partition, num_partitions, seed)[0]
+
+
+def client_data(spec: ClientSpec, partition_id: int) -> tuple[np.ndarray, ...]:
+    """(x_train, y_train, x_test, y_test) exactly as ``device_data`` gives a virtual phone,
+    with the whole-dataset partitioning done once per worker instead of once per client."""
+    from xflwb.devices.partition import _local_split
+
+    n = spec.android + spec.ios
+    x, y = _partitions(spec.dataset, spec.partition, n, spec.seed)[partition_id]
+    train, test = _local_split(len(y), spec.test_fraction, spec.seed, partition_id)
+    return x[train], y[train], x[test], y[test]
+
+
+_API = simulation_api()
+
+
+class SimClient(_API.Client):  # type: ignore[misc, name-defined]
+    """One simulated phone; the runtime is only touched for fit and evaluate."""
+
+    def __init__(self, spec: ClientSpec, partition_id: int, state: Any) -> None:
+        self.spec = spec
+        self.pid = int(partition_id)
+        self.platform = spec.platform_of(self.pid)
+        self.state = state  # the node's Context.state: persists across rounds
+
+    def get_properties(self, ins: Any) -> Any:
+        return _API.GetPropertiesRes(status=Status(code=Code.OK, message=""),
+                                     properties={"platform": self.platform,
+                                                 "partition_id": self.pid})
+
+    def _rounds_done(self) -> int:
+        rec = self.state.config_records.get("xflwb")
+        return int(rec["rounds_done"]) if rec is not None else 0
+
+    def _set_rounds_done(self, n: int) -> None:
+        self.state.config_records["xflwb"] = _API.ConfigRecord({"rounds_done": n})
+
+    def _load(self, parameters: Any) -> tuple[Any, str]:
+        rt = runtime_for(self.spec, self.platform)
+        arrays, codec = params.decode_tensors(list(parameters.tensors))
+        rt.set_parameters(arrays)
+        return rt, codec
+
+    def fit(self, ins: Any) -> Any:
+        x, y, _, _ = client_data(self.spec, self.pid)
+        rt, codec = self._load(ins.parameters)
+        epochs = int(ins.config.get("local_epochs", 1))
+        done = self._rounds_done()
+        # the same per-round seed a virtual phone uses: seed + rounds it has trained
+        losses = rt.fit(x, y, epochs=epochs, seed=self.spec.seed + done)
+        self._set_rounds_done(done + 1)
+        out = Parameters(tensors=params.encode_tensors(rt.get_parameters(), codec),
+                         tensor_type=TENSOR_TYPES[codec])
+        return FitRes(status=Status(code=Code.OK, message=""), parameters=out,
+                      num_examples=len(x), metrics={"loss": float(losses[-1])})
+
+    def evaluate(self, ins: Any) -> Any:
+        _, _, xt, yt = client_data(self.spec, self.pid)
+        if len(xt) == 0:
+            return EvaluateRes(status=Status(code=Code.OK, message=""), loss=0.0,
+                               num_examples=0, metrics={})
+        rt, _ = self._load(ins.parameters)
+        loss, acc = rt.evaluate(xt, yt)
+        metrics = {"accuracy": float(acc)} if np.isfinite(acc) else {}
+        return EvaluateRes(status=Status(code=Code.OK, message=""), loss=float(loss),
+                           num_examples=len(xt), metrics=metrics)
+
+
+def client_fn(spec: ClientSpec, context: Any) -> Any:
+    """Flower's ``client_fn``: the client for this node's partition (cheap: no loading)."""
+    pid = int(context.node_config["partition-id"])
+    return SimClient(spec, pid, context.state).to_client()
+

@@ -1,0 +1,180 @@
+"""A simulation process: Flower's Simulation Engine (Ray) driving the phones' strategy.
+
+Run as ``python -m xflwb.simulation.server DATA_DIR DB_URL SESSION_ID`` by
+``SessionManager.start_simulation``, for the same reasons a phone session gets its own
+process (a crash or ``stop()`` never takes the kernel down). The ServerApp runs Flower's
+legacy ``Server`` over the simulation ``Grid`` with the very ``CrossPlatformStrategy`` (and
+so ``StreamingFedAvg``) that serves phones; it records rounds through the same callbacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from typing import Any
+
+from xflwb.bridge import manifest as manifest_mod
+from xflwb.server.registry import Registry
+from xflwb.simulation.config import SimulationConfig
+
+log = logging.getLogger("xflwb.simulation")
+
+
+def _platform_client_manager(base: type, platform_of: dict[int, str]) -> Any:
+    class NodeClientManager(base):  # type: ignore[misc, valid-type]
+        """Tags each simulated node with its platform, as ``PlatformClientManager`` does
+        for phones by port (a Grid proxy carries neither port nor platform)."""
+
+        def register(self, client: Any) -> bool:
+            client.platform = platform_of.get(int(client.node_id), "unknown")
+            return super().register(client)
+
+    return NodeClientManager()
+
+
+def ask_platforms(api: Any, grid: Any, expected: int, timeout: float = 600.0
+                  ) -> dict[int, str]:
+    """Wait for every node, then ask them all at once for their platform (one batch of
+    ``get_properties`` messages; the ClientApp answers from its partition id, without
+    loading a model)."""
+    deadline = time.monotonic() + timeout
+    while len(nodes := list(grid.get_node_ids())) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {expected} simulated nodes came up")
+        time.sleep(0.05)
+    content = api.compat.getpropertiesins_to_recorddict(api.GetPropertiesIns(config={}))
+    msgs = [api.Message(content=content, dst_node_id=nid, message_type=api.GET_PROPERTIES)
+            for nid in nodes]
+    platform_of: dict[int, str] = {}
+    for reply in grid.send_and_receive(msgs, timeout=timeout):
+        if reply.has_error():
+            raise RuntimeError(f"a simulated client failed to start: {reply.error.reason}")
+        props = api.compat.recorddict_to_getpropertiesres(reply.content).properties
+        platform_of[int(reply.metadata.src_node_id)] = str(props["platform"])
+    if len(platform_of) != len(nodes):
+        raise RuntimeError(f"{len(nodes) - len(platform_of)} simulated clients did not answer")
+    return platform_of
+
+
+def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
+    """Start (or attach to) Ray ourselves, before Flower would, so the artifact bundle can
+    be put in the object store; returns the backend config for Flower."""
+    import ray
+
+    backend = dict(cfg.backend_config or {})
+    init_args = dict(backend.pop("init_args", None) or backend.pop("init-args", None) or {})
+    backend.setdefault("client_resources", {"num_cpus": 1, "num_gpus": 0.0})
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", "FLWR_TELEMETRY_ENABLED": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    init_args.setdefault("runtime_env", {"env_vars": env})
+    init_args.setdefault("logging_level", logging.WARNING)
+    init_args.setdefault("log_to_driver", True)
+    if cfg.ray_address:
+        init_args["address"] = cfg.ray_address
+    else:
+        init_args.setdefault("num_cpus", os.cpu_count() or 1)
+        init_args.setdefault("include_dashboard", False)
+    if not ray.is_initialized():
+        ray.init(**init_args)
+    return backend
+
+
+def run(data_dir: str, db_url: str, session_id: int) -> None:
+    """Entry point of a simulation process."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here, nor wanted
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s simulation-{session_id} %(name)s: "
+                                           "%(message)s"))
+    xlog = logging.getLogger("xflwb")
+    xlog.addHandler(handler)
+    xlog.setLevel(logging.INFO)
+    registry = Registry(data_dir, db_url)
+    stopping = {"flag": False}
+
+    def _term(_sig: int, _frame: Any) -> None:
+        stopping["flag"] = True
+        registry.update_session(session_id, status="stopped")
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.shutdown()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        import ray
+
+        from xflwb.server.flower_legacy import Server, SimpleClientManager, simulation_api
+        from xflwb.server.session import round_recorders, save_checkpoint
+        from xflwb.server.strategy import CrossPlatformStrategy
+        from xflwb.simulation import client as sim_client
+
+        api = simulation_api()
+        row = registry.get_session(session_id)
+        cfg = SimulationConfig(**row["config"])
+        model = registry.get_model(row["model_id"])
+        m = model["manifest"]
+        cfg.check_platforms(m)
+        initial = manifest_mod.initial_parameters(m)
+        backend = _init_ray(cfg)
+        wanted = [p for p in ("android", "ios") if getattr(cfg, p)]
+        blob, sha = sim_client.make_bundle(m, wanted)
+        spec = sim_client.ClientSpec(
+            bundle=ray.put(blob), bundle_sha=sha, android=cfg.android, ios=cfg.ios,
+            dataset=cfg.dataset, partition=cfg.partition, seed=cfg.seed,
+            test_fraction=cfg.test_fraction)
+        # fail here, once, on data that cannot be split this way (not in every worker)
+        sim_client.client_data(spec, 0)
+
+        on_fit, on_eval = round_recorders(registry, session_id, model)
+        strategy = CrossPlatformStrategy(
+            m, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
+            fraction_fit=cfg.fraction_fit, fraction_evaluate=float(cfg.fraction_evaluate or 0),
+            min_clients=int(cfg.min_clients or 1), local_epochs=cfg.local_epochs,
+            on_fit_round=on_fit, on_evaluate_round=on_eval)
+        save_checkpoint(registry, session_id, model, 0, initial)
+
+        server_app = api.ServerApp()
+
+        @server_app.main()
+        def _main(grid: Any, context: Any) -> None:
+            platform_of = ask_platforms(api, grid, cfg.num_clients)
+            counts = {p: sum(v == p for v in platform_of.values()) for p in ("android", "ios")}
+            xlog.info("simulation %s: %s nodes up (%s)", session_id, len(platform_of), counts)
+            cm = _platform_client_manager(SimpleClientManager, platform_of)
+            server = Server(client_manager=cm, strategy=strategy)
+            server.set_max_workers(cfg.max_workers)
+            api.start_grid(grid=grid, server=server,
+                           config=api.ServerConfig(num_rounds=cfg.rounds,
+                                                   round_timeout=cfg.round_timeout))
+
+        client_app = api.ClientApp(client_fn=functools.partial(sim_client.client_fn, spec))
+        registry.update_session(session_id, status="running", pid=os.getpid())
+        api.run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=cfg.num_clients, backend_config=backend)
+        info = registry.get_session(session_id)
+        if info["round"] < cfg.rounds:
+            raise RuntimeError(f"the simulation ended after {info['round']} of {cfg.rounds} "
+                               f"rounds; see the log above")
+        registry.update_session(session_id, status="finished")
+    except BaseException as exc:  # the simulation dies, the kernel does not
+        if not stopping["flag"]:
+            registry.update_session(session_id, status="failed",
+                                    error="".join(traceback.format_exception(exc))[-4000:])
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.shutdown()
+        registry.close()
+
+
+if __name__ == "__main__":  # python -m xflwb.simulation.server DATA_DIR DB_URL SESSION_ID
+    run(sys.argv[1], sys.argv[2], int(sys.argv[3]))
