@@ -195,6 +195,7 @@ class CrossPlatformStrategy(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
+        t_start = time.perf_counter()
         report = RoundReport(server_round)
         agg = StreamingFedAvg(self.global_)
         per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -244,6 +245,8 @@ class CrossPlatformStrategy(Strategy):
                   for k in ("clients", "examples", "bytes_up", "bytes_down", "rejected")}
         report.metrics += [("all", k, v) for k, v in totals.items()]
         report.metrics.append(("all", "failures", float(len(failures))))
+        # server-side cost of the round's aggregation (decode, validate, average, optimiser)
+        report.metrics.append(("all", "aggregate_seconds", time.perf_counter() - t_start))
         if self.on_fit_round is not None:
             self.on_fit_round(report, self.global_)
         return ndarrays_to_parameters(self.global_), {}
