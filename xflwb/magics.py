@@ -130,6 +130,29 @@ def _train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _simulate_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="%xfl_simulate", add_help=False,
+                description="Train on Flower's Simulation Engine (Ray): Android clients run "
+                "the .tflite, iOS clients the Core ML executor. Uses the running backend's "
+                "registry if there is one, else --data-dir.")
+    p.add_argument("name", help="an ExportResult variable or a published model name")
+    p.add_argument("--android", type=int, default=0)
+    p.add_argument("--ios", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--partition", default="iid")
+    p.add_argument("--strategy", default="fedavg")
+    p.add_argument("--fraction-fit", type=float, default=1.0)
+    p.add_argument("--fraction-evaluate", type=float, default=None)
+    p.add_argument("--min-clients", type=int, default=None)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ray-address", default=None,
+                   help='attach to a Ray cluster ("auto", "ray://host:10001")')
+    p.add_argument("--data-dir", default="xfl-data")
+    return p
+
+
 def _devices_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="%xfl_devices", add_help=False)
     p.add_argument("action", choices=["spawn", "list", "stop"])
@@ -259,6 +282,46 @@ class XflServerMagics(Magics):
 
         fleet = XflServerMagics.fleets[-1] if XflServerMagics.fleets else None
         display(Dashboard(session, fleet).start())
+        return session
+
+
+    @line_magic
+    def xfl_simulate(self, line: str) -> Any:
+        """``%xfl_simulate NAME --android N --ios M --rounds R [...]``: a simulated fleet
+        with the same live dashboard as ``%xfl_train``; returns the Session at once."""
+        import xflwb
+        from xflwb import simulation
+
+        args = _parse(_simulate_parser(), line)
+        if args is None:
+            return None
+        target = self.shell.user_ns.get(args.name)
+        source = target if isinstance(target, xflwb.ExportResult) else args.name
+        options = dict(android=args.android, ios=args.ios, rounds=args.rounds,
+                       dataset=args.dataset, partition=args.partition, strategy=args.strategy,
+                       fraction_fit=args.fraction_fit, fraction_evaluate=args.fraction_evaluate,
+                       min_clients=args.min_clients, local_epochs=args.local_epochs,
+                       seed=args.seed, ray_address=args.ray_address)
+        wb = XflServerMagics.workbench
+        try:
+            if wb is not None and wb.running:
+                session = wb.simulate(source, **options)
+            else:
+                session = simulation.simulate(source, data_dir=args.data_dir, wait=False,
+                                              **options)
+        except (ValueError, RuntimeError, LookupError) as exc:
+            print(f"xfl_simulate: {exc}")
+            return None
+        name = getattr(source, "name", args.name)
+        var = re.sub(r"\W", "_", str(name)) + "_simulation"
+        self.shell.user_ns[var] = session
+        print(f"simulation {session.id} of {name}: {args.android} Android + {args.ios} iOS "
+              f"clients on Ray (as `{var}`)")
+        from IPython.display import display
+
+        from xflwb.widgets.dashboard import Dashboard
+
+        display(Dashboard(session).start())
         return session
 
 

@@ -75,6 +75,16 @@ def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}")
 
 
+def where(info: dict[str, Any]) -> str:
+    """Where the clients are: phone ports, or the simulated fleet."""
+    cfg = info["config"]
+    if cfg.get("engine") == "simulation":
+        cluster = cfg.get("ray_address") or "local Ray"
+        return (f"simulated {cfg['android']} Android + {cfg['ios']} iOS clients "
+                f"({html.escape(str(cluster))})")
+    return f"ports {info['ports']}"
+
+
 def snapshot_html(session: Any, fleet: Any = None) -> str:
     """Static HTML of the dashboard (plot embedded as PNG)."""
     info = session.info
@@ -83,7 +93,7 @@ def snapshot_html(session: Any, fleet: Any = None) -> str:
     rej = session.rejections
     parts = [
         f"<h4>session {info['id']} — {html.escape(info['model_name'])}: {info['status']}, "
-        f"round {info['round']}/{info['config']['rounds']}</h4>",
+        f"round {info['round']}/{info['config']['rounds']}, {where(info)}</h4>",
         f"<img src='data:image/png;base64,{png}'/>",
         "<h5>last round per platform</h5>", _table_html(round_table(hist)),
     ]
@@ -136,7 +146,7 @@ class Dashboard:
         info = self.session.info
         hist = self.session.history
         self.header.value = (f"<b>session {info['id']}</b> — {html.escape(info['model_name'])}"
-                             f": <b>{info['status']}</b>, ports {info['ports']}")
+                             f": <b>{info['status']}</b>, {where(info)}")
         self.progress.value = min(int(info["round"]), self.progress.max)
         if info["status"] == "finished":
             self.progress.bar_style = "success"

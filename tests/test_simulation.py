@@ -1,0 +1,217 @@
+"""Flower Simulation Engine (Ray): the same runtimes and strategy as the phone path."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import xflwb
+from xflwb.bridge import params, runtime
+from xflwb.devices import datasets
+from xflwb.server.registry import Registry
+from xflwb.simulation import SimulationConfig
+
+
+def _cnn(seed: int = 21):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return xflwb.export(_cnn(), name="sim_cnn", data_type="digits",
+                        out_dir=tmp_path_factory.mktemp("exp"),
+                        optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9))
+
+
+# -- configuration: bad input fails at the call, with the fix ---------------------------------
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({}, "needs clients"),
+    ({"android": -1, "ios": 2}, "android must be a non-negative"),
+    ({"android": 2, "fraction_fit": 1.5}, "fraction_fit must be in"),
+    ({"android": 2, "fraction_fit": 0.0}, "would train nobody"),
+    ({"android": 2, "min_clients": 3}, "min_clients must be in 1..2"),
+    ({"android": 2, "partition": "zipf:2"}, "zipf"),
+    ({"android": 2, "dataset": "imagenet"}, "unknown dataset"),
+    ({"android": 2, "strategy": "fedprox9"}, "unknown strategy"),
+    ({"android": 2, "rounds": 0}, "rounds must be a positive"),
+    ({"android": 2, "backend_config": "ray"}, "backend_config must be a dict"),
+])
+def test_config_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SimulationConfig(**kwargs)
+
+
+def test_config_defaults_and_platform_order():
+    cfg = SimulationConfig(android=3, ios=2, fraction_fit=0.4)
+    assert cfg.fraction_evaluate == 0.4 and cfg.min_clients == 2 and cfg.num_clients == 5
+    assert [cfg.platform_of(i) for i in range(5)] == ["android"] * 3 + ["ios"] * 2
+    assert SimulationConfig(ios=1).min_clients == 1
+
+
+def test_missing_platform_artifact_is_named(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    res = xflwb.export(model, name="android_only", data_type="t", out_dir=tmp_path / "a",
+                       platforms=("android",))
+    with pytest.raises(ValueError, match=r"no ios artifact.*ios=0"):
+        xflwb.simulate(res, android=1, ios=1, data_dir=tmp_path / "d")
+    with pytest.raises(ValueError, match=r"no published model named .never_published."):
+        xflwb.simulate("never_published", android=1, data_dir=tmp_path / "d")
+
+
+# -- the client a Ray worker runs, without Ray ------------------------------------------------
+def _spec(export, android=1, ios=1, partition="iid"):
+    from xflwb.simulation import client
+
+    blob, sha = client.make_bundle(export.manifest, ["android", "ios"])
+    return client.ClientSpec(bundle=blob, bundle_sha=sha, android=android, ios=ios,
+                             dataset="digits", partition=partition, seed=3,
+                             test_fraction=0.2)
+
+
+def test_sim_client_trains_the_real_artifacts_in_platform_layout(export):
+    from flwr.app import RecordDict
+
+    from xflwb.server.flower_legacy import EvaluateIns, FitIns, Parameters
+    from xflwb.simulation import client
+
+    spec = _spec(export)
+    canonical = [np.asarray(a) for a in xflwb.bridge.manifest.initial_parameters(
+        export.manifest)]
+    for pid, platform in ((0, "android"), (1, "ios")):
+        state = RecordDict()
+        c = client.SimClient(spec, pid, state)
+        props = c.get_properties(None).properties
+        assert props == {"platform": platform, "partition_id": pid}
+        arrays = params.to_platform(canonical, export.manifest, platform)
+        ins = FitIns(Parameters(tensors=params.encode_tensors(arrays, "raw"), tensor_type="ND"),
+                     {"local_epochs": 1})
+        res = c.fit(ins)
+        back, codec = params.decode_tensors(res.parameters.tensors)
+        assert codec == "raw" and res.parameters.tensor_type == "ND"
+        updated = params.from_platform(back, export.manifest, platform)
+        assert any(not np.allclose(u, a) for u, a in zip(updated, canonical, strict=True))
+        # the same update a virtual phone computes: same data, same seed (seed + rounds done)
+        x, y, xt, _ = client.client_data(spec, pid)
+        rt = runtime.load(export, platform)
+        rt.set_parameters(arrays)
+        rt.fit(x, y, epochs=1, seed=spec.seed)
+        for got, want in zip(back, rt.get_parameters(), strict=True):
+            np.testing.assert_allclose(np.asarray(got).ravel(), np.asarray(want).ravel(),
+                                       atol=1e-5)
+        assert res.num_examples == len(x)
+        c.fit(ins)
+        assert int(state.config_records["xflwb"]["rounds_done"]) == 2
+        npy = FitIns(Parameters(tensors=params.encode_tensors(arrays, "npy"),
+                                tensor_type="ndarray"), {"local_epochs": 1})
+        assert params.decode_tensors(c.fit(npy).parameters.tensors)[1] == "npy"
+        ev = c.evaluate(EvaluateIns(ins.parameters, {}))
+        assert ev.num_examples == len(xt) and 0 <= ev.metrics["accuracy"] <= 1
+    # one runtime per worker and platform, reused by every client and round
+    assert client.runtime_for(spec, "ios") is client.runtime_for(spec, "ios")
+
+
+def test_client_data_matches_virtual_device_data():
+    from xflwb.devices.partition import device_data
+    from xflwb.simulation import client
+
+    spec = client.ClientSpec(bundle={}, bundle_sha="x", android=3, ios=2, dataset="digits",
+                             partition="dirichlet:0.5", seed=4, test_fraction=0.2)
+    for pid in range(5):
+        want = device_data("digits", "dirichlet:0.5", 5, pid, seed=4)
+        got = client.client_data(spec, pid)
+        for a, b in zip(got, (want.x_train, want.y_train, want.x_test, want.y_test),
+                        strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+# -- registry: a simulation never takes phones nor seeds a phone session's resume -------------
+def test_simulations_are_invisible_to_phone_sessions(export, tmp_path):
+    reg = Registry(tmp_path / "d")
+    model = reg.publish(export)
+    sim = reg.create_session(model, {"engine": "simulation", "rounds": 1})
+    reg.update_session(sim, status="running")
+    reg.add_checkpoint(sim, model, 1, tmp_path / "sim.npz")
+    assert reg.active_session_for("sim_cnn") is None
+    assert reg.latest_checkpoint("sim_cnn", model["version"]) is None
+    assert reg.latest_checkpoint("sim_cnn", session_id=sim)["round"] == 1
+    phone = reg.create_session(model, json.loads(json.dumps({"rounds": 1})))
+    reg.update_session(phone, status="running")
+    assert reg.active_session_for("sim_cnn")["id"] == phone
+    reg.close()
+
+
+# -- end to end on Ray ------------------------------------------------------------------------
+def _accuracy(export, parameters):
+    d = datasets.load("digits")
+    x, y = np.concatenate([d.x_train, d.x_test]), np.concatenate([d.y_train, d.y_test])
+    rt = runtime.load(export, "ios")
+    rt.set_canonical_parameters(parameters)
+    return rt.evaluate(x, y)[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_fidelity_simulation_matches_process_fleet(export, tmp_path):
+    """Same export, partitions and seeds: the Simulation Engine run and the fleet of device
+    processes speaking the phone protocol end within 1 accuracy point (issue 6)."""
+    rounds, seed, partition = 4, 0, "dirichlet:0.5"
+    with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
+        wb.publish(export)
+        session = wb.train("sim_cnn", rounds=rounds, min_clients=4, round_timeout=120)
+        fleet = wb.spawn_devices(android=2, ios=2, dataset="digits", partition=partition,
+                                 seed=seed)
+        assert session.wait(timeout=400) == "finished"
+        fleet.wait(timeout=60)
+        fleet_params = session.global_parameters()
+        fleet_hist = session.history
+        sim = wb.simulate("sim_cnn", android=2, ios=2, dataset="digits", partition=partition,
+                          rounds=rounds, seed=seed)
+        assert sim.wait(timeout=600) == "finished", sim.info["error"]
+        sim_params = sim.global_parameters()
+        sim_hist = sim.history
+        assert list(wb.session_table.status) == ["finished", "finished"]
+    wide = sim_hist.pivot_table(index=["round", "platform"], columns="metric", values="value")
+    assert (wide.xs("android", level="platform")["clients"] == 2).all()
+    assert (wide.xs("ios", level="platform")["clients"] == 2).all()
+    assert sorted(sim_hist["round"].unique()) == list(range(1, rounds + 1))
+    # per-platform accuracy straight from the simulated clients' EvaluateRes
+    acc = sim_hist.query("metric == 'accuracy'").set_index(["round", "platform"])["value"]
+    assert {"android", "ios", "all"} <= set(acc.index.get_level_values("platform"))
+    fleet_acc = fleet_hist.query("metric == 'accuracy' and platform == 'all'")
+    assert abs(acc.loc[(rounds, "all")] - fleet_acc["value"].iloc[-1]) <= 0.01
+    a_fleet, a_sim = _accuracy(export, fleet_params), _accuracy(export, sim_params)
+    assert a_sim > 0.5 and abs(a_sim - a_fleet) <= 0.01, (a_sim, a_fleet)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys):
+    ip.user_ns["sim_export"] = export
+    session = ip.run_line_magic(
+        "xfl_simulate", f"sim_export --android 3 --ios 3 --rounds 2 --fraction-fit 0.5 "
+        f"--partition iid --data-dir {tmp_path / 'd'}")
+    out = capsys.readouterr().out
+    assert "3 Android + 3 iOS" in out and ip.user_ns["sim_cnn_simulation"] is session
+    assert session.wait(timeout=600) == "finished", session.info["error"]
+    hist = session.history
+    clients = hist.query("metric == 'clients' and platform == 'all'")["value"]
+    assert list(clients) == [3.0, 3.0]  # half the fleet each round
+    assert len(session.global_parameters()) == 4
+    from xflwb.widgets.dashboard import snapshot_html
+
+    assert "simulated 3 Android + 3 iOS clients" in snapshot_html(session)
+    ip.run_line_magic("xfl_simulate", "--help")
+    assert "Simulation Engine" in capsys.readouterr().out
+    assert ip.run_line_magic("xfl_simulate", "sim_export --rounds 1") is None
+    assert "needs clients" in capsys.readouterr().out
