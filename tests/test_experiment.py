@@ -38,13 +38,20 @@ def test_experiment_run_writes_notebook_and_platform_csv(tmp_path):
     assert again.returncode == 2 and "never overwritten" in again.stderr
 
 
-def test_grid_sweep_combines_runs(tmp_path):
+def test_grid_sweep_combines_runs_across_engines(tmp_path):
+    """One grid over the process fleet and Flower's Simulation Engine: same notebook, same
+    results format, both platforms in both."""
     df = experiment.run(NOTEBOOK, tmp_path, {"rounds": 1, "n_android": 1, "n_ios": 1},
-                        grid={"alpha": [0.3, 10.0]})
-    assert sorted(df["alpha"].unique()) == [0.3, 10.0]
+                        grid={"engine": ["devices", "simulation"]})
+    assert sorted(df["engine"].unique()) == ["devices", "simulation"]
     assert df["run"].nunique() == 2
+    for _, runs in df.groupby("engine"):
+        assert {"android", "ios"} <= set(runs.platform)
+        assert runs.query("metric == 'clients' and platform == 'all'")["value"].tolist() == [2]
     assert (tmp_path / "comparison.png").stat().st_size > 0
-    assert (tmp_path / "fedavg_digits-alpha=0.3.ipynb").exists()
+    assert (tmp_path / "fedavg_digits-engine=simulation.ipynb").exists()
+    with pytest.raises(Exception, match="engine must be"):
+        experiment.run(NOTEBOOK, tmp_path / "bad", {"rounds": 1, "engine": "cloud"})
 
 
 def test_bad_arguments():
