@@ -215,3 +215,26 @@ def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys):
     assert "Simulation Engine" in capsys.readouterr().out
     assert ip.run_line_magic("xfl_simulate", "sim_export --rounds 1") is None
     assert "needs clients" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out = tmp_path / "history.csv"
+    cmd = [sys.executable, "-m", "xflwb", "simulate", str(export.directory), "--android", "1",
+           "--ios", "1", "--rounds", "1", "--data-dir", str(tmp_path / "d"), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished, round 1" in proc.stdout and "android" in proc.stdout
+    hist = pd.read_csv(out)
+    assert {"android", "ios", "all"} <= set(hist.platform) and hist["round"].max() == 1
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    bad = subprocess.run([sys.executable, "-m", "xflwb", "simulate", "sim_cnn", "--data-dir",
+                          str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "needs clients" in bad.stderr

@@ -176,6 +176,39 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from xflwb.simulation import simulate
+
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists():
+        print(f"xflwb simulate: error: {out} exists; results are never overwritten",
+              file=sys.stderr)
+        return 2
+    try:
+        session = simulate(args.model, android=args.android, ios=args.ios,
+                           dataset=args.dataset, partition=args.partition, rounds=args.rounds,
+                           strategy=args.strategy, fraction_fit=args.fraction_fit,
+                           fraction_evaluate=args.fraction_evaluate,
+                           min_clients=args.min_clients, local_epochs=args.local_epochs,
+                           seed=args.seed, ray_address=args.ray_address,
+                           data_dir=args.data_dir, timeout=args.timeout)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        print(f"xflwb simulate: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    hist = session.history
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        hist.to_csv(out, index=False)
+    last = hist[hist["round"] == hist["round"].max()]
+    wide = last.pivot_table(index="platform", columns="metric", values="value")
+    keep = [c for c in ("clients", "examples", "eval_loss", "accuracy") if c in wide.columns]
+    print(f"simulation {session.id}: {session.status}, round {session.round}")
+    print(wide[keep].to_string())
+    if out is not None:
+        print(f"history in {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from xflwb import demo
 
@@ -238,6 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sweep: run every combination (repeatable)")
     xr.add_argument("--kernel", default=None, help="Jupyter kernel name")
     xr.set_defaults(func=cmd_experiment)
+    m = sub.add_parser("simulate", help="train on Flower's Simulation Engine (Ray)")
+    m.add_argument("model", help="an export directory, or a model published in --data-dir")
+    m.add_argument("--android", type=int, default=0)
+    m.add_argument("--ios", type=int, default=0)
+    m.add_argument("--rounds", type=int, default=10)
+    m.add_argument("--dataset", default="digits")
+    m.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
+    m.add_argument("--strategy", default="fedavg")
+    m.add_argument("--fraction-fit", type=float, default=1.0)
+    m.add_argument("--fraction-evaluate", type=float, default=None)
+    m.add_argument("--min-clients", type=int, default=None)
+    m.add_argument("--local-epochs", type=int, default=1)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--ray-address", default=None, help='"auto" or ray://host:10001')
+    m.add_argument("--data-dir", default="xfl-data")
+    m.add_argument("--timeout", type=float, default=None, help="seconds (default: none)")
+    m.add_argument("--out", default=None, help="write the history CSV here (never overwritten)")
+    m.set_defaults(func=cmd_simulate)
     d = sub.add_parser("demo", help="export the demo CNN and train every runtime")
     d.add_argument("--out", default="demo-output")
     d.add_argument("--epochs", type=int, default=3, help="with --local-only")
