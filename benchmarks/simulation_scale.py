@@ -403,9 +403,15 @@ def run_xflwb(res: Any, data_dir: Path, n: int, rounds: int, fraction: float,
 def _wait_children(timeout: float) -> None:
     import psutil
 
+    def alive() -> bool:
+        for proc in psutil.Process(os.getpid()).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    return True
+        return False
+
     deadline = time.monotonic() + timeout
-    me = psutil.Process(os.getpid())
-    while me.children(recursive=True) and time.monotonic() < deadline:
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
 
 
@@ -519,6 +525,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     ap.add_argument("--quick", action="store_true",
                     help="60 clients, sizes 20, 3 rounds: a check that both arms work")
+    ap.add_argument("--workdir", help="keep exports, registry, session and baseline logs "
+                                      "here (default: a temp dir, removed at the end)")
     ap.add_argument("--baseline-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_child:
@@ -537,8 +545,12 @@ def main() -> None:
     from xflwb.bridge import manifest as manifest_mod
 
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="xflwb-simscale-") as tmp_name:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        if args.workdir:
+            tmp = Path(args.workdir).resolve()
+            tmp.mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="xflwb-sim-")))
         keras.utils.set_random_seed(SEED)
         res = xflwb.export(build_model(), MODEL, data_type=MODEL, out_dir=tmp / "artifacts",
                            optimizer=xflwb.SGD(learning_rate=LEARNING_RATE),
