@@ -235,8 +235,9 @@ def baseline_child(job_path: str) -> None:
 
 # -- measurement -----------------------------------------------------------------------------
 class TreeSampler:
-    """Summed RSS of every descendant of this process, and the CPU time of its direct
-    children (the simulation process), sampled every ``SAMPLE_EVERY`` s on a thread."""
+    """Summed RSS of every descendant of this process, the CPU time of its direct children
+    (the simulation process) and of the whole tree, sampled every ``SAMPLE_EVERY`` s on a
+    thread; and the machine's busy CPU time, to see what other jobs took meanwhile."""
 
     def __init__(self) -> None:
         import psutil
@@ -245,10 +246,25 @@ class TreeSampler:
         self.peak = 0
         self.peak_procs = 0
         self.cpu: list[tuple[float, float]] = []  # (time, CPU s of the direct children)
-        self._cpu_of: dict[int, float] = {}
+        self._cpu_of: dict[int, float] = {}  # direct children
+        self._tree_cpu: dict[int, float] = {}  # every descendant, last seen
+        self._me0 = self._own_cpu()
+        self._busy0, self._t0 = self._busy(), time.monotonic()
+        self.tree_cpu = self.machine_cpu = self.seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
         self._thread.start()
+
+    def _own_cpu(self) -> float:
+        t = self.me.cpu_times()
+        return t.user + t.system
+
+    @staticmethod
+    def _busy() -> float:
+        import psutil
+
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
 
     def _run(self) -> None:
         import psutil
@@ -258,6 +274,8 @@ class TreeSampler:
             for proc in self.me.children(recursive=True):
                 with contextlib.suppress(psutil.Error):
                     total += proc.memory_info().rss
+                    t = proc.cpu_times()
+                    self._tree_cpu[proc.pid] = t.user + t.system
                     count += 1
             if total > self.peak:
                 self.peak, self.peak_procs = total, count
@@ -268,9 +286,21 @@ class TreeSampler:
             self.cpu.append((time.time(), sum(self._cpu_of.values())))
             self._stop.wait(SAMPLE_EVERY)
 
+    @property
+    def other_load(self) -> float:
+        """Cores' worth of CPU used outside this benchmark's process tree during the run
+        (other jobs on the machine); approximate: a process's last 0.25 s is missed."""
+        if not self.seconds:
+            return 0.0
+        ours = self.tree_cpu + self._own_cpu() - self._me0
+        return max(0.0, self.machine_cpu - ours) / self.seconds
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        self.tree_cpu = sum(self._tree_cpu.values())
+        self.machine_cpu = self._busy() - self._busy0
+        self.seconds = time.monotonic() - self._t0
 
     def cpu_between(self, t0: float, t1: float) -> float | None:
         """CPU seconds of the simulation process between two wall-clock times (nearest
@@ -301,6 +331,8 @@ class Run:
     peak_rss: int = 0
     peak_procs: int = 0
     driver_cpu: float | None = None  # CPU s per round of the simulation process
+    tree_cpu: float = 0.0  # CPU s of the whole process tree over the run
+    other_load: float = 0.0  # cores busy with other jobs meanwhile (mean)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -323,6 +355,7 @@ def _median(values: list[float]) -> float | None:
 
 def _finish(run: Run, sampler: TreeSampler) -> None:
     run.peak_rss, run.peak_procs = sampler.peak, sampler.peak_procs
+    run.tree_cpu, run.other_load = sampler.tree_cpu, sampler.other_load
     e = run.round_ends
     if 1 in e and run.rounds in e and run.rounds > 1:
         cpu = sampler.cpu_between(e[1], e[run.rounds])
@@ -504,7 +537,8 @@ def describe(r: Run) -> str:
     secs = ", ".join(f"{v:.2f}" for v in r.round_seconds())
     first = r.round_ends[1] - r.start if 1 in r.round_ends else None
     text = (f"{r.arm:6s} N={r.n:5d}: wall {r.wall:.1f} s, start → end of round 1 "
-            f"{_fmt(first, 1)} s, rounds 2..{r.rounds} [{secs}] s")
+            f"{_fmt(first, 1)} s, rounds 2..{r.rounds} [{secs}] s; process tree CPU "
+            f"{r.tree_cpu:.0f} s; other jobs on the machine: {r.other_load:.2f} cores")
     if r.error:
         text += f"\n    error: {r.error}"
     for note in r.notes:

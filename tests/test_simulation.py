@@ -238,3 +238,25 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "xflwb", "simulate", "sim_cnn", "--data-dir",
                           str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "needs clients" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):
+    import os
+    import time
+
+    sim = xflwb.simulate(export, android=2, ios=2, rounds=500, data_dir=tmp_path / "d",
+                         wait=False)
+    deadline = time.monotonic() + 300
+    while sim.round < 1:
+        assert sim.status == "running" and time.monotonic() < deadline, sim.info["error"]
+        time.sleep(0.2)
+    pid = sim.info["pid"]
+    sim.stop()
+    assert sim.status == "stopped"
+    time.sleep(1.0)
+    with pytest.raises(ProcessLookupError):  # nothing left of its process group (Ray)
+        os.killpg(pid, 0)
+    # what it learnt so far is kept
+    assert len(sim.global_parameters()) == 4 and sim.round >= 1

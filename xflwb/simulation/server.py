@@ -123,6 +123,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         cfg.check_platforms(m)
         initial = manifest_mod.initial_parameters(m)
         backend = _init_ray(cfg)
+        signal.signal(signal.SIGTERM, _term)  # ray.init installed its own (sys.exit)
         wanted = [p for p in ("android", "ios") if getattr(cfg, p)]
         blob, sha = sim_client.make_bundle(m, wanted)
         spec = sim_client.ClientSpec(
