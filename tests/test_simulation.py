@@ -265,3 +265,4 @@ def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):
         time.sleep(0.5)
     # what it learnt so far is kept
     assert len(sim.global_parameters()) == 4 and sim.round >= 1
+    assert "simulated android=2 ios=2" in repr(sim)

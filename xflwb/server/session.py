@@ -241,8 +241,11 @@ class Session:
 
     def __repr__(self) -> str:
         i = self.info
+        cfg = i["config"]
+        where = (f"simulated android={cfg['android']} ios={cfg['ios']}"
+                 if cfg.get("engine") == "simulation" else f"ports={i['ports']}")
         return (f"Session(id={self.id}, model={i['model_name']!r}, status={i['status']!r}, "
-                f"round={i['round']}/{i['config']['rounds']}, ports={i['ports']})")
+                f"round={i['round']}/{cfg['rounds']}, {where})")
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
         """Block until the session ends; returns its final status."""
