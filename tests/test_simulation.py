@@ -213,8 +213,10 @@ def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys):
     assert "simulated 3 Android + 3 iOS clients" in snapshot_html(session)
     ip.run_line_magic("xfl_simulate", "--help")
     assert "Simulation Engine" in capsys.readouterr().out
-    assert ip.run_line_magic("xfl_simulate", "sim_export --rounds 1") is None
+    assert ip.run_line_magic("xfl_simulate", f"sim_export --rounds 1 --data-dir {tmp_path / 'e'}"
+                             ) is None
     assert "needs clients" in capsys.readouterr().out
+    assert not (tmp_path / "e").exists()  # bad options publish nothing
 
 
 @pytest.mark.slow

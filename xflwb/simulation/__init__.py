@@ -43,6 +43,7 @@ def resolve_model(registry: Any, name_or_export: Any) -> str:
 def start(manager: Any, name_or_export: Any, *, wait: bool, timeout: float | None,
           **options: Any) -> Any:
     """Start a simulation on ``manager`` (a ``SessionManager``); optionally wait for it."""
+    SimulationConfig(**options)  # bad options fail before anything is published
     name = resolve_model(manager.registry, name_or_export)
     session = manager.start_simulation(name, **options)
     if wait:
@@ -79,13 +80,15 @@ def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str =
     ``wait=False`` returns at once (the simulation runs in its own process); otherwise it
     blocks until the end and raises if the simulation failed.
     """
+    options = dict(android=android, ios=ios, dataset=dataset, partition=partition,
+                   rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
+                   local_epochs=local_epochs, seed=seed, backend_config=backend_config,
+                   ray_address=ray_address, fraction_evaluate=fraction_evaluate,
+                   min_clients=min_clients, strategy_options=dict(strategy_options or {}),
+                   test_fraction=test_fraction)
+    SimulationConfig(**options)  # bad options fail before a data directory is made
     return start(_manager(data_dir, db_url), name_or_export, wait=wait, timeout=timeout,
-                 android=android, ios=ios, dataset=dataset, partition=partition,
-                 rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
-                 local_epochs=local_epochs, seed=seed, backend_config=backend_config,
-                 ray_address=ray_address, fraction_evaluate=fraction_evaluate,
-                 min_clients=min_clients, strategy_options=dict(strategy_options or {}),
-                 test_fraction=test_fraction)
+                 **options)
 
 
 __all__ = ["SimulationConfig", "simulate"]

@@ -132,6 +132,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             test_fraction=cfg.test_fraction)
         # fail here, once, on data that cannot be split this way (not in every worker)
         sim_client.client_data(spec, 0)
+        sim_client._partitions.cache_clear()  # the workers need the data, this process not
 
         on_fit, on_eval = round_recorders(registry, session_id, model)
         strategy = CrossPlatformStrategy(
