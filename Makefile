@@ -22,8 +22,11 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP)  # about 35 minutes in all on 2 cores
 	$(BIN)/python benchmarks/export_and_runtimes.py
+	$(BIN)/python benchmarks/aggregate.py
+	$(BIN)/python benchmarks/fleet_scale.py
+	$(BIN)/python benchmarks/simulation_scale.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache
