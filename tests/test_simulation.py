@@ -268,3 +268,43 @@ def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):
     # what it learnt so far is kept
     assert len(sim.global_parameters()) == 4 and sim.round >= 1
     assert "simulated android=2 ios=2" in repr(sim)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_attaches_to_an_existing_ray_cluster(export, tmp_path):
+    """``ray_address`` joins a running cluster (GCS address, then Ray Client ``ray://``):
+    artifacts travel through the object store, the cluster outlives the simulation, and
+    both ways give the same model (same partitions, seeds and batches)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    gcs, client = _free_port(), _free_port()
+    subprocess.run([ray, "start", "--head", "--port", str(gcs), "--ray-client-server-port",
+                    str(client), "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=180)
+    try:
+        runs = {}
+        for address in (f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"):
+            sim = xflwb.simulate(export, android=1, ios=1, rounds=2, seed=5,
+                                 ray_address=address, data_dir=tmp_path / "d", timeout=600)
+            assert sim.info["config"]["ray_address"] == address
+            runs[address] = sim.global_parameters()
+        status = subprocess.run([ray, "status", "--address", f"127.0.0.1:{gcs}"],
+                                capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0 and "Active" in status.stdout  # still up
+    finally:
+        subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=180)
+    a, b = runs.values()
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
