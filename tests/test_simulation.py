@@ -45,6 +45,7 @@ def export(tmp_path_factory):
     ({"android": 2, "strategy": "fedprox9"}, "unknown strategy"),
     ({"android": 2, "rounds": 0}, "rounds must be a positive"),
     ({"android": 2, "backend_config": "ray"}, "backend_config must be a dict"),
+    ({"android": 2, "drop_prob": 1.0}, r"drop_prob must be in \[0, 1\)"),
 ])
 def test_config_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -117,6 +118,14 @@ def test_sim_client_trains_the_real_artifacts_in_platform_layout(export):
         assert params.decode_tensors(c.fit(npy).parameters.tensors)[1] == "npy"
         ev = c.evaluate(EvaluateIns(ins.parameters, {}))
         assert ev.num_examples == len(xt) and 0 <= ev.metrics["accuracy"] <= 1
+    # a dropout is a failed fit (non-OK status), counted as an attempt but not as a round
+    from dataclasses import replace
+
+    state = RecordDict()
+    dropper = client.SimClient(replace(spec, drop_prob=0.999), 0, state)
+    res = dropper.fit(ins)
+    assert res.status.code != client.Code.OK and res.num_examples == 0
+    assert dict(state.config_records["xflwb"]) == {"rounds_done": 0, "attempts": 1}
     # one runtime per worker and platform, reused by every client and round
     assert client.runtime_for(spec, "ios") is client.runtime_for(spec, "ios")
 
@@ -228,13 +237,20 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path):
     import pandas as pd
 
     out = tmp_path / "history.csv"
-    cmd = [sys.executable, "-m", "xflwb", "simulate", str(export.directory), "--android", "1",
-           "--ios", "1", "--rounds", "1", "--data-dir", str(tmp_path / "d"), "--out", str(out)]
+    cmd = [sys.executable, "-m", "xflwb", "simulate", str(export.directory), "--android", "2",
+           "--ios", "2", "--rounds", "2", "--drop-prob", "0.5", "--data-dir",
+           str(tmp_path / "d"), "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "finished, round 1" in proc.stdout and "android" in proc.stdout
+    assert "finished, round 2" in proc.stdout and "android" in proc.stdout
     hist = pd.read_csv(out)
-    assert {"android", "ios", "all"} <= set(hist.platform) and hist["round"].max() == 1
+    assert {"android", "ios", "all"} <= set(hist.platform) and hist["round"].max() == 2
+    # dropouts: seeded per client and attempt, failures for Flower, the rest aggregated
+    fails = hist.query("metric == 'failures' and platform == 'all'")["value"].tolist()
+    clients = hist.query("metric == 'clients' and platform == 'all'")["value"].tolist()
+    want = [sum(np.random.default_rng([0, pid, r]).random() < 0.5 for pid in range(4))
+            for r in range(2)]
+    assert fails == want and [c + f for c, f in zip(clients, fails, strict=True)] == [4, 4]
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "never overwritten" in again.stderr
     bad = subprocess.run([sys.executable, "-m", "xflwb", "simulate", "sim_cnn", "--data-dir",

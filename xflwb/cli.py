@@ -190,7 +190,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            strategy=args.strategy, fraction_fit=args.fraction_fit,
                            fraction_evaluate=args.fraction_evaluate,
                            min_clients=args.min_clients, local_epochs=args.local_epochs,
-                           seed=args.seed, ray_address=args.ray_address,
+                           seed=args.seed, drop_prob=args.drop_prob,
+                           ray_address=args.ray_address,
                            data_dir=args.data_dir, timeout=args.timeout)
     except (ValueError, RuntimeError, TimeoutError) as exc:
         print(f"xflwb simulate: error: {exc}", file=sys.stderr)
@@ -284,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--min-clients", type=int, default=None)
     m.add_argument("--local-epochs", type=int, default=1)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--drop-prob", type=float, default=0.0,
+                   help="chance that a sampled client drops out of a fit")
     m.add_argument("--ray-address", default=None, help='"auto" or ray://host:10001')
     m.add_argument("--data-dir", default="xfl-data")
     m.add_argument("--timeout", type=float, default=None, help="seconds (default: none)")

@@ -147,6 +147,8 @@ def _simulate_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-clients", type=int, default=None)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--drop-prob", type=float, default=0.0,
+                   help="chance that a sampled client drops out of a fit")
     p.add_argument("--ray-address", default=None,
                    help='attach to a Ray cluster ("auto", "ray://host:10001")')
     p.add_argument("--data-dir", default="xfl-data")
@@ -301,7 +303,8 @@ class XflServerMagics(Magics):
                        dataset=args.dataset, partition=args.partition, strategy=args.strategy,
                        fraction_fit=args.fraction_fit, fraction_evaluate=args.fraction_evaluate,
                        min_clients=args.min_clients, local_epochs=args.local_epochs,
-                       seed=args.seed, ray_address=args.ray_address)
+                       seed=args.seed, drop_prob=args.drop_prob,
+                       ray_address=args.ray_address)
         wb = XflServerMagics.workbench
         try:
             if wb is not None and wb.running:

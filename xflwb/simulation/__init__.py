@@ -61,6 +61,7 @@ def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str =
              backend_config: dict[str, Any] | None = None, ray_address: str | None = None,
              *, fraction_evaluate: float | None = None, min_clients: int | None = None,
              strategy_options: dict[str, Any] | None = None, test_fraction: float = 0.2,
+             drop_prob: float = 0.0,
              data_dir: str | os.PathLike[str] = "xfl-data", db_url: str | None = None,
              wait: bool = True, timeout: float | None = None) -> Any:
     """Federated training of an export on a simulated fleet; returns a ``Session``.
@@ -69,7 +70,9 @@ def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str =
     the ``.mlmodel`` in xflwb's Core ML executor, each on its partition of ``dataset``
     (``partition``: ``iid`` | ``dirichlet:α`` | ``shards:k``; per-client train/test split
     ``test_fraction``). Each round samples ``fraction_fit`` of the fleet (at least
-    ``min_clients``) and evaluates ``fraction_evaluate`` (default: the same fraction).
+    ``min_clients``) and evaluates ``fraction_evaluate`` (default: the same fraction). A
+    sampled client drops out of a fit with probability ``drop_prob`` (seeded; counted in
+    the round's ``failures``).
 
     ``ray_address`` (``"auto"``, ``"ray://host:10001"``) attaches to a running Ray cluster
     whose nodes have xflwb installed; the artifacts travel through Ray's object store.
@@ -85,7 +88,7 @@ def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str =
                    local_epochs=local_epochs, seed=seed, backend_config=backend_config,
                    ray_address=ray_address, fraction_evaluate=fraction_evaluate,
                    min_clients=min_clients, strategy_options=dict(strategy_options or {}),
-                   test_fraction=test_fraction)
+                   test_fraction=test_fraction, drop_prob=drop_prob)
     SimulationConfig(**options)  # bad options fail before a data directory is made
     return start(_manager(data_dir, db_url), name_or_export, wait=wait, timeout=timeout,
                  **options)

@@ -50,6 +50,7 @@ class ClientSpec:
     partition: str
     seed: int
     test_fraction: float
+    drop_prob: float = 0.0
 
     def platform_of(self, partition_id: int) -> str:
         return "android" if partition_id < self.android else "ios"
@@ -128,12 +129,14 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
                                      properties={"platform": self.platform,
                                                  "partition_id": self.pid})
 
-    def _rounds_done(self) -> int:
+    def _counters(self) -> tuple[int, int]:
+        """(fits completed, fits attempted) by this client so far."""
         rec = self.state.config_records.get("xflwb")
-        return int(rec["rounds_done"]) if rec is not None else 0
+        return (int(rec["rounds_done"]), int(rec["attempts"])) if rec is not None else (0, 0)
 
-    def _set_rounds_done(self, n: int) -> None:
-        self.state.config_records["xflwb"] = _API.ConfigRecord({"rounds_done": n})
+    def _set_counters(self, done: int, attempts: int) -> None:
+        self.state.config_records["xflwb"] = _API.ConfigRecord(
+            {"rounds_done": done, "attempts": attempts})
 
     def _load(self, parameters: Any) -> tuple[Any, str]:
         rt = runtime_for(self.spec, self.platform)
@@ -142,13 +145,23 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         return rt, codec
 
     def fit(self, ins: Any) -> Any:
+        done, attempts = self._counters()
+        self._set_counters(done, attempts + 1)
+        if self.spec.drop_prob > 0:
+            draw = np.random.default_rng([self.spec.seed, self.pid, attempts]).random()
+            if draw < self.spec.drop_prob:
+                # a non-OK status is a failure to Flower's server, like a lost phone, without
+                # a traceback in the log for every dropout of a large fleet
+                return FitRes(status=Status(code=Code.FIT_NOT_IMPLEMENTED,
+                                            message="dropped out (simulated, drop_prob)"),
+                              parameters=Parameters(tensors=[], tensor_type=""),
+                              num_examples=0, metrics={})
         x, y, _, _ = client_data(self.spec, self.pid)
         rt, codec = self._load(ins.parameters)
         epochs = int(ins.config.get("local_epochs", 1))
-        done = self._rounds_done()
         # the same per-round seed a virtual phone uses: seed + rounds it has trained
         losses = rt.fit(x, y, epochs=epochs, seed=self.spec.seed + done)
-        self._set_rounds_done(done + 1)
+        self._set_counters(done + 1, attempts + 1)
         out = Parameters(tensors=params.encode_tensors(rt.get_parameters(), codec),
                          tensor_type=TENSOR_TYPES[codec])
         return FitRes(status=Status(code=Code.OK, message=""), parameters=out,

@@ -31,6 +31,9 @@ class SimulationConfig:
     local_epochs: int = 1
     seed: int = 0
     test_fraction: float = 0.2
+    #: chance that a sampled client drops out of a fit (seeded per client and attempt):
+    #: a failure for that round, as a phone that loses its connection is
+    drop_prob: float = 0.0
     backend_config: dict[str, Any] | None = None
     ray_address: str | None = None
     round_timeout: float = 3600.0
@@ -70,6 +73,9 @@ class SimulationConfig:
                              f"got {self.min_clients!r}")
         if not 0 <= self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
+        if (isinstance(self.drop_prob, bool) or not isinstance(self.drop_prob, int | float)
+                or not 0 <= self.drop_prob < 1):
+            raise ValueError(f"drop_prob must be in [0, 1), got {self.drop_prob!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if str(self.strategy).lower() not in SERVER_STRATEGIES:

@@ -129,7 +129,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         spec = sim_client.ClientSpec(
             bundle=ray.put(blob), bundle_sha=sha, android=cfg.android, ios=cfg.ios,
             dataset=cfg.dataset, partition=cfg.partition, seed=cfg.seed,
-            test_fraction=cfg.test_fraction)
+            test_fraction=cfg.test_fraction, drop_prob=float(cfg.drop_prob))
         # fail here, once, on data that cannot be split this way (not in every worker)
         sim_client.client_data(spec, 0)
         sim_client._partitions.cache_clear()  # the workers need the data, this process not
