@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,6 +93,10 @@ def runtime_for(spec: ClientSpec, platform: str) -> Any:
         from xflwb.bridge import runtime
 
         _RUNTIMES[key] = runtime.load(_bundle_dir(spec), platform)
+        # one line per load in the simulation log (Ray forwards worker output): how often
+        # a runtime is loaded is visible, and should be once per worker and platform
+        print(f"xflwb worker {os.getpid()}: loaded {platform} runtime {spec.bundle_sha}",
+              file=sys.stderr, flush=True)
     return _RUNTIMES[key]
 
 
