@@ -10,10 +10,9 @@ import keras
 import pytest
 
 
-@pytest.fixture
-def cnn():
+def digits_cnn(seed: int = 1):
     """The digits CNN shape: conv same → maxpool → flatten → dense softmax."""
-    keras.utils.set_random_seed(1)
+    keras.utils.set_random_seed(seed)
     return keras.Sequential([
         keras.Input((8, 8, 1)),
         keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
@@ -21,6 +20,11 @@ def cnn():
         keras.layers.Flatten(),
         keras.layers.Dense(10, activation="softmax"),
     ])
+
+
+@pytest.fixture
+def cnn():
+    return digits_cnn(1)
 
 
 @pytest.fixture

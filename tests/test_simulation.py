@@ -10,26 +10,16 @@ import numpy as np
 import pytest
 
 import xflwb
+from tests.conftest import digits_cnn
 from xflwb.bridge import params, runtime
 from xflwb.devices import datasets
 from xflwb.server.registry import Registry
 from xflwb.simulation import SimulationConfig
 
 
-def _cnn(seed: int = 21):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((8, 8, 1)),
-        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(10, activation="softmax"),
-    ])
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
-    return xflwb.export(_cnn(), name="sim_cnn", data_type="digits",
+    return xflwb.export(digits_cnn(21), name="sim_cnn", data_type="digits",
                         out_dir=tmp_path_factory.mktemp("exp"),
                         optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9))
 

@@ -168,9 +168,11 @@ class Workbench:
         dashboards and the admin API see it); does not block unless ``wait=True``."""
         from xflwb import simulation
 
-        self._reg()
-        assert self.sessions is not None
-        return simulation.start(self.sessions, name_or_export, wait=wait, timeout=timeout,
+        def manager() -> Any:
+            self._reg()
+            return self.sessions
+
+        return simulation.start(manager, name_or_export, wait=wait, timeout=timeout,
                                 android=android, ios=ios, **options)
 
     def session(self, session_id: int) -> Session:

@@ -309,6 +309,13 @@ def device_data(dataset: str, partition: str, num_partitions: int, partition_id:
         raise ValueError(f"partition_id={partition_id} out of range: "
                          f"expected 0 <= partition_id < num_partitions={num_partitions}")
     x, y = _partitions(dataset, partition, num_partitions, seed)[0][partition_id]
+    return local_data(x, y, partition_id, num_partitions, seed, test_fraction)
+
+
+def local_data(x: np.ndarray, y: np.ndarray, partition_id: int, num_partitions: int,
+               seed: int = 0, test_fraction: float = 0.2) -> DeviceData:
+    """A device's train/test split of its partition ``(x, y)`` (seeded by ``seed`` and
+    ``partition_id``); ``device_data`` and simulated clients split the same way."""
     train, test = _local_split(len(y), test_fraction, seed, partition_id)
     return DeviceData(x[train], y[train], x[test], y[test], int(partition_id),
                       int(num_partitions))

@@ -127,15 +127,21 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any]
     return on_fit, on_eval
 
 
-def run_session(data_dir: str, db_url: str, session_id: int) -> None:
-    """Entry point of a session process."""
-    # Flower logs through its own handler; give xflwb's loggers one (no root config)
+def process_logger(label: str) -> logging.Logger:
+    """The ``xflwb`` logger of a session or simulation process, labelled in its log file.
+
+    Flower logs through its own handler; xflwb's loggers get one too (no root config)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s session-{session_id} %(name)s: "
-                                           "%(message)s"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {label} %(name)s: %(message)s"))
     xlog = logging.getLogger("xflwb")
     xlog.addHandler(handler)
     xlog.setLevel(logging.INFO)
+    return xlog
+
+
+def run_session(data_dir: str, db_url: str, session_id: int) -> None:
+    """Entry point of a session process."""
+    xlog = process_logger(f"session-{session_id}")
     registry = Registry(data_dir, db_url)
     servers: list[Any] = []
     stopping = {"flag": False}
@@ -309,13 +315,14 @@ class SessionManager:
         sid = self.registry.create_session(model, asdict(cfg))
         return self._launch(sid, "xflwb.server.session", wait_ready)
 
-    def start_simulation(self, model_name: str, wait_ready: float = 120.0,
+    def start_simulation(self, model_name: str, config: Any = None, wait_ready: float = 120.0,
                          **options: Any) -> Session:
         """Run ``model_name`` on Flower's Simulation Engine (see ``xflwb.simulate``); the
-        handle is a ``Session`` like any other, recorded in the same registry."""
+        handle is a ``Session`` like any other, recorded in the same registry. ``config``
+        is a ``SimulationConfig`` (else one is made from ``options``)."""
         from xflwb.simulation.config import SimulationConfig
 
-        cfg = SimulationConfig(**options)
+        cfg = config if config is not None else SimulationConfig(**options)
         model = self.registry.latest_model(model_name)
         cfg.check_platforms(model["manifest"])
         sid = self.registry.create_session(model, asdict(cfg))

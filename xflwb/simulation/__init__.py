@@ -10,6 +10,7 @@ the same ``CrossPlatformStrategy`` and ``StreamingFedAvg`` as phones. It returns
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,15 @@ def resolve_model(registry: Any, name_or_export: Any) -> str:
     return str(registry.publish(name_or_export)["name"])
 
 
-def start(manager: Any, name_or_export: Any, *, wait: bool, timeout: float | None,
-          **options: Any) -> Any:
-    """Start a simulation on ``manager`` (a ``SessionManager``); optionally wait for it."""
-    SimulationConfig(**options)  # bad options fail before anything is published
+def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
+          timeout: float | None, **options: Any) -> Any:
+    """Start a simulation on the ``SessionManager`` ``get_manager()`` gives; optionally wait.
+
+    The options are validated first: bad ones publish nothing and create no directory."""
+    cfg = SimulationConfig(**options)
+    manager = get_manager()
     name = resolve_model(manager.registry, name_or_export)
-    session = manager.start_simulation(name, **options)
+    session = manager.start_simulation(name, config=cfg)
     if wait:
         status = session.wait(timeout=timeout)
         if status != "finished":
@@ -89,9 +93,8 @@ def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str =
                    ray_address=ray_address, fraction_evaluate=fraction_evaluate,
                    min_clients=min_clients, strategy_options=dict(strategy_options or {}),
                    test_fraction=test_fraction, drop_prob=drop_prob)
-    SimulationConfig(**options)  # bad options fail before a data directory is made
-    return start(_manager(data_dir, db_url), name_or_export, wait=wait, timeout=timeout,
-                 **options)
+    return start(lambda: _manager(data_dir, db_url), name_or_export, wait=wait,
+                 timeout=timeout, **options)
 
 
 __all__ = ["SimulationConfig", "simulate"]

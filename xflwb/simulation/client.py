@@ -31,6 +31,7 @@ from xflwb.server.flower_legacy import (
     Status,
     simulation_api,
 )
+from xflwb.simulation.config import platform_of
 
 #: (bundle sha, platform) → loaded runtime, for the life of the Ray worker
 _RUNTIMES: dict[tuple[str, str], Any] = {}
@@ -55,7 +56,7 @@ class ClientSpec:
     drop_prob: float = 0.0
 
     def platform_of(self, partition_id: int) -> str:
-        return "android" if partition_id < self.android else "ios"
+        return platform_of(partition_id, self.android)
 
 
 def make_bundle(manifest: dict[str, Any], platforms: list[str]) -> tuple[dict[str, bytes], str]:
@@ -110,12 +111,12 @@ def _partitions(dataset: str, partition: str, num_partitions: int, seed: int) ->
 def client_data(spec: ClientSpec, partition_id: int) -> tuple[np.ndarray, ...]:
     """(x_train, y_train, x_test, y_test) exactly as ``device_data`` gives a virtual phone,
     with the whole-dataset partitioning done once per worker instead of once per client."""
-    from xflwb.devices.partition import _local_split
+    from xflwb.devices.partition import local_data
 
     n = spec.android + spec.ios
     x, y = _partitions(spec.dataset, spec.partition, n, spec.seed)[partition_id]
-    train, test = _local_split(len(y), spec.test_fraction, spec.seed, partition_id)
-    return x[train], y[train], x[test], y[test]
+    d = local_data(x, y, partition_id, n, spec.seed, spec.test_fraction)
+    return d.x_train, d.y_train, d.x_test, d.y_test
 
 
 _API = simulation_api()

@@ -8,6 +8,11 @@ from typing import Any
 PLATFORMS = ("android", "ios")
 
 
+def platform_of(partition_id: int, android: int) -> str:
+    """Clients ``0..android-1`` are Android, the rest iOS (``wb.spawn_devices``' order)."""
+    return "android" if partition_id < android else "ios"
+
+
 @dataclass
 class SimulationConfig:
     """A simulated fleet: ``android`` + ``ios`` clients on partitions of one dataset.
@@ -93,7 +98,7 @@ class SimulationConfig:
         return int(self.android) + int(self.ios)
 
     def platform_of(self, partition_id: int) -> str:
-        return "android" if partition_id < self.android else "ios"
+        return platform_of(partition_id, self.android)
 
     def check_platforms(self, manifest: dict[str, Any]) -> None:
         """Every platform asked for must have been exported."""

@@ -20,22 +20,25 @@ import traceback
 from typing import Any
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.server.flower_legacy import SimpleClientManager
 from xflwb.server.registry import Registry
+from xflwb.server.session import process_logger
 from xflwb.simulation.config import SimulationConfig
 
 log = logging.getLogger("xflwb.simulation")
 
 
-def _platform_client_manager(base: type, platform_of: dict[int, str]) -> Any:
-    class NodeClientManager(base):  # type: ignore[misc, valid-type]
-        """Tags each simulated node with its platform, as ``PlatformClientManager`` does
-        for phones by port (a Grid proxy carries neither port nor platform)."""
+class NodeClientManager(SimpleClientManager):
+    """Tags each simulated node with its platform, as ``PlatformClientManager`` does for
+    phones by port (a Grid proxy carries neither port nor platform)."""
 
-        def register(self, client: Any) -> bool:
-            client.platform = platform_of.get(int(client.node_id), "unknown")
-            return super().register(client)
+    def __init__(self, platform_of: dict[int, str]) -> None:
+        super().__init__()
+        self.platform_of = platform_of
 
-    return NodeClientManager()
+    def register(self, client: Any) -> bool:
+        client.platform = self.platform_of.get(int(client.node_id), "unknown")
+        return super().register(client)
 
 
 def ask_platforms(api: Any, grid: Any, expected: int, timeout: float = 600.0
@@ -88,12 +91,7 @@ def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
 def run(data_dir: str, db_url: str, session_id: int) -> None:
     """Entry point of a simulation process."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here, nor wanted
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s simulation-{session_id} %(name)s: "
-                                           "%(message)s"))
-    xlog = logging.getLogger("xflwb")
-    xlog.addHandler(handler)
-    xlog.setLevel(logging.INFO)
+    xlog = process_logger(f"simulation-{session_id}")
     registry = Registry(data_dir, db_url)
     stopping = {"flag": False}
 
@@ -110,7 +108,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
     try:
         import ray
 
-        from xflwb.server.flower_legacy import Server, SimpleClientManager, simulation_api
+        from xflwb.server.flower_legacy import Server, simulation_api
         from xflwb.server.session import round_recorders, save_checkpoint
         from xflwb.server.strategy import CrossPlatformStrategy
         from xflwb.simulation import client as sim_client
@@ -149,7 +147,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             platform_of = ask_platforms(api, grid, cfg.num_clients)
             counts = {p: sum(v == p for v in platform_of.values()) for p in ("android", "ios")}
             xlog.info("simulation %s: %s nodes up (%s)", session_id, len(platform_of), counts)
-            cm = _platform_client_manager(SimpleClientManager, platform_of)
+            cm = NodeClientManager(platform_of)
             server = Server(client_manager=cm, strategy=strategy)
             server.set_max_workers(cfg.max_workers)
             api.start_grid(grid=grid, server=server,
