@@ -203,15 +203,30 @@ def test_crashed_session_resumes_from_checkpoint(wb, exports):
     res = exports["alpha"]
     wb.publish(res)
     s = wb.train("alpha", rounds=5, min_clients=1, round_timeout=60)
-    phone = WirePhone(wb.url, "android", "alpha-data", Updates(5, "delta"), device_id=51)
-    phone.start()
+    # The phone holds its third update until the kill, so the session cannot finish first
+    # (rounds take milliseconds; without the hold, all 5 can end before the SIGKILL lands).
+    release = threading.Event()
+    updates = Updates(5, "delta")
+
+    def held(tensors, round_idx):
+        if round_idx >= 2:
+            release.wait(60)
+        return updates(tensors, round_idx)
+
+    phone = WirePhone(wb.url, "android", "alpha-data", held, device_id=51)
+    thread = phone.start()
     deadline = time.monotonic() + 60
     while s.round < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert s.round >= 2
+    assert s.round == 2
     os.kill(s.info["pid"], signal.SIGKILL)  # the session process dies without a word
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while s.status != "crashed" and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert s.status == "crashed"
+    assert "exited unexpectedly" in s.info["error"]
+    release.set()
+    thread.join(60)
     saved = s.global_parameters()
     # the kernel (this process) and the API survive; a new session resumes from the checkpoint
     r = httpx.get(f"{wb.url}/api/v1/sessions", headers={"Authorization": "Bearer secret"})
