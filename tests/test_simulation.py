@@ -255,6 +255,40 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path):
     assert bad.returncode == 2 and "needs clients" in bad.stderr
 
 
+def test_ray_client_server_failure_is_asked_again(monkeypatch):
+    """A Ray Client cluster whose per-client server fails to start (transient) is asked
+    again; any other connection error, or a failure that persists, is raised as is."""
+    from xflwb.simulation import server
+
+    monkeypatch.setattr(server.time, "sleep", lambda _s: None)
+
+    class Cluster:  # stands in for the ``ray`` module at connect time only
+        def __init__(self, failures: list[Exception]) -> None:
+            self.failures, self.inits, self.shutdowns = failures, 0, 0
+
+        def init(self, **_kwargs) -> None:
+            self.inits += 1
+            if self.failures:
+                raise self.failures.pop(0)
+
+        def shutdown(self) -> None:
+            self.shutdowns += 1
+
+    transient = ConnectionAbortedError("Initialization failure from server:\nRuntimeError: "
+                                       "Starting Ray client server failed. See ...")
+    flaky = Cluster([transient, transient])
+    server._connect(flaky, {"address": "ray://127.0.0.1:10001"})
+    assert (flaky.inits, flaky.shutdowns) == (3, 2)
+    broken = Cluster([transient] * 3)
+    with pytest.raises(ConnectionAbortedError, match="Starting Ray client server failed"):
+        server._connect(broken, {"address": "ray://127.0.0.1:10001"})
+    assert broken.inits == server._CLIENT_SERVER_RETRIES
+    other = Cluster([ConnectionAbortedError("version mismatch")])
+    with pytest.raises(ConnectionAbortedError, match="version mismatch"):
+        server._connect(other, {"address": "ray://127.0.0.1:10001"})
+    assert other.inits == 1
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -116,8 +115,11 @@ class Fleet:
         return [i for i, p in self.procs.items() if p.poll() is None]
 
     def kill(self, device_id: int, sig: int = signal.SIGKILL) -> None:
-        """Kill one device process (e.g. to test robustness)."""
-        os.kill(self.procs[device_id].pid, sig)
+        """Kill one device process (e.g. to test robustness).
+
+        Through ``Popen``: once the process has been reaped its pid may belong to another
+        process (pids wrap at 32768 on small machines), which a bare ``os.kill`` would hit."""
+        self.procs[device_id].send_signal(sig)
 
     def wait(self, timeout: float | None = None) -> pd.DataFrame:
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -84,8 +84,32 @@ def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
         init_args.setdefault("num_cpus", os.cpu_count() or 1)
         init_args.setdefault("include_dashboard", False)
     if not ray.is_initialized():
-        ray.init(**init_args)
+        _connect(ray, init_args)
     return backend
+
+
+# Ray Client (``ray://``) starts a server process per client on the head node; that start
+# fails now and then with an empty log and succeeds when asked again (seen on a loaded
+# 2-core machine). A run of hours should not be lost to it at connect time.
+_CLIENT_SERVER_RETRIES = 3
+
+
+def _connect(ray: Any, init_args: dict[str, Any]) -> None:
+    """``ray.init``, asking a Ray Client cluster again when its per-client server fails."""
+    for attempt in range(1, _CLIENT_SERVER_RETRIES + 1):
+        try:
+            ray.init(**init_args)
+            return
+        except ConnectionAbortedError as exc:
+            if ("Starting Ray client server failed" not in str(exc)
+                    or attempt == _CLIENT_SERVER_RETRIES):
+                raise
+            log.warning("Ray Client server on %s failed to start (attempt %d of %d); "
+                        "asking again", init_args.get("address"), attempt,
+                        _CLIENT_SERVER_RETRIES)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            time.sleep(2.0 * attempt)
 
 
 def run(data_dir: str, db_url: str, session_id: int) -> None:
