@@ -15,12 +15,21 @@ from xflwb.server.aggregate import StreamingFedAvg, aggregate_masked
 SHAPES = [(3, 3, 1, 4), (4,), (agg_mod._CHUNK + 1_001,), (36, 10), (10,), ()]
 
 
-@pytest.fixture(params=["blas", "numpy"])
+@pytest.fixture(params=["blas", "blas-pinned", "numpy"])
 def kernel(request, monkeypatch):
-    """Run each test with the BLAS daxpy hot path and with the pure-numpy fallback."""
+    """Run each test with the BLAS saxpy hot path in slices (a kernel's threaded BLAS), with
+    whole-tensor calls on single-threaded BLAS (what ``pin_blas_threads`` sets up in session
+    processes), and with the pure-numpy fallback."""
     if request.param == "numpy":
         monkeypatch.setattr(agg_mod, "_find_axpy", lambda: agg_mod._numpy_axpy)
-    return request.param
+    if request.param == "blas-pinned":
+        from threadpoolctl import threadpool_limits
+
+        monkeypatch.setattr(agg_mod, "_blas_slice", 1 << 62)
+        with threadpool_limits(1, user_api="blas"):
+            yield request.param
+        return
+    yield request.param
 
 
 def model(rng, scale=1.0):
@@ -266,3 +275,36 @@ def test_aggregate_masked_convenience(kernel):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="contains NaN"):
         aggregate_masked(previous, [(_with(updates[0][0], 0, np.nan), 1, None)])
+
+
+def test_pin_blas_threads_makes_this_process_single_threaded():
+    """A session process calls ``pin_blas_threads``: its BLAS runs on one thread, whole-tensor
+    calls are used, and the average is the one the sliced calls give (to float32 rounding)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import numpy as np\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from xflwb.server import aggregate as agg\n"
+        "agg.pin_blas_threads()  # first, before SciPy's BLAS is loaded (it must be reached)\n"
+        "rng = np.random.default_rng(3)\n"
+        "prev = [rng.standard_normal(50_000, dtype=np.float32)]\n"
+        "ups = [([rng.standard_normal(50_000, dtype=np.float32)], int(n)) for n in range(1, 40)]\n"
+        "step = agg._blas_slice\n"
+        "agg._blas_slice = agg._SLICE_THREADED\n"
+        "sliced = agg.aggregate_masked(prev, [(a, n, None) for a, n in ups])[0]\n"
+        "agg._blas_slice = step\n"
+        "threads = {i['filepath']: i['num_threads'] for i in threadpool_info()\n"
+        "           if i['user_api'] == 'blas'}\n"
+        "assert len(threads) >= 1 and set(threads.values()) == {1}, threads\n"
+        "import scipy.linalg.blas\n"
+        "assert any('scipy.libs' in p for p in threads), threads  # SciPy's own OpenBLAS too\n"
+        "assert agg._blas_slice > 50_000\n"
+        "whole = agg.aggregate_masked(prev, [(a, n, None) for a, n in ups])[0]\n"
+        "np.testing.assert_allclose(whole, sliced, rtol=0, atol=1e-6)\n"
+        "print('pinned')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pinned" in proc.stdout

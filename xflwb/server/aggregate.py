@@ -11,7 +11,7 @@ Why it is shaped this way:
 * float64 running sums, because float32 sums drift further with every client; but each
   update first lands in a float32 block sum (one fused ``y += w·x`` at float32 memory
   speed) that is folded into the float64 sum every ``_BLOCK`` updates. The float32 error is
-  then bounded by ``_BLOCK`` roundings whatever the number of clients (measured 6.5e-8
+  then bounded by ``_BLOCK`` roundings whatever the number of clients (measured 9.8e-8
   relative on 100 clients vs 5e-7 for Flower's float32 FedAvg), and the hot path moves half
   the bytes a float64 sum would (benchmarks/aggregate.py);
 * validate first, because a NaN that reached a sum could not be taken out again.
@@ -25,15 +25,36 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["StreamingFedAvg", "aggregate_masked"]
+__all__ = ["StreamingFedAvg", "aggregate_masked", "pin_blas_threads"]
 
 # Updates per float32 block sum before it is folded into the float64 sum: the error bound
-# grows with it, the folding cost shrinks with it; 8 is where the time stops improving.
-_BLOCK = 8
+# grows with it (16 roundings of a float32 sum of 16 updates, ~1e-7 relative at worst),
+# the folding cost shrinks with it (a fold is ~1.5 plain reads of one model; at 8 it was
+# 12 % of the time, at 16 it is 6 %, measured in benchmarks/aggregate.py).
+_BLOCK = 16
 # Elements per slice where a loop needs scratch (≤ 256 KiB, stays in L2).
 _CHUNK = 32_768
-# Longest vector handed to BLAS in one call: OpenBLAS keeps n ≤ 10,000 on the calling thread.
-_BLAS_SLICE = 10_000
+# Longest vector handed to BLAS in one call. OpenBLAS runs n ≤ 10,000 on the calling thread
+# and spreads longer ones over its threads, which then spin-wait and take a core from the
+# devices or Ray workers that share the machine. ``pin_blas_threads`` (called by session and
+# simulation processes) makes whole-tensor calls single-threaded; only then are they used.
+_SLICE_THREADED = 10_000
+_blas_slice = _SLICE_THREADED
+
+
+def pin_blas_threads() -> None:
+    """Run this process's BLAS on the calling thread, and aggregate with whole-tensor calls.
+
+    For processes whose numeric work is aggregation (a session or simulation server): one
+    BLAS call per tensor instead of one per 10,000 elements saves ~1 µs of call overhead
+    per slice, ~0.1 ms per 1M-parameter update, and no BLAS thread ever spins beside them.
+    """
+    global _blas_slice
+    from threadpoolctl import threadpool_limits
+
+    _find_axpy()  # load SciPy's BLAS first: a limit reaches only the libraries loaded
+    threadpool_limits(1, user_api="blas")
+    _blas_slice = 1 << 62
 
 _Axpy = Callable[[np.ndarray, np.ndarray, float], None]
 
@@ -54,10 +75,11 @@ def _find_axpy() -> _Axpy:
 
     SciPy arrives with scikit-learn; the numpy fallback keeps this module numpy-only.
     Resolved on first use (importing scipy.linalg costs ~0.2 s). Calls go in slices of
-    ``_BLAS_SLICE`` elements: OpenBLAS spreads longer vectors over threads, which is a
-    little faster on an idle machine and several times slower when another process holds a
-    core (measured with one busy: median 589 ms against 101 ms for 100 updates of 1M). The
-    probe checks that saxpy updates ``y`` in place, which the hot path relies on.
+    ``_blas_slice`` elements unless ``pin_blas_threads`` ran: OpenBLAS spreads longer
+    vectors over threads, which is a little faster on an idle machine and several times
+    slower when another process holds a core (measured with one busy: median 589 ms against
+    101 ms for 100 updates of 1M). The probe checks that saxpy updates ``y`` in place, which
+    the hot path relies on.
     """
     try:
         from scipy.linalg.blas import saxpy
@@ -65,13 +87,29 @@ def _find_axpy() -> _Axpy:
         return _numpy_axpy
 
     def blas_axpy(x: np.ndarray, y: np.ndarray, w: float) -> None:
-        for lo in range(0, x.size, _BLAS_SLICE):
-            saxpy(x[lo:lo + _BLAS_SLICE], y[lo:lo + _BLAS_SLICE], a=w)
+        step = _blas_slice
+        if x.size <= step:
+            saxpy(x, y, x.size, w)
+            return
+        for lo in range(0, x.size, step):
+            n = min(step, x.size - lo)
+            saxpy(x[lo:lo + n], y[lo:lo + n], n, w)
 
-    probe = np.zeros(_BLAS_SLICE + 4, np.float32)
-    blas_axpy(np.ones(_BLAS_SLICE + 2, np.float32), probe[1:-1], 2.0)
+    probe = np.zeros(_SLICE_THREADED + 4, np.float32)
+    blas_axpy(np.ones(_SLICE_THREADED + 2, np.float32), probe[1:-1], 2.0)
     in_place = probe[0] == 0 and probe[-1] == 0 and bool(np.all(probe[1:-1] == 2))
     return blas_axpy if in_place else _numpy_axpy
+
+
+def _square_norm(flat: np.ndarray) -> np.floating:
+    """``flat·flat`` in float32, in one read and on the calling thread.
+
+    BLAS ``sdot`` is 3× numpy's einsum on cached data, but long vectors run on OpenBLAS's
+    threads unless ``pin_blas_threads`` ran; slicing it costs more in calls than it saves,
+    so an unpinned process keeps einsum (never threaded)."""
+    if _blas_slice == _SLICE_THREADED:
+        return np.einsum("i,i->", flat, flat)
+    return np.dot(flat, flat)
 
 
 def _check_finite(k: int, a: np.ndarray) -> bool:
@@ -79,14 +117,13 @@ def _check_finite(k: int, a: np.ndarray) -> bool:
 
     ``a·a`` is non-finite whenever an element is (NaN and inf propagate, squares never
     cancel), and when finite it bounds every |value| by 1.8e19, far from float32 overflow
-    even times a weight. numpy's einsum computes it in one read at memory speed, without
-    allocating and on the calling thread (BLAS ``dot`` would spread it over threads, see
-    ``_find_axpy``). Only when it overflows does the exact element-wise check run, and such
-    an update then goes to the float64 sum directly instead of through the float32 block sum.
+    even times a weight. It takes one read at memory speed, without allocating. Only when
+    it overflows does the exact element-wise check run, and such an update then goes to the
+    float64 sum directly instead of through the float32 block sum.
     """
     flat = a.reshape(-1)
     with np.errstate(all="ignore"):
-        if np.isfinite(np.einsum("i,i->", flat, flat)):
+        if np.isfinite(_square_norm(flat)):
             return True
     if not np.isfinite(a).all():
         raise ValueError(f"parameter {k} contains NaN or inf (in float32)")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.server.aggregate import pin_blas_threads
 from xflwb.server.registry import ACTIVE, Registry, RegistryError
 
 DONE = ("finished", "failed", "stopped", "crashed")
@@ -142,6 +143,7 @@ def process_logger(label: str) -> logging.Logger:
 def run_session(data_dir: str, db_url: str, session_id: int) -> None:
     """Entry point of a session process."""
     xlog = process_logger(f"session-{session_id}")
+    pin_blas_threads()  # aggregation is this process's numeric work; devices share the CPUs
     registry = Registry(data_dir, db_url)
     servers: list[Any] = []
     stopping = {"flag": False}

@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.server.aggregate import pin_blas_threads
 from xflwb.server.flower_legacy import SimpleClientManager
 from xflwb.server.registry import Registry
 from xflwb.server.session import process_logger
@@ -116,6 +117,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
     """Entry point of a simulation process."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here, nor wanted
     xlog = process_logger(f"simulation-{session_id}")
+    pin_blas_threads()  # the driver aggregates; Ray's workers (other processes) keep theirs
     registry = Registry(data_dir, db_url)
     stopping = {"flag": False}
 
