@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flwr.server.strategy.aggregate import aggregate as flower_aggregate
 
+from tests.conftest import run_python
 from xflwb.server import aggregate as agg_mod
 from xflwb.server.aggregate import StreamingFedAvg, aggregate_masked
 
@@ -280,9 +281,6 @@ def test_aggregate_masked_convenience(kernel):
 def test_pin_blas_threads_makes_this_process_single_threaded():
     """A session process calls ``pin_blas_threads``: its BLAS runs on one thread, whole-tensor
     calls are used, and the average is the one the sliced calls give (to float32 rounding)."""
-    import subprocess
-    import sys
-
     code = (
         "import numpy as np\n"
         "from threadpoolctl import threadpool_info\n"
@@ -304,7 +302,4 @@ def test_pin_blas_threads_makes_this_process_single_threaded():
         "whole = agg.aggregate_masked(prev, [(a, n, None) for a, n in ups])[0]\n"
         "np.testing.assert_allclose(whole, sliced, rtol=0, atol=1e-6)\n"
         "print('pinned')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "pinned" in proc.stdout
+    assert "pinned" in run_python(code).stdout

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import keras
 
 import xflwb
+from tests.conftest import run_python
 
 
 def test_ios_runtime_and_session_code_do_not_import_tensorflow(tmp_path):
@@ -23,7 +21,4 @@ def test_ios_runtime_and_session_code_do_not_import_tensorflow(tmp_path):
         "heavy = [m for m in ('tensorflow', 'coremltools', 'keras') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "print('light')\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "light" in proc.stdout
+    assert "light" in run_python(code).stdout

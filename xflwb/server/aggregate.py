@@ -88,9 +88,6 @@ def _find_axpy() -> _Axpy:
 
     def blas_axpy(x: np.ndarray, y: np.ndarray, w: float) -> None:
         step = _blas_slice
-        if x.size <= step:
-            saxpy(x, y, x.size, w)
-            return
         for lo in range(0, x.size, step):
             n = min(step, x.size - lo)
             saxpy(x[lo:lo + n], y[lo:lo + n], n, w)
