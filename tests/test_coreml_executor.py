@@ -36,7 +36,7 @@ def build(model: keras.Model, loss: str | None = None, opt: optim.Optimizer | No
     g = graph.analyze(model)
     if loss is None:
         loss = CCE if g.final_activation == "softmax" else "mse"
-    b = coreml.build(g, params.canonical(model), loss, opt or optim.SGD(0.05), batch_size,
+    b = coreml.build(g, loss, opt or optim.SGD(0.05), batch_size,
                      epochs)
     return g, b
 
@@ -324,8 +324,8 @@ def test_gradients_match_keras_gradient_tape():
     got_loss, got = CoreMLExecutor(b.spec).loss_and_grads(nchw(x), y)
     assert got_loss == pytest.approx(float(loss), abs=1e-5)
     assert_close_list(got, want, 2e-6, "gradient")
-    # the dense_chw layout (Dense right after Flatten of an HxWxC map) is the one to watch
-    assert b.coreml_layers[4]["layout"] == "dense_chw"
+    # Dense right after Flatten of an HxWxC map: CHANNEL_LAST flatten keeps Keras' order
+    assert b.coreml_layers[4]["layout"] == "dense"
 
 
 def test_max_pool_tie_sends_gradient_to_first_argmax():

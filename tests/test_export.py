@@ -27,7 +27,7 @@ def test_cnn_exports_both_platforms_with_parity(cnn, tmp_path):
     assert res.paths["ios"].name == "cnn-v1.mlmodel"
     m = json.loads(res.paths["manifest"].read_text())
     assert all(k in m for k in REQUIRED)
-    assert m["schema"] == "xflwb.manifest/1" and m["data_type"] == "digits"
+    assert m["schema"] == "xflwb.manifest/2" and m["data_type"] == "digits"
     assert m["classes"] == 10 and m["input"]["shape"] == [8, 8, 1]
     assert m["optimizer"] == {"type": "sgd", "learning_rate": 0.05, "momentum": 0.9}
     assert [p["shape"] for p in m["parameters"]] == [[3, 3, 1, 4], [4], [64, 10], [10]]
@@ -38,7 +38,12 @@ def test_cnn_exports_both_platforms_with_parity(cnn, tmp_path):
     assert [(e["type"], e["shape"], e["canonical"], e["updatable"]) for e in layers] == [
         ("weights", [4, 1, 3, 3], 0, True), ("bias", [4], 1, True),
         ("weights", [10, 64], 2, True), ("bias", [10], 3, True)]
-    assert layers[2]["layout"] == "dense_chw" and layers[2]["chw"] == [4, 4, 4]
+    # CHANNEL_LAST flatten keeps Keras' (h, w, c) order: the Dense kernel is a plain transpose
+    assert layers[2]["layout"] == "dense" and "chw" not in layers[2]
+    assert m["platforms"]["ios"]["flatten_mode"] == "CHANNEL_LAST"
+    # nothing frozen, every parameter trains on both platforms
+    assert m["platforms"]["android"]["trained"] == m["platforms"]["ios"]["trained"] == [0, 1, 2, 3]
+    assert m["frozen"]["tensors"] == 0 and len(m["frozen"]["sha256"]) == 64
     # the parity report covers every check on both platforms and passes
     rep = res.parity
     assert set(rep["platform"]) == {"android", "ios"}
@@ -50,7 +55,8 @@ def test_cnn_exports_both_platforms_with_parity(cnn, tmp_path):
     assert (rep[rep.check.str.startswith("params")]["max_abs_err"] == 0).all()
     assert (rep["tol"][rep.check == "forward"] == 1e-4).all()
     html = res._repr_html_()
-    for needle in ("Layers", "Parameters", "Files", "Parity", "cnn-v1.mlmodel", "dense_chw"):
+    for needle in ("Trainability plan", "Parameters", "Files", "Parity", "cnn-v1.mlmodel",
+                   "bytes per update"):
         assert needle in html
 
 
@@ -208,40 +214,43 @@ def test_dropout_warns_and_parity_explains(tmp_path):
     assert res.warnings and "dropout" in res.warnings[0].lower()
     rep = res.parity.set_index(["platform", "check"])
     assert rep.loc[("ios", "train_step"), "ok"]
-    assert "dropout-free" in rep.loc[("ios", "train_step"), "note"]
+    assert "no dropout" in rep.loc[("ios", "train_step"), "note"]
     assert "not comparable" in rep.loc[("android", "train_step"), "note"]
     assert res.layers.set_index("layer").loc["dropout", "ios"].startswith("identity")
 
 
-def test_android_only_accepts_layers_core_ml_cannot_train(tmp_path):
+def test_strict_ios_training_names_layers_auto_freezes_them(tmp_path):
     keras.utils.set_random_seed(6)
-    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv"),
                               keras.layers.BatchNormalization(name="bn"),
                               keras.layers.LeakyReLU(name="leaky"),
-                              keras.layers.Flatten(), keras.layers.Dense(3,
-                                                                         activation="softmax")])
+                              keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax",
+                                                                         name="head")])
     with pytest.raises(xflwb.ExportError) as err:
-        xflwb.export(model, name="bn", out_dir=tmp_path)
+        xflwb.export(model, name="bn", out_dir=tmp_path, ios_training="strict")
     msg = str(err.value)
-    assert "layer 'bn' (BatchNormalization)" in msg and "layer 'leaky' (LeakyReLU)" in msg
-    assert "platforms=('android',)" in msg
+    assert "layer 'bn' (BatchNormalization)" in msg and "layer 'conv' (Conv2D)" in msg
+    assert "'leaky' (LeakyReLU)" in msg  # the layer that blocks the conv's gradients
+    assert "platforms=('android',)" in msg and "trainable = False" in msg
     assert not (tmp_path / "bn").exists() or not list((tmp_path / "bn").iterdir())
-    res = xflwb.export(model, name="bn", out_dir=tmp_path, platforms=("android",))
+    res = xflwb.export(model, name="bn", out_dir=tmp_path)  # auto: iOS trains the head only
     assert res.parity["ok"].all(), res.parity
+    plan = res.layers.set_index("layer")
+    assert plan.loc["head", "ios"] == "trained" and plan.loc["conv", "ios"] == "frozen on iOS"
+    assert plan.loc["bn", "ios"] == "frozen on iOS" and plan.loc["bn", "android"] == "trained"
+    ios = res.manifest["platforms"]["ios"]
+    assert [e["name"] for e in ios["coreml_layers"]] == ["head", "head"]  # only what it trains
+    assert params.trained_mask(res.manifest, "ios") == [False] * 4 + [True, True]
 
 
-def test_lstm_names_layer_and_fix(tmp_path):
-    model = keras.Sequential([keras.Input((5, 3)), keras.layers.LSTM(4, name="lstm_1"),
+def test_gru_reset_after_names_layer_and_fix(tmp_path):
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.GRU(4, name="gru_1"),
                               keras.layers.Dense(2, activation="softmax")])
-    with pytest.raises(xflwb.ExportError, match="input shape"):
-        xflwb.export(model, name="l", out_dir=tmp_path)
-    model2 = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 2),
-                               keras.layers.Reshape((9, 2)), keras.layers.LSTM(4, name="lstm_1"),
-                               keras.layers.Dense(2, activation="softmax")])
     with pytest.raises(xflwb.ExportError) as err:
-        xflwb.export(model2, name="l", out_dir=tmp_path)
-    assert "layer 'lstm_1' (LSTM)" in str(err.value)
-    assert "drop the 'ios' platform" in str(err.value)
+        xflwb.export(model, name="g", out_dir=tmp_path)
+    assert "layer 'gru_1' (GRU)" in str(err.value)
+    assert "reset_after=False" in str(err.value)
+    assert "platforms=('android',)" in str(err.value)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -290,13 +299,24 @@ def test_cce_needs_softmax(tmp_path):
         xflwb.export(model, name="x", out_dir=tmp_path)
 
 
-def test_functional_branching_is_rejected(tmp_path):
-    inp = keras.Input((4,))
-    a = keras.layers.Dense(3)(inp)
-    b = keras.layers.Dense(3)(inp)
-    out = keras.layers.Softmax()(keras.layers.Add()([a, b]))
-    with pytest.raises(xflwb.ExportError, match="single"):
-        xflwb.export(keras.Model(inp, out), name="x", out_dir=tmp_path)
+@pytest.mark.parametrize("make, match", [
+    (lambda: keras.Model([i1 := keras.Input((4,)), i2 := keras.Input((4,))],
+                         keras.layers.Dense(2, activation="softmax")(
+                             keras.layers.Concatenate()([i1, i2]))), "2 inputs"),
+    (lambda: (lambda d, i: keras.Model(i, keras.layers.Softmax()(
+        keras.layers.Add()([d(i), d(i)]))))(keras.layers.Dense(4, name="shared"),
+                                           keras.Input((4,))), "called more than once"),
+    (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(4),
+                               keras.layers.LayerNormalization(name="ln"),
+                               keras.layers.Dense(2, activation="softmax")]),
+     "replace LayerNormalization by BatchNormalization"),
+    (lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(4, activation="selu"),
+                               keras.layers.Dense(2, activation="softmax")]), "'selu'"),
+])
+def test_unsupported_graphs_name_the_layer_and_fix(make, match, tmp_path):
+    with pytest.raises(xflwb.ExportError, match=match):
+        xflwb.export(make(), name="x", out_dir=tmp_path)
+    assert not (tmp_path / "x").exists()
 
 
 def test_parity_failure_raises_unless_not_strict(cnn, tmp_path, monkeypatch):
@@ -305,8 +325,9 @@ def test_parity_failure_raises_unless_not_strict(cnn, tmp_path, monkeypatch):
 
     real = params_mod.to_platform_array
 
-    def wrong(k, layout, chw=None):
-        return real(k, "dense" if layout == "dense_chw" else layout, chw)
+    def wrong(k, layout, chw=None):  # a conv kernel in the wrong axis order
+        return real(k, layout, chw).swapaxes(2, 3).copy() if layout == "conv" else real(
+            k, layout, chw)
 
     monkeypatch.setattr(params_mod, "to_platform_array", wrong)
     with pytest.raises(xflwb.ParityError) as err:

@@ -214,9 +214,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from xflwb import demo
 
     if args.local_only:
-        demo.run(out=args.out, epochs=args.epochs, seed=args.seed)
+        demo.run(out=args.out, epochs=args.epochs, seed=args.seed, model=args.model)
         return 0
-    result = demo.run_federated(out=args.out, rounds=args.rounds, seed=args.seed)
+    result = demo.run_federated(out=args.out, rounds=args.rounds, seed=args.seed,
+                                model=args.model)
     return 0 if result["status"] == "finished" else 1
 
 
@@ -297,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--epochs", type=int, default=3, help="with --local-only")
     d.add_argument("--rounds", type=int, default=10)
     d.add_argument("--seed", type=int, default=0)
+    # the keys of xflwb.demo.MODELS (not imported here: the parser stays light)
+    d.add_argument("--model", default="digits_cnn", choices=["digits_cnn", "activity"],
+                   help="digits_cnn: Conv2D on 8×8 digits; activity: Conv1D on (32, 3) "
+                   "accelerometer windows (dataset and data type 'activity')")
     d.add_argument("--local-only", action="store_true",
                    help="only export and train the three runtimes side by side")
     d.set_defaults(func=cmd_demo)

@@ -4,7 +4,8 @@ Export a digits CNN for Android and iOS (parity table), start the bundled backen
 run a 10-round Flower session with 2 Android + 2 iOS virtual devices (the real artifacts,
 over the real protocol) on Dirichlet(0.5) partitions, then print per-platform results and
 the global model's accuracy, and save a plot and the history. ``--local-only`` instead
-trains the three runtimes side by side from one start (no server).
+trains the three runtimes side by side from one start (no server). ``--model activity``
+runs either with a Conv1D on the generated ``activity`` accelerometer windows instead.
 """
 
 from __future__ import annotations
@@ -32,9 +33,41 @@ def demo_model(input_shape: tuple[int, ...] = (8, 8, 1), classes: int = 10) -> A
     ], name="digits_cnn")
 
 
+def activity_model(input_shape: tuple[int, ...] = (32, 3), classes: int = 6) -> Any:
+    """A small 1-D CNN for (32, 3) accelerometer windows (the `activity` dataset)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input(input_shape),
+        keras.layers.Conv1D(16, 5, padding="same", activation="relu", name="conv1"),
+        keras.layers.MaxPooling1D(2, name="pool"),
+        keras.layers.Conv1D(16, 3, padding="same", activation="relu", name="conv2"),
+        keras.layers.GlobalAveragePooling1D(name="gap"),
+        keras.layers.Dense(classes, activation="softmax", name="probs"),
+    ], name="activity_cnn")
+
+
+#: ``run_federated(model=...)`` / ``xflwb demo --model``: (builder, dataset = data type).
+MODELS: dict[str, tuple[Any, str]] = {
+    "digits_cnn": (demo_model, "digits"),
+    "activity": (activity_model, "activity"),
+}
+
+
+def _pick(model: str) -> tuple[Any, str]:
+    if model not in MODELS:
+        raise ValueError(f"unknown demo model {model!r}; available: {sorted(MODELS)}")
+    return MODELS[model]
+
+
 def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
-        seed: int = 0, quiet: bool = False) -> dict[str, Any]:
-    """Run the demo; returns the export result and the training table."""
+        seed: int = 0, quiet: bool = False, model: str = "digits_cnn") -> dict[str, Any]:
+    """Run the demo; returns the export result and the training table.
+
+    ``model`` picks the model and its dataset, as in `run_federated`.
+    """
+    build, dataset = _pick(model)
     import xflwb
     from xflwb.bridge import runtime
     from xflwb.devices import datasets
@@ -42,9 +75,9 @@ def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else print
-    data = datasets.load("digits", seed=seed)
-    model = demo_model(data.input_shape, data.classes)
-    res = xflwb.export(model, name="digits_cnn", data_type="digits",
+    data = datasets.load(dataset, seed=seed)
+    keras_model = build(data.input_shape, data.classes)
+    res = xflwb.export(keras_model, name=keras_model.name, data_type=dataset,
                        out_dir=out / "artifacts",
                        optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9),
                        batch_size=batch_size, epochs=1)
@@ -54,7 +87,7 @@ def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
     say("\nparity (Keras vs TFLite vs Core ML executor):")
     say(res.parity.drop(columns=["note"]).to_string(index=False))
 
-    start = xflwb.bridge.params.canonical(model)
+    start = xflwb.bridge.params.canonical(keras_model)
     rows = []
     curves = {}
     for name in ("keras", "android", "ios"):
@@ -72,7 +105,8 @@ def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
                      "test_accuracy_before": before[1], "test_accuracy": acc,
                      "seconds": secs})
     table = pd.DataFrame(rows)
-    say(f"\nlocal training, {epochs} epochs on {len(data.x_train)} digits, same start and "
+    what = "digits" if dataset == "digits" else f"{dataset} samples"
+    say(f"\nlocal training, {epochs} epochs on {len(data.x_train)} {what}, same start and "
         "batches:")
     say(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     table.to_csv(out / "runtimes.csv", index=False)
@@ -86,8 +120,15 @@ def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
 
 def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: int = 2,
                   ios: int = 2, partition: str = "dirichlet:0.5", local_epochs: int = 2,
-                  seed: int = 0, quiet: bool = False, timeout: float = 900.0) -> dict[str, Any]:
-    """Export → serve → virtual devices → train; returns export, session tables, accuracy."""
+                  seed: int = 0, quiet: bool = False, timeout: float = 900.0,
+                  model: str = "digits_cnn") -> dict[str, Any]:
+    """Export → serve → virtual devices → train; returns export, session tables, accuracy.
+
+    ``model`` picks the model and its dataset (`MODELS`): ``"digits_cnn"`` (default, the
+    Conv2D on 8×8 digits) or ``"activity"`` (a Conv1D on (32, 3) accelerometer windows,
+    dataset and data type ``"activity"``).
+    """
+    build, dataset = _pick(model)
     import xflwb
     from xflwb.bridge import runtime
     from xflwb.devices import datasets
@@ -95,9 +136,10 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else print
-    data = datasets.load("digits", seed=seed)
-    model = demo_model(data.input_shape, data.classes)
-    res = xflwb.export(model, name="digits_cnn", data_type="digits", out_dir=out / "artifacts",
+    data = datasets.load(dataset, seed=seed)
+    keras_model = build(data.input_shape, data.classes)
+    res = xflwb.export(keras_model, name=keras_model.name, data_type=dataset,
+                       out_dir=out / "artifacts",
                        optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9), batch_size=32)
     say(f"exported {res.name} v{res.version} in {res.seconds:.1f} s → {res.directory}")
     say(res.parity.drop(columns=["note"]).to_string(index=False))
@@ -108,7 +150,7 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
         session = wb.train(res.name, rounds=rounds, min_clients=android + ios,
                            local_epochs=local_epochs, round_timeout=300)
         say(f"\nbackend {wb.url}: session {session.id}, gRPC ports {session.ports}")
-        fleet = wb.spawn_devices(android=android, ios=ios, dataset="digits",
+        fleet = wb.spawn_devices(android=android, ios=ios, dataset=dataset,
                                  partition=partition, seed=seed)
         t0 = time.perf_counter()
         status = session.wait(timeout=timeout)
@@ -121,7 +163,7 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
         if fleet is not None:
             fleet.stop()
         wb.stop()
-    # the global model on every digits image, run by each platform's artifact
+    # the global model on every sample of the dataset, run by each platform's artifact
     x_all = np.concatenate([data.x_train, data.x_test])
     y_all = np.concatenate([data.y_train, data.y_test])
     accuracy = {}
@@ -142,7 +184,8 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
     both_every_round = bool(
         (wide.xs("android", level="platform")["clients"] > 0).all()
         and (wide.xs("ios", level="platform")["clients"] > 0).all())
-    say(f"\nglobal model accuracy on all {len(x_all)} digits: "
+    what = "digits" if dataset == "digits" else f"{dataset} samples"
+    say(f"\nglobal model accuracy on all {len(x_all)} {what}: "
         f"{accuracy['android']:.4f} (TFLite), {accuracy['ios']:.4f} (Core ML executor); "
         f"both platforms contributed every round: {both_every_round}")
     history.to_csv(out / "history.csv", index=False)

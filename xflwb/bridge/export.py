@@ -99,19 +99,40 @@ def next_version(root: Path) -> int:
     return max(versions, default=0) + 1
 
 
-def layer_table(graph: graph_mod.ModelGraph, platforms: Sequence[str]) -> pd.DataFrame:
+def _android_plan(graph: graph_mod.ModelGraph) -> dict[str, tuple[str, str]]:
+    """TFLite trains every canonical parameter; frozen layers are baked."""
+    plan = {}
+    for n in graph.nodes:
+        if n.frozen:
+            plan[n.name] = ("frozen", "trainable=False: baked into the artifact")
+        elif n.params:
+            plan[n.name] = ("trained", "")
+        else:
+            plan[n.name] = ("runs", "")
+    return plan
+
+
+def layer_table(graph: graph_mod.ModelGraph, plans: dict[str, dict[str, tuple[str, str]]]
+                ) -> pd.DataFrame:
+    """The trainability plan as a table: one row per layer, one column per platform."""
     rows = []
-    for lay in graph.layers:
-        rows.append({
-            "layer": lay.name, "type": lay.keras_class, "output_shape": str(lay.out_shape),
-            "params": sum(int(np.prod(graph.parameters[i]["shape"])) for i in lay.params),
-            "android": "yes" if "android" in platforms else "-",
-            "ios": ("-" if "ios" not in platforms else
-                    "no: " + lay.ios_problem if lay.ios_problem else
-                    "identity (no dropout in Core ML)" if lay.kind == "dropout" else
-                    "trains" if lay.has_weights else "yes"),
-        })
-    return pd.DataFrame(rows)
+    for n in graph.nodes:
+        row = {"layer": n.name, "type": n.keras_class, "output_shape": str(n.out_shape),
+               "params": sum(int(np.prod(graph.parameters[i]["shape"])) for i in n.params)}
+        for p in PLATFORMS:
+            if p not in plans:
+                row[p] = "-"
+                continue
+            status, why = plans[p][n.name]
+            if n.keras_class == "Dropout" and p == "ios":
+                status, why = "identity", "no dropout in Core ML"
+            row[p] = status
+            row[f"{p}_why"] = why
+        rows.append(row)
+    cols = ["layer", "type", "output_shape", "params"]
+    for p in PLATFORMS:
+        cols += [p] + ([f"{p}_why"] if p in plans else [])
+    return pd.DataFrame(rows, columns=cols)
 
 
 def export(model: Any, name: str, data_type: str | None = None,
@@ -119,8 +140,15 @@ def export(model: Any, name: str, data_type: str | None = None,
            loss: str = "categorical_crossentropy", optimizer: Any = None,
            batch_size: int = 32, epochs: int = 1,
            platforms: Sequence[str] | str = ("android", "ios"),
-           strict: bool = True, check_parity: bool = True) -> ExportResult:
+           strict: bool = True, check_parity: bool = True,
+           ios_training: str = "auto") -> ExportResult:
     """Export ``model`` for Android (TFLite) and iOS (Core ML) and prove they agree.
+
+    Each platform trains what it can: Android every trainable weight; iOS the convolution /
+    innerProduct layers Core ML can update. ``ios_training="auto"`` freezes the rest on iOS
+    (Android still trains them; the masked aggregation keeps iOS's frozen copies out of
+    their average), ``"strict"`` refuses instead, naming each layer. Layers with
+    ``trainable=False`` are baked into both artifacts and never travel.
 
     Raises ``ExportError`` naming every layer a platform cannot handle, and
     ``ParityError`` when the artifacts disagree with Keras beyond 1e-4 (unless
@@ -128,8 +156,14 @@ def export(model: Any, name: str, data_type: str | None = None,
     """
     t0 = time.perf_counter()
     loss, plats = _check_args(name, loss, batch_size, epochs, platforms)
+    if ios_training not in coreml_builder.IOS_TRAINING:
+        raise ValueError(f"ios_training must be one of {coreml_builder.IOS_TRAINING}, got "
+                         f"{ios_training!r}")
     opt = resolve_optimizer(optimizer)
     graph = graph_mod.analyze(model)
+    if not graph.parameters:
+        raise ExportError(f"model '{model.name}' has no trainable weights: nothing to train "
+                          "federatedly; unfreeze at least its head")
     if loss == "categorical_crossentropy":
         if len(graph.output_shape) != 1 or graph.final_activation != "softmax":
             raise ExportError(
@@ -140,19 +174,25 @@ def export(model: Any, name: str, data_type: str | None = None,
         classes: int | None = int(graph.output_shape[0])
     else:
         classes = None
+    # iOS first: it refuses more, and nothing unsupported may reach either converter
+    ios_build = None
     if "ios" in plats:
-        problems = graph.ios_problems()
-        if problems:
-            raise ExportError("the model cannot train on iOS (Core ML):\n  - "
-                              + "\n  - ".join(problems)
-                              + "\nFix these layers, or export for Android only with "
-                              "platforms=('android',).")
+        ios_build = coreml_builder.build(graph, loss, opt, batch_size, epochs, ios_training)
     notes: list[str] = []
     if graph.has_dropout and "ios" in plats:
         msg = ("model uses Dropout; Core ML has no dropout layer, so iOS trains without it "
                "(Keras/Android training differs from iOS training)")
         warnings.warn(msg, DropoutWarning, stacklevel=2)
         notes.append(msg)
+    plans = {"android": _android_plan(graph)} if "android" in plats else {}
+    if ios_build is not None:
+        plans["ios"] = ios_build.plan
+        frozen_ios = [k for k, (st, _) in ios_build.plan.items() if st != "trained"
+                      and st.endswith("on iOS")]
+        if frozen_ios:
+            notes.append(f"iOS freezes {len(frozen_ios)} layer(s) Core ML cannot update "
+                         f"({', '.join(frozen_ios[:4])}{' …' if len(frozen_ios) > 4 else ''}); "
+                         "Android trains them (see the plan table)")
 
     canon = params.canonical(model)
     root = Path(out_dir) / name
@@ -161,7 +201,7 @@ def export(model: Any, name: str, data_type: str | None = None,
     stage.mkdir(parents=True)
     try:
         m = _build(model, graph, canon, stage, name, data_type or name, loss, opt, batch_size,
-                   epochs, plats, classes)
+                   epochs, plats, classes, ios_build, plans, ios_training)
         m["_dir"] = str(stage.resolve())
         report = pd.DataFrame(columns=parity_mod.COLUMNS)
         if check_parity:
@@ -191,24 +231,34 @@ def export(model: Any, name: str, data_type: str | None = None,
     for p in plats:
         paths[p] = final / m["platforms"][p]["file"]
     return ExportResult(name, version, final.resolve(), paths, m, report,
-                        layer_table(graph, plats), notes, time.perf_counter() - t0)
+                        layer_table(graph, plans), notes, time.perf_counter() - t0)
+
+
+def _plan_rows(plan: dict[str, tuple[str, str]], graph: graph_mod.ModelGraph
+               ) -> list[dict[str, Any]]:
+    return [{"layer": n.name, "class": n.keras_class, "status": plan[n.name][0],
+             "why": plan[n.name][1]} for n in graph.nodes]
 
 
 def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, name: str,
            data_type: str, loss: str, opt: Any, batch_size: int, epochs: int,
-           plats: tuple[str, ...], classes: int | None) -> dict[str, Any]:
+           plats: tuple[str, ...], classes: int | None, ios_build: Any,
+           plans: dict[str, dict[str, tuple[str, str]]], ios_training: str) -> dict[str, Any]:
     keras_file = "model.keras"
     model.save(str(stage / keras_file))
     # the starting point for sessions, readable without TensorFlow (servers stay light)
     np.savez(stage / INITIAL_FILE, *[np.asarray(a, np.float32) for a in canon])
     m: dict[str, Any] = {
         "schema": manifest_mod.SCHEMA, "name": name, "version": 0, "data_type": data_type,
-        "input": {"shape": list(graph.input_shape), "dtype": "float32", "layout": "NHWC"
-                  if len(graph.input_shape) == 3 else "ND"},
+        "input": {"shape": list(graph.input_shape), "dtype": "float32",
+                  "layout": {1: "ND", 2: "NTC", 3: "NHWC"}[len(graph.input_shape)],
+                  **({"ids_below": graph.ids_below} if graph.ids_below else {})},
         "output_shape": list(graph.output_shape),
         "classes": classes, "loss": loss, "optimizer": opt.to_dict(),
         "batch_size": batch_size, "epochs": epochs,
         "parameters": graph.parameters, "has_dropout": graph.has_dropout,
+        "frozen": graph.frozen, "ios_training": ios_training,
+        "batchnorm": "moving statistics, frozen on every platform",
         "platforms": {},
         "source": {"keras_file": keras_file, "keras_class": type(model).__name__,
                    "initial_parameters": INITIAL_FILE},
@@ -229,13 +279,16 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, na
                                                   range(len(graph.parameters))]}},
             "label_format": "one_hot_float32" if loss == "categorical_crossentropy"
             else "float32",
+            "trained": list(range(len(graph.parameters))),
+            "plan": _plan_rows(plans["android"], graph),
         }
-    if "ios" in plats:
-        built = coreml_builder.build(graph, canon, loss, opt, batch_size, epochs)
-        coreml_builder.save(built.spec, stage / _STAGED["ios"])
+    if ios_build is not None:
+        coreml_builder.save(ios_build.spec, stage / _STAGED["ios"])
         m["platforms"]["ios"] = {"file": _STAGED["ios"], "sha256": "",
                                  "bytes": (stage / _STAGED["ios"]).stat().st_size,
-                                 "coreml_layers": built.coreml_layers, **built.io}
+                                 "coreml_layers": ios_build.coreml_layers, **ios_build.io,
+                                 "trained": ios_build.trained,
+                                 "plan": _plan_rows(plans["ios"], graph)}
     return m
 
 
@@ -268,14 +321,17 @@ def _unfinalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, 
 
 def run_parity(m: dict[str, Any], model: Any, graph: graph_mod.ModelGraph,
                plats: tuple[str, ...]) -> pd.DataFrame:
+    """Parity of every platform against Keras trained with *that platform's* plan."""
     from xflwb.bridge import runtime
+    from xflwb.bridge.runtime.keras import KerasRuntime
 
     runtimes = {"keras": runtime.load(m, "keras")}
     for p in plats:
         runtimes[p] = runtime.load(m, p)
-    no_drop = None
-    if graph.has_dropout and "ios" in plats:
-        from xflwb.bridge.runtime.keras import KerasRuntime
-
-        no_drop = KerasRuntime(m, manifest_mod.artifact_path(m, "keras"), dropout=False)
-    return parity_mod.check(m, runtimes, no_drop)
+    references: dict[str, Any] = {}
+    if "ios" in plats:
+        mask = params.trained_mask(m, "ios")
+        if not all(mask) or graph.has_dropout:
+            references["ios"] = KerasRuntime(m, manifest_mod.artifact_path(m, "keras"),
+                                             dropout=False, train_mask=mask)
+    return parity_mod.check(m, runtimes, references)

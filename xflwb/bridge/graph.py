@@ -1,19 +1,43 @@
-"""Read a Keras model into a small, platform-neutral chain of layer descriptions.
+"""Read a Keras model into one platform-neutral graph of layer nodes.
 
-Both artifact builders and the manifest work from this chain, so what counts as "supported"
-is decided in exactly one place.
+Functional models with branches, Sequential models inside functional ones and nested models
+(a ``keras.applications`` backbone used as a layer) are read into a single topologically
+ordered list of nodes; node names keep the nesting path (``backbone/block_1_expand``).
+Both artifact builders, the trainability plan and the manifest work from this graph, so what
+counts as "supported" is decided in exactly one place: ``SUPPORTED`` below for every platform,
+and the Core ML builder's emitters for iOS.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+#: Keras layer classes xflwb exports (both platforms run their forward pass).
 SUPPORTED = (
-    "InputLayer, Dense, Conv2D, MaxPooling2D, AveragePooling2D, Flatten, Dropout, ReLU, "
-    "Activation(relu|sigmoid|tanh|softmax|linear), Softmax"
+    "InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
+    "MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D",
+    "GlobalAveragePooling1D", "GlobalAveragePooling2D", "GlobalMaxPooling1D",
+    "GlobalMaxPooling2D", "ZeroPadding1D", "ZeroPadding2D", "Flatten", "Reshape", "Dropout",
+    "BatchNormalization", "Rescaling", "Normalization", "Activation", "ReLU", "LeakyReLU",
+    "ELU", "Softmax", "Add", "Multiply", "Concatenate", "Embedding", "LSTM", "GRU",
 )
-ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "linear")
+#: activation functions (by Keras name) the exporter knows
+ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "elu", "leaky_relu",
+               "silu", "hard_sigmoid", "hard_silu", "gelu")
+#: what to suggest for layers users often try
+REPLACEMENTS = {
+    "GroupNormalization": "replace GroupNormalization by BatchNormalization",
+    "LayerNormalization": "replace LayerNormalization by BatchNormalization",
+    "SimpleRNN": "use LSTM or GRU(reset_after=False)",
+    "Bidirectional": "use a single LSTM (set go_backwards=True for the reverse direction)",
+    "Conv2DTranspose": "use UpSampling-free encoders (Conv2D with strides) for on-device models",
+    "TimeDistributed": "apply Dense directly to the (time, features) tensor",
+    "Lambda": "use built-in Keras layers (Add, Multiply, Rescaling, Reshape ...)",
+}
 
 
 class ExportError(ValueError):
@@ -21,48 +45,73 @@ class ExportError(ValueError):
 
 
 @dataclass
-class LayerSpec:
-    """One Keras layer as the builders see it."""
+class Node:
+    """One Keras layer call in the flattened graph."""
 
-    name: str
+    name: str  # nesting path joined by "/", unique
     keras_class: str
-    kind: str  # conv2d | dense | maxpool | avgpool | flatten | dropout | activation | other
-    in_shape: tuple[int, ...]
+    layer: Any  # the Keras layer object (never serialised)
+    inputs: list[str]  # names of producing nodes, or INPUT
+    in_shapes: list[tuple[int, ...]]  # per-sample Keras shapes
     out_shape: tuple[int, ...]
+    params: list[int] = field(default_factory=list)  # canonical indices of its weights
+    frozen: bool = False  # has weights, none of them canonical (trainable=False)
     config: dict[str, Any] = field(default_factory=dict)
-    trainable: bool = True
-    params: list[int] = field(default_factory=list)  # canonical indices: kernel, bias
-    ios_problem: str | None = None  # why iOS cannot run/train this layer
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.in_shapes[0]
 
     @property
     def has_weights(self) -> bool:
-        return self.kind in ("conv2d", "dense")
+        return bool(self.layer.weights)
+
+
+INPUT = "x"
 
 
 @dataclass
 class ModelGraph:
-    """The chain, the canonical parameter list and the per-sample input/output shapes."""
+    """The nodes in topological order, the canonical parameter list and the I/O shapes."""
 
-    layers: list[LayerSpec]
+    nodes: list[Node]
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
+    output: str  # name of the node producing the model output
     parameters: list[dict[str, Any]]  # canonical: name, shape, dtype, layer, role
     final_activation: str
+    frozen: dict[str, Any]  # digest of the non-trainable weights
+
+    @property
+    def ids_below(self) -> int | None:
+        """Vocabulary size when the input feeds an Embedding (inputs are token ids)."""
+        sizes = [int(n.layer.input_dim) for n in self.nodes
+                 if n.keras_class == "Embedding" and INPUT in n.inputs]
+        return min(sizes) if sizes else None
+
+    @property
+    def layers(self) -> list[Node]:  # older name, kept for callers
+        return self.nodes
 
     @property
     def has_dropout(self) -> bool:
-        return any(layer.kind == "dropout" for layer in self.layers)
+        return any(n.keras_class == "Dropout" for n in self.nodes)
 
-    def ios_problems(self) -> list[str]:
-        return [f"layer '{lay.name}' ({lay.keras_class}) {lay.ios_problem}"
-                for lay in self.layers if lay.ios_problem]
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def consumers(self, name: str) -> list[Node]:
+        return [n for n in self.nodes if name in n.inputs]
 
 
 def _as_tuple(shape: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _check_keras_model(model: Any):
+def _check_keras_model(model: Any) -> Any:
     import keras
 
     if not isinstance(model, keras.Model):
@@ -74,186 +123,216 @@ def _check_keras_model(model: Any):
     return keras
 
 
-def _chain(model: Any) -> list[Any]:
-    """The layers of a Sequential or single-chain functional model, input layer excluded."""
-    import keras
-
-    if isinstance(model, keras.Sequential):
-        layers = list(model.layers)
-    else:
-        if len(model.inputs) != 1 or len(model.outputs) != 1:
-            raise ExportError(
-                f"model '{model.name}' has {len(model.inputs)} inputs and "
-                f"{len(model.outputs)} outputs; only single-input, single-output chains "
-                "are supported")
-        layers = [lay for lay in model.layers if not isinstance(lay, keras.layers.InputLayer)]
-        prev = None
-        for lay in layers:
-            nodes = [n for n in lay._inbound_nodes if n.operation is lay]
-            tensors = nodes[0].input_tensors if len(nodes) == 1 else []
-            if len(nodes) != 1 or len(tensors) != 1:
-                raise ExportError(
-                    f"layer '{lay.name}' ({type(lay).__name__}) is not part of a single "
-                    "chain (it is shared or takes several inputs); only Sequential and "
-                    "single-chain functional models are supported")
-            src = tensors[0]._keras_history.operation
-            ok = isinstance(src, keras.layers.InputLayer) if prev is None else src is prev
-            if not ok:
-                raise ExportError(
-                    f"layer '{lay.name}' ({type(lay).__name__}) does not take the previous "
-                    "layer's output; only single-chain models are supported")
-            prev = lay
-    for lay in layers:
-        if isinstance(lay, keras.Model):
-            raise ExportError(
-                f"layer '{lay.name}' is a nested model; flatten it into one Sequential or "
-                "functional chain")
-    return layers
-
-
 def _input_shape(model: Any) -> tuple[int, ...]:
     try:
-        shape = model.inputs[0].shape if model.inputs else None
+        inputs = model.inputs
     except (AttributeError, ValueError):
-        shape = None
-    if shape is None:
-        try:
-            shape = model.input_shape
-        except (AttributeError, ValueError):
-            shape = None
+        inputs = None
+    if inputs is not None and len(inputs) != 1:
+        raise ExportError(f"model '{model.name}' has {len(inputs)} inputs; phones feed one "
+                          "input tensor: merge them into one keras.Input")
+    shape = inputs[0].shape if inputs else None
     if shape is None or any(d is None for d in list(shape)[1:]):
         raise ExportError(
             f"model '{model.name}' has no fixed input shape; start it with "
-            "keras.Input(shape=(H, W, C)) or keras.Input(shape=(features,))")
+            "keras.Input(shape=(H, W, C)), keras.Input(shape=(steps, features)) or "
+            "keras.Input(shape=(features,))")
     return _as_tuple(list(shape)[1:])
 
 
-def _activation_name(fn: Any) -> str:
-    name = getattr(fn, "__name__", None) or str(fn)
-    return name
+def activation_name(fn: Any) -> str:
+    return getattr(fn, "__name__", None) or str(fn)
+
+
+def _functional(model: Any) -> Any:
+    """The functional graph behind a Functional or Sequential model (None if unbuilt)."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        return getattr(model, "_functional", None)
+    return model
+
+
+def _ordered_nodes(fn: Any) -> list[Any]:
+    """Keras nodes of a functional model, inputs first (deepest depth first)."""
+    out = []
+    for depth in sorted(fn._nodes_by_depth, reverse=True):
+        out.extend(fn._nodes_by_depth[depth])
+    return out
+
+
+class _Reader:
+    """Walks nested functional graphs, giving every layer call one node."""
+
+    def __init__(self, model: Any) -> None:
+        import keras
+
+        self.keras = keras
+        self.model = model
+        self.nodes: list[Node] = []
+        self.names: set[str] = set()
+        self.layer_calls: dict[int, str] = {}
+
+    def _unique(self, name: str) -> str:
+        base, i = name, 1
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def read(self, fn: Any, prefix: str, tensor_src: dict[int, str]) -> dict[int, str]:
+        """Add the nodes of ``fn``; ``tensor_src`` maps its input tensors to node names."""
+        keras = self.keras
+        for knode in _ordered_nodes(fn):
+            op = knode.operation
+            if isinstance(op, keras.layers.InputLayer):
+                continue
+            srcs = []
+            for t in knode.input_tensors:
+                if id(t) not in tensor_src:
+                    raise ExportError(f"layer '{prefix}{op.name}' reads a tensor from outside "
+                                      "the model's graph")
+                srcs.append(tensor_src[id(t)])
+            if isinstance(op, keras.Model):
+                inner = _functional(op)
+                if inner is None:
+                    raise ExportError(f"nested model '{prefix}{op.name}' is not built; give "
+                                      "it a keras.Input (or call it once) before exporting")
+                if len(inner.inputs) != len(srcs):
+                    raise ExportError(f"nested model '{prefix}{op.name}' takes "
+                                      f"{len(inner.inputs)} inputs, got {len(srcs)}")
+                inner_src = {id(t): s for t, s in zip(inner.inputs, srcs, strict=True)}
+                inner_src = self.read(inner, f"{prefix}{op.name}/", inner_src)
+                for outer_t, inner_t in zip(knode.output_tensors, inner.outputs, strict=True):
+                    tensor_src[id(outer_t)] = inner_src[id(inner_t)]
+                continue
+            if not isinstance(op, keras.layers.Layer):
+                raise ExportError(
+                    f"operation '{prefix}{op.name}' ({type(op).__name__}) is a keras.ops call "
+                    "on symbolic tensors, not a layer; use the equivalent layer (Add, "
+                    "Multiply, Rescaling, Reshape, Activation ...)")
+            if id(op) in self.layer_calls:
+                raise ExportError(
+                    f"layer '{prefix}{op.name}' ({type(op).__name__}) is called more than once "
+                    f"(also as '{self.layer_calls[id(op)]}'): shared weights cannot be "
+                    "exported; use a separate layer per call")
+            name = self._unique(prefix + op.name)
+            self.layer_calls[id(op)] = name
+            if len(knode.output_tensors) != 1:
+                raise ExportError(f"layer '{name}' ({type(op).__name__}) returns "
+                                  f"{len(knode.output_tensors)} tensors; return_state and "
+                                  "other multi-output layers are not supported")
+            in_shapes = [_as_tuple(t.shape[1:]) for t in knode.input_tensors]
+            out_t = knode.output_tensors[0]
+            if any(d is None for d in out_t.shape[1:]):
+                raise ExportError(f"layer '{name}' ({type(op).__name__}) has a variable "
+                                  f"output shape {tuple(out_t.shape)}; fix every dimension")
+            self.nodes.append(Node(name, type(op).__name__, op, srcs, in_shapes,
+                                   _as_tuple(out_t.shape[1:])))
+            tensor_src[id(out_t)] = name
+        return tensor_src
+
+
+def _frozen_digest(model: Any) -> dict[str, Any]:
+    """sha256 of every non-trainable weight (name, shape, float32 bytes), in model order.
+
+    Frozen weights are baked into both artifacts and never travel, so the digest is how an
+    update computed on another backbone is told apart.
+    """
+    h = hashlib.sha256()
+    count = size = 0
+    for v in model.non_trainable_weights:
+        arr = np.ascontiguousarray(np.asarray(v.numpy(), dtype="<f4"))
+        h.update(f"{v.path}:{list(arr.shape)};".encode())
+        h.update(arr.tobytes())
+        count += 1
+        size += arr.size
+    return {"sha256": h.hexdigest(), "tensors": count, "elements": int(size)}
+
+
+def _refuse_unsupported(nodes: list[Node]) -> None:
+    bad = []
+    for n in nodes:
+        if n.keras_class in SUPPORTED:
+            continue
+        fix = REPLACEMENTS.get(n.keras_class, f"replace it by one of the supported layers "
+                                              f"({', '.join(SUPPORTED[1:])})")
+        bad.append(f"layer '{n.name}' ({n.keras_class}) is not supported on any platform: {fix}")
+    for n in nodes:
+        fn = getattr(n.layer, "activation", None)
+        if fn is not None and n.keras_class != "Activation" and callable(fn):
+            act = activation_name(fn)
+            if act not in ACTIVATIONS and n.keras_class not in ("LSTM", "GRU"):
+                bad.append(f"layer '{n.name}' ({n.keras_class}) uses activation '{act}', "
+                           f"which xflwb does not export; use one of {', '.join(ACTIVATIONS)}")
+        if n.keras_class == "Activation":
+            act = activation_name(n.layer.activation)
+            if act not in ACTIVATIONS:
+                bad.append(f"layer '{n.name}' (Activation) uses '{act}', which xflwb does not "
+                           f"export; use one of {', '.join(ACTIVATIONS)}")
+        cfg = n.layer.get_config()
+        if cfg.get("data_format", "channels_last") != "channels_last":
+            bad.append(f"layer '{n.name}' ({n.keras_class}) uses data_format="
+                       f"'{cfg['data_format']}'; use the default 'channels_last'")
+        if n.keras_class in ("LSTM", "GRU") and (cfg.get("stateful") or cfg.get("unroll")):
+            bad.append(f"layer '{n.name}' ({n.keras_class}) is stateful or unrolled; use "
+                       "stateful=False, unroll=False")
+    if bad:
+        raise ExportError("the model cannot be exported:\n  - " + "\n  - ".join(bad))
 
 
 def analyze(model: Any) -> ModelGraph:
-    """Describe ``model`` as a chain; raise ``ExportError`` for anything no platform can run."""
+    """Describe ``model`` as one graph; raise ``ExportError`` for anything no platform runs."""
     keras = _check_keras_model(model)
-    L = keras.layers
     in_shape = _input_shape(model)
-    if len(in_shape) not in (1, 3):
+    if len(in_shape) not in (1, 2, 3):
         raise ExportError(
-            f"input shape {in_shape} is not supported; use (features,) or (height, width, "
-            "channels)")
-    layers = _chain(model)
-    if not layers:
+            f"input shape {in_shape} is not supported; use (features,), (steps, features) or "
+            "(height, width, channels)")
+    fn = _functional(model)
+    if fn is None:
+        raise ExportError(f"model '{model.name}' is not built; start it with keras.Input(...)")
+    if len(fn.outputs) != 1:
+        raise ExportError(f"model '{model.name}' has {len(fn.outputs)} outputs; phones train "
+                          "one output: keep one (a second head can be a separate model)")
+    reader = _Reader(model)
+    src = reader.read(fn, "", {id(fn.inputs[0]): INPUT})
+    nodes = reader.nodes
+    if not nodes:
         raise ExportError(f"model '{model.name}' has no layers")
+    out_name = src[id(fn.outputs[0])]
+    if out_name == INPUT:
+        raise ExportError(f"model '{model.name}' returns its input unchanged")
+    _refuse_unsupported(nodes)
 
-    trainable_ids = {id(v): i for i, v in enumerate(model.trainable_weights)}
-    parameters = [
+    # canonical parameters: the model's trainable weights, named by nesting path
+    index = {id(v): i for i, v in enumerate(model.trainable_weights)}
+    parameters: list[dict[str, Any]] = [
         {"name": v.path, "shape": list(_as_tuple(v.shape)), "dtype": "float32", "layer": None,
-         "role": None}
-        for v in model.trainable_weights
-    ]
-    specs: list[LayerSpec] = []
-    shape = in_shape
-    for lay in layers:
-        cls = type(lay).__name__
-        out = _as_tuple(lay.compute_output_shape((1, *shape))[1:])
-        spec = LayerSpec(lay.name, cls, "other", shape, out, trainable=bool(lay.trainable))
-        if isinstance(lay, L.Conv2D) and type(lay) is L.Conv2D:
-            cfg = lay.get_config()
-            if cfg.get("data_format", "channels_last") != "channels_last":
-                raise ExportError(f"layer '{lay.name}' (Conv2D) uses channels_first; "
-                                  "use the default channels_last")
-            spec.kind = "conv2d"
-            spec.config = {
-                "filters": int(lay.filters), "kernel_size": list(lay.kernel_size),
-                "strides": list(lay.strides), "padding": lay.padding,
-                "dilation_rate": list(lay.dilation_rate), "groups": int(lay.groups),
-                "use_bias": bool(lay.use_bias),
-                "activation": _activation_name(lay.activation),
-            }
-        elif type(lay) is L.Dense:
-            spec.kind = "dense"
-            spec.config = {"units": int(lay.units), "use_bias": bool(lay.use_bias),
-                           "activation": _activation_name(lay.activation)}
-            if len(shape) != 1:
-                spec.ios_problem = (
-                    f"is applied to a rank-{len(shape)} input {shape}; Core ML's "
-                    "innerProduct needs a flat input: add a Flatten layer before it")
-        elif type(lay) in (L.MaxPooling2D, L.AveragePooling2D):
-            cfg = lay.get_config()
-            if cfg.get("data_format", "channels_last") != "channels_last":
-                raise ExportError(f"layer '{lay.name}' ({cls}) uses channels_first; "
-                                  "use the default channels_last")
-            spec.kind = "maxpool" if type(lay) is L.MaxPooling2D else "avgpool"
-            spec.config = {"pool_size": list(lay.pool_size), "strides": list(lay.strides),
-                           "padding": lay.padding}
-        elif type(lay) is L.Flatten:
-            spec.kind = "flatten"
-        elif type(lay) is L.Dropout:
-            spec.kind = "dropout"
-            spec.config = {"rate": float(lay.rate)}
-        elif type(lay) is L.Activation:
-            spec.kind = "activation"
-            spec.config = {"activation": _activation_name(lay.activation)}
-        elif type(lay) is L.ReLU:
-            cfg = lay.get_config()
-            if (cfg.get("max_value") is not None or float(cfg.get("negative_slope", 0)) != 0
-                    or float(cfg.get("threshold", 0)) != 0):
-                spec.ios_problem = ("has max_value/negative_slope/threshold; Core ML trains "
-                                    "only through a plain ReLU")
-            spec.kind = "activation"
-            spec.config = {"activation": "relu"}
-        elif type(lay) is L.Softmax:
-            axis = lay.get_config().get("axis", -1)
-            if axis not in (-1, len(shape)):
-                spec.ios_problem = f"normalises over axis {axis}; Core ML's softmax uses channels"
-            spec.kind = "activation"
-            spec.config = {"activation": "softmax"}
-        else:
-            spec.ios_problem = (
-                "has no trainable Core ML equivalent (Core ML trains convolution and "
-                "innerProduct layers, with gradients passing only through ReLU/sigmoid/tanh, "
-                f"pooling and flatten; xflwb supports {SUPPORTED}); remove it or drop the "
-                "'ios' platform")
-        act = spec.config.get("activation")
-        if act is not None and act not in ACTIVATIONS:
-            spec.ios_problem = (
-                f"uses activation '{act}', which Core ML cannot train through; use one of "
-                f"{', '.join(ACTIVATIONS)} or drop the 'ios' platform")
-        for w in lay.trainable_weights:
-            idx = trainable_ids.get(id(w))
-            if idx is None:
+         "role": None} for v in model.trainable_weights]
+    for n in nodes:
+        for w in n.layer.weights:
+            i = index.get(id(w))
+            if i is None:
                 continue
-            spec.params.append(idx)
-            parameters[idx]["layer"] = lay.name
-            role = "kernel" if w is getattr(lay, "kernel", None) else (
-                "bias" if w is getattr(lay, "bias", None) else w.name)
-            parameters[idx]["role"] = role
-        if spec.has_weights and not lay.trainable:
-            spec.ios_problem = (
-                "is frozen (trainable=False); frozen weighted layers are not part of the "
-                "canonical parameters, which the iOS artifact needs for every convolution / "
-                "innerProduct; unfreeze it or drop the 'ios' platform")
-        if not spec.has_weights and lay.weights:
-            spec.ios_problem = spec.ios_problem or "has weights xflwb cannot map to Core ML"
-        specs.append(spec)
-        shape = out
-
-    # legacy softmax passes gradients only straight into the loss: it must be the last
-    # layer that emits anything (trailing Dropout and no-op Flatten emit no Core ML layer)
-    last = len(specs) - 1
-    while last > 0 and (specs[last].kind == "dropout" or (
-            specs[last].kind == "flatten" and len(specs[last].in_shape) == 1)):
-        last -= 1
-    for spec in specs[:last]:
-        if spec.config.get("activation") == "softmax" and not spec.ios_problem:
-            spec.ios_problem = ("applies softmax before the last layer; Core ML's softmax "
-                                "passes gradients only directly into the loss")
-    final = specs[last].config.get("activation", "linear")
-    if specs[last].kind in ("dropout", "flatten"):
-        final = "linear"
-    if len(shape) != 1:
-        specs[-1].ios_problem = specs[-1].ios_problem or (
-            f"produces a rank-{len(shape)} output {shape}; the iOS artifact needs a flat "
-            "output (end with Flatten/Dense)")
-    return ModelGraph(specs, in_shape, shape, parameters, final)
+            n.params.append(i)
+            role = w.name
+            parameters[i].update(name=f"{n.name}/{role}", layer=n.name, role=role)
+        n.frozen = bool(n.layer.weights) and not n.params
+    missing = [p["name"] for p in parameters if p["layer"] is None]
+    if missing:
+        raise ExportError(f"trainable weights {missing} belong to no exported layer")
+    out_node = next(n for n in nodes if n.name == out_name)
+    final = "linear"
+    cur = out_node
+    while cur.keras_class == "Dropout" and cur.inputs[0] != INPUT:
+        cur = next(n for n in nodes if n.name == cur.inputs[0])
+    if cur.keras_class == "Softmax":
+        final = "softmax"
+    elif getattr(cur.layer, "activation", None) is not None and cur.keras_class not in (
+            "LSTM", "GRU"):
+        final = activation_name(cur.layer.activation)
+    del keras
+    return ModelGraph(nodes, in_shape, out_node.out_shape, out_name, parameters, final,
+                      _frozen_digest(model))

@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "xflwb.manifest/1"
+SCHEMA = "xflwb.manifest/2"
+#: schemas this version reads: /2 added the frozen-weights digest and per-platform plans,
+#: and lets iOS hold only the tensors it trains
+SCHEMAS = ("xflwb.manifest/1", SCHEMA)
 FILENAME = "manifest.json"
 REQUIRED = ("schema", "name", "version", "data_type", "input", "classes", "loss", "optimizer",
             "batch_size", "epochs", "parameters", "platforms")
@@ -36,8 +39,9 @@ def validate(manifest: dict[str, Any]) -> dict[str, Any]:
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ManifestError(f"manifest lacks required keys {missing}")
-    if manifest["schema"] != SCHEMA:
-        raise ManifestError(f"unknown manifest schema {manifest['schema']!r}; expected {SCHEMA}")
+    if manifest["schema"] not in SCHEMAS:
+        raise ManifestError(f"unknown manifest schema {manifest['schema']!r}; expected one of "
+                            f"{SCHEMAS}")
     if manifest["loss"] not in LOSSES:
         raise ManifestError(f"unknown loss {manifest['loss']!r}")
     n = len(manifest["parameters"])
@@ -59,10 +63,21 @@ def validate(manifest: dict[str, Any]) -> dict[str, Any]:
         if entries is None:
             raise ManifestError("platforms.ios lacks coreml_layers")
         covered = {e.get("canonical") for e in entries}
-        for i in range(n):
-            if i not in covered:
-                raise ManifestError(f"canonical parameter {i} ({manifest['parameters'][i]['name']})"
-                                    " has no iOS tensor")
+        for e in entries:
+            idx = e.get("canonical")
+            if idx is not None and not (isinstance(idx, int) and 0 <= idx < n):
+                raise ManifestError(f"coreml_layers entry {e.get('name')!r} points at canonical "
+                                    f"parameter {idx!r}, outside 0..{n - 1}")
+        if manifest["schema"] == "xflwb.manifest/1":
+            for i in range(n):
+                if i not in covered:
+                    raise ManifestError(f"canonical parameter {i} "
+                                        f"({manifest['parameters'][i]['name']}) has no iOS tensor")
+    for name in plats:
+        trained = plats[name].get("trained")
+        if trained is not None and any(not isinstance(i, int) or not 0 <= i < n
+                                       for i in trained):
+            raise ManifestError(f"platforms.{name}.trained lists indices outside 0..{n - 1}")
     return manifest
 
 

@@ -42,11 +42,18 @@ def to_platform_array(k: np.ndarray, layout: str, chw: Sequence[int] | None = No
             k.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(-1, out).T)
     if layout == "conv":  # (kh, kw, in/g, out) → [out, in/g, kh, kw]
         return np.ascontiguousarray(k.transpose(3, 2, 0, 1))
+    if layout == "conv1d":  # Conv1D (k, in/g, out) → [out, in/g, 1, k]
+        return np.ascontiguousarray(k.transpose(2, 1, 0)[:, :, None, :])
+    if layout == "depthwise":  # (kh, kw, in, mult) → [in·mult, 1, kh, kw]
+        kh, kw, cin, mult = k.shape
+        return np.ascontiguousarray(k.reshape(kh, kw, cin * mult).transpose(2, 0, 1)[:, None])
+    if layout == "dense_conv":  # Dense on a map / Embedding table (in, out) → [out, in, 1, 1]
+        return np.ascontiguousarray(k.T[:, :, None, None])
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def from_platform_array(w: np.ndarray, layout: str, chw: Sequence[int] | None = None
-                        ) -> np.ndarray:
+def from_platform_array(w: np.ndarray, layout: str, chw: Sequence[int] | None = None,
+                        shape: Sequence[int] | None = None) -> np.ndarray:
     """Core ML layout → canonical (Keras) array; the exact inverse of ``to_platform_array``."""
     if layout == "identity":
         return w
@@ -59,6 +66,14 @@ def from_platform_array(w: np.ndarray, layout: str, chw: Sequence[int] | None = 
             w.T.reshape(c, h, ww, out).transpose(1, 2, 0, 3).reshape(-1, out))
     if layout == "conv":
         return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    if layout == "conv1d":
+        return np.ascontiguousarray(w[:, :, 0, :].transpose(2, 1, 0))
+    if layout == "depthwise":
+        if shape is None:
+            raise ValueError("the depthwise layout needs the canonical shape to invert")
+        return np.ascontiguousarray(w[:, 0].transpose(1, 2, 0).reshape(shape))
+    if layout == "dense_conv":
+        return np.ascontiguousarray(w[:, :, 0, 0].T)
     raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -121,9 +136,15 @@ def to_platform(canonical: Sequence[np.ndarray], manifest: dict[str, Any],
             for e in manifest["platforms"]["ios"]["coreml_layers"]]
 
 
-def from_platform(arrays: Sequence[np.ndarray], manifest: dict[str, Any],
-                  platform: str) -> list[np.ndarray]:
-    """A phone's tensors (shaped or flat, as on the wire) → canonical parameters."""
+def from_platform(arrays: Sequence[np.ndarray], manifest: dict[str, Any], platform: str,
+                  base: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    """A phone's tensors (shaped or flat, as on the wire) → canonical parameters.
+
+    An iOS phone holds only the tensors it trains; the canonical parameters it does not
+    hold are baked into its artifact at their exported values, so they are taken from
+    ``base`` when given (e.g. the current global model, for a masked aggregation) and
+    otherwise from the export's initial parameters — what the phone really computes with.
+    """
     shaped = _shaped(arrays, platform_shapes(manifest, platform),
                      _platform_names(manifest, platform), platform)
     if platform == "android":
@@ -132,17 +153,35 @@ def from_platform(arrays: Sequence[np.ndarray], manifest: dict[str, Any],
     for arr, e in zip(shaped, manifest["platforms"]["ios"]["coreml_layers"], strict=True):
         idx = e.get("canonical")
         if idx is not None:
-            out[idx] = from_platform_array(arr, e["layout"], e.get("chw")).copy()
-    missing = [manifest["parameters"][i]["name"] for i, a in enumerate(out) if a is None]
-    if missing:
-        raise ValueError(f"iOS tensors do not cover canonical parameters {missing}")
+            out[idx] = from_platform_array(arr, e["layout"], e.get("chw"),
+                                           manifest["parameters"][idx]["shape"]).copy()
+    if any(a is None for a in out):
+        fill = base
+        if fill is None:
+            from xflwb.bridge.manifest import initial_parameters
+
+            fill = initial_parameters(manifest)
+        if len(fill) != len(out):
+            raise ValueError(f"base has {len(fill)} tensors, expected {len(out)}")
+        out = [np.asarray(fill[i], np.float32).reshape(manifest["parameters"][i]["shape"])
+               if a is None else a for i, a in enumerate(out)]
     return out  # type: ignore[return-value]
 
 
 def trained_mask(manifest: dict[str, Any], platform: str) -> list[bool]:
-    """Per canonical parameter: does a phone of ``platform`` train it?"""
+    """Per canonical parameter: does a phone of ``platform`` train it?
+
+    Exports since the per-platform plan record it (``platforms.<p>.trained``); older ones
+    are read from the updatable flags (iOS) or mean "everything" (Android).
+    """
     _check_platform(manifest, platform)
     n = len(manifest["parameters"])
+    recorded = manifest["platforms"][platform].get("trained")
+    if recorded is not None:
+        mask = [False] * n
+        for i in recorded:
+            mask[int(i)] = True
+        return mask
     if platform == "android":
         return [True] * n
     mask = [False] * n

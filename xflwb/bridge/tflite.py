@@ -50,6 +50,44 @@ def reset_optimizer(opt: Any, learning_rate: float) -> None:
             v.assign(tf.zeros(v.shape, dtype=v.dtype))
 
 
+def _batchnorms(model: Any) -> list[Any]:
+    import keras
+
+    return [lay for lay in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(lay, keras.layers.BatchNormalization)]
+
+
+def batchnorm_inference(model: Any) -> None:
+    """Run every BatchNormalization of ``model`` with its moving statistics, also in training.
+
+    xflwb's rule for BatchNorm on phones: Core ML cannot update moving statistics, so on
+    every platform BatchNorm normalises with the exported moving mean/variance, which never
+    change and never travel; gamma/beta are ordinary weights (trained where the layer is
+    trainable). This is Keras' own behaviour for a frozen BatchNorm, applied to all.
+    """
+    for lay in _batchnorms(model):
+        if "call" in vars(lay):
+            continue
+        cls_call = type(lay).call
+
+        def call(inputs, training=None, mask=None, _lay=lay, _call=cls_call):
+            return _call(_lay, inputs, training=False, mask=mask)
+
+        lay.call = call
+
+
+@contextlib.contextmanager
+def batchnorm_inference_scope(model: Any):
+    """``batchnorm_inference`` for the duration of a block (the user's model is restored)."""
+    patched = [lay for lay in _batchnorms(model) if "call" not in vars(lay)]
+    batchnorm_inference(model)
+    try:
+        yield model
+    finally:
+        for lay in patched:
+            vars(lay).pop("call", None)
+
+
 def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer):
     """A ``tf.Module`` whose four tf.functions are the FedKit signatures."""
     import tensorflow as tf
@@ -125,8 +163,8 @@ def convert_saved_model(directory: Path) -> bytes:
 
 def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> bytes:
     """Return the ``.tflite`` bytes for ``model``."""
-    module = build_module(model, graph, loss, optimizer)
-    with tempfile.TemporaryDirectory(prefix="xflwb-sm-") as tmp:
+    with batchnorm_inference_scope(model), tempfile.TemporaryDirectory(prefix="xflwb-sm-") as tmp:
+        module = build_module(model, graph, loss, optimizer)
         save_saved_model(module, Path(tmp) / "saved_model")
         return convert_saved_model(Path(tmp) / "saved_model")
 

@@ -298,9 +298,12 @@ class Device:
                 raise _Dropped()
             self._set(status="joined", rounds_done=self.status.rounds_done + 1,
                       last_loss=float(losses[-1]))
+            # which frozen backbone this update was computed on (the server refuses others)
+            frozen = (self.manifest or {}).get("frozen", {}).get("sha256")
+            metrics = {"frozen_sha256": pb.Scalar(string=frozen)} if frozen else {}
             return pb.ClientMessage(fit_res=pb.ClientMessage.FitRes(
                 parameters=self._encode(pb, rt.get_parameters()),
-                num_examples=len(self.x_train)))
+                num_examples=len(self.x_train), metrics=metrics))
         if kind == "evaluate_ins":
             self._eval_start = int(time.time() * 1000)
             rt.set_parameters(self._decode(pb, msg.evaluate_ins.parameters))

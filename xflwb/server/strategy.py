@@ -148,6 +148,7 @@ class CrossPlatformStrategy(Strategy):
         self.codec_of: dict[str, str] = {}  # cid → the encoding that client used
         self._lock = threading.Lock()
         self._masks = {p: params.trained_mask(manifest, p) for p in manifest["platforms"]}
+        self._frozen = manifest.get("frozen", {}).get("sha256")
 
     def __repr__(self) -> str:
         return f"CrossPlatformStrategy({self.manifest['name']}, {self.inner.__class__.__name__})"
@@ -205,8 +206,17 @@ class CrossPlatformStrategy(Strategy):
             stats["bytes_up"] += getattr(client, "bytes_up", 0)
             stats["bytes_down"] += getattr(client, "bytes_down", 0)
             try:
+                frozen = (res.metrics or {}).get("frozen_sha256")
+                if frozen is not None and self._frozen and frozen != self._frozen:
+                    raise ValueError(
+                        f"update computed on an artifact with different frozen weights "
+                        f"(frozen_sha256 {str(frozen)[:12]}…, this session's model has "
+                        f"{str(self._frozen)[:12]}…): the phone must download this session's "
+                        "model")
                 arrays, codec = params.decode_tensors(res.parameters.tensors)
-                canonical = params.from_platform(arrays, self.manifest, platform)
+                # tensors a platform does not hold are masked out: base fills them
+                canonical = params.from_platform(arrays, self.manifest, platform,
+                                                 base=self.global_)
                 if isinstance(res.num_examples, bool) or int(res.num_examples) <= 0:
                     raise ValueError(f"num_examples must be positive, got {res.num_examples}")
                 agg.add(canonical, int(res.num_examples), self._masks[platform])
@@ -239,6 +249,7 @@ class CrossPlatformStrategy(Strategy):
                 (platform, "clients", n), (platform, "examples", stats.get("examples", 0.0)),
                 (platform, "fit_seconds", stats["fit_seconds"] / n if n else None),
                 (platform, "bytes_up", stats["bytes_up"]),
+                (platform, "bytes_per_update", stats["bytes_up"] / n if n else None),
                 (platform, "bytes_down", stats["bytes_down"]),
                 (platform, "rejected", stats.get("rejected", 0.0))]
         totals = {k: sum(s.get(k, 0.0) for s in per.values())

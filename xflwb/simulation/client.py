@@ -171,8 +171,12 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         self._set_counters(done + 1, attempts + 1)
         out = Parameters(tensors=params.encode_tensors(rt.get_parameters(), codec),
                          tensor_type=TENSOR_TYPES[codec])
+        metrics: dict[str, Any] = {"loss": float(losses[-1])}
+        frozen = rt.manifest.get("frozen", {}).get("sha256")
+        if frozen:  # which frozen backbone this update was computed on
+            metrics["frozen_sha256"] = frozen
         return FitRes(status=Status(code=Code.OK, message=""), parameters=out,
-                      num_examples=len(x), metrics={"loss": float(losses[-1])})
+                      num_examples=len(x), metrics=metrics)
 
     def evaluate(self, ins: Any) -> Any:
         _, _, xt, yt = client_data(self.spec, self.pid)

@@ -14,18 +14,27 @@ from xflwb.bridge.runtime.base import Runtime
 
 
 class KerasRuntime(Runtime):
-    """Parameters are the canonical list (Keras ``trainable_weights``)."""
+    """Parameters are the canonical list (Keras ``trainable_weights``).
+
+    ``train_mask`` (one bool per canonical parameter) trains only part of the model, as a
+    platform's trainability plan does: it is how parity compares iOS with Keras.
+    """
 
     platform = "keras"
 
     def __init__(self, manifest: dict[str, Any], path: Path | None = None, model: Any = None,
-                 dropout: bool = True) -> None:
+                 dropout: bool = True, train_mask: Sequence[bool] | None = None) -> None:
         super().__init__(manifest)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf
 
-        from xflwb.bridge.tflite import keras_loss, keras_optimizer, reset_optimizer
+        from xflwb.bridge.tflite import (
+            batchnorm_inference,
+            keras_loss,
+            keras_optimizer,
+            reset_optimizer,
+        )
 
         if model is None:
             model = keras.models.load_model(str(path), compile=False)
@@ -33,7 +42,12 @@ class KerasRuntime(Runtime):
             clone = keras.models.clone_model(model)
             clone.set_weights(model.get_weights())
             model = clone
+        batchnorm_inference(model)  # the phones' BatchNorm rule (see xflwb.bridge.tflite)
         self.model = model
+        n = len(model.trainable_variables)
+        mask = [True] * n if train_mask is None else [bool(m) for m in train_mask]
+        if len(mask) != n:
+            raise ValueError(f"train_mask has {len(mask)} entries for {n} parameters")
         opt = resolve_optimizer(manifest["optimizer"])
         self._lr = opt.learning_rate
         self.opt = keras_optimizer(opt)
@@ -47,6 +61,10 @@ class KerasRuntime(Runtime):
             with tf.GradientTape() as tape:
                 value = loss_fn(y, model(x, training=training))
             grads = tape.gradient(value, model.trainable_variables)
+            # untrained parameters get zero gradients: with optimiser state reset at every
+            # task, SGD (any momentum) and Adam then leave them exactly unchanged
+            grads = [g if keep and g is not None else tf.zeros_like(v)
+                     for g, v, keep in zip(grads, model.trainable_variables, mask, strict=True)]
             self.opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return value
 

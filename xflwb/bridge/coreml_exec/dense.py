@@ -1,0 +1,47 @@
+"""innerProduct: ``y = W·x + b`` with W ``[C_out, C_in]``; updatable.
+
+A rank-5 input is flattened in (C, H, W) order per sequence step, as the proto says.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from xflwb.bridge.coreml_exec.base import Arr, Chw, Weighted, register
+
+
+@register("innerProduct")
+class InnerProduct(Weighted):
+    """Fully connected layer; its gradient is the classic ``dyᵀ·x`` / ``dy·W``."""
+
+    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+        p = layer.innerProduct
+        super().__init__(layer, p, dtype)
+        if p.int8DynamicQuantize:
+            raise self.fail("int8 dynamic quantisation is not supported")
+        self.n_in, self.n_out = int(p.inputChannels), int(p.outputChannels)
+        self._load_params((self.n_out, self.n_in), self.n_out)
+
+    def _infer(self, shape: Chw) -> Chw:
+        if math.prod(shape) != self.n_in:
+            raise self.fail(f"input {shape} has {math.prod(shape)} elements per step, "
+                            f"inputChannels is {self.n_in}")
+        return self.n_out, 1, 1
+
+    def forward(self, x: Arr, keep: bool) -> Arr:
+        x2 = x.reshape(len(x), -1)
+        self._x = x2 if keep else None
+        y = x2 @ self.W.T
+        if self.b is not None:
+            y += self.b
+        return y[:, :, None, None]
+
+    def backward(self, dy: Arr, need_dx: bool) -> Arr | None:
+        dy2 = dy.reshape(len(dy), -1)
+        if self.updatable:
+            self.dW = dy2.T @ self._x
+            self.db = dy2.sum(axis=0) if self.b is not None else None
+        return (dy2 @ self.W).reshape(len(dy), *self.in_shape) if need_dx else None
