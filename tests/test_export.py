@@ -118,12 +118,13 @@ def test_mlmodel_weights_are_coreml_layouts(unseen, tmp_path):
     got = np.array(layers[conv.name].convolution.weights.floatValue, np.float32)
     np.testing.assert_array_equal(got, k.transpose(3, 2, 0, 1).ravel())
     assert list(layers[conv.name].convolution.kernelSize) == [3, 2]
-    # Dense after Flatten of a (3, 2, 6) map: CHANNEL_FIRST flatten permutes its rows
-    h, w, c = 3, 2, 6
+    # Dense after Flatten of a (3, 2, 6) map: a CHANNEL_LAST flatten orders (h, w, c) as
+    # Keras does, so the innerProduct weights are the plain transpose
+    flat = next(lay for lay in spec.neuralNetwork.layers if lay.WhichOneof("layer") == "flatten")
+    assert flat.flatten.mode == 1  # CHANNEL_LAST
     k1 = dense1.kernel.numpy()
-    want = k1.reshape(h, w, c, -1).transpose(2, 0, 1, 3).reshape(-1, k1.shape[1]).T
     got = np.array(layers[dense1.name].innerProduct.weights.floatValue, np.float32)
-    np.testing.assert_array_equal(got, want.ravel())
+    np.testing.assert_array_equal(got, k1.T.ravel())
     k2 = dense2.kernel.numpy()
     got = np.array(layers[dense2.name].innerProduct.weights.floatValue, np.float32)
     np.testing.assert_array_equal(got, k2.T.ravel())

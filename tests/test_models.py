@@ -1,0 +1,270 @@
+"""The models researchers put on phones, exported for both platforms with parity.
+
+Each model goes through the real exporter: the real TFLite converter and interpreter, the
+real coremltools spec run by the Core ML executor, and Keras. Parity (forward to 1e-4,
+exact parameter round trips, one and three training steps against Keras trained under each
+platform's plan) must hold for all of them; the plan itself is pinned per model.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras
+import numpy as np
+import pytest
+
+import xflwb
+from xflwb.bridge import coreml_rules, manifest, params, runtime
+
+L = keras.layers
+
+
+def mobilenet_head(size: int = 32, frozen: bool = True) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35,
+                                          include_top=False, weights=None)
+    base.trainable = not frozen
+    inp = keras.Input((size, size, 3))
+    x = L.GlobalAveragePooling2D(name="gap")(base(inp, training=False))
+    return keras.Model(inp, L.Dense(10, activation="softmax", name="head")(x), name="tl")
+
+
+def frozen_feature() -> keras.Model:
+    keras.utils.set_random_seed(1)
+    feat = L.Dense(16, activation="relu", name="feat")
+    feat.trainable = False
+    return keras.Sequential([keras.Input((20,)), feat,
+                             L.Dense(4, activation="softmax", name="head")])
+
+
+def bn_cnn() -> keras.Model:
+    keras.utils.set_random_seed(2)
+    return keras.Sequential([keras.Input((8, 8, 1)), L.Conv2D(4, 3, name="conv"),
+                             L.BatchNormalization(name="bn"), L.ReLU(name="relu"),
+                             L.GlobalAveragePooling2D(name="gap"),
+                             L.Dense(10, activation="softmax", name="head")])
+
+
+def activity() -> keras.Model:
+    keras.utils.set_random_seed(3)
+    return keras.Sequential([
+        keras.Input((32, 3)), L.Conv1D(8, 5, padding="same", activation="relu", name="c1"),
+        L.MaxPooling1D(2, name="p1"), L.ZeroPadding1D((1, 0), name="pad"),
+        L.Conv1D(8, 3, padding="causal", dilation_rate=2, activation="relu", name="c2"),
+        L.AveragePooling1D(2, padding="same", name="p2"),
+        L.Conv1D(8, 3, strides=2, name="c3"), L.GlobalMaxPooling1D(name="gmp"),
+        L.Dense(6, activation="softmax", name="head")])
+
+
+def text() -> keras.Model:
+    keras.utils.set_random_seed(4)
+    return keras.Sequential([keras.Input((12,)), L.Embedding(30, 8, name="emb"),
+                             L.Dense(8, activation="tanh", name="per_token"),
+                             L.GlobalAveragePooling1D(name="gap"),
+                             L.Dense(3, activation="softmax", name="head")])
+
+
+def lstm() -> keras.Model:
+    keras.utils.set_random_seed(5)
+    return keras.Sequential([keras.Input((10, 3)), L.LSTM(8, name="lstm"),
+                             L.Dense(4, activation="softmax", name="head")])
+
+
+def gru() -> keras.Model:
+    keras.utils.set_random_seed(6)
+    return keras.Sequential([keras.Input((10, 3)),
+                             L.GRU(8, reset_after=False, return_sequences=True, name="gru"),
+                             L.Flatten(name="flat"), L.Dense(4, activation="softmax",
+                                                             name="head")])
+
+
+def branchy() -> keras.Model:
+    """Branches, squeeze-excite, separable/depthwise convs and every composed activation."""
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((8, 8, 3))
+    x = L.Rescaling(1 / 2.0, offset=-0.5, name="rescale")(inp)
+    a = L.Conv2D(6, 3, padding="same", activation="swish", name="conv_a")(x)
+    b = L.SeparableConv2D(6, 3, padding="same", activation="hard_silu", name="sep")(x)
+    c = L.Add(name="add")([a, b])
+    s = L.GlobalAveragePooling2D(keepdims=True, name="squeeze")(c)
+    s = L.Dense(6, activation="hard_sigmoid", name="excite")(s)
+    c = L.Multiply(name="scale")([c, s])
+    d = L.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same",
+                          activation="relu6", name="dw")(c)
+    d = L.ZeroPadding2D(((1, 0), (0, 1)), name="pad")(d)
+    e = L.Concatenate(name="cat")([L.LeakyReLU(name="leaky")(d), L.ELU(name="elu")(d)])
+    f = L.Flatten(name="flat")(L.MaxPooling2D(name="pool")(e))
+    f = L.Dense(8, activation="gelu", name="gelu")(L.Reshape((2, 2, 6), name="rs")(
+        L.Dense(24, name="pre")(f)))
+    f = L.Flatten(name="flat2")(f)
+    out = L.Dense(5, activation="softmax", name="head")(L.Dropout(0.0, name="drop")(f))
+    return keras.Model(inp, out, name="branchy")
+
+
+def normalized_mlp() -> keras.Model:
+    keras.utils.set_random_seed(8)
+    norm = L.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(0).normal(2.0, 3.0, (64, 6)).astype(np.float32))
+    return keras.Sequential([keras.Input((6,)), norm, L.Dense(8, activation="tanh", name="h"),
+                             L.Dense(3, activation="softmax", name="head")])
+
+
+# model → the iOS status of each named layer ("trained" unless listed)
+CASES = {
+    "frozen_feature": (frozen_feature, {"feat": "frozen"}),
+    "bn_cnn": (bn_cnn, {"conv": "trained", "bn": "frozen on iOS"}),
+    "activity": (activity, {"c1": "frozen on iOS", "c2": "trained", "c3": "trained"}),
+    "text": (text, {"emb": "trained", "per_token": "trained"}),
+    "lstm": (lstm, {"lstm": "frozen on iOS"}),
+    "gru": (gru, {"gru": "frozen on iOS"}),
+    "branchy": (branchy, {"conv_a": "frozen on iOS", "sep": "frozen on iOS",
+                          "excite": "frozen on iOS", "dw": "frozen on iOS",
+                          "pre": "frozen on iOS", "gelu": "frozen on iOS"}),
+    "normalized_mlp": (normalized_mlp, {"h": "trained"}),
+}
+
+
+def _check_export(res: xflwb.ExportResult) -> None:
+    rep = res.parity
+    assert rep["ok"].all(), rep[~rep["ok"]]
+    assert set(rep["platform"]) == {"android", "ios"}
+    for plat in ("android", "ios"):
+        checks = set(rep[rep.platform == plat]["check"])
+        assert {"forward", "params_in_artifact", "params_layout_roundtrip",
+                "params_runtime_roundtrip", "train_step", "train_3_steps"} <= checks
+    assert (rep[rep.check.str.startswith("params")]["max_abs_err"] == 0).all()
+    m = res.manifest
+    manifest.validate(m)
+    # the exchanged iOS tensors are exactly the ones iOS trains
+    mask = params.trained_mask(m, "ios")
+    assert sorted({e["canonical"] for e in m["platforms"]["ios"]["coreml_layers"]}) == [
+        i for i, t in enumerate(mask) if t]
+    assert params.trained_mask(m, "android") == [True] * len(m["parameters"])
+    # the saved spec passes Core ML's updatable-model rules
+    from xflwb.bridge.coreml_proto import load_spec
+
+    spec = load_spec(res.paths["ios"])
+    coreml_rules.validate(spec.neuralNetwork.layers, "output",
+                          m["loss"] == "categorical_crossentropy")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_model_exports_with_parity_and_plan(case, tmp_path):
+    make, expected = CASES[case]
+    res = xflwb.export(make(), name=case, out_dir=tmp_path,
+                       optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9), batch_size=8)
+    _check_export(res)
+    plan = res.layers.set_index("layer")
+    for layer, status in expected.items():
+        assert plan.loc[layer, "ios"] == status, (layer, plan.loc[layer].to_dict())
+        if status == "frozen on iOS":
+            assert plan.loc[layer, "android"] == "trained"
+            assert "Android trains it" in plan.loc[layer, "ios_why"]
+    assert (plan["ios"] == "trained").any()
+
+
+def test_adam_on_a_graph_with_frozen_and_ios_frozen_parts(tmp_path):
+    res = xflwb.export(branchy(), name="adam", out_dir=tmp_path, optimizer=xflwb.Adam(0.01),
+                       batch_size=8)
+    _check_export(res)
+
+
+@pytest.fixture(scope="module")
+def transfer(tmp_path_factory):
+    """One frozen-MobileNetV2 export shared by the tests below."""
+    model = mobilenet_head()
+    res = xflwb.export(model, name="tl", data_type="digits32",
+                       out_dir=tmp_path_factory.mktemp("tl"), batch_size=16)
+    return model, res
+
+
+def test_frozen_backbone_is_baked_and_never_travels(transfer):
+    model, res = transfer
+    _check_export(res)
+    m = res.manifest
+    # canonical = the head only; the backbone's 260 weights are frozen and digested
+    assert [p["name"] for p in m["parameters"]] == ["head/kernel", "head/bias"]
+    assert m["frozen"]["tensors"] == len(model.non_trainable_weights) > 200
+    plan = res.layers.set_index("layer")
+    backbone = [n for n in plan.index if n.startswith("mobilenetv2_0.35_32/")]
+    assert len(backbone) > 100  # nested model read into one graph, names keep the path
+    weighted = plan.loc[backbone][plan.loc[backbone, "params"] == 0]
+    assert set(plan.loc[backbone, "ios"]) <= {"frozen", "runs"}
+    assert set(plan.loc[backbone, "android"]) <= {"frozen", "runs"}
+    assert len(weighted) == len(backbone)
+    for plat in ("android", "ios"):
+        assert [a.shape for a in params.to_platform(params.canonical(model), m, plat)] in (
+            [(1280, 10), (10,)], [(10, 1280), (10,)])
+    assert m["platforms"]["android"]["tflite_layers"] == [1280 * 10 * 4, 40]
+
+
+def test_frozen_digest_tells_backbones_apart(transfer):
+    _, res = transfer
+    other = mobilenet_head()
+    layer = other.get_layer("mobilenetv2_0.35_32").get_layer("Conv1")
+    layer.kernel.assign(layer.kernel.numpy() + 1.0)
+    from xflwb.bridge import graph
+
+    assert graph.analyze(other).frozen["sha256"] != res.manifest["frozen"]["sha256"]
+    assert graph.analyze(mobilenet_head()).frozen["sha256"] == res.manifest["frozen"]["sha256"]
+
+
+def test_ios_runtime_trains_only_the_head_and_keeps_the_backbone(transfer):
+    _, res = transfer
+    rt = runtime.load(res, "ios")
+    ex = rt.executor
+    frozen = [lay for lay in ex.weighted if not lay.updatable]
+    assert len(frozen) > 30 and [lay.name for lay in ex.weighted if lay.updatable] == ["head"]
+    backbone = [lay.W.copy() for lay in frozen]
+    x = np.random.default_rng(0).random((12, 32, 32, 3), dtype=np.float32)
+    y = np.arange(12) % 10
+    before = rt.get_parameters()
+    rt.fit(x, y, epochs=1, batch_size=4, seed=0)
+    after = rt.get_parameters()
+    # (an untrained backbone's features are tiny, but the head's bias always moves)
+    assert np.abs(after[1] - before[1]).max() > 1e-4
+    assert all(np.array_equal(lay.W, w) for lay, w in zip(frozen, backbone, strict=True))
+
+
+def test_strict_refuses_what_ios_cannot_train(tmp_path):
+    with pytest.raises(xflwb.ExportError) as err:
+        xflwb.export(lstm(), name="s", out_dir=tmp_path, ios_training="strict")
+    msg = str(err.value)
+    assert "layer 'lstm' (LSTM)" in msg and "ios_training='auto'" in msg
+    assert "platforms=('android',)" in msg
+    with pytest.raises(ValueError, match="ios_training"):
+        xflwb.export(lstm(), name="s", out_dir=tmp_path, ios_training="sometimes")
+
+
+def test_nothing_trainable_on_ios_is_a_clear_error(tmp_path):
+    keras.utils.set_random_seed(9)
+    model = keras.Sequential([keras.Input((6,)), L.Dense(4, activation="softmax", name="d"),
+                              L.Activation("relu6", name="clip")])
+    with pytest.raises(xflwb.ExportError, match="softmax"):
+        xflwb.export(model, name="n", out_dir=tmp_path, loss="categorical_crossentropy")
+    model = keras.Sequential([keras.Input((6,)), L.Dense(4, name="d"),
+                              L.LeakyReLU(name="leaky")])
+    with pytest.raises(xflwb.ExportError) as err:
+        xflwb.export(model, name="n", out_dir=tmp_path, loss="mse")
+    assert "nothing can train on iOS" in str(err.value) and "'leaky'" in str(err.value)
+    res = xflwb.export(model, name="n", out_dir=tmp_path, loss="mse", platforms=("android",))
+    assert res.parity["ok"].all()
+
+
+def test_ios_from_platform_fills_untrained_from_base_or_export(tmp_path):
+    res = xflwb.export(bn_cnn(), name="bn", out_dir=tmp_path)
+    m = res.manifest
+    start = manifest.initial_parameters(m)
+    ios = params.to_platform(start, m, "ios")
+    assert len(ios) == 4  # conv and head: BatchNorm's gamma/beta stay on Android
+    moved = [a + 1 for a in start]
+    back = params.from_platform([a.ravel() for a in ios], m, "ios", base=moved)
+    mask = params.trained_mask(m, "ios")
+    for a, s, mv, t in zip(back, start, moved, mask, strict=True):
+        np.testing.assert_array_equal(a, s if t else mv)
+    default = params.from_platform(ios, m, "ios")  # the export's values, what iOS computes with
+    for a, s in zip(default, start, strict=True):
+        np.testing.assert_array_equal(a, s)
