@@ -60,13 +60,14 @@ def test_magic_reports_errors_without_raising(ip, tmp_path, capsys):
     assert "several Keras models (a, b)" in capsys.readouterr().out
     _cell(ip, "bad --optimizer rmsprop", "pass\n")
     assert "invalid choice: 'rmsprop'" in capsys.readouterr().out
-    _cell(ip, f"lstm --out {tmp_path}", """
+    _cell(ip, f"lstm --out {tmp_path} --ios-training strict", """
         import keras
         model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Reshape((4, 4)),
                                   keras.layers.LSTM(3, name="lstm_1"),
                                   keras.layers.Dense(2, activation="softmax")])
     """)
-    assert "layer 'lstm_1' (LSTM)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "layer 'lstm_1' (LSTM)" in out and "ios_training='strict'" in out
 
 
 def test_cli_export_module_attr(tmp_path, monkeypatch, capsys):

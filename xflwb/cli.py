@@ -24,6 +24,9 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="artifacts", help="artifact directory")
     p.add_argument("--no-strict", action="store_true",
                    help="keep the export even if parity fails")
+    p.add_argument("--ios-training", default="auto", choices=["auto", "strict"],
+                   help="auto: iOS freezes layers Core ML cannot update (Android trains "
+                   "them); strict: refuse such models, naming each layer")
 
 
 def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -38,7 +41,8 @@ def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         opt = xflwb.Adam(learning_rate=0.001 if args.lr is None else args.lr)
     return {"data_type": args.data_type, "platforms": args.platforms, "loss": args.loss,
             "optimizer": opt, "batch_size": args.batch_size, "epochs": args.epochs,
-            "out_dir": args.out, "strict": not args.no_strict}
+            "out_dir": args.out, "strict": not args.no_strict,
+            "ios_training": args.ios_training}
 
 
 def resolve_model(target: str) -> Any:

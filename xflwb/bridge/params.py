@@ -1,10 +1,12 @@
 """One parameter representation (canonical = Keras ``trainable_weights``) and its platform views.
 
 Android holds the canonical tensors as they are (the ``parameters`` signature returns
-``a0..aN``). iOS holds one tensor per convolution/innerProduct weights and bias, in Core ML
-layout, in ``coreml_layers`` order. Every mapping is a pure permutation of elements, so
-round trips are exact. The wire carries tensors as raw little-endian float32 (FedKit, Flower
-Android) or ``.npy`` (Flower's iOS SDK); ``decode_tensor`` accepts both.
+``a0..aN``). iOS holds the tensors it trains — the weights and bias of each updatable
+convolution / innerProduct layer, in Core ML layout, in ``coreml_layers`` order; canonical
+parameters iOS does not train are baked into its artifact and never travel. Every mapping is
+a pure permutation of elements, so round trips are exact. The wire carries tensors as raw
+little-endian float32 (FedKit, Flower Android) or ``.npy`` (Flower's iOS SDK);
+``decode_tensor`` accepts both.
 """
 
 from __future__ import annotations

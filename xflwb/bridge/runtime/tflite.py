@@ -14,17 +14,24 @@ import numpy as np
 from xflwb.bridge.runtime.base import Runtime
 
 
-def load_interpreter(model: Path | bytes):
-    """A ``tf.lite.Interpreter``; TF 2.18's wheel links the Flex delegate in automatically."""
+def load_interpreter(model: Path | bytes, num_threads: int | None = None):
+    """A ``tf.lite.Interpreter``; TF 2.18's wheel links the Flex delegate in automatically.
+
+    ``num_threads`` is passed to ``tf.lite.Interpreter`` (its threads for the built-in
+    kernels and XNNPACK); ``None`` keeps TFLite's default.
+    """
+    if num_threads is not None and (isinstance(num_threads, bool)
+                                    or not isinstance(num_threads, int) or num_threads < 1):
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if isinstance(model, bytes | bytearray):
-            interp = tf.lite.Interpreter(model_content=bytes(model))
+            interp = tf.lite.Interpreter(model_content=bytes(model), num_threads=num_threads)
         else:
-            interp = tf.lite.Interpreter(model_path=str(model))
+            interp = tf.lite.Interpreter(model_path=str(model), num_threads=num_threads)
     interp.allocate_tensors()
     return interp
 
@@ -34,9 +41,11 @@ class AndroidRuntime(Runtime):
 
     platform = "android"
 
-    def __init__(self, manifest: dict[str, Any], path: Path | bytes) -> None:
+    def __init__(self, manifest: dict[str, Any], path: Path | bytes,
+                 num_threads: int | None = None) -> None:
         super().__init__(manifest)
-        self.interpreter = load_interpreter(path)
+        self.num_threads = num_threads
+        self.interpreter = load_interpreter(path, num_threads=num_threads)
         sigs = self.interpreter.get_signature_list()
         missing = {"train", "infer", "parameters", "restore"} - set(sigs)
         if missing:
