@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,50 @@ def test_codec_errors():
         params.decode_tensors([params.encode_raw(np.ones(2)), params.encode_npy(np.ones(2))])
     with pytest.raises(ValueError, match="unknown codec"):
         params.encode_tensors([np.ones(2)], "protobuf")
+
+
+# -- property tests: every layout is an exact permutation; bad manifests are refused ------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _layout_shape(layout: str, dims: list[int]) -> tuple[int, ...]:
+    a, b, c, d = dims
+    return {"dense": (a, b), "dense_conv": (a, b), "conv": (a, b, c, d),
+            "conv1d": (a, b, c), "depthwise": (a, b, c, d), "identity": (a,)}[layout]
+
+
+@settings(max_examples=60, deadline=None)
+@given(layout=st.sampled_from(["dense", "dense_conv", "conv", "conv1d", "depthwise",
+                               "identity"]),
+       dims=st.lists(st.integers(1, 5), min_size=4, max_size=4), seed=st.integers(0, 2**16))
+def test_every_layout_round_trips_exactly(layout, dims, seed):
+    shape = _layout_shape(layout, dims)
+    k = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    w = params.to_platform_array(k, layout)
+    assert w.size == k.size and sorted(w.ravel().tolist()) == sorted(k.ravel().tolist())
+    back = params.from_platform_array(w, layout, shape=shape)
+    np.testing.assert_array_equal(back, k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(trained=st.lists(st.integers(-3, 8), max_size=6),
+       canonical=st.one_of(st.none(), st.integers(-3, 8), st.text(max_size=3)))
+def test_manifest_refuses_out_of_range_plan_indices(trained, canonical):
+    from xflwb.bridge import manifest as manifest_mod
+
+    m = json.loads(json.dumps(MANIFEST))
+    m.update(schema=manifest_mod.SCHEMA, data_type="t", input={"shape": [3, 4, 2]}, classes=2,
+             loss="mse", optimizer={"type": "sgd"}, batch_size=1, epochs=1)
+    for entry in m["platforms"].values():
+        entry.update(file="f", sha256="0" * 64, bytes=1)
+    m["platforms"]["android"]["trained"] = trained
+    m["platforms"]["ios"]["coreml_layers"][0]["canonical"] = canonical
+    n = len(m["parameters"])
+    ok = all(0 <= i < n for i in trained) and (
+        canonical is None or (isinstance(canonical, int) and 0 <= canonical < n))
+    if ok:
+        manifest_mod.validate(m)
+    else:
+        with pytest.raises(manifest_mod.ManifestError):
+            manifest_mod.validate(m)
