@@ -39,6 +39,19 @@ def test_federated_demo_reaches_90_percent_with_both_platforms(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_activity_demo_trains_conv1d_on_sensor_windows_on_both_platforms(tmp_path):
+    """The demo's workflow with a Conv1D activity model on the generated sensor dataset."""
+    out = demo.run_federated(out=tmp_path, rounds=6, quiet=True, model="activity")
+    assert out["status"] == "finished" and out["both_every_round"]
+    assert out["export"].manifest["input"]["shape"] == [32, 3]
+    assert out["export"].parity["ok"].all()
+    # 6 classes: chance is 1/6; both platforms' artifacts agree on the global model
+    assert min(out["accuracy"].values()) >= 0.75, out["accuracy"]
+    assert abs(out["accuracy"]["android"] - out["accuracy"]["ios"]) < 0.01
+
+
+@pytest.mark.slow
 def test_cli_demo_prints_parity_table(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "xflwb", "demo", "--local-only", "--out",
                            str(tmp_path), "--epochs", "1"], capture_output=True, text=True,
