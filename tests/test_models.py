@@ -112,11 +112,40 @@ def normalized_mlp() -> keras.Model:
                              L.Dense(3, activation="softmax", name="head")])
 
 
+def stem() -> keras.Model:
+    """ResNet/MobileNet-style explicit padding before valid convolutions."""
+    keras.utils.set_random_seed(10)
+    inp = keras.Input((9, 9, 2))
+    x = L.ZeroPadding2D(1, name="pad1")(inp)
+    x = L.Conv2D(4, 3, strides=2, name="conv1")(x)  # valid: the padding folds into it
+    x = L.ReLU(name="relu")(x)
+    x = L.ZeroPadding2D(((0, 1), (0, 1)), name="pad2")(x)
+    x = L.DepthwiseConv2D(2, activation="relu", name="dw")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(L.ZeroPadding2D(1, name="pad3")(x))
+    return keras.Model(inp, L.Dense(3, activation="softmax", name="head")(x), name="stem")
+
+
+def stem_folded() -> keras.Model:
+    """The same stem without the padding before pooling: every padding folds."""
+    keras.utils.set_random_seed(10)
+    inp = keras.Input((9, 9, 2))
+    x = L.Conv2D(4, 3, strides=2, name="conv1")(L.ZeroPadding2D(1, name="pad1")(inp))
+    x = L.ZeroPadding2D(((0, 1), (0, 1)), name="pad2")(L.ReLU(name="relu")(x))
+    x = L.GlobalAveragePooling2D(name="gap")(L.DepthwiseConv2D(2, activation="relu",
+                                                               name="dw")(x))
+    return keras.Model(inp, L.Dense(3, activation="softmax", name="head")(x), name="stem2")
+
+
 # model → the iOS status of each named layer ("trained" unless listed)
 CASES = {
     "frozen_feature": (frozen_feature, {"feat": "frozen"}),
     "bn_cnn": (bn_cnn, {"conv": "trained", "bn": "frozen on iOS"}),
-    "activity": (activity, {"c1": "frozen on iOS", "c2": "trained", "c3": "trained"}),
+    # ZeroPadding1D before a causal Conv1D folds into the convolution's own padding, so the
+    # gradient reaches c1 (a Core ML padding layer would block it)
+    "activity": (activity, {"c1": "trained", "c2": "trained", "c3": "trained"}),
+    # pad3 feeds pooling, so it stays a padding layer and blocks conv1 and dw on iOS
+    "stem": (lambda: stem(), {"conv1": "frozen on iOS", "dw": "frozen on iOS"}),
+    "stem_folded": (lambda: stem_folded(), {"conv1": "trained", "dw": "trained"}),
     "text": (text, {"emb": "trained", "per_token": "trained"}),
     "lstm": (lstm, {"lstm": "frozen on iOS"}),
     "gru": (gru, {"gru": "frozen on iOS"}),

@@ -67,6 +67,7 @@ class Emitter:
         self.tensors: list[WeightTensor] = []
         self.owner: dict[str, str] = {}  # Core ML layer → graph node
         self.node_names = {n.name for n in graph.nodes}
+        self.folded: dict[str, tuple[int, int, int, int]] = {}  # ZeroPadding → its pads
 
     # -- helpers ---------------------------------------------------------------------------
     def weights(self, n: Node) -> dict[str, np.ndarray]:
@@ -192,6 +193,9 @@ def _conv_common(e: Emitter, n: Node, src: str, k4: np.ndarray, bias: np.ndarray
                  padding: str, name: str, pads: tuple[int, int, int, int] = (0, 0, 0, 0)
                  ) -> None:
     kh, kw, cin_g, cout = k4.shape
+    folded = e.folded.get(n.inputs[0]) if src == e.blob.get(n.inputs[0]) else None
+    if folded is not None:  # a ZeroPadding before a valid convolution: its own padding
+        pads = tuple(a + b for a, b in zip(pads, folded, strict=True))
     e.b.add_convolution(name, kernel_channels=int(cin_g), output_channels=int(cout),
                         height=int(kh), width=int(kw), stride_height=int(strides[0]),
                         stride_width=int(strides[1]), border_mode=padding, groups=int(groups),
@@ -333,14 +337,25 @@ def _pool(e: Emitter, n: Node, src: list[str]) -> str:
     return n.name
 
 
+_CONVS = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D")
+
+
 def _zero_padding(e: Emitter, n: Node, src: list[str]) -> str:
     pad = n.layer.padding
     if n.keras_class == "ZeroPadding1D":
         (top, bottom), (left, right) = (0, 0), tuple(pad)
     else:
         (top, bottom), (left, right) = pad
-    e.b.add_padding(n.name, left=int(left), right=int(right), top=int(top),
-                    bottom=int(bottom), value=0.0, input_name=src[0], output_name=n.name)
+    pads = (int(top), int(bottom), int(left), int(right))
+    users = e.graph.consumers(n.name)
+    if users and n.name != e.graph.output and all(
+            u.keras_class in _CONVS and u.layer.padding in ("valid", "causal") for u in users):
+        # Core ML's padding layer blocks gradients, a convolution's own padding does not:
+        # fold the zeros into the convolutions that read them (ResNet/MobileNet stems)
+        e.folded[n.name] = pads
+        return src[0]
+    e.b.add_padding(n.name, left=pads[2], right=pads[3], top=pads[0], bottom=pads[1],
+                    value=0.0, input_name=src[0], output_name=n.name)
     return n.name
 
 
