@@ -136,6 +136,17 @@ def stem_folded() -> keras.Model:
     return keras.Model(inp, L.Dense(3, activation="softmax", name="head")(x), name="stem2")
 
 
+def operators() -> keras.Model:
+    """Arithmetic written with Python operators on symbolic tensors (MobileNetV3's style)."""
+    keras.utils.set_random_seed(11)
+    inp = keras.Input((6,))
+    h = L.Dense(8, name="h")(inp)
+    gate = L.ReLU(6.0, name="r6")(h + 3.0) * (1.0 / 6.0)  # MobileNetV3's hard sigmoid
+    x = h * gate - L.Dense(8, name="skip")(inp)
+    x = (x - 1.0) / 2.0
+    return keras.Model(inp, L.Dense(3, activation="softmax", name="head")(x), name="ops")
+
+
 # model → the iOS status of each named layer ("trained" unless listed)
 CASES = {
     "frozen_feature": (frozen_feature, {"feat": "frozen"}),
@@ -153,6 +164,7 @@ CASES = {
                           "excite": "frozen on iOS", "dw": "frozen on iOS",
                           "pre": "frozen on iOS", "gelu": "frozen on iOS"}),
     "normalized_mlp": (normalized_mlp, {"h": "trained"}),
+    "operators": (operators, {"h": "frozen on iOS", "skip": "frozen on iOS"}),
 }
 
 
@@ -193,6 +205,23 @@ def test_model_exports_with_parity_and_plan(case, tmp_path):
             assert plan.loc[layer, "android"] == "trained"
             assert "Android trains it" in plan.loc[layer, "ios_why"]
     assert (plan["ios"] == "trained").any()
+
+
+@pytest.mark.slow
+def test_mobilenet_v3_backbone_exports_with_parity(tmp_path):
+    """keras.applications' MobileNetV3Small: hard-swish, squeeze-excite, operator arithmetic."""
+    keras.utils.set_random_seed(12)
+    base = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False,
+                                               weights=None)
+    base.trainable = False
+    inp = keras.Input((32, 32, 3))
+    x = L.GlobalAveragePooling2D(name="gap")(base(inp))
+    model = keras.Model(inp, L.Dense(10, activation="softmax", name="head")(x))
+    res = xflwb.export(model, name="v3", out_dir=tmp_path, batch_size=8)
+    _check_export(res)
+    plan = res.layers.set_index("layer")
+    assert plan.loc["head", "ios"] == "trained"
+    assert (plan["type"] == "ops.Add").sum() >= 9 and (plan["type"] == "Multiply").sum() >= 9
 
 
 def test_adam_on_a_graph_with_frozen_and_ios_frozen_parts(tmp_path):

@@ -415,6 +415,14 @@ def _activation_layer(e: Emitter, n: Node, src: list[str]) -> str:
     return e.act(n.name, act, src[0])
 
 
+def _check_broadcast(n: Node) -> None:
+    big = coreml_shape(n.out_shape)
+    for s in {coreml_shape(s) for s in n.in_shapes}:
+        if not (s == big or s == (big[0], 1, 1) or s == (1, 1, 1)):
+            raise Refused(f"broadcasts {s} against {big}; iOS broadcasts only (C, 1, 1) "
+                          "and scalars against (C, H, W)")
+
+
 def _merge(e: Emitter, n: Node, src: list[str]) -> str:
     if n.keras_class == "Concatenate":
         _channels_axis(n)
@@ -422,14 +430,35 @@ def _merge(e: Emitter, n: Node, src: list[str]) -> str:
             raise Refused("concatenates maps of different sizes")
         e.b.add_elementwise(n.name, src, n.name, "CONCAT")
         return n.name
-    shapes = {coreml_shape(s) for s in n.in_shapes}
-    big = coreml_shape(n.out_shape)
-    for s in shapes:
-        ok = s == big or s == (big[0], 1, 1) or s == (1, 1, 1)
-        if not ok:
-            raise Refused(f"broadcasts {s} against {big}; iOS broadcasts only (C, 1, 1) "
-                          "and scalars against (C, H, W)")
+    _check_broadcast(n)
     e.b.add_elementwise(n.name, src, n.name, "ADD" if n.keras_class == "Add" else "MULTIPLY")
+    return n.name
+
+
+def _arith(e: Emitter, n: Node, src: list[str]) -> str:
+    """``x + c``, ``x * c``, ``a + b`` … written with operators on symbolic tensors."""
+    op = n.keras_class.split(".", 1)[1]
+    if "scalar" in n.config:
+        c, first = n.config["scalar"], n.config["tensor_first"]
+        if op == "TrueDivide" and not first:
+            raise Refused("divides a constant by a tensor; Core ML has no such layer")
+        scale, shift = {"Add": (1.0, c), "Multiply": (c, 0.0),
+                        "Subtract": (1.0, -c) if first else (-1.0, c),
+                        "TrueDivide": (1.0 / c if c else float("inf"), 0.0)}[op]
+        if not np.isfinite(scale):
+            raise Refused("divides by zero")
+        ch = coreml_shape(n.in_shape)[0]
+        # an affine map as batchnorm with unit statistics: Core ML back-propagates through it
+        return _batchnorm_layer(e, n.name, src[0], np.full(ch, scale), np.full(ch, shift),
+                                np.zeros(ch), np.ones(ch), 0.0)
+    if op == "TrueDivide":
+        raise Refused("divides two tensors; Core ML's legacy layers cannot")
+    if op == "Subtract":  # a - b = a + (-1)·b
+        neg = f"{n.name}__neg"
+        e.b.add_activation(neg, "LINEAR", src[1], neg, params=[-1.0, 0.0])
+        src = [src[0], neg]
+    _check_broadcast(n)
+    e.b.add_elementwise(n.name, src, n.name, "MULTIPLY" if op == "Multiply" else "ADD")
     return n.name
 
 
@@ -519,6 +548,8 @@ EMITTERS: dict[str, Callable[[Emitter, Node, list[str]], str]] = {
     "ReLU": _activation_layer, "LeakyReLU": _activation_layer, "ELU": _activation_layer,
     "Softmax": _activation_layer, "Add": _merge, "Multiply": _merge, "Concatenate": _merge,
     "Embedding": _embedding, "LSTM": _recurrent, "GRU": _recurrent,
+    "ops.Add": _arith, "ops.Subtract": _arith, "ops.Multiply": _arith,
+    "ops.TrueDivide": _arith,
 }
 
 

@@ -24,7 +24,13 @@ SUPPORTED = (
     "GlobalMaxPooling2D", "ZeroPadding1D", "ZeroPadding2D", "Flatten", "Reshape", "Dropout",
     "BatchNormalization", "Rescaling", "Normalization", "Activation", "ReLU", "LeakyReLU",
     "ELU", "Softmax", "Add", "Multiply", "Concatenate", "Embedding", "LSTM", "GRU",
+    # arithmetic written with operators on symbolic tensors (``x + 3.0``, ``a * b``), as
+    # keras.applications' MobileNetV3 does for its hard sigmoid
+    "ops.Add", "ops.Subtract", "ops.Multiply", "ops.TrueDivide",
 )
+#: keras.ops classes read as graph nodes, by class name
+OPS = {"Add": "ops.Add", "Subtract": "ops.Subtract", "Multiply": "ops.Multiply",
+       "Divide": "ops.TrueDivide", "TrueDivide": "ops.TrueDivide"}
 #: activation functions (by Keras name) the exporter knows
 ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "elu", "leaky_relu",
                "silu", "hard_sigmoid", "hard_silu", "gelu")
@@ -64,7 +70,7 @@ class Node:
 
     @property
     def has_weights(self) -> bool:
-        return bool(self.layer.weights)
+        return bool(getattr(self.layer, "weights", None))
 
 
 INPUT = "x"
@@ -207,11 +213,28 @@ class _Reader:
                 for outer_t, inner_t in zip(knode.output_tensors, inner.outputs, strict=True):
                     tensor_src[id(outer_t)] = inner_src[id(inner_t)]
                 continue
+            config: dict[str, Any] = {}
+            cls = type(op).__name__
             if not isinstance(op, keras.layers.Layer):
-                raise ExportError(
-                    f"operation '{prefix}{op.name}' ({type(op).__name__}) is a keras.ops call "
-                    "on symbolic tensors, not a layer; use the equivalent layer (Add, "
-                    "Multiply, Rescaling, Reshape, Activation ...)")
+                if cls not in OPS or not type(op).__module__.startswith("keras"):
+                    raise ExportError(
+                        f"operation '{prefix}{op.name}' ({cls}) is a keras.ops call on "
+                        "symbolic tensors, not a layer; use the equivalent layer (Add, "
+                        "Multiply, Rescaling, Reshape, Activation ...)")
+                cls = OPS[cls]
+                args = list(knode.arguments.args)
+                if len(args) != 2 or knode.arguments.kwargs:
+                    raise ExportError(f"operation '{prefix}{op.name}' ({cls}) takes "
+                                      f"{len(args)} arguments; xflwb reads binary arithmetic")
+                consts = [a for a in args if not isinstance(a, keras.KerasTensor)]
+                if consts:
+                    value = np.asarray(consts[0], np.float32)
+                    if value.size != 1:
+                        raise ExportError(f"operation '{prefix}{op.name}' ({cls}) uses a "
+                                          f"constant of shape {value.shape}; use a scalar or "
+                                          "a layer with weights")
+                    config = {"scalar": float(value.reshape(())),
+                              "tensor_first": isinstance(args[0], keras.KerasTensor)}
             if id(op) in self.layer_calls:
                 raise ExportError(
                     f"layer '{prefix}{op.name}' ({type(op).__name__}) is called more than once "
@@ -228,8 +251,8 @@ class _Reader:
             if any(d is None for d in out_t.shape[1:]):
                 raise ExportError(f"layer '{name}' ({type(op).__name__}) has a variable "
                                   f"output shape {tuple(out_t.shape)}; fix every dimension")
-            self.nodes.append(Node(name, type(op).__name__, op, srcs, in_shapes,
-                                   _as_tuple(out_t.shape[1:])))
+            self.nodes.append(Node(name, cls, op, srcs, in_shapes,
+                                   _as_tuple(out_t.shape[1:]), config=config))
             tensor_src[id(out_t)] = name
         return tensor_src
 
@@ -271,7 +294,7 @@ def _refuse_unsupported(nodes: list[Node]) -> None:
             if act not in ACTIVATIONS:
                 bad.append(f"layer '{n.name}' (Activation) uses '{act}', which xflwb does not "
                            f"export; use one of {', '.join(ACTIVATIONS)}")
-        cfg = n.layer.get_config()
+        cfg = n.layer.get_config() if not n.keras_class.startswith("ops.") else {}
         if cfg.get("data_format", "channels_last") != "channels_last":
             bad.append(f"layer '{n.name}' ({n.keras_class}) uses data_format="
                        f"'{cfg['data_format']}'; use the default 'channels_last'")
@@ -312,14 +335,14 @@ def analyze(model: Any) -> ModelGraph:
         {"name": v.path, "shape": list(_as_tuple(v.shape)), "dtype": "float32", "layer": None,
          "role": None} for v in model.trainable_weights]
     for n in nodes:
-        for w in n.layer.weights:
+        for w in getattr(n.layer, "weights", []):
             i = index.get(id(w))
             if i is None:
                 continue
             n.params.append(i)
             role = w.name
             parameters[i].update(name=f"{n.name}/{role}", layer=n.name, role=role)
-        n.frozen = bool(n.layer.weights) and not n.params
+        n.frozen = n.has_weights and not n.params
     missing = [p["name"] for p in parameters if p["layer"] is None]
     if missing:
         raise ExportError(f"trainable weights {missing} belong to no exported layer")
