@@ -91,6 +91,33 @@ def set_threads(n: int) -> dict[str, Any]:
             "blas": ", ".join(blas) or "none loaded", "_limiter": limiter}
 
 
+class OtherLoad:
+    """Cores other processes kept busy while a section ran (system busy CPU minus ours)."""
+
+    def __enter__(self) -> OtherLoad:
+        import psutil
+
+        self._sys, self._own = self._busy(psutil.cpu_times()), time.process_time()
+        self._t0 = time.perf_counter()
+        return self
+
+    @staticmethod
+    def _busy(t: Any) -> float:
+        return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(
+            t, "softirq", 0.0) + getattr(t, "steal", 0.0)
+
+    def __exit__(self, *exc: object) -> None:
+        import psutil
+
+        wall = time.perf_counter() - self._t0
+        other = (self._busy(psutil.cpu_times()) - self._sys) - (time.process_time()
+                                                                - self._own)
+        self.cores = max(0.0, other / wall)
+
+    def __str__(self) -> str:
+        return f"other processes used {self.cores:.2f} cores meanwhile"
+
+
 def _interleaved(fns: dict[str, Callable[[], Any]], rounds: int, inner: int,
                  warmup: int = 3) -> dict[str, Any]:
     """Per-call seconds of each fn, timed side by side.
@@ -215,7 +242,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads for every runtime (default: all cores)")
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
-    ap.add_argument("--inner", type=int, default=4, help="calls per runtime per round")
+    ap.add_argument("--inner", type=int, default=3, help="calls per runtime per round")
     ap.add_argument("--export-repeat", type=int, default=3)
     args = ap.parse_args()
     th = set_threads(args.threads)
@@ -227,25 +254,35 @@ def main() -> None:
     step_goals = {"android": 1.5, "ios": 3.0}
     with tempfile.TemporaryDirectory(prefix="xflwb-bench-") as tmp:
         out = Path(tmp)
-        ex = bench_export(mnist_cnn, "mnist", out, args.export_repeat, xflwb.SGD(0.05, 0.9))
+        with OtherLoad() as load:
+            ex = bench_export(mnist_cnn, "mnist", out, args.export_repeat,
+                              xflwb.SGD(0.05, 0.9))
         print_export("MNIST-sized CNN, 28x28x1, 2 conv + 2 dense", ex, 10, None)
-        tl = bench_export(transfer_mobilenet, "transfer", out, args.export_repeat,
-                          xflwb.SGD(0.05, 0.9))
-        print()
+        print(f"({load})\n")
+        with OtherLoad() as load:
+            tl = bench_export(transfer_mobilenet, "transfer", out, args.export_repeat,
+                              xflwb.SGD(0.05, 0.9))
         print_export("transfer: frozen MobileNetV2 0.35 96x96x3 -> GAP -> Dense 10", tl, 30,
                      4.0)
+        print(f"({load})")
         for build, name in ((digits_cnn, "digits"), (mnist_cnn, "mnist")):
             res = xflwb.export(build(), name=f"bench_{name}_steps", out_dir=out,
                                optimizer=xflwb.SGD(0.05, 0.9), check_parity=False)
-            t = bench_steps(res, args.threads, args.rounds, args.inner)
+            with OtherLoad() as load:
+                t = bench_steps(res, args.threads, args.rounds, args.inner)
             print_runtimes(f"Train step, batch 32, {name} CNN (median of {args.rounds} "
                            f"interleaved rounds of {args.inner})", t, step_goals)
-        t = bench_steps(tl["res"], args.threads, args.rounds, args.inner)
+            print(f"({load})")
+        with OtherLoad() as load:
+            t = bench_steps(tl["res"], args.threads, args.rounds, args.inner)
         print_runtimes(f"Train step, batch 32, transfer model, head only (median of "
                        f"{args.rounds} interleaved rounds of {args.inner})", t, step_goals)
-        t = bench_forward(tl["res"], args.threads, args.rounds, args.inner)
+        print(f"({load})")
+        with OtherLoad() as load:
+            t = bench_forward(tl["res"], args.threads, args.rounds, args.inner)
         print_runtimes(f"Forward, batch 32, transfer model incl. frozen backbone (median of "
                        f"{args.rounds} interleaved rounds of {args.inner})", t, {"ios": 3.0})
+        print(f"({load})")
 
 
 if __name__ == "__main__":

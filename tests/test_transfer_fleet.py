@@ -134,7 +134,7 @@ def _replay(manifest, runtimes, clients, prev, seed):
 
 
 def _round_globals(session, name=NAME):
-    """The global model after each round, from the session's checkpoints."""
+    """The global model after each round (0: the start), from the session's checkpoints."""
     folder = session.registry.checkpoint_dir / name / f"session-{session.id}"
     out = {}
     for path in sorted(folder.glob("round-*.npz")):
@@ -148,9 +148,11 @@ def _check_rounds(export, runtimes, globals_, rounds, platforms):
     is Android's alone (iOS's baked copies never enter), the head everyone's."""
     m = export.manifest
     adapter, head = _indices(m, ADAPTER), _indices(m, (HEAD,))
-    assert sorted(globals_) == list(range(1, rounds + 1))
+    assert sorted(globals_) == list(range(rounds + 1))
     clients = _clients(platforms)
     prev = initial_parameters(m)
+    for got, want in zip(globals_[0], prev, strict=True):  # round 0: the export's start
+        np.testing.assert_array_equal(got, want)
     for rnd in range(1, rounds + 1):
         got = globals_[rnd]
         masked, plain = _replay(m, runtimes, clients, prev, SEED + rnd - 1)
