@@ -153,11 +153,11 @@ def convert_saved_model(directory: Path) -> bytes:
     """TFLite converter with Select TF ops (the gradients need the Flex delegate)."""
     import tensorflow as tf
 
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(directory))
-    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
-                                      tf.lite.OpsSet.SELECT_TF_OPS]
-    conv.experimental_enable_resource_variables = True
-    with _quiet():
+    with _quiet():  # loading the SavedModel logs a warning per custom gradient
+        conv = tf.lite.TFLiteConverter.from_saved_model(str(directory))
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                          tf.lite.OpsSet.SELECT_TF_OPS]
+        conv.experimental_enable_resource_variables = True
         return conv.convert()
 
 
