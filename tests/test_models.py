@@ -207,6 +207,24 @@ def test_model_exports_with_parity_and_plan(case, tmp_path):
     assert (plan["ios"] == "trained").any()
 
 
+def test_sequential_inside_functional_inside_sequential_keeps_nesting_names(tmp_path):
+    keras.utils.set_random_seed(13)
+    block = keras.Sequential([keras.Input((8,)), L.Dense(8, activation="relu", name="d1"),
+                              L.Dense(8, activation="relu", name="d2")], name="block")
+    inp = keras.Input((8,))
+    mid = keras.Model(inp, L.Add(name="res")([inp, block(inp)]), name="mid")
+    model = keras.Sequential([keras.Input((8,)), mid, L.Dense(3, activation="softmax",
+                                                               name="head")])
+    res = xflwb.export(model, name="nest", out_dir=tmp_path)
+    _check_export(res)
+    assert [p["name"] for p in res.manifest["parameters"]] == [
+        "mid/block/d1/kernel", "mid/block/d1/bias", "mid/block/d2/kernel",
+        "mid/block/d2/bias", "head/kernel", "head/bias"]
+    plan = res.layers.set_index("layer")
+    assert plan.loc["mid/block/d1", "ios"] == "frozen on iOS"  # the Add blocks gradients
+    assert plan.loc["head", "ios"] == "trained"
+
+
 @pytest.mark.slow
 def test_mobilenet_v3_backbone_exports_with_parity(tmp_path):
     """keras.applications' MobileNetV3Small: hard-swish, squeeze-excite, operator arithmetic."""
