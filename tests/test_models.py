@@ -277,6 +277,18 @@ def test_frozen_backbone_is_baked_and_never_travels(transfer):
     assert m["platforms"]["android"]["tflite_layers"] == [1280 * 10 * 4, 40]
 
 
+def test_android_runtime_predicts_batches_xnnpack_could_not(transfer):
+    """TF 2.18's XNNPACK delegate broke on batches of 256 for this graph (and stayed broken);
+    the Android runtime uses the built-in kernels, which agree with Keras at every size."""
+    _, res = transfer
+    rt, ref = runtime.load(res, "android"), runtime.load(res, "keras")
+    for n in (255, 256, 300):
+        x = np.random.default_rng(n).random((n, 32, 32, 3), dtype=np.float32)
+        out = rt.predict(x)
+        assert out.shape == (n, 10)
+        np.testing.assert_allclose(out, ref.predict(x), atol=1e-4)
+
+
 def test_frozen_digest_tells_backbones_apart(transfer):
     _, res = transfer
     other = mobilenet_head()
