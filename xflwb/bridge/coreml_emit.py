@@ -19,6 +19,9 @@ import numpy as np
 from xflwb.bridge.graph import INPUT, ModelGraph, Node, activation_name
 
 INPUT_NAME = "x"
+#: Core ML reads an epsilon of 0 as its default (batchnorm 1e-5, unary 1e-6); compositions
+#: that want none use this, so √(1 + ε) and 1/(x + ε) are exact in float32
+UNIT_EPS = 1e-12
 
 # Abramowitz & Stegun 7.1.26: erfc(z) ≈ t·(a1 + t·(a2 + … + t·a5))·exp(-z²), t = 1/(1+p·z),
 # |error| ≤ 1.5e-7 for z ≥ 0 — how GELU's erf is built from legacy layers.
@@ -68,6 +71,7 @@ class Emitter:
         self.owner: dict[str, str] = {}  # Core ML layer → graph node
         self.node_names = {n.name for n in graph.nodes}
         self.folded: dict[str, tuple[int, int, int, int]] = {}  # ZeroPadding → its pads
+        self.absorbed: dict[str, str] = {}  # frozen BatchNorm → the convolution holding it
 
     # -- helpers ---------------------------------------------------------------------------
     def weights(self, n: Node) -> dict[str, np.ndarray]:
@@ -132,7 +136,7 @@ class Emitter:
         p = f"{name}__"
         b.add_unary(p + "abs", src, p + "abs", "abs")
         b.add_unary(p + "t", p + "abs", p + "t", "inverse", scale=_AS_P / math.sqrt(2.0),
-                    shift=1.0, epsilon=0.0)
+                    shift=1.0, epsilon=UNIT_EPS)
         a1, a2, a3, a4, a5 = _AS_A
         b.add_activation(p + "h4", "LINEAR", p + "t", p + "h4", params=[a5, a4])
         cur = p + "h4"
@@ -188,10 +192,41 @@ def _dense(e: Emitter, n: Node, src: list[str]) -> str:
     return _fused(e, n, name)
 
 
+def _absorb_batchnorm(e: Emitter, n: Node, k4: np.ndarray, bias: np.ndarray | None,
+                      name: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Fold a frozen BatchNorm into the frozen convolution before it.
+
+    A frozen backbone (MobileNet, ResNet) is conv → BatchNorm pairs whose weights never
+    change or travel, so the pair is one affine convolution: one layer less to run on the
+    phone and in the executor, exact up to float rounding.
+    """
+    users = e.graph.consumers(n.name)
+    if (n.params or len(users) != 1 or users[0].keras_class != "BatchNormalization"
+            or users[0].params or n.name == e.graph.output
+            or activation_name(n.layer.activation) != "linear"):
+        return k4, bias
+    bn = users[0]
+    axis = bn.layer.get_config().get("axis", -1)
+    axis = axis[0] if isinstance(axis, list | tuple) and len(axis) == 1 else axis
+    if axis not in (-1, len(bn.in_shape)):
+        return k4, bias
+    w = {v.name: np.asarray(v.numpy(), np.float64) for v in bn.layer.weights}
+    cout = k4.shape[-1]
+    gamma = w.get("gamma", np.ones(cout))
+    scale = gamma / np.sqrt(w["moving_variance"] + float(bn.layer.epsilon))
+    shift = w.get("beta", np.zeros(cout)) - w["moving_mean"] * scale
+    b = np.zeros(cout) if bias is None else np.asarray(bias, np.float64)
+    e.absorbed[bn.name] = name
+    return ((np.asarray(k4, np.float64) * scale).astype(np.float32),
+            (b * scale + shift).astype(np.float32))
+
+
 def _conv_common(e: Emitter, n: Node, src: str, k4: np.ndarray, bias: np.ndarray | None,
                  groups: int, strides: tuple[int, int], dilation: tuple[int, int],
                  padding: str, name: str, pads: tuple[int, int, int, int] = (0, 0, 0, 0)
                  ) -> None:
+    if name == n.name or name.endswith("__pointwise"):
+        k4, bias = _absorb_batchnorm(e, n, k4, bias, name)
     kh, kw, cin_g, cout = k4.shape
     folded = e.folded.get(n.inputs[0]) if src == e.blob.get(n.inputs[0]) else None
     if folded is not None:  # a ZeroPadding before a valid convolution: its own padding
@@ -276,6 +311,8 @@ def _batchnorm_layer(e: Emitter, name: str, src: str, gamma: np.ndarray, beta: n
 
 
 def _batchnorm(e: Emitter, n: Node, src: list[str]) -> str:
+    if n.name in e.absorbed:  # folded into the convolution before it
+        return src[0]
     _channels_axis(n)
     lay, w = n.layer, e.weights(n)
     c = n.in_shape[-1]
@@ -300,7 +337,7 @@ def _rescaling(e: Emitter, n: Node, src: list[str]) -> str:
     c = coreml_shape(n.in_shape)[0]
     cfg = n.layer.get_config()
     gamma, beta = _per_channel(cfg["scale"], c), _per_channel(cfg["offset"], c)
-    return _batchnorm_layer(e, n.name, src[0], gamma, beta, np.zeros(c), np.ones(c), 0.0)
+    return _batchnorm_layer(e, n.name, src[0], gamma, beta, np.zeros(c), np.ones(c), UNIT_EPS)
 
 
 def _normalization(e: Emitter, n: Node, src: list[str]) -> str:
@@ -315,7 +352,7 @@ def _normalization(e: Emitter, n: Node, src: list[str]) -> str:
     # Keras: (x - mean) / max(sqrt(var), 1e-7); as batchnorm with unit statistics
     gamma = (1.0 / np.maximum(np.sqrt(var), 1e-7)).astype(np.float32)
     return _batchnorm_layer(e, n.name, src[0], gamma, -mean * gamma, np.zeros(c), np.ones(c),
-                            0.0)
+                            UNIT_EPS)
 
 
 def _pool(e: Emitter, n: Node, src: list[str]) -> str:
@@ -450,7 +487,7 @@ def _arith(e: Emitter, n: Node, src: list[str]) -> str:
         ch = coreml_shape(n.in_shape)[0]
         # an affine map as batchnorm with unit statistics: Core ML back-propagates through it
         return _batchnorm_layer(e, n.name, src[0], np.full(ch, scale), np.full(ch, shift),
-                                np.zeros(ch), np.ones(ch), 0.0)
+                                np.zeros(ch), np.ones(ch), UNIT_EPS)
     if op == "TrueDivide":
         raise Refused("divides two tensors; Core ML's legacy layers cannot")
     if op == "Subtract":  # a - b = a + (-1)·b
