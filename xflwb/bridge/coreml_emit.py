@@ -72,6 +72,7 @@ class Emitter:
         self.node_names = {n.name for n in graph.nodes}
         self.folded: dict[str, tuple[int, int, int, int]] = {}  # ZeroPadding → its pads
         self.absorbed: dict[str, str] = {}  # frozen BatchNorm → the convolution holding it
+        self.prescale: dict[str, float] = {}  # clipped ReLU → factor its convolutions take
 
     # -- helpers ---------------------------------------------------------------------------
     def weights(self, n: Node) -> dict[str, np.ndarray]:
@@ -166,8 +167,32 @@ class Emitter:
         return out
 
 
+def _clipped_relu(e: Emitter, n: Node, name: str, src: str, m: float) -> str:
+    """min(relu(x), m) = m·hardSigmoid(x/m) (sigmoidHard clips alpha·x + beta to [0, 1]):
+    rank-5 networks have no clip layer. When every reader of ``n`` is a frozen convolution,
+    the factor m moves into their weights (a convolution is linear in its input, zero
+    padding included): one layer less, as in MobileNetV2's ReLU6 → depthwise/project."""
+    clip = f"{name}__clip"
+    e.b.add_activation(clip, "SIGMOID_HARD", src, clip, params=[1.0 / m, 0.0])
+
+    def frozen_convs(node: Node) -> bool:
+        users = e.graph.consumers(node.name)
+        return bool(users) and node.name != e.graph.output and all(
+            (u.keras_class in _CONVS and not u.params)
+            or (u.keras_class.startswith("ZeroPadding") and _pad_folds(e, u)
+                and frozen_convs(u)) for u in users)
+
+    if frozen_convs(n):
+        e.prescale[n.name] = m
+        return clip
+    e.b.add_activation(name, "LINEAR", clip, name, params=[m, 0.0])
+    return name
+
+
 def _fused(e: Emitter, n: Node, out: str) -> str:
     act = activation_name(n.layer.activation)
+    if act == "relu6":
+        return _clipped_relu(e, n, f"{n.name}__{act}", out, 6.0)
     return e.act(f"{n.name}__{act}", act, out) if act != "linear" else out
 
 
@@ -225,6 +250,9 @@ def _conv_common(e: Emitter, n: Node, src: str, k4: np.ndarray, bias: np.ndarray
                  groups: int, strides: tuple[int, int], dilation: tuple[int, int],
                  padding: str, name: str, pads: tuple[int, int, int, int] = (0, 0, 0, 0)
                  ) -> None:
+    scale = e.prescale.get(n.inputs[0]) if src == e.blob.get(n.inputs[0]) else None
+    if scale is not None:  # the reader of a clipped ReLU takes its factor (see above)
+        k4 = (np.asarray(k4, np.float64) * scale).astype(np.float32)
     if name == n.name or name.endswith("__pointwise"):
         k4, bias = _absorb_batchnorm(e, n, k4, bias, name)
     kh, kw, cin_g, cout = k4.shape
@@ -377,6 +405,13 @@ def _pool(e: Emitter, n: Node, src: list[str]) -> str:
 _CONVS = ("Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D")
 
 
+def _pad_folds(e: Emitter, n: Node) -> bool:
+    """A ZeroPadding read only by valid/causal convolutions becomes their padding."""
+    users = e.graph.consumers(n.name)
+    return bool(users) and n.name != e.graph.output and all(
+        u.keras_class in _CONVS and u.layer.padding in ("valid", "causal") for u in users)
+
+
 def _zero_padding(e: Emitter, n: Node, src: list[str]) -> str:
     pad = n.layer.padding
     if n.keras_class == "ZeroPadding1D":
@@ -384,12 +419,12 @@ def _zero_padding(e: Emitter, n: Node, src: list[str]) -> str:
     else:
         (top, bottom), (left, right) = pad
     pads = (int(top), int(bottom), int(left), int(right))
-    users = e.graph.consumers(n.name)
-    if users and n.name != e.graph.output and all(
-            u.keras_class in _CONVS and u.layer.padding in ("valid", "causal") for u in users):
+    if _pad_folds(e, n):
         # Core ML's padding layer blocks gradients, a convolution's own padding does not:
         # fold the zeros into the convolutions that read them (ResNet/MobileNet stems)
         e.folded[n.name] = pads
+        if n.inputs[0] in e.prescale:  # zeros scale to zeros: the factor passes through
+            e.prescale[n.name] = e.prescale[n.inputs[0]]
         return src[0]
     e.b.add_padding(n.name, left=pads[2], right=pads[3], top=pads[0], bottom=pads[1],
                     value=0.0, input_name=src[0], output_name=n.name)
@@ -421,6 +456,8 @@ def _activation_layer(e: Emitter, n: Node, src: list[str]) -> str:
     lay, cls = n.layer, n.keras_class
     if cls == "Activation":
         act = activation_name(lay.activation)
+        if act == "relu6":
+            return _clipped_relu(e, n, n.name, src[0], 6.0)
     elif cls == "ReLU":
         cfg = lay.get_config()
         mx, slope, th = cfg.get("max_value"), float(cfg.get("negative_slope") or 0), float(
@@ -429,12 +466,7 @@ def _activation_layer(e: Emitter, n: Node, src: list[str]) -> str:
             raise Refused("has a threshold or max_value with negative_slope; iOS supports "
                           "ReLU, ReLU(max_value=m) and ReLU(negative_slope=a)")
         if mx is not None:
-            m = float(mx)
-            # min(relu(x), m) = m·hardSigmoid(x/m): no clip layer in rank-5 networks
-            e.b.add_activation(f"{n.name}__clip", "SIGMOID_HARD", src[0], f"{n.name}__clip",
-                               params=[1.0 / m, 0.0])
-            e.b.add_activation(n.name, "LINEAR", f"{n.name}__clip", n.name, params=[m, 0.0])
-            return n.name
+            return _clipped_relu(e, n, n.name, src[0], float(mx))
         if slope:
             e.b.add_activation(n.name, "LEAKYRELU", src[0], n.name, params=[slope])
             return n.name

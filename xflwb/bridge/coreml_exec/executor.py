@@ -95,6 +95,7 @@ class CoreMLExecutor:
                           for what in (("weights", "bias") if lay.has_bias else ("weights",))]
         self._keep: set[int] = set()
         self._bwd: list[tuple[Kernel, list[bool]]] = []
+        self._chunk_plans: dict[bool, tuple[int, list[Kernel], list[str]]] = {}
         self._idle: list[Weighted] = []
         self._defaults: dict[str, Any] | None = None
         self.has_update = self.nn.HasField("updateParams") and len(
@@ -220,9 +221,57 @@ class CoreMLExecutor:
             raise ValueError(f"x must have shape (N, {want}) in Core ML layout, got {x.shape}")
         return x
 
-    def _run(self, x: Arr, keep: bool) -> dict[str, Arr]:
-        blobs: dict[str, Arr] = {self.input_name: x[None]}
+    #: elements per chunk of the gradient-free layers (see ``_run``): small enough for the
+    #: largest activation of a chunk to stay in cache, large enough to amortise the
+    #: per-layer Python cost
+    CHUNK_ELEMENTS = 1 << 20
+
+    def _plan_chunks(self, keep: bool) -> tuple[int, list[Kernel], list[str]]:
+        """(samples per chunk, the leading layers no gradient passes, their output blobs
+        that later layers or the caller read)."""
+        key = bool(keep)
+        cached = self._chunk_plans.get(key)
+        if cached is not None:
+            return cached
+        prefix: list[Kernel] = []
         for k in self.layers:
+            if keep and id(k) in self._keep:
+                break
+            prefix.append(k)
+        made = {b for k in prefix for b in k.outputs}
+        later = {b for k in self.layers[len(prefix):] for b in k.inputs}
+        wanted = [b for b in made if b in later or b == self.output_name
+                  or (keep and b in (self.loss_blob, self.grad_blob))]
+        biggest = max((math.prod(self.blob_shapes[b]) for b in made), default=1)
+        plan = (max(1, self.CHUNK_ELEMENTS // max(1, biggest)), prefix, wanted)
+        self._chunk_plans[key] = plan
+        return plan
+
+    def _run(self, x: Arr, keep: bool) -> dict[str, Arr]:
+        """Run the layers; blobs are (S, N, C, H, W).
+
+        The leading layers no gradient has to pass (a frozen backbone; every layer when
+        only predicting) run a few samples at a time: their activations then stay in the
+        CPU's cache instead of streaming whole batches through memory layer after layer.
+        Samples are independent in every layer, so the result is the same.
+        """
+        step, prefix, wanted = self._plan_chunks(keep)
+        n = x.shape[0]
+        blobs: dict[str, Arr] = {self.input_name: x[None]}
+        if prefix and step < n:
+            parts: dict[str, list[Arr]] = {b: [] for b in wanted}
+            for start in range(0, n, step):
+                part: dict[str, Arr] = {self.input_name: x[None, start:start + step]}
+                for k in prefix:
+                    ys = k.run([part.get(b) for b in k.inputs], False)
+                    part.update(zip(k.outputs, ys, strict=True))
+                for b in wanted:
+                    parts[b].append(part[b])
+            blobs.update({b: np.concatenate(v, axis=1) for b, v in parts.items()})
+            rest = self.layers[len(prefix):]
+        else:
+            rest = self.layers
+        for k in rest:
             ys = k.run([blobs.get(b) for b in k.inputs], keep and id(k) in self._keep)
             blobs.update(zip(k.outputs, ys, strict=True))
         return blobs
