@@ -22,10 +22,23 @@ def sigmoid(x: Arr) -> Arr:
     return 0.5 * (np.tanh(0.5 * x) + 1)
 
 
+def _affine(x: Arr, a: Any, b: Any) -> Arr:
+    """a·x + b with one temporary (these run on every pixel of frozen backbones)."""
+    y = np.multiply(x, a, dtype=x.dtype)
+    if np.any(b):
+        y += b
+    return y
+
+
+def _hard_sigmoid(x: Arr, a: Any, b: Any) -> Arr:
+    y = _affine(x, a, b)
+    return np.clip(y, 0, 1, out=y)
+
+
 def _fn(kind: str, a: Any, b: Any) -> Callable[[Arr], Arr]:
     """The forward function of activation ``kind`` with parameters ``a``, ``b``."""
     table: dict[str, Callable[[Arr], Arr]] = {
-        "linear": lambda x: a * x + b,
+        "linear": lambda x: _affine(x, a, b),
         "ReLU": lambda x: np.maximum(x, 0),
         "leakyReLU": lambda x: np.where(x >= 0, x, a * x),
         "thresholdedReLU": lambda x: np.where(x >= a, x, 0),
@@ -33,7 +46,7 @@ def _fn(kind: str, a: Any, b: Any) -> Callable[[Arr], Arr]:
         "tanh": np.tanh,
         "scaledTanh": lambda x: a * np.tanh(b * x),
         "sigmoid": sigmoid,
-        "sigmoidHard": lambda x: np.clip(a * x + b, 0, 1),
+        "sigmoidHard": lambda x: _hard_sigmoid(x, a, b),
         "ELU": lambda x: np.where(x >= 0, x, a * np.expm1(np.minimum(x, 0))),
         "softsign": lambda x: x / (1 + np.abs(x)),
         "softplus": lambda x: np.logaddexp(0, x),

@@ -184,12 +184,16 @@ class Convolution(Weighted):
         n, c = xp.shape[:2]
         wd = self._dw_weights()
         m = wd.shape[1]
-        y = np.zeros((n, c, m, *self.hw_out), xp.dtype)
-        for i in range(self.k[0]):
-            for j in range(self.k[1]):
-                rs, cs = tap(xp, i, j, self.s, self.d, self.hw_out)
-                sl = xp[:, :, None, rs, cs]  # (B, C, 1, Ho, Wo)
-                y += sl * wd[:, :, i, j][:, :, None, None]
+        y = np.empty((n, c, m, *self.hw_out), xp.dtype)
+        tmp = np.empty_like(y)  # one temporary for all taps: no allocation per tap
+        for t, (i, j) in enumerate(np.ndindex(*self.k)):
+            rs, cs = tap(xp, i, j, self.s, self.d, self.hw_out)
+            sl = xp[:, :, None, rs, cs]  # (B, C, 1, Ho, Wo)
+            if t == 0:
+                np.multiply(sl, wd[:, :, i, j][:, :, None, None], out=y)
+            else:
+                np.multiply(sl, wd[:, :, i, j][:, :, None, None], out=tmp)
+                y += tmp
         return y.reshape(n, c * m, *self.hw_out)
 
     def _dw_backward(self, dy: Arr, need_dx: bool) -> Arr | None:

@@ -39,7 +39,9 @@ class BatchNorm(StepKernel):
         return shape
 
     def forward(self, x: Arr, keep: bool) -> Arr:
-        return x * self.scale + self.shift
+        y = x * self.scale
+        y += self.shift
+        return y
 
     def backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         return dy * self.scale if need_dx else None
