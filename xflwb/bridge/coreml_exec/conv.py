@@ -123,6 +123,7 @@ class Convolution(Weighted):
         self.k_eff = ((self.k[0] - 1) * self.d[0] + 1, (self.k[1] - 1) * self.d[1] + 1)
         # one input channel per group: the tap-loop kernel (depthwise, any multiplier)
         self.depthwise = self.cg == 1 and self.groups > 1
+        self.pointwise = self.k == (1, 1) and self.s == (1, 1) and self.groups == 1
         self._load_params((self.cout, self.cg, *self.k), self.cout)
 
     def _infer(self, shape: Chw) -> Chw:
@@ -132,6 +133,7 @@ class Convolution(Weighted):
                             f"{self.groups} = {self.cg * self.groups}")
         self.hw_out, self.pads = spatial(self.name, self.p, "ConvolutionPaddingType", (h, w),
                                          self.k_eff, self.s)
+        self.pointwise = self.pointwise and not any(self.pads)
         return self.cout, *self.hw_out
 
     def _wg(self) -> Arr:
@@ -142,6 +144,12 @@ class Convolution(Weighted):
         if self.depthwise:
             y = self._dw_forward(xp)
             self._xp = xp if keep else None
+        elif self.pointwise and not keep:
+            # 1×1, stride 1, unpadded: one matmul on the map as it lies, contiguous output,
+            # no im2col copy (MobileNet's expand / project layers)
+            n, c, h, w = x.shape
+            y = np.matmul(self.W.reshape(self.cout, c), x.reshape(n, c, h * w)).reshape(
+                n, self.cout, h, w)
         else:
             y, cols = correlate(xp, self._wg(), self.groups, self.k, self.s, self.d,
                                 self.hw_out)
