@@ -14,7 +14,9 @@ Every runtime gets the same number of threads (``--threads``, default: all cores
 intra-op and inter-op pools (Keras, and the Flex delegate's TF kernels), the TFLite
 interpreter's ``num_threads`` and the BLAS pools numpy uses (threadpoolctl). Step and
 forward rows are timed interleaved: each round times a block of calls of every runtime in
-turn, and ratios are the medians of the per-round ratios.
+turn, and ratios are the medians of the per-round ratios. On a machine shared with other
+jobs use ``--threads 1``: thread pools that spin while waiting (TFLite's, OpenBLAS's)
+collapse when oversubscribed (see benchmarks/README.md).
 
 Goals on the 2-core machine: MNIST export ≤ 10 s; transfer export ≤ 30 s and ≤ 4× the bare
 conversion; TFLite step ≤ 1.5× Keras; Core ML step ≤ 3× Keras; Core ML forward of the
