@@ -104,37 +104,37 @@ def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer)
     class FedKitModule(tf.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.model = model
-            self.opt = opt
             # Keras 3 variables are not tracked by tf.Module: track the backing tf.Variables
             # so the SavedModel (and TFLite) initialise them with the exported values on load.
+            # The model and optimizer themselves are closed over, not attributes: the saver
+            # would otherwise walk (and serialise functions of) every Keras layer.
             self._tracked = [v.value for v in [*model.variables, *opt.variables]]
 
         @tf.function(input_signature=[x_spec, y_spec])
         def train(self, x, y):
             with tf.GradientTape() as tape:
-                pred = self.model(x, training=True)
+                pred = model(x, training=True)
                 value = loss_fn(y, pred)
-            grads = tape.gradient(value, self.model.trainable_variables)
-            self.opt.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+            grads = tape.gradient(value, model.trainable_variables)
+            opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return {"loss": value}
 
         @tf.function(input_signature=[x_spec])
         def infer(self, x):
-            return {"logits": self.model(x, training=False)}
+            return {"logits": model(x, training=False)}
 
         @tf.function(input_signature=[])
         def parameters(self):
             return {f"a{i}": tf.identity(v.value)
-                    for i, v in enumerate(self.model.trainable_variables)}
+                    for i, v in enumerate(model.trainable_variables)}
 
         @tf.function(input_signature=param_specs)
         def restore(self, *arrays):
-            for v, a in zip(self.model.trainable_variables, arrays, strict=True):
+            for v, a in zip(model.trainable_variables, arrays, strict=True):
                 v.assign(a)
-            reset_optimizer(self.opt, lr)
+            reset_optimizer(opt, lr)
             return {f"a{i}": tf.identity(v.value)
-                    for i, v in enumerate(self.model.trainable_variables)}
+                    for i, v in enumerate(model.trainable_variables)}
 
     return FedKitModule()
 

@@ -56,7 +56,13 @@ class KerasRuntime(Runtime):
         loss_fn = keras_loss(self.loss)
         training = bool(dropout)
 
-        @tf.function(reduce_retracing=True)
+        # one trace per runtime, whatever the batch size (a MobileNet trace takes seconds)
+        x_spec = tf.TensorSpec([None, *self.input_shape], tf.float32)
+        y_shape = [int(self.classes)] if self.loss == "categorical_crossentropy" else list(
+            manifest["output_shape"])
+        y_spec = tf.TensorSpec([None, *y_shape], tf.float32)
+
+        @tf.function(input_signature=[x_spec, y_spec])
         def step(x, y):
             with tf.GradientTape() as tape:
                 value = loss_fn(y, model(x, training=training))
@@ -68,7 +74,7 @@ class KerasRuntime(Runtime):
             self.opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return value
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(input_signature=[x_spec])
         def infer(x):
             return model(x, training=False)
 
