@@ -70,3 +70,51 @@ def ip():
     shell = start_ipython() or get_ipython()
     shell.run_line_magic("load_ext", "xflwb")
     return shell
+
+
+TRANSFER_NAME, TRANSFER_DATA = "transfer", "digits32"
+
+
+def transfer_model(seed: int = 0):
+    """Frozen MobileNetV2 (α 0.35, 32×32×3, random weights: nothing is downloaded) → trainable
+    1×1 conv adapter → BatchNormalization → ReLU6 → global average → softmax head."""
+    import keras
+
+    from xflwb.devices import datasets
+
+    keras.utils.set_random_seed(seed)
+    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
+                                          include_top=False, weights=None)
+    # A random MobileNetV2 with BatchNormalization at its initial statistics (mean 0, var 1)
+    # shrinks every image to ~1e-12: the adapter's kernel would get no gradient at all.
+    # Pretrained weights would bring their own statistics; here one batch of images sets
+    # them (momentum 0 makes the moving statistics that batch's).
+    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    base(datasets.load(TRANSFER_DATA).x_train[:256], training=True)
+    for bn, m in zip(bns, momenta, strict=True):
+        bn.momentum = m
+    base.trainable = False
+    inp = keras.Input((32, 32, 3))
+    h = base(inp, training=False)
+    h = keras.layers.Conv2D(8, 1, name="adapter")(h)
+    h = keras.layers.BatchNormalization(name="adapter_bn")(h)
+    h = keras.layers.ReLU(max_value=6.0, name="adapter_relu6")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
+    out = keras.layers.Dense(10, activation="softmax", name="head")(h)
+    return keras.Model(inp, out, name=TRANSFER_NAME)
+
+
+@pytest.fixture(scope="session")
+def transfer_export(tmp_path_factory):
+    """(model, export) of ``transfer_model``: the one expensive export its tests share."""
+    import xflwb
+
+    model = transfer_model()
+    # plain SGD: no optimizer state carries over between rounds, so a round can be replayed
+    res = xflwb.export(model, name=TRANSFER_NAME, data_type=TRANSFER_DATA,
+                       out_dir=tmp_path_factory.mktemp("transfer"),
+                       optimizer=xflwb.SGD(learning_rate=0.02))
+    return model, res

@@ -17,19 +17,10 @@ import numpy as np
 import pytest
 
 import xflwb
+from tests.conftest import transfer_model
 from xflwb.bridge import coreml_rules, manifest, params, runtime
 
 L = keras.layers
-
-
-def mobilenet_head(size: int = 32, frozen: bool = True) -> keras.Model:
-    keras.utils.set_random_seed(0)
-    base = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35,
-                                          include_top=False, weights=None)
-    base.trainable = not frozen
-    inp = keras.Input((size, size, 3))
-    x = L.GlobalAveragePooling2D(name="gap")(base(inp, training=False))
-    return keras.Model(inp, L.Dense(10, activation="softmax", name="head")(x), name="tl")
 
 
 def frozen_feature() -> keras.Model:
@@ -249,32 +240,33 @@ def test_adam_on_a_graph_with_frozen_and_ios_frozen_parts(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def transfer(tmp_path_factory):
-    """One frozen-MobileNetV2 export shared by the tests below."""
-    model = mobilenet_head()
-    res = xflwb.export(model, name="tl", data_type="digits32",
-                       out_dir=tmp_path_factory.mktemp("tl"), batch_size=16)
-    return model, res
+def transfer(transfer_export):
+    """The frozen-MobileNetV2 export shared with tests/test_transfer_fleet.py: backbone
+    frozen, a 1×1 adapter + BatchNorm + ReLU6 (Android only), a head (both)."""
+    return transfer_export
 
 
 def test_frozen_backbone_is_baked_and_never_travels(transfer):
     model, res = transfer
     _check_export(res)
     m = res.manifest
-    # canonical = the head only; the backbone's 260 weights are frozen and digested
-    assert [p["name"] for p in m["parameters"]] == ["head/kernel", "head/bias"]
+    # canonical = the trainable part; the backbone's weights are frozen and digested
+    assert [p["name"] for p in m["parameters"]] == [
+        "adapter/kernel", "adapter/bias", "adapter_bn/gamma", "adapter_bn/beta",
+        "head/kernel", "head/bias"]
     assert m["frozen"]["tensors"] == len(model.non_trainable_weights) > 200
     plan = res.layers.set_index("layer")
     backbone = [n for n in plan.index if n.startswith("mobilenetv2_0.35_32/")]
     assert len(backbone) > 100  # nested model read into one graph, names keep the path
-    weighted = plan.loc[backbone][plan.loc[backbone, "params"] == 0]
     assert set(plan.loc[backbone, "ios"]) <= {"frozen", "runs"}
     assert set(plan.loc[backbone, "android"]) <= {"frozen", "runs"}
-    assert len(weighted) == len(backbone)
-    for plat in ("android", "ios"):
-        assert [a.shape for a in params.to_platform(params.canonical(model), m, plat)] in (
-            [(1280, 10), (10,)], [(10, 1280), (10,)])
-    assert m["platforms"]["android"]["tflite_layers"] == [1280 * 10 * 4, 40]
+    assert (plan.loc[backbone, "params"] == 0).all()
+    shapes = {p: [a.shape for a in params.to_platform(params.canonical(model), m, p)]
+              for p in ("android", "ios")}
+    assert shapes["android"] == [(1, 1, 1280, 8), (8,), (8,), (8,), (8, 10), (10,)]
+    assert shapes["ios"] == [(10, 8), (10,)]  # the head only: iOS sends what it trains
+    assert m["platforms"]["android"]["tflite_layers"] == [
+        4 * int(np.prod(s)) for s in shapes["android"]]
 
 
 def test_android_runtime_predicts_batches_xnnpack_could_not(transfer):
@@ -291,13 +283,13 @@ def test_android_runtime_predicts_batches_xnnpack_could_not(transfer):
 
 def test_frozen_digest_tells_backbones_apart(transfer):
     _, res = transfer
-    other = mobilenet_head()
+    other = transfer_model()
     layer = other.get_layer("mobilenetv2_0.35_32").get_layer("Conv1")
     layer.kernel.assign(layer.kernel.numpy() + 1.0)
     from xflwb.bridge import graph
 
     assert graph.analyze(other).frozen["sha256"] != res.manifest["frozen"]["sha256"]
-    assert graph.analyze(mobilenet_head()).frozen["sha256"] == res.manifest["frozen"]["sha256"]
+    assert graph.analyze(transfer_model()).frozen["sha256"] == res.manifest["frozen"]["sha256"]
 
 
 def test_ios_runtime_trains_only_the_head_and_keeps_the_backbone(transfer):

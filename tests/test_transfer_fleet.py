@@ -8,15 +8,14 @@ another backbone, and Flower's Simulation Engine run that same export unchanged.
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 
 import xflwb
+from tests.conftest import transfer_model
 from tests.wirephone import WirePhone
 from xflwb.bridge import graph, params, runtime
 from xflwb.bridge.manifest import initial_parameters
-from xflwb.devices import datasets
 from xflwb.devices.partition import device_data
 
 NAME, DATA = "transfer", "digits32"
@@ -25,40 +24,9 @@ HEAD = "head"  # trained on both
 SEED = 0
 
 
-def transfer_model(seed: int = SEED) -> keras.Model:
-    """Frozen MobileNetV2 (α 0.35, 32×32×3, random weights: nothing is downloaded) → trainable
-    1×1 conv adapter → BatchNormalization → ReLU6 → global average → softmax head."""
-    keras.utils.set_random_seed(seed)
-    base = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35,
-                                          include_top=False, weights=None)
-    # A random MobileNetV2 with BatchNormalization at its initial statistics (mean 0, var 1)
-    # shrinks every image to ~1e-12: the adapter's kernel would get no gradient at all.
-    # Pretrained weights would bring their own statistics; here one batch of images sets
-    # them (momentum 0 makes the moving statistics that batch's).
-    bns = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = 0.0
-    base(datasets.load(DATA).x_train[:256], training=True)
-    for bn, m in zip(bns, momenta, strict=True):
-        bn.momentum = m
-    base.trainable = False
-    inp = keras.Input((32, 32, 3))
-    h = base(inp, training=False)
-    h = keras.layers.Conv2D(8, 1, name="adapter")(h)
-    h = keras.layers.BatchNormalization(name="adapter_bn")(h)
-    h = keras.layers.ReLU(max_value=6.0, name="adapter_relu6")(h)
-    h = keras.layers.GlobalAveragePooling2D(name="pool")(h)
-    out = keras.layers.Dense(10, activation="softmax", name=HEAD)(h)
-    return keras.Model(inp, out, name=NAME)
-
-
 @pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    # plain SGD: no optimizer state carries over between rounds, so a round can be replayed
-    return xflwb.export(transfer_model(), name=NAME, data_type=DATA,
-                        out_dir=tmp_path_factory.mktemp("exp"),
-                        optimizer=xflwb.SGD(learning_rate=0.02))
+def export(transfer_export):
+    return transfer_export[1]
 
 
 def _indices(manifest, layers):
