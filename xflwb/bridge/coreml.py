@@ -34,7 +34,7 @@ OUTPUT_NAME = "output"
 LOSS_NAME = "loss"
 TARGET_NAME = OUTPUT_NAME + "_true"
 #: epochs and mini-batch sizes a session may ask a phone for: Core ML throws on any
-#: runtime override outside the model's allowed set (COREML_TRAINING.md).
+#: runtime override outside the model's allowed set (``MLModelConfiguration.parameters``).
 ALLOWED_EPOCHS = tuple(range(1, 101))
 ALLOWED_BATCH_SIZES = tuple(range(1, 257))
 IOS_TRAINING = ("auto", "strict")

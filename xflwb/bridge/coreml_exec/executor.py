@@ -3,9 +3,9 @@
 The layer list is executed as the DAG Core ML defines (blobs by name, layers in their
 topological spec order): layers may read several blobs (add, concat), write several (LSTM:
 y, h, c), and a blob read by several layers gets the sum of their gradients. Training
-follows COREML_TRAINING.md: Core ML's validator rules (``coreml_rules``) decide what may
-train, fused softmax + cross-entropy, mean-of-batch gradients, SGD with momentum and
-bias-corrected Adam whose state starts at zero in every update task. Points Apple leaves
+follows Core ML's documented update semantics (NeuralNetwork.proto): the validator's rules
+(``coreml_rules``) decide what may train, fused softmax + cross-entropy, mean-of-batch
+gradients, SGD with momentum and bias-corrected Adam whose state starts at zero in every update task. Points Apple leaves
 undocumented (Adam's epsilon placement, MSE reduction) are switches.
 """
 
