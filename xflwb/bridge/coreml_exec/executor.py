@@ -5,8 +5,9 @@ topological spec order): layers may read several blobs (add, concat), write seve
 y, h, c), and a blob read by several layers gets the sum of their gradients. Training
 follows Core ML's documented update semantics (NeuralNetwork.proto): the validator's rules
 (``coreml_rules``) decide what may train, fused softmax + cross-entropy, mean-of-batch
-gradients, SGD with momentum and bias-corrected Adam whose state starts at zero in every update task. Points Apple leaves
-undocumented (Adam's epsilon placement, MSE reduction) are switches.
+gradients, SGD with momentum and bias-corrected Adam whose state starts at zero in every
+update task. Points Apple leaves undocumented (Adam's epsilon placement, MSE reduction) are
+switches.
 """
 
 from __future__ import annotations
