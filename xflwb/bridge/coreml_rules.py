@@ -69,18 +69,17 @@ def _parents(nodes: Sequence[Node]) -> dict[str, list[Node]]:
 
 
 def walk(nodes: Sequence[Node], loss_input: str, loss_is_cce: bool
-         ) -> tuple[list[Node], str | None]:
+         ) -> list[tuple[Node, str | None]]:
     """The validator's breadth-first walk from the loss layer.
 
-    Returns the nodes in visiting order and the name of the first non-backpropagable layer
-    seen (a legacy softmax feeding a cross-entropy loss does not count). Core ML refuses any
-    updatable layer visited after that layer.
+    Returns every node the walk reaches, in visiting order, with the first
+    non-backpropagable layer visited before it (None if none yet; a legacy softmax feeding a
+    cross-entropy loss does not count). Core ML refuses an updatable node that has one.
     """
     loss = Node("__loss__", "loss", (loss_input,), (), False)
-    all_nodes = [*nodes, loss]
-    parents = _parents(all_nodes)
+    parents = _parents([*nodes, loss])
     seen: set[str] = set()
-    order: list[Node] = []
+    order: list[tuple[Node, str | None]] = []
     blocker: str | None = None
     queue: deque[Node] = deque([loss])
     while queue:
@@ -90,13 +89,11 @@ def walk(nodes: Sequence[Node], loss_input: str, loss_is_cce: bool
                 continue
             seen.add(p.name)
             queue.append(p)
-            order.append(p)
-            if not p.backprop:
-                if p.kind == "softmax" and cur is loss and loss_is_cce:
-                    continue
-                if blocker is None:
-                    blocker = p.name
-    return order, blocker
+            order.append((p, blocker))
+            fused = p.kind == "softmax" and cur is loss and loss_is_cce
+            if not p.backprop and not fused and blocker is None:
+                blocker = p.name
+    return order
 
 
 def trainable_set(nodes: Sequence[Node], loss_input: str, loss_is_cce: bool,
@@ -107,25 +104,16 @@ def trainable_set(nodes: Sequence[Node], loss_input: str, loss_is_cce: bool,
     others map to the name of the first such layer (the one that blocks them), or to ""
     when the loss does not reach them at all.
     """
-    order, _ = walk(nodes, loss_input, loss_is_cce)
     wanted = set(candidates)
     ok: set[str] = set()
-    why: dict[str, str] = {}
-    blocker: str | None = None
-    loss_seen = {n.name for n in order}
-    parents = _parents([*nodes, Node("__loss__", "loss", (loss_input,), (), False)])
-    for n in order:
+    why: dict[str, str] = dict.fromkeys(wanted, "")
+    for n, blocker in walk(nodes, loss_input, loss_is_cce):
         if n.name in wanted:
             if blocker is None:
                 ok.add(n.name)
+                del why[n.name]
             else:
                 why[n.name] = blocker
-        if not n.backprop and blocker is None:
-            is_fused = n.kind == "softmax" and loss_is_cce and n in parents["__loss__"]
-            if not is_fused:
-                blocker = n.name
-    for name in wanted - loss_seen:
-        why[name] = ""
     return ok, why
 
 
@@ -150,16 +138,9 @@ def validate(layers: Sequence[Any], loss_input: str, loss_is_cce: bool) -> None:
         if n.updatable and n.kind not in UPDATABLE_TYPES:
             raise CoreMLRuleError(f"layer '{n.name}' ({n.kind}) is marked updatable, but Core "
                                   "ML updates only convolution and innerProduct layers")
-    order, _ = walk(nodes, loss_input, loss_is_cce)
-    blocker: str | None = None
-    loss_parents = _parents([*nodes, Node("__loss__", "loss", (loss_input,), (), False)])
-    for n in order:
+    for n, blocker in walk(nodes, loss_input, loss_is_cce):
         if n.updatable and blocker is not None:
             raise CoreMLRuleError(
                 f"layer '{blocker}' ({kinds_of(nodes, blocker)}) does not support "
                 f"backpropagation, yet the updatable layer '{n.name}' lies between it and "
                 "the input; Core ML rejects this model (freeze the layers before it)")
-        if not n.backprop and blocker is None:
-            fused = n.kind == "softmax" and loss_is_cce and n in loss_parents["__loss__"]
-            if not fused:
-                blocker = n.name

@@ -90,13 +90,7 @@ class Reshape(Kernel):
 
     def _unmove(self, dy: Arr, src: Shape, dst: Shape) -> Arr:
         """The inverse of ``_move``: gradients back to the input layout."""
-        ds = _seq_first(dy)
-        if self.channel_last:
-            ds = ds.transpose(0, 1, 3, 4, 2)
-            dx = ds.reshape(len(ds), src[0], src[2], src[3], src[1]).transpose(0, 1, 4, 2, 3)
-        else:
-            dx = ds.reshape(len(ds), *src)
-        return _seq_first(dx)
+        return self._move(dy, dst, src)
 
     def run(self, xs: list[Arr | None], keep: bool) -> list[Arr]:
         return [self._move(xs[0], self.in_shape, self.out_shape)]  # type: ignore[arg-type]
