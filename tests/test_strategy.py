@@ -115,3 +115,32 @@ def test_server_optimiser_is_flowers_on_the_canonical_pseudo_gradient():
         np.testing.assert_allclose(x, y, atol=1e-6)
     with pytest.raises(ValueError, match="unknown strategy"):
         CrossPlatformStrategy(MANIFEST, start, strategy="fedmagic")
+
+
+# -- the frozen-weights digest a client reports crosses the gRPC boundary ---------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+DIGEST = "ab" * 32
+
+
+@settings(max_examples=40, deadline=None)
+@given(value=st.one_of(st.text(max_size=80), st.integers(), st.floats(allow_nan=True),
+                       st.binary(max_size=40), st.booleans(), st.just(DIGEST)))
+def test_any_reported_frozen_digest_costs_only_that_update(value):
+    start, good, bad = _canon(0), _canon(1), _canon(2)
+    reports = []
+    s = CrossPlatformStrategy({**MANIFEST, "frozen": {"sha256": DIGEST}}, start,
+                              min_clients=1, on_fit_round=lambda r, g: reports.append(r))
+    odd = _res(bad, 10)
+    odd.metrics = {"frozen_sha256": value}
+    ok = _res(good, 10)
+    ok.metrics = {"frozen_sha256": DIGEST}
+    s.aggregate_fit(1, [(Phone("g", "android"), ok), (Phone("x", "android"), odd)], [])
+    rejected = [cid for _, cid, _ in reports[0].rejections]
+    if value == DIGEST:
+        assert rejected == []
+    else:  # refused with the reason; the other client's update is the new global model
+        assert rejected == ["x"] and "frozen weights" in reports[0].rejections[0][2]
+        for got, want in zip(s.global_, good, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
