@@ -335,6 +335,7 @@ def test_attaches_to_an_existing_ray_cluster(export, tmp_path):
     import signal
     import subprocess
     import sys
+    import tempfile
     import time
     from pathlib import Path
 
@@ -370,6 +371,11 @@ def test_attaches_to_an_existing_ray_cluster(export, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)  # the session this test created, only
             head.wait(timeout=60)
+        # `ray start` records its address for later `ray.init()` calls to join; `ray stop`
+        # would delete the record, a terminated --block head does not: drop it if it is ours
+        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if record.exists() and record.read_text().strip().endswith(f":{gcs}"):
+            record.unlink()
     a, b = runs.values()
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
