@@ -524,22 +524,40 @@ def test_registry_and_unsupported_types():
         CoreMLExecutor(b.spec)
 
 
-def test_depthwise_is_vectorised_fast():
-    """A 32×32×32 depthwise 3×3 conv, forward + backward, batch 32: well under a second."""
-    import time
-
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_channels_last_layout_gives_the_same_numbers(stride):
+    """Small maps with many channels run depthwise channels-last (and the 1×1 convolution
+    after it keeps that layout): forward, loss and every gradient equal the channels-first
+    path's."""
     g = rng(31)
-    b = nnb((32, 32, 32))
-    b.add_convolution("dw", 1, 32, 3, 3, 1, 1, "same", 32, g.normal(size=(3, 3, 1, 32)),
-                      None, False, input_name="x", output_name="dw")
-    b.add_flatten("flat", 0, "dw", "flat")
-    b.add_inner_product("fc", g.normal(size=(3, 32 * 32 * 32)) * 1e-3, None, 32 * 32 * 32, 3,
-                        False, "flat", "fc")
+    c = 6
+    b = nnb((c, 5, 5))
+    b.add_convolution("dw", 1, c, 3, 3, stride, stride, "same", c,
+                      g.normal(size=(3, 3, 1, c)), g.normal(size=c), True, input_name="x",
+                      output_name="dw")
+    b.add_activation("relu", "RELU", "dw", "relu")
+    b.add_convolution("pw", c, 4, 1, 1, 1, 1, "valid", 1, g.normal(size=(1, 1, c, 4)),
+                      g.normal(size=4), True, input_name="relu", output_name="pw")
+    b.add_flatten("flat", 0, "pw", "flat")
+    n_flat = 4 * (5 if stride == 1 else 3) ** 2
+    b.add_inner_product("fc", g.normal(size=(3, n_flat)) * 0.2, None, n_flat, 3, False,
+                        "flat", "fc")
     b.add_softmax("sm", "fc", "out")
-    trainable(b, ["dw", "fc"])
-    ex = CoreMLExecutor(b.spec)
-    x = g.normal(size=(32, 32, 32, 32)).astype(np.float32)
-    ex.step(x, np.arange(32) % 3)
-    t0 = time.perf_counter()
-    ex.step(x, np.arange(32) % 3)
-    assert time.perf_counter() - t0 < 1.0
+    x = g.normal(size=(7, c, 5, 5)).astype(np.float32)
+    t = np.arange(7) % 3
+    trainable(b, ["dw", "pw"])
+    results = []
+    for channels_last in (True, False):
+        ex = CoreMLExecutor(b.spec)
+        assert ex.layers[0]._dw_channels_last  # 6 channels ≥ 5 (or 3) output columns
+        ex.layers[0]._dw_channels_last = channels_last
+        loss, grads = ex.loss_and_grads(x, t)
+        results.append((ex.forward(x), loss, grads))
+    (out_a, loss_a, g_a), (out_b, loss_b, g_b) = results
+    np.testing.assert_allclose(out_a, out_b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    assert len(g_a) == len(g_b) and sum(a is not None for a in g_a) >= 4  # dw, pw: W and b
+    for a, b_ in zip(g_a, g_b, strict=True):
+        assert (a is None) == (b_ is None)
+        if a is not None:
+            np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-6)

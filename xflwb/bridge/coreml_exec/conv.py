@@ -66,6 +66,15 @@ def pad(x: Arr, pads: Pads, value: float) -> Arr:
     return out
 
 
+def pad_channels_last(x: Arr, pads: Pads) -> Arr:
+    """Zero-pad a (B, C, H, W) map into a channels-last (B, H', W', C) array."""
+    pt, pb, pl, pr = pads
+    n, c, h, w = x.shape
+    out = np.zeros((n, h + pt + pb, w + pl + pr, c), dtype=x.dtype)
+    out[:, pt:pt + h, pl:pl + w, :] = x.transpose(0, 2, 3, 1)
+    return out
+
+
 def windows(xp: Arr, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int],
             out: tuple[int, int]) -> Arr:
     """Read-only (B, C, Ho, Wo, kh, kw) view of every window: im2col without a copy."""
@@ -123,6 +132,7 @@ class Convolution(Weighted):
         self.k_eff = ((self.k[0] - 1) * self.d[0] + 1, (self.k[1] - 1) * self.d[1] + 1)
         # one input channel per group: the tap-loop kernel (depthwise, any multiplier)
         self.depthwise = self.cg == 1 and self.groups > 1
+        self._dw_channels_last = False  # decided by _infer from the map size
         self.pointwise = self.k == (1, 1) and self.s == (1, 1) and self.groups == 1
         self._load_params((self.cout, self.cg, *self.k), self.cout)
 
@@ -134,23 +144,43 @@ class Convolution(Weighted):
         self.hw_out, self.pads = spatial(self.name, self.p, "ConvolutionPaddingType", (h, w),
                                          self.k_eff, self.s)
         self.pointwise = self.pointwise and not any(self.pads)
+        # Small maps with many channels (a MobileNet's later blocks) run channels-last:
+        # numpy's inner loop then runs along the channels (one weight each, contiguous)
+        # instead of along a row of a few pixels times one broadcast weight, where the
+        # per-row overhead dominates (measured 3-6x faster for 12x12 maps and smaller; see
+        # benchmarks/README.md). The output is a channels-last array seen as (B, C, H, W);
+        # every kernel reads its inputs through strides, and the 1x1 fast path keeps the
+        # layout, so a run of such blocks never transposes.
+        self._dw_channels_last = (self.depthwise and self.cout == self.groups
+                                  and self.cout >= self.hw_out[1])
         return self.cout, *self.hw_out
 
     def _wg(self) -> Arr:
         return self.W.reshape(self.groups, self.cout // self.groups, -1)
 
     def forward(self, x: Arr, keep: bool) -> Arr:
-        xp = pad(x, self.pads, 0.0)
         if self.depthwise:
-            y = self._dw_forward(xp)
-            self._xp = xp if keep else None
+            if self._dw_channels_last:
+                xp = pad_channels_last(x, self.pads)
+                y = self._dw_forward_channels_last(xp)
+                self._xp = xp.transpose(0, 3, 1, 2) if keep else None
+            else:
+                xp = pad(x, self.pads, 0.0)
+                y = self._dw_forward(xp)
+                self._xp = xp if keep else None
         elif self.pointwise and not keep:
-            # 1×1, stride 1, unpadded: one matmul on the map as it lies, contiguous output,
-            # no im2col copy (MobileNet's expand / project layers)
+            # 1×1, stride 1, unpadded: one matmul on the map as it lies, no im2col copy
+            # (MobileNet's expand / project layers)
             n, c, h, w = x.shape
-            y = np.matmul(self.W.reshape(self.cout, c), x.reshape(n, c, h * w)).reshape(
-                n, self.cout, h, w)
+            xl = x.transpose(0, 2, 3, 1)
+            if xl.flags.c_contiguous:  # channels-last memory (see _dw_channels_last)
+                y = (xl.reshape(-1, c) @ self.W.reshape(self.cout, c).T).reshape(
+                    n, h, w, self.cout).transpose(0, 3, 1, 2)
+            else:
+                y = np.matmul(self.W.reshape(self.cout, c), x.reshape(n, c, h * w)).reshape(
+                    n, self.cout, h, w)
         else:
+            xp = pad(x, self.pads, 0.0)
             y, cols = correlate(xp, self._wg(), self.groups, self.k, self.s, self.d,
                                 self.hw_out)
             self._cols = cols if keep else None
@@ -203,6 +233,23 @@ class Convolution(Weighted):
                 np.multiply(sl, wd[:, :, i, j][:, :, None, None], out=tmp)
                 y += tmp
         return y.reshape(n, c * m, *self.hw_out)
+
+    def _dw_forward_channels_last(self, xp: Arr) -> Arr:
+        """Depthwise (multiplier 1) on a padded (B, H, W, C) map; returns (B, C, Ho, Wo)
+        seen through a channels-last array."""
+        wt = self.W.reshape(self.cout, *self.k)  # (C, kh, kw)
+        n, c = xp.shape[0], xp.shape[3]
+        y = np.empty((n, *self.hw_out, c), xp.dtype)
+        tmp = np.empty_like(y)
+        for t, (i, j) in enumerate(np.ndindex(*self.k)):
+            rs, cs = tap(xp, i, j, self.s, self.d, self.hw_out)
+            w_ij = np.ascontiguousarray(wt[:, i, j])
+            if t == 0:
+                np.multiply(xp[:, rs, cs, :], w_ij, out=y)
+            else:
+                np.multiply(xp[:, rs, cs, :], w_ij, out=tmp)
+                y += tmp
+        return y.transpose(0, 3, 1, 2)
 
     def _dw_backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         xp = self._xp
