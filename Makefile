@@ -8,8 +8,9 @@ STAMP := $(VENV)/.installed-stamp
 
 $(STAMP): pyproject.toml scripts/install-browser.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	@echo "make: installing xflwb and its dependencies into $(VENV) (a few minutes the first time)"
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
 	bash scripts/install-browser.sh $(BIN)/pip  # Debian chromium for the browser test
 	touch $(STAMP)
 

@@ -374,8 +374,7 @@ def run_xflwb(wb: Any, workers: Workers, cache: str, n: int, rounds: int,
     run = Run("xflwb", n, rounds)
     t0 = time.perf_counter()
     session = wb.train(MODEL, rounds=rounds, min_clients=n, fraction_fit=1.0,
-                       fraction_evaluate=0.0, local_epochs=1, round_timeout=round_timeout,
-                       start_fresh=True)
+                       fraction_evaluate=0.0, local_epochs=1, round_timeout=round_timeout)
     rss = RssSampler(session.info["pid"])
     collect = workers.run(run, "xflwb", first_id, deadline + 30, url=wb.url, port=0,
                           cache=cache, deadline=deadline, answer_delay=answer_delay)

@@ -22,10 +22,10 @@ if [[ ! -x "$CHROMIUM" ]]; then
     if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
         apt-get update -qq
     fi
-    if ! apt-get install -y -qq chromium; then
+    if ! apt-get install -y chromium; then
         # Stale lists (a version that the mirror no longer serves): refresh once, retry.
         apt-get update -qq
-        apt-get install -y -qq chromium
+        apt-get install -y chromium
     fi
     echo "install-browser: installed $("$CHROMIUM" --version 2>/dev/null || echo chromium)"
 fi
@@ -37,8 +37,8 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 if ! "$PY" -c "import jupyterlab" >/dev/null 2>&1; then
-    "$PIP" install -q "jupyterlab>=4.2,<5"
+    "$PIP" install "jupyterlab>=4.2,<5"
 fi
 if ! "$PY" -c "import playwright" >/dev/null 2>&1; then
-    "$PIP" install -q "playwright>=1.45"
+    "$PIP" install "playwright>=1.45"
 fi

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xflwb
 from tests.wirephone import WirePhone
-from xflwb.widgets.dashboard import Dashboard, report
+from xflwb.style import ACCURACY_LABEL, PLATFORM_COLORS
+from xflwb.widgets.dashboard import (
+    Dashboard,
+    human_bytes,
+    plot_figure,
+    report,
+    round_table_html,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -36,6 +46,8 @@ def test_dashboard_follows_a_session_and_reports(tmp_path):
         dash._thread.join(10)
         assert not dash._thread.is_alive()  # the view stops once the session is done
         assert dash.progress.value == 3 and dash.progress.bar_style == "success"
+        assert dash.progress.description == "round 3/3"
+        assert "0 failed fits" in dash.header.value
         assert dash.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
         for plat in ("android", "ios", "all"):
             assert f"<td>{plat}</td>" in dash.table.value
@@ -47,9 +59,71 @@ def test_dashboard_follows_a_session_and_reports(tmp_path):
         assert "round 3/3" in html
 
 
-def test_devices_magic_errors_are_short(ip, capsys):
-    ip.run_line_magic("xfl_devices", "spawn --android 1")
-    assert "no xflwb backend is running" in capsys.readouterr().out
-    ip.run_line_magic("xfl_devices", "explode")
-    assert "invalid choice: 'explode'" in capsys.readouterr().out
+def test_devices_magic_errors_are_short(ip):
+    from xflwb.magics import XflMagicError
+
+    with pytest.raises(XflMagicError, match="no xflwb backend is running"):
+        ip.run_line_magic("xfl_devices", "spawn --android 1")
+    with pytest.raises(XflMagicError, match="invalid choice: 'explode'"):
+        ip.run_line_magic("xfl_devices", "explode")
     assert ip.run_line_magic("xfl_devices", "list") is None
+
+
+# -- readable dashboard --------------------------------------------------------------------------
+def _history(rounds: int) -> pd.DataFrame:
+    rows = []
+    for r in range(1, rounds + 1):
+        for plat in ("android", "ios", "all"):
+            rows += [(r, plat, "accuracy", 0.5 + r / 10), (r, plat, "eval_loss", 2.0 / r),
+                     (r, plat, "clients", 2.0), (r, plat, "bytes_up", 18230.0),
+                     (r, plat, "bytes_down", 2_500_000.0), (r, plat, "failures", 0.0)]
+    return pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
+
+
+def test_plots_have_labels_integer_rounds_platform_colours_and_a_placeholder():
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(_history(3))
+    try:
+        loss, acc = fig.axes
+        assert acc.get_ylabel() == ACCURACY_LABEL and acc.get_xlabel() == "round"
+        assert "held-out" in loss.get_ylabel()
+        fig.canvas.draw()
+        ticks = [t for t in acc.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+        colours = {line.get_label(): line.get_color() for line in acc.lines}
+        assert colours == {p: PLATFORM_COLORS[p] for p in ("android", "ios", "all")}
+    finally:
+        plt.close(fig)
+    empty = plot_figure(pd.DataFrame(columns=["round", "platform", "metric", "value"]))
+    try:
+        assert not empty.axes  # no empty axes before round 1, only a sentence
+        assert "after round 1" in empty.texts[0].get_text()
+    finally:
+        plt.close(empty)
+
+
+def test_round_table_is_human_readable():
+    html = round_table_html(_history(2))
+    assert ">metric<" not in html  # no stray header above the columns
+    assert "<td>18.2 kB</td>" in html and "<td>2.5 MB</td>" in html
+    assert "<td>2</td>" in html and "2.0" not in html  # counts as integers
+    assert "<td>android</td>" in html
+    assert "no data yet" in round_table_html(pd.DataFrame(
+        columns=["round", "platform", "metric", "value"]))
+
+
+def test_human_bytes_units():
+    assert [human_bytes(v) for v in (0, 999, 1000, 18230, 999_999, 2_500_000, 3e9)] == [
+        "0 B", "999 B", "1.0 kB", "18.2 kB", "1.0 MB", "2.5 MB", "3.0 GB"]
+    assert human_bytes(None) == "" and human_bytes(float("nan")) == ""
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=0, max_value=10**13))
+def test_human_bytes_stays_within_rounding_of_the_value(n):
+    number, unit = human_bytes(n).split(" ")
+    scale = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9}[unit]
+    assert abs(float(number) * scale - n) <= 0.05 * scale + 1e-9
+    assert unit == "GB" or float(number) < 1000
+    assert np.isfinite(float(number))

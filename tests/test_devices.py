@@ -117,7 +117,8 @@ def test_killed_device_does_not_stall_and_dropped_device_rejoins(unseen, tmp_pat
         assert time.monotonic() - t0 < 4 * 60
         table = fleet.wait(timeout=60).set_index("id")
         failures = session.history.query("metric == 'failures' and platform == 'all'")
-    assert table.loc[victim, "status"].startswith("exited")
+    assert table.loc[victim, "status"] == "failed"
+    assert table.loc[victim, "error"] == "killed by SIGKILL"
     assert failures["value"].sum() >= 1  # the killed (and dropped) fits were failures
     dropper = table.loc[fleet.ids[3]]
     assert dropper.drops >= 1 and dropper.rounds_done >= 1, dropper  # came back and trained

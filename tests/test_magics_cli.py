@@ -47,27 +47,33 @@ def test_magic_finds_the_only_new_model(ip, tmp_path):
     assert list(res.manifest["platforms"]) == ["android"]
 
 
-def test_magic_reports_errors_without_raising(ip, tmp_path, capsys):
-    _cell(ip, f"nothing --out {tmp_path}", "x = 1\n")
-    out = capsys.readouterr().out
-    assert "defined no Keras model" in out
+def test_magic_errors_raise_one_line(ip, tmp_path):
+    from xflwb.magics import MagicUsageError, XflMagicError
+
+    with pytest.raises(XflMagicError, match="defined no Keras model"):
+        _cell(ip, f"nothing --out {tmp_path}", "x = 1\n")
     assert "nothing" not in ip.user_ns
-    _cell(ip, f"two --out {tmp_path}", """
-        import keras
-        a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
-        b = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
-    """)
-    assert "several Keras models (a, b)" in capsys.readouterr().out
-    _cell(ip, "bad --optimizer rmsprop", "pass\n")
-    assert "invalid choice: 'rmsprop'" in capsys.readouterr().out
-    _cell(ip, f"lstm --out {tmp_path} --ios-training strict", """
-        import keras
-        model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Reshape((4, 4)),
-                                  keras.layers.LSTM(3, name="lstm_1"),
-                                  keras.layers.Dense(2, activation="softmax")])
-    """)
-    out = capsys.readouterr().out
-    assert "layer 'lstm_1' (LSTM)" in out and "ios_training='strict'" in out
+    with pytest.raises(XflMagicError, match=r"several Keras models \(a, b\)"):
+        _cell(ip, f"two --out {tmp_path}", """
+            import keras
+            a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+            b = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+        """)
+    with pytest.raises(MagicUsageError, match="invalid choice: 'rmsprop'"):
+        _cell(ip, "bad --optimizer rmsprop", "pass\n")
+    with pytest.raises(XflMagicError) as info:
+        _cell(ip, f"lstm --out {tmp_path} --ios-training strict", """
+            import keras
+            model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Reshape((4, 4)),
+                                      keras.layers.LSTM(3, name="lstm_1"),
+                                      keras.layers.Dense(2, activation="softmax")])
+        """)
+    assert "layer 'lstm_1' (LSTM)" in str(info.value) and "ios_training='strict'" in str(
+        info.value)
+    assert isinstance(info.value.__cause__, xflwb.ExportError)  # the API error is kept
+    with pytest.raises(XflMagicError, match="the cell raised NameError"):
+        _cell(ip, f"broken --out {tmp_path}", "undefined_name_xyz\n")
+    assert "broken" not in ip.user_ns
 
 
 def test_cli_export_module_attr(tmp_path, monkeypatch, capsys):

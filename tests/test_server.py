@@ -231,14 +231,15 @@ def test_crashed_session_resumes_from_checkpoint(wb, exports):
     # the kernel (this process) and the API survive; a new session resumes from the checkpoint
     r = httpx.get(f"{wb.url}/api/v1/sessions", headers={"Authorization": "Bearer secret"})
     assert r.status_code == 200
-    s2 = wb.train("alpha", rounds=1, min_clients=1, round_timeout=60)
+    s2 = wb.train("alpha", rounds=1, min_clients=1, round_timeout=60, resume=True)
     assert s2.info["resumed_from"] is not None
+    assert s2.started_from == f"resumed from session {s.id}, round 2"
     phone2 = WirePhone(wb.url, "android", "alpha-data", Updates(6, "delta"), device_id=52)
     phone2.start().join(60)
     assert s2.wait(timeout=60) == "finished"
     for got, want in zip(phone2.report.received[0], saved, strict=True):
         np.testing.assert_allclose(got, want.ravel(), atol=1e-7)
-    fresh = wb.train("alpha", rounds=1, min_clients=1, round_timeout=60, start_fresh=True)
+    fresh = wb.train("alpha", rounds=1, min_clients=1, round_timeout=60)  # fresh by default
     phone3 = WirePhone(wb.url, "android", "alpha-data", Updates(7, "delta"), device_id=53)
     phone3.start().join(60)
     assert fresh.wait(timeout=60) == "finished"

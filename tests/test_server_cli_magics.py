@@ -14,6 +14,7 @@ import keras
 import pytest
 
 import xflwb
+from xflwb.magics import XflMagicError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,15 +83,15 @@ def test_server_and_train_magics(ip, export, tmp_path, capsys):
         ip.run_line_magic("xfl_train", "--help")
         helptext = capsys.readouterr().out
         assert "--rounds" in helptext and "--strategy" in helptext
-        ip.run_line_magic("xfl_train", "tiny --rounds 0")
-        assert "rounds must be a positive integer" in capsys.readouterr().out
-        ip.run_line_magic("xfl_train", "unknown_model")
-        assert "no published model named 'unknown_model'" in capsys.readouterr().out
+        with pytest.raises(XflMagicError, match="rounds must be a positive integer"):
+            ip.run_line_magic("xfl_train", "tiny --rounds 0")
+        with pytest.raises(XflMagicError, match="no published model named 'unknown_model'"):
+            ip.run_line_magic("xfl_train", "unknown_model")
     finally:
         ip.run_line_magic("xfl_server", "stop")
     assert not wb.running
-    ip.run_line_magic("xfl_train", "tiny")
-    assert "no xflwb backend is running" in capsys.readouterr().out
+    with pytest.raises(XflMagicError, match="no xflwb backend is running"):
+        ip.run_line_magic("xfl_train", "tiny")
     assert os.path.exists(tmp_path / "m" / "xflwb.db")
 
 

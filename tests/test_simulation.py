@@ -219,9 +219,10 @@ def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys):
     assert "simulated 3 Android + 3 iOS clients" in snapshot_html(session)
     ip.run_line_magic("xfl_simulate", "--help")
     assert "Simulation Engine" in capsys.readouterr().out
-    assert ip.run_line_magic("xfl_simulate", f"sim_export --rounds 1 --data-dir {tmp_path / 'e'}"
-                             ) is None
-    assert "needs clients" in capsys.readouterr().out
+    from xflwb.magics import XflMagicError
+
+    with pytest.raises(XflMagicError, match="needs clients"):
+        ip.run_line_magic("xfl_simulate", f"sim_export --rounds 1 --data-dir {tmp_path / 'e'}")
     assert not (tmp_path / "e").exists()  # bad options publish nothing
 
 
@@ -240,6 +241,9 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished, round 2" in proc.stdout and "android" in proc.stdout
+    assert re.search(r"round: 100%.*2/2", proc.stderr), proc.stderr[-2000:]  # tqdm bar
+    assert not re.search(r"^\s*(all|android|ios)\s.*\d\.0\b", proc.stdout, re.MULTILINE), \
+        proc.stdout  # counts print as integers, not 2.0
     hist = pd.read_csv(out)
     assert {"android", "ios", "all"} <= set(hist.platform) and hist["round"].max() == 2
     # dropouts: seeded per client and attempt, failures for Flower, the rest aggregated

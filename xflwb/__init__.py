@@ -7,12 +7,11 @@ Public API: ``export``, ``SGD``, ``Adam``, ``Workbench``, ``simulate``, ``Dashbo
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-# TensorFlow's C++ logging prints pages per export; users can still set their own level.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
+# First, before anything can import TensorFlow: importing _quiet sets TF's C++ log level
+# (TF reads it once, at import; a level the user set is kept). See xflwb/_quiet.py.
+from xflwb import _quiet  # noqa: F401  (isort keeps it first: "xflwb" < "xflwb.bridge")
 from xflwb.bridge.export import DropoutWarning, ExportResult, export
 from xflwb.bridge.graph import ExportError
 from xflwb.bridge.manifest import ManifestError

@@ -9,6 +9,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xflwb._argparse import Parser
+
+DESCRIPTION = """\
+xflwb: cross-platform federated learning on phones, from a notebook or this command.
+
+Export a Keras model as a trainable TFLite model (Android) and an updatable Core ML model
+(iOS) that provably compute the same thing, serve both from a bundled backend with a real
+Flower server, and train on real phones, virtual phones, or Flower's Simulation Engine."""
+
+EPILOG = """\
+examples:
+  xflwb demo                       export, serve, 2 Android + 2 iOS virtual phones, train
+  xflwb export mymodels:build_cnn --name cnn --data-type digits --lr 0.05
+  xflwb server --port 8000 --publish artifacts/cnn/v1 --auto-start
+  xflwb simulate artifacts/cnn/v1 --android 50 --ios 50 --rounds 5 --out runs/sim.csv
+  xflwb experiment run experiments/fedavg_digits.ipynb --out runs/a -p rounds 2
+
+'xflwb COMMAND --help' describes a command's options. TensorFlow's log lines are hidden;
+--verbose shows them. In a notebook: %load_ext xflwb (see the README)."""
+
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``xflwb export`` and ``%%xfl_export``."""
@@ -27,6 +47,18 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ios-training", default="auto", choices=["auto", "strict"],
                    help="auto: iOS freezes layers Core ML cannot update (Android trains "
                    "them); strict: refuse such models, naming each layer")
+    add_verbose(p)
+
+
+def add_verbose(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
+    """``--verbose``: show TensorFlow's, absl's and the converter's log lines.
+
+    Sub-commands default to SUPPRESS so that ``xflwb --verbose demo`` (the top-level flag)
+    is not reset by the sub-command's default (argparse copies sub-parser defaults over).
+    """
+    if "--verbose" not in p._option_string_actions:
+        p.add_argument("--verbose", action="store_true", default=default,
+                       help="show TensorFlow's and the TFLite converter's log lines")
 
 
 def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,7 +74,9 @@ def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {"data_type": args.data_type, "platforms": args.platforms, "loss": args.loss,
             "optimizer": opt, "batch_size": args.batch_size, "epochs": args.epochs,
             "out_dir": args.out, "strict": not args.no_strict,
-            "ios_training": args.ios_training}
+            "ios_training": args.ios_training,
+            # unset: XFLWB_VERBOSE decides (quiet by default)
+            "verbose": True if getattr(args, "verbose", False) else None}
 
 
 def resolve_model(target: str) -> Any:
@@ -127,6 +161,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     import os
     import signal
 
+    from xflwb import _lifeline
     from xflwb.devices.device import Device, DeviceOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -148,8 +183,8 @@ def cmd_device(args: argparse.Namespace) -> int:
             from dataclasses import asdict
 
             tmp = f"{args.status_file}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({**asdict(status), "id": status.device_id}, f)
+            with open(tmp, "w") as f:  # run_id: the fleet reads only its own run's files
+                json.dump({**asdict(status), "id": status.device_id, "run_id": args.run_id}, f)
             os.replace(tmp, args.status_file)
 
     device = Device(args.backend, args.platform, args.data_type or args.dataset,
@@ -157,6 +192,7 @@ def cmd_device(args: argparse.Namespace) -> int:
                     device_id=args.device_id, cache_dir=args.cache_dir, options=options,
                     on_status=write_status)
     signal.signal(signal.SIGTERM, lambda *_: device.stop())
+    _lifeline.install()  # stop when the kernel (or fleet owner) that started us dies
     write_status(device.status)
     status = device.run()
     print(f"device {status.device_id} ({status.platform}): {status.status}, "
@@ -176,6 +212,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         print(f"xflwb experiment: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a cell of the run raised (papermill): the run failed
+        if type(exc).__name__ != "PapermillExecutionError":
+            raise
+        cell, name, value = (getattr(exc, k, "?") for k in ("exec_count", "ename", "evalue"))
+        print(f"xflwb experiment: error: the run failed in cell {cell}: {name}: {value} "
+              f"(executed notebook in {args.out})", file=sys.stderr)
+        return 1
     print(f"{df['run'].nunique()} run(s); results in {Path(args.out) / 'results.csv'}")
     return 0
 
@@ -196,10 +239,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            min_clients=args.min_clients, local_epochs=args.local_epochs,
                            seed=args.seed, drop_prob=args.drop_prob,
                            ray_address=args.ray_address,
-                           data_dir=args.data_dir, timeout=args.timeout)
-    except (ValueError, RuntimeError, TimeoutError) as exc:
+                           data_dir=args.data_dir, wait=False)
+    except (ValueError, RuntimeError) as exc:
         print(f"xflwb simulate: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
+    from xflwb import _console
+
+    try:  # a round progress bar on stderr while the simulation's own process trains
+        status = _console.wait(session, args.rounds, timeout=args.timeout,
+                               progress=not args.no_progress)
+    except (TimeoutError, KeyboardInterrupt) as exc:
+        session.stop()  # this command started it: it does not outlive the command
+        print(f"xflwb simulate: error: {str(exc) or 'interrupted'}; stopped simulation "
+              f"{session.id}", file=sys.stderr)
+        return 1
+    if status != "finished":
+        log = session.registry.data_dir / "logs" / f"session-{session.id}.log"
+        print(f"xflwb simulate: error: simulation {session.id} {status}: "
+              f"{session.info.get('error') or 'no reason recorded'} (log: {log})",
+              file=sys.stderr)
+        return 1
     hist = session.history
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +267,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     wide = last.pivot_table(index="platform", columns="metric", values="value")
     keep = [c for c in ("clients", "examples", "eval_loss", "accuracy") if c in wide.columns]
     print(f"simulation {session.id}: {session.status}, round {session.round}")
-    print(wide[keep].to_string())
+    print(_console.format_table(wide[keep], index=True))
     if out is not None:
         print(f"history in {out}")
     return 0
@@ -226,8 +285,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xflwb", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = Parser(prog="xflwb", description=DESCRIPTION, epilog=EPILOG,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose(p, default=False)
+    sub = p.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     e = sub.add_parser("export", help="export a Keras model for Android and iOS")
     e.add_argument("target", help="module:attr naming a Keras model or a factory")
     e.add_argument("--name", default=None, help="model name (default: attr)")
@@ -266,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for a session before giving up")
     v.add_argument("--cache-dir", default=".xfl-cache")
     v.add_argument("--status-file", default=None, help="JSON status, rewritten on change")
+    v.add_argument("--run-id", default=None, help="written into the status file (a fleet "
+                   "reads only its own run's files)")
     v.set_defaults(func=cmd_device)
     x = sub.add_parser("experiment", help="run experiment notebooks headless (papermill)")
     xsub = x.add_subparsers(dest="action", required=True)
@@ -296,8 +359,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--data-dir", default="xfl-data")
     m.add_argument("--timeout", type=float, default=None, help="seconds (default: none)")
     m.add_argument("--out", default=None, help="write the history CSV here (never overwritten)")
+    m.add_argument("--no-progress", action="store_true", help="no round progress bar")
     m.set_defaults(func=cmd_simulate)
-    d = sub.add_parser("demo", help="export the demo CNN and train every runtime")
+    d = sub.add_parser("demo", help="the whole workflow offline: export a CNN, serve it, train "
+                       "2 Android + 2 iOS virtual phones for 10 rounds, plot")
     d.add_argument("--out", default="demo-output")
     d.add_argument("--epochs", type=int, default=3, help="with --local-only")
     d.add_argument("--rounds", type=int, default=10)
@@ -309,11 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--local-only", action="store_true",
                    help="only export and train the three runtimes side by side")
     d.set_defaults(func=cmd_demo)
+    _add_verbose_everywhere(p)
     return p
+
+
+def _add_verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                if not any(isinstance(a, argparse._SubParsersAction) for a in child._actions):
+                    add_verbose(child)
+                _add_verbose_everywhere(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from xflwb import _quiet
+
+        _quiet.set_verbose(True)  # before any TensorFlow import; child processes inherit it
     return int(args.func(args) or 0)
 
 

@@ -17,6 +17,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xflwb._console import format_table, wait
+from xflwb.style import ACCURACY_LABEL, LOSS_LABEL, ROUND_LABEL, color
+
 
 def demo_model(input_shape: tuple[int, ...] = (8, 8, 1), classes: int = 10) -> Any:
     """A small CNN for 8×8 digits: every layer trains on both platforms."""
@@ -108,7 +111,7 @@ def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
     what = "digits" if dataset == "digits" else f"{dataset} samples"
     say(f"\nlocal training, {epochs} epochs on {len(data.x_train)} {what}, same start and "
         "batches:")
-    say(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    say(format_table(table))
     table.to_csv(out / "runtimes.csv", index=False)
     res.parity.to_csv(out / "parity.csv", index=False)
     _plot(curves, out / "training_loss.png")
@@ -121,12 +124,13 @@ def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
 def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: int = 2,
                   ios: int = 2, partition: str = "dirichlet:0.5", local_epochs: int = 2,
                   seed: int = 0, quiet: bool = False, timeout: float = 900.0,
-                  model: str = "digits_cnn") -> dict[str, Any]:
+                  model: str = "digits_cnn", progress: bool | None = None) -> dict[str, Any]:
     """Export → serve → virtual devices → train; returns export, session tables, accuracy.
 
     ``model`` picks the model and its dataset (`MODELS`): ``"digits_cnn"`` (default, the
     Conv2D on 8×8 digits) or ``"activity"`` (a Conv1D on (32, 3) accelerometer windows,
-    dataset and data type ``"activity"``).
+    dataset and data type ``"activity"``). ``progress`` (default: unless ``quiet``) shows a
+    round progress bar on stderr while the session trains.
     """
     build, dataset = _pick(model)
     import xflwb
@@ -153,7 +157,8 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
         fleet = wb.spawn_devices(android=android, ios=ios, dataset=dataset,
                                  partition=partition, seed=seed)
         t0 = time.perf_counter()
-        status = session.wait(timeout=timeout)
+        status = wait(session, rounds, timeout=timeout,
+                      progress=not quiet if progress is None else progress)
         secs = time.perf_counter() - t0
         fleet.wait(timeout=60)
         devices = fleet.table
@@ -174,13 +179,13 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
     wide = history.pivot_table(index=["round", "platform"], columns="metric", values="value")
     per_platform = wide.reset_index()
     say(f"\nsession {status} in {secs:.1f} s; devices:")
-    say(devices.drop(columns=["error"]).to_string(index=False))
+    failed = "error" in devices.columns and devices["error"].fillna("").astype(bool).any()
+    say(format_table(devices if failed else devices.drop(columns=["error"], errors="ignore")))
     cols = [c for c in ("clients", "examples", "eval_loss", "accuracy", "rejected")
             if c in per_platform.columns]
     last = per_platform[per_platform["round"] == per_platform["round"].max()]
     say("\nper platform, last round:")
-    say(last[["round", "platform", *cols]].to_string(index=False,
-                                                     float_format=lambda v: f"{v:.4f}"))
+    say(format_table(last[["round", "platform", *cols]]))
     both_every_round = bool(
         (wide.xs("android", level="platform")["clients"] > 0).all()
         and (wide.xs("ios", level="platform")["clients"] > 0).all())
@@ -190,29 +195,38 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
         f"both platforms contributed every round: {both_every_round}")
     history.to_csv(out / "history.csv", index=False)
     devices.to_csv(out / "devices.csv", index=False)
-    _plot_rounds(wide, out / "federated.png")
+    _plot_rounds(wide, out / "federated.png",
+                 title=f"{keras_model.name}: {android} Android + {ios} iOS virtual phones, "
+                 f"{dataset} ({partition})")
     say(f"wrote {out / 'history.csv'}, {out / 'devices.csv'}, {out / 'federated.png'}")
     return {"export": res, "status": status, "history": history, "devices": devices,
             "accuracy": accuracy, "both_every_round": both_every_round, "seconds": secs}
 
 
-def _plot_rounds(wide: pd.DataFrame, path: Path) -> None:
+def _plot_rounds(wide: pd.DataFrame, path: Path, title: str = "") -> None:
+    """Loss and accuracy per round and platform, in the dashboard's colours and labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    labels = {"eval_loss": LOSS_LABEL, "accuracy": ACCURACY_LABEL}
     for metric, ax in zip(("eval_loss", "accuracy"), axes, strict=True):
+        ax.set_xlabel(ROUND_LABEL)
+        ax.set_ylabel(labels[metric])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
         if metric not in wide.columns:
             continue
         for plat in ("android", "ios", "all"):
             if plat in wide.index.get_level_values("platform"):
-                series = wide.xs(plat, level="platform")[metric]
-                ax.plot(series.index, series.values, marker="o", label=plat)
-        ax.set_xlabel("round")
-        ax.set_title(metric.replace("_", " "))
-        ax.legend()
+                series = wide.xs(plat, level="platform")[metric].dropna()
+                ax.plot(series.index, series.values, marker="o", label=plat,
+                        color=color(plat))
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title or "Federated training per platform", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -223,12 +237,14 @@ def _plot(curves: dict[str, list[float]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for (name, losses), style in zip(curves.items(), ("-o", "--s", ":^"), strict=False):
-        ax.plot(range(1, len(losses) + 1), losses, style, label=name)
+        ax.plot(range(1, len(losses) + 1), losses, style, label=name, color=color(name))
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Same model, three runtimes")
     ax.legend()
     fig.tight_layout()

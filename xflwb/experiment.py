@@ -95,7 +95,10 @@ def _comparison_plot(df: pd.DataFrame, keys: list[str], path: Path) -> None:
         return
     last = sub[sub["round"] == sub.groupby("run")["round"].transform("max")]
     table = last.pivot_table(index=keys, columns="platform", values="value")
-    ax = table.plot.bar(figsize=(7, 3.5))
+    from xflwb.style import PLATFORM_COLORS  # the dashboard's colour per platform
+
+    ax = table.plot.bar(figsize=(7, 3.5),
+                        color=[PLATFORM_COLORS.get(str(c), "#888888") for c in table.columns])
     ax.set_ylabel(f"final {metric}")
     ax.set_title(f"final {metric} per platform")
     plt.tight_layout()

@@ -1,35 +1,110 @@
-"""IPython magics: thin wrappers that parse a line and call the public API."""
+"""IPython magics: thin wrappers that parse a line and call the public API.
+
+A failing magic raises an ``XflMagicError`` (never prints and returns ``None``), so "Run
+All" stops and papermill / nbval runs fail; IPython shows it as one red line, not a
+traceback (``_render_traceback_``). The API error it wraps stays its ``__cause__``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
+from xflwb._argparse import Parser, explain
+from xflwb.bridge.parity import ParityError
 
-class MagicUsageError(ValueError):
-    """Bad magic arguments: the message is the usage."""
+#: what the public API raises for bad input or a failed start: shown as one line
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeError,
+                                                LookupError, OSError, ParityError)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # never SystemExit inside a kernel
-        raise MagicUsageError(f"{self.format_usage().strip()}\n{self.prog}: {message}")
+class XflMagicError(Exception):
+    """A magic failed; the message says what and how to fix it."""
+
+    def _render_traceback_(self) -> list[str]:
+        """What IPython shows instead of a traceback: the message, in red, on one line
+        (a message that is itself a list, such as an export's refused layers, keeps its
+        own lines)."""
+        first, *rest = str(self).splitlines() or [""]
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {first}", *rest]
+
+
+class MagicUsageError(XflMagicError, ValueError):
+    """Bad magic arguments: the message says which and what would be valid."""
+
+    def _render_traceback_(self) -> list[str]:
+        """Always one line (user tokens are quoted, but never trust a line break)."""
+        return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: "
+                + " ".join(str(self).splitlines())]
+
+
+def _shown(token: str) -> str:
+    """A token as typed, or quoted when it holds blanks or control characters."""
+    return token if token and token.isprintable() and " " not in token else repr(token)
+
+
+#: options that no longer exist, and what to use instead
+RENAMED = {"--start-fresh": "--start-fresh was replaced by --resume: sessions start fresh "
+                            "unless you pass --resume"}
+
+
+class _Parser(Parser):
+    """The CLI's parser (no abbreviations, "did you mean", synonyms such as
+    ``--learning-rate`` for ``--lr``) raising a one-line ``MagicUsageError``: never
+    SystemExit inside a kernel."""
+
+    error_class = MagicUsageError
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("add_help", False)
+        super().__init__(*args, raise_errors=True, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # argparse would join them with blanks; show each one unambiguously
+            self.error(f"unrecognized arguments: {' '.join(map(_shown, extras))}")
+        return ns
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("unrecognized arguments: "):
+            for token in message.split()[2:]:
+                if token.split("=", 1)[0] in RENAMED:
+                    message = RENAMED[token.split("=", 1)[0]]
+                    break
+        text = "; ".join(line.strip() for line in explain(self, message).splitlines())
+        raise MagicUsageError(f"{self.prog}: {text} (see {self.prog} --help)")
 
 
 def _parse(parser: argparse.ArgumentParser, line: str) -> argparse.Namespace | None:
-    """Parse a magic line; print help or a short usage error instead of raising."""
-    args = shlex.split(line)
+    """Parse a magic line; ``None`` after printing the help for ``-h`` / ``--help``."""
+    try:
+        args = shlex.split(line)
+    except ValueError as exc:  # an unclosed quote
+        raise MagicUsageError(f"{parser.prog}: cannot split the options ({exc}): "
+                              f"{line!r}") from None
     if "-h" in args or "--help" in args:
         print(parser.format_help())
         return None
+    return parser.parse_args(args)
+
+
+@contextmanager
+def _failing_as(prog: str) -> Iterator[None]:
+    """Turn the public API's errors into one-line magic errors naming the magic."""
     try:
-        return parser.parse_args(args)
-    except MagicUsageError as exc:
-        print(exc)
-        return None
+        yield
+    except XflMagicError as exc:
+        if str(exc).startswith(f"{prog}:"):
+            raise
+        raise type(exc)(f"{prog}: {exc}") from exc
+    except USER_ERRORS as exc:
+        raise XflMagicError(f"{prog}: {exc}") from exc
 
 
 def _export_parser() -> argparse.ArgumentParser:
@@ -89,15 +164,13 @@ class XflMagics(Magics):
         before = {k: id(v) for k, v in ns.items()}
         result = self.shell.run_cell(cell, store_history=False, silent=False)
         if not result.success:
-            return None
-        try:
+            err = result.error_in_exec or result.error_before_exec
+            raise XflMagicError(f"%%xfl_export: the cell raised {type(err).__name__}: {err} "
+                                "(shown above); nothing was exported")
+        with _failing_as("%%xfl_export"):
             model = find_model(ns, before, cell)
             kwargs = export_kwargs(args)
             res = xflwb.export(model, name=args.name, **kwargs)
-        except (MagicUsageError, xflwb.ExportError, xflwb.ParityError, ValueError,
-                TypeError) as exc:
-            print(f"xfl_export: {exc}")
-            return None
         ns[args.name] = res
         from IPython.display import HTML, display
 
@@ -126,7 +199,9 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction-evaluate", type=float, default=1.0)
     p.add_argument("--local-epochs", type=int, default=1)
     p.add_argument("--round-timeout", type=float, default=600.0)
-    p.add_argument("--start-fresh", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="start from the model's latest checkpoint (default: the exported "
+                   "weights)")
     return p
 
 
@@ -177,12 +252,12 @@ class XflServerMagics(Magics):
     workbench: Any = None
 
     @staticmethod
-    def _running() -> Any:
-        """The kernel's running Workbench, or None after saying how to start one."""
+    def _running(prog: str) -> Any:
+        """The kernel's running Workbench; raises, saying how to start one, if none runs."""
         wb = XflServerMagics.workbench
         if wb is None or not wb.running:
-            print("no xflwb backend is running; start one with %xfl_server start")
-            return None
+            raise XflMagicError(f"{prog}: no xflwb backend is running; start one with "
+                                "%xfl_server start")
         return wb
     fleets: list[Any] = []  # noqa: RUF012 - shared by design: one backend per kernel
 
@@ -193,18 +268,13 @@ class XflServerMagics(Magics):
         if args is None:
             return None
         if args.action == "spawn":
-            wb = self._running()
-            if wb is None:
-                return None
-            try:
+            wb = self._running("%xfl_devices")
+            with _failing_as("%xfl_devices"):
                 fleet = wb.spawn_devices(android=args.android, ios=args.ios,
                                          dataset=args.dataset, partition=args.partition,
                                          seed=args.seed, data_type=args.data_type,
                                          slowdown=args.slowdown, drop_prob=args.drop_prob,
                                          encoding=args.encoding)
-            except ValueError as exc:
-                print(f"xfl_devices: {exc}")
-                return None
             XflServerMagics.fleets.append(fleet)
             self.shell.user_ns["xfl_fleet"] = fleet
             print(f"spawned {args.android} Android + {args.ios} iOS devices (as `xfl_fleet`)")
@@ -232,15 +302,17 @@ class XflServerMagics(Magics):
             if wb is not None and wb.running:
                 print(f"already running at {wb.url}")
                 return wb
-            wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
-                                 db_url=args.db_url, auto_start=args.auto_start).start()
+            with _failing_as("%xfl_server"):
+                wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
+                                     db_url=args.db_url, auto_start=args.auto_start).start()
             XflServerMagics.workbench = wb
             self.shell.user_ns["xfl_wb"] = wb
             print(f"xflwb backend at {wb.url} (as `xfl_wb`; admin token in xfl_wb.admin_token)")
             return wb
-        wb = self._running()
-        if wb is None:
+        if args.action == "stop" and (wb is None or not wb.running):
+            print("no xflwb backend is running; nothing to stop")  # stopped is stopped
             return None
+        wb = self._running("%xfl_server")
         if args.action == "stop":
             XflServerMagics.fleets.clear()
             wb.stop()
@@ -258,12 +330,10 @@ class XflServerMagics(Magics):
         args = _parse(_train_parser(), line)
         if args is None:
             return None
-        wb = self._running()
-        if wb is None:
-            return None
+        wb = self._running("%xfl_train")
         target = self.shell.user_ns.get(args.name)
         name = args.name
-        try:
+        with _failing_as("%xfl_train"):
             if isinstance(target, xflwb.ExportResult):
                 wb.publish(target)
                 name = target.name
@@ -271,13 +341,11 @@ class XflServerMagics(Magics):
                                min_clients=args.min_clients, fraction_fit=args.fraction_fit,
                                fraction_evaluate=args.fraction_evaluate,
                                local_epochs=args.local_epochs,
-                               round_timeout=args.round_timeout, start_fresh=args.start_fresh)
-        except (ValueError, RuntimeError) as exc:
-            print(f"xfl_train: {exc}")
-            return None
+                               round_timeout=args.round_timeout, resume=args.resume)
         var = re.sub(r"\W", "_", name) + "_session"
         self.shell.user_ns[var] = session
-        print(f"session {session.id} for {name}: ports {session.ports} (as `{var}`)")
+        print(f"session {session.id} for {name}: {session.started_from}; ports "
+              f"{session.ports} (as `{var}`)")
         from IPython.display import display
 
         from xflwb.widgets.dashboard import Dashboard
@@ -306,15 +374,12 @@ class XflServerMagics(Magics):
                        seed=args.seed, drop_prob=args.drop_prob,
                        ray_address=args.ray_address)
         wb = XflServerMagics.workbench
-        try:
+        with _failing_as("%xfl_simulate"):
             if wb is not None and wb.running:
                 session = wb.simulate(source, **options)
             else:
                 session = simulation.simulate(source, data_dir=args.data_dir, wait=False,
                                               **options)
-        except (ValueError, RuntimeError, LookupError) as exc:
-            print(f"xfl_simulate: {exc}")
-            return None
         name = getattr(source, "name", args.name)
         var = re.sub(r"\W", "_", str(name)) + "_simulation"
         self.shell.user_ns[var] = session

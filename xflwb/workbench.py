@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from xflwb.server.registry import Registry
-from xflwb.server.session import Session, SessionManager
+from xflwb.server.session import Session, SessionManager, started_from
 
 
 def _reachable_host(host: str) -> str:
@@ -32,6 +32,14 @@ def _reachable_host(host: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return "127.0.0.1"
+
+
+def _refuse_start_fresh(options: dict[str, Any], where: str) -> None:
+    """``start_fresh`` was the notebook's option until sessions started fresh by default."""
+    if "start_fresh" in options:
+        raise TypeError(f"{where}: start_fresh was replaced by resume: notebook sessions start "
+                        "fresh unless resume=True (phones' auto-started sessions still resume "
+                        "unless the phone sends start_fresh)")
 
 
 class Workbench:
@@ -49,6 +57,7 @@ class Workbench:
                             or secrets.token_urlsafe(24))
         self.auto_start = auto_start
         self.session_defaults = dict(session_defaults or {})
+        _refuse_start_fresh(self.session_defaults, "session_defaults")
         self.registry: Registry | None = None
         self.sessions: SessionManager | None = None
         self._server: Any = None
@@ -153,14 +162,26 @@ class Workbench:
 
     def train(self, name: str, rounds: int = 10, strategy: str = "fedavg",
               min_clients: int = 2, fraction_fit: float = 1.0, local_epochs: int = 1,
-              round_timeout: float = 600.0, **options: Any) -> Session:
-        """Start a Flower session serving the latest version of model ``name``."""
-        self._reg()
+              round_timeout: float = 600.0, resume: bool = False, **options: Any) -> Session:
+        """Start a Flower session serving the latest version of model ``name``.
+
+        It starts from the exported weights unless ``resume=True`` (then from the model's
+        latest phone-session checkpoint); ``session.started_from`` says which. Before any
+        process starts, the model is checked against the data of this workbench's running
+        fleets that will train it (shape, dtype, classes)."""
+        from xflwb.devices.datasets import check_compatible
+
+        _refuse_start_fresh(options, "wb.train")
+        reg = self._reg()
         assert self.sessions is not None
+        model = reg.latest_model(name)
+        for fleet in self._fleets:
+            if fleet.data_type == model["data_type"] and fleet.alive():
+                check_compatible(model["manifest"], fleet.dataset)
         return self.sessions.start(name, rounds=rounds, strategy=strategy,
                                    min_clients=min_clients, fraction_fit=fraction_fit,
                                    local_epochs=local_epochs, round_timeout=round_timeout,
-                                   **options)
+                                   resume=resume, **options)
 
     def simulate(self, name_or_export: Any, android: int = 0, ios: int = 0,
                  wait: bool = False, timeout: float | None = None, **options: Any) -> Session:
@@ -187,17 +208,35 @@ class Workbench:
 
         ``knobs``: slowdown, join_delay, drop_prob, network_delay (a value or one per
         device), encoding ("raw" | "npy"), max_wait.
+
+        Names are checked here, and the dataset against the model the devices will be
+        served (the latest published for ``data_type``, default ``dataset``), before any
+        process starts; ``train`` checks a model published later.
         """
-        from xflwb.devices.fleet import Fleet
+        from xflwb.devices.datasets import check_compatible
+        from xflwb.devices.fleet import Fleet, new_run_id
 
         url = self.url
+        check_compatible(None, dataset, partition)
+        reg = self._reg()
+        for platform, count in (("android", android), ("ios", ios)):
+            found = reg.advertised(data_type or dataset, platform) if count else None
+            if found is not None:
+                check_compatible(found[0]["manifest"], dataset)
         self._fleet_count += 1
         first = 1000 * self._fleet_count + 1
-        fleet = Fleet(url, self.data_dir / "fleets" / f"fleet-{self._fleet_count}",
+        # a fresh directory per spawn: a new kernel's fleet never reads an older one's files
+        run_id = new_run_id()
+        fleet = Fleet(url, self.data_dir / "fleets" / f"{run_id}-fleet-{self._fleet_count}",
                       android=android, ios=ios, dataset=dataset, partition=partition,
-                      data_type=data_type, seed=seed, first_device_id=first, **knobs)
+                      data_type=data_type, seed=seed, first_device_id=first, run_id=run_id,
+                      **knobs)
         self._fleets.append(fleet)
-        return fleet.start()
+        fleet.start()
+        # when every device dies, the phone sessions they were for fail with their errors
+        assert self.sessions is not None
+        self.sessions.watch_fleet(fleet, f"fleet {self._fleet_count}")
+        return fleet
 
     @property
     def session_table(self) -> pd.DataFrame:
@@ -205,6 +244,8 @@ class Workbench:
         assert self.sessions is not None
         self.sessions.refresh()
         rows = [{"id": s["id"], "model": s["model_name"], "status": s["status"],
-                 "round": s["round"], "rounds": s["config"]["rounds"], "ports": s["ports"]}
+                 "round": s["round"], "rounds": s["config"]["rounds"],
+                 "started_from": started_from(reg, s), "ports": s["ports"]}
                 for s in reg.list_sessions()]
-        return pd.DataFrame(rows, columns=["id", "model", "status", "round", "rounds", "ports"])
+        return pd.DataFrame(rows, columns=["id", "model", "status", "round", "rounds",
+                                           "started_from", "ports"])

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xflwb._quiet import quiet
 from xflwb.bridge import coreml as coreml_builder
 from xflwb.bridge import graph as graph_mod
 from xflwb.bridge import manifest as manifest_mod
@@ -141,7 +142,7 @@ def export(model: Any, name: str, data_type: str | None = None,
            batch_size: int = 32, epochs: int = 1,
            platforms: Sequence[str] | str = ("android", "ios"),
            strict: bool = True, check_parity: bool = True,
-           ios_training: str = "auto") -> ExportResult:
+           ios_training: str = "auto", verbose: bool | None = None) -> ExportResult:
     """Export ``model`` for Android (TFLite) and iOS (Core ML) and prove they agree.
 
     Each platform trains what it can: Android every trainable weight; iOS the convolution /
@@ -153,7 +154,19 @@ def export(model: Any, name: str, data_type: str | None = None,
     Raises ``ExportError`` naming every layer a platform cannot handle, and
     ``ParityError`` when the artifacts disagree with Keras beyond 1e-4 (unless
     ``strict=False``, which keeps the export and reports the failure in ``res.parity``).
+
+    TensorFlow's and the converter's log lines are hidden (``verbose=True`` shows them;
+    ``None`` follows ``XFLWB_VERBOSE``); a failed conversion's error carries its log.
     """
+    with quiet(verbose):
+        return _export(model, name, data_type, out_dir, loss, optimizer, batch_size, epochs,
+                       platforms, strict, check_parity, ios_training)
+
+
+def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.PathLike[str],
+            loss: str, optimizer: Any, batch_size: int, epochs: int,
+            platforms: Sequence[str] | str, strict: bool, check_parity: bool,
+            ios_training: str) -> ExportResult:
     t0 = time.perf_counter()
     loss, plats = _check_args(name, loss, batch_size, epochs, platforms)
     if ios_training not in coreml_builder.IOS_TRAINING:
@@ -182,7 +195,7 @@ def export(model: Any, name: str, data_type: str | None = None,
     if graph.has_dropout and "ios" in plats:
         msg = ("model uses Dropout; Core ML has no dropout layer, so iOS trains without it "
                "(Keras/Android training differs from iOS training)")
-        warnings.warn(msg, DropoutWarning, stacklevel=2)
+        warnings.warn(msg, DropoutWarning, stacklevel=3)  # the caller of export()
         notes.append(msg)
     plans = {"android": _android_plan(graph)} if "android" in plats else {}
     if ios_build is not None:

@@ -10,13 +10,12 @@ optimizer state (as a Core ML update task does) and avoids READ_VARIABLE failure
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from xflwb.bridge.graph import ModelGraph
+from xflwb._quiet import quiet
+from xflwb.bridge.graph import ExportError, ModelGraph
 from xflwb.bridge.optim import SGD, Optimizer
 
 
@@ -144,21 +143,34 @@ def save_saved_model(module: Any, directory: Path) -> Path:
 
     signatures = {name: getattr(module, name).get_concrete_function()
                   for name in ("train", "infer", "parameters", "restore")}
-    with _quiet():
+    with quiet():
         tf.saved_model.save(module, str(directory), signatures=signatures)
     return Path(directory)
 
 
 def convert_saved_model(directory: Path) -> bytes:
-    """TFLite converter with Select TF ops (the gradients need the Flex delegate)."""
+    """TFLite converter with Select TF ops (the gradients need the Flex delegate).
+
+    The converter logs natively (absl ``W0000``/MLIR lines on fd 2, "Importing a function …
+    Will likely fail if a gradient is requested" from the SavedModel load): `quiet` captures
+    it, and a failed conversion raises ``ExportError`` carrying that log.
+    """
     import tensorflow as tf
 
-    with _quiet():  # loading the SavedModel logs a warning per custom gradient
+    with quiet() as captured:
         conv = tf.lite.TFLiteConverter.from_saved_model(str(directory))
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                           tf.lite.OpsSet.SELECT_TF_OPS]
         conv.experimental_enable_resource_variables = True
-        return conv.convert()
+        try:
+            return conv.convert()
+        except Exception as exc:
+            log = captured.tail()
+            raise ExportError(
+                f"the TFLite converter failed: {str(exc).strip() or type(exc).__name__}"
+                + (f"\nconverter log:\n{log}" if log else "")
+                + "\n(xflwb's layer check accepted this model, so this is an xflwb bug: "
+                "please report it with this message; verbose=True shows the full log)") from exc
 
 
 def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> bytes:
@@ -167,23 +179,3 @@ def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> byt
         module = build_module(model, graph, loss, optimizer)
         save_saved_model(module, Path(tmp) / "saved_model")
         return convert_saved_model(Path(tmp) / "saved_model")
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The converter logs a page per export; keep notebooks readable."""
-    loggers = [logging.getLogger(n) for n in ("tensorflow", "absl")]
-    old = [lg.level for lg in loggers]
-    old_env = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, old, strict=True):
-            lg.setLevel(level)
-        if old_env is None:
-            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
-        else:
-            os.environ["TF_CPP_MIN_LOG_LEVEL"] = old_env

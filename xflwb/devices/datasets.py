@@ -7,7 +7,8 @@ A small registry (name → loader) so fleets, the CLI and notebooks pick data by
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,12 +200,22 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
 NAME_ARGS: dict[str, Callable[[str], dict[str, Any]]] = {"synthetic": _synthetic_args}
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'digits'?"`` for a near miss among ``choices``, else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_name(name: str) -> tuple[str, dict[str, Any]]:
     """``"synthetic:0.5,0.5"`` → ``("synthetic", {"alpha": 0.5, "beta": 0.5})``."""
+    if not isinstance(name, str):
+        raise ValueError(f"a dataset is named by a string, got {name!r}; known: "
+                         f"{', '.join(sorted(DATASETS))}")
     base, sep, arg = name.partition(":")
     if base not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; available: {sorted(DATASETS)} "
-                         f"(parameterised: {', '.join(f'{n}:...' for n in NAME_ARGS)})")
+        raise ValueError(f"unknown dataset {name!r}{did_you_mean(base, DATASETS) or ';'} known: "
+                         f"{', '.join(map(repr, sorted(DATASETS)))} (parameterised: "
+                         f"{', '.join(f'{n}:...' for n in NAME_ARGS)})")
     if not sep:
         return base, {}
     if base not in NAME_ARGS:
@@ -219,3 +230,92 @@ def load(name: str, **kwargs: Any) -> Dataset:
     if clash:
         raise ValueError(f"{sorted(clash)} given both in the name {name!r} and as arguments")
     return DATASETS[base](**params, **kwargs)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What one sample of a registered dataset looks like, known without loading it (so a
+    notebook can refuse a model/dataset mismatch before any process starts; MNIST would
+    otherwise download). ``tests/test_honest_start.py`` checks it against the loaders."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    classes: int
+    values: str  # what the inputs hold, for messages
+    ids_below: int | None = None  # integer token ids in [0, ids_below) (Embedding inputs)
+
+
+SPECS: dict[str, DataSpec] = {
+    "digits": DataSpec((8, 8, 1), "float32", 10, "grey levels in [0, 1]"),
+    "digits32": DataSpec((32, 32, 3), "float32", 10, "grey levels in [0, 1]"),
+    "activity": DataSpec((32, 3), "float32", len(ACTIVITY_CLASSES), "accelerations in g"),
+    "synthetic": DataSpec((60,), "float32", 10, "real-valued features"),
+    "mnist": DataSpec((28, 28, 1), "float32", 10, "grey levels in [0, 1]"),
+}
+
+
+class IncompatibleData(ValueError):
+    """A model cannot train on a dataset: the message names both and the fix."""
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return f"({shape[0]},)" if len(shape) == 1 else f"({', '.join(map(str, shape))})"
+
+
+def check_compatible(manifest: dict[str, Any] | None, dataset: str,
+                     partition: str | None = None) -> DataSpec:
+    """Refuse, in the calling process, what would make every device or client fail later.
+
+    Checks the dataset (and partition) names, then, given a model's manifest, that the
+    dataset's samples have the model's input shape and dtype (integer ids below the
+    vocabulary for an Embedding input) and that its labels fit the model's output. One
+    ``ValueError`` names the model, the dataset and the fix. Returns the dataset's spec.
+    """
+    base, _ = parse_name(dataset)
+    if partition is not None:
+        from xflwb.devices.partition import parse
+
+        parse(partition)
+    spec = SPECS[base]
+    if manifest is None:
+        return spec
+    name = manifest.get("name", "?")
+    inp = manifest.get("input", {})
+    want = tuple(int(d) for d in inp.get("shape", ()))
+    if want != spec.shape:
+        same = sorted(n for n, s in SPECS.items() if s.shape == want)
+        pick = (f"a dataset with {want[0]} features" if len(want) == 1
+                else f"a dataset with samples of shape {_shape(want)}")
+        known = f" (known: {', '.join(same)})" if same else ""
+        raise IncompatibleData(
+            f"model {name!r} takes inputs of shape {_shape(want)} but dataset {dataset!r} has "
+            f"samples of shape {_shape(spec.shape)}; export with an Input({_shape(spec.shape)})"
+            f" model or pick {pick}{known}")
+    ids = inp.get("ids_below")
+    if ids and (spec.ids_below is None or spec.ids_below > int(ids)):
+        what = (f"token ids below {spec.ids_below}" if spec.ids_below
+                else f"{spec.dtype} {spec.values}")
+        raise IncompatibleData(
+            f"model {name!r} takes token ids below {ids} (its input feeds an Embedding) but "
+            f"dataset {dataset!r} holds {what}; pick a dataset of integer ids below {ids} or "
+            "export a model whose input does not feed an Embedding")
+    if not ids and inp.get("dtype", "float32") != spec.dtype:
+        raise IncompatibleData(
+            f"model {name!r} takes {inp.get('dtype')} inputs but dataset {dataset!r} holds "
+            f"{spec.dtype}; export the model with {spec.dtype} inputs")
+    classes = manifest.get("classes")
+    if manifest.get("loss") == "categorical_crossentropy" and classes is not None:
+        if int(classes) < spec.classes:
+            raise IncompatibleData(
+                f"model {name!r} outputs {classes} classes but dataset {dataset!r} has "
+                f"{spec.classes} (labels 0..{spec.classes - 1}); export with a last layer "
+                f"Dense({spec.classes}, activation='softmax') or pick a dataset with at most "
+                f"{classes} classes")
+    elif manifest.get("loss") == "mse":
+        out = tuple(int(d) for d in manifest.get("output_shape", (1,)))
+        if int(np.prod(out)) != 1:
+            raise IncompatibleData(
+                f"model {name!r} (loss 'mse') outputs shape {_shape(out)} per sample but "
+                f"dataset {dataset!r} gives one label per sample; end the model in Dense(1) "
+                "or export it with loss='categorical_crossentropy'")
+    return spec

@@ -227,6 +227,7 @@ class Device:
 
         host = urlparse(self.url).hostname
         out: queue.Queue = queue.Queue()
+        sent = threading.Event()  # every queued message was sent (gRPC waits per message)
         channel = grpc.insecure_channel(f"{host}:{server['port']}",
                                         options=[("grpc.max_send_message_length", -1),
                                                  ("grpc.max_receive_message_length", -1)])
@@ -234,6 +235,7 @@ class Device:
         def requests():
             while (msg := out.get()) is not None:
                 yield msg
+            sent.set()
 
         try:
             stream = pbg.FlowerServiceStub(channel).Join(requests())
@@ -245,7 +247,14 @@ class Device:
                 if kind == "reconnect_ins":
                     out.put(pb.ClientMessage(disconnect_res=pb.ClientMessage.DisconnectRes()))
                     return True
-                reply = self._answer(pb, kind, msg, server["session_id"])
+                try:
+                    reply = self._answer(pb, kind, msg, server["session_id"])
+                except _Dropped:  # a lost connection says nothing
+                    raise
+                except Exception as exc:
+                    if kind == "fit_ins":
+                        self._report_fit_error(pb, out, sent, exc)
+                    raise
                 if self.options.network_delay:
                     time.sleep(self.options.network_delay)
                 out.put(reply)
@@ -262,6 +271,18 @@ class Device:
         finally:
             out.put(None)
             channel.close()
+
+    def _report_fit_error(self, pb: Any, out: queue.Queue, sent: threading.Event,
+                          exc: Exception) -> None:
+        """Answer the FitIns with a failed FitRes carrying the error before leaving, so the
+        session can say why its clients fail (a bare disconnect tells it nothing)."""
+        status = pb.Status(code=pb.Code.Value("FIT_NOT_IMPLEMENTED"),
+                           message=f"{type(exc).__name__}: {exc}"[:1000])
+        out.put(pb.ClientMessage(fit_res=pb.ClientMessage.FitRes(
+            status=status, parameters=pb.Parameters(tensors=[], tensor_type=""),
+            num_examples=0)))
+        out.put(None)
+        sent.wait(5)
 
     def _decode(self, pb: Any, parameters: Any) -> list[np.ndarray]:
         from xflwb.bridge import params

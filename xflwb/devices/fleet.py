@@ -2,13 +2,17 @@
 
 A process per device keeps phones independent like real ones: one can be killed (SIGKILL)
 without touching the others, and the TFLite interpreter / Core ML executor of each runs in
-its own interpreter. Each device writes its status to a JSON file the fleet reads.
+its own interpreter. Each device writes its status to a JSON file the fleet reads; the file
+carries the fleet's run id, so a fleet never shows another run's (another kernel's) devices.
+Devices end with the process that started them (``xflwb._lifeline``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -18,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from xflwb import _lifeline
 
 COLUMNS = ["id", "platform", "status", "partition", "train_size", "test_size", "rounds_done",
            "last_loss", "last_accuracy", "drops", "error"]
@@ -31,6 +37,36 @@ def _per_device(value: Any, n: int, name: str) -> list[Any]:
     return [value] * n
 
 
+def new_run_id() -> str:
+    """A unique id per spawn: sortable by time, random so two kernels never share one."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+
+
+_ERROR_LINE = re.compile(r"error|exception|traceback", re.IGNORECASE)
+
+
+def last_error_line(text: str) -> str | None:
+    """The line of a log most likely to say why a process died: the last one naming an
+    error (a traceback ends with it), else the last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if _ERROR_LINE.search(line):
+            return line[:500]
+    return lines[-1][:500] if lines else None
+
+
+def exit_reason(returncode: int, log_text: str) -> str:
+    """``exited with code 2: <last error line>``, or ``killed by SIGKILL`` (a killed
+    process wrote nothing about it, so its log's last error would be an older one)."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    line = last_error_line(log_text)
+    return f"exited with code {returncode}: {line}" if line else f"exited with code {returncode}"
+
+
 class Fleet:
     """Android and iOS virtual devices on partitions of one dataset."""
 
@@ -40,7 +76,8 @@ class Fleet:
                  join_delay: float | Sequence[float] = 0.0,
                  drop_prob: float | Sequence[float] = 0.0,
                  network_delay: float | Sequence[float] = 0.0, encoding: str = "raw",
-                 max_wait: float = 300.0, first_device_id: int = 1) -> None:
+                 max_wait: float = 300.0, first_device_id: int = 1,
+                 run_id: str | None = None) -> None:
         n = int(android) + int(ios)
         if android < 0 or ios < 0 or n == 0:
             raise ValueError(f"ask for at least one device (android={android}, ios={ios})")
@@ -61,9 +98,30 @@ class Fleet:
         self.max_wait = max_wait
         self.ids = list(range(first_device_id, first_device_id + n))
         self.procs: dict[int, subprocess.Popen] = {}
+        #: written into every status file of this run; the table ignores any other file
+        self.run_id = run_id or new_run_id()
+        self._log_start: dict[int, int] = {}  # where this run's output begins in each log
 
     def _status_file(self, device_id: int) -> Path:
         return self.workdir / f"device-{device_id}.json"
+
+    def _log_file(self, device_id: int) -> Path:
+        return self.workdir / f"device-{device_id}.log"
+
+    def _own_status(self, device_id: int) -> dict[str, Any] | None:
+        """The device's status file, if a process of this run wrote it."""
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            data = json.loads(self._status_file(device_id).read_text())
+            if isinstance(data, dict) and data.get("run_id") == self.run_id:
+                return data
+        return None
+
+    def _own_log(self, device_id: int) -> str:
+        """This run's part of the device's log."""
+        with contextlib.suppress(OSError), open(self._log_file(device_id), "rb") as f:
+            f.seek(self._log_start.get(device_id, 0))
+            return f.read()[-20000:].decode("utf-8", "replace")
+        return ""
 
     def start(self) -> Fleet:
         n = len(self.platforms)
@@ -75,12 +133,15 @@ class Fleet:
                    "--seed", str(self.seed), "--device-id", str(device_id),
                    "--encoding", self.encoding, "--max-wait", str(self.max_wait),
                    "--cache-dir", str(self.workdir / "cache"),
-                   "--status-file", str(self._status_file(device_id))]
+                   "--status-file", str(self._status_file(device_id)),
+                   "--run-id", self.run_id]
             for knob, values in self.knobs.items():
                 cmd += [f"--{knob.replace('_', '-')}", str(values[k])]
-            log = open(self.workdir / f"device-{device_id}.log", "ab")  # noqa: SIM115
+            log = open(self._log_file(device_id), "ab")  # noqa: SIM115
+            self._log_start[device_id] = log.tell()
             self.procs[device_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                                     stderr=subprocess.STDOUT)
+                                                     stderr=subprocess.STDOUT,
+                                                     env=_lifeline.child_env())
             log.close()
         return self
 
@@ -90,14 +151,15 @@ class Fleet:
         for k, (device_id, platform) in enumerate(zip(self.ids, self.platforms, strict=True)):
             row = {"id": device_id, "platform": platform, "status": "starting",
                    "partition": k}
-            path = self._status_file(device_id)
-            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
-                data = json.loads(path.read_text())
+            data = self._own_status(device_id)
+            if data is not None:
                 row.update({c: data.get(c) for c in COLUMNS if c in data and c != "id"})
             proc = self.procs.get(device_id)
             if proc is not None and proc.poll() is not None and row["status"] not in (
                     "finished", "failed", "no session"):
-                row["status"] = f"exited ({proc.returncode})"
+                # died without a final word (at startup, a crash, a kill): say how and why
+                row["status"] = "failed"
+                row["error"] = exit_reason(proc.returncode, self._own_log(device_id))
             rows.append(row)
         return rows
 

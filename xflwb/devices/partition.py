@@ -86,7 +86,8 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
     name, sep, arg = spec.strip().partition(":")
     scheme = PARTITIONERS.get(name)
     if scheme is None:
-        raise ValueError(f"unknown partition spec {spec!r}; valid forms: {_valid_forms()}")
+        hint = xdatasets.did_you_mean(name, PARTITIONERS) or ";"
+        raise ValueError(f"unknown partition spec {spec!r}{hint} valid forms: {_valid_forms()}")
     try:
         params = scheme.parse_arg(arg.strip() if sep else None)
     except _BadArg as e:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xflwb.server import registry as reg
 from xflwb.server.registry import NotFound, Registry, RegistryError
-from xflwb.server.session import SessionManager, history_frame
+from xflwb.server.session import SessionManager, history_frame, resumes, started_from
 
 PLATFORM_OF_FLAG = {"tflite": "android", "coreml": "ios"}
 
@@ -57,7 +57,8 @@ class MLModelOut(BaseModel):
 
 class ServerIn(BaseModel):
     id: int
-    start_fresh: bool = False
+    start_fresh: bool = Field(False, description="FedKit's flag: an auto-started session "
+                              "resumes from the model's latest checkpoint unless it is true")
 
 
 class ServerOut(BaseModel):
@@ -95,7 +96,8 @@ class SessionIn(BaseModel):
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
     local_epochs: int = Field(1, ge=1)
     round_timeout: float = Field(600.0, gt=0)
-    start_fresh: bool = False
+    start_fresh: bool = Field(False, description="as FedKit's train/server: resume from the "
+                              "model's latest checkpoint unless true")
 
 
 def file_path(name: str, file: str) -> str:
@@ -182,14 +184,15 @@ def fedkit_router(state: AppState) -> APIRouter:
         if active is not None:
             if active["model_id"] != model["id"]:
                 return ServerOut(status="occupied", session_id=None, port=None)
-            if body.start_fresh and not active["config"].get("start_fresh"):
+            if body.start_fresh and resumes(active["config"]):
                 return ServerOut(status="started_non_fresh", session_id=active["id"],
                                  port=None)
             return ServerOut(status="started", session_id=active["id"],
                              port=active["ports"].get(art["platform"]))
         if not state.auto_start:
             return ServerOut(status="no_session", session_id=None, port=None)
-        opts = {**state.session_defaults, "start_fresh": body.start_fresh}
+        # phones keep FedKit's semantics: resume unless they ask for a fresh start
+        opts = {**state.session_defaults, "resume": not body.start_fresh}
         session = state.sessions.start(model["name"], **opts)
         return ServerOut(status="new", session_id=session.id,
                          port=session.ports.get(art["platform"]))
@@ -264,8 +267,10 @@ def admin_router(state: AppState) -> APIRouter:
             raise HTTPException(400, str(exc)) from None
 
     def _session_out(s: dict[str, Any]) -> dict[str, Any]:
-        return {k: s[k] for k in ("id", "model_id", "model_name", "status", "config", "ports",
-                                  "round", "error", "started", "ended", "resumed_from")}
+        return {**{k: s[k] for k in ("id", "model_id", "model_name", "status", "config",
+                                     "ports", "round", "error", "started", "ended",
+                                     "resumed_from")},
+                "started_from": started_from(registry, s)}
 
     @r.get("/sessions")
     def list_sessions() -> list[dict[str, Any]]:
@@ -276,6 +281,7 @@ def admin_router(state: AppState) -> APIRouter:
     def start_session(body: SessionIn) -> dict[str, Any]:
         opts = body.model_dump()
         name = opts.pop("model")
+        opts["resume"] = not opts.pop("start_fresh")
         try:
             session = state.sessions.start(name, **opts)
         except RegistryError:

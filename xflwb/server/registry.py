@@ -77,6 +77,16 @@ rejections = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
 )
+client_failures = sa.Table(  # a client's fit that failed (error or lost), with the reason
+    "client_failures", meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("platform", sa.String(16), nullable=False),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("time", sa.Float, nullable=False),
+)
 checkpoints = sa.Table(
     "checkpoints", meta,
     sa.Column("id", sa.Integer, primary_key=True),
@@ -356,6 +366,28 @@ class Registry:
              .where(rejections.c.session_id == session_id).order_by(rejections.c.id))
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q).all()]
+
+    def add_failures(self, session_id: int, rnd: int,
+                     rows: list[tuple[str, str, str]]) -> None:
+        """``rows``: (platform, client, reason) of the round's failed fits."""
+        if not rows:
+            return
+        now = time.time()
+        with self.engine.begin() as c:
+            c.execute(client_failures.insert(), [
+                {"session_id": session_id, "round": rnd, "platform": p, "client": cid,
+                 "reason": reason[:2000], "time": now} for p, cid, reason in rows])
+
+    def get_failures(self, session_id: int, last: int | None = None) -> list[dict[str, Any]]:
+        """The session's failed fits, oldest first (only the ``last`` ones if given)."""
+        q = (sa.select(client_failures.c.round, client_failures.c.platform,
+                       client_failures.c.client, client_failures.c.reason)
+             .where(client_failures.c.session_id == session_id)
+             .order_by(client_failures.c.id.desc()))
+        if last is not None:
+            q = q.limit(last)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in reversed(c.execute(q).all())]
 
     def add_checkpoint(self, session_id: int, model: dict[str, Any], rnd: int,
                        path: Path) -> int:

@@ -9,12 +9,14 @@ metrics and per-round checkpoints to the registry, and needs no TensorFlow.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xflwb import _lifeline
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.server.aggregate import pin_blas_threads
 from xflwb.server.registry import ACTIVE, Registry, RegistryError
@@ -44,7 +47,9 @@ class SessionConfig:
     fraction_evaluate: float = 1.0
     local_epochs: int = 1
     round_timeout: float = 600.0
-    start_fresh: bool = False
+    #: start from the model's latest phone-session checkpoint; notebooks start fresh unless
+    #: asked, the phone-driven auto-start of ``xflwb server`` resumes (FedKit's backend did)
+    resume: bool = False
     host: str = "127.0.0.1"
     ports: dict[str, int] = field(default_factory=dict)  # fixed ports; empty = free ports
     #: clients trained in parallel and gRPC streams per port (Flower's defaults, 6 threads
@@ -118,6 +123,9 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any]
         registry.add_metrics(session_id, report.round, report.metrics)
         for platform, cid, reason in report.rejections:
             registry.add_rejection(session_id, report.round, platform, cid, reason)
+        registry.add_failures(session_id, report.round, getattr(report, "failures", []))
+        if getattr(report, "failed", None):
+            return  # every client failed: no new model, the session fails (strategy raises)
         save_checkpoint(registry, session_id, model, report.round, global_)
         registry.update_session(session_id, round=report.round)
 
@@ -140,6 +148,35 @@ def process_logger(label: str) -> logging.Logger:
     return xlog
 
 
+def progress_path(data_dir: str | Path, session_id: int) -> Path:
+    """Where a session process says what it is doing (``phase``: waiting | fit | evaluate,
+    ``round``, ``connected``, ``needed``, ``selected``): a small JSON file, rewritten on
+    change, so ``wait`` and the dashboard can say what a session waits for."""
+    return Path(data_dir) / "progress" / f"session-{session_id}.json"
+
+
+def progress_writer(data_dir: str | Path, session_id: int) -> Callable[[dict[str, Any]], None]:
+    """The strategy's ``on_progress`` callback for this session (atomic writes)."""
+    path = progress_path(data_dir, session_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(state: dict[str, Any]) -> None:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**state, "time": time.time()}))
+        os.replace(tmp, path)
+
+    return write
+
+
+def _only_if_active(registry: Registry, session_id: int, **values: Any) -> None:
+    """Update the session unless it already ended (a session failed from outside, e.g. by
+    its fleet dying, is stopped with SIGTERM and must stay failed)."""
+    with contextlib.suppress(Exception):
+        if registry.get_session(session_id)["status"] not in ACTIVE:
+            return
+    registry.update_session(session_id, **values)
+
+
 def run_session(data_dir: str, db_url: str, session_id: int) -> None:
     """Entry point of a session process."""
     xlog = process_logger(f"session-{session_id}")
@@ -152,13 +189,15 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         stopping["flag"] = True
         for srv in servers:
             srv.stop(grace=0)
-        registry.update_session(session_id, status="stopped")
+        _only_if_active(registry, session_id, status="stopped",
+                        error=_lifeline.stop_reason())
         os._exit(0)
 
     signal.signal(signal.SIGTERM, _term)
+    _lifeline.install()  # SIGTERM ourselves when the kernel that started us dies
     try:
         from xflwb.server.flower_legacy import Server, SimpleClientManager
-        from xflwb.server.strategy import CrossPlatformStrategy
+        from xflwb.server.strategy import AllClientsFailed, CrossPlatformStrategy
 
         row = registry.get_session(session_id)
         cfg = SessionConfig(**row["config"])
@@ -166,13 +205,19 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         m = model["manifest"]
         initial = manifest_mod.initial_parameters(m)
         resumed = None
-        if not cfg.start_fresh:
+        if cfg.resume:
             ckpt = registry.latest_checkpoint(model["name"], model["version"])
             if ckpt is not None and Path(ckpt["path"]).exists():
                 initial = load_checkpoint(ckpt["path"])
                 resumed = ckpt["id"]
-                xlog.info("resuming %s from checkpoint %s (round %s of session %s)",
-                             model["name"], ckpt["path"], ckpt["round"], ckpt["session_id"])
+                xlog.info("resuming %s from checkpoint %s (round %s of session %s); this "
+                          "session counts its rounds from 1", model["name"], ckpt["path"],
+                          ckpt["round"], ckpt["session_id"])
+            else:
+                xlog.info("resume=True but %s v%s has no checkpoint: starting fresh",
+                          model["name"], model["version"])
+        else:
+            xlog.info("starting %s fresh from the exported weights", model["name"])
         cm = SimpleClientManager()
         ports = {}
         for platform in m["platforms"]:
@@ -186,20 +231,26 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             m, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
             fraction_fit=cfg.fraction_fit, fraction_evaluate=cfg.fraction_evaluate,
             min_clients=cfg.min_clients, local_epochs=cfg.local_epochs,
-            on_fit_round=on_fit, on_evaluate_round=on_eval)
+            on_fit_round=on_fit, on_evaluate_round=on_eval,
+            on_progress=progress_writer(data_dir, session_id))
         save_checkpoint(registry, session_id, model, 0, initial)
         registry.update_session(session_id, status="running", ports=ports, pid=os.getpid(),
                                 resumed_from=resumed)
         server = Server(client_manager=cm, strategy=strategy)
         server.set_max_workers(cfg.max_workers)
-        server.fit(num_rounds=cfg.rounds, timeout=cfg.round_timeout)
+        try:
+            server.fit(num_rounds=cfg.rounds, timeout=cfg.round_timeout)
+        except AllClientsFailed as exc:  # the reason is the clients', not a traceback
+            xlog.error("session %s failed: %s", session_id, exc)
+            _only_if_active(registry, session_id, status="failed", error=str(exc))
+            return
         with contextlib.suppress(Exception):
             server.disconnect_all_clients(timeout=5)
-        registry.update_session(session_id, status="finished")
+        _only_if_active(registry, session_id, status="finished")
     except BaseException as exc:  # the session dies, the kernel and siblings do not
         if not stopping["flag"]:
-            registry.update_session(session_id, status="failed",
-                                    error="".join(traceback.format_exception(exc))[-4000:])
+            _only_if_active(registry, session_id, status="failed",
+                            error="".join(traceback.format_exception(exc))[-4000:])
         raise
     finally:
         for srv in servers:
@@ -247,25 +298,90 @@ class Session:
     def round(self) -> int:
         return int(self.info["round"])
 
+    @property
+    def started_from(self) -> str:
+        """What this session's global model started from, for cell outputs and dashboard
+        headers: ``"started fresh"`` or ``"resumed from session 1, round 5"``."""
+        return started_from(self.registry, self.info)
+
     def __repr__(self) -> str:
         i = self.info
         cfg = i["config"]
         where = (f"simulated android={cfg['android']} ios={cfg['ios']}"
                  if cfg.get("engine") == "simulation" else f"ports={i['ports']}")
         return (f"Session(id={self.id}, model={i['model_name']!r}, status={i['status']!r}, "
-                f"round={i['round']}/{cfg['rounds']}, {where})")
+                f"round={i['round']}/{cfg['rounds']}, {started_from(self.registry, i)}, "
+                f"{where})")
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
-        """Block until the session ends; returns its final status."""
+        """Block until the session ends; returns its final status (``failed`` carries the
+        reason in ``session.error``). After ``timeout`` seconds raises ``SessionTimeout``
+        (a ``TimeoutError``) saying what the session is waiting for and the last device
+        errors."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             status = self.status
             if status in DONE:
                 return status
             if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"session {self.id} still {status} after {timeout} s "
-                                   f"(round {self.round})")
+                raise SessionTimeout(self.explain(after=timeout))
             time.sleep(poll)
+
+    @property
+    def error(self) -> str | None:
+        """Why the session failed, crashed or was stopped (None while it runs)."""
+        return self.info.get("error")
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """What the session process last said it was doing: ``phase`` (waiting | fit |
+        evaluate), ``round``, ``connected``, ``needed``, ``selected``; ``{}`` before then."""
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(progress_path(self.registry.data_dir, self.id).read_text())
+            if isinstance(data, dict):
+                return data
+        return {}
+
+    def doing(self, info: dict[str, Any] | None = None) -> str:
+        """What the session is doing or waiting for, in words."""
+        info = info or self.info
+        if info["status"] in DONE:
+            return info["status"]
+        if info["status"] == "starting":
+            return "its process is starting"
+        p = self.progress
+        rnd = p.get("round", int(info["round"]) + 1)
+        if p.get("phase") == "waiting":
+            return (f"waiting for {p['needed']} clients before round {rnd} "
+                    f"(min_clients={p['needed']}); {p['connected']} connected")
+        if p.get("phase") in ("fit", "evaluate"):
+            verb = "training" if p["phase"] == "fit" else "evaluating"
+            return f"{verb} round {rnd} on {p.get('selected', '?')} clients"
+        return "starting its first round"
+
+    @property
+    def failures(self) -> pd.DataFrame:
+        """Failed fits: round, platform, client, reason (errors and lost connections)."""
+        return pd.DataFrame(self.registry.get_failures(self.id),
+                            columns=["round", "platform", "client", "reason"])
+
+    def device_errors(self) -> list[str]:
+        """The last errors of this session's clients: its failed fits, then the errors of
+        the devices of the fleets the workbench started for its model."""
+        return self._manager.device_errors(self.id)
+
+    def explain(self, after: float | None = None) -> str:
+        """``session 3 is still at round 0/5 after 120 s: waiting for 2 clients ...;
+        0 connected; last device errors: ...`` — for timeouts and the dashboard."""
+        info = self.info
+        errors = self.device_errors()
+        from xflwb.server.strategy import summarize
+
+        when = f" after {after:g} s" if after is not None else ""
+        return (f"session {self.id} is still at round {info['round']}/"
+                f"{info['config']['rounds']}{when}: {self.doing(info)}; last device errors: "
+                f"{summarize(errors) if errors else 'none reported'} (log: "
+                f"{self._manager.log_dir / f'session-{self.id}.log'})")
 
     def stop(self) -> None:
         self._manager.stop(self.id)
@@ -289,6 +405,75 @@ class Session:
         return load_checkpoint(ckpt["path"])
 
 
+class SessionTimeout(TimeoutError):
+    """``Session.wait`` ran out of time; the message says what the session waits for."""
+
+
+@dataclass
+class _WatchedFleet:
+    """A fleet the workbench started: when every device dies with an error, the phone
+    sessions of its data type fail with the devices' reasons instead of waiting."""
+
+    fleet: Any
+    label: str
+    spent: bool = False  # superseded by a newer fleet, or already failed its sessions
+    reason: str | None = None  # once every device died (dead fleets stay dead)
+
+
+def _fleet_died(fleet: Any) -> str | None:
+    """The devices' reasons when every device process of ``fleet`` has died (exit code
+    other than 0, or killed other than by SIGTERM, i.e. not ended or stopped)."""
+    procs = getattr(fleet, "procs", {})
+    if not procs or any(p.poll() is None for p in procs.values()):
+        return None
+    if any(p.returncode in (0, -signal.SIGTERM) for p in procs.values()):
+        return None
+    from xflwb.server.strategy import summarize
+
+    errors = [str(r.get("error") or r.get("status") or "?") for r in fleet.statuses()]
+    return summarize(errors)
+
+
+def resumes(config: dict[str, Any]) -> bool:
+    """Whether a stored session config asked to resume (rows written before ``resume``
+    existed resumed unless ``start_fresh``)."""
+    return bool(config.get("resume", not config.get("start_fresh", False)))
+
+
+def started_from(registry: Registry, info: dict[str, Any]) -> str:
+    """``"resumed from session 1, round 5"`` or ``"started fresh"``, from a session row.
+
+    A checkpoint at round 0 holds the weights its session started from, so a resume from
+    it names where those came from. A resumed session counts its own rounds from 1."""
+    import sqlalchemy as sa
+
+    from xflwb.server.registry import checkpoints, sessions
+
+    ckpt_id = info.get("resumed_from")
+    if ckpt_id is None:
+        if info["status"] == "starting":
+            return "starting"
+        if resumes(info["config"]) and info["config"].get("engine") != "simulation":
+            return "started fresh (nothing to resume)"
+        return "started fresh"
+    seen: set[int] = set()
+    with registry.engine.connect() as c:
+        while True:
+            row = c.execute(checkpoints.select().where(checkpoints.c.id == ckpt_id)).first()
+            if row is None:
+                return f"resumed from checkpoint {ckpt_id} (no longer in the registry)"
+            if row.round != 0 or row.session_id in seen:
+                break
+            seen.add(row.session_id)
+            origin = c.execute(sa.select(sessions.c.resumed_from)
+                               .where(sessions.c.id == row.session_id)).scalar()
+            if origin is None:
+                return (f"resumed from session {row.session_id}, round 0 (the exported "
+                        "weights)")
+            ckpt_id = origin
+    return f"resumed from session {row.session_id}, round {row.round}"
+
+
 def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:
     rows = registry.get_metrics(session_id)
     rows += registry.accuracy_metrics(session_id)
@@ -304,6 +489,8 @@ class SessionManager:
         self.host = host
         self._procs: dict[int, subprocess.Popen] = {}
         self.log_dir = registry.data_dir / "logs"
+        self._fleets: list[_WatchedFleet] = []
+        self._lock = threading.RLock()
 
     def start(self, model_name: str, wait_ready: float = 120.0, **options: Any) -> Session:
         options.setdefault("host", self.host)
@@ -322,11 +509,13 @@ class SessionManager:
         """Run ``model_name`` on Flower's Simulation Engine (see ``xflwb.simulate``); the
         handle is a ``Session`` like any other, recorded in the same registry. ``config``
         is a ``SimulationConfig`` (else one is made from ``options``)."""
+        from xflwb.devices.datasets import check_compatible
         from xflwb.simulation.config import SimulationConfig
 
         cfg = config if config is not None else SimulationConfig(**options)
         model = self.registry.latest_model(model_name)
         cfg.check_platforms(model["manifest"])
+        check_compatible(model["manifest"], cfg.dataset)  # before any process starts
         sid = self.registry.create_session(model, asdict(cfg))
         return self._launch(sid, "xflwb.simulation.server", wait_ready)
 
@@ -339,7 +528,7 @@ class SessionManager:
                 [sys.executable, "-m", module, str(self.registry.data_dir),
                  self.registry.db_url, str(sid)],
                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                start_new_session=True, env=_lifeline.child_env())
         self._procs[sid] = proc
         self.registry.update_session(sid, pid=proc.pid)
         session = Session(self, sid)
@@ -359,10 +548,63 @@ class SessionManager:
         self.registry.get_session(session_id)
         return Session(self, session_id)
 
+    def watch_fleet(self, fleet: Any, label: str) -> None:
+        """Fail the phone sessions for ``fleet.data_type`` when all of the fleet's devices
+        die (``refresh`` checks). A newer fleet for the same data type supersedes it."""
+        with self._lock:
+            for w in self._fleets:
+                if w.fleet.data_type == fleet.data_type:
+                    w.spent = True
+            self._fleets.append(_WatchedFleet(fleet, label))
+
+    def device_errors(self, session_id: int, last: int = 50) -> list[str]:
+        """Recent failure reasons of the session's clients, then its watched fleets'
+        device errors (a device that died before joining never reached the session)."""
+        out = [f"{f['reason']}" for f in self.registry.get_failures(session_id, last=last)]
+        info = self.registry.get_session(session_id)
+        if info["config"].get("engine") == "simulation":
+            return out
+        data_type = self.registry.get_model(info["model_id"])["data_type"]
+        with self._lock:
+            fleets = [w.fleet for w in self._fleets if w.fleet.data_type == data_type]
+        for fleet in fleets[-1:]:  # the latest fleet for this data type
+            with contextlib.suppress(Exception):
+                out += [str(r["error"]) for r in fleet.statuses() if r.get("error")]
+        return out
+
+    def fail(self, session_id: int, reason: str, timeout: float = 10.0) -> None:
+        """Mark a session failed with ``reason`` and end its process."""
+        self.registry.update_session(session_id, status="failed", error=reason)
+        self._end_process(session_id, self.registry.get_session(session_id), timeout,
+                          force=True)
+
+    def _check_fleets(self) -> None:
+        """A watched fleet whose devices all died fails its data type's phone sessions."""
+        with self._lock:
+            for w in self._fleets:
+                if w.spent:
+                    continue
+                reason = w.reason = w.reason or _fleet_died(w.fleet)
+                if reason is None:
+                    continue
+                targets = [s for s in self.registry.list_sessions(status=ACTIVE)
+                           if s["config"].get("engine") != "simulation"
+                           and self.registry.get_model(s["model_id"])["data_type"]
+                           == w.fleet.data_type]
+                for s in targets:
+                    self.fail(s["id"], f"all {len(w.fleet.procs)} devices of {w.label} "
+                                       f"died: {reason}")
+                w.spent = bool(targets)
+
     def refresh(self) -> None:
-        """Mark sessions whose process died without saying so as crashed."""
+        """Mark sessions whose process died without saying so as crashed, and fail those
+        whose fleet died."""
+        if self._fleets:
+            self._check_fleets()
         for info in self.registry.list_sessions(status=ACTIVE):
             proc = self._procs.get(info["id"])
+            if proc is None and info["pid"] is None and time.time() - info["started"] < 120:
+                continue  # its process is being launched (another thread may refresh now)
             alive = proc.poll() is None if proc is not None else _pid_alive(info["pid"])
             if not alive:
                 code = proc.returncode if proc is not None else None
@@ -375,6 +617,14 @@ class SessionManager:
 
     def stop(self, session_id: int, timeout: float = 10.0) -> None:
         info = self.registry.get_session(session_id)
+        self._end_process(session_id, info, timeout)
+        if self.registry.get_session(session_id)["status"] in ACTIVE:
+            self.registry.update_session(session_id, status="stopped")
+
+    def _end_process(self, session_id: int, info: dict[str, Any], timeout: float,
+                     force: bool = False) -> None:
+        """Terminate the session's process (``force``: even when the registry says it
+        ended, as after ``fail``)."""
         proc = self._procs.get(session_id)
         if proc is not None and proc.poll() is None:
             proc.terminate()
@@ -386,10 +636,9 @@ class SessionManager:
             # anything it started in its process group (a simulation's Ray processes)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
-        elif proc is None and info["status"] in ACTIVE and _pid_alive(info["pid"]):
+        elif (proc is None and (force or info["status"] in ACTIVE)
+              and _pid_alive(info["pid"])):
             os.kill(info["pid"], signal.SIGTERM)
-        if self.registry.get_session(session_id)["status"] in ACTIVE:
-            self.registry.update_session(session_id, status="stopped")
 
     def stop_all(self) -> None:
         for sid, proc in list(self._procs.items()):

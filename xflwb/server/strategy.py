@@ -11,9 +11,10 @@ defines it.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,80 @@ from xflwb.server.flower_legacy import (
 
 log = logging.getLogger("xflwb.strategy")
 TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
+#: how many distinct failure reasons a session's error quotes (the rest are counted)
+MAX_REASONS = 3
+
+
+class AllClientsFailed(RuntimeError):
+    """Every client selected for a round failed, at least one with an error (not a lost
+    connection): the next round would fail the same way, so the session fails with the
+    clients' reasons instead of waiting for clients that will not come."""
+
+
+class ClientFailure(Exception):
+    """A client's fit raised: carries its platform and id into Flower's failures list (a
+    bare exception there names no client)."""
+
+    def __init__(self, platform: str, cid: str, cause: BaseException) -> None:
+        super().__init__(f"{platform} client {cid}: {type(cause).__name__}: {cause}")
+        self.platform, self.cid, self.cause = platform, cid, cause
+
+
+def _exception_reason(exc: BaseException) -> tuple[str, bool]:
+    """(reason, is_error) of an exception a client proxy raised; lost connections and
+    timeouts are not errors (a phone may come back), everything else is."""
+    name = type(exc).__name__
+    if name == "GrpcBridgeClosed":
+        return "disconnected mid-fit", False
+    if isinstance(exc, TimeoutError) or name == "TimeoutError":
+        return "timed out (round_timeout)", False
+    text = str(exc)
+    # Flower's simulation wraps a ClientApp's exception as "Message contains an Error
+    # (reason: <class ...ClientAppException>:<'\nException ... Message: TEXT'>) ..."
+    inner = re.search(r"occurred\. Message: (.*?)'>\)", text, re.S)
+    if inner:
+        return inner.group(1).strip(), True
+    return f"{name}: {text}".strip(), True
+
+
+def failure_reason(failure: Any) -> tuple[str, str, str, bool]:
+    """(platform, client id, reason, is_error) of one entry of Flower's ``failures``: a
+    ``(client, FitRes)`` with a non-OK status, or an exception."""
+    if isinstance(failure, tuple) and len(failure) == 2:
+        client, res = failure
+        status = getattr(res, "status", None)
+        message = str(getattr(status, "message", "") or "").strip()
+        code = getattr(getattr(status, "code", None), "name", "not OK")
+        reason = message or f"status {code}"
+        transient = reason.startswith("dropped out")  # simulated dropouts (drop_prob)
+        return (getattr(client, "platform", "unknown"), str(getattr(client, "cid", "?")),
+                reason, not transient)
+    if isinstance(failure, ClientFailure):
+        reason, is_error = _exception_reason(failure.cause)
+        return failure.platform, failure.cid, reason, is_error
+    reason, is_error = _exception_reason(failure)
+    return "unknown", "?", reason, is_error
+
+
+_NUMBER = re.compile(r"\d+(\.\d+)?")
+
+
+def summarize(reasons: list[str], limit: int = MAX_REASONS) -> str:
+    """Distinct reasons, most frequent first, each with its count; the rest counted.
+
+    Reasons that differ only in numbers (each device's sample count in the same shape
+    error) count as one, quoted as the first of them."""
+    first: dict[str, str] = {}
+    counts: Counter[str] = Counter()
+    for r in reasons:
+        key = _NUMBER.sub("#", r)
+        first.setdefault(key, r)
+        counts[key] += 1
+    parts = [f"{first[k]} (×{n})" if n > 1 else first[k] for k, n in counts.most_common(limit)]
+    rest = sum(n for _, n in counts.most_common()[limit:])
+    if rest:
+        parts.append(f"and {rest} more")
+    return "; ".join(parts)
 
 
 class PlatformClientManager(ClientManager):
@@ -91,7 +166,10 @@ class _Tracked(ClientProxy):
     def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
         self.bytes_down = sum(len(t) for t in ins.parameters.tensors)
         t0 = time.perf_counter()
-        res = self.inner.fit(ins, timeout, group_id)
+        try:
+            res = self.inner.fit(ins, timeout, group_id)
+        except Exception as exc:
+            raise ClientFailure(self.platform, self.cid, exc) from exc
         self.seconds = time.perf_counter() - t0
         self.bytes_up = sum(len(t) for t in res.parameters.tensors)
         return res
@@ -112,6 +190,10 @@ class RoundReport:
     metrics: list[tuple[str, str, float | None]] = field(default_factory=list)
     rejections: list[tuple[str, str, str]] = field(default_factory=list)  # platform, cid, why
     evaluations: list[tuple[str, str, float, int]] = field(default_factory=list)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # platform, cid, why
+    #: set when every selected client failed with an error: the session fails after this
+    #: round's record (no checkpoint, the round does not count)
+    failed: str | None = None
 
 
 def server_optimizer(name: str, initial: list[np.ndarray], **options: Any) -> Strategy:
@@ -132,7 +214,8 @@ class CrossPlatformStrategy(Strategy):
                  fraction_fit: float = 1.0, fraction_evaluate: float = 1.0,
                  min_clients: int = 2, local_epochs: int = 1,
                  on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
-                 on_evaluate_round: Callable[[RoundReport], None] | None = None) -> None:
+                 on_evaluate_round: Callable[[RoundReport], None] | None = None,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__()
         self.manifest = manifest
         self.global_ = [np.asarray(a, np.float32) for a in initial]
@@ -145,6 +228,8 @@ class CrossPlatformStrategy(Strategy):
         self.local_epochs = int(local_epochs)
         self.on_fit_round = on_fit_round
         self.on_evaluate_round = on_evaluate_round
+        self.on_progress = on_progress
+        self._last_progress: dict[str, Any] = {}
         self.codec_of: dict[str, str] = {}  # cid → the encoding that client used
         self._lock = threading.Lock()
         self._masks = {p: params.trained_mask(manifest, p) for p in manifest["platforms"]}
@@ -163,20 +248,40 @@ class CrossPlatformStrategy(Strategy):
             cache[key] = Parameters(tensors=tensors, tensor_type=TENSOR_TYPES[codec])
         return cache[key]
 
-    def _sample(self, client_manager: ClientManager, fraction: float) -> list[ClientProxy]:
-        # wait for the minimum first, so the fraction applies to everyone then connected
-        client_manager.wait_for(self.min_clients, timeout=86400)
+    def _progress(self, **state: Any) -> None:
+        """Tell the session what the server is doing (only changes), so ``wait`` and the
+        dashboard can say what a session waits for."""
+        if self.on_progress is not None and state != self._last_progress:
+            self._last_progress = state
+            try:
+                self.on_progress(dict(state))
+            except Exception as exc:  # reporting must never stop a round
+                log.warning("progress report failed: %s", exc)
+
+    def _sample(self, client_manager: ClientManager, fraction: float, server_round: int,
+                phase: str) -> list[ClientProxy]:
+        # wait for the minimum first, so the fraction applies to everyone then connected;
+        # in 1 s steps, reporting how many are connected while waiting
+        if client_manager.num_available() < self.min_clients:
+            self._progress(phase="waiting", round=server_round,
+                           connected=client_manager.num_available(), needed=self.min_clients)
+        while not client_manager.wait_for(self.min_clients, timeout=1):
+            self._progress(phase="waiting", round=server_round,
+                           connected=client_manager.num_available(), needed=self.min_clients)
         available = client_manager.num_available()
         n = max(int(available * fraction), self.min_clients)
-        return client_manager.sample(num_clients=n, min_num_clients=self.min_clients)
+        clients = client_manager.sample(num_clients=n, min_num_clients=self.min_clients)
+        self._progress(phase=phase, round=server_round, connected=available,
+                       needed=self.min_clients, selected=len(clients))
+        return clients
 
-    def _targets(self, client_manager: ClientManager,
-                 fraction: float) -> list[tuple[ClientProxy, str, Parameters]]:
+    def _targets(self, client_manager: ClientManager, fraction: float, server_round: int,
+                 phase: str) -> list[tuple[ClientProxy, str, Parameters]]:
         """Sampled clients with their platform and the global model in their layout and
         encoding (encoded once per platform and encoding, not once per client)."""
         cache: dict[tuple[str, str], Parameters] = {}
         out = []
-        for client in self._sample(client_manager, fraction):
+        for client in self._sample(client_manager, fraction, server_round, phase):
             platform = getattr(client, "platform", None)
             if platform in self.manifest["platforms"]:
                 enc = self._encoded(platform, self.codec_of.get(client.cid, "raw"), cache)
@@ -192,7 +297,8 @@ class CrossPlatformStrategy(Strategy):
         # FedKit reads local_epochs as a sint64 Scalar: a Python int serialises to it
         config = {"local_epochs": self.local_epochs}
         return [(_Tracked(client, platform), FitIns(parameters=enc, config=config))
-                for client, platform, enc in self._targets(client_manager, self.fraction_fit)]
+                for client, platform, enc in self._targets(client_manager, self.fraction_fit,
+                                                           server_round, "fit")]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
@@ -256,10 +362,28 @@ class CrossPlatformStrategy(Strategy):
                   for k in ("clients", "examples", "bytes_up", "bytes_down", "rejected")}
         report.metrics += [("all", k, v) for k, v in totals.items()]
         report.metrics.append(("all", "failures", float(len(failures))))
+        described = [failure_reason(f) for f in failures]
+        by_platform = Counter(p for p, _, _, _ in described)
+        report.metrics += [(p, "failures", float(n)) for p, n in by_platform.items()
+                           if p in self.manifest["platforms"]]
+        report.failures = [(p, cid, why) for p, cid, why, _ in described]
+        if described:  # one line per round, not one per client of a large fleet
+            log.warning("round %s: %s client(s) failed: %s", server_round, len(described),
+                        summarize([why for _, _, why, _ in described]))
+        errors = [why for _, _, why, is_error in described if is_error]
+        if failures and not results and errors:
+            lost = len(failures) - len(errors)
+            who = (f"all {len(failures)} clients" if len(failures) > 1
+                   else "the only client")
+            report.failed = (f"{who} selected for round {server_round} failed"
+                             f"{f' ({lost} lost their connection)' if lost else ''}: "
+                             f"{summarize(errors)}")
         # server-side cost of the round's aggregation (decode, validate, average, optimiser)
         report.metrics.append(("all", "aggregate_seconds", time.perf_counter() - t_start))
         if self.on_fit_round is not None:
             self.on_fit_round(report, self.global_)
+        if report.failed:
+            raise AllClientsFailed(report.failed)
         return ndarrays_to_parameters(self.global_), {}
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
@@ -269,7 +393,8 @@ class CrossPlatformStrategy(Strategy):
             return []
         return [(client, EvaluateIns(parameters=enc, config={}))
                 for client, platform, enc in self._targets(client_manager,
-                                                           self.fraction_evaluate)]
+                                                           self.fraction_evaluate,
+                                                           server_round, "evaluate")]
 
     def aggregate_evaluate(self, server_round: int,
                            results: list[tuple[ClientProxy, EvaluateRes]],

@@ -41,12 +41,33 @@ def resolve_model(registry: Any, name_or_export: Any) -> str:
     return str(registry.publish(name_or_export)["name"])
 
 
+def _check_export(name_or_export: Any, cfg: SimulationConfig) -> None:
+    """An export (or export directory) lacking a platform or unable to train on the
+    dataset is refused before it is published; a registry name is checked by
+    ``start_simulation``."""
+    from xflwb.bridge import manifest as manifest_mod
+    from xflwb.devices.datasets import check_compatible
+
+    found = getattr(name_or_export, "manifest", None)
+    if found is None and not isinstance(name_or_export, str | os.PathLike):
+        return
+    if found is None and Path(name_or_export).exists():
+        try:
+            found = manifest_mod.load(name_or_export)
+        except (OSError, ValueError):
+            return  # publishing says what is wrong with it
+    if found is not None:
+        cfg.check_platforms(found)
+        check_compatible(found, cfg.dataset)
+
+
 def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
           timeout: float | None, **options: Any) -> Any:
     """Start a simulation on the ``SessionManager`` ``get_manager()`` gives; optionally wait.
 
     The options are validated first: bad ones publish nothing and create no directory."""
     cfg = SimulationConfig(**options)
+    _check_export(name_or_export, cfg)
     manager = get_manager()
     name = resolve_model(manager.registry, name_or_export)
     session = manager.start_simulation(name, config=cfg)

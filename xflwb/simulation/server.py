@@ -19,6 +19,7 @@ import time
 import traceback
 from typing import Any
 
+from xflwb import _lifeline
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.server.aggregate import pin_blas_threads
 from xflwb.server.flower_legacy import SimpleClientManager
@@ -123,20 +124,22 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
 
     def _term(_sig: int, _frame: Any) -> None:
         stopping["flag"] = True
-        registry.update_session(session_id, status="stopped")
+        registry.update_session(session_id, status="stopped", error=_lifeline.stop_reason())
         with contextlib.suppress(Exception):
             import ray
 
+            # a Ray we started goes down with us; one we attached to is only disconnected
             ray.shutdown()
         os._exit(0)
 
     signal.signal(signal.SIGTERM, _term)
+    _lifeline.install()  # SIGTERM ourselves when the kernel that started us dies
     try:
         import ray
 
         from xflwb.server.flower_legacy import Server, simulation_api
-        from xflwb.server.session import round_recorders, save_checkpoint
-        from xflwb.server.strategy import CrossPlatformStrategy
+        from xflwb.server.session import progress_writer, round_recorders, save_checkpoint
+        from xflwb.server.strategy import AllClientsFailed, CrossPlatformStrategy
         from xflwb.simulation import client as sim_client
 
         api = simulation_api()
@@ -163,8 +166,12 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             m, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
             fraction_fit=cfg.fraction_fit, fraction_evaluate=float(cfg.fraction_evaluate or 0),
             min_clients=int(cfg.min_clients or 1), local_epochs=cfg.local_epochs,
-            on_fit_round=on_fit, on_evaluate_round=on_eval)
+            on_fit_round=on_fit, on_evaluate_round=on_eval,
+            on_progress=progress_writer(data_dir, session_id))
         save_checkpoint(registry, session_id, model, 0, initial)
+        # set when every client of a round failed: Flower logs the ServerApp's exception
+        # and ends the run; the reason (the clients', not a traceback) is kept here
+        all_failed: list[AllClientsFailed] = []
 
         server_app = api.ServerApp()
 
@@ -176,21 +183,32 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             cm = NodeClientManager(platform_of)
             server = Server(client_manager=cm, strategy=strategy)
             server.set_max_workers(cfg.max_workers)
-            api.start_grid(grid=grid, server=server,
-                           config=api.ServerConfig(num_rounds=cfg.rounds,
-                                                   round_timeout=cfg.round_timeout))
+            try:
+                api.start_grid(grid=grid, server=server,
+                               config=api.ServerConfig(num_rounds=cfg.rounds,
+                                                       round_timeout=cfg.round_timeout))
+            except AllClientsFailed as exc:
+                all_failed.append(exc)  # ends the run without Flower's error traceback
 
         client_app = api.ClientApp(client_fn=functools.partial(sim_client.client_fn, spec))
         registry.update_session(session_id, status="running", pid=os.getpid())
         api.run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=cfg.num_clients, backend_config=backend)
+        if all_failed:
+            xlog.error("simulation %s failed: %s", session_id, all_failed[0])
+            registry.update_session(session_id, status="failed", error=str(all_failed[0]))
+            return
         info = registry.get_session(session_id)
         if info["round"] < cfg.rounds:
             raise RuntimeError(f"the simulation ended after {info['round']} of {cfg.rounds} "
                                f"rounds; see the log above")
         registry.update_session(session_id, status="finished")
     except BaseException as exc:  # the simulation dies, the kernel does not
-        if not stopping["flag"]:
+        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+            # stopped while ray.init's own SIGTERM handler (sys.exit) was in place
+            registry.update_session(session_id, status="stopped",
+                                    error=_lifeline.stop_reason())
+        elif not stopping["flag"]:
             registry.update_session(session_id, status="failed",
                                     error="".join(traceback.format_exception(exc))[-4000:])
         raise

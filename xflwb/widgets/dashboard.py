@@ -1,11 +1,14 @@
-"""The live dashboard: per-platform loss/accuracy curves, round progress, bytes, rejections,
-devices. It observes a session (and optionally a fleet) and computes nothing of its own:
-every number comes from ``session.history`` / ``fleet.table``.
+"""The live dashboard: per-platform loss/accuracy curves, round progress, bytes, failures,
+rejections, devices. It observes a session (and optionally a fleet) and computes nothing of
+its own: every number comes from ``session.history`` / ``session.failures`` /
+``fleet.table``.
 
 Updates run on a background thread and only assign widget values (HTML, Image,
 IntProgress): no ``Output`` widget capture from threads, which is what breaks in
-ipywidgets issues 3260 / 4020. ``report(session)`` renders the same content as static
-HTML + PNG, so headless runs (papermill, nbconvert, nbval) keep the final plot and table.
+ipywidgets issues 3260 / 4020. The header, progress, failures and device table refresh
+every ``interval`` seconds; the plot and round table only when the history changes (a
+PNG costs ~0.1 s). ``report(session)`` renders the same content as static HTML + PNG, so
+headless runs (papermill, nbconvert, nbval) keep the final plot and table.
 """
 
 from __future__ import annotations
@@ -13,45 +16,104 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import threading
 from typing import Any
 
 import pandas as pd
 
+from xflwb.style import ACCURACY_LABEL, LOSS_LABEL, PLATFORM_COLORS, ROUND_LABEL
+
 PLATFORMS = ("android", "ios", "all")
-COLORS = {"android": "#3ddc84", "ios": "#147efb", "all": "#444444"}
+COLORS = PLATFORM_COLORS  # the one colour map of dashboard, report and demo (xflwb.style)
+ENDED_BADLY = ("failed", "crashed", "stopped")
+#: how many recent failed fits / rejections the views list
+RECENT = 10
+
+
+# -- formatting --------------------------------------------------------------------------
+def human_bytes(n: Any) -> str:
+    """``18150`` → ``"18.1 kB"``; decimal units (kB = 1000 B), as the sizes phones show."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    value = float(n)
+    if abs(value) < 1000:
+        return f"{int(value)} B"
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if abs(value) < 999.95 or unit == "GB":  # 999,999 B is "1.0 MB", not "1000.0 kB"
+            return f"{value:.1f} {unit}"
+    return f"{value:.1f} GB"  # pragma: no cover - the loop returns at GB
+
+
+def _number(v: Any) -> str:
+    """Counts as integers, other numbers to 4 significant digits, missing as blank."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, int | float) and float(v).is_integer():
+        return str(int(v))
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 def _wide(history: pd.DataFrame) -> pd.DataFrame:
     if history.empty:
         return pd.DataFrame()
-    return history.pivot_table(index=["round", "platform"], columns="metric",
+    wide = history.pivot_table(index=["round", "platform"], columns="metric",
                                values="value", aggfunc="last")
+    wide.columns.name = None  # no stray "metric" header above the columns
+    return wide
 
 
-def plot_png(history: pd.DataFrame, title: str = "") -> bytes:
-    """Loss and accuracy per round and platform, as PNG bytes."""
+def plot_png(history: pd.DataFrame, title: str = "", placeholder: str = "") -> bytes:
+    """Loss and accuracy per round and platform, as PNG bytes; before the first round's
+    metrics, a picture of ``placeholder`` text instead of empty axes."""
+    return _png(plot_figure(history, title, placeholder))
+
+
+def plot_figure(history: pd.DataFrame, title: str = "", placeholder: str = "") -> Any:
+    """The matplotlib figure behind ``plot_png`` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     wide = _wide(history)
+    metrics = [m for m in ("eval_loss", "accuracy") if m in wide.columns]
+    if not metrics or wide[metrics].dropna(how="all").empty:
+        fig = plt.figure(figsize=(8.5, 0.9))
+        fig.text(0.5, 0.5, placeholder or "no round has finished yet: loss and accuracy "
+                 "per platform appear here after round 1", ha="center", va="center",
+                 fontsize=10, color="#666666")
+        return fig
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.0))
+    labels = {"eval_loss": LOSS_LABEL, "accuracy": ACCURACY_LABEL}
     for metric, ax in zip(("eval_loss", "accuracy"), axes, strict=True):
-        ax.set_title(metric.replace("_", " "))
-        ax.set_xlabel("round")
+        ax.set_xlabel(ROUND_LABEL)
+        ax.set_ylabel(labels[metric], fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
         if metric in wide.columns:
             for plat in PLATFORMS:
                 if plat in wide.index.get_level_values("platform"):
                     s = wide.xs(plat, level="platform")[metric].dropna()
                     if len(s):
                         ax.plot(s.index, s.values, marker="o", label=plat, color=COLORS[plat])
-            if ax.lines:
-                ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not reported yet", ha="center", va="center",
+                    transform=ax.transAxes, color="#666666")
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
@@ -59,20 +121,52 @@ def plot_png(history: pd.DataFrame, title: str = "") -> bytes:
 
 
 def round_table(history: pd.DataFrame) -> pd.DataFrame:
-    """Last round per platform: clients, examples, loss, accuracy, bytes, rejected."""
+    """Last round per platform: clients, failures, examples, loss, accuracy, bytes,
+    rejected, fit seconds (raw numbers; ``round_table_html`` formats them)."""
     wide = _wide(history)
     if wide.empty:
         return pd.DataFrame()
     last = wide.index.get_level_values("round").max()
-    cols = [c for c in ("clients", "examples", "eval_loss", "accuracy", "bytes_up",
-                        "bytes_down", "rejected", "fit_seconds") if c in wide.columns]
+    cols = [c for c in ("clients", "failures", "examples", "eval_loss", "accuracy",
+                        "bytes_up", "bytes_down", "rejected", "fit_seconds")
+            if c in wide.columns]
     return wide.xs(last, level="round")[cols].reset_index()
 
 
-def _table_html(df: pd.DataFrame) -> str:
+def _last_round(history: pd.DataFrame) -> int | None:
+    return None if history.empty else int(history["round"].max())
+
+
+def round_table_html(history: pd.DataFrame) -> str:
+    """The last round's table, human-readable: bytes in kB/MB, counts as integers."""
+    df = round_table(history)
+    if df.empty:
+        return _table_html(df)
+    out = pd.DataFrame({"platform": df["platform"]})
+    for col in ("clients", "failures", "rejected"):  # a platform without any: no row
+        if col in df.columns:
+            df[col] = df[col].fillna(0)
+    for col in df.columns[1:]:
+        if col.startswith("bytes"):
+            out[col.replace("_", " ")] = df[col].map(human_bytes)
+        elif col == "fit_seconds":
+            out["fit s"] = df[col].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+        else:
+            out[col.replace("_", " ")] = df[col].map(_number)
+    return _table_html(out)
+
+
+def _table_html(df: pd.DataFrame | None, empty: str = "no data yet") -> str:
     if df is None or df.empty:
-        return "<i>no data yet</i>"
-    return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.4g}")
+        return f"<p><i>{html.escape(empty)}</i></p>"
+    shown = df.copy()
+    for col in shown.columns:
+        shown[col] = shown[col].map(_number)
+    return shown.to_html(index=False, border=0, escape=True)
+
+
+def _section(title: str, body: str) -> str:
+    return f"<h5 style='margin:8px 0 2px'>{html.escape(title)}</h5>{body}"
 
 
 def where(info: dict[str, Any]) -> str:
@@ -82,25 +176,88 @@ def where(info: dict[str, Any]) -> str:
         cluster = cfg.get("ray_address") or "local Ray"
         return (f"simulated {cfg['android']} Android + {cfg['ios']} iOS clients "
                 f"({html.escape(str(cluster))})")
-    return f"ports {info['ports']}"
+    ports = ", ".join(f"{p} {port}" for p, port in (info["ports"] or {}).items())
+    return f"ports {html.escape(ports)}" if ports else "no ports yet"
+
+
+def failure_count(history: pd.DataFrame) -> int:
+    """Failed fits over all rounds (the ``failures`` metric of platform ``all``)."""
+    if history.empty:
+        return 0
+    rows = history[(history["metric"] == "failures") & (history["platform"] == "all")]
+    return int(rows["value"].fillna(0).sum())
+
+
+def device_table(fleet: Any) -> pd.DataFrame:
+    """The fleet's table with each device's error (blank when it has none)."""
+    df = fleet.table.copy()
+    if "error" in df.columns:
+        df["error"] = df["error"].fillna("")
+    return df
+
+
+def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
+                devices: pd.DataFrame | None = None) -> str:
+    """Session, model, status, round k/N, where, failure counts, what it waits for or why
+    it ended."""
+    status = info["status"]
+    rounds = info["config"]["rounds"]
+    tone = {"finished": "#1a7f37", **dict.fromkeys(ENDED_BADLY, "#cf222e")}.get(status)
+    badge = f"<b style='color:{tone}'>{status}</b>" if tone else f"<b>{status}</b>"
+    parts = [f"<b>session {info['id']}</b> — {html.escape(info['model_name'])}: {badge}",
+             f"round {info['round']}/{rounds}", where(info)]
+    started = getattr(session, "started_from", None)
+    if isinstance(started, str) and started:
+        parts.append(html.escape(started))
+    fails = failure_count(history)
+    parts.append(f"<span style='color:{'#cf222e' if fails else 'inherit'}'>{fails} failed "
+                 f"fit{'s' if fails != 1 else ''}</span>")
+    if devices is not None and len(devices):
+        bad = int((devices["status"] == "failed").sum())
+        parts.append(f"<span style='color:{'#cf222e' if bad else 'inherit'}'>{bad} of "
+                     f"{len(devices)} devices failed</span>")
+    head = " · ".join(parts)
+    if status in ENDED_BADLY and info.get("error"):
+        reason = str(info["error"])
+        reason = reason if len(reason) <= 1500 else "…" + reason[-1500:]
+        head += (f"<div style='color:#cf222e;white-space:pre-wrap'>"
+                 f"{html.escape(reason)}</div>")
+    elif status not in ("finished", *ENDED_BADLY):
+        doing = getattr(session, "doing", None)
+        if callable(doing):
+            head += f"<div>{html.escape(doing(info))}</div>"
+    return head
+
+
+def failures_html(session: Any) -> str:
+    """The last failed fits (round, platform, client, reason), or nothing."""
+    failures = getattr(session, "failures", None)
+    if failures is None or len(failures) == 0:
+        return ""
+    return _section(f"failed fits (last {min(RECENT, len(failures))} of {len(failures)})",
+                    _table_html(failures.tail(RECENT)))
 
 
 def snapshot_html(session: Any, fleet: Any = None) -> str:
     """Static HTML of the dashboard (plot embedded as PNG)."""
     info = session.info
     hist = session.history
+    devices = device_table(fleet) if fleet is not None else None
     png = base64.b64encode(plot_png(hist)).decode()
     rej = session.rejections
+    last = _last_round(hist)
     parts = [
-        f"<h4>session {info['id']} — {html.escape(info['model_name'])}: {info['status']}, "
-        f"round {info['round']}/{info['config']['rounds']}, {where(info)}</h4>",
+        (f"<div class='xflwb-header' style='font-size:1.15em;margin:6px 0'>"
+         f"{header_html(session, info, hist, devices)}</div>"),
         f"<img src='data:image/png;base64,{png}'/>",
-        "<h5>last round per platform</h5>", _table_html(round_table(hist)),
+        _section("last round per platform" + (f" (round {last})" if last else ""),
+                 round_table_html(hist)),
+        failures_html(session),
     ]
     if len(rej):
-        parts += ["<h5>rejected updates</h5>", _table_html(rej)]
-    if fleet is not None:
-        parts += ["<h5>devices</h5>", _table_html(fleet.table.drop(columns=["error"]))]
+        parts.append(_section("rejected updates", _table_html(rej.tail(RECENT))))
+    if devices is not None:
+        parts.append(_section("devices", _table_html(devices)))
     return "<div class='xflwb-dashboard'>" + "".join(parts) + "</div>"
 
 
@@ -115,6 +272,8 @@ class Report:
 
 
 def report(session: Any, fleet: Any = None) -> Report:
+    """The session's curves, last-round table, failed fits, rejections and devices (with
+    each device's error) as static HTML."""
     return Report(session, fleet)
 
 
@@ -127,53 +286,61 @@ class Dashboard:
         self.session = session
         self.fleet = fleet
         self.interval = interval
-        rounds = int(session.info["config"]["rounds"])
+        self.rounds = int(session.info["config"]["rounds"])
         self.header = w.HTML()
-        self.progress = w.IntProgress(value=0, min=0, max=rounds, description="rounds",
-                                      bar_style="info")
+        self.progress = w.IntProgress(value=0, min=0, max=self.rounds,
+                                      description=f"round 0/{self.rounds}",
+                                      bar_style="info",
+                                      style={"description_width": "initial"})
         self.plot = w.Image(format="png")
         self.table = w.HTML()
+        self.failures = w.HTML()
         self.devices = w.HTML()
         self.rejected = w.HTML()
         self.widget = w.VBox([self.header, self.progress, self.plot, self.table,
-                              self.rejected, self.devices])
+                              self.failures, self.rejected, self.devices])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._plotted: tuple[int, int] | None = None  # (round, history rows) last drawn
         self.refresh()
 
     def refresh(self) -> str:
-        """Pull the latest state into the widgets; returns the session status."""
+        """Pull the latest state into the widgets; returns the session status. The plot
+        and round table are redrawn only when the history changed."""
         info = self.session.info
         hist = self.session.history
-        self.header.value = (f"<b>session {info['id']}</b> — {html.escape(info['model_name'])}"
-                             f": <b>{info['status']}</b>, {where(info)}")
-        self.progress.value = min(int(info["round"]), self.progress.max)
-        if info["status"] == "finished":
+        devices = device_table(self.fleet) if self.fleet is not None else None
+        status = info["status"]
+        self.header.value = header_html(self.session, info, hist, devices)
+        done = min(int(info["round"]), self.progress.max)
+        self.progress.value = done
+        self.progress.description = f"round {done}/{self.rounds}"
+        if status == "finished":
             self.progress.bar_style = "success"
-        elif info["status"] in ("failed", "crashed", "stopped"):
+        elif status in ENDED_BADLY:
             self.progress.bar_style = "danger"
-        self.plot.value = plot_png(hist)
-        self.table.value = "<b>last round per platform</b>" + _table_html(round_table(hist))
+        key = (int(info["round"]), len(hist))
+        if key != self._plotted:
+            self.plot.value = plot_png(hist)
+            last = _last_round(hist)
+            self.table.value = _section(
+                "last round per platform" + (f" (round {last})" if last else ""),
+                round_table_html(hist))
+            self._plotted = key
+        self.failures.value = failures_html(self.session)
         rej = self.session.rejections
         self.rejected.value = ("" if rej.empty else
-                               "<b>rejected updates</b>" + _table_html(rej.tail(10)))
-        if self.fleet is not None:
-            self.devices.value = "<b>devices</b>" + _table_html(
-                self.fleet.table.drop(columns=["error"]))
-        return info["status"]
+                               _section("rejected updates", _table_html(rej.tail(RECENT))))
+        if devices is not None:
+            self.devices.value = _section("devices", _table_html(devices))
+        return status
 
     def _loop(self) -> None:
         from xflwb.server.session import DONE
 
-        last_round = -1
         while not self._stop.wait(self.interval):
             try:
-                rnd = self.session.round
-                status = self.session.status
-                if rnd != last_round or status in DONE:
-                    self.refresh()
-                    last_round = rnd
-                if status in DONE:
+                if self.refresh() in DONE:
                     break
             except Exception:
                 break

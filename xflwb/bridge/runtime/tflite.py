@@ -31,13 +31,16 @@ def load_interpreter(model: Path | bytes, num_threads: int | None = None):
     # afterwards. The built-in kernels are exact and, measured here, still faster than Keras.
     kw: dict[str, Any] = {"num_threads": num_threads, "experimental_op_resolver_type":
                           tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
-    with warnings.catch_warnings():
+    from xflwb._quiet import quiet
+
+    # quiet: "INFO: Created TensorFlow Lite delegate for select TF ops." on fd 2, natively
+    with warnings.catch_warnings(), quiet():
         warnings.simplefilter("ignore")
         if isinstance(model, bytes | bytearray):
             interp = tf.lite.Interpreter(model_content=bytes(model), **kw)
         else:
             interp = tf.lite.Interpreter(model_path=str(model), **kw)
-    interp.allocate_tensors()
+        interp.allocate_tensors()
     return interp
 
 
