@@ -65,6 +65,77 @@ pytestmark = [
 ]
 
 
+# A notebook that goes wrong the ways a researcher's does: a phone dies while the session
+# waits, then a magic fails. Run All must stop at the failing magic (the cell after it never
+# runs), the magic's error must be one line, and the live dashboard must show the dead
+# device and why.
+FAILING_NAME = "failing.ipynb"
+AFTER_FAILURE = "AFTER-FAILURE-MARKER"
+_FAILING_CELLS = [
+    "%load_ext xflwb\n"
+    "%xfl_server start --port 0 --data-dir {__import__('tempfile').mkdtemp()}",
+    "%%xfl_export tiny --data-type digits --out {xfl_wb.data_dir}/exports\n"
+    "import keras\n"
+    "model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),\n"
+    "                          keras.layers.Dense(10, activation='softmax')])",
+    "%xfl_devices spawn --android 1 --ios 1 --dataset digits",
+    # three clients needed, two running: the session waits, its dashboard stays live
+    "session = %xfl_train tiny --rounds 5 --min-clients 3",
+    "import time\n"
+    "victim = xfl_fleet.alive()[0]\n"
+    "xfl_fleet.kill(victim)\n"
+    "deadline = time.monotonic() + 120\n"
+    "while not xfl_fleet.table['error'].astype(str).str.contains('killed').any():\n"
+    "    assert time.monotonic() < deadline, xfl_fleet.table\n"
+    "    time.sleep(0.5)",
+    "%xfl_train no_such_model --rounds 1",
+    f"print('{AFTER_FAILURE}')",
+]
+
+
+def _failing_notebook() -> dict:
+    cells = [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
+              "outputs": [], "source": src} for i, src in enumerate(_FAILING_CELLS)]
+    return {"cells": cells, "metadata": {"kernelspec": {
+        "display_name": "Python 3", "language": "python", "name": "python3"}},
+        "nbformat": 4, "nbformat_minor": 5}
+
+
+# TensorFlow / absl / TFLite / MLIR log lines that must never reach a cell's output
+TF_NOISE = (r"^[WIEF]\d{4} |absl|tensorflow/|XNNPACK|MLIR|oneDNN|TF-TRT|cuda|"
+            r"Created TensorFlow Lite")
+
+# Every text output (stdout, stderr, errors) of the current notebook, one entry per output.
+OUTPUT_TEXTS_JS = """() => {
+  const w = window.jupyterapp.shell.currentWidget;
+  return Array.from(w.node.querySelectorAll('.jp-OutputArea-output'))
+              .map(e => e.textContent);
+}"""
+
+FAILING_STATE_JS = """() => {
+  const app = window.jupyterapp;
+  const w = app.shell.currentWidget;
+  const k = w.sessionContext.session && w.sessionContext.session.kernel;
+  const cells = w.content.widgets.filter(c => c.model.type === 'code');
+  const widget = w.node.querySelector('.jp-OutputArea .widget-vbox');
+  const header = widget && widget.querySelector('.widget-html');
+  return {
+    kernel: k ? k.status : null,
+    counts: cells.map(c => c.model.executionCount),
+    running: Array.from(w.node.querySelectorAll('.jp-InputPrompt'))
+                  .filter(e => e.textContent.includes('*')).length,
+    errors: cells.map(c => Array.from(c.node.querySelectorAll(
+        '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+        .map(e => e.textContent).join('\\n')),
+    outputs: cells.map(c => Array.from(c.node.querySelectorAll('.jp-OutputArea-output'))
+        .map(e => e.textContent).join('\\n')),
+    header: header ? header.textContent : '',
+    tds: widget ? Array.from(widget.querySelectorAll('.widget-html td'))
+                       .map(td => td.textContent.trim()) : [],
+  };
+}"""
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -122,21 +193,24 @@ def _stop_lab(proc: subprocess.Popen, base: str, token: str) -> None:
                 child.kill()
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """JupyterLab on 127.0.0.1 serving a copy of the quickstart notebook; yields (url, token)."""
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """JupyterLab on 127.0.0.1 serving a copy of the quickstart notebook and the failing
+    notebook; yields (url, token). One Lab for the module's tests (it takes a while)."""
+    tmp_path = tmp_path_factory.mktemp("lab")
     shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
+    (tmp_path / FAILING_NAME).write_text(json.dumps(_failing_notebook()))
     state = tmp_path / ".lab-state"
     settings = state / "settings"
     _lab_settings(settings)
     port, token = _free_port(), secrets.token_hex(24)
     base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()  # xflwb must quiet TensorFlow by itself
+           if k not in ("TF_CPP_MIN_LOG_LEVEL", "XFLWB_VERBOSE")}
     env.update({
         "JUPYTER_CONFIG_DIR": str(state / "config"),
         "JUPYTER_RUNTIME_DIR": str(state / "runtime"),
         "IPYTHONDIR": str(state / "ipython"),
-        "TF_CPP_MIN_LOG_LEVEL": "2",
         "PYTHONUNBUFFERED": "1",
     })
     cmd = [
@@ -334,6 +408,9 @@ def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
             assert out.count() == 1, out.count()
             print(f"[browser test] {out.first.inner_text().strip()}")
 
+            # Quiet: no TensorFlow/absl/TFLite line in any output of any cell.
+            _assert_no_tf_noise(page.evaluate(OUTPUT_TEXTS_JS))
+
             # Screenshot of the dashboard cell (input + live widget) for docs/ and README.
             cell = page.locator(".jp-Notebook .jp-CodeCell").filter(
                 has=page.locator(".widget-vbox")).first
@@ -352,3 +429,64 @@ def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
         shutil.copyfile(shot, DOCS_SHOT)
     print(f"[browser test] {time.monotonic() - t_start:.0f}s in the browser; "
           f"screenshot {shot} -> {DOCS_SHOT} ({shot.stat().st_size} bytes)")
+
+
+def _assert_no_tf_noise(texts: list[str]) -> None:
+    import re
+
+    noisy = [line for text in texts for line in text.splitlines()
+             if re.search(TF_NOISE, line)]
+    assert not noisy, "TensorFlow/absl lines in cell outputs:\n" + "\n".join(noisy[:20])
+
+
+def test_failing_magic_stops_run_all_and_a_dead_device_shows_in_the_dashboard(lab, tmp_path):
+    """Run All on a notebook where a phone dies and then a magic fails: the magic's error is
+    one line (no traceback), the cell after it never runs, and the live dashboard shows the
+    dead device, why it failed and the failure count."""
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    n_code = len(_FAILING_CELLS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{base}/lab/tree/{FAILING_NAME}?token={token}",
+                      wait_until="domcontentloaded", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            _wait_kernel_idle(page)
+            page.evaluate("() => { window.jupyterapp.commands"
+                          ".execute('notebook:run-all-cells'); }")
+            failing = n_code - 2  # the %xfl_train of a model that does not exist
+            deadline = time.monotonic() + RUN_TIMEOUT
+            state: dict = {}
+            while time.monotonic() < deadline:
+                state = page.evaluate(FAILING_STATE_JS)
+                settled = (state["kernel"] == "idle" and state["running"] == 0
+                           and state["counts"][failing] is not None)
+                if settled and "killed" in " ".join(state["tds"]):
+                    break
+                time.sleep(1)
+            else:
+                _dump(page, tmp_path, "failing-timeout.png")
+                pytest.fail(f"the failing notebook did not settle: {state}")
+
+            counts = state["counts"]
+            # every cell up to the failing magic ran; Run All stopped there
+            assert all(isinstance(c, int) and c > 0 for c in counts[:failing + 1]), counts
+            assert counts[-1] is None, f"the cell after the failing magic ran: {counts}"
+            assert not any(AFTER_FAILURE in o for o in state["outputs"][:-1]), state["outputs"]
+            assert AFTER_FAILURE not in state["outputs"][-1]
+            # the magic's error: one clean line naming the model, no traceback
+            err = state["errors"][failing].strip()
+            assert "no_such_model" in err, state["errors"]
+            assert "Traceback" not in err and len(err.splitlines()) == 1, err
+            # the dashboard: the dead device's row with its reason, and the count
+            assert any("killed" in td for td in state["tds"]), state["tds"]
+            assert "1 of 2 devices failed" in state["header"], state["header"]
+            _assert_no_tf_noise(page.evaluate(OUTPUT_TEXTS_JS))
+            _dump(page, tmp_path, "failing.png")
+        finally:
+            browser.close()

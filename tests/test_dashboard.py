@@ -59,6 +59,27 @@ def test_dashboard_follows_a_session_and_reports(tmp_path):
         assert "round 3/3" in html
 
 
+def test_dashboard_says_when_it_stops_updating(tmp_path, monkeypatch):
+    """A live view that can no longer read its session says why in its header instead of
+    silently freezing."""
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    res = xflwb.export(model, name="gone", data_type="gone-data", out_dir=tmp_path / "e",
+                       check_parity=False)
+    with xflwb.Workbench(data_dir=tmp_path / "x", port=0) as wb:
+        wb.publish(res)
+        session = wb.train("gone", rounds=2, min_clients=2, round_timeout=60)
+        dash = Dashboard(session, interval=0.2)
+
+        def unreadable(_self):
+            raise OSError("disk I/O error")
+
+        monkeypatch.setattr(type(session), "history", property(unreadable))
+        dash.start()
+        dash._thread.join(10)
+        assert not dash._thread.is_alive()
+        assert "dashboard stopped updating: OSError: disk I/O error" in dash.header.value
+
+
 def test_devices_magic_errors_are_short(ip):
     from xflwb.magics import XflMagicError
 

@@ -342,7 +342,10 @@ class Dashboard:
             try:
                 if self.refresh() in DONE:
                     break
-            except Exception:
+            except Exception as exc:  # e.g. the workbench was stopped: say so, stop polling
+                self.header.value += (
+                    "<div style='color:#cf222e'>dashboard stopped updating: "
+                    f"{html.escape(type(exc).__name__)}: {html.escape(str(exc))}</div>")
                 break
 
     def start(self) -> Dashboard:
