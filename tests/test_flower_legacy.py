@@ -34,7 +34,11 @@ def _drain(stream) -> None:
 
 def test_names_we_rely_on_exist():
     assert set(fl.SERVER_STRATEGIES) == {"fedavg", "fedavgm", "fedadam", "fedyogi",
-                                         "fedadagrad"}
+                                         "fedadagrad", "fedmedian", "fedtrimmedavg", "krum"}
+    assert set(fl.ROBUST_RULES) <= set(fl.SERVER_STRATEGIES)
+    out = fl.aggregate_median([([np.array([1.0])], 1), ([np.array([5.0])], 1),
+                               ([np.array([2.0])], 1)])
+    np.testing.assert_allclose(out[0], [2.0])
     for name in ("Join",):
         assert hasattr(fl.transport_pb2_grpc.FlowerServiceStub(grpc.insecure_channel("x:1")),
                        name)

@@ -178,9 +178,11 @@ def test_sessions_start_fresh_unless_resume_and_say_where_from(ip, tiny, tmp_pat
 
 
 def test_phone_auto_start_keeps_resuming(tiny, tmp_path):
+    # the operator lets phones ask for a fresh start (ignored by default: tests/test_trust.py)
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0, auto_start=True,
                          session_defaults={"rounds": 1, "min_clients": 1,
-                                           "round_timeout": 30}) as wb:
+                                           "round_timeout": 30},
+                         allow_phone_start_fresh=True) as wb:
         wb.publish(tiny)
         first = _phone(wb, 1)
         _assert_received(first.run(), manifest_mod.initial_parameters(tiny.manifest))

@@ -251,7 +251,8 @@ def test_crashed_session_resumes_from_checkpoint(wb, exports):
 def test_train_server_statuses_and_auto_start(tmp_path, exports):
     bench = xflwb.Workbench(data_dir=tmp_path / "auto", port=0, auto_start=True,
                             session_defaults={"rounds": 1, "min_clients": 1,
-                                              "round_timeout": 30})
+                                              "round_timeout": 30},
+                            allow_phone_start_fresh=True)  # FedKit's started_non_fresh
     with bench:
         bench.publish(exports["beta"])
         ad = httpx.post(f"{bench.url}/train/advertised",

@@ -127,12 +127,15 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     import xflwb
 
-    wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
-                         db_url=args.db_url, admin_token=args.token,
-                         auto_start=args.auto_start)
     try:
+        tls = _server_tls(args)
+        wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
+                             db_url=args.db_url, admin_token=args.token, tls=tls,
+                             device_auth=args.device_auth,
+                             auto_start=args.auto_start, max_body_bytes=args.max_body_bytes,
+                             allow_phone_start_fresh=args.allow_phone_start_fresh)
         wb.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"xflwb server: error: {exc}", file=sys.stderr)
         return 2
     for path in args.publish or []:
@@ -142,6 +145,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         except (ValueError, FileNotFoundError) as exc:
             print(f"xflwb server: cannot publish {path}: {exc}", file=sys.stderr)
     print(f"xflwb backend at {wb.url}  (admin token: {wb.admin_token})", flush=True)
+    if wb.tls is not None:
+        print(f"TLS: {wb.tls.cert}; phones trust {wb.tls.ca_file} (SHA-256 "
+              f"{wb.tls.fingerprint})", flush=True)
+    for warning in wb.security_warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
@@ -154,6 +162,67 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_tls(args: argparse.Namespace) -> Any:
+    """``--tls-cert/--tls-key[/--tls-ca]`` or ``--dev-tls DIR`` as ``Workbench(tls=...)``."""
+    if args.dev_tls and (args.tls_cert or args.tls_key):
+        raise ValueError("pass either --dev-tls DIR or --tls-cert/--tls-key, not both")
+    if args.dev_tls:
+        from xflwb.server.security import make_dev_ca
+        from xflwb.workbench import _reachable_host
+
+        # the address phones dial: the bind address, or this machine's for a wildcard
+        hosts = ["127.0.0.1", "localhost", "::1", _reachable_host(args.host)]
+        return make_dev_ca(args.dev_tls, hosts=hosts + list(args.tls_host or []))
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together (the PEM certificate chain and "
+                         "its private key)")
+    if args.tls_cert:
+        return (args.tls_cert, args.tls_key, *([args.tls_ca] if args.tls_ca else []))
+    return None
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Issue, list or revoke device tokens in the registry a backend serves from."""
+    from xflwb.server.registry import Registry
+    from xflwb.server.security import TokenStore
+
+    registry = Registry(args.data_dir, args.db_url)
+    try:
+        store = TokenStore(registry.engine)
+        if args.action == "issue":
+            if not args.device:
+                print("xflwb token issue: error: name the device, e.g. xflwb token issue "
+                      "pixel-7", file=sys.stderr)
+                return 2
+            try:
+                row = store.issue(args.device)
+            except ValueError as exc:
+                print(f"xflwb token issue: error: {exc}", file=sys.stderr)
+                return 2
+            print(f"token for {row['device']} (id {row['id']}; shown once): {row['token']}")
+        elif args.action == "list":
+            import time as _time
+
+            for row in store.list():
+                state = ("revoked " + _time.strftime("%Y-%m-%d %H:%M",
+                                                     _time.localtime(row["revoked"]))
+                         if row["revoked"] else "active")
+                print(f"{row['id']:>5}  {row['device']:<32} {state}")
+        else:
+            if not args.device:
+                print("xflwb token revoke: error: name the device or token id",
+                      file=sys.stderr)
+                return 2
+            target: Any = int(args.device) if args.device.isdigit() else args.device
+            n = store.revoke(target)
+            print(f"revoked {n} token(s) of {args.device}")
+            if not n:
+                return 1
+    finally:
+        registry.close()
+    return 0
+
+
 def cmd_device(args: argparse.Namespace) -> int:
     """One virtual phone following FedKit's client flow (exit 0 when its session ends)."""
     import json
@@ -163,6 +232,7 @@ def cmd_device(args: argparse.Namespace) -> int:
 
     from xflwb import _lifeline
     from xflwb.devices.device import Device, DeviceOptions
+    from xflwb.server.security import TOKEN_ENV
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from xflwb.devices.partition import device_data
@@ -171,7 +241,8 @@ def cmd_device(args: argparse.Namespace) -> int:
         options = DeviceOptions(slowdown=args.slowdown, join_delay=args.join_delay,
                                 drop_prob=args.drop_prob, rejoin_delay=args.rejoin_delay,
                                 network_delay=args.network_delay, encoding=args.encoding,
-                                max_wait=args.max_wait, seed=args.seed)
+                                max_wait=args.max_wait, seed=args.seed,
+                                ca_file=args.ca_file, token=os.environ.get(TOKEN_ENV) or None)
         data = device_data(args.dataset, args.partition, args.num_partitions,
                            args.partition_id, seed=args.seed)
     except ValueError as exc:
@@ -303,9 +374,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "$XFLWB_ADMIN_TOKEN or a random one, printed)")
     s.add_argument("--auto-start", action="store_true",
                    help="start a default session when a phone asks for a server")
+    s.add_argument("--allow-phone-start-fresh", action="store_true",
+                   help="honour a phone's start_fresh (default: ignored and logged, so a "
+                        "phone cannot throw away checkpointed progress)")
     s.add_argument("--publish", action="append", metavar="EXPORT_DIR",
                    help="publish an export directory at start (repeatable)")
+    s.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
+                   help="largest HTTP request body, 413 above (default: twice the largest "
+                        "published model plus 1 MiB)")
+    s.add_argument("--tls-cert", default=None, metavar="PEM",
+                   help="serve HTTPS and gRPC over TLS with this certificate (chain)")
+    s.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
+    s.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="the CA that signed it (default: the certificate itself)")
+    s.add_argument("--dev-tls", default=None, metavar="DIR",
+                   help="make (or reuse) a development CA and certificate in DIR and serve "
+                        "TLS with them (phones trust DIR/ca.pem)")
+    s.add_argument("--tls-host", action="append", metavar="HOST",
+                   help="with --dev-tls: another name or address phones dial (repeatable)")
+    s.add_argument("--device-auth", default=None, choices=["token"],
+                   help="enroll devices: phones present a token from `xflwb token issue` "
+                        "(default: open, as FedKit's backend)")
     s.set_defaults(func=cmd_server)
+    t = sub.add_parser("token", help="issue, list or revoke device tokens (--device-auth "
+                                     "token)")
+    t.add_argument("action", choices=["issue", "list", "revoke"])
+    t.add_argument("device", nargs="?", default=None,
+                   help="device name (issue, revoke) or token id (revoke)")
+    t.add_argument("--data-dir", default="xfl-data")
+    t.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: SQLite in data dir)")
+    t.set_defaults(func=cmd_token)
     v = sub.add_parser("device", help="run one virtual phone (FedKit client flow)")
     v.add_argument("--backend", required=True, help="backend URL, e.g. http://127.0.0.1:8000")
     v.add_argument("--platform", required=True, choices=["android", "ios"])
@@ -326,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-wait", type=float, default=120.0,
                    help="seconds to wait for a session before giving up")
     v.add_argument("--cache-dir", default=".xfl-cache")
+    v.add_argument("--ca-file", default=None, metavar="PEM",
+                   help="CA to trust for an https backend (its gRPC ports use TLS too); the "
+                        "device token, if any, comes from $XFLWB_DEVICE_TOKEN")
     v.add_argument("--status-file", default=None, help="JSON status, rewritten on change")
     v.add_argument("--run-id", default=None, help="written into the status file (a fleet "
                    "reads only its own run's files)")

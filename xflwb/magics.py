@@ -180,13 +180,39 @@ class XflMagics(Magics):
 
 def _server_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="%xfl_server", add_help=False)
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["start", "stop", "status", "token"])
+    p.add_argument("device", nargs="?", default=None,
+                   help="token: the device to issue a token for")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--data-dir", default="xfl-data")
     p.add_argument("--db-url", default=None)
     p.add_argument("--auto-start", action="store_true")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-ca", default=None)
+    p.add_argument("--dev-tls", default=None, metavar="DIR",
+                   help="make (or reuse) a development CA in DIR and serve TLS")
+    p.add_argument("--device-auth", default=None, choices=["token"])
+    p.add_argument("--revoke", action="store_true",
+                   help="token: revoke the device's tokens instead")
     return p
+
+
+def _magic_tls(args: argparse.Namespace) -> Any:
+    """The start options' ``Workbench(tls=...)``."""
+    if args.dev_tls:
+        from xflwb.server.security import make_dev_ca
+        from xflwb.workbench import _reachable_host
+
+        # the address phones dial: the bind address, or this machine's for a wildcard
+        return make_dev_ca(args.dev_tls, hosts=("127.0.0.1", "localhost", "::1",
+                                                _reachable_host(args.host)))
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_cert:
+        return (args.tls_cert, args.tls_key, *([args.tls_ca] if args.tls_ca else []))
+    return None
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -297,6 +323,9 @@ class XflServerMagics(Magics):
         args = _parse(_server_parser(), line)
         if args is None:
             return None
+        if args.device is not None and args.action != "token":
+            raise MagicUsageError(f"%xfl_server: unrecognized arguments: {_shown(args.device)} "
+                                  f"(only 'token' takes a device name)")
         wb = XflServerMagics.workbench
         if args.action == "start":
             if wb is not None and wb.running:
@@ -304,7 +333,9 @@ class XflServerMagics(Magics):
                 return wb
             with _failing_as("%xfl_server"):
                 wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
-                                     db_url=args.db_url, auto_start=args.auto_start).start()
+                                     db_url=args.db_url, auto_start=args.auto_start,
+                                     tls=_magic_tls(args),
+                                     device_auth=args.device_auth).start()
             XflServerMagics.workbench = wb
             self.shell.user_ns["xfl_wb"] = wb
             print(f"xflwb backend at {wb.url} (as `xfl_wb`; admin token in xfl_wb.admin_token)")
@@ -318,6 +349,19 @@ class XflServerMagics(Magics):
             wb.stop()
             print("xflwb backend stopped")
             return None
+        if args.action == "token":
+            if not args.device:
+                raise MagicUsageError("%xfl_server: token needs a device name, e.g. "
+                                      "%xfl_server token pixel-7")
+            with _failing_as("%xfl_server"):
+                if args.revoke:
+                    n = wb.revoke_device_token(args.device)
+                    print(f"revoked {n} token(s) of {args.device}")
+                    return None
+                token = wb.issue_device_token(args.device)
+            print(f"token for {args.device} (shown once; the phone sends it as "
+                  f"'Authorization: Bearer <token>'): {token}")
+            return token
         from IPython.display import HTML, display
 
         display(HTML(status_html(wb, XflServerMagics.fleets)))
@@ -401,9 +445,17 @@ def status_html(wb: Any, fleets: list[Any]) -> str:
 
     qr = segno.make(wb.url, error="m").svg_inline(scale=3)
     devices = sum(len(f.ids) for f in fleets)
+    tls = getattr(wb, "tls", None)
+    security = (f"TLS on, phones trust <code>{html.escape(str(tls.ca_file))}</code> (SHA-256 "
+                f"<code>{html.escape(tls.fingerprint)}</code>)" if tls is not None
+                else "TLS off")
+    security += (", device tokens required" if getattr(wb, "device_auth", None) == "token"
+                 else ", devices not enrolled (open, as FedKit)")
+    warnings = "".join(f"<br/><b style='color:#b00'>warning:</b> {html.escape(w)}"
+                       for w in getattr(wb, "security_warnings", []))
     return (f"<div><b>xflwb backend</b> at <code>{html.escape(wb.url)}</code> — admin token "
             f"<code>{html.escape(wb.admin_token)}</code>, {len(wb.session_table)} session(s), "
-            f"{devices} virtual device(s)<br/>{qr}</div>")
+            f"{devices} virtual device(s)<br/>{security}{warnings}<br/>{qr}</div>")
 
 
 def register(ipython: Any) -> None:

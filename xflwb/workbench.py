@@ -48,7 +48,30 @@ class Workbench:
     def __init__(self, data_dir: str | os.PathLike[str] = "xfl-data", host: str = "127.0.0.1",
                  port: int = 8000, db_url: str | None = None, admin_token: str | None = None,
                  auto_start: bool = False,
-                 session_defaults: dict[str, Any] | None = None) -> None:
+                 session_defaults: dict[str, Any] | None = None,
+                 max_body_bytes: int | None = None,
+                 allow_phone_start_fresh: bool = False, tls: Any = None,
+                 device_auth: str | None = None) -> None:
+        """``max_body_bytes``: largest HTTP request body (413 above it); None derives it from
+        the largest published model (twice its size plus 1 MiB, at least 1 MiB).
+
+        ``tls``: ``(cert, key)``, ``(cert, key, ca)`` or
+        ``xflwb.server.security.make_dev_ca(dir)``: HTTPS and gRPC over TLS.
+        ``device_auth="token"``: phones present a token issued with
+        ``wb.issue_device_token`` (HTTP header, gRPC metadata); None (default) stays open, as
+        FedKit's backend was."""
+        from xflwb.server.security import check_device_auth, tls_config
+
+        self.tls = tls_config(tls)
+        self.device_auth = check_device_auth(device_auth)
+        if max_body_bytes is not None and (isinstance(max_body_bytes, bool)
+                                           or not isinstance(max_body_bytes, int)
+                                           or max_body_bytes < 1024):
+            raise ValueError(f"max_body_bytes must be None or an integer >= 1024, got "
+                             f"{max_body_bytes!r}")
+        self.max_body_bytes = max_body_bytes
+        #: phones' ``start_fresh`` is ignored (logged) unless the operator allows it here
+        self.allow_phone_start_fresh = bool(allow_phone_start_fresh)
         self.data_dir = Path(data_dir)
         self.host = host
         self.port = int(port)
@@ -76,7 +99,8 @@ class Workbench:
         """The base URL phones use."""
         if not self.running:
             raise RuntimeError("the workbench is not running: call wb.start()")
-        return f"http://{_reachable_host(self.host)}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{_reachable_host(self.host)}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Workbench:
         import uvicorn
@@ -86,10 +110,14 @@ class Workbench:
         if self.running:
             return self
         self.registry = Registry(self.data_dir, self.db_url)
-        self.sessions = SessionManager(self.registry, host=self.host)
+        self.sessions = SessionManager(self.registry, host=self.host, security={
+            "tls": self.tls.as_list() if self.tls else None, "device_auth": self.device_auth})
         self.sessions.refresh()  # sessions of a previous kernel are not running any more
         app = create_app(AppState(self.registry, self.sessions, self.admin_token,
-                                  self.auto_start, self.session_defaults))
+                                  self.auto_start, self.session_defaults,
+                                  max_body_bytes=self.max_body_bytes,
+                                  allow_phone_start_fresh=self.allow_phone_start_fresh,
+                                  device_auth=self.device_auth))
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -102,7 +130,10 @@ class Workbench:
         self._sock = sock
         # log_config=None: never reconfigure the kernel's logging (dictConfig would close
         # other libraries' handlers, e.g. absl's, and with them sys.stderr)
-        config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off")
+        tls = ({"ssl_certfile": str(self.tls.cert), "ssl_keyfile": str(self.tls.key)}
+               if self.tls is not None else {})
+        config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off",
+                                **tls)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name="xflwb-http", daemon=True)
@@ -227,6 +258,12 @@ class Workbench:
         first = 1000 * self._fleet_count + 1
         # a fresh directory per spawn: a new kernel's fleet never reads an older one's files
         run_id = new_run_id()
+        if self.tls is not None:
+            knobs.setdefault("ca_file", self.tls.ca_file)
+        if self.device_auth == "token" and "tokens" not in knobs:
+            # the workbench enrolls its own virtual devices, one token each
+            knobs["tokens"] = [self.issue_device_token(f"virtual-{first + k}")
+                               for k in range(int(android) + int(ios))]
         fleet = Fleet(url, self.data_dir / "fleets" / f"{run_id}-fleet-{self._fleet_count}",
                       android=android, ios=ios, dataset=dataset, partition=partition,
                       data_type=data_type, seed=seed, first_device_id=first, run_id=run_id,
@@ -249,3 +286,38 @@ class Workbench:
                 for s in reg.list_sessions()]
         return pd.DataFrame(rows, columns=["id", "model", "status", "round", "rounds",
                                            "started_from", "ports"])
+
+    # -- security ------------------------------------------------------------------------
+    def _tokens(self) -> Any:
+        from xflwb.server.security import TokenStore
+
+        return TokenStore(self._reg().engine)
+
+    def issue_device_token(self, device: str) -> str:
+        """A new token for the phone labelled ``device``: give it to the phone (it is shown
+        only now; the registry keeps its digest). Phones present it as ``Authorization:
+        Bearer <token>`` on HTTP and in the gRPC metadata when ``device_auth="token"``."""
+        return str(self._tokens().issue(device)["token"])
+
+    def revoke_device_token(self, device_or_id: str | int) -> int:
+        """Revoke a token by id, or every token of a device by name; returns how many.
+        Revoked phones are refused at their next request or join."""
+        return self._tokens().revoke(device_or_id)
+
+    @property
+    def device_tokens(self) -> pd.DataFrame:
+        """Every token issued (id, device, created, revoked); never the tokens themselves."""
+        return pd.DataFrame(self._tokens().list(),
+                            columns=["id", "device", "created", "revoked"])
+
+    @property
+    def tls_fingerprint(self) -> str | None:
+        """SHA-256 of the certificate phones trust (the CA's, for ``make_dev_ca``)."""
+        return self.tls.fingerprint if self.tls is not None else None
+
+    @property
+    def security_warnings(self) -> list[str]:
+        """What is open to the network: a non-loopback bind without TLS or device auth."""
+        from xflwb.server.security import warnings_for
+
+        return warnings_for(self.host, self.tls, self.device_auth)

@@ -12,6 +12,7 @@ little-endian float32 (FedKit, Flower Android) or ``.npy`` (Flower's iOS SDK);
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -213,6 +214,23 @@ def encode_npy(array: np.ndarray) -> bytes:
 
 
 _NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+#: the element types a phone's tensor may have: real floats (any byte order); anything else
+#: (ints, bools, complex, structured, object, strings) is refused by name, never converted
+TENSOR_DTYPES = ("float16", "float32", "float64")
+
+
+def check_tensor_dtype(dtype: np.dtype) -> None:
+    """Refuse, naming it, any dtype but a real float16/float32/float64.
+
+    A silent ``astype(float32)`` would drop a complex tensor's imaginary part, read a
+    structured record's fields as one number (or raise ``TypeError`` mid-round), and turn
+    ints into weights nobody trained."""
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"tensor has a structured dtype {dtype.str!r} {dtype.descr}; phones "
+                         f"send plain tensors of {', '.join(TENSOR_DTYPES)}")
+    if dtype.kind != "f" or dtype.name not in TENSOR_DTYPES:
+        raise ValueError(f"tensor has dtype {dtype.name} ({dtype.str!r}); phones send real "
+                         f"{', '.join(TENSOR_DTYPES)}")
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -220,7 +238,8 @@ def decode_npy(data: bytes) -> np.ndarray:
 
     Every client of a round sends the same few headers, so parsed headers are cached and the
     payload is read with ``np.frombuffer`` (``np.load`` re-parses each header: it was the
-    largest cost of aggregating .npy updates).
+    largest cost of aggregating .npy updates). Whatever the bytes hold, the only exception
+    is ``ValueError`` naming what is wrong: the bytes come from a phone.
     """
     try:
         major = data[6]
@@ -232,20 +251,23 @@ def decode_npy(data: bytes) -> np.ndarray:
             buf = io.BytesIO(header)
             version = np.lib.format.read_magic(buf)
             shape, fortran, dtype = np.lib.format._read_array_header(buf, version)
-            if dtype.hasobject:
-                raise ValueError("object arrays are not tensors")
+            check_tensor_dtype(dtype)
+            if any(d < 0 for d in shape):
+                raise ValueError(f"negative dimension in shape {tuple(shape)}")
             parsed = (dtype, tuple(shape), bool(fortran))
             if len(_NPY_HEADERS) < 4096:
                 _NPY_HEADERS[header] = parsed
         dtype, shape, fortran = parsed
-        count = int(np.prod(shape))
-        arr = np.frombuffer(data, dtype=dtype, count=count, offset=end)
+        count = math.prod(shape)  # exact: np.prod wraps around on absurd shapes
         if len(data) != end + count * dtype.itemsize:
             raise ValueError(f"{len(data) - end} payload bytes for shape {shape} {dtype}")
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=end)
         arr = arr.reshape(shape, order="F" if fortran else "C")
-    except (ValueError, OSError, IndexError) as exc:
-        raise ValueError(f"malformed .npy tensor: {exc}") from exc
-    return np.asarray(arr, dtype=np.float32)
+        with np.errstate(over="ignore"):  # float64 beyond float32 → inf, refused downstream
+            return np.asarray(arr, dtype=np.float32)
+    except Exception as exc:  # any failure is the sender's malformed tensor
+        what = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"malformed .npy tensor: {what}") from exc
 
 
 CODECS = {"raw": (encode_raw, decode_raw), "npy": (encode_npy, decode_npy)}

@@ -56,6 +56,12 @@ class DeviceOptions:
     encoding: str = "raw"          # "raw" (FedKit, "ND") or "npy" (Flower iOS SDK)
     max_wait: float = 120.0        # give up when no session appears within this time
     seed: int = 0
+    #: PEM file of the CA to trust for an https backend and its gRPC ports (a dev CA from
+    #: ``make_dev_ca``); None: the system's roots
+    ca_file: str | None = None
+    #: the device token the operator issued (sent on HTTP and gRPC) for a backend with
+    #: ``device_auth="token"``; None: none sent
+    token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.slowdown < 1.0:
@@ -67,6 +73,9 @@ class DeviceOptions:
         for name in ("join_delay", "rejoin_delay", "network_delay", "max_wait"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if self.ca_file is not None and not Path(self.ca_file).is_file():
+            raise ValueError(f"ca_file {self.ca_file!r} does not exist (the PEM CA the "
+                             "backend's certificate was signed with)")
 
 
 @dataclass
@@ -187,7 +196,10 @@ class Device:
         """Take part until the session ends; never raises (errors land in status)."""
         import httpx
 
-        self._http = httpx.Client(timeout=60)
+        headers = ({"Authorization": f"Bearer {self.options.token}"}
+                   if self.options.token else {})
+        self._http = httpx.Client(timeout=60, headers=headers,
+                                  verify=self.options.ca_file or True)
         try:
             if self.options.join_delay:
                 self._set(status="delayed")
@@ -227,18 +239,24 @@ class Device:
 
         host = urlparse(self.url).hostname
         out: queue.Queue = queue.Queue()
-        sent = threading.Event()  # every queued message was sent (gRPC waits per message)
-        channel = grpc.insecure_channel(f"{host}:{server['port']}",
-                                        options=[("grpc.max_send_message_length", -1),
-                                                 ("grpc.max_receive_message_length", -1)])
+        options = [("grpc.max_send_message_length", -1),
+                   ("grpc.max_receive_message_length", -1)]
+        target = f"{host}:{server['port']}"
+        if urlparse(self.url).scheme == "https":  # the session's gRPC ports use TLS too
+            roots = Path(self.options.ca_file).read_bytes() if self.options.ca_file else None
+            channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(roots),
+                                          options=options)
+        else:
+            channel = grpc.insecure_channel(target, options=options)
+        metadata = ([("authorization", f"Bearer {self.options.token}")]
+                    if self.options.token else None)
 
         def requests():
             while (msg := out.get()) is not None:
                 yield msg
-            sent.set()
 
         try:
-            stream = pbg.FlowerServiceStub(channel).Join(requests())
+            stream = pbg.FlowerServiceStub(channel).Join(requests(), metadata=metadata)
             for msg in stream:
                 if self._stop.is_set():
                     return True
@@ -253,7 +271,7 @@ class Device:
                     raise
                 except Exception as exc:
                     if kind == "fit_ins":
-                        self._report_fit_error(pb, out, sent, exc)
+                        self._report_fit_error(pb, out, stream, channel, exc)
                     raise
                 if self.options.network_delay:
                     time.sleep(self.options.network_delay)
@@ -267,22 +285,37 @@ class Device:
                 log.info("device %s: stream closed (%s: %s)", self.status.device_id,
                          exc.code().name, exc.details())
                 return True  # the session ended
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise DeviceError(f"the session refused this device: {exc.details()}") from None
             raise
         finally:
             out.put(None)
             channel.close()
 
-    def _report_fit_error(self, pb: Any, out: queue.Queue, sent: threading.Event,
-                          exc: Exception) -> None:
+    def _report_fit_error(self, pb: Any, out: queue.Queue, stream: Any, channel: Any,
+                          exc: Exception, grace: float = 30.0) -> None:
         """Answer the FitIns with a failed FitRes carrying the error before leaving, so the
-        session can say why its clients fail (a bare disconnect tells it nothing)."""
+        session can say why its clients fail (a bare disconnect tells it nothing).
+
+        Closing the channel right after queueing it could cancel the stream before the
+        server has read it; so wait until the server shows it has (its next message, or it
+        ends the stream, e.g. because the session failed), at most ``grace`` seconds."""
+        import grpc
+
         status = pb.Status(code=pb.Code.Value("FIT_NOT_IMPLEMENTED"),
                            message=f"{type(exc).__name__}: {exc}"[:1000])
         out.put(pb.ClientMessage(fit_res=pb.ClientMessage.FitRes(
             status=status, parameters=pb.Parameters(tensors=[], tensor_type=""),
             num_examples=0)))
-        out.put(None)
-        sent.wait(5)
+        timer = threading.Timer(grace, channel.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            next(stream, None)
+        except (grpc.RpcError, ValueError):  # the server (or the timer) ended the stream
+            pass
+        finally:
+            timer.cancel()
 
     def _decode(self, pb: Any, parameters: Any) -> list[np.ndarray]:
         from xflwb.bridge import params

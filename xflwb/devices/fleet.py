@@ -77,7 +77,8 @@ class Fleet:
                  drop_prob: float | Sequence[float] = 0.0,
                  network_delay: float | Sequence[float] = 0.0, encoding: str = "raw",
                  max_wait: float = 300.0, first_device_id: int = 1,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, ca_file: str | Path | None = None,
+                 tokens: Sequence[str] | None = None) -> None:
         n = int(android) + int(ios)
         if android < 0 or ios < 0 or n == 0:
             raise ValueError(f"ask for at least one device (android={android}, ios={ios})")
@@ -96,6 +97,12 @@ class Fleet:
                       "network_delay": _per_device(network_delay, n, "network_delay")}
         self.encoding = encoding
         self.max_wait = max_wait
+        #: the CA an https backend's certificate chains to; one device token per device
+        #: (passed in each process's environment, never on its command line)
+        self.ca_file = None if ca_file is None else str(ca_file)
+        if tokens is not None and len(tokens) != n:
+            raise ValueError(f"tokens lists {len(tokens)} tokens for {n} devices")
+        self._tokens = list(tokens) if tokens is not None else None
         self.ids = list(range(first_device_id, first_device_id + n))
         self.procs: dict[int, subprocess.Popen] = {}
         #: written into every status file of this run; the table ignores any other file
@@ -137,11 +144,17 @@ class Fleet:
                    "--run-id", self.run_id]
             for knob, values in self.knobs.items():
                 cmd += [f"--{knob.replace('_', '-')}", str(values[k])]
+            if self.ca_file:
+                cmd += ["--ca-file", self.ca_file]
+            env = _lifeline.child_env()
+            if self._tokens is not None:
+                from xflwb.server.security import TOKEN_ENV
+
+                env = {**env, TOKEN_ENV: self._tokens[k]}
             log = open(self._log_file(device_id), "ab")  # noqa: SIM115
             self._log_start[device_id] = log.tell()
             self.procs[device_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                                     stderr=subprocess.STDOUT,
-                                                     env=_lifeline.child_env())
+                                                     stderr=subprocess.STDOUT, env=env)
             log.close()
         return self
 

@@ -25,7 +25,16 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["StreamingFedAvg", "aggregate_masked", "pin_blas_threads"]
+__all__ = ["DEFAULT_MAX_EXAMPLES", "ROBUST_RULE_NAMES", "StreamingFedAvg", "aggregate_masked",
+           "aggregate_robust", "pin_blas_threads", "update_norm"]
+
+#: the most examples one update counts for unless a session says otherwise
+#: (``max_examples``): FedKit phones hold hundreds to a few thousand samples, and an
+#: honest device never declares more than it trained on; the cap keeps one client that
+#: claims 2^63 − 1 from weighing as much as the rest of the fleet times a billion.
+DEFAULT_MAX_EXAMPLES = 1_000_000
+#: the robust rules ``aggregate_robust`` applies (Flower's names)
+ROBUST_RULE_NAMES = ("fedmedian", "fedtrimmedavg", "krum")
 
 # Updates per float32 block sum before it is folded into the float64 sum: the error bound
 # grows with it (16 roundings of a float32 sum of 16 updates, ~1e-7 relative at worst),
@@ -289,3 +298,65 @@ def aggregate_masked(
     for arrays, num_examples, trained in updates:
         agg.add(arrays, num_examples, trained)
     return agg.result()
+
+
+def update_norm(update: Sequence[np.ndarray], previous: Sequence[np.ndarray],
+                trained: Sequence[bool]) -> float:
+    """L2 norm of ``update − previous`` over the trained parameters, in float64 (NaN or
+    inf when the update holds them: callers refuse those)."""
+    total = 0.0
+    with np.errstate(all="ignore"):
+        for a, p, t in zip(update, previous, trained, strict=True):
+            if t:
+                d = np.asarray(a, np.float64) - np.asarray(p, np.float64)
+                total += float(np.dot(d.reshape(-1), d.reshape(-1)))
+    return float(np.sqrt(total))
+
+
+def aggregate_robust(previous: Sequence[np.ndarray],
+                     updates: Sequence[tuple[Sequence[np.ndarray], int, Sequence[bool]]],
+                     rule: str, *, beta: float = 0.2, num_malicious_clients: int = 0,
+                     num_clients_to_keep: int = 0) -> list[np.ndarray]:
+    """A robust rule of Flower's applied with the masked rule: ``(arrays, num_examples,
+    trained)`` updates in, new global model out.
+
+    ``rule`` is ``fedmedian`` (coordinate-wise median), ``fedtrimmedavg`` (mean after
+    cutting ``beta`` of the values at each end) or ``krum`` (the update closest to its
+    ``n − f − 2`` nearest others, ``f = num_malicious_clients``; MultiKrum averages the
+    ``num_clients_to_keep`` best, weighted by examples). Flower's own functions
+    (``aggregate_median``, ``aggregate_trimmed_avg``, ``aggregate_krum``) do the work, once
+    per *tensor group*: the parameters trained by exactly the same clients. So a tensor a
+    platform does not train never takes part for that platform's clients (its frozen copy
+    would otherwise pull the median back to the old value), and one nobody trained keeps
+    its value. Where this differs from Flower's strategies: Krum scores and selects clients
+    per group rather than on the whole vector (the whole vector of an iOS client includes
+    copies it did not train), and values are aggregated in float64, rounded once to
+    float32. Memory is O(clients × parameters), unlike the streamed average.
+    """
+    from xflwb.server.flower_legacy import (
+        aggregate_krum,
+        aggregate_median,
+        aggregate_trimmed_avg,
+    )
+
+    if rule not in ROBUST_RULE_NAMES:
+        raise ValueError(f"unknown robust rule {rule!r}; use one of {ROBUST_RULE_NAMES}")
+    out = [np.array(p, dtype=np.float32) for p in previous]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k in range(len(out)):
+        who = tuple(i for i, (_, _, trained) in enumerate(updates) if trained[k])
+        if who:
+            groups.setdefault(who, []).append(k)
+    for who, ks in groups.items():
+        results = [([np.asarray(updates[i][0][k], np.float64) for k in ks], int(updates[i][1]))
+                   for i in who]
+        if rule == "fedmedian":
+            new = aggregate_median(results)
+        elif rule == "fedtrimmedavg":
+            new = aggregate_trimmed_avg(results, beta)
+        else:
+            new = aggregate_krum(results, num_malicious_clients,
+                                 min(num_clients_to_keep, len(results)))
+        for k, a in zip(ks, new, strict=True):
+            out[k] = np.asarray(a, np.float32).reshape(out[k].shape)
+    return out

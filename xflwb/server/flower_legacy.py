@@ -10,7 +10,9 @@ test ``tests/test_flower_legacy.py`` pins what we rely on).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from types import SimpleNamespace
+from typing import Any
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -20,19 +22,69 @@ with warnings.catch_warnings():
         EvaluateRes,
         FitIns,
         FitRes,
+        GetParametersIns,
         Parameters,
         Status,
         ndarrays_to_parameters,
         parameters_to_ndarrays,
     )
     from flwr.proto import transport_pb2, transport_pb2_grpc
+    from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
     from flwr.server import Server
     from flwr.server.client_manager import ClientManager, SimpleClientManager
     from flwr.server.client_proxy import ClientProxy
-    from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
+    from flwr.server.strategy import (
+        FedAdagrad,
+        FedAdam,
+        FedAvg,
+        FedAvgM,
+        FedMedian,
+        FedTrimmedAvg,
+        FedYogi,
+        Krum,
+        Strategy,
+    )
     from flwr.server.strategy.aggregate import aggregate as flower_aggregate
-    from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
+    from flwr.server.strategy.aggregate import (
+        aggregate_krum,
+        aggregate_median,
+        aggregate_trimmed_avg,
+    )
+    from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import (
+        FlowerServiceServicer,
+        register_client_proxy,
+    )
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import (
+        GrpcBridge,
+        GrpcBridgeClosed,
+        InsWrapper,
+        ResWrapper,
+    )
+    from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
+    from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH, generic_create_grpc_server
 
+
+def start_grpc_server(client_manager: ClientManager, server_address: str,
+                      max_concurrent_workers: int = 1000,
+                      max_message_length: int = GRPC_MAX_MESSAGE_LENGTH,
+                      keepalive_time_ms: int = 210000,
+                      certificates: tuple[bytes, bytes, bytes] | None = None,
+                      interceptors: Sequence[Any] | None = None) -> Any:
+    """Flower's legacy ``start_grpc_server`` (same arguments), serving ``Join`` with
+    ``StrictFlowerServicer``: Flower's servicer pairs whatever message comes next with the
+    pending instruction, so one duplicated FitRes desyncs a phone's stream for good; ours
+    checks each client message against the instruction it answers
+    (``xflwb.server.protocol``)."""
+    from xflwb.server.protocol import StrictFlowerServicer
+
+    server = generic_create_grpc_server(
+        servicer_and_add_fn=(StrictFlowerServicer(client_manager),
+                             add_FlowerServiceServicer_to_server),
+        server_address=server_address, max_concurrent_workers=max_concurrent_workers,
+        max_message_length=max_message_length, keepalive_time_ms=keepalive_time_ms,
+        certificates=certificates, interceptors=interceptors)
+    server.start()
+    return server
 
 
 def simulation_api() -> SimpleNamespace:
@@ -68,14 +120,28 @@ def simulation_api() -> SimpleNamespace:
         run_simulation=run_simulation)
 
 
-#: Flower's server-side optimisers, by the name ``wb.train(strategy=...)`` takes.
+#: Flower's strategies by the name ``wb.train(strategy=...)`` takes (the one list every
+#: config validates against): server-side optimisers, which act on the masked average, and
+#: robust rules (``ROBUST_RULES``), which replace it; ``strategy_options`` go to the Flower
+#: class, so its own constructor checks them (FedTrimmedAvg's ``beta``, Krum's
+#: ``num_malicious_clients`` / ``num_clients_to_keep``: > 0 is MultiKrum).
 SERVER_STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam,
-                     "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+                     "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedmedian": FedMedian,
+                     "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
+#: the robust rules among them, and Flower's aggregation function each one applies
+ROBUST_RULES = {"fedmedian": aggregate_median, "fedtrimmedavg": aggregate_trimmed_avg,
+                "krum": aggregate_krum}
 
 __all__ = [
-    "SERVER_STRATEGIES", "ClientManager", "ClientProxy", "Code", "EvaluateIns", "EvaluateRes",
-    "FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "FitIns", "FitRes", "Parameters",
-    "Server", "SimpleClientManager", "Status", "Strategy", "flower_aggregate",
-    "ndarrays_to_parameters", "parameters_to_ndarrays", "simulation_api", "start_grpc_server",
-    "transport_pb2", "transport_pb2_grpc",
+    "GRPC_MAX_MESSAGE_LENGTH", "ROBUST_RULES", "SERVER_STRATEGIES", "ClientManager",
+    "ClientProxy", "Code", "EvaluateIns", "EvaluateRes", "FedAdagrad", "FedAdam", "FedAvg",
+    "FedAvgM", "FedMedian", "FedTrimmedAvg", "FedYogi", "FitIns", "FitRes",
+    "FlowerServiceServicer", "GetParametersIns", "GrpcBridge", "GrpcBridgeClosed",
+    "GrpcClientProxy",
+    "InsWrapper", "Krum", "Parameters", "ResWrapper", "Server", "SimpleClientManager",
+    "Status", "Strategy", "add_FlowerServiceServicer_to_server", "aggregate_krum",
+    "aggregate_median", "aggregate_trimmed_avg", "flower_aggregate",
+    "generic_create_grpc_server", "ndarrays_to_parameters", "parameters_to_ndarrays",
+    "register_client_proxy", "simulation_api", "start_grpc_server", "transport_pb2",
+    "transport_pb2_grpc",
 ]

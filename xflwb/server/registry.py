@@ -7,15 +7,22 @@ copied under ``<data_dir>/registry/<name>/v<version>/`` and never change afterwa
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from xflwb.bridge import manifest as manifest_mod
+
+log = logging.getLogger(__name__)
 
 PLATFORM_FLAGS = {"android": "tflite", "ios": "coreml"}
 ACTIVE = ("starting", "running")
@@ -51,6 +58,9 @@ sessions = sa.Table(
     sa.Column("config", sa.Text, nullable=False),
     sa.Column("ports", sa.Text),  # JSON {"android": port, "ios": port}
     sa.Column("pid", sa.Integer),
+    #: the process that inserted the row and launches its process: while a ``starting`` row
+    #: has no pid yet, it is only crashed when this launcher is gone (or after a deadline)
+    sa.Column("launcher_pid", sa.Integer),
     sa.Column("round", sa.Integer, nullable=False, default=0),
     sa.Column("resumed_from", sa.Integer),  # checkpoint id
     sa.Column("error", sa.Text),
@@ -96,9 +106,16 @@ checkpoints = sa.Table(
     sa.Column("round", sa.Integer, nullable=False),
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
+    sa.Column("sha256", sa.String(64)),  # of the file's bytes; NULL in rows of older xflwb
 )
 #: sessions run on the Simulation Engine (their config says so; see SimulationConfig)
 _SIMULATION = sessions.c.config.like('%"engine": "simulation"%')
+#: at most one active phone session per model, enforced by the database itself: two starts
+#: racing (threads, the API and a notebook, two processes) cannot both insert one
+ONE_ACTIVE_SESSION = sa.Index(
+    "one_active_session_per_model", sessions.c.model_name, unique=True,
+    sqlite_where=sa.and_(sessions.c.status.in_(ACTIVE), ~_SIMULATION),
+    postgresql_where=sa.and_(sessions.c.status.in_(ACTIVE), ~_SIMULATION))
 devices = sa.Table(
     "devices", meta,
     sa.Column("id", sa.Integer, primary_key=True),  # FedKit's device_id
@@ -135,6 +152,13 @@ evaluations = sa.Table(  # per-client EvaluateRes, used to attribute telemetry t
     sa.Column("num_examples", sa.Integer, nullable=False),
     sa.Column("telemetry_id", sa.Integer),
 )
+#: telemetry ↔ evaluation matching looks rows up by key (session, size, loss range), never
+#: scanning every unmatched row: flooding a session with telemetry costs lookups O(log n)
+TELEMETRY_MATCH = sa.Index("telemetry_match", telemetry.c.session_id, telemetry.c.kind,
+                           telemetry.c.platform, telemetry.c.test_size, telemetry.c.loss)
+EVALUATION_MATCH = sa.Index("evaluation_match", evaluations.c.session_id,
+                            evaluations.c.telemetry_id, evaluations.c.num_examples,
+                            evaluations.c.loss)
 
 
 class RegistryError(ValueError):
@@ -143,6 +167,26 @@ class RegistryError(ValueError):
 
 class NotFound(RegistryError):
     pass
+
+
+class TelemetryRefused(RegistryError):
+    """Telemetry the registry will not record; the message says why (HTTP 409)."""
+
+
+#: seconds after a session ends in which its last round's telemetry is still taken (phones
+#: post it right after answering, possibly just after the session finished)
+TELEMETRY_GRACE = 30.0
+
+
+class SessionConflict(RegistryError):
+    """The model already has an active phone session (``session_id``); HTTP 409."""
+
+    def __init__(self, model_name: str, session_id: int | None, status: str | None) -> None:
+        self.model_name, self.session_id, self.status = model_name, session_id, status
+        which = (f"session {session_id} ({status})" if session_id is not None
+                 else "a session that started at the same moment")
+        super().__init__(f"model {model_name!r} already has {which}; stop it first "
+                         f"(wb.session({session_id}).stop()) or join it")
 
 
 def _engine(url: str) -> sa.Engine:
@@ -162,6 +206,32 @@ def _engine(url: str) -> sa.Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+#: what a published model name or artifact file name may be: it becomes a directory under
+#: ``data_dir`` and part of the ``/static`` download path
+PLAIN_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,63}")
+
+
+def check_plain_name(name: Any, what: str) -> None:
+    """Refuse anything but a plain identifier (no ``/``, no ``..``): names become paths."""
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise RegistryError(
+            f"{what} {name!r} is not a plain name: use a letter, then up to 63 letters, "
+            "digits, '_', '.' or '-' (no '/', no '..'); export again with such a name")
+
+
+def _refuse_symlinks(src: Path) -> None:
+    """An export directory holding a symlink could publish (and serve from ``/static``) a
+    file from anywhere on the server's disk: refuse it, naming the link."""
+    if src.is_symlink():
+        raise RegistryError(f"export directory {src} is a symlink; publish the directory "
+                            "it points to")
+    for path in sorted(src.rglob("*")):
+        if path.is_symlink():
+            raise RegistryError(f"{path} in the export directory is a symlink (to "
+                                f"{os.readlink(path)}); replace it with the file itself or "
+                                "export again")
+
+
 class Registry:
     """All persistent state; safe to open from several processes at once."""
 
@@ -173,6 +243,37 @@ class Registry:
         self.db_url = db_url or f"sqlite:///{self.data_dir / 'xflwb.db'}"
         self.engine = _engine(self.db_url)
         meta.create_all(self.engine)
+        self._migrate_sessions()
+        self._migrate_checkpoints_and_telemetry()
+
+    def _migrate_sessions(self) -> None:
+        """Bring a sessions table made by an older xflwb up to date (new column, the
+        one-active-session index). A database that already holds two active sessions of one
+        model (made before the index existed) keeps working without the index."""
+        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("sessions")}
+        if "launcher_pid" not in cols:
+            # (another process may add it first)
+            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
+                c.execute(sa.text("ALTER TABLE sessions ADD COLUMN launcher_pid INTEGER"))
+        try:
+            ONE_ACTIVE_SESSION.create(self.engine, checkfirst=True)
+        except sa.exc.OperationalError:  # made by another process meanwhile
+            pass
+        except sa.exc.IntegrityError:
+            log.warning("the registry %s has two active sessions of one model; stop one: "
+                        "starts are not protected against races until then", self.db_url)
+
+    def _migrate_checkpoints_and_telemetry(self) -> None:
+        """A registry made by an older xflwb: add the checkpoints' sha256 column and the
+        matching indexes (several processes may race here: the loser sees them made)."""
+        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("checkpoints")}
+        if "sha256" not in cols:
+            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
+                # (another process may have added it first)
+                c.execute(sa.text("ALTER TABLE checkpoints ADD COLUMN sha256 VARCHAR(64)"))
+        for index in (TELEMETRY_MATCH, EVALUATION_MATCH):
+            with contextlib.suppress(sa.exc.OperationalError):  # made by another process
+                index.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -187,9 +288,19 @@ class Registry:
             raise RegistryError("publish() takes an ExportResult, an export directory or a "
                                 "manifest.json path")
         manifest_mod.validate(m)
+        check_plain_name(m["name"], "model name")
+        version = m["version"]
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version < 2**31:
+            raise RegistryError(f"model version must be an integer in [1, 2^31), got "
+                                f"{version!r}; export the model again")
         src = Path(m["_dir"])
+        _refuse_symlinks(src)
         for plat, entry in m["platforms"].items():
+            check_plain_name(entry["file"], f"{plat} artifact file name")
             path = src / entry["file"]
+            if not path.resolve().is_relative_to(src.resolve()):
+                raise RegistryError(f"{plat} artifact {path} resolves outside the export "
+                                    f"directory {src}; publish only files xflwb.export wrote")
             if not path.is_file():
                 raise RegistryError(f"{plat} artifact {path} is missing")
             if manifest_mod.sha256(path) != entry["sha256"]:
@@ -265,6 +376,12 @@ class Registry:
             raise NotFound(f"no model with id {artifact_id}")
         return dict(row._mapping)
 
+    def largest_artifact_bytes(self) -> int:
+        """Size of the largest published model file (0 when none): request limits scale
+        with it."""
+        with self.engine.connect() as c:
+            return int(c.execute(sa.select(sa.func.max(artifacts.c.bytes))).scalar() or 0)
+
     def artifacts_of(self, model_id: int) -> dict[str, dict[str, Any]]:
         with self.engine.connect() as c:
             rows = c.execute(artifacts.select().where(artifacts.c.model_id == model_id)).all()
@@ -289,12 +406,40 @@ class Registry:
         return self._model_row(row), self.get_artifact(row.artifact_id)
 
     # -- sessions ----------------------------------------------------------------------------
-    def create_session(self, model: dict[str, Any], config: dict[str, Any]) -> int:
+    def create_session(self, model: dict[str, Any], config: dict[str, Any],
+                       exclusive: bool = False) -> int:
+        """Insert a ``starting`` session launched by this process.
+
+        ``exclusive`` (phone sessions): the check for the model's active session and the
+        insert are one transaction, and the unique partial index refuses a racing second
+        insert; the loser gets ``SessionConflict`` naming the winner."""
+        values = {"model_id": model["id"], "model_name": model["name"], "status": "starting",
+                  "config": json.dumps(config), "round": 0, "started": time.time(),
+                  "launcher_pid": os.getpid()}
+        try:
+            with self.engine.begin() as c:
+                if exclusive:
+                    row = c.execute(self._active_query(model["name"])).first()
+                    if row is not None:
+                        raise SessionConflict(model["name"], row.id, row.status)
+                return c.execute(sessions.insert().values(**values)).inserted_primary_key[0]
+        except sa.exc.IntegrityError:
+            if not exclusive:
+                raise
+            active = self.active_session_for(model["name"])
+            raise SessionConflict(model["name"], active and active["id"],
+                                  active and active["status"]) from None
+
+    def mark_crashed(self, session_id: int, error: str, without_pid: bool = False) -> bool:
+        """Mark an active session crashed; a no-op (False) when it ended meanwhile, or, with
+        ``without_pid``, when its process wrote its pid meanwhile (one UPDATE, no race)."""
+        q = sessions.update().where(sessions.c.id == session_id,
+                                    sessions.c.status.in_(ACTIVE))
+        if without_pid:
+            q = q.where(sessions.c.pid.is_(None))
         with self.engine.begin() as c:
-            return c.execute(sessions.insert().values(
-                model_id=model["id"], model_name=model["name"], status="starting",
-                config=json.dumps(config), round=0, started=time.time())
-            ).inserted_primary_key[0]
+            n = c.execute(q.values(status="crashed", error=error, ended=time.time())).rowcount
+        return bool(n)
 
     def update_session(self, session_id: int, **values: Any) -> None:
         if "ports" in values and not isinstance(values["ports"], str | None):
@@ -325,13 +470,16 @@ class Registry:
         with self.engine.connect() as c:
             return [self._session_row(r) for r in c.execute(q).all()]
 
+    @staticmethod
+    def _active_query(model_name: str) -> sa.Select:
+        return (sessions.select().where(sessions.c.model_name == model_name,
+                                        sessions.c.status.in_(ACTIVE), ~_SIMULATION)
+                .order_by(sessions.c.id.desc()))
+
     def active_session_for(self, model_name: str) -> dict[str, Any] | None:
         """The model's running phone session (simulations never take phones)."""
-        q = (sessions.select().where(sessions.c.model_name == model_name,
-                                     sessions.c.status.in_(ACTIVE), ~_SIMULATION)
-             .order_by(sessions.c.id.desc()))
         with self.engine.connect() as c:
-            row = c.execute(q).first()
+            row = c.execute(self._active_query(model_name)).first()
         return None if row is None else self._session_row(row)
 
     # -- metrics, rejections, checkpoints ----------------------------------------------------
@@ -390,15 +538,37 @@ class Registry:
             return [dict(r._mapping) for r in reversed(c.execute(q).all())]
 
     def add_checkpoint(self, session_id: int, model: dict[str, Any], rnd: int,
-                       path: Path) -> int:
+                       path: Path, sha256: str | None = None) -> int:
+        """Record a written checkpoint; ``sha256`` of its bytes is checked when loaded."""
         with self.engine.begin() as c:
             return c.execute(checkpoints.insert().values(
                 session_id=session_id, model_name=model["name"],
-                model_version=model["version"], round=rnd, path=str(path), time=time.time())
-            ).inserted_primary_key[0]
+                model_version=model["version"], round=rnd, path=str(path), time=time.time(),
+                sha256=sha256)).inserted_primary_key[0]
+
+    def get_checkpoint(self, checkpoint_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(checkpoints.select().where(checkpoints.c.id == checkpoint_id)
+                            ).first()
+        return None if row is None else dict(row._mapping)
+
+    def round_offset(self, session: dict[str, Any]) -> int:
+        """The round a session's numbering continues from: the (absolute) round of the
+        checkpoint it resumed from, 0 for a fresh session."""
+        ckpt_id = session.get("resumed_from")
+        ckpt = self.get_checkpoint(ckpt_id) if ckpt_id is not None else None
+        return int(ckpt["round"]) if ckpt is not None else 0
 
     def latest_checkpoint(self, model_name: str, model_version: int | None = None,
                           session_id: int | None = None) -> dict[str, Any] | None:
+        found = self.checkpoints_newest_first(model_name, model_version, session_id, limit=1)
+        return found[0] if found else None
+
+    def checkpoints_newest_first(self, model_name: str, model_version: int | None = None,
+                                 session_id: int | None = None,
+                                 limit: int | None = None) -> list[dict[str, Any]]:
+        """The model's checkpoints, newest first (a resume falls back along this list when
+        the newest is missing or corrupt)."""
         q = checkpoints.select().where(checkpoints.c.model_name == model_name)
         if model_version is not None:
             q = q.where(checkpoints.c.model_version == model_version)
@@ -407,33 +577,69 @@ class Registry:
         else:  # a phone session resumes from phone sessions, never from a simulation
             q = q.where(checkpoints.c.session_id.not_in(
                 sa.select(sessions.c.id).where(_SIMULATION)))
+        q = q.order_by(checkpoints.c.id.desc())
+        if limit is not None:
+            q = q.limit(limit)
         with self.engine.connect() as c:
-            row = c.execute(q.order_by(checkpoints.c.id.desc())).first()
-        return None if row is None else dict(row._mapping)
+            return [dict(r._mapping) for r in c.execute(q).all()]
 
     # -- devices and telemetry ---------------------------------------------------------------
     def add_telemetry(self, kind: str, body: dict[str, Any]) -> int:
+        """Record one FedKit telemetry post (``kind``: fit | evaluate); the body's values are
+        range-checked by the caller (the HTTP route).
+
+        Refused (``TelemetryRefused``): a session that is not running (a short grace after
+        it ends lets the last round's posts land), a device id that is in another running
+        session, and evaluate telemetry that matches an evaluation of a platform other than
+        the one its device id is bound to. A device's platform is bound at its first match
+        and never rewritten; telemetry counts for a platform only through a match with an
+        EvaluateRes (never through its device id alone), so a reused device id cannot
+        speak for another phone's platform.
+        """
         now = time.time()
-        session = self.get_session(int(body["session_id"]))
-        platform = None
-        with self.engine.connect() as c:
-            dev = c.execute(devices.select().where(devices.c.id == body["device_id"])).first()
-        platform = dev.platform if dev is not None else None
+        sid, device_id = int(body["session_id"]), int(body["device_id"])
+        session = self.get_session(sid)
+        if session["config"].get("engine") == "simulation":
+            raise TelemetryRefused(f"session {sid} is a simulation: it takes no phone "
+                                   "telemetry")
+        if session["status"] != "running":
+            ended = session["ended"] or now
+            if session["status"] == "starting" or now - ended > TELEMETRY_GRACE:
+                raise TelemetryRefused(
+                    f"session {sid} is {session['status']}: telemetry is taken only while a "
+                    f"session runs (and {TELEMETRY_GRACE:g} s after it ends)")
+        # fit telemetry: the round being trained; evaluate telemetry: set by its match
+        rnd = self.round_offset(session) + int(session["round"]) + 1 if kind == "fit" else None
         with self.engine.begin() as c:
+            dev = c.execute(devices.select().where(devices.c.id == device_id)).first()
+            if dev is not None and dev.last_session_id not in (None, sid):
+                other = c.execute(sa.select(sessions.c.status).where(
+                    sessions.c.id == dev.last_session_id)).scalar()
+                if other in ACTIVE:
+                    raise TelemetryRefused(
+                        f"device {device_id} joined session {dev.last_session_id}, which is "
+                        f"still {other}: a device id takes part in one session at a time "
+                        "(does another phone use the same device_id?)")
             if dev is None:
-                c.execute(devices.insert().values(id=body["device_id"], platform=platform,
+                c.execute(devices.insert().values(id=device_id, platform=None,
                                                   first_seen=now, last_seen=now,
-                                                  last_session_id=session["id"]))
+                                                  last_session_id=sid))
             else:
-                c.execute(devices.update().where(devices.c.id == body["device_id"]).values(
-                    last_seen=now, last_session_id=session["id"]))
-            return c.execute(telemetry.insert().values(
-                kind=kind, device_id=body["device_id"], session_id=session["id"],
-                round=session["round"], platform=platform, start=body["start"],
-                end=body["end"], loss=body.get("loss"), accuracy=body.get("accuracy"),
-                test_size=body.get("test_size"), received=now)).inserted_primary_key[0]
+                c.execute(devices.update().where(devices.c.id == device_id).values(
+                    last_seen=now, last_session_id=sid))
+            tid = c.execute(telemetry.insert().values(
+                kind=kind, device_id=device_id, session_id=sid, round=rnd, platform=None,
+                start=body["start"], end=body["end"], loss=body.get("loss"),
+                accuracy=body.get("accuracy"), test_size=body.get("test_size"),
+                received=now)).inserted_primary_key[0]
+            if kind == "evaluate":
+                self._match_telemetry_row(c, tid, sid, device_id,
+                                          dev.platform if dev is not None else None,
+                                          body.get("loss"), body.get("test_size"))
+            return tid
 
     def note_device(self, device_id: int, platform: str) -> None:
+        """Record a device; its platform is bound once and never rewritten."""
         now = time.time()
         with self.engine.begin() as c:
             row = c.execute(devices.select().where(devices.c.id == device_id)).first()
@@ -442,7 +648,7 @@ class Registry:
                                                   first_seen=now, last_seen=now))
             else:
                 c.execute(devices.update().where(devices.c.id == device_id).values(
-                    platform=platform, last_seen=now))
+                    platform=row.platform or platform, last_seen=now))
 
     def list_devices(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:
@@ -457,64 +663,101 @@ class Registry:
             return [dict(r._mapping) for r in c.execute(q).all()]
 
     # -- evaluation ↔ telemetry ---------------------------------------------------------------
+    # FedKit's telemetry carries no platform, and gRPC carries no device id; but a device
+    # reports the same loss and test size in its EvaluateRes (platform known from the port)
+    # and in ``telemetry/evaluate_ins``. Whichever arrives second makes the match, looked up
+    # by key through the indexes above.
     def add_evaluations(self, session_id: int, rnd: int,
                         rows: list[tuple[str, str, float, int]]) -> None:
-        if rows:
-            with self.engine.begin() as c:
-                c.execute(evaluations.insert(), [
-                    {"session_id": session_id, "round": rnd, "platform": p, "client": cid,
-                     "loss": loss, "num_examples": n} for p, cid, loss, n in rows])
-        self.match_telemetry(session_id)
-
-    def match_telemetry(self, session_id: int) -> int:
-        """Attribute evaluate telemetry to a platform and round.
-
-        FedKit's telemetry carries no platform, and gRPC carries no device id; but a device
-        reports the same loss and test size in its EvaluateRes (platform known from the port)
-        and in ``telemetry/evaluate_ins``. Whichever arrives second makes the match.
-        """
-        matched = 0
+        if not rows:
+            return
         with self.engine.begin() as c:
-            tel = c.execute(telemetry.select().where(
-                telemetry.c.session_id == session_id, telemetry.c.kind == "evaluate",
-                telemetry.c.platform.is_(None)).order_by(telemetry.c.id)).all()
-            if not tel:
-                return 0
-            ev = c.execute(evaluations.select().where(
-                evaluations.c.session_id == session_id,
-                evaluations.c.telemetry_id.is_(None)).order_by(evaluations.c.id)).all()
-            used: set[int] = set()
-            for t in tel:
-                for e in ev:
-                    if e.id in used or e.num_examples != t.test_size or e.loss is None:
-                        continue
-                    if t.loss is None or abs(e.loss - t.loss) > 1e-4 * max(1.0, abs(e.loss)):
-                        continue
-                    used.add(e.id)
-                    c.execute(telemetry.update().where(telemetry.c.id == t.id).values(
-                        platform=e.platform, round=e.round))
-                    c.execute(evaluations.update().where(evaluations.c.id == e.id).values(
-                        telemetry_id=t.id))
-                    c.execute(devices.update().where(devices.c.id == t.device_id).values(
-                        platform=e.platform))
-                    matched += 1
-                    break
-        return matched
+            for p, cid, loss, n in rows:
+                eid = c.execute(evaluations.insert().values(
+                    session_id=session_id, round=rnd, platform=p, client=cid, loss=loss,
+                    num_examples=n)).inserted_primary_key[0]
+                self._match_evaluation_row(c, eid, session_id, rnd, p, loss, n)
+
+    @staticmethod
+    def _loss_range(loss: float) -> tuple[float, float]:
+        tol = 1e-4 * max(1.0, abs(loss))
+        return loss - tol, loss + tol
+
+    def _attribute(self, c: Any, tid: int, eid: int, device_id: int, platform: str,
+                   rnd: int) -> None:
+        c.execute(telemetry.update().where(telemetry.c.id == tid).values(
+            platform=platform, round=rnd))
+        c.execute(evaluations.update().where(evaluations.c.id == eid).values(
+            telemetry_id=tid))
+        c.execute(devices.update().where(devices.c.id == device_id,
+                                         devices.c.platform.is_(None)).values(
+            platform=platform))
+
+    def _match_telemetry_row(self, c: Any, tid: int, session_id: int, device_id: int,
+                             bound: str | None, loss: float | None,
+                             test_size: int | None) -> bool:
+        """Match a new evaluate telemetry row with an unmatched evaluation."""
+        if loss is None or test_size is None or not np.isfinite(loss):
+            return False
+        lo, hi = self._loss_range(float(loss))
+        q = (evaluations.select().where(
+            evaluations.c.session_id == session_id, evaluations.c.telemetry_id.is_(None),
+            evaluations.c.num_examples == int(test_size),
+            evaluations.c.loss.between(lo, hi)).order_by(evaluations.c.id).limit(8))
+        found = c.execute(q).all()
+        ok = [e for e in found if bound is None or e.platform == bound]
+        if not ok:
+            if found:
+                raise TelemetryRefused(
+                    f"device {device_id} is a {bound} device (bound at its first evaluation),"
+                    f" but this telemetry matches a {found[0].platform} evaluation: another "
+                    "phone seems to use its device_id")
+            return False
+        self._attribute(c, tid, ok[0].id, device_id, ok[0].platform, ok[0].round)
+        return True
+
+    def _match_evaluation_row(self, c: Any, eid: int, session_id: int, rnd: int,
+                              platform: str, loss: float | None, n: int) -> bool:
+        """Match a new evaluation with unmatched evaluate telemetry of a device that is not
+        bound to another platform (telemetry of a device bound elsewhere stays unmatched)."""
+        if loss is None or not np.isfinite(loss):
+            return False
+        lo, hi = self._loss_range(float(loss))
+        q = (sa.select(telemetry.c.id, telemetry.c.device_id, devices.c.platform)
+             .join(devices, devices.c.id == telemetry.c.device_id, isouter=True)
+             .where(telemetry.c.session_id == session_id, telemetry.c.kind == "evaluate",
+                    telemetry.c.platform.is_(None), telemetry.c.test_size == int(n),
+                    telemetry.c.loss.between(lo, hi))
+             .order_by(telemetry.c.id).limit(8))
+        for t in c.execute(q).all():
+            if t.platform not in (None, platform):
+                log.warning("session %s: telemetry %s of device %s (a %s device) matches a "
+                            "%s evaluation: not attributed (a reused device_id?)",
+                            session_id, t.id, t.device_id, t.platform, platform)
+                continue
+            self._attribute(c, t.id, eid, t.device_id, platform, rnd)
+            return True
+        return False
 
     def accuracy_metrics(self, session_id: int) -> list[dict[str, Any]]:
-        """Per round and platform: test-size-weighted accuracy reported by devices."""
+        """Per round and platform: test-size-weighted accuracy reported by devices whose
+        telemetry matched an EvaluateRes (unmatched telemetry counts nowhere)."""
         q = (sa.select(telemetry.c.round, telemetry.c.platform, telemetry.c.accuracy,
                        telemetry.c.test_size)
              .where(telemetry.c.session_id == session_id, telemetry.c.kind == "evaluate",
-                    telemetry.c.accuracy.is_not(None), telemetry.c.round.is_not(None)))
+                    telemetry.c.accuracy.is_not(None), telemetry.c.round.is_not(None),
+                    telemetry.c.platform.is_not(None)))
         with self.engine.connect() as c:
             rows = c.execute(q).all()
         sums: dict[tuple[int, str], list[float]] = {}
         for r in rows:
+            acc_value = float(r.accuracy)
+            if not 0.0 <= acc_value <= 1.0:  # rows stored before telemetry was range-checked
+                continue
             w = float(r.test_size or 1)
-            for plat in {r.platform or "unattributed", "all"}:
+            for plat in {r.platform, "all"}:
                 acc = sums.setdefault((r.round, plat), [0.0, 0.0])
-                acc[0] += float(r.accuracy) * w
+                acc[0] += acc_value * w
                 acc[1] += w
         return [{"round": rnd, "platform": plat, "metric": "accuracy", "value": s / n}
                 for (rnd, plat), (s, n) in sorted(sums.items()) if n]

@@ -29,10 +29,11 @@ import pandas as pd
 
 from xflwb import _lifeline
 from xflwb.bridge import manifest as manifest_mod
-from xflwb.server.aggregate import pin_blas_threads
+from xflwb.server.aggregate import DEFAULT_MAX_EXAMPLES, pin_blas_threads
 from xflwb.server.registry import ACTIVE, Registry, RegistryError
 
 DONE = ("finished", "failed", "stopped", "crashed")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +56,20 @@ class SessionConfig:
     #: clients trained in parallel and gRPC streams per port (Flower's defaults, 6 threads
     #: on 2 cores and 1000 streams, would serialise a large fleet's fits)
     max_workers: int = 1024
+    #: largest gRPC message a session accepts from a phone (and sends); None derives it from
+    #: the model (``message_limit``), so an oversized FitRes is refused before it is read
+    max_message_bytes: int | None = None
+    #: one update counts for at most this many examples (a larger ``num_examples`` is
+    #: capped and counted in the round's ``capped`` metric); None: no cap
+    max_examples: int | None = DEFAULT_MAX_EXAMPLES
+    #: reject updates farther than this (L2, canonical space, over the tensors the client's
+    #: platform trains) from the global model; None: no bound
+    max_update_norm: float | None = None
+    #: the workbench's TLS files ``[cert, key, ca]`` (gRPC over TLS) and device
+    #: enrollment (None: open; "token": every Join presents an issued token); set by the
+    #: SessionManager from the workbench, not per session
+    tls: list[str] | None = None
+    device_auth: str | None = None
 
     def __post_init__(self) -> None:
         from xflwb.server.flower_legacy import SERVER_STRATEGIES
@@ -67,12 +82,70 @@ class SessionConfig:
             v = getattr(self, name)
             if not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v!r}")
+        v = self.max_message_bytes
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                              or not MIN_MESSAGE_BYTES <= v <= MAX_MESSAGE_BYTES):
+            raise ValueError(f"max_message_bytes must be None (derived from the model) or an "
+                             f"integer in [{MIN_MESSAGE_BYTES}, {MAX_MESSAGE_BYTES}], got {v!r}")
         if not isinstance(self.round_timeout, int | float) or self.round_timeout <= 0:
             raise ValueError(f"round_timeout must be positive seconds, got {self.round_timeout!r}")
         if str(self.strategy).lower() not in SERVER_STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; use one of "
                              f"{sorted(SERVER_STRATEGIES)}")
         self.strategy = str(self.strategy).lower()
+        check_robustness_options(self.max_examples, self.max_update_norm)
+        check_strategy_options(self.strategy, self.strategy_options)
+        from xflwb.server.security import check_device_auth, tls_config
+
+        self.device_auth = check_device_auth(self.device_auth)
+        if self.tls is not None:
+            self.tls = tls_config(self.tls).as_list()  # type: ignore[union-attr]
+
+
+def check_robustness_options(max_examples: Any, max_update_norm: Any) -> None:
+    """``max_examples``: None or an integer in [1, 2^63 − 1]; ``max_update_norm``: None or a
+    positive finite number."""
+    v = max_examples
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                          or not 1 <= v <= 2**63 - 1):
+        raise ValueError(f"max_examples must be None (no cap) or a positive integer, got {v!r}")
+    v = max_update_norm
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
+                          or not 0 < float(v) < float("inf")):
+        raise ValueError(f"max_update_norm must be None (no bound) or a positive finite "
+                         f"number, got {v!r}")
+
+
+def check_strategy_options(strategy: str, options: Any) -> None:
+    """Flower's own constructor for ``strategy`` checks ``options`` before any process
+    starts (FedTrimmedAvg's ``beta`` in [0, 0.5), no option the class does not take)."""
+    from xflwb.server.flower_legacy import SERVER_STRATEGIES, ndarrays_to_parameters
+
+    if not isinstance(options, dict):
+        raise ValueError(f"strategy_options must be a dict, got {type(options).__name__}")
+    try:
+        SERVER_STRATEGIES[strategy](
+            initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]), **options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"strategy_options {options!r} do not fit strategy {strategy!r}: "
+                         f"{exc}") from exc
+
+
+#: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
+MIN_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 2**31 - 1
+#: the derived limit is never below this (config and metrics travel in the same messages)
+FLOOR_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def message_limit(manifest: dict[str, Any], configured: int | None = None) -> int:
+    """The gRPC message limit of a session: ``configured``, else twice the model's float32
+    size plus 1 MiB (a FitRes of P parameters is about 4P bytes; ``.npy`` headers, metrics
+    and framing are far below the headroom), at least 4 MiB."""
+    if configured is not None:
+        return int(configured)
+    params = sum(int(np.prod(p["shape"], dtype=np.int64)) for p in manifest["parameters"])
+    return int(min(MAX_MESSAGE_BYTES, max(FLOOR_MESSAGE_BYTES, 2 * 4 * params + 2**20)))
 
 
 def _free_port(host: str) -> int:
@@ -82,7 +155,10 @@ def _free_port(host: str) -> int:
 
 
 def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
-                max_workers: int = 1000) -> tuple[Any, int]:
+                max_workers: int = 1000, max_message_bytes: int = FLOOR_MESSAGE_BYTES,
+                probe_timeout: float | None = None,
+                certificates: tuple[bytes, bytes, bytes] | None = None,
+                interceptors: list[Any] | None = None) -> tuple[Any, int]:
     from xflwb.server.flower_legacy import start_grpc_server
     from xflwb.server.strategy import PlatformClientManager
 
@@ -90,48 +166,146 @@ def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
     for _ in range(1 if port else 8):
         p = port or _free_port(host)
         try:
-            return start_grpc_server(client_manager=PlatformClientManager(cm, platform),
+            return start_grpc_server(client_manager=PlatformClientManager(
+                                         cm, platform, probe_timeout=probe_timeout),
                                      server_address=f"{host}:{p}",
-                                     max_concurrent_workers=max_workers), p
+                                     max_concurrent_workers=max_workers,
+                                     max_message_length=max_message_bytes,
+                                     certificates=certificates,
+                                     interceptors=interceptors), p
         except RuntimeError as exc:  # grpc: port taken between probe and bind
             last = exc
     raise RuntimeError(f"could not bind a gRPC port for {platform}: {last}")
 
 
+def _grpc_security(cfg: SessionConfig, registry: Registry
+                   ) -> tuple[tuple[bytes, bytes, bytes] | None, list[Any] | None]:
+    """Flower's ``certificates=`` from the workbench's TLS files, and the device-token
+    interceptor when ``device_auth == "token"``."""
+    from xflwb.server import security
+
+    tls = security.tls_config(cfg.tls) if cfg.tls else None
+    interceptors = ([security.grpc_interceptor(security.TokenStore(registry.engine))]
+                    if cfg.device_auth == "token" else None)
+    return (tls.certificates() if tls else None), interceptors
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint: the message names the file(s), why, and what to do."""
+
+
 def save_checkpoint(registry: Registry, session_id: int, model: dict[str, Any], rnd: int,
-                     arrays: list[np.ndarray]) -> None:
+                    arrays: list[np.ndarray]) -> Path:
+    """Write the global model of round ``rnd`` and record it with the sha256 of its bytes
+    (checked when it is loaded). Raises ``OSError`` (disk full, read-only folder) or a
+    registry error; ``round_recorders`` logs those and training goes on."""
     folder = registry.checkpoint_dir / model["name"] / f"session-{session_id}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{rnd:05d}.npz"
     tmp = folder / f".round-{rnd:05d}.tmp.npz"
-    np.savez(tmp, *arrays)
-    os.replace(tmp, path)  # a kill mid-write never leaves a half checkpoint
-    registry.add_checkpoint(session_id, model, rnd, path)
+    try:
+        np.savez(tmp, *arrays)
+        digest = manifest_mod.sha256(tmp)
+        os.replace(tmp, path)  # a kill mid-write never leaves a half checkpoint
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    registry.add_checkpoint(session_id, model, rnd, path, sha256=digest)
+    return path
 
 
-def load_checkpoint(path: str | Path) -> list[np.ndarray]:
-    with np.load(path) as data:
-        return [np.asarray(data[f"arr_{i}"], np.float32) for i in range(len(data.files))]
+def load_checkpoint(path: str | Path, sha256: str | None = None,
+                    manifest: dict[str, Any] | None = None) -> list[np.ndarray]:
+    """The arrays of a checkpoint file, verified: its sha256 (when recorded), a readable
+    ``.npz`` of real float arrays, finite values, and (given the ``manifest``) the model's
+    tensor count and shapes. ``CheckpointError`` says what is wrong with which file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    if sha256 is not None:
+        got = manifest_mod.sha256(path)
+        if got != sha256:
+            raise CheckpointError(f"{path} does not match its recorded sha256 ({got[:12]}… "
+                                  f"instead of {sha256[:12]}…): the file changed after it "
+                                  "was written")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = [np.asarray(data[f"arr_{i}"]) for i in range(len(data.files))]
+    except Exception as exc:  # truncated, garbage, not a zip, missing members
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
+                              f"{exc})") from None
+    for i, a in enumerate(arrays):
+        if a.dtype.kind != "f":
+            raise CheckpointError(f"{path}: tensor {i} has dtype {a.dtype}, not float")
+        if not np.isfinite(a).all():
+            bad = int((~np.isfinite(a)).sum())
+            raise CheckpointError(f"{path}: tensor {i} holds {bad} NaN/inf values")
+    if manifest is not None:
+        want = [tuple(p["shape"]) for p in manifest["parameters"]]
+        if len(arrays) != len(want):
+            raise CheckpointError(f"{path} holds {len(arrays)} tensors; model "
+                                  f"{manifest['name']} has {len(want)}")
+        for i, (a, shape) in enumerate(zip(arrays, want, strict=True)):
+            if a.shape != shape:
+                raise CheckpointError(f"{path}: tensor {i} has shape {a.shape}; model "
+                                      f"{manifest['name']} expects {shape}")
+    return [a.astype(np.float32) for a in arrays]
 
 
-def round_recorders(registry: Registry, session_id: int, model: dict[str, Any]
+def newest_valid_checkpoint(candidates: list[dict[str, Any]], manifest: dict[str, Any],
+                            what: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """The first checkpoint of ``candidates`` (newest first) that verifies, logging why
+    each newer one was skipped; ``CheckpointError`` naming every file when none does."""
+    problems: list[str] = []
+    for ckpt in candidates:
+        try:
+            arrays = load_checkpoint(ckpt["path"], ckpt.get("sha256"), manifest)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("skipping checkpoint %s (session %s, round %s): %s", ckpt["id"],
+                        ckpt["session_id"], ckpt["round"], exc)
+            continue
+        if problems:
+            log.warning("falling back to checkpoint %s (%s, session %s, round %s), the newest "
+                        "valid one", ckpt["id"], ckpt["path"], ckpt["session_id"],
+                        ckpt["round"])
+        return ckpt, arrays
+    shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                       if len(problems) > 5 else "")
+    raise CheckpointError(f"no valid checkpoint of {what}: {shown}")
+
+
+def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
+                    offset: int = 0
                     ) -> tuple[Callable[[Any, list[np.ndarray]], None], Callable[[Any], None]]:
     """The strategy's per-round callbacks that persist metrics, rejections, evaluations and
-    a checkpoint; shared by phone sessions and simulations so both record the same way."""
+    a checkpoint; shared by phone sessions and simulations so both record the same way.
+
+    ``offset``: the round a resumed session continues from (its Flower round 1 is recorded
+    as round ``offset + 1``); the session row's ``round`` counts this session's rounds."""
 
     def on_fit(report: Any, global_: list[np.ndarray]) -> None:
-        registry.add_metrics(session_id, report.round, report.metrics)
+        rnd = report.round + offset
+        registry.add_metrics(session_id, rnd, report.metrics)
         for platform, cid, reason in report.rejections:
-            registry.add_rejection(session_id, report.round, platform, cid, reason)
-        registry.add_failures(session_id, report.round, getattr(report, "failures", []))
+            registry.add_rejection(session_id, rnd, platform, cid, reason)
+        registry.add_failures(session_id, rnd, getattr(report, "failures", []))
         if getattr(report, "failed", None):
             return  # every client failed: no new model, the session fails (strategy raises)
-        save_checkpoint(registry, session_id, model, report.round, global_)
+        try:
+            save_checkpoint(registry, session_id, model, rnd, global_)
+        except Exception as exc:  # disk full, read-only folder: training goes on
+            log.error("round %s: checkpoint not written (%s: %s); training goes on and the "
+                      "next round writes one again", rnd, type(exc).__name__, exc)
         registry.update_session(session_id, round=report.round)
 
     def on_eval(report: Any) -> None:
-        registry.add_metrics(session_id, report.round, report.metrics)
-        registry.add_evaluations(session_id, report.round, report.evaluations)
+        rnd = report.round + offset
+        registry.add_metrics(session_id, rnd, report.metrics)
+        registry.add_evaluations(session_id, rnd, report.evaluations)
+        for platform, cid, reason in getattr(report, "rejections", []):  # bad EvaluateRes
+            registry.add_rejection(session_id, rnd, platform, cid, reason)
 
     return on_fit, on_eval
 
@@ -204,15 +378,17 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         model = registry.get_model(row["model_id"])
         m = model["manifest"]
         initial = manifest_mod.initial_parameters(m)
-        resumed = None
+        resumed, offset = None, 0
         if cfg.resume:
-            ckpt = registry.latest_checkpoint(model["name"], model["version"])
-            if ckpt is not None and Path(ckpt["path"]).exists():
-                initial = load_checkpoint(ckpt["path"])
-                resumed = ckpt["id"]
+            candidates = registry.checkpoints_newest_first(model["name"], model["version"])
+            if candidates:  # the newest valid one (CheckpointError when none is)
+                ckpt, initial = newest_valid_checkpoint(
+                    candidates, m, f"{model['name']} v{model['version']} to resume from "
+                    "(start fresh with resume=False, or restore a checkpoint file)")
+                resumed, offset = ckpt["id"], int(ckpt["round"])
                 xlog.info("resuming %s from checkpoint %s (round %s of session %s); this "
-                          "session counts its rounds from 1", model["name"], ckpt["path"],
-                          ckpt["round"], ckpt["session_id"])
+                          "session's rounds are numbered from %s", model["name"],
+                          ckpt["path"], ckpt["round"], ckpt["session_id"], offset + 1)
             else:
                 xlog.info("resume=True but %s v%s has no checkpoint: starting fresh",
                           model["name"], model["version"])
@@ -220,20 +396,32 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             xlog.info("starting %s fresh from the exported weights", model["name"])
         cm = SimpleClientManager()
         ports = {}
+        limit = message_limit(m, cfg.max_message_bytes)
+        xlog.info("gRPC messages are limited to %d bytes (max_message_bytes)", limit)
+        certificates, interceptors = _grpc_security(cfg, registry)
         for platform in m["platforms"]:
+            # each joining client is asked GetParameters first: its reply says which
+            # tensor encoding it reads, before its first FitIns (PlatformClientManager)
             srv, port = _start_grpc(cm, platform, cfg.host, cfg.ports.get(platform),
-                                    cfg.max_workers)
+                                    cfg.max_workers, limit,
+                                    probe_timeout=min(cfg.round_timeout, 120.0),
+                                    certificates=certificates, interceptors=interceptors)
             servers.append(srv)
             ports[platform] = port
 
-        on_fit, on_eval = round_recorders(registry, session_id, model)
+        on_fit, on_eval = round_recorders(registry, session_id, model, offset)
         strategy = CrossPlatformStrategy(
             m, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
             fraction_fit=cfg.fraction_fit, fraction_evaluate=cfg.fraction_evaluate,
             min_clients=cfg.min_clients, local_epochs=cfg.local_epochs,
+            max_examples=cfg.max_examples, max_update_norm=cfg.max_update_norm,
             on_fit_round=on_fit, on_evaluate_round=on_eval,
             on_progress=progress_writer(data_dir, session_id))
-        save_checkpoint(registry, session_id, model, 0, initial)
+        try:  # the weights it starts from, at the round it continues from
+            save_checkpoint(registry, session_id, model, offset, initial)
+        except Exception as exc:  # disk full, read-only folder: round 1 writes one again
+            xlog.error("checkpoint of the starting weights not written (%s: %s); training "
+                       "goes on", type(exc).__name__, exc)
         registry.update_session(session_id, status="running", ports=ports, pid=os.getpid(),
                                 resumed_from=resumed)
         server = Server(client_manager=cm, strategy=strategy)
@@ -247,6 +435,9 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         with contextlib.suppress(Exception):
             server.disconnect_all_clients(timeout=5)
         _only_if_active(registry, session_id, status="finished")
+    except CheckpointError as exc:  # names the files; no traceback
+        xlog.error("session %s failed: %s", session_id, exc)
+        _only_if_active(registry, session_id, status="failed", error=str(exc))
     except BaseException as exc:  # the session dies, the kernel and siblings do not
         if not stopping["flag"]:
             _only_if_active(registry, session_id, status="failed",
@@ -399,10 +590,19 @@ class Session:
     def global_parameters(self) -> list[np.ndarray]:
         """The latest canonical global model of this session."""
         info = self.registry.get_session(self.id)
-        ckpt = self.registry.latest_checkpoint(info["model_name"], session_id=self.id)
-        if ckpt is None:
+        candidates = self.registry.checkpoints_newest_first(info["model_name"],
+                                                            session_id=self.id)
+        if not candidates:
             raise RegistryError(f"session {self.id} has no checkpoint yet")
-        return load_checkpoint(ckpt["path"])
+        manifest = self.registry.get_model(info["model_id"])["manifest"]
+        return newest_valid_checkpoint(candidates, manifest, f"session {self.id}")[1]
+
+    @property
+    def first_round(self) -> int:
+        """The number of this session's first round in its history and checkpoints: 1, or
+        the round after the one it resumed from (``session.round`` counts this session's
+        rounds from 1, for progress)."""
+        return self.registry.round_offset(self.info) + 1
 
 
 class SessionTimeout(TimeoutError):
@@ -443,8 +643,9 @@ def resumes(config: dict[str, Any]) -> bool:
 def started_from(registry: Registry, info: dict[str, Any]) -> str:
     """``"resumed from session 1, round 5"`` or ``"started fresh"``, from a session row.
 
-    A checkpoint at round 0 holds the weights its session started from, so a resume from
-    it names where those came from. A resumed session counts its own rounds from 1."""
+    A session's first checkpoint holds the weights it started from (round 0, or the round
+    it resumed from), so a resume from it names where those came from. A resumed session
+    numbers its rounds on from the round it resumed from."""
     import sqlalchemy as sa
 
     from xflwb.server.registry import checkpoints, sessions
@@ -462,14 +663,20 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
             row = c.execute(checkpoints.select().where(checkpoints.c.id == ckpt_id)).first()
             if row is None:
                 return f"resumed from checkpoint {ckpt_id} (no longer in the registry)"
-            if row.round != 0 or row.session_id in seen:
+            if row.session_id in seen:
                 break
             seen.add(row.session_id)
             origin = c.execute(sa.select(sessions.c.resumed_from)
                                .where(sessions.c.id == row.session_id)).scalar()
             if origin is None:
+                if row.round != 0:
+                    break
                 return (f"resumed from session {row.session_id}, round 0 (the exported "
                         "weights)")
+            start = c.execute(sa.select(checkpoints.c.round)
+                              .where(checkpoints.c.id == origin)).scalar()
+            if row.round not in (0, start):  # a round that session trained itself
+                break
             ckpt_id = origin
     return f"resumed from session {row.session_id}, round {row.round}"
 
@@ -484,9 +691,12 @@ def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:
 class SessionManager:
     """Starts session processes and notices when one dies."""
 
-    def __init__(self, registry: Registry, host: str = "127.0.0.1") -> None:
+    def __init__(self, registry: Registry, host: str = "127.0.0.1",
+                 security: dict[str, Any] | None = None) -> None:
         self.registry = registry
         self.host = host
+        #: the workbench's ``tls`` / ``device_auth``, given to every phone session it starts
+        self.security = dict(security or {})
         self._procs: dict[int, subprocess.Popen] = {}
         self.log_dir = registry.data_dir / "logs"
         self._fleets: list[_WatchedFleet] = []
@@ -494,14 +704,13 @@ class SessionManager:
 
     def start(self, model_name: str, wait_ready: float = 120.0, **options: Any) -> Session:
         options.setdefault("host", self.host)
+        options.update(self.security)
         cfg = SessionConfig(**options)
         model = self.registry.latest_model(model_name)
-        self.refresh()
-        active = self.registry.active_session_for(model_name)
-        if active is not None:
-            raise RegistryError(f"model {model_name!r} already has session {active['id']} "
-                                f"({active['status']}); stop it first")
-        sid = self.registry.create_session(model, asdict(cfg))
+        self.refresh()  # a crashed session must not block the start
+        # one transaction + a unique index: of racing starts exactly one wins, the others
+        # get SessionConflict (HTTP 409) naming the winner
+        sid = self.registry.create_session(model, asdict(cfg), exclusive=True)
         return self._launch(sid, "xflwb.server.session", wait_ready)
 
     def start_simulation(self, model_name: str, config: Any = None, wait_ready: float = 120.0,
@@ -522,13 +731,18 @@ class SessionManager:
     def _launch(self, sid: int, module: str, wait_ready: float) -> Session:
         # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__,
         # so scripts without a main guard work too; its log goes to data_dir/logs
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_dir / f"session-{sid}.log", "ab") as logf:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, str(self.registry.data_dir),
-                 self.registry.db_url, str(sid)],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                start_new_session=True, env=_lifeline.child_env())
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"session-{sid}.log", "ab") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", module, str(self.registry.data_dir),
+                     self.registry.db_url, str(sid)],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    start_new_session=True, env=_lifeline.child_env())
+        except OSError as exc:  # the row must not stay "starting" (it blocks the model)
+            self.registry.update_session(sid, status="failed",
+                                         error=f"could not launch its process: {exc}")
+            raise RuntimeError(f"session {sid} could not launch its process: {exc}") from exc
         self._procs[sid] = proc
         self.registry.update_session(sid, pid=proc.pid)
         session = Session(self, sid)
@@ -596,24 +810,54 @@ class SessionManager:
                                        f"died: {reason}")
                 w.spent = bool(targets)
 
+    #: a ``starting`` row still without a process pid after this long is crashed even while
+    #: its launcher lives (a launch takes milliseconds; this catches a launcher that hung)
+    LAUNCH_DEADLINE = 300.0
+
     def refresh(self) -> None:
         """Mark sessions whose process died without saying so as crashed, and fail those
-        whose fleet died."""
-        if self._fleets:
-            self._check_fleets()
-        for info in self.registry.list_sessions(status=ACTIVE):
-            proc = self._procs.get(info["id"])
-            if proc is None and info["pid"] is None and time.time() - info["started"] < 120:
-                continue  # its process is being launched (another thread may refresh now)
-            alive = proc.poll() is None if proc is not None else _pid_alive(info["pid"])
-            if not alive:
-                code = proc.returncode if proc is not None else None
-                # the process may have written its final status just before exiting
-                latest = self.registry.get_session(info["id"])
-                if latest["status"] in ACTIVE:
-                    self.registry.update_session(
-                        info["id"], status="crashed",
-                        error=f"session process exited unexpectedly (exit code {code})")
+        whose fleet died. Never raises: reads (``GET /api/v1/sessions``, ``Session.info``)
+        call it, and a write that fails (disk full, read-only folder) is logged and tried
+        again at the next refresh instead of failing the read."""
+        try:
+            if self._fleets:
+                self._check_fleets()
+            rows = self.registry.list_sessions(status=ACTIVE)
+        except Exception as exc:
+            log.warning("could not refresh session states: %s", exc)
+            return
+        for info in rows:
+            reason = self._dead_reason(info)
+            if reason is None:
+                continue
+            try:  # conditional UPDATE: a status the process wrote meanwhile wins
+                self.registry.mark_crashed(info["id"], reason,
+                                           without_pid=info["pid"] is None)
+            except Exception as exc:
+                log.warning("could not mark session %s crashed (%s): %s", info["id"],
+                            reason, exc)
+
+    def _dead_reason(self, info: dict[str, Any]) -> str | None:
+        """Why an active session row has no live process, or None while it may have one."""
+        proc = self._procs.get(info["id"])
+        if proc is not None:  # we launched it: its exit code is ours to read
+            if proc.poll() is None:
+                return None
+            return f"session process exited unexpectedly (exit code {proc.returncode})"
+        if info["pid"] is not None:
+            if _pid_alive(info["pid"]):
+                return None
+            return f"session process {info['pid']} exited unexpectedly"
+        # no pid yet: its launcher is between the insert and writing the pid
+        launcher = info.get("launcher_pid")
+        age = time.time() - info["started"]
+        if launcher is not None and launcher != os.getpid() and not _pid_alive(launcher):
+            return (f"its launcher (process {launcher}) exited before the session process "
+                    "started")
+        if age > self.LAUNCH_DEADLINE:
+            return (f"its process did not start within {self.LAUNCH_DEADLINE:g} s of the "
+                    "session's creation")
+        return None
 
     def stop(self, session_id: int, timeout: float = 10.0) -> None:
         info = self.registry.get_session(session_id)

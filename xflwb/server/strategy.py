@@ -22,8 +22,14 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import params
-from xflwb.server.aggregate import StreamingFedAvg
+from xflwb.server.aggregate import (
+    DEFAULT_MAX_EXAMPLES,
+    StreamingFedAvg,
+    aggregate_robust,
+    update_norm,
+)
 from xflwb.server.flower_legacy import (
+    ROBUST_RULES,
     SERVER_STRATEGIES,
     ClientManager,
     ClientProxy,
@@ -32,12 +38,14 @@ from xflwb.server.flower_legacy import (
     EvaluateRes,
     FitIns,
     FitRes,
+    GetParametersIns,
     Parameters,
     Status,
     Strategy,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from xflwb.server.protocol import drain_violations
 
 log = logging.getLogger("xflwb.strategy")
 TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
@@ -117,19 +125,75 @@ def summarize(reasons: list[str], limit: int = MAX_REASONS) -> str:
     return "; ".join(parts)
 
 
+def wire_codec(res: Any) -> str:
+    """The tensor encoding a client reads, from its GetParametersRes: the bytes say it when
+    there are tensors (``.npy`` magic or raw float32), else the ``tensor_type`` ("ND" is
+    FedKit's raw; Flower's SDKs write "numpy.ndarray" / "ndarray"), else the status (only
+    Flower's SDKs answer GET_PARAMETERS_NOT_IMPLEMENTED, and they read ``.npy``); raw (FedKit)
+    when nothing says."""
+    parameters = getattr(res, "parameters", None)
+    tensors = list(getattr(parameters, "tensors", None) or [])
+    if tensors:
+        return params.detect_codec(bytes(tensors[0]))
+    kind = str(getattr(parameters, "tensor_type", "") or "").lower()
+    if "ndarray" in kind or "numpy" in kind:
+        return "npy"
+    code = getattr(getattr(getattr(res, "status", None), "code", None), "name", "")
+    return "npy" if code == "GET_PARAMETERS_NOT_IMPLEMENTED" else "raw"
+
+
 class PlatformClientManager(ClientManager):
     """One per gRPC port: tags each client with the platform of the port it joined on, and
-    registers it with the session's shared manager (DESIGN §4.3: never guess from sizes)."""
+    registers it with the session's shared manager (DESIGN §4.3: never guess from sizes).
 
-    def __init__(self, shared: ClientManager, platform: str) -> None:
+    With ``probe_timeout`` (sessions set it) a joining client is first asked for its
+    parameters (GetParameters, which FedKit and every Flower SDK answer) and offered to the
+    strategy only once the reply said which tensor encoding it reads: a stock Flower client
+    cannot read raw float32, a FedKit phone cannot read ``.npy``, and the server must not
+    guess before the first FitIns. A client that leaves or stays silent is never offered."""
+
+    def __init__(self, shared: ClientManager, platform: str,
+                 probe_timeout: float | None = None) -> None:
         self.shared = shared
         self.platform = platform
+        self.probe_timeout = probe_timeout
+        self._lock = threading.Lock()
+        self._probing: set[str] = set()
+        self._gone: set[str] = set()  # left while being probed
 
     def register(self, client: ClientProxy) -> bool:
         client.platform = self.platform  # type: ignore[attr-defined]
-        return self.shared.register(client)
+        if self.probe_timeout is None:
+            return self.shared.register(client)
+        with self._lock:
+            self._probing.add(client.cid)
+        threading.Thread(target=self._admit, args=(client,), daemon=True,
+                         name=f"probe-{client.cid[:8]}").start()
+        return True
+
+    def _admit(self, client: ClientProxy) -> None:
+        codec = None
+        try:
+            res = client.get_parameters(GetParametersIns(config={}),
+                                        timeout=self.probe_timeout, group_id=None)
+            codec = client.codec = wire_codec(res)  # type: ignore[attr-defined]
+        except Exception as exc:  # it left, timed out or broke: it never trains
+            log.info("%s client %s did not answer GetParameters at join (%s: %s)",
+                     self.platform, client.cid, type(exc).__name__, exc)
+        with self._lock:
+            self._probing.discard(client.cid)
+            gone = client.cid in self._gone
+            self._gone.discard(client.cid)
+            if codec is not None and not gone:
+                log.info("%s client %s joined; it reads %s tensors", self.platform,
+                         client.cid, codec)
+                self.shared.register(client)
 
     def unregister(self, client: ClientProxy) -> None:
+        with self._lock:
+            if client.cid in self._probing:
+                self._gone.add(client.cid)  # still being probed: never register it
+                return
         self.shared.unregister(client)
 
     def num_available(self) -> int:
@@ -213,6 +277,8 @@ class CrossPlatformStrategy(Strategy):
                  strategy: str = "fedavg", strategy_options: dict[str, Any] | None = None,
                  fraction_fit: float = 1.0, fraction_evaluate: float = 1.0,
                  min_clients: int = 2, local_epochs: int = 1,
+                 max_examples: int | None = DEFAULT_MAX_EXAMPLES,
+                 max_update_norm: float | None = None,
                  on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -220,8 +286,17 @@ class CrossPlatformStrategy(Strategy):
         self.manifest = manifest
         self.global_ = [np.asarray(a, np.float32) for a in initial]
         params.to_platform(self.global_, manifest, next(iter(manifest["platforms"])))  # validate
+        # robust rules (ROBUST_RULES) replace the average; Flower's class still checks
+        # their options (FedTrimmedAvg's beta range, Krum's counts)
         self.inner = server_optimizer(strategy, self.global_, **(strategy_options or {}))
-        self.plain = strategy.lower() == "fedavg"
+        self.rule = strategy.lower() if strategy.lower() in ROBUST_RULES else None
+        self.plain = strategy.lower() == "fedavg" or self.rule is not None
+        #: one update counts for at most this many examples (capped, counted as "capped")
+        self.max_examples = None if max_examples is None else int(max_examples)
+        #: updates whose canonical L2 distance to the global model exceeds this are
+        #: rejected (not clipped: a clipped attack still moves the model by the bound)
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self._manager: ClientManager | None = None  # the session's, seen at configure
         self.fraction_fit = fraction_fit
         self.fraction_evaluate = fraction_evaluate
         self.min_clients = max(1, int(min_clients))
@@ -260,6 +335,7 @@ class CrossPlatformStrategy(Strategy):
 
     def _sample(self, client_manager: ClientManager, fraction: float, server_round: int,
                 phase: str) -> list[ClientProxy]:
+        self._manager = client_manager
         # wait for the minimum first, so the fraction applies to everyone then connected;
         # in 1 s steps, reporting how many are connected while waiting
         if client_manager.num_available() < self.min_clients:
@@ -284,7 +360,8 @@ class CrossPlatformStrategy(Strategy):
         for client in self._sample(client_manager, fraction, server_round, phase):
             platform = getattr(client, "platform", None)
             if platform in self.manifest["platforms"]:
-                enc = self._encoded(platform, self.codec_of.get(client.cid, "raw"), cache)
+                enc = self._encoded(platform, self.codec_of.get(
+                    client.cid, getattr(client, "codec", "raw")), cache)
                 out.append((client, platform, enc))
         return out
 
@@ -300,44 +377,105 @@ class CrossPlatformStrategy(Strategy):
                 for client, platform, enc in self._targets(client_manager, self.fraction_fit,
                                                            server_round, "fit")]
 
+    def _examples(self, value: Any) -> tuple[int, bool]:
+        """(examples the update counts for, whether it was capped), or ValueError."""
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"num_examples must be a positive integer, got {value!r}")
+        n = int(value)
+        if n <= 0:
+            raise ValueError(f"num_examples must be positive, got {n}")
+        if self.max_examples is not None and n > self.max_examples:
+            return self.max_examples, True
+        return n, False
+
+    def _accept(self, client: ClientProxy, platform: str, res: FitRes
+                ) -> tuple[list[np.ndarray], int, bool, str]:
+        """Decode, map to canonical space and check one client's FitRes: (canonical
+        arrays, examples it counts for, capped?, its encoding). Raises on anything wrong;
+        the caller turns whatever it raises into that client's rejection."""
+        frozen = (res.metrics or {}).get("frozen_sha256")
+        if frozen is not None and self._frozen and frozen != self._frozen:
+            raise ValueError(
+                f"update computed on an artifact with different frozen weights "
+                f"(frozen_sha256 {str(frozen)[:12]}…, this session's model has "
+                f"{str(self._frozen)[:12]}…): the phone must download this session's "
+                "model")
+        if platform not in self._masks:
+            raise ValueError(f"client joined as platform {platform!r}, which model "
+                             f"'{self.manifest['name']}' was not exported for")
+        n, capped = self._examples(res.num_examples)
+        arrays, codec = params.decode_tensors(res.parameters.tensors)
+        # tensors a platform does not hold are masked out: base fills them
+        canonical = params.from_platform(arrays, self.manifest, platform, base=self.global_)
+        mask = self._masks[platform]
+        if self.rule is not None:  # the streamed average checks this itself
+            for k, (a, t) in enumerate(zip(canonical, mask, strict=True)):
+                if t and not np.isfinite(a).all():
+                    raise ValueError(f"parameter {k} contains NaN or inf (in float32)")
+        if self.max_update_norm is not None:
+            norm = update_norm(canonical, self.global_, mask)
+            if not np.isfinite(norm):
+                raise ValueError("update contains NaN or inf (in float32)")
+            if norm > self.max_update_norm:
+                raise ValueError(
+                    f"update norm {norm:.4g} exceeds max_update_norm "
+                    f"{self.max_update_norm:g} (L2 distance to the global model over the "
+                    f"tensors {platform} trains, canonical space); rejected, not clipped")
+        return canonical, n, capped, codec
+
+    def _violations(self, report: RoundReport,
+                    per: dict[str, dict[str, float]]) -> None:
+        """Protocol violations reported since the last round (duplicated or out-of-order
+        messages, dropped by ``StrictFlowerServicer``) become rejections of this round."""
+        if self._manager is None:
+            return
+        for platform, cid, why in drain_violations(self._manager):
+            report.rejections.append((platform, cid, why))
+            per[platform]["protocol_violations"] += 1
+
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
         t_start = time.perf_counter()
         report = RoundReport(server_round)
         agg = StreamingFedAvg(self.global_)
+        kept: list[tuple[list[np.ndarray], int, list[bool]]] = []  # for a robust rule
         per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         for client, res in results:
-            platform = getattr(client, "platform", "unknown")
+            platform = str(getattr(client, "platform", "unknown"))
             stats = per[platform]
             stats["bytes_up"] += getattr(client, "bytes_up", 0)
             stats["bytes_down"] += getattr(client, "bytes_down", 0)
             try:
-                frozen = (res.metrics or {}).get("frozen_sha256")
-                if frozen is not None and self._frozen and frozen != self._frozen:
-                    raise ValueError(
-                        f"update computed on an artifact with different frozen weights "
-                        f"(frozen_sha256 {str(frozen)[:12]}…, this session's model has "
-                        f"{str(self._frozen)[:12]}…): the phone must download this session's "
-                        "model")
-                arrays, codec = params.decode_tensors(res.parameters.tensors)
-                # tensors a platform does not hold are masked out: base fills them
-                canonical = params.from_platform(arrays, self.manifest, platform,
-                                                 base=self.global_)
-                if isinstance(res.num_examples, bool) or int(res.num_examples) <= 0:
-                    raise ValueError(f"num_examples must be positive, got {res.num_examples}")
-                agg.add(canonical, int(res.num_examples), self._masks[platform])
-            except (ValueError, KeyError) as exc:
+                canonical, n, capped, codec = self._accept(client, platform, res)
+                if self.rule is None:
+                    agg.add(canonical, n, self._masks[platform])
+                else:
+                    kept.append((canonical, n, self._masks[platform]))
+            except Exception as exc:  # one client's update, whatever broke: only it is lost
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning("round %s: rejected %s update from %s: %s", server_round,
                             platform, client.cid, reason)
                 report.rejections.append((platform, client.cid, reason))
                 stats["rejected"] += 1
                 continue
+            if capped:
+                log.warning("round %s: %s client %s declared %s examples; counted as "
+                            "max_examples=%s", server_round, platform, client.cid,
+                            res.num_examples, n)
+                stats["capped"] += 1
             self.codec_of[client.cid] = codec
             stats["clients"] += 1
-            stats["examples"] += int(res.num_examples)
+            stats["examples"] += n
             stats["fit_seconds"] += getattr(client, "seconds", 0.0)
-        if agg.count:
+        self._violations(report, per)
+        new: list[np.ndarray] | None = None
+        if self.rule is not None and kept:
+            # the options as Flower's constructor accepted them
+            new = aggregate_robust(
+                self.global_, kept, self.rule, beta=getattr(self.inner, "beta", 0.2),
+                num_malicious_clients=getattr(self.inner, "num_malicious_clients", 0),
+                num_clients_to_keep=getattr(self.inner, "num_clients_to_keep", 0))
+        elif agg.count:
             average = agg.result()
             if self.plain:
                 new = average
@@ -348,7 +486,16 @@ class CrossPlatformStrategy(Strategy):
                               metrics={})
                 out, _ = self.inner.aggregate_fit(server_round, [(results[0][0], fake)], [])
                 new = parameters_to_ndarrays(out)
-            self.global_ = [np.asarray(a, np.float32) for a in new]
+        if new is not None:
+            new = [np.asarray(a, np.float32) for a in new]
+            if all(np.isfinite(a).all() for a in new):
+                self.global_ = new
+            else:  # e.g. FedAdam's v overflowing float32 on an average of ~1e38 values
+                why = (f"the {self.inner.__class__.__name__} server update of round "
+                       f"{server_round} produced NaN or inf; the global model keeps its "
+                       "previous value")
+                log.warning(why)
+                report.rejections.append(("all", "server", why))
         for platform, stats in per.items():
             n = stats.get("clients", 0.0)
             report.metrics += [
@@ -358,6 +505,9 @@ class CrossPlatformStrategy(Strategy):
                 (platform, "bytes_per_update", stats["bytes_up"] / n if n else None),
                 (platform, "bytes_down", stats["bytes_down"]),
                 (platform, "rejected", stats.get("rejected", 0.0))]
+            # recorded only when they happen (a round without them looks as it always did)
+            report.metrics += [(platform, k, stats[k]) for k in ("capped", "protocol_violations")
+                               if stats.get(k)]
         totals = {k: sum(s.get(k, 0.0) for s in per.values())
                   for k in ("clients", "examples", "bytes_up", "bytes_down", "rejected")}
         report.metrics += [("all", k, v) for k, v in totals.items()]
@@ -405,14 +555,23 @@ class CrossPlatformStrategy(Strategy):
         # FedKit phones report it through telemetry instead, matched in the registry
         accs: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         for client, res in results:
-            platform = getattr(client, "platform", "unknown")
-            loss, n = float(res.loss), int(res.num_examples)
+            platform = str(getattr(client, "platform", "unknown"))
+            try:  # an EvaluateRes is a phone's too: a bad one costs only its own report
+                loss = float(res.loss)
+                n = 0 if res.num_examples == 0 else self._examples(res.num_examples)[0]
+                acc = (res.metrics or {}).get("accuracy")
+            except Exception as exc:
+                reason = f"evaluation ignored: {type(exc).__name__}: {exc}"
+                log.warning("round %s: %s client %s: %s", server_round, platform, client.cid,
+                            reason)
+                report.rejections.append((platform, client.cid, reason))
+                continue
             report.evaluations.append((platform, client.cid, loss, n))
-            if n > 0 and np.isfinite(loss):
+            if n > 0 and np.isfinite(loss * n):
                 sums[platform][0] += loss * n
                 sums[platform][1] += n
-            acc = (res.metrics or {}).get("accuracy")
-            if n > 0 and isinstance(acc, int | float) and np.isfinite(acc):
+            if (n > 0 and isinstance(acc, int | float) and not isinstance(acc, bool)
+                    and np.isfinite(acc) and 0.0 <= acc <= 1.0):
                 for key in (platform, "all"):
                     accs[key][0] += float(acc) * n
                     accs[key][1] += n
