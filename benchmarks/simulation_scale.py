@@ -118,9 +118,9 @@ def _keras_model() -> Any:
 @functools.lru_cache(maxsize=4)
 def _fleet(dataset: str, partition: str, num_partitions: int, seed: int) -> Any:
     """Every device's (x, y), once per worker (the same call xflwb's client makes)."""
-    from xflwb.devices.partition import _partitions
+    from xflwb.devices.partition import dataset_partitions
 
-    return _partitions(dataset, partition, num_partitions, seed)[0]
+    return dataset_partitions(dataset, partition, num_partitions, seed)[0]
 
 
 def client_data(n: int, pid: int, dataset: str = DATASET, partition: str = PARTITION,

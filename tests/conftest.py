@@ -1,15 +1,22 @@
-"""Shared fixtures: small Keras models built fresh (and seeded) for every test."""
+"""Shared fixtures and helpers: small Keras models built fresh (and seeded) for every test, and
+the hand-written toy manifest with stand-in clients for the params/strategy tests."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import numpy as np
 import pytest
+
+from xflwb.bridge import params
+from xflwb.server.flower_legacy import ClientProxy, Code, FitRes, Parameters, Status
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -118,3 +125,162 @@ def transfer_export(tmp_path_factory):
                        out_dir=tmp_path_factory.mktemp("transfer"),
                        optimizer=xflwb.SGD(learning_rate=0.02))
     return model, res
+
+
+def _session_pids(leader: int) -> set[int]:
+    """Pids of the processes in the session ``leader`` created (a Ray head started with
+    ``start_new_session``: its GCS, raylet, agents and workers), ``leader`` included."""
+    import psutil
+
+    pids = {leader}
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader:
+                pids.add(proc.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return pids
+
+
+def _alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (a zombie awaiting its reaper counts as gone)."""
+    import psutil
+
+    alive = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+@pytest.fixture(scope="session")
+def shared_ray():
+    """The GCS address of one local Ray head for the whole run, started on first use: a
+    simulation test that does not test Ray's start-up or shutdown attaches with
+    ``ray_address`` (each Ray start costs tens of seconds on 2 cores) and only disconnects.
+
+    The head runs in its own session (``--block``): teardown stops that process and checks
+    every process of its session is gone; it never runs ``ray stop`` (which stops every
+    Ray on the machine). Its own ``--temp-dir`` keeps its address record out of
+    ``/tmp/ray``, so a plain ``ray.init()`` elsewhere (a test of Ray's own start-up, another
+    test run) still starts its own Ray instead of joining this one."""
+    import shutil
+    import signal
+    import socket
+    import tempfile
+    import time
+    from pathlib import Path
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="xflray"))  # short: Ray's socket paths live here
+    record = temp_dir / "ray_current_cluster"
+    ray = str(Path(sys.executable).with_name("ray"))
+    log = temp_dir.with_suffix(".log")  # beside it: Ray's files go, this is read on failure
+    # every port of its own (Ray's defaults are fixed: a second Ray on the machine, another
+    # test run's, would collide with them)
+    ports = {"--port": 0, "--ray-client-server-port": free_port(),
+             "--dashboard-port": free_port(), "--dashboard-agent-listen-port": free_port()}
+    with open(log, "wb") as out:
+        head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "2",
+                                 *(str(a) for kv in ports.items() for a in kv),
+                                 "--temp-dir", str(temp_dir), "--include-dashboard", "false",
+                                 "--disable-usage-stats"],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    pids: set[int] = {head.pid}
+    try:
+        deadline = time.monotonic() + 300  # a loaded 2-core machine has taken 80 s
+        while not (record.exists() and record.read_text().strip()):  # written once it is up
+            if head.poll() is not None:
+                pytest.fail(f"ray start --head exited with {head.returncode}: "
+                            f"{log.read_text(errors='replace')[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("the shared Ray head did not come up in 300 s")
+            time.sleep(0.2)
+        yield record.read_text().strip()
+    finally:
+        pids |= _session_pids(head.pid)
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
+        try:
+            head.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # the session this fixture created, only
+            head.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while (left := _alive(pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for pid in left:  # clean up what this fixture started, by pid, then say so
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        log.unlink(missing_ok=True)
+        assert not left, f"processes of the shared Ray head survived its stop: {sorted(left)}"
+
+
+# -- the toy manifest and stand-in clients the params/strategy/robustness tests share --------
+# Hand-written (no export): conv → dense → out, with a frozen dense bias on iOS, so the
+# layouts and the masking are pinned by numbers a reader can check.
+TOY_MANIFEST: dict[str, Any] = {
+    "name": "t", "version": 1,
+    "parameters": [
+        {"name": "conv/kernel", "shape": [3, 2, 2, 5]},
+        {"name": "conv/bias", "shape": [5]},
+        {"name": "dense/kernel", "shape": [3 * 4 * 5, 7]},
+        {"name": "dense/bias", "shape": [7]},
+        {"name": "out/kernel", "shape": [7, 2]},
+    ],
+    "platforms": {
+        "android": {"tflite_layers": [240, 20, 240 * 7, 28, 56]},
+        "ios": {"coreml_layers": [
+            {"name": "conv", "type": "weights", "updatable": True, "shape": [5, 2, 3, 2],
+             "canonical": 0, "layout": "conv"},
+            {"name": "conv", "type": "bias", "updatable": True, "shape": [5], "canonical": 1,
+             "layout": "identity"},
+            {"name": "dense", "type": "weights", "updatable": True, "shape": [7, 60],
+             "canonical": 2, "layout": "dense_chw", "chw": [5, 3, 4]},
+            {"name": "dense", "type": "bias", "updatable": False, "shape": [7], "canonical": 3,
+             "layout": "identity"},
+            {"name": "out", "type": "weights", "updatable": True, "shape": [2, 7],
+             "canonical": 4, "layout": "dense"},
+        ]},
+    },
+}
+#: ``TOY_MANIFEST`` as a session serves it: each platform also names its model file
+SERVED_TOY_MANIFEST: dict[str, Any] = {
+    **TOY_MANIFEST,
+    "platforms": {k: {**v, "file": "f", "sha256": "0", "bytes": 1}
+                  for k, v in TOY_MANIFEST["platforms"].items()}}
+
+
+def toy_canonical(seed: int) -> list[np.ndarray]:
+    """Random canonical parameters of ``TOY_MANIFEST`` (seeded, so tests can replay them)."""
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(p["shape"]).astype(np.float32)
+            for p in TOY_MANIFEST["parameters"]]
+
+
+def toy_fit_res(arrays: list[np.ndarray], n: int, codec: str = "raw") -> FitRes:
+    """A Flower ``FitRes`` carrying ``arrays`` encoded the way a phone sends them."""
+    tensors = params.encode_tensors(arrays, codec)
+    return FitRes(status=Status(Code.OK, ""),
+                  parameters=Parameters(tensors=tensors, tensor_type="ND"),
+                  num_examples=n, metrics={})
+
+
+class Phone(ClientProxy):
+    """A connected client for strategy tests: only its identity and platform matter."""
+
+    def __init__(self, cid: str, platform: str) -> None:
+        super().__init__(cid)
+        self.platform = platform
+
+    def get_properties(self, *a: Any) -> Any:  # pragma: no cover - never called
+        raise NotImplementedError
+
+    get_parameters = fit = evaluate = reconnect = get_properties

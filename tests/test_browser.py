@@ -453,9 +453,15 @@ def test_failing_magic_stops_run_all_and_a_dead_device_shows_in_the_dashboard(la
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
             page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/{FAILING_NAME}?token={token}",
+            # a workspace of its own: Lab must not restore (and make current) the
+            # quickstart tab the previous test left open
+            page.goto(f"{base}/lab/workspaces/failing/tree/{FAILING_NAME}?token={token}",
                       wait_until="domcontentloaded", timeout=120_000)
             page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+            page.wait_for_function(
+                "(name) => { const w = window.jupyterapp && window.jupyterapp.shell"
+                ".currentWidget; return !!(w && w.context && w.context.path.endsWith(name)); }",
+                arg=FAILING_NAME, timeout=120_000)
             _wait_kernel_idle(page)
             page.evaluate("() => { window.jupyterapp.commands"
                           ".execute('notebook:run-all-cells'); }")

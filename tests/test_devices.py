@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -144,6 +145,9 @@ def test_device_refuses_a_corrupt_model(unseen, tmp_path):
     status = json.loads(status_file.read_text())
     assert status["status"] == "failed"
     assert "CorruptModelError" in status["error"] and "sha256" in status["error"]
+    # the device's log keeps the traceback (log.exception), so a failure can be traced
+    assert re.search(r"device \d+ failed: .*\nTraceback \(most recent call last\):\n(.|\n)*"
+                     r"CorruptModelError", proc.stderr), proc.stderr[-3000:]
     assert not (tmp_path / "cache" / "unseen_cnn" / "unseen_cnn-v1.tflite").exists()
 
 

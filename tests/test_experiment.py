@@ -9,6 +9,7 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from papermill.exceptions import PapermillExecutionError
 
 from xflwb import experiment
 
@@ -50,14 +51,18 @@ def test_grid_sweep_combines_runs_across_engines(tmp_path):
         assert runs.query("metric == 'clients' and platform == 'all'")["value"].tolist() == [2]
     assert (tmp_path / "comparison.png").stat().st_size > 0
     assert (tmp_path / "fedavg_digits-engine=simulation.ipynb").exists()
-    with pytest.raises(Exception, match="engine must be"):
+    # the notebook's own check fails the run; papermill reports the cell's exception
+    with pytest.raises(PapermillExecutionError) as failed:
         experiment.run(NOTEBOOK, tmp_path / "bad", {"rounds": 1, "engine": "cloud"})
+    assert failed.value.ename == "ValueError"
+    assert "engine must be 'devices' or 'simulation', got 'cloud'" in failed.value.evalue
 
 
-def test_bad_arguments():
+def test_bad_arguments(tmp_path):
     assert experiment.parse_value("3") == 3 and experiment.parse_value("abc") == "abc"
     assert experiment.parse_grid(["alpha=0.1, 1"]) == {"alpha": [0.1, 1]}
     with pytest.raises(ValueError, match="key=v1"):
         experiment.parse_grid(["alpha"])
-    with pytest.raises(FileNotFoundError):
-        experiment.run("missing.ipynb", "/tmp/x")
+    with pytest.raises(FileNotFoundError, match=r"no notebook at missing\.ipynb"):
+        experiment.run("missing.ipynb", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing created for a run that cannot start

@@ -18,8 +18,10 @@ import keras
 import pytest
 
 import xflwb
-from tests.conftest import digits_cnn
-from tests.test_strategy import MANIFEST, Phone, _canon, _res
+from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
+from tests.conftest import Phone, digits_cnn
+from tests.conftest import toy_canonical as _canon
+from tests.conftest import toy_fit_res as _res
 from xflwb.devices.fleet import Fleet
 from xflwb.server.flower_legacy import Code, FitRes, Parameters, Status
 from xflwb.server.registry import Registry
@@ -192,7 +194,8 @@ def test_a_fleet_whose_devices_all_die_fails_its_session(tmp_path):
 
 # -- the Simulation Engine and `xflwb simulate` -------------------------------------------------
 @pytest.mark.slow
-def test_simulation_whose_every_client_fails_fails_and_the_cli_exits_non_zero(tmp_path):
+def test_simulation_whose_every_client_fails_fails_and_the_cli_exits_non_zero(tmp_path,
+                                                                              shared_ray):
     res = xflwb.export(digits_cnn(5), name="simfail", data_type="digits",
                        out_dir=tmp_path / "e", platforms=("android",))
     data = tmp_path / "d"
@@ -205,7 +208,7 @@ def test_simulation_whose_every_client_fails_fails_and_the_cli_exits_non_zero(tm
         f.write(b"not a tflite model")
     proc = subprocess.run(
         [sys.executable, "-m", "xflwb", "simulate", "simfail", "--android", "2", "--rounds",
-         "2", "--data-dir", str(data), "--no-progress"],
+         "2", "--data-dir", str(data), "--no-progress", "--ray-address", shared_ray],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, (proc.stdout, proc.stderr[-3000:])
     assert "all 2 clients selected for round 1 failed: " in proc.stderr

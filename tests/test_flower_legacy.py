@@ -9,12 +9,17 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 import numpy as np
 
+from tests.conftest import SERVED_TOY_MANIFEST, toy_canonical
+from tests.wirephone import WirePhone
+from xflwb.bridge import params
 from xflwb.server import flower_legacy as fl
-from xflwb.server.strategy import PlatformClientManager
+from xflwb.server.strategy import CrossPlatformStrategy, PlatformClientManager
 
 
 def _port() -> int:
@@ -23,13 +28,17 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _drain(stream) -> None:
-    """Read server messages until the test closes the channel (CANCELLED is expected)."""
+def _drain(stream: Any, errors: list[str]) -> None:
+    """Read server messages until the test closes the channel; anything but CANCELLED lands
+    in ``errors`` (asserted on the main thread)."""
     try:
         for _ in stream:
             pass
     except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.CANCELLED
+        if exc.code() != grpc.StatusCode.CANCELLED:
+            errors.append(f"{exc.code().name}: {exc.details()}")
+    except Exception as exc:  # handed to the main thread
+        errors.append(f"{type(exc).__name__}: {exc}")
 
 
 def test_names_we_rely_on_exist():
@@ -50,13 +59,15 @@ def test_names_we_rely_on_exist():
 
 
 def test_grpc_server_registers_clients_per_platform_port():
+    """Each port tags its clients with its platform and registers them in the shared manager
+    (no probe: ``probe_timeout=None`` registers on join)."""
     shared = fl.SimpleClientManager()
     ports = {"android": _port(), "ios": _port()}
     servers = [fl.start_grpc_server(client_manager=PlatformClientManager(shared, p),
                                     server_address=f"127.0.0.1:{port}")
                for p, port in ports.items()]
     outbox: queue.Queue = queue.Queue()
-    channels = []
+    channels, drains, errors = [], [], []
     try:
         for port in ports.values():
             ch = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -68,20 +79,15 @@ def test_grpc_server_registers_clients_per_platform_port():
                     yield msg
 
             stream = stub.Join(requests())
-            threading.Thread(target=_drain, args=(stream,), daemon=True).start()
+            t = threading.Thread(target=_drain, args=(stream, errors), daemon=True)
+            t.start()
+            drains.append(t)
         deadline = time.monotonic() + 10
         while shared.num_available() < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         clients = shared.all().values()
         assert sorted(c.platform for c in clients) == ["android", "ios"]
         assert all(isinstance(c, fl.ClientProxy) for c in clients)
-        # a legacy Server runs its loop off the main thread (session processes rely on it)
-        box = {}
-        t = threading.Thread(target=lambda: box.setdefault(
-            "server", fl.Server(client_manager=shared, strategy=fl.FedAvg())))
-        t.start()
-        t.join(5)
-        assert isinstance(box["server"], fl.Server)
     finally:
         for _ in channels:
             outbox.put(None)
@@ -89,3 +95,80 @@ def test_grpc_server_registers_clients_per_platform_port():
             ch.close()
         for s in servers:
             s.stop(grace=0)
+    for t in drains:
+        t.join(10)
+    assert not any(t.is_alive() for t in drains), "a client stream did not end"
+    assert errors == [], errors  # only CANCELLED (the test closing its channel) is expected
+
+
+def _guarded(box: dict[str, Any], key: str, fn: Callable[[], Any]) -> Callable[[], None]:
+    """A thread body that records ``fn``'s result or exception in ``box`` (asserted on the
+    main thread after join: an assertion inside a thread could never fail the test)."""
+
+    def body() -> None:
+        box[f"{key}_on_main_thread"] = threading.current_thread() is threading.main_thread()
+        try:
+            box[key] = fn()
+        except BaseException as exc:  # handed to the main thread
+            box[f"{key}_error"] = exc
+
+    return body
+
+
+def test_legacy_server_loop_runs_a_round_off_the_main_thread_over_the_wire():
+    """Flower's legacy ``Server.fit`` with our strategy, client managers and strict servicer,
+    run in a non-main thread for one round with two protocol-only phones (tests/wirephone.py):
+    the round completes (fit and evaluate), each phone gets its platform's layout, and the
+    new global model is the average both phones' updates imply."""
+    start = toy_canonical(0)
+    shared = fl.SimpleClientManager()
+    ports = {"android": _port(), "ios": _port()}
+    servers = [fl.start_grpc_server(
+        client_manager=PlatformClientManager(shared, p, probe_timeout=10),
+        server_address=f"127.0.0.1:{port}") for p, port in ports.items()]
+    fits = []
+    strategy = CrossPlatformStrategy(SERVED_TOY_MANIFEST, start, min_clients=2,
+                                     on_fit_round=lambda report, _: fits.append(report))
+    box: dict[str, Any] = {}
+
+    def one_round() -> Any:
+        server = fl.Server(client_manager=shared, strategy=strategy)
+        history, _elapsed = server.fit(num_rounds=1, timeout=30)
+        server.disconnect_all_clients(timeout=10)  # phones end on ReconnectIns
+        return history
+
+    phones = {p: WirePhone(f"http://127.0.0.1:{port}", p, "t",  # type: ignore[arg-type]
+                           lambda ts, _rnd: [t + 1 for t in ts],
+                           encoding="raw" if p == "android" else "npy", timeout=30,
+                           send_telemetry=False, tensor_count_check=False)
+              for p, port in ports.items()}
+    # what train/advertised would have said (no HTTP backend here: only the gRPC loop)
+    phones["android"].report.advertised = SERVED_TOY_MANIFEST["platforms"]["android"]
+    loop = threading.Thread(target=_guarded(box, "history", one_round), name="legacy-loop")
+    threads = [loop] + [
+        threading.Thread(target=_guarded(box, p, lambda ph=ph, port=ports[p]: ph._serve(port)),
+                         name=f"phone-{p}", daemon=True) for p, ph in phones.items()]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        for s in servers:
+            s.stop(grace=0)
+    assert not any(t.is_alive() for t in threads), [t.name for t in threads if t.is_alive()]
+    errors = {k: v for k, v in box.items() if k.endswith("_error")}
+    assert errors == {}, errors
+    assert box["history_on_main_thread"] is False
+    assert [r for r, _ in box["history"].losses_distributed] == [1]
+    for p, phone in phones.items():
+        assert (phone.report.rounds_fit, phone.report.rounds_evaluated) == (1, 1), p
+        assert phone.report.reconnected, p
+        sizes = [a.size for a in phone.report.received[0]]
+        assert sizes == [int(np.prod(s)) for s in params.platform_shapes(SERVED_TOY_MANIFEST,
+                                                                            p)], p
+    (report,) = fits
+    assert report.rejections == []
+    # both add 1 to every tensor they train; the iOS-frozen dense bias comes from Android
+    for got, was in zip(strategy.global_, start, strict=True):
+        np.testing.assert_allclose(got, was + 1, atol=1e-6)

@@ -7,33 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import TOY_MANIFEST as MANIFEST
 from xflwb.bridge import params
-
-MANIFEST = {
-    "name": "t", "version": 1,
-    "parameters": [
-        {"name": "conv/kernel", "shape": [3, 2, 2, 5]},
-        {"name": "conv/bias", "shape": [5]},
-        {"name": "dense/kernel", "shape": [3 * 4 * 5, 7]},
-        {"name": "dense/bias", "shape": [7]},
-        {"name": "out/kernel", "shape": [7, 2]},
-    ],
-    "platforms": {
-        "android": {"tflite_layers": [240, 20, 240 * 7, 28, 56]},
-        "ios": {"coreml_layers": [
-            {"name": "conv", "type": "weights", "updatable": True, "shape": [5, 2, 3, 2],
-             "canonical": 0, "layout": "conv"},
-            {"name": "conv", "type": "bias", "updatable": True, "shape": [5], "canonical": 1,
-             "layout": "identity"},
-            {"name": "dense", "type": "weights", "updatable": True, "shape": [7, 60],
-             "canonical": 2, "layout": "dense_chw", "chw": [5, 3, 4]},
-            {"name": "dense", "type": "bias", "updatable": False, "shape": [7], "canonical": 3,
-             "layout": "identity"},
-            {"name": "out", "type": "weights", "updatable": True, "shape": [2, 7],
-             "canonical": 4, "layout": "dense"},
-        ]},
-    },
-}
 
 
 def _canonical(seed=0):

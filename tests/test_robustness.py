@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import xflwb
-from tests.test_params import MANIFEST as _MANIFEST
+from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
 from tests.wirephone import WirePhone
 from xflwb.bridge import params
 from xflwb.server.aggregate import aggregate_masked, aggregate_robust
@@ -34,8 +34,6 @@ from xflwb.server.flower_legacy import ClientProxy
 from xflwb.server.session import DONE
 from xflwb.server.strategy import CrossPlatformStrategy
 
-MANIFEST = {**_MANIFEST, "platforms": {k: {**v, "file": "f", "sha256": "0", "bytes": 1}
-                                       for k, v in _MANIFEST["platforms"].items()}}
 SHAPES = [tuple(p["shape"]) for p in MANIFEST["parameters"]]
 ANDROID = [True] * len(SHAPES)
 IOS = params.trained_mask(MANIFEST, "ios")  # index 3 (dense/bias) is frozen on iOS

@@ -162,7 +162,7 @@ def _accuracy(export, parameters):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_fidelity_simulation_matches_process_fleet(export, tmp_path):
+def test_fidelity_simulation_matches_process_fleet(export, tmp_path, shared_ray):
     """Same export, partitions and seeds: the Simulation Engine run and the fleet of device
     processes speaking the phone protocol end within 1 accuracy point (issue 6)."""
     rounds, seed, partition = 4, 0, "dirichlet:0.5"
@@ -176,7 +176,7 @@ def test_fidelity_simulation_matches_process_fleet(export, tmp_path):
         fleet_params = session.global_parameters()
         fleet_hist = session.history
         sim = wb.simulate("sim_cnn", android=2, ios=2, dataset="digits", partition=partition,
-                          rounds=rounds, seed=seed)
+                          rounds=rounds, seed=seed, ray_address=shared_ray)
         assert sim.wait(timeout=600) == "finished", sim.info["error"]
         sim_params = sim.global_parameters()
         sim_hist = sim.history
@@ -202,11 +202,11 @@ def test_fidelity_simulation_matches_process_fleet(export, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys):
+def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys, shared_ray):
     ip.user_ns["sim_export"] = export
     session = ip.run_line_magic(
         "xfl_simulate", f"sim_export --android 3 --ios 3 --rounds 2 --fraction-fit 0.5 "
-        f"--partition iid --data-dir {tmp_path / 'd'}")
+        f"--partition iid --data-dir {tmp_path / 'd'} --ray-address {shared_ray}")
     out = capsys.readouterr().out
     assert "3 Android + 3 iOS" in out and ip.user_ns["sim_cnn_simulation"] is session
     assert session.wait(timeout=600) == "finished", session.info["error"]
@@ -228,7 +228,7 @@ def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path):
+def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shared_ray):
     import subprocess
     import sys
 
@@ -237,7 +237,7 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path):
     out = tmp_path / "history.csv"
     cmd = [sys.executable, "-m", "xflwb", "simulate", str(export.directory), "--android", "2",
            "--ios", "2", "--rounds", "2", "--drop-prob", "0.5", "--data-dir",
-           str(tmp_path / "d"), "--out", str(out)]
+           str(tmp_path / "d"), "--out", str(out), "--ray-address", shared_ray]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished, round 2" in proc.stdout and "android" in proc.stdout
@@ -296,6 +296,7 @@ def test_ray_client_server_failure_is_asked_again(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):
+    """On its own Ray (not ``shared_ray``): stopping must end the Ray the simulation started."""
     import os
     import time
 

@@ -6,48 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.test_params import MANIFEST
+from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
+from tests.conftest import Phone
+from tests.conftest import toy_canonical as _canon
+from tests.conftest import toy_fit_res as _res
 from xflwb.bridge import params
 from xflwb.server.flower_legacy import (
-    ClientProxy,
     Code,
     FedAdam,
     FitRes,
-    Parameters,
     SimpleClientManager,
     Status,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from xflwb.server.strategy import CrossPlatformStrategy
-
-MANIFEST = {**MANIFEST, "platforms": {k: {**v, "file": "f", "sha256": "0", "bytes": 1}
-                                      for k, v in MANIFEST["platforms"].items()}}
-
-
-class Phone(ClientProxy):
-    """A stand-in for a connected client: only its identity and platform matter here."""
-
-    def __init__(self, cid: str, platform: str) -> None:
-        super().__init__(cid)
-        self.platform = platform
-
-    def get_properties(self, *a):  # pragma: no cover - never called
-        raise NotImplementedError
-
-    get_parameters = fit = evaluate = reconnect = get_properties
-
-
-def _canon(seed):
-    rng = np.random.default_rng(seed)
-    return [rng.standard_normal(p["shape"]).astype(np.float32) for p in MANIFEST["parameters"]]
-
-
-def _res(arrays, n, codec="raw"):
-    tensors = params.encode_tensors(arrays, codec)
-    return FitRes(status=Status(Code.OK, ""), parameters=Parameters(tensors=tensors,
-                                                                    tensor_type="ND"),
-                  num_examples=n, metrics={})
 
 
 def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():
@@ -101,6 +74,32 @@ def test_no_good_update_keeps_the_global():
     out, _ = s.aggregate_fit(1, [(Phone("b", "ios"), _res([np.ones(1)], 5))], [])
     for x, y in zip(parameters_to_ndarrays(out), start, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def _broken_ios_manifest() -> dict:
+    """``MANIFEST`` with the iOS conv weights' layout key lost (an export bug, not a phone's)."""
+    import copy
+
+    m = copy.deepcopy(MANIFEST)
+    del m["platforms"]["ios"]["coreml_layers"][0]["layout"]
+    return m
+
+
+def test_a_broken_manifest_fails_at_start_naming_model_and_platform():
+    with pytest.raises(ValueError, match=r"manifest of model 't' is malformed for platform "
+                                         r"'ios' \(KeyError: 'layout'\); re-export"):
+        CrossPlatformStrategy(_broken_ios_manifest(), _canon(0))
+
+
+def test_a_manifest_lookup_error_in_a_round_is_not_taken_for_a_bad_update():
+    """A KeyError while mapping an update is ours (manifest or code): the round fails loudly
+    instead of rejecting an honest phone's update."""
+    s = CrossPlatformStrategy(MANIFEST, _canon(0), min_clients=1)
+    s.manifest = _broken_ios_manifest()  # corrupted after the start-up check
+    ios = _res(params.to_platform(_canon(1), MANIFEST, "ios"), 10, codec="npy")
+    with pytest.raises(RuntimeError, match=r"round 1: .* ios client i's update \(KeyError: "
+                                           r"'layout'\): the manifest of model 't'"):
+        s.aggregate_fit(1, [(Phone("i", "ios"), ios)], [])
 
 
 def test_server_optimiser_is_flowers_on_the_canonical_pseudo_gradient():

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from xflwb._argparse import Parser
+from xflwb._export_options import add_export_options, add_verbose, export_kwargs
 
 DESCRIPTION = """\
 xflwb: cross-platform federated learning on phones, from a notebook or this command.
@@ -28,55 +29,6 @@ examples:
 
 'xflwb COMMAND --help' describes a command's options. TensorFlow's log lines are hidden;
 --verbose shows them. In a notebook: %load_ext xflwb (see the README)."""
-
-
-def add_export_options(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``xflwb export`` and ``%%xfl_export``."""
-    p.add_argument("--data-type", default=None, help="data type phones ask for (default: name)")
-    p.add_argument("--platforms", default="android,ios", help="comma list: android,ios")
-    p.add_argument("--loss", default="categorical_crossentropy",
-                   help="categorical_crossentropy (integer labels) or mse")
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=None, help="learning rate")
-    p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--out", default="artifacts", help="artifact directory")
-    p.add_argument("--no-strict", action="store_true",
-                   help="keep the export even if parity fails")
-    p.add_argument("--ios-training", default="auto", choices=["auto", "strict"],
-                   help="auto: iOS freezes layers Core ML cannot update (Android trains "
-                   "them); strict: refuse such models, naming each layer")
-    add_verbose(p)
-
-
-def add_verbose(p: argparse.ArgumentParser, default: Any = argparse.SUPPRESS) -> None:
-    """``--verbose``: show TensorFlow's, absl's and the converter's log lines.
-
-    Sub-commands default to SUPPRESS so that ``xflwb --verbose demo`` (the top-level flag)
-    is not reset by the sub-command's default (argparse copies sub-parser defaults over).
-    """
-    if "--verbose" not in p._option_string_actions:
-        p.add_argument("--verbose", action="store_true", default=default,
-                       help="show TensorFlow's and the TFLite converter's log lines")
-
-
-def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    import xflwb
-
-    if args.optimizer == "sgd":
-        opt = xflwb.SGD(learning_rate=0.01 if args.lr is None else args.lr,
-                        momentum=args.momentum or 0.0)
-    else:
-        if args.momentum is not None:
-            raise ValueError("--momentum applies to --optimizer sgd only")
-        opt = xflwb.Adam(learning_rate=0.001 if args.lr is None else args.lr)
-    return {"data_type": args.data_type, "platforms": args.platforms, "loss": args.loss,
-            "optimizer": opt, "batch_size": args.batch_size, "epochs": args.epochs,
-            "out_dir": args.out, "strict": not args.no_strict,
-            "ios_training": args.ios_training,
-            # unset: XFLWB_VERBOSE decides (quiet by default)
-            "verbose": True if getattr(args, "verbose", False) else None}
 
 
 def resolve_model(target: str) -> Any:
@@ -168,10 +120,10 @@ def _server_tls(args: argparse.Namespace) -> Any:
         raise ValueError("pass either --dev-tls DIR or --tls-cert/--tls-key, not both")
     if args.dev_tls:
         from xflwb.server.security import make_dev_ca
-        from xflwb.workbench import _reachable_host
+        from xflwb.workbench import reachable_host
 
         # the address phones dial: the bind address, or this machine's for a wildcard
-        hosts = ["127.0.0.1", "localhost", "::1", _reachable_host(args.host)]
+        hosts = ["127.0.0.1", "localhost", "::1", reachable_host(args.host)]
         return make_dev_ca(args.dev_tls, hosts=hosts + list(args.tls_host or []))
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together (the PEM certificate chain and "
@@ -231,8 +183,7 @@ def cmd_device(args: argparse.Namespace) -> int:
     import signal
 
     from xflwb import _lifeline
-    from xflwb.devices.device import Device, DeviceOptions
-    from xflwb.server.security import TOKEN_ENV
+    from xflwb.devices.device import TOKEN_ENV, Device, DeviceOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from xflwb.devices.partition import device_data

@@ -108,7 +108,7 @@ def _failing_as(prog: str) -> Iterator[None]:
 
 
 def _export_parser() -> argparse.ArgumentParser:
-    from xflwb.cli import add_export_options
+    from xflwb._export_options import add_export_options
 
     p = _Parser(prog="%%xfl_export", add_help=False)
     p.add_argument("name")
@@ -155,7 +155,7 @@ class XflMagics(Magics):
     @cell_magic
     def xfl_export(self, line: str, cell: str) -> Any:
         import xflwb
-        from xflwb.cli import export_kwargs
+        from xflwb._export_options import export_kwargs
 
         args = _parse(_export_parser(), line)
         if args is None:
@@ -203,11 +203,11 @@ def _magic_tls(args: argparse.Namespace) -> Any:
     """The start options' ``Workbench(tls=...)``."""
     if args.dev_tls:
         from xflwb.server.security import make_dev_ca
-        from xflwb.workbench import _reachable_host
+        from xflwb.workbench import reachable_host
 
         # the address phones dial: the bind address, or this machine's for a wildcard
         return make_dev_ca(args.dev_tls, hosts=("127.0.0.1", "localhost", "::1",
-                                                _reachable_host(args.host)))
+                                                reachable_host(args.host)))
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_cert:

@@ -18,10 +18,11 @@ from typing import Any
 import pandas as pd
 
 from xflwb.server.registry import Registry
+from xflwb.server.session import DONE as DONE  # public: statuses a session ends in
 from xflwb.server.session import Session, SessionManager, started_from
 
 
-def _reachable_host(host: str) -> str:
+def reachable_host(host: str) -> str:
     """A wildcard bind address is not something a phone can dial: use this machine's
     outward-facing address instead (no packet is sent by connecting a UDP socket)."""
     if host not in ("0.0.0.0", "::", ""):
@@ -100,7 +101,7 @@ class Workbench:
         if not self.running:
             raise RuntimeError("the workbench is not running: call wb.start()")
         scheme = "https" if self.tls is not None else "http"
-        return f"{scheme}://{_reachable_host(self.host)}:{self.port}"
+        return f"{scheme}://{reachable_host(self.host)}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Workbench:
         import uvicorn

@@ -59,12 +59,12 @@ class ExportResult:
 
     @property
     def parameters(self) -> pd.DataFrame:
-        from xflwb.widgets.report import parameter_table
+        from xflwb.bridge.report import parameter_table
 
         return parameter_table(self.manifest)
 
     def _repr_html_(self) -> str:
-        from xflwb.widgets.report import export_report_html
+        from xflwb.bridge.report import export_report_html
 
         return export_report_html(self)
 

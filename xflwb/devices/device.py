@@ -11,7 +11,6 @@ as raw float32 (FedKit) or ``.npy`` (Flower's iOS SDK).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -20,7 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -28,6 +27,9 @@ from urllib.parse import urlparse
 import numpy as np
 
 log = logging.getLogger("xflwb.device")
+#: the environment variable a device process reads its device token from (never argv,
+#: where other users of the machine could read it); the fleet sets it per device
+TOKEN_ENV = "XFLWB_DEVICE_TOKEN"
 FLAGS = {"android": {"tflite": True, "coreml": False},
          "ios": {"tflite": False, "coreml": True}}
 
@@ -223,8 +225,8 @@ class Device:
                 except _Dropped:
                     self._set(status="dropped", drops=self.status.drops + 1)
                     self._stop.wait(self.options.rejoin_delay)
-        except Exception as exc:
-            log.warning("device %s failed: %s", self.status.device_id, exc)
+        except Exception as exc:  # with its traceback: a bug here must be findable in the log
+            log.exception("device %s failed: %s", self.status.device_id, exc)
             self._set(status="failed", error=f"{type(exc).__name__}: {exc}")
         finally:
             self._http.close()
@@ -234,8 +236,8 @@ class Device:
         """One gRPC stream; True when the server said goodbye (ReconnectIns / stream end)."""
         import grpc
 
-        from xflwb.server.flower_legacy import transport_pb2 as pb
-        from xflwb.server.flower_legacy import transport_pb2_grpc as pbg
+        from xflwb.flower_legacy import transport_pb2 as pb
+        from xflwb.flower_legacy import transport_pb2_grpc as pbg
 
         host = urlparse(self.url).hostname
         out: queue.Queue = queue.Queue()
@@ -266,7 +268,7 @@ class Device:
                     out.put(pb.ClientMessage(disconnect_res=pb.ClientMessage.DisconnectRes()))
                     return True
                 try:
-                    reply = self._answer(pb, kind, msg, server["session_id"])
+                    reply = self._answer(pb, kind, msg)
                 except _Dropped:  # a lost connection says nothing
                     raise
                 except Exception as exc:
@@ -317,7 +319,7 @@ class Device:
         finally:
             timer.cancel()
 
-    def _decode(self, pb: Any, parameters: Any) -> list[np.ndarray]:
+    def _decode(self, parameters: Any) -> list[np.ndarray]:
         from xflwb.bridge import params
 
         arrays, _ = params.decode_tensors(list(parameters.tensors))
@@ -330,14 +332,14 @@ class Device:
         return pb.Parameters(tensors=tensors,
                              tensor_type="ND" if self.options.encoding == "raw" else "ndarray")
 
-    def _answer(self, pb: Any, kind: str, msg: Any, session_id: int) -> Any:
+    def _answer(self, pb: Any, kind: str, msg: Any) -> Any:
         rt = self.runtime
         if kind == "get_parameters_ins":
             return pb.ClientMessage(get_parameters_res=pb.ClientMessage.GetParametersRes(
                 parameters=self._encode(pb, rt.get_parameters())))
         if kind == "fit_ins":
             self._fit_start = int(time.time() * 1000)
-            rt.set_parameters(self._decode(pb, msg.fit_ins.parameters))
+            rt.set_parameters(self._decode(msg.fit_ins.parameters))
             cfg = msg.fit_ins.config
             epochs = int(cfg["local_epochs"].sint64) if "local_epochs" in cfg else 1
             self._set(status="training")
@@ -360,7 +362,7 @@ class Device:
                 num_examples=len(self.x_train), metrics=metrics))
         if kind == "evaluate_ins":
             self._eval_start = int(time.time() * 1000)
-            rt.set_parameters(self._decode(pb, msg.evaluate_ins.parameters))
+            rt.set_parameters(self._decode(msg.evaluate_ins.parameters))
             loss, acc = rt.evaluate(self.x_test, self.y_test)
             self._last_eval = (loss, acc)
             self._set(evaluations=self.status.evaluations + 1, last_loss=float(loss),
@@ -388,7 +390,3 @@ class Device:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def status_json(status: DeviceStatus) -> str:
-    return json.dumps(asdict(status))

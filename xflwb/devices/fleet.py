@@ -148,7 +148,7 @@ class Fleet:
                 cmd += ["--ca-file", self.ca_file]
             env = _lifeline.child_env()
             if self._tokens is not None:
-                from xflwb.server.security import TOKEN_ENV
+                from xflwb.devices.device import TOKEN_ENV
 
                 env = {**env, TOKEN_ENV: self._tokens[k]}
             log = open(self._log_file(device_id), "ab")  # noqa: SIM115

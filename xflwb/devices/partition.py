@@ -253,8 +253,8 @@ def _pool(dataset: str) -> tuple[np.ndarray, np.ndarray, int]:
             d.classes)
 
 
-def _partitions(dataset: str, partition: str, num_partitions: int,
-                seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+def dataset_partitions(dataset: str, partition: str, num_partitions: int,
+                       seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
     """``(x, y)`` for every device, and the number of classes.
 
     Synthetic(α, β) data is federated by construction (each device draws its own model
@@ -309,7 +309,7 @@ def device_data(dataset: str, partition: str, num_partitions: int, partition_id:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id={partition_id} out of range: "
                          f"expected 0 <= partition_id < num_partitions={num_partitions}")
-    x, y = _partitions(dataset, partition, num_partitions, seed)[0][partition_id]
+    x, y = dataset_partitions(dataset, partition, num_partitions, seed)[0][partition_id]
     return local_data(x, y, partition_id, num_partitions, seed, test_fraction)
 
 
@@ -326,7 +326,7 @@ def partition_table(dataset: str, partition: str, num_partitions: int, seed: int
                     test_fraction: float = 0.2) -> pd.DataFrame:
     """One row per device: local train/test sizes and a label histogram, to eyeball skew."""
     _check_fraction(test_fraction)
-    parts, classes = _partitions(dataset, partition, num_partitions, seed)
+    parts, classes = dataset_partitions(dataset, partition, num_partitions, seed)
     rows = []
     for pid, (_, y) in enumerate(parts):
         train, test = _local_split(len(y), test_fraction, seed, pid)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Annotated, Any, Literal
 
-import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
@@ -37,7 +36,6 @@ from xflwb.server.session import (
     started_from,
 )
 
-PLATFORM_OF_FLAG = {"tflite": "android", "coreml": "ios"}
 log = logging.getLogger(__name__)
 
 #: SQLite (and PostgreSQL's BIGINT) stores signed 64-bit integers: anything larger is bad input
@@ -411,24 +409,21 @@ def fedkit_router(state: AppState) -> APIRouter:
 
     @r.get("/static/{filename}", response_class=FileResponse)
     def download(filename: Annotated[str, Path(max_length=1024)]) -> FileResponse:
-        q = (sa.select(reg.models.c.directory, reg.artifacts.c.file)
-             .join(reg.artifacts, reg.artifacts.c.model_id == reg.models.c.id)
-             .where((reg.models.c.name + "--" + reg.artifacts.c.file) == filename))
-        with registry.engine.connect() as c:
-            row = c.execute(q).first()
-        if row is None:
+        found = registry.model_file(filename)
+        if found is None:
             raise HTTPException(404, f"no model file {filename!r}")
-        path = FsPath(row.directory) / row.file
+        directory, file = found
+        path = FsPath(directory) / file
         if not path.is_file():
             raise HTTPException(404, f"model file {filename!r} is registered but missing from "
-                                     f"{row.directory}; publish the export again")
+                                     f"{directory}; publish the export again")
         # never a symlink, never anything outside the registry's copy under data_dir
         if path.is_symlink() or not path.resolve().is_relative_to(registry.artifact_dir):
             log.warning("refused to serve %s: a symlink or outside %s", path,
                         registry.artifact_dir)
             raise HTTPException(404, f"model file {filename!r} is not a regular file inside "
                                      "the registry; publish the export again")
-        return FileResponse(path, filename=row.file, media_type="application/octet-stream")
+        return FileResponse(path, filename=file, media_type="application/octet-stream")
 
     @r.post("/train/server", response_model=ServerOut)
     def server(body: ServerIn) -> ServerOut:

@@ -1,67 +1,24 @@
-"""The one place xflwb touches Flower's deprecated legacy pieces.
+"""Flower's legacy pieces as the server uses them: ``xflwb.flower_legacy`` plus the gRPC server.
 
-Phones (FedKit, Flower's mobile SDKs) speak the legacy bidirectional gRPC transport
-(``FlowerService.Join``); flwr 1.41 still ships it under ``flwr.server.superlink.fleet.
-grpc_bidi`` together with the legacy ``Server`` loop and strategy types. Everything else in
-xflwb imports these names from here, so a Flower upgrade is a one-file change (the contract
-test ``tests/test_flower_legacy.py`` pins what we rely on).
+The adapter itself lives in ``xflwb.flower_legacy`` (the bottom of the package), so the
+virtual phones can speak the legacy transport without importing the server. This module
+keeps the old import path working and adds ``start_grpc_server``, the one piece that needs
+the server's strict protocol (``xflwb.server.protocol``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Any
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from flwr.common import (
-        Code,
-        EvaluateIns,
-        EvaluateRes,
-        FitIns,
-        FitRes,
-        GetParametersIns,
-        Parameters,
-        Status,
-        ndarrays_to_parameters,
-        parameters_to_ndarrays,
-    )
-    from flwr.proto import transport_pb2, transport_pb2_grpc
-    from flwr.proto.transport_pb2_grpc import add_FlowerServiceServicer_to_server
-    from flwr.server import Server
-    from flwr.server.client_manager import ClientManager, SimpleClientManager
-    from flwr.server.client_proxy import ClientProxy
-    from flwr.server.strategy import (
-        FedAdagrad,
-        FedAdam,
-        FedAvg,
-        FedAvgM,
-        FedMedian,
-        FedTrimmedAvg,
-        FedYogi,
-        Krum,
-        Strategy,
-    )
-    from flwr.server.strategy.aggregate import aggregate as flower_aggregate
-    from flwr.server.strategy.aggregate import (
-        aggregate_krum,
-        aggregate_median,
-        aggregate_trimmed_avg,
-    )
-    from flwr.server.superlink.fleet.grpc_bidi.flower_service_servicer import (
-        FlowerServiceServicer,
-        register_client_proxy,
-    )
-    from flwr.server.superlink.fleet.grpc_bidi.grpc_bridge import (
-        GrpcBridge,
-        GrpcBridgeClosed,
-        InsWrapper,
-        ResWrapper,
-    )
-    from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
-    from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH, generic_create_grpc_server
+from xflwb.flower_legacy import *  # noqa: F403  (the compatibility re-export)
+from xflwb.flower_legacy import (
+    GRPC_MAX_MESSAGE_LENGTH,
+    ClientManager,
+    add_FlowerServiceServicer_to_server,
+    generic_create_grpc_server,
+)
+from xflwb.flower_legacy import __all__ as _LEGACY_NAMES
 
 
 def start_grpc_server(client_manager: ClientManager, server_address: str,
@@ -87,61 +44,4 @@ def start_grpc_server(client_manager: ClientManager, server_address: str,
     return server
 
 
-def simulation_api() -> SimpleNamespace:
-    """Flower's Simulation Engine pieces, imported on demand (they pull in Ray).
-
-    ``run_simulation`` is the in-process entry point (deprecated in favour of ``flwr run``,
-    which needs a SuperLink and a Flower app project: not something a notebook call can
-    be); ``start_grid`` runs a legacy ``Server`` over a ``Grid``, which is how the
-    same ``CrossPlatformStrategy`` that serves phones serves simulated clients.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from flwr.app import ConfigRecord
-        from flwr.client import Client, ClientApp
-        from flwr.common import (
-            GetPropertiesIns,
-            GetPropertiesRes,
-            Message,
-            MessageTypeLegacy,
-            ndarrays_to_parameters,
-        )
-        from flwr.compat.common import recorddict_compat as compat
-        from flwr.server import ServerApp, ServerConfig
-        from flwr.server.compat.app import start_grid
-        from flwr.simulation import run_simulation
-
-    return SimpleNamespace(
-        Client=Client, ClientApp=ClientApp, ConfigRecord=ConfigRecord, ServerApp=ServerApp,
-        ServerConfig=ServerConfig,
-        GetPropertiesIns=GetPropertiesIns, GetPropertiesRes=GetPropertiesRes, Message=Message,
-        GET_PROPERTIES=MessageTypeLegacy.GET_PROPERTIES, compat=compat,
-        ndarrays_to_parameters=ndarrays_to_parameters, start_grid=start_grid,
-        run_simulation=run_simulation)
-
-
-#: Flower's strategies by the name ``wb.train(strategy=...)`` takes (the one list every
-#: config validates against): server-side optimisers, which act on the masked average, and
-#: robust rules (``ROBUST_RULES``), which replace it; ``strategy_options`` go to the Flower
-#: class, so its own constructor checks them (FedTrimmedAvg's ``beta``, Krum's
-#: ``num_malicious_clients`` / ``num_clients_to_keep``: > 0 is MultiKrum).
-SERVER_STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam,
-                     "fedyogi": FedYogi, "fedadagrad": FedAdagrad, "fedmedian": FedMedian,
-                     "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
-#: the robust rules among them, and Flower's aggregation function each one applies
-ROBUST_RULES = {"fedmedian": aggregate_median, "fedtrimmedavg": aggregate_trimmed_avg,
-                "krum": aggregate_krum}
-
-__all__ = [
-    "GRPC_MAX_MESSAGE_LENGTH", "ROBUST_RULES", "SERVER_STRATEGIES", "ClientManager",
-    "ClientProxy", "Code", "EvaluateIns", "EvaluateRes", "FedAdagrad", "FedAdam", "FedAvg",
-    "FedAvgM", "FedMedian", "FedTrimmedAvg", "FedYogi", "FitIns", "FitRes",
-    "FlowerServiceServicer", "GetParametersIns", "GrpcBridge", "GrpcBridgeClosed",
-    "GrpcClientProxy",
-    "InsWrapper", "Krum", "Parameters", "ResWrapper", "Server", "SimpleClientManager",
-    "Status", "Strategy", "add_FlowerServiceServicer_to_server", "aggregate_krum",
-    "aggregate_median", "aggregate_trimmed_avg", "flower_aggregate",
-    "generic_create_grpc_server", "ndarrays_to_parameters", "parameters_to_ndarrays",
-    "register_client_proxy", "simulation_api", "start_grpc_server", "transport_pb2",
-    "transport_pb2_grpc",
-]
+__all__ = [*_LEGACY_NAMES, "start_grpc_server"]

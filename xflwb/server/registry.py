@@ -24,7 +24,6 @@ from xflwb.bridge import manifest as manifest_mod
 
 log = logging.getLogger(__name__)
 
-PLATFORM_FLAGS = {"android": "tflite", "ios": "coreml"}
 ACTIVE = ("starting", "running")
 
 meta = sa.MetaData()
@@ -382,6 +381,16 @@ class Registry:
         with self.engine.connect() as c:
             return int(c.execute(sa.select(sa.func.max(artifacts.c.bytes))).scalar() or 0)
 
+    def model_file(self, filename: str) -> tuple[str, str] | None:
+        """``(directory, file)`` of the published file served as ``filename``
+        (``<model name>--<file>``, the name ``/static`` downloads use), or None."""
+        q = (sa.select(models.c.directory, artifacts.c.file)
+             .join(artifacts, artifacts.c.model_id == models.c.id)
+             .where((models.c.name + "--" + artifacts.c.file) == filename))
+        with self.engine.connect() as c:
+            row = c.execute(q).first()
+        return None if row is None else (row.directory, row.file)
+
     def artifacts_of(self, model_id: int) -> dict[str, dict[str, Any]]:
         with self.engine.connect() as c:
             rows = c.execute(artifacts.select().where(artifacts.c.model_id == model_id)).all()
@@ -637,18 +646,6 @@ class Registry:
                                           dev.platform if dev is not None else None,
                                           body.get("loss"), body.get("test_size"))
             return tid
-
-    def note_device(self, device_id: int, platform: str) -> None:
-        """Record a device; its platform is bound once and never rewritten."""
-        now = time.time()
-        with self.engine.begin() as c:
-            row = c.execute(devices.select().where(devices.c.id == device_id)).first()
-            if row is None:
-                c.execute(devices.insert().values(id=device_id, platform=platform,
-                                                  first_seen=now, last_seen=now))
-            else:
-                c.execute(devices.update().where(devices.c.id == device_id).values(
-                    platform=row.platform or platform, last_seen=now))
 
     def list_devices(self) -> list[dict[str, Any]]:
         with self.engine.connect() as c:

@@ -31,7 +31,6 @@ DEVICE_AUTH_MODES = (None, "token")
 #: where phones may put their token: ``Authorization: Bearer <token>`` or this header
 #: (on gRPC: the same names as metadata keys, lower case)
 TOKEN_HEADER = "x-device-token"
-TOKEN_ENV = "XFLWB_DEVICE_TOKEN"
 MAX_DEVICE_NAME = 128
 
 _meta = sa.MetaData()
@@ -369,7 +368,6 @@ def warnings_for(host: str, tls: TLSConfig | None, device_auth: str | None) -> l
 
 __all__ = [
     "DEVICE_AUTH_MODES",
-    "TOKEN_ENV",
     "TOKEN_HEADER",
     "TLSConfig",
     "TokenStore",

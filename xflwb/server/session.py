@@ -713,20 +713,14 @@ class SessionManager:
         sid = self.registry.create_session(model, asdict(cfg), exclusive=True)
         return self._launch(sid, "xflwb.server.session", wait_ready)
 
-    def start_simulation(self, model_name: str, config: Any = None, wait_ready: float = 120.0,
-                         **options: Any) -> Session:
-        """Run ``model_name`` on Flower's Simulation Engine (see ``xflwb.simulate``); the
-        handle is a ``Session`` like any other, recorded in the same registry. ``config``
-        is a ``SimulationConfig`` (else one is made from ``options``)."""
-        from xflwb.devices.datasets import check_compatible
-        from xflwb.simulation.config import SimulationConfig
-
-        cfg = config if config is not None else SimulationConfig(**options)
-        model = self.registry.latest_model(model_name)
-        cfg.check_platforms(model["manifest"])
-        check_compatible(model["manifest"], cfg.dataset)  # before any process starts
-        sid = self.registry.create_session(model, asdict(cfg))
-        return self._launch(sid, "xflwb.simulation.server", wait_ready)
+    def start_engine(self, model: dict[str, Any], config: dict[str, Any], module: str,
+                     wait_ready: float = 120.0) -> Session:
+        """Record a session of ``model`` (a registry row) with ``config`` and run
+        ``python -m module`` on it. Another engine (``xflwb.simulation``) starts its
+        session process through this, so the server need not know the engines above it;
+        the handle is a ``Session`` like any other, recorded in the same registry."""
+        sid = self.registry.create_session(model, config)
+        return self._launch(sid, module, wait_ready)
 
     def _launch(self, sid: int, module: str, wait_ready: float) -> Session:
         # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__,

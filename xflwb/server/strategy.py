@@ -285,7 +285,7 @@ class CrossPlatformStrategy(Strategy):
         super().__init__()
         self.manifest = manifest
         self.global_ = [np.asarray(a, np.float32) for a in initial]
-        params.to_platform(self.global_, manifest, next(iter(manifest["platforms"])))  # validate
+        self._check_manifest(manifest)
         # robust rules (ROBUST_RULES) replace the average; Flower's class still checks
         # their options (FedTrimmedAvg's beta range, Krum's counts)
         self.inner = server_optimizer(strategy, self.global_, **(strategy_options or {}))
@@ -312,6 +312,21 @@ class CrossPlatformStrategy(Strategy):
 
     def __repr__(self) -> str:
         return f"CrossPlatformStrategy({self.manifest['name']}, {self.inner.__class__.__name__})"
+
+    def _check_manifest(self, manifest: dict[str, Any]) -> None:
+        """Map the initial model to every platform and back, so a broken manifest (our
+        export's fault) fails here, at session start, and is never taken for a client's
+        bad update in a round."""
+        for platform in manifest["platforms"]:
+            try:
+                params.from_platform(params.to_platform(self.global_, manifest, platform),
+                                     manifest, platform, base=self.global_)
+                params.trained_mask(manifest, platform)
+            except (KeyError, IndexError, TypeError) as exc:
+                raise ValueError(
+                    f"manifest of model {manifest.get('name')!r} is malformed for platform "
+                    f"{platform!r} ({type(exc).__name__}: {exc}); re-export the model with "
+                    "xflwb.export") from exc
 
     # -- helpers ---------------------------------------------------------------------------
     def _encoded(self, platform: str, codec: str,
@@ -388,11 +403,12 @@ class CrossPlatformStrategy(Strategy):
             return self.max_examples, True
         return n, False
 
-    def _accept(self, client: ClientProxy, platform: str, res: FitRes
+    def _accept(self, platform: str, res: FitRes
                 ) -> tuple[list[np.ndarray], int, bool, str]:
         """Decode, map to canonical space and check one client's FitRes: (canonical
         arrays, examples it counts for, capped?, its encoding). Raises on anything wrong;
-        the caller turns whatever it raises into that client's rejection."""
+        the caller turns it into that client's rejection, except a KeyError: only a
+        manifest lookup raises one (our fault, not the client's), so it fails the round."""
         frozen = (res.metrics or {}).get("frozen_sha256")
         if frozen is not None and self._frozen and frozen != self._frozen:
             raise ValueError(
@@ -446,11 +462,17 @@ class CrossPlatformStrategy(Strategy):
             stats["bytes_up"] += getattr(client, "bytes_up", 0)
             stats["bytes_down"] += getattr(client, "bytes_down", 0)
             try:
-                canonical, n, capped, codec = self._accept(client, platform, res)
+                canonical, n, capped, codec = self._accept(platform, res)
                 if self.rule is None:
                     agg.add(canonical, n, self._masks[platform])
                 else:
                     kept.append((canonical, n, self._masks[platform]))
+            except KeyError as exc:  # a manifest lookup: client data is never a key
+                raise RuntimeError(
+                    f"round {server_round}: a lookup failed while mapping {platform} client "
+                    f"{client.cid}'s update (KeyError: {exc}): the manifest of model "
+                    f"'{self.manifest.get('name')}' or xflwb is at fault, not the client; "
+                    "re-export the model, and report it if it persists") from exc
             except Exception as exc:  # one client's update, whatever broke: only it is lost
                 reason = f"{type(exc).__name__}: {exc}"
                 log.warning("round %s: rejected %s update from %s: %s", server_round,

@@ -44,7 +44,7 @@ def resolve_model(registry: Any, name_or_export: Any) -> str:
 def _check_export(name_or_export: Any, cfg: SimulationConfig) -> None:
     """An export (or export directory) lacking a platform or unable to train on the
     dataset is refused before it is published; a registry name is checked by
-    ``start_simulation``."""
+    ``start_on``."""
     from xflwb.bridge import manifest as manifest_mod
     from xflwb.devices.datasets import check_compatible
 
@@ -61,6 +61,21 @@ def _check_export(name_or_export: Any, cfg: SimulationConfig) -> None:
         check_compatible(found, cfg.dataset)
 
 
+def start_on(manager: Any, model_name: str, cfg: SimulationConfig,
+             wait_ready: float = 120.0) -> Any:
+    """Run the published ``model_name`` on Flower's Simulation Engine as a session of the
+    ``SessionManager`` ``manager`` (its process runs ``xflwb.simulation.server``); the
+    model is checked against ``cfg`` before any process starts."""
+    from dataclasses import asdict
+
+    from xflwb.devices.datasets import check_compatible
+
+    model = manager.registry.latest_model(model_name)
+    cfg.check_platforms(model["manifest"])
+    check_compatible(model["manifest"], cfg.dataset)  # before any process starts
+    return manager.start_engine(model, asdict(cfg), "xflwb.simulation.server", wait_ready)
+
+
 def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
           timeout: float | None, **options: Any) -> Any:
     """Start a simulation on the ``SessionManager`` ``get_manager()`` gives; optionally wait.
@@ -70,7 +85,7 @@ def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
     _check_export(name_or_export, cfg)
     manager = get_manager()
     name = resolve_model(manager.registry, name_or_export)
-    session = manager.start_simulation(name, config=cfg)
+    session = start_on(manager, name, cfg)
     if wait:
         status = session.wait(timeout=timeout)
         if status != "finished":

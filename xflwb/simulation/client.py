@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import params
-from xflwb.server.flower_legacy import (
+from xflwb.flower_legacy import (
     Code,
     EvaluateRes,
     FitRes,
@@ -103,7 +103,7 @@ def runtime_for(spec: ClientSpec, platform: str) -> Any:
 
 @functools.lru_cache(maxsize=4)
 def _partitions(dataset: str, partition: str, num_partitions: int, seed: int) -> Any:
-    from xflwb.devices.partition import _partitions as split
+    from xflwb.devices.partition import dataset_partitions as split
 
     return split(dataset, partition, num_partitions, seed)[0]
 

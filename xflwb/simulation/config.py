@@ -48,7 +48,7 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         from xflwb.devices import datasets, partition
-        from xflwb.server.flower_legacy import SERVER_STRATEGIES
+        from xflwb.flower_legacy import SERVER_STRATEGIES
 
         if self.engine != "simulation":
             raise ValueError(f"engine must be 'simulation', got {self.engine!r}")

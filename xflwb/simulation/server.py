@@ -1,7 +1,7 @@
 """A simulation process: Flower's Simulation Engine (Ray) driving the phones' strategy.
 
 Run as ``python -m xflwb.simulation.server DATA_DIR DB_URL SESSION_ID`` by
-``SessionManager.start_simulation``, for the same reasons a phone session gets its own
+``xflwb.simulation.start_on``, for the same reasons a phone session gets its own
 process (a crash or ``stop()`` never takes the kernel down). The ServerApp runs Flower's
 legacy ``Server`` over the simulation ``Grid`` with the very ``CrossPlatformStrategy`` (and
 so ``StreamingFedAvg``) that serves phones; it records rounds through the same callbacks.
@@ -21,8 +21,8 @@ from typing import Any
 
 from xflwb import _lifeline
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.flower_legacy import SimpleClientManager
 from xflwb.server.aggregate import pin_blas_threads
-from xflwb.server.flower_legacy import SimpleClientManager
 from xflwb.server.registry import Registry
 from xflwb.server.session import process_logger
 from xflwb.simulation.config import SimulationConfig
@@ -137,7 +137,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
     try:
         import ray
 
-        from xflwb.server.flower_legacy import Server, simulation_api
+        from xflwb.flower_legacy import Server, simulation_api
         from xflwb.server.session import progress_writer, round_recorders, save_checkpoint
         from xflwb.server.strategy import AllClientsFailed, CrossPlatformStrategy
         from xflwb.simulation import client as sim_client

@@ -336,7 +336,7 @@ class Dashboard:
         return status
 
     def _loop(self) -> None:
-        from xflwb.server.session import DONE
+        from xflwb.workbench import DONE  # the public API, not the session module
 
         while not self._stop.wait(self.interval):
             try:

@@ -1,0 +1,240 @@
+"""Dependencies point one way (issue 13): front-ends → public API → engines → base.
+
+The test parses every module of ``xflwb`` with ``ast`` (imports inside functions count: a
+lazy import is still a dependency) and fails on an arrow against the direction, naming the
+file, the line and the arrow. Layers, low to high:
+
+0. **base**: ``xflwb.bridge`` (export, runtimes, manifest), ``xflwb.flower_legacy`` (the one
+   adapter over Flower's legacy transport, used by phones, server and simulation alike),
+   ``xflwb.style`` and the private helpers ``xflwb._*``.
+1. **engines**: ``xflwb.server``, ``xflwb.devices``, ``xflwb.simulation``. Siblings: the
+   simulation may use the devices' datasets and partitions and the server's strategy,
+   registry and session manager (it *is* a server whose clients are simulated); the server
+   imports neither devices nor the simulation (it runs whatever engine asks it to:
+   ``SessionManager.start_engine``), and a device never imports the server (it only speaks
+   the wire protocol, through ``xflwb.flower_legacy``).
+2. **public API**: ``xflwb.workbench``, ``xflwb.experiment``.
+3. **front-ends**: ``xflwb.widgets``, ``xflwb.magics``, ``xflwb.cli``, ``xflwb.demo``,
+   ``xflwb.__main__``, and the package facade ``xflwb`` itself: it re-exports the
+   dashboard and registers the magics, so it sits on top and nothing below may import it.
+   Front-ends do not import one another (shared helpers live below them, e.g.
+   ``xflwb._export_options``); they may show a widget and use the facade.
+
+A module is a "room" (``xflwb.server``, ``xflwb.cli``, ``xflwb._argparse``, ...); imports
+inside a room are free. An arrow between two rooms of one layer must be listed in
+``SIBLINGS`` with its reason. A dotted module name in a string (``python -m
+xflwb.simulation.server``) is an arrow too: launching a module by name depends on it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "xflwb"
+
+#: layer of each room (the first component below ``xflwb``; "" is the facade)
+LAYERS: dict[str, int] = {
+    "bridge": 0, "flower_legacy": 0, "style": 0,  # and every private ``_*`` room
+    "server": 1, "devices": 1, "simulation": 1,
+    "workbench": 2, "experiment": 2,
+    "widgets": 3, "magics": 3, "cli": 3, "demo": 3, "__main__": 3, "": 3,
+}
+LAYER_NAMES = ("base", "engines", "public API", "front-ends")
+
+#: arrows allowed between rooms of the same layer, with the reason
+SIBLINGS: dict[tuple[str, str], str] = {
+    ("bridge", "_quiet"): "the converters' log noise is silenced where they are imported",
+    ("_export_options", "bridge"): "the export options build the bridge's optimizers",
+    ("simulation", "devices"): "simulated clients train on the devices' datasets/partitions",
+    ("simulation", "server"): "the simulation is a server (strategy, registry, sessions) "
+                              "whose clients are simulated",
+    ("__main__", "cli"): "``python -m xflwb`` is the command line",
+    ("cli", ""): "the command line calls the public API (xflwb.export, ...)",
+    ("cli", "demo"): "``xflwb demo`` runs the demo",
+    ("demo", ""): "the demo is a script over the public API",
+    ("magics", ""): "the magics call the public API (xflwb.export, ...)",
+    ("magics", "widgets"): "``%xfl_train`` shows the dashboard",
+    ("", "widgets"): "the facade re-exports Dashboard and report",
+    ("", "magics"): "``%load_ext xflwb`` registers the magics through the facade",
+}
+
+#: finer arrows that break the direction even where the rooms may meet: (importer prefix,
+#: imported prefix) → why not, and where it belongs
+FORBIDDEN: dict[tuple[str, str], str] = {
+    ("xflwb.simulation", "xflwb.server.session"):
+        "the session process's recording helpers belong to one skeleton both use "
+        "(issue 13 item 3), not to the phone session's module",
+    ("xflwb.widgets", "xflwb.server"): "widgets render what the public API (workbench) gives",
+    ("xflwb.server.app", "sqlalchemy"): "the HTTP API asks the registry; it runs no SQL",
+}
+
+#: Known arrows against the direction, not fixed yet. Each must still exist (a stale entry
+#: fails, so the list only shrinks). issue 13: to remove, every one.
+ALLOWED_DEBT: dict[tuple[str, str], str] = {
+    ("xflwb.simulation.server", "xflwb.server.session"):
+        "process_logger / progress_writer / round_recorders / save_checkpoint: borrowed "
+        "until the one session-process skeleton (item 3). issue 13: to remove",
+    ("xflwb.simulation", "xflwb.server.session"):
+        "SessionManager for handles made without a Workbench; moves with the session "
+        "manager split (item 4). issue 13: to remove",
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for f in sorted(PACKAGE.rglob("*.py")):
+        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = f
+    return out
+
+
+MODULES = _modules()
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _layer(module: str) -> int:
+    room = _room(module)
+    if room.startswith("_") and room != "__main__":
+        return 0
+    return LAYERS[room]
+
+
+def _resolve(module: str, path: Path, node: ast.ImportFrom) -> list[str]:
+    """Absolute targets of ``from ... import ...``: ``from xflwb import cli`` is xflwb.cli."""
+    if node.level:
+        base = module.split(".")
+        if path.name != "__init__.py":
+            base = base[:-1]
+        base = base[:len(base) - (node.level - 1)]
+        pkg = ".".join(base + ([node.module] if node.module else []))
+    else:
+        pkg = node.module or ""
+    return [f"{pkg}.{a.name}" if f"{pkg}.{a.name}" in MODULES else pkg for a in node.names]
+
+
+def _arrows(module: str, path: Path) -> list[tuple[int, str]]:
+    """(line, imported module) for every import and every dotted module name in a string."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out += [(node.lineno, t) for t in _resolve(module, path, node)]
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and "." in node.value and node.value in MODULES):
+            out.append((node.lineno, node.value))
+    return out
+
+
+def _private_names(module: str, path: Path) -> list[tuple[int, str, str]]:
+    """(line, module, name) for each private name (``_x``, not a module) imported from
+    another room: what a room keeps private may change under its callers."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("xflwb"):
+            for a, target in zip(node.names, _resolve(module, path, node), strict=True):
+                if (a.name.startswith("_") and not a.name.startswith("__")
+                        and target not in MODULES.keys() - {node.module}
+                        and _room(target) != _room(module)):
+                    out.append((node.lineno, target, a.name))
+    return out
+
+
+def _owner(target: str) -> str | None:
+    """The xflwb module ``target`` names (an attribute import names its module)."""
+    while target and target not in MODULES:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def _violations() -> tuple[list[str], set[tuple[str, str]]]:
+    errors, debt_used = [], set()
+    for module, path in MODULES.items():
+        where = path.relative_to(PACKAGE.parent) if path.is_relative_to(PACKAGE) else path
+        for line, raw in _arrows(module, path):
+            for (src, dst), why in FORBIDDEN.items():
+                hit = (module == src or module.startswith(src + ".")) and (
+                    raw == dst or raw.startswith(dst + "."))
+                if not hit:
+                    continue
+                key = (module, _owner(raw) or raw)
+                if key in ALLOWED_DEBT:
+                    debt_used.add(key)
+                else:
+                    errors.append(f"{where}:{line}: {module} -> {raw}: {why}")
+            target = _owner(raw) if raw.split(".")[0] == "xflwb" else None
+            if target is None or _room(target) == _room(module):
+                continue
+            key = (module, target)
+            low, high = _layer(module), _layer(target)
+            if low < high:
+                msg = (f"{where}:{line}: {module} -> {target} points up, from "
+                       f"{LAYER_NAMES[low]} to {LAYER_NAMES[high]}")
+            elif low == high and (_room(module), _room(target)) not in SIBLINGS:
+                msg = (f"{where}:{line}: {module} -> {target}: rooms of one layer "
+                       f"({LAYER_NAMES[low]}) that may not meet; move the shared piece "
+                       "below both, or list the arrow in SIBLINGS with its reason")
+            else:
+                continue
+            if key in ALLOWED_DEBT:
+                debt_used.add(key)
+            else:
+                errors.append(msg)
+        for line, target, name in _private_names(module, path):
+            errors.append(f"{where}:{line}: {module} -> {target}.{name}: a private name of "
+                          "another room; make it public there (or move it below both)")
+    return errors, debt_used
+
+
+def test_every_module_has_a_layer() -> None:
+    unplaced = []
+    for m in MODULES:
+        try:
+            _layer(m)
+        except KeyError:
+            unplaced.append(m)
+    assert not unplaced, f"put these modules' rooms in LAYERS: {unplaced}"
+
+
+def test_dependencies_point_one_way() -> None:
+    errors, _ = _violations()
+    assert not errors, "arrows against the direction:\n" + "\n".join(errors)
+
+
+def test_allowed_debt_is_still_owed() -> None:
+    """A fixed arrow must leave the allow-list, so the debt that is left stays visible."""
+    _, used = _violations()
+    stale = sorted(set(ALLOWED_DEBT) - used)
+    assert not stale, f"these arrows are gone: remove them from ALLOWED_DEBT: {stale}"
+
+
+def test_allowed_debt_says_why_and_when() -> None:
+    assert all("issue 13: to remove" in why for why in ALLOWED_DEBT.values())
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("from xflwb.widgets.report import x\n", "points up, from base to front-ends"),
+    ("def f():\n    import xflwb.cli\n", "points up, from base to front-ends"),
+    ("from xflwb.server import flower_legacy\n", "points up, from base to engines"),
+    ("X = 'xflwb.simulation.server'\n", "points up, from base to engines"),
+    ("from xflwb._quiet import _private\n", "a private name of another room"),
+])
+def test_an_upward_arrow_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   source: str, expected: str) -> None:
+    """The checker itself can fail: a bridge module importing upwards is reported."""
+    probe = tmp_path / "xflwb" / "bridge" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text(source)
+    monkeypatch.setitem(MODULES, "xflwb.bridge.probe", probe)
+    errors, _ = _violations()
+    mine = [e for e in errors if "xflwb.bridge.probe" in e]
+    assert len(mine) == 1 and expected in mine[0] and ":" in mine[0], errors
