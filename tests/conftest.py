@@ -163,8 +163,8 @@ def shared_ray():
     ``ray_address`` (each Ray start costs tens of seconds on 2 cores) and only disconnects.
 
     The head runs in its own session (``--block``): teardown stops that process and checks
-    every process of its session is gone; it never runs ``ray stop`` (which stops every
-    Ray on the machine). Its own ``--temp-dir`` keeps its address record out of
+    every process of its session is gone; it never stops Ray through Ray's own CLI (which
+    stops every Ray on the machine). Its own ``--temp-dir`` keeps its address record out of
     ``/tmp/ray``, so a plain ``ray.init()`` elsewhere (a test of Ray's own start-up, another
     test run) still starts its own Ray instead of joining this one."""
     import shutil

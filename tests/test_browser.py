@@ -316,6 +316,23 @@ def _wait_kernel_idle(page) -> None:
     pytest.fail(f"notebook/kernel not ready in {KERNEL_IDLE_TIMEOUT}s: {state}")
 
 
+def _open_and_run_all(browser, url: str, name: str):
+    """Open notebook ``name`` at ``url``, wait until it is the current document with an idle
+    kernel, then Run → Run All Cells (the application command behind that menu item; the
+    menu bar itself is only a click path to the same command). Returns the page."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
+    page.wait_for_function(
+        "(name) => { const w = window.jupyterapp && window.jupyterapp.shell"
+        ".currentWidget; return !!(w && w.context && w.context.path.endsWith(name)); }",
+        arg=name, timeout=120_000)
+    _wait_kernel_idle(page)
+    page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+    return page
+
+
 def _dump(page, tmp_path: Path, name: str) -> None:
     with contextlib.suppress(Exception):
         page.screenshot(path=str(tmp_path / name), full_page=True)
@@ -373,17 +390,8 @@ def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                     args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(60_000)
-            page.goto(f"{base}/lab/tree/{NOTEBOOK.name}?token={token}",
-                      wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            _wait_kernel_idle(page)
-
-            # Run → Run All Cells, as the application command behind that menu item (the
-            # menu bar itself is only a click path to the same command).
-            page.evaluate("() => { window.jupyterapp.commands"
-                          ".execute('notebook:run-all-cells'); }")
+            page = _open_and_run_all(browser, f"{base}/lab/tree/{NOTEBOOK.name}?token={token}",
+                                     NOTEBOOK.name)
             state = _wait_run_all(page, tmp_path, n_code)
 
             # The live widget: rendered by the widget manager, not as its text repr.
@@ -451,20 +459,11 @@ def test_failing_magic_stops_run_all_and_a_dead_device_shows_in_the_dashboard(la
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
                                     args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.set_default_timeout(60_000)
             # a workspace of its own: Lab must not restore (and make current) the
             # quickstart tab the previous test left open
-            page.goto(f"{base}/lab/workspaces/failing/tree/{FAILING_NAME}?token={token}",
-                      wait_until="domcontentloaded", timeout=120_000)
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
-            page.wait_for_function(
-                "(name) => { const w = window.jupyterapp && window.jupyterapp.shell"
-                ".currentWidget; return !!(w && w.context && w.context.path.endsWith(name)); }",
-                arg=FAILING_NAME, timeout=120_000)
-            _wait_kernel_idle(page)
-            page.evaluate("() => { window.jupyterapp.commands"
-                          ".execute('notebook:run-all-cells'); }")
+            page = _open_and_run_all(
+                browser, f"{base}/lab/workspaces/failing/tree/{FAILING_NAME}?token={token}",
+                FAILING_NAME)
             failing = n_code - 2  # the %xfl_train of a model that does not exist
             deadline = time.monotonic() + RUN_TIMEOUT
             state: dict = {}

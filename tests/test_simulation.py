@@ -347,7 +347,7 @@ def test_attaches_to_an_existing_ray_cluster(export, tmp_path):
     ray = str(Path(sys.executable).with_name("ray"))
     gcs, client = _free_port(), _free_port()
     # --block keeps the head in this test's own process (and session): stopping it stops
-    # only this cluster, never other Ray instances on the machine (no `ray stop --force`)
+    # only this cluster, never other Ray instances on the machine
     head = subprocess.Popen([ray, "start", "--head", "--block", "--port", str(gcs),
                              "--ray-client-server-port", str(client), "--num-cpus", "2",
                              "--include-dashboard", "false", "--disable-usage-stats"],
@@ -376,8 +376,9 @@ def test_attaches_to_an_existing_ray_cluster(export, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)  # the session this test created, only
             head.wait(timeout=60)
-        # `ray start` records its address for later `ray.init()` calls to join; `ray stop`
-        # would delete the record, a terminated --block head does not: drop it if it is ours
+        # `ray start` records its address for later `ray.init()` calls to join; Ray's own
+        # stop command would delete the record, a terminated --block head does not: drop it
+        # if it is ours
         record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
         if record.exists() and record.read_text().strip().endswith(f":{gcs}"):
             record.unlink()

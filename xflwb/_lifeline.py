@@ -54,7 +54,10 @@ def stop_reason() -> str | None:
     return REASON if parent_gone() else None
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether process ``pid`` exists (a pid we may not signal counts as alive)."""
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -70,7 +73,7 @@ def _parent_dead() -> bool:
         return False
     if _state["direct"]:  # reparented (to init or a subreaper): no pid-reuse ambiguity
         return os.getppid() != parent
-    return not _alive(parent)
+    return not pid_alive(parent)
 
 
 def _fire(grace: float) -> None:
@@ -130,7 +133,7 @@ def install(parent_pid: int | None = None, poll: float = 1.0, grace: float = 10.
             return True
         _state.update(parent=parent_pid, direct=os.getppid() == parent_pid, grace=grace)
     _arm_pdeathsig()
-    if not _state["direct"] and not _alive(parent_pid):  # it died before we got here
+    if not _state["direct"] and not pid_alive(parent_pid):  # it died before we got here
         _fire(grace)
         return True
     if _parent_dead():  # it died between the check and prctl

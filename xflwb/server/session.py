@@ -449,18 +449,6 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         registry.close()
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Session:
     """The notebook's handle on one session (state lives in the registry)."""
 
@@ -839,13 +827,13 @@ class SessionManager:
                 return None
             return f"session process exited unexpectedly (exit code {proc.returncode})"
         if info["pid"] is not None:
-            if _pid_alive(info["pid"]):
+            if _lifeline.pid_alive(info["pid"]):
                 return None
             return f"session process {info['pid']} exited unexpectedly"
         # no pid yet: its launcher is between the insert and writing the pid
         launcher = info.get("launcher_pid")
         age = time.time() - info["started"]
-        if launcher is not None and launcher != os.getpid() and not _pid_alive(launcher):
+        if launcher is not None and launcher != os.getpid() and not _lifeline.pid_alive(launcher):
             return (f"its launcher (process {launcher}) exited before the session process "
                     "started")
         if age > self.LAUNCH_DEADLINE:
@@ -875,7 +863,7 @@ class SessionManager:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
         elif (proc is None and (force or info["status"] in ACTIVE)
-              and _pid_alive(info["pid"])):
+              and _lifeline.pid_alive(info["pid"])):
             os.kill(info["pid"], signal.SIGTERM)
 
     def stop_all(self) -> None:
