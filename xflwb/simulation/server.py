@@ -91,9 +91,11 @@ def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
 
 
 # Ray Client (``ray://``) starts a server process per client on the head node; that start
-# fails now and then with an empty log and succeeds when asked again (seen on a loaded
-# 2-core machine). A run of hours should not be lost to it at connect time.
-_CLIENT_SERVER_RETRIES = 3
+# fails now and then and succeeds when asked again (seen on a loaded 2-core machine: an
+# empty server log, or the proxier reading the command line of a server that had already
+# exited, "psutil.ZombieProcess"). A run of hours should not be lost to it at connect time.
+_CLIENT_SERVER_RETRIES = 4
+_CLIENT_SERVER_FLAKES = ("Starting Ray client server failed", "Initialization failure from server")
 
 
 def _connect(ray: Any, init_args: dict[str, Any]) -> None:
@@ -103,7 +105,7 @@ def _connect(ray: Any, init_args: dict[str, Any]) -> None:
             ray.init(**init_args)
             return
         except ConnectionAbortedError as exc:
-            if ("Starting Ray client server failed" not in str(exc)
+            if (not any(flake in str(exc) for flake in _CLIENT_SERVER_FLAKES)
                     or attempt == _CLIENT_SERVER_RETRIES):
                 raise
             log.warning("Ray Client server on %s failed to start (attempt %d of %d); "
