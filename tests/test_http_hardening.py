@@ -353,7 +353,7 @@ def test_max_body_bytes_is_configurable(tmp_path, export):
 
 
 def test_message_limit_is_derived_from_the_model_with_headroom(export):
-    from xflwb.server.session import FLOOR_MESSAGE_BYTES, SessionConfig, message_limit
+    from xflwb.server.config import FLOOR_MESSAGE_BYTES, SessionConfig, message_limit
 
     m = export.manifest
     assert message_limit(m) == FLOOR_MESSAGE_BYTES  # a tiny model: the floor

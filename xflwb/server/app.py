@@ -25,11 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xflwb.server import registry as reg
+from xflwb.server.config import MAX_MESSAGE_BYTES, MIN_MESSAGE_BYTES
 from xflwb.server.registry import NotFound, Registry, RegistryError, SessionConflict
 from xflwb.server.security import MAX_DEVICE_NAME, TokenStore, token_from_headers
 from xflwb.server.session import (
-    MAX_MESSAGE_BYTES,
-    MIN_MESSAGE_BYTES,
     SessionManager,
     history_frame,
     resumes,
