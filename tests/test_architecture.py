@@ -13,7 +13,8 @@ file, the line and the arrow. Layers, low to high:
    imports neither devices nor the simulation (it runs whatever engine asks it to:
    ``SessionManager.start_engine``), and a device never imports the server (it only speaks
    the wire protocol, through ``xflwb.flower_legacy``).
-2. **public API**: ``xflwb.workbench``, ``xflwb.experiment``.
+2. **public API**: ``xflwb.workbench``, ``xflwb.experiment``, ``xflwb.admin`` (a backend's
+   admin API from another process).
 3. **front-ends**: ``xflwb.widgets``, ``xflwb.magics``, ``xflwb.cli``, ``xflwb.demo``,
    ``xflwb.__main__``, and the package facade ``xflwb`` itself: it re-exports the
    dashboard and registers the magics, so it sits on top and nothing below may import it.
@@ -39,7 +40,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xflwb"
 LAYERS: dict[str, int] = {
     "bridge": 0, "flower_legacy": 0, "style": 0,  # and every private ``_*`` room
     "server": 1, "devices": 1, "simulation": 1,
-    "workbench": 2, "experiment": 2,
+    "workbench": 2, "experiment": 2, "admin": 2,
     "widgets": 3, "magics": 3, "cli": 3, "demo": 3, "__main__": 3, "": 3,
 }
 LAYER_NAMES = ("base", "engines", "public API", "front-ends")
@@ -48,6 +49,7 @@ LAYER_NAMES = ("base", "engines", "public API", "front-ends")
 SIBLINGS: dict[tuple[str, str], str] = {
     ("bridge", "_quiet"): "the converters' log noise is silenced where they are imported",
     ("_export_options", "bridge"): "the export options build the bridge's optimizers",
+    ("_options", "_argparse"): "an unknown keyword gets the parsers' \"did you mean\"",
     ("simulation", "devices"): "simulated clients train on the devices' datasets/partitions",
     ("simulation", "server"): "the simulation is a server (strategy, registry, sessions) "
                               "whose clients are simulated",
@@ -65,22 +67,19 @@ SIBLINGS: dict[tuple[str, str], str] = {
 #: imported prefix) → why not, and where it belongs
 FORBIDDEN: dict[tuple[str, str], str] = {
     ("xflwb.simulation", "xflwb.server.session"):
-        "the session process's recording helpers belong to one skeleton both use "
-        "(issue 13 item 3), not to the phone session's module",
+        "the session process's skeleton and recorders are xflwb.server.process, the "
+        "session manager xflwb.server.manager; not the phone session's module",
+    ("xflwb.simulation", "xflwb.server.session_process"):
+        "the simulation runs in the shared skeleton (xflwb.server.process), not in the "
+        "phone session's child process",
     ("xflwb.widgets", "xflwb.server"): "widgets render what the public API (workbench) gives",
     ("xflwb.server.app", "sqlalchemy"): "the HTTP API asks the registry; it runs no SQL",
+    ("xflwb.server.http", "sqlalchemy"): "the HTTP routes ask the registry; they run no SQL",
 }
 
 #: Known arrows against the direction, not fixed yet. Each must still exist (a stale entry
 #: fails, so the list only shrinks). issue 13: to remove, every one.
-ALLOWED_DEBT: dict[tuple[str, str], str] = {
-    ("xflwb.simulation.server", "xflwb.server.session"):
-        "process_logger / progress_writer / round_recorders / save_checkpoint: borrowed "
-        "until the one session-process skeleton (item 3). issue 13: to remove",
-    ("xflwb.simulation", "xflwb.server.session"):
-        "SessionManager for handles made without a Workbench; moves with the session "
-        "manager split (item 4). issue 13: to remove",
-}
+ALLOWED_DEBT: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -17,8 +17,8 @@ def _cell(ip, line, body):
 
 
 def test_magic_exports_model_variable_and_binds_result(ip, tmp_path, capsys):
-    _cell(ip, f"digits_net --data-type digits --optimizer adam --lr 0.01 --batch-size 16 "
-              f"--epochs 2 --out {tmp_path}", """
+    _cell(ip, f"digits_net --data-type digits --optimizer adam --learning-rate 0.01 "
+              f"--batch-size 16 --epochs 2 --out {tmp_path}", """
         import keras
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((8, 8, 1)),
@@ -88,7 +88,7 @@ def test_cli_export_module_attr(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     rc = cli.main(["export", "mymodels:small", "--name", "small", "--out", "arts",
-                   "--optimizer", "sgd", "--lr", "0.1", "--momentum", "0.9"])
+                   "--optimizer", "sgd", "--learning-rate", "0.1", "--momentum", "0.9"])
     assert rc == 0
     out = capsys.readouterr().out
     assert "exported small v1" in out and "train_step" in out

@@ -164,7 +164,7 @@ def test_abbreviations_are_refused_with_the_full_name(capsys):
 
 
 @pytest.mark.parametrize(("argv", "hint"), [
-    (["export", "pkg:model", "--learning-rate", "0.1"], "--learning-rate: did you mean --lr?"),
+    (["export", "pkg:model", "--lr", "0.1"], "--lr: did you mean --learning-rate?"),
     (["export", "pkg:model", "--batch_size", "8"], "did you mean --batch-size?"),
     (["simulate", "m", "--num-rounds", "3"], "did you mean --rounds?"),
     (["simulat", "m"], "did you mean 'simulate'?"),

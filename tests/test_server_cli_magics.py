@@ -30,7 +30,7 @@ def export(tmp_path_factory):
 def test_cli_server_serves_and_stops_on_sigterm(export, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "xflwb", "server", "--port", "0", "--data-dir",
-         str(tmp_path / "d"), "--token", "tok", "--publish", str(export.directory)],
+         str(tmp_path / "d"), "--admin-token", "tok", "--publish", str(export.directory)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = None

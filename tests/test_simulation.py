@@ -33,7 +33,7 @@ def export(tmp_path_factory):
     ({"android": 2, "min_clients": 3}, "min_clients must be in 1..2"),
     ({"android": 2, "partition": "zipf:2"}, "zipf"),
     ({"android": 2, "dataset": "imagenet"}, "unknown dataset"),
-    ({"android": 2, "strategy": "fedprox9"}, "unknown strategy"),
+    ({"android": 2, "strategy": "fedprox9"}, "strategy must be one of"),
     ({"android": 2, "rounds": 0}, "rounds must be a positive"),
     ({"android": 2, "backend_config": "ray"}, "backend_config must be a dict"),
     ({"android": 2, "drop_prob": 1.0}, r"drop_prob must be in \[0, 1\)"),

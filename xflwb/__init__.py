@@ -1,8 +1,11 @@
 """xflwb: a Jupyter-native workbench for cross-platform (Android + iOS) federated learning.
 
 Public API: ``export``, ``SGD``, ``Adam``, ``Workbench``, ``simulate``, ``Dashboard``,
-``report`` and the IPython extension hook. Heavy libraries
-(TensorFlow, coremltools) load lazily on first use so ``%load_ext xflwb`` stays quick.
+``report``, the IPython extension hook, and the types they return (``ExportResult``,
+``Session``, ``Fleet``) or take (``SessionConfig``, ``SimulationConfig``, ``DeviceOptions``:
+each option set declared once), and ``AdminClient`` for a backend in another process.
+Heavy libraries (TensorFlow, coremltools) load lazily on first use so ``%load_ext xflwb``
+stays quick.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ from typing import Any
 # First, before anything can import TensorFlow: importing _quiet sets TF's C++ log level
 # (TF reads it once, at import; a level the user set is kept). See xflwb/_quiet.py.
 from xflwb import _quiet  # noqa: F401  (isort keeps it first: "xflwb" < "xflwb.bridge")
+from xflwb.admin import AdminClient
 from xflwb.bridge.export import DropoutWarning, ExportResult, export
 from xflwb.bridge.graph import ExportError
 from xflwb.bridge.manifest import ManifestError
 from xflwb.bridge.optim import SGD, Adam
 from xflwb.bridge.parity import ParityError
+from xflwb.devices.device import DeviceOptions
+from xflwb.devices.fleet import Fleet
+from xflwb.server.config import SessionConfig
+from xflwb.server.session import Session
 from xflwb.simulation import simulate
+from xflwb.simulation.config import SimulationConfig
 from xflwb.widgets.dashboard import Dashboard, report
 from xflwb.workbench import Workbench
 
@@ -34,12 +43,18 @@ def load_ipython_extension(ipython: Any) -> None:
 __all__ = [
     "SGD",
     "Adam",
+    "AdminClient",
     "Dashboard",
+    "DeviceOptions",
     "DropoutWarning",
     "ExportError",
     "ExportResult",
+    "Fleet",
     "ManifestError",
     "ParityError",
+    "Session",
+    "SessionConfig",
+    "SimulationConfig",
     "Workbench",
     "__version__",
     "export",

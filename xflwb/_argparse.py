@@ -19,12 +19,13 @@ from typing import Any
 
 #: What people type → what our parsers call it (suggested only if the parser has it).
 SYNONYMS: dict[str, tuple[str, ...]] = {
-    "--lr": ("--learning-rate", "--learning_rate", "--learningrate", "--rate", "--eta"),
+    "--learning-rate": ("--lr", "--learningrate", "--rate", "--eta", "--step-size"),
     "--batch-size": ("--batch", "--batchsize", "--bs", "--mini-batch"),
     "--epochs": ("--epoch", "--num-epochs", "--n-epochs"),
     "--local-epochs": ("--local-epoch", "--epochs-per-round", "--client-epochs"),
     "--rounds": ("--round", "--num-rounds", "--n-rounds", "--num_rounds"),
     "--out": ("--output", "--out-dir", "--outdir", "--output-dir"),
+    "--admin-token": ("--token", "--admin", "--api-token"),
     "--data-type": ("--datatype", "--dtype", "--type"),
     "--dataset": ("--data", "--data-set"),
     "--optimizer": ("--optim", "--opt"),
@@ -56,7 +57,7 @@ def suggest(word: str, candidates: Iterable[str]) -> list[str]:
     found: list[str] = []
     canon = _ALIASES.get(key) or _ALIASES.get(norm)
     if canon in cands:
-        found.append(canon)
+        return [canon]  # a known synonym is what was meant; spelling neighbours only confuse
     found += difflib.get_close_matches(norm, cands, n=3, cutoff=0.6)
     if key.startswith("-") and len(norm.lstrip("-")) >= 2:
         found += [c for c in cands if c.startswith(norm)]  # an abbreviation: name it in full

@@ -17,13 +17,15 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", default="categorical_crossentropy",
                    help="categorical_crossentropy (integer labels) or mse")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"])
-    p.add_argument("--lr", type=float, default=None, help="learning rate")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="learning rate (default: 0.01 for sgd, 0.001 for adam)")
     p.add_argument("--momentum", type=float, default=None, help="SGD momentum")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--out", default="artifacts", help="artifact directory")
-    p.add_argument("--no-strict", action="store_true",
-                   help="keep the export even if parity fails")
+    p.add_argument("--out", default="artifacts", help="artifact directory (default: "
+                   "artifacts)")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="refuse the export if parity fails (--no-strict keeps it)")
     p.add_argument("--ios-training", default="auto", choices=["auto", "strict"],
                    help="auto: iOS freezes layers Core ML cannot update (Android trains "
                    "them); strict: refuse such models, naming each layer")
@@ -46,15 +48,15 @@ def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     from xflwb.bridge.optim import SGD, Adam
 
     if args.optimizer == "sgd":
-        opt = SGD(learning_rate=0.01 if args.lr is None else args.lr,
-                        momentum=args.momentum or 0.0)
+        opt = SGD(learning_rate=0.01 if args.learning_rate is None else args.learning_rate,
+                  momentum=args.momentum or 0.0)
     else:
         if args.momentum is not None:
             raise ValueError("--momentum applies to --optimizer sgd only")
-        opt = Adam(learning_rate=0.001 if args.lr is None else args.lr)
+        opt = Adam(learning_rate=0.001 if args.learning_rate is None else args.learning_rate)
     return {"data_type": args.data_type, "platforms": args.platforms, "loss": args.loss,
             "optimizer": opt, "batch_size": args.batch_size, "epochs": args.epochs,
-            "out_dir": args.out, "strict": not args.no_strict,
+            "out_dir": args.out, "strict": args.strict,
             "ios_training": args.ios_training,
             # unset: XFLWB_VERBOSE decides (quiet by default)
             "verbose": True if getattr(args, "verbose", False) else None}

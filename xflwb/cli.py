@@ -11,6 +11,11 @@ from typing import Any
 
 from xflwb._argparse import Parser
 from xflwb._export_options import add_export_options, add_verbose, export_kwargs
+from xflwb._options import add_arguments, given
+from xflwb.devices.device import DeviceOptions
+from xflwb.devices.fleet import FleetOptions
+from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
+from xflwb.simulation.config import SimulationConfig
 
 DESCRIPTION = """\
 xflwb: cross-platform federated learning on phones, from a notebook or this command.
@@ -22,7 +27,7 @@ Flower server, and train on real phones, virtual phones, or Flower's Simulation 
 EPILOG = """\
 examples:
   xflwb demo                       export, serve, 2 Android + 2 iOS virtual phones, train
-  xflwb export mymodels:build_cnn --name cnn --data-type digits --lr 0.05
+  xflwb export mymodels:build_cnn --name cnn --data-type digits --learning-rate 0.05
   xflwb server --port 8000 --publish artifacts/cnn/v1 --auto-start
   xflwb simulate artifacts/cnn/v1 --android 50 --ios 50 --rounds 5 --out runs/sim.csv
   xflwb experiment run experiments/fedavg_digits.ipynb --out runs/a -p rounds 2
@@ -78,14 +83,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     import threading
 
     import xflwb
+    from xflwb.workbench import tls_from_options
 
     try:
-        tls = _server_tls(args)
-        wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
-                             db_url=args.db_url, admin_token=args.token, tls=tls,
-                             device_auth=args.device_auth,
-                             auto_start=args.auto_start, max_body_bytes=args.max_body_bytes,
-                             allow_phone_start_fresh=args.allow_phone_start_fresh)
+        options = given(args, BackendOptions)
+        tls = tls_from_options(TLSOptions(**given(args, TLSOptions)),
+                               options.get("host", BackendOptions.host))
+        wb = xflwb.Workbench(tls=tls, **options)
         wb.start()
     except (OSError, ValueError) as exc:
         print(f"xflwb server: error: {exc}", file=sys.stderr)
@@ -114,31 +118,13 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def _server_tls(args: argparse.Namespace) -> Any:
-    """``--tls-cert/--tls-key[/--tls-ca]`` or ``--dev-tls DIR`` as ``Workbench(tls=...)``."""
-    if args.dev_tls and (args.tls_cert or args.tls_key):
-        raise ValueError("pass either --dev-tls DIR or --tls-cert/--tls-key, not both")
-    if args.dev_tls:
-        from xflwb.server.security import make_dev_ca
-        from xflwb.workbench import reachable_host
-
-        # the address phones dial: the bind address, or this machine's for a wildcard
-        hosts = ["127.0.0.1", "localhost", "::1", reachable_host(args.host)]
-        return make_dev_ca(args.dev_tls, hosts=hosts + list(args.tls_host or []))
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together (the PEM certificate chain and "
-                         "its private key)")
-    if args.tls_cert:
-        return (args.tls_cert, args.tls_key, *([args.tls_ca] if args.tls_ca else []))
-    return None
-
-
 def cmd_token(args: argparse.Namespace) -> int:
     """Issue, list or revoke device tokens in the registry a backend serves from."""
     from xflwb.server.registry import Registry
     from xflwb.server.security import TokenStore
 
-    registry = Registry(args.data_dir, args.db_url)
+    opts = BackendOptions(**given(args, BackendOptions))
+    registry = Registry(opts.data_dir, opts.db_url)
     try:
         store = TokenStore(registry.engine)
         if args.action == "issue":
@@ -183,19 +169,17 @@ def cmd_device(args: argparse.Namespace) -> int:
     import signal
 
     from xflwb import _lifeline
-    from xflwb.devices.device import TOKEN_ENV, Device, DeviceOptions
+    from xflwb.devices.device import TOKEN_ENV, Device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from xflwb.devices.partition import device_data
 
     try:
-        options = DeviceOptions(slowdown=args.slowdown, join_delay=args.join_delay,
-                                drop_prob=args.drop_prob, rejoin_delay=args.rejoin_delay,
-                                network_delay=args.network_delay, encoding=args.encoding,
-                                max_wait=args.max_wait, seed=args.seed,
-                                ca_file=args.ca_file, token=os.environ.get(TOKEN_ENV) or None)
-        data = device_data(args.dataset, args.partition, args.num_partitions,
-                           args.partition_id, seed=args.seed)
+        spec = FleetOptions(android=1, **given(args, FleetOptions))
+        options = DeviceOptions(**given(args, DeviceOptions), seed=spec.seed,
+                                token=os.environ.get(TOKEN_ENV) or None)
+        data = device_data(spec.dataset, spec.partition, args.num_partitions,
+                           args.partition_id, seed=spec.seed)
     except ValueError as exc:
         print(f"xflwb device: error: {exc}", file=sys.stderr)
         return 2
@@ -209,7 +193,7 @@ def cmd_device(args: argparse.Namespace) -> int:
                 json.dump({**asdict(status), "id": status.device_id, "run_id": args.run_id}, f)
             os.replace(tmp, args.status_file)
 
-    device = Device(args.backend, args.platform, args.data_type or args.dataset,
+    device = Device(args.backend, args.platform, spec.data_type or spec.dataset,
                     data.x_train, data.y_train, data.x_test, data.y_test,
                     device_id=args.device_id, cache_dir=args.cache_dir, options=options,
                     on_status=write_status)
@@ -245,40 +229,33 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from xflwb.simulation import simulate
-
-    out = Path(args.out) if args.out else None
+def _refuse_existing(out: Path | None, command: str) -> bool:
     if out is not None and out.exists():
-        print(f"xflwb simulate: error: {out} exists; results are never overwritten",
+        print(f"xflwb {command}: error: {out} exists; results are never overwritten",
               file=sys.stderr)
-        return 2
-    try:
-        session = simulate(args.model, android=args.android, ios=args.ios,
-                           dataset=args.dataset, partition=args.partition, rounds=args.rounds,
-                           strategy=args.strategy, fraction_fit=args.fraction_fit,
-                           fraction_evaluate=args.fraction_evaluate,
-                           min_clients=args.min_clients, local_epochs=args.local_epochs,
-                           seed=args.seed, drop_prob=args.drop_prob,
-                           ray_address=args.ray_address,
-                           data_dir=args.data_dir, wait=False)
-    except (ValueError, RuntimeError) as exc:
-        print(f"xflwb simulate: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ValueError) else 1
+        return True
+    return False
+
+
+def _follow(session: Any, rounds: int, args: argparse.Namespace, command: str,
+            what: str) -> int:
+    """Wait for ``session`` with a round bar, then print its last round per platform and
+    write its history CSV (``--out``); 0 if it finished."""
     from xflwb import _console
 
-    try:  # a round progress bar on stderr while the simulation's own process trains
-        status = _console.wait(session, args.rounds, timeout=args.timeout,
+    out = Path(args.out) if args.out else None
+    try:
+        status = _console.wait(session, rounds, timeout=args.timeout,
                                progress=not args.no_progress)
     except (TimeoutError, KeyboardInterrupt) as exc:
         session.stop()  # this command started it: it does not outlive the command
-        print(f"xflwb simulate: error: {str(exc) or 'interrupted'}; stopped simulation "
+        print(f"xflwb {command}: error: {str(exc) or 'interrupted'}; stopped {what} "
               f"{session.id}", file=sys.stderr)
         return 1
     if status != "finished":
-        log = session.registry.data_dir / "logs" / f"session-{session.id}.log"
-        print(f"xflwb simulate: error: simulation {session.id} {status}: "
-              f"{session.info.get('error') or 'no reason recorded'} (log: {log})",
+        print(f"xflwb {command}: error: {what} {session.id} {status}: "
+              f"{session.info.get('error') or 'no reason recorded'}"
+              + (f" (log: {session.log_path})" if getattr(session, "log_path", None) else ""),
               file=sys.stderr)
         return 1
     hist = session.history
@@ -288,11 +265,53 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     last = hist[hist["round"] == hist["round"].max()]
     wide = last.pivot_table(index="platform", columns="metric", values="value")
     keep = [c for c in ("clients", "examples", "eval_loss", "accuracy") if c in wide.columns]
-    print(f"simulation {session.id}: {session.status}, round {session.round}")
+    print(f"{what} {session.id}: {session.status}, round {session.round}")
     print(_console.format_table(wide[keep], index=True))
     if out is not None:
         print(f"history in {out}")
     return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from xflwb.simulation import simulate
+
+    if _refuse_existing(Path(args.out) if args.out else None, "simulate"):
+        return 2
+    options = given(args, SimulationConfig)
+    try:
+        session = simulate(args.model, wait=False, **given(args, BackendOptions), **options)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        print(f"xflwb simulate: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, RuntimeError) else 2
+    return _follow(session, SimulationConfig(**options).rounds, args, "simulate", "simulation")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Start a session through a running backend's admin API; optionally follow it."""
+    import os
+
+    from xflwb.workbench import AdminClient
+
+    if args.wait and _refuse_existing(Path(args.out) if args.out else None, "train"):
+        return 2
+    options = given(args, SessionConfig)
+    token = (given(args, BackendOptions).get("admin_token")
+             or os.environ.get("XFLWB_ADMIN_TOKEN"))
+    try:
+        cfg = SessionConfig(**options)  # bad options: refused here, nothing sent
+        if not token:
+            raise ValueError("the admin API needs its token: --admin-token TOKEN or "
+                             "$XFLWB_ADMIN_TOKEN (xflwb server prints it at start)")
+        client = AdminClient(args.url, token, ca_file=args.ca_file)
+        session = client.train(args.model, **options)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"xflwb train: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    print(f"session {session.id} of {session.model}: {session.started_from}; gRPC ports "
+          f"{session.ports}", flush=True)
+    if not args.wait:
+        return 0
+    return _follow(session, cfg.rounds, args, "train", "session")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -306,6 +325,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["status"] == "finished" else 1
 
 
+def _add_follow_options(p: argparse.ArgumentParser, wait_help: str | None) -> None:
+    """How a command follows a session it started (``wait_help``: it may also not wait)."""
+    if wait_help is not None:
+        p.add_argument("--wait", action="store_true", help=wait_help)
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds to wait (default: no limit)")
+    p.add_argument("--out", default=None, help="write the history CSV here (never "
+                   "overwritten)")
+    p.add_argument("--no-progress", action="store_true", help="no round progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="xflwb", description=DESCRIPTION, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -317,67 +347,39 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_options(e)
     e.set_defaults(func=cmd_export)
     s = sub.add_parser("server", help="run the backend (HTTP API + sessions) in the foreground")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    s.add_argument("--data-dir", default="xfl-data")
-    s.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: SQLite in data dir)")
-    s.add_argument("--token", default=None, help="admin bearer token (default: "
-                   "$XFLWB_ADMIN_TOKEN or a random one, printed)")
-    s.add_argument("--auto-start", action="store_true",
-                   help="start a default session when a phone asks for a server")
-    s.add_argument("--allow-phone-start-fresh", action="store_true",
-                   help="honour a phone's start_fresh (default: ignored and logged, so a "
-                        "phone cannot throw away checkpointed progress)")
+    add_arguments(s, BackendOptions)
+    add_arguments(s, TLSOptions)
     s.add_argument("--publish", action="append", metavar="EXPORT_DIR",
                    help="publish an export directory at start (repeatable)")
-    s.add_argument("--max-body-bytes", type=int, default=None, metavar="N",
-                   help="largest HTTP request body, 413 above (default: twice the largest "
-                        "published model plus 1 MiB)")
-    s.add_argument("--tls-cert", default=None, metavar="PEM",
-                   help="serve HTTPS and gRPC over TLS with this certificate (chain)")
-    s.add_argument("--tls-key", default=None, metavar="PEM", help="its private key")
-    s.add_argument("--tls-ca", default=None, metavar="PEM",
-                   help="the CA that signed it (default: the certificate itself)")
-    s.add_argument("--dev-tls", default=None, metavar="DIR",
-                   help="make (or reuse) a development CA and certificate in DIR and serve "
-                        "TLS with them (phones trust DIR/ca.pem)")
-    s.add_argument("--tls-host", action="append", metavar="HOST",
-                   help="with --dev-tls: another name or address phones dial (repeatable)")
-    s.add_argument("--device-auth", default=None, choices=["token"],
-                   help="enroll devices: phones present a token from `xflwb token issue` "
-                        "(default: open, as FedKit's backend)")
     s.set_defaults(func=cmd_server)
     t = sub.add_parser("token", help="issue, list or revoke device tokens (--device-auth "
                                      "token)")
     t.add_argument("action", choices=["issue", "list", "revoke"])
     t.add_argument("device", nargs="?", default=None,
                    help="device name (issue, revoke) or token id (revoke)")
-    t.add_argument("--data-dir", default="xfl-data")
-    t.add_argument("--db-url", default=None, help="SQLAlchemy URL (default: SQLite in data dir)")
+    add_arguments(t, BackendOptions, only=("data_dir", "db_url"))
     t.set_defaults(func=cmd_token)
+    tr = sub.add_parser("train", help="start a session on a running backend (its admin API) "
+                        "and follow it")
+    tr.add_argument("model", help="a published model name, or an export directory on the "
+                    "backend's machine (published first)")
+    add_arguments(tr, SessionConfig)
+    tr.add_argument("--url", default="http://127.0.0.1:8000",
+                    help="the backend (default: http://127.0.0.1:8000)")
+    add_arguments(tr, BackendOptions, only=("admin_token",))
+    tr.add_argument("--ca-file", default=None, metavar="PEM",
+                    help="CA to trust for an https backend")
+    _add_follow_options(tr, "wait for the session to end (default: print its id and return)")
+    tr.set_defaults(func=cmd_train)
     v = sub.add_parser("device", help="run one virtual phone (FedKit client flow)")
     v.add_argument("--backend", required=True, help="backend URL, e.g. http://127.0.0.1:8000")
     v.add_argument("--platform", required=True, choices=["android", "ios"])
-    v.add_argument("--data-type", default=None, help="data type to ask for (default: dataset)")
-    v.add_argument("--dataset", default="digits")
-    v.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
+    add_arguments(v, FleetOptions, only=("dataset", "partition", "data_type", "seed"))
+    add_arguments(v, DeviceOptions)
     v.add_argument("--num-partitions", type=int, default=1)
     v.add_argument("--partition-id", type=int, default=0)
-    v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device-id", type=int, default=1)
-    v.add_argument("--encoding", default="raw", choices=["raw", "npy"],
-                   help="raw float32 (FedKit) or npy (Flower's iOS SDK)")
-    v.add_argument("--slowdown", type=float, default=1.0, help="compute slowdown factor")
-    v.add_argument("--join-delay", type=float, default=0.0)
-    v.add_argument("--drop-prob", type=float, default=0.0, help="chance to drop mid-fit")
-    v.add_argument("--rejoin-delay", type=float, default=1.0)
-    v.add_argument("--network-delay", type=float, default=0.0)
-    v.add_argument("--max-wait", type=float, default=120.0,
-                   help="seconds to wait for a session before giving up")
     v.add_argument("--cache-dir", default=".xfl-cache")
-    v.add_argument("--ca-file", default=None, metavar="PEM",
-                   help="CA to trust for an https backend (its gRPC ports use TLS too); the "
-                        "device token, if any, comes from $XFLWB_DEVICE_TOKEN")
     v.add_argument("--status-file", default=None, help="JSON status, rewritten on change")
     v.add_argument("--run-id", default=None, help="written into the status file (a fleet "
                    "reads only its own run's files)")
@@ -394,24 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     xr.set_defaults(func=cmd_experiment)
     m = sub.add_parser("simulate", help="train on Flower's Simulation Engine (Ray)")
     m.add_argument("model", help="an export directory, or a model published in --data-dir")
-    m.add_argument("--android", type=int, default=0)
-    m.add_argument("--ios", type=int, default=0)
-    m.add_argument("--rounds", type=int, default=10)
-    m.add_argument("--dataset", default="digits")
-    m.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | shards:K")
-    m.add_argument("--strategy", default="fedavg")
-    m.add_argument("--fraction-fit", type=float, default=1.0)
-    m.add_argument("--fraction-evaluate", type=float, default=None)
-    m.add_argument("--min-clients", type=int, default=None)
-    m.add_argument("--local-epochs", type=int, default=1)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--drop-prob", type=float, default=0.0,
-                   help="chance that a sampled client drops out of a fit")
-    m.add_argument("--ray-address", default=None, help='"auto" or ray://host:10001')
-    m.add_argument("--data-dir", default="xfl-data")
-    m.add_argument("--timeout", type=float, default=None, help="seconds (default: none)")
-    m.add_argument("--out", default=None, help="write the history CSV here (never overwritten)")
-    m.add_argument("--no-progress", action="store_true", help="no round progress bar")
+    add_arguments(m, SimulationConfig)
+    add_arguments(m, BackendOptions, only=("data_dir", "db_url"))
+    _add_follow_options(m, None)
     m.set_defaults(func=cmd_simulate)
     d = sub.add_parser("demo", help="the whole workflow offline: export a CNN, serve it, train "
                        "2 Android + 2 iOS virtual phones for 10 rounds, plot")

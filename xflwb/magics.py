@@ -17,7 +17,12 @@ from typing import Any
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from xflwb._argparse import Parser, explain
+from xflwb._options import add_arguments, given
 from xflwb.bridge.parity import ParityError
+from xflwb.devices.device import DeviceOptions
+from xflwb.devices.fleet import FleetOptions
+from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
+from xflwb.simulation.config import SimulationConfig
 
 #: what the public API raises for bad input or a failed start: shown as one line
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeError,
@@ -56,7 +61,7 @@ RENAMED = {"--start-fresh": "--start-fresh was replaced by --resume: sessions st
 
 class _Parser(Parser):
     """The CLI's parser (no abbreviations, "did you mean", synonyms such as
-    ``--learning-rate`` for ``--lr``) raising a one-line ``MagicUsageError``: never
+    ``--lr`` for ``--learning-rate``) raising a one-line ``MagicUsageError``: never
     SystemExit inside a kernel."""
 
     error_class = MagicUsageError
@@ -183,51 +188,17 @@ def _server_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["start", "stop", "status", "token"])
     p.add_argument("device", nargs="?", default=None,
                    help="token: the device to issue a token for")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--data-dir", default="xfl-data")
-    p.add_argument("--db-url", default=None)
-    p.add_argument("--auto-start", action="store_true")
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--tls-ca", default=None)
-    p.add_argument("--dev-tls", default=None, metavar="DIR",
-                   help="make (or reuse) a development CA in DIR and serve TLS")
-    p.add_argument("--device-auth", default=None, choices=["token"])
+    add_arguments(p, BackendOptions)
+    add_arguments(p, TLSOptions)
     p.add_argument("--revoke", action="store_true",
                    help="token: revoke the device's tokens instead")
     return p
 
 
-def _magic_tls(args: argparse.Namespace) -> Any:
-    """The start options' ``Workbench(tls=...)``."""
-    if args.dev_tls:
-        from xflwb.server.security import make_dev_ca
-        from xflwb.workbench import reachable_host
-
-        # the address phones dial: the bind address, or this machine's for a wildcard
-        return make_dev_ca(args.dev_tls, hosts=("127.0.0.1", "localhost", "::1",
-                                                reachable_host(args.host)))
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if args.tls_cert:
-        return (args.tls_cert, args.tls_key, *([args.tls_ca] if args.tls_ca else []))
-    return None
-
-
 def _train_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="%xfl_train", add_help=False)
     p.add_argument("name", help="an ExportResult variable or a published model name")
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--strategy", default="fedavg")
-    p.add_argument("--min-clients", type=int, default=2)
-    p.add_argument("--fraction-fit", type=float, default=1.0)
-    p.add_argument("--fraction-evaluate", type=float, default=1.0)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--round-timeout", type=float, default=600.0)
-    p.add_argument("--resume", action="store_true",
-                   help="start from the model's latest checkpoint (default: the exported "
-                   "weights)")
+    add_arguments(p, SessionConfig)
     return p
 
 
@@ -237,37 +208,18 @@ def _simulate_parser() -> argparse.ArgumentParser:
                 "the .tflite, iOS clients the Core ML executor. Uses the running backend's "
                 "registry if there is one, else --data-dir.")
     p.add_argument("name", help="an ExportResult variable or a published model name")
-    p.add_argument("--android", type=int, default=0)
-    p.add_argument("--ios", type=int, default=0)
-    p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--partition", default="iid")
-    p.add_argument("--strategy", default="fedavg")
-    p.add_argument("--fraction-fit", type=float, default=1.0)
-    p.add_argument("--fraction-evaluate", type=float, default=None)
-    p.add_argument("--min-clients", type=int, default=None)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drop-prob", type=float, default=0.0,
-                   help="chance that a sampled client drops out of a fit")
-    p.add_argument("--ray-address", default=None,
-                   help='attach to a Ray cluster ("auto", "ray://host:10001")')
-    p.add_argument("--data-dir", default="xfl-data")
+    add_arguments(p, SimulationConfig)
+    add_arguments(p, BackendOptions, only=("data_dir", "db_url"))
     return p
 
 
 def _devices_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="%xfl_devices", add_help=False)
+    p = _Parser(prog="%xfl_devices", add_help=False,
+                description="Device knobs take one value or one per device: --slowdown "
+                "1,1,10")
     p.add_argument("action", choices=["spawn", "list", "stop"])
-    p.add_argument("--android", type=int, default=0)
-    p.add_argument("--ios", type=int, default=0)
-    p.add_argument("--dataset", default="digits")
-    p.add_argument("--partition", default="iid")
-    p.add_argument("--data-type", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--slowdown", type=float, default=1.0)
-    p.add_argument("--drop-prob", type=float, default=0.0)
-    p.add_argument("--encoding", default="raw", choices=["raw", "npy"])
+    add_arguments(p, FleetOptions)
+    add_arguments(p, DeviceOptions, per_item=True)
     return p
 
 
@@ -296,14 +248,13 @@ class XflServerMagics(Magics):
         if args.action == "spawn":
             wb = self._running("%xfl_devices")
             with _failing_as("%xfl_devices"):
-                fleet = wb.spawn_devices(android=args.android, ios=args.ios,
-                                         dataset=args.dataset, partition=args.partition,
-                                         seed=args.seed, data_type=args.data_type,
-                                         slowdown=args.slowdown, drop_prob=args.drop_prob,
-                                         encoding=args.encoding)
+                fleet = wb.spawn_devices(**given(args, FleetOptions),
+                                         **given(args, DeviceOptions))
             XflServerMagics.fleets.append(fleet)
             self.shell.user_ns["xfl_fleet"] = fleet
-            print(f"spawned {args.android} Android + {args.ios} iOS devices (as `xfl_fleet`)")
+            counts = {p: fleet.platforms.count(p) for p in ("android", "ios")}
+            print(f"spawned {counts['android']} Android + {counts['ios']} iOS devices (as "
+                  "`xfl_fleet`)")
             return fleet.table
         if args.action == "list":
             import pandas as pd
@@ -331,11 +282,13 @@ class XflServerMagics(Magics):
             if wb is not None and wb.running:
                 print(f"already running at {wb.url}")
                 return wb
+            from xflwb.workbench import tls_from_options
+
             with _failing_as("%xfl_server"):
-                wb = xflwb.Workbench(data_dir=args.data_dir, host=args.host, port=args.port,
-                                     db_url=args.db_url, auto_start=args.auto_start,
-                                     tls=_magic_tls(args),
-                                     device_auth=args.device_auth).start()
+                options = given(args, BackendOptions)
+                tls = tls_from_options(TLSOptions(**given(args, TLSOptions)),
+                                       options.get("host", BackendOptions.host))
+                wb = xflwb.Workbench(tls=tls, **options).start()
             XflServerMagics.workbench = wb
             self.shell.user_ns["xfl_wb"] = wb
             print(f"xflwb backend at {wb.url} (as `xfl_wb`; admin token in xfl_wb.admin_token)")
@@ -377,15 +330,12 @@ class XflServerMagics(Magics):
         wb = self._running("%xfl_train")
         target = self.shell.user_ns.get(args.name)
         name = args.name
+        if isinstance(target, xflwb.ExportResult):
+            name = target.name
+        else:
+            target = args.name
         with _failing_as("%xfl_train"):
-            if isinstance(target, xflwb.ExportResult):
-                wb.publish(target)
-                name = target.name
-            session = wb.train(name, rounds=args.rounds, strategy=args.strategy,
-                               min_clients=args.min_clients, fraction_fit=args.fraction_fit,
-                               fraction_evaluate=args.fraction_evaluate,
-                               local_epochs=args.local_epochs,
-                               round_timeout=args.round_timeout, resume=args.resume)
+            session = wb.train(target, **given(args, SessionConfig))
         var = re.sub(r"\W", "_", name) + "_session"
         self.shell.user_ns[var] = session
         print(f"session {session.id} for {name}: {session.started_from}; ports "
@@ -411,24 +361,20 @@ class XflServerMagics(Magics):
             return None
         target = self.shell.user_ns.get(args.name)
         source = target if isinstance(target, xflwb.ExportResult) else args.name
-        options = dict(android=args.android, ios=args.ios, rounds=args.rounds,
-                       dataset=args.dataset, partition=args.partition, strategy=args.strategy,
-                       fraction_fit=args.fraction_fit, fraction_evaluate=args.fraction_evaluate,
-                       min_clients=args.min_clients, local_epochs=args.local_epochs,
-                       seed=args.seed, drop_prob=args.drop_prob,
-                       ray_address=args.ray_address)
+        options = given(args, SimulationConfig)
         wb = XflServerMagics.workbench
         with _failing_as("%xfl_simulate"):
             if wb is not None and wb.running:
-                session = wb.simulate(source, **options)
+                session = wb.simulate(source, wait=False, **options)
             else:
-                session = simulation.simulate(source, data_dir=args.data_dir, wait=False,
-                                              **options)
+                session = simulation.simulate(source, wait=False,
+                                              **given(args, BackendOptions), **options)
         name = getattr(source, "name", args.name)
         var = re.sub(r"\W", "_", str(name)) + "_simulation"
         self.shell.user_ns[var] = session
-        print(f"simulation {session.id} of {name}: {args.android} Android + {args.ios} iOS "
-              f"clients on Ray (as `{var}`)")
+        cfg = session.info["config"]
+        print(f"simulation {session.id} of {name}: {cfg['android']} Android + {cfg['ios']} "
+              f"iOS clients on Ray (as `{var}`)")
         from IPython.display import display
 
         from xflwb.widgets.dashboard import Dashboard

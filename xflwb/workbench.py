@@ -17,9 +17,14 @@ from typing import Any
 
 import pandas as pd
 
+from xflwb import _options
+from xflwb.devices.device import DeviceOptions
+from xflwb.devices.fleet import FleetOptions
+from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
 from xflwb.server.registry import Registry
 from xflwb.server.session import DONE as DONE  # public: statuses a session ends in
 from xflwb.server.session import Session, SessionManager, started_from
+from xflwb.simulation.config import SimulationConfig
 
 
 def reachable_host(host: str) -> str:
@@ -35,6 +40,20 @@ def reachable_host(host: str) -> str:
         return "127.0.0.1"
 
 
+def tls_from_options(opts: TLSOptions, host: str) -> Any:
+    """``TLSOptions`` (``--tls-cert/--tls-key[/--tls-ca]`` or ``--dev-tls DIR``) as
+    ``Workbench(tls=...)``; ``host`` is the bind address (a dev certificate names it)."""
+    if opts.dev_tls:
+        from xflwb.server.security import make_dev_ca
+
+        # the address phones dial: the bind address, or this machine's for a wildcard
+        hosts = ["127.0.0.1", "localhost", "::1", reachable_host(host)]
+        return make_dev_ca(opts.dev_tls, hosts=hosts + list(opts.tls_host or []))
+    if opts.tls_cert:
+        return (opts.tls_cert, opts.tls_key, *([opts.tls_ca] if opts.tls_ca else []))
+    return None
+
+
 def _refuse_start_fresh(options: dict[str, Any], where: str) -> None:
     """``start_fresh`` was the notebook's option until sessions started fresh by default."""
     if "start_fresh" in options:
@@ -46,37 +65,29 @@ def _refuse_start_fresh(options: dict[str, Any], where: str) -> None:
 class Workbench:
     """Registry + FedKit-compatible HTTP API + Flower sessions, in one object."""
 
-    def __init__(self, data_dir: str | os.PathLike[str] = "xfl-data", host: str = "127.0.0.1",
-                 port: int = 8000, db_url: str | None = None, admin_token: str | None = None,
-                 auto_start: bool = False,
-                 session_defaults: dict[str, Any] | None = None,
-                 max_body_bytes: int | None = None,
-                 allow_phone_start_fresh: bool = False, tls: Any = None,
-                 device_auth: str | None = None) -> None:
-        """``max_body_bytes``: largest HTTP request body (413 above it); None derives it from
-        the largest published model (twice its size plus 1 MiB, at least 1 MiB).
+    @_options.generated(BackendOptions)
+    def __init__(self, *, tls: Any = None, session_defaults: dict[str, Any] | None = None,
+                 **options: Any) -> None:
+        """The backend's options are ``BackendOptions`` (listed below); also
 
         ``tls``: ``(cert, key)``, ``(cert, key, ca)`` or
         ``xflwb.server.security.make_dev_ca(dir)``: HTTPS and gRPC over TLS.
-        ``device_auth="token"``: phones present a token issued with
-        ``wb.issue_device_token`` (HTTP header, gRPC metadata); None (default) stays open, as
-        FedKit's backend was."""
-        from xflwb.server.security import check_device_auth, tls_config
+        ``session_defaults``: ``SessionConfig`` options of sessions phones start
+        (``auto_start``)."""
+        from xflwb.server.security import tls_config
 
+        _options.unknown(BackendOptions, options, "Workbench()")
+        opts = BackendOptions(**options)
         self.tls = tls_config(tls)
-        self.device_auth = check_device_auth(device_auth)
-        if max_body_bytes is not None and (isinstance(max_body_bytes, bool)
-                                           or not isinstance(max_body_bytes, int)
-                                           or max_body_bytes < 1024):
-            raise ValueError(f"max_body_bytes must be None or an integer >= 1024, got "
-                             f"{max_body_bytes!r}")
-        self.max_body_bytes = max_body_bytes
+        self.device_auth = opts.device_auth
+        self.max_body_bytes = opts.max_body_bytes
         #: phones' ``start_fresh`` is ignored (logged) unless the operator allows it here
-        self.allow_phone_start_fresh = bool(allow_phone_start_fresh)
-        self.data_dir = Path(data_dir)
-        self.host = host
-        self.port = int(port)
-        self.db_url = db_url
+        self.allow_phone_start_fresh = opts.allow_phone_start_fresh
+        self.data_dir = Path(opts.data_dir)
+        self.host = opts.host
+        self.port = opts.port
+        self.db_url = opts.db_url
+        admin_token, auto_start = opts.admin_token, opts.auto_start
         self.admin_token = (admin_token or os.environ.get("XFLWB_ADMIN_TOKEN")
                             or secrets.token_urlsafe(24))
         self.auto_start = auto_start
@@ -192,54 +203,60 @@ class Workbench:
                 for m in self._reg().list_models()]
         return pd.DataFrame(rows, columns=["id", "name", "version", "data_type", "platforms"])
 
-    def train(self, name: str, rounds: int = 10, strategy: str = "fedavg",
-              min_clients: int = 2, fraction_fit: float = 1.0, local_epochs: int = 1,
-              round_timeout: float = 600.0, resume: bool = False, **options: Any) -> Session:
-        """Start a Flower session serving the latest version of model ``name``.
+    @_options.generated(SessionConfig)
+    def train(self, model: Any, **options: Any) -> Session:
+        """Start a Flower session serving ``model``: a published name, or an
+        ``ExportResult`` / export directory (published first; versions are immutable, so
+        publishing the same export twice is a no-op). Returns at once: phones (or
+        ``spawn_devices``) join it; ``session.wait()`` blocks.
 
         It starts from the exported weights unless ``resume=True`` (then from the model's
         latest phone-session checkpoint); ``session.started_from`` says which. Before any
         process starts, the model is checked against the data of this workbench's running
         fleets that will train it (shape, dtype, classes)."""
         from xflwb.devices.datasets import check_compatible
+        from xflwb.simulation import resolve_model
 
         _refuse_start_fresh(options, "wb.train")
+        _options.unknown(SessionConfig, options, "wb.train")
+        SessionConfig(**options)  # bad options publish nothing
         reg = self._reg()
         assert self.sessions is not None
-        model = reg.latest_model(name)
+        name = resolve_model(reg, model)
+        found = reg.latest_model(name)
         for fleet in self._fleets:
-            if fleet.data_type == model["data_type"] and fleet.alive():
-                check_compatible(model["manifest"], fleet.dataset)
-        return self.sessions.start(name, rounds=rounds, strategy=strategy,
-                                   min_clients=min_clients, fraction_fit=fraction_fit,
-                                   local_epochs=local_epochs, round_timeout=round_timeout,
-                                   resume=resume, **options)
+            if fleet.data_type == found["data_type"] and fleet.alive():
+                check_compatible(found["manifest"], fleet.dataset)
+        return self.sessions.start(name, **options)
 
-    def simulate(self, name_or_export: Any, android: int = 0, ios: int = 0,
-                 wait: bool = False, timeout: float | None = None, **options: Any) -> Session:
+    @_options.generated(SimulationConfig)
+    def simulate(self, model: Any, *, wait: bool = True, timeout: float | None = None,
+                 progress: bool = True, **options: Any) -> Session:
         """``xflwb.simulate`` recorded in this workbench's registry (so ``session_table``,
-        dashboards and the admin API see it); does not block unless ``wait=True``."""
+        dashboards and the admin API see it). ``wait=True`` (default, as ``xflwb.simulate``)
+        blocks with a round progress bar and raises if the simulation fails; ``wait=False``
+        returns the running ``Session`` at once."""
         from xflwb import simulation
 
         def manager() -> Any:
             self._reg()
             return self.sessions
 
-        return simulation.start(manager, name_or_export, wait=wait, timeout=timeout,
-                                android=android, ios=ios, **options)
+        return simulation.start(manager, model, wait=wait, timeout=timeout,
+                                progress=progress, **options)
 
     def session(self, session_id: int) -> Session:
         self._reg()
         assert self.sessions is not None
         return self.sessions.get(session_id)
 
-    def spawn_devices(self, android: int = 0, ios: int = 0, dataset: str = "digits",
-                      partition: str = "iid", seed: int = 0, data_type: str | None = None,
-                      **knobs: Any) -> Any:
+    @_options.generated(FleetOptions, DeviceOptions)
+    def spawn_devices(self, *, tokens: list[str] | None = None, **options: Any) -> Any:
         """Start virtual phones (a process each) against this backend; returns the Fleet.
 
-        ``knobs``: slowdown, join_delay, drop_prob, network_delay (a value or one per
-        device), encoding ("raw" | "npy"), max_wait.
+        The ``DeviceOptions`` knobs take one value or one per device
+        (``slowdown=[1, 1, 10]``). ``tokens``: one device token each (default with
+        ``device_auth="token"``: the workbench issues them).
 
         Names are checked here, and the dataset against the model the devices will be
         served (the latest published for ``data_type``, default ``dataset``), before any
@@ -248,6 +265,12 @@ class Workbench:
         from xflwb.devices.datasets import check_compatible
         from xflwb.devices.fleet import Fleet, new_run_id
 
+        _options.unknown_of((FleetOptions, DeviceOptions), options, "wb.spawn_devices")
+        spec = FleetOptions(**{k: v for k, v in options.items()
+                               if k in _options.names(FleetOptions)})
+        android, ios = spec.android, spec.ios
+        dataset, partition, data_type = spec.dataset, spec.partition, spec.data_type
+        knobs = dict(options)
         url = self.url
         check_compatible(None, dataset, partition)
         reg = self._reg()
@@ -261,14 +284,12 @@ class Workbench:
         run_id = new_run_id()
         if self.tls is not None:
             knobs.setdefault("ca_file", self.tls.ca_file)
-        if self.device_auth == "token" and "tokens" not in knobs:
+        if self.device_auth == "token" and tokens is None:
             # the workbench enrolls its own virtual devices, one token each
-            knobs["tokens"] = [self.issue_device_token(f"virtual-{first + k}")
-                               for k in range(int(android) + int(ios))]
+            tokens = [self.issue_device_token(f"virtual-{first + k}")
+                      for k in range(int(android) + int(ios))]
         fleet = Fleet(url, self.data_dir / "fleets" / f"{run_id}-fleet-{self._fleet_count}",
-                      android=android, ios=ios, dataset=dataset, partition=partition,
-                      data_type=data_type, seed=seed, first_device_id=first, run_id=run_id,
-                      **knobs)
+                      first_device_id=first, run_id=run_id, tokens=tokens, **knobs)
         self._fleets.append(fleet)
         fleet.start()
         # when every device dies, the phone sessions they were for fail with their errors

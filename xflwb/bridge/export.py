@@ -136,7 +136,7 @@ def layer_table(graph: graph_mod.ModelGraph, plans: dict[str, dict[str, tuple[st
     return pd.DataFrame(rows, columns=cols)
 
 
-def export(model: Any, name: str, data_type: str | None = None,
+def export(model: Any, name: str, *, data_type: str | None = None,
            out_dir: str | os.PathLike[str] = "artifacts",
            loss: str = "categorical_crossentropy", optimizer: Any = None,
            batch_size: int = 32, epochs: int = 1,

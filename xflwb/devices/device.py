@@ -26,6 +26,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from xflwb import _options
+from xflwb._options import option
+
 log = logging.getLogger("xflwb.device")
 #: the environment variable a device process reads its device token from (never argv,
 #: where other users of the machine could read it); the fleet sets it per device
@@ -48,33 +51,31 @@ class _Dropped(Exception):
 
 @dataclass
 class DeviceOptions:
-    """Heterogeneity knobs (all optional)."""
+    """How a virtual phone behaves (heterogeneity knobs): ``xflwb device``,
+    ``wb.spawn_devices`` and ``%xfl_devices spawn`` take these (a fleet: one value, or one
+    per device)."""
 
-    slowdown: float = 1.0          # compute slowdown factor (1 = as fast as this machine)
-    join_delay: float = 0.0        # seconds before the first request
-    drop_prob: float = 0.0         # probability of dropping mid-fit, per FitIns
-    rejoin_delay: float = 1.0      # seconds before a dropped device comes back
-    network_delay: float = 0.0     # seconds added before each answer
-    encoding: str = "raw"          # "raw" (FedKit, "ND") or "npy" (Flower iOS SDK)
-    max_wait: float = 120.0        # give up when no session appears within this time
-    seed: int = 0
+    slowdown: float = option(1.0, "compute slowdown factor (1: as fast as this machine)",
+                             ge=1)
+    join_delay: float = option(0.0, "seconds before the first request", ge=0)
+    drop_prob: float = option(0.0, "chance of dropping out mid-fit, per FitIns (the device "
+                              "comes back after rejoin_delay)", ge=0, lt=1)
+    rejoin_delay: float = option(1.0, "seconds before a dropped device comes back", ge=0)
+    network_delay: float = option(0.0, "seconds added before each answer", ge=0)
+    encoding: str = option("raw", "tensor encoding: raw float32 (FedKit) or npy (Flower's "
+                           "iOS SDK)", choices=("raw", "npy"))
+    max_wait: float = option(300.0, "seconds to wait for a session before giving up", gt=0)
     #: PEM file of the CA to trust for an https backend and its gRPC ports (a dev CA from
     #: ``make_dev_ca``); None: the system's roots
-    ca_file: str | None = None
+    ca_file: str | None = option(None, "CA to trust for an https backend (its gRPC ports use "
+                                 "TLS too)", path=True, metavar="PEM")
+    seed: int = option(0, "seed of the device's dropouts", front=False)
     #: the device token the operator issued (sent on HTTP and gRPC) for a backend with
     #: ``device_auth="token"``; None: none sent
-    token: str | None = field(default=None, repr=False)
+    token: str | None = option(None, "device token", front=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.slowdown < 1.0:
-            raise ValueError(f"slowdown must be >= 1, got {self.slowdown}")
-        if not 0.0 <= self.drop_prob <= 1.0:
-            raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
-        if self.encoding not in ("raw", "npy"):
-            raise ValueError(f"encoding must be 'raw' or 'npy', got {self.encoding!r}")
-        for name in ("join_delay", "rejoin_delay", "network_delay", "max_wait"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
+        _options.check(self)
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise ValueError(f"ca_file {self.ca_file!r} does not exist (the PEM CA the "
                              "backend's certificate was signed with)")

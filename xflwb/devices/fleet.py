@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from xflwb import _lifeline
+from xflwb import _lifeline, _options
+from xflwb._options import option
 
 COLUMNS = ["id", "platform", "status", "partition", "train_size", "test_size", "rounds_done",
            "last_loss", "last_accuracy", "drops", "error"]
@@ -67,39 +69,58 @@ def exit_reason(returncode: int, log_text: str) -> str:
     return f"exited with code {returncode}: {line}" if line else f"exited with code {returncode}"
 
 
+@dataclass
+class FleetOptions:
+    """Which virtual phones to start, on what data: ``wb.spawn_devices`` and ``%xfl_devices
+    spawn`` take these (``xflwb device``, one phone, the data ones)."""
+
+    android: int = option(0, "Android devices (run the .tflite)", ge=0)
+    ios: int = option(0, "iOS devices (run the .mlmodel in the Core ML executor)", ge=0)
+    dataset: str = option("digits", "dataset the devices train on (see "
+                          "xflwb.devices.datasets.SPECS)")
+    partition: str = option("iid", "how the dataset is split: iid | dirichlet:ALPHA | "
+                            "shards:K")
+    data_type: str | None = option(None, "data type the devices ask the backend for "
+                                   "(default: the dataset's name)")
+    seed: int = option(0, "seed of the partitions and the devices' dropouts")
+
+    def __post_init__(self) -> None:
+        from xflwb.devices.partition import parse
+
+        _options.check(self)
+        if self.android + self.ios == 0:
+            raise ValueError(f"ask for at least one device (android={self.android}, "
+                             f"ios={self.ios})")
+        parse(self.partition)  # fail now, not in n processes
+
+
 class Fleet:
     """Android and iOS virtual devices on partitions of one dataset."""
 
-    def __init__(self, backend_url: str, workdir: str | Path, android: int = 0, ios: int = 0,
-                 dataset: str = "digits", partition: str = "iid", data_type: str | None = None,
-                 seed: int = 0, slowdown: float | Sequence[float] = 1.0,
-                 join_delay: float | Sequence[float] = 0.0,
-                 drop_prob: float | Sequence[float] = 0.0,
-                 network_delay: float | Sequence[float] = 0.0, encoding: str = "raw",
-                 max_wait: float = 300.0, first_device_id: int = 1,
-                 run_id: str | None = None, ca_file: str | Path | None = None,
-                 tokens: Sequence[str] | None = None) -> None:
-        n = int(android) + int(ios)
-        if android < 0 or ios < 0 or n == 0:
-            raise ValueError(f"ask for at least one device (android={android}, ios={ios})")
-        from xflwb.devices.partition import parse
+    def __init__(self, backend_url: str, workdir: str | Path, *, first_device_id: int = 1,
+                 run_id: str | None = None, tokens: Sequence[str] | None = None,
+                 **options: Any) -> None:
+        """``options``: ``FleetOptions``, and ``DeviceOptions`` knobs, each one value or one
+        per device (``slowdown=[1, 1, 10]``)."""
+        from xflwb.devices.device import DeviceOptions
 
-        parse(partition)  # fail now, not in n processes
+        _options.unknown_of((FleetOptions, DeviceOptions), options, "Fleet")
+        fleet_names = _options.names(FleetOptions)
+        spec = FleetOptions(**{k: v for k, v in options.items() if k in fleet_names})
+        n = spec.android + spec.ios
+        knobs = {k: _per_device(v, n, k) for k, v in options.items() if k not in fleet_names}
+        # every device's knobs are checked now, not in n processes
+        for k in range(n):
+            DeviceOptions(**{name: values[k] for name, values in knobs.items()})
         self.url = backend_url
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.platforms = ["android"] * int(android) + ["ios"] * int(ios)
-        self.dataset, self.partition, self.seed = dataset, partition, seed
-        self.data_type = data_type or dataset
-        self.knobs = {"slowdown": _per_device(slowdown, n, "slowdown"),
-                      "join_delay": _per_device(join_delay, n, "join_delay"),
-                      "drop_prob": _per_device(drop_prob, n, "drop_prob"),
-                      "network_delay": _per_device(network_delay, n, "network_delay")}
-        self.encoding = encoding
-        self.max_wait = max_wait
-        #: the CA an https backend's certificate chains to; one device token per device
-        #: (passed in each process's environment, never on its command line)
-        self.ca_file = None if ca_file is None else str(ca_file)
+        self.platforms = ["android"] * spec.android + ["ios"] * spec.ios
+        self.dataset, self.partition, self.seed = spec.dataset, spec.partition, spec.seed
+        self.data_type = spec.data_type or spec.dataset
+        self.knobs = knobs
+        #: one device token per device (passed in each process's environment, never on its
+        #: command line)
         if tokens is not None and len(tokens) != n:
             raise ValueError(f"tokens lists {len(tokens)} tokens for {n} devices")
         self._tokens = list(tokens) if tokens is not None else None
@@ -138,14 +159,11 @@ class Fleet:
                    "--dataset", self.dataset, "--partition", self.partition,
                    "--num-partitions", str(n), "--partition-id", str(k),
                    "--seed", str(self.seed), "--device-id", str(device_id),
-                   "--encoding", self.encoding, "--max-wait", str(self.max_wait),
                    "--cache-dir", str(self.workdir / "cache"),
                    "--status-file", str(self._status_file(device_id)),
                    "--run-id", self.run_id]
-            for knob, values in self.knobs.items():
+            for knob, values in self.knobs.items():  # DeviceOptions: the same flags
                 cmd += [f"--{knob.replace('_', '-')}", str(values[k])]
-            if self.ca_file:
-                cmd += ["--ca-file", self.ca_file]
             env = _lifeline.child_env()
             if self._tokens is not None:
                 from xflwb.devices.device import TOKEN_ENV

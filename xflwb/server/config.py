@@ -6,92 +6,100 @@ train`` and the admin API's body are generated from ``SessionConfig`` (``xflwb._
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from xflwb import _options
+from xflwb._options import option
 from xflwb.server.aggregate import DEFAULT_MAX_EXAMPLES
+
+#: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
+MIN_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 2**31 - 1
+#: the derived limit is never below this (config and metrics travel in the same messages)
+FLOOR_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+#: the strategies a session or simulation can run (``xflwb.flower_legacy.SERVER_STRATEGIES``
+#: maps them to Flower's classes; a test keeps the two equal). Spelled here so that building a
+#: parser does not import Flower.
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
+              "fedtrimmedavg", "krum")
 
 
 @dataclass
-class SessionConfig:
-    """Everything a session needs; stored as JSON in the registry."""
+class RoundOptions:
+    """How rounds run: the options phone sessions and simulations share, declared once."""
 
-    rounds: int = 10
-    strategy: str = "fedavg"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    min_clients: int = 2
-    fraction_fit: float = 1.0
-    fraction_evaluate: float = 1.0
-    local_epochs: int = 1
-    round_timeout: float = 600.0
-    #: start from the model's latest phone-session checkpoint; notebooks start fresh unless
-    #: asked, the phone-driven auto-start of ``xflwb server`` resumes (FedKit's backend did)
-    resume: bool = False
-    host: str = "127.0.0.1"
-    ports: dict[str, int] = field(default_factory=dict)  # fixed ports; empty = free ports
+    rounds: int = option(10, "federated rounds to run", ge=1, le=1_000_000)
+    strategy: str = option("fedavg", "Flower strategy aggregating the canonical updates",
+                           choices=STRATEGIES)
+    strategy_options: dict[str, Any] = option(
+        default_factory=dict, help="keyword arguments of the Flower strategy (e.g. "
+        '{"beta": 0.2} for fedtrimmedavg)')
+    min_clients: int | None = option(
+        None, "clients a round needs before it starts (none: 2, or the whole simulated fleet "
+        "if smaller)", ge=1, le=1_000_000)
+    fraction_fit: float = option(1.0, "fraction of the connected clients sampled to train "
+                                 "each round", gt=0, le=1)
+    fraction_evaluate: float | None = option(
+        None, "fraction sampled to evaluate each round (none: as fraction_fit)", ge=0, le=1)
+    local_epochs: int = option(1, "epochs each client trains per round", ge=1, le=100_000)
+    round_timeout: float = option(600.0, "seconds a round waits for its clients", gt=0,
+                                  le=30 * 86400)
+    max_examples: int | None = option(
+        DEFAULT_MAX_EXAMPLES, "one update counts for at most this many examples (larger "
+        "num_examples are capped and counted in the round's capped metric); none: no cap",
+        ge=1, le=2**63 - 1)
+    max_update_norm: float | None = option(
+        None, "reject updates farther than this (L2, canonical space, over the tensors the "
+        "client's platform trains) from the global model; none: no bound", gt=0)
+
+    def _check_rounds(self) -> None:
+        """The shared checks (``__post_init__`` of each subclass calls this)."""
+        if isinstance(self.strategy, str):
+            self.strategy = self.strategy.lower()
+        _options.check(self)
+        if self.fraction_evaluate is None:
+            self.fraction_evaluate = self.fraction_fit
+        check_strategy_options(self.strategy, self.strategy_options)
+
+
+@dataclass
+class SessionConfig(RoundOptions):
+    """A phone session: everything it needs, stored as JSON in the registry."""
+
+    #: notebooks start fresh unless asked; the phone-driven auto-start of ``xflwb server``
+    #: resumes (FedKit's backend did)
+    resume: bool = option(False, "start from the model's latest phone-session checkpoint "
+                          "(default: the exported weights)")
+    max_message_bytes: int | None = option(
+        None, "largest gRPC message (FitRes) a session accepts; none: from the model's size",
+        ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES)
+    host: str = option("127.0.0.1", "address the gRPC ports bind", front=False)
+    #: fixed ports; empty = free ports
+    ports: dict[str, int] = option(default_factory=dict, help="fixed gRPC port per platform",
+                                   front=False)
     #: clients trained in parallel and gRPC streams per port (Flower's defaults, 6 threads
     #: on 2 cores and 1000 streams, would serialise a large fleet's fits)
-    max_workers: int = 1024
-    #: largest gRPC message a session accepts from a phone (and sends); None derives it from
-    #: the model (``message_limit``), so an oversized FitRes is refused before it is read
-    max_message_bytes: int | None = None
-    #: one update counts for at most this many examples (a larger ``num_examples`` is
-    #: capped and counted in the round's ``capped`` metric); None: no cap
-    max_examples: int | None = DEFAULT_MAX_EXAMPLES
-    #: reject updates farther than this (L2, canonical space, over the tensors the client's
-    #: platform trains) from the global model; None: no bound
-    max_update_norm: float | None = None
+    max_workers: int = option(1024, "server threads", ge=1, front=False)
     #: the workbench's TLS files ``[cert, key, ca]`` (gRPC over TLS) and device
     #: enrollment (None: open; "token": every Join presents an issued token); set by the
     #: SessionManager from the workbench, not per session
-    tls: list[str] | None = None
-    device_auth: str | None = None
+    tls: list[str] | None = option(None, "TLS files", front=False)
+    device_auth: str | None = option(None, "device enrollment", front=False)
 
     def __post_init__(self) -> None:
-        from xflwb.server.flower_legacy import SERVER_STRATEGIES
-
-        for name in ("rounds", "min_clients", "local_epochs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("fraction_fit", "fraction_evaluate"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        v = self.max_message_bytes
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)
-                              or not MIN_MESSAGE_BYTES <= v <= MAX_MESSAGE_BYTES):
-            raise ValueError(f"max_message_bytes must be None (derived from the model) or an "
-                             f"integer in [{MIN_MESSAGE_BYTES}, {MAX_MESSAGE_BYTES}], got {v!r}")
-        if not isinstance(self.round_timeout, int | float) or self.round_timeout <= 0:
-            raise ValueError(f"round_timeout must be positive seconds, got {self.round_timeout!r}")
-        if str(self.strategy).lower() not in SERVER_STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; use one of "
-                             f"{sorted(SERVER_STRATEGIES)}")
-        self.strategy = str(self.strategy).lower()
-        check_robustness_options(self.max_examples, self.max_update_norm)
-        check_strategy_options(self.strategy, self.strategy_options)
+        if self.min_clients is None:
+            self.min_clients = 2
+        self._check_rounds()
         from xflwb.server.security import check_device_auth, tls_config
 
         self.device_auth = check_device_auth(self.device_auth)
         if self.tls is not None:
             self.tls = tls_config(self.tls).as_list()  # type: ignore[union-attr]
-
-
-def check_robustness_options(max_examples: Any, max_update_norm: Any) -> None:
-    """``max_examples``: None or an integer in [1, 2^63 − 1]; ``max_update_norm``: None or a
-    positive finite number."""
-    v = max_examples
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int)
-                          or not 1 <= v <= 2**63 - 1):
-        raise ValueError(f"max_examples must be None (no cap) or a positive integer, got {v!r}")
-    v = max_update_norm
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)
-                          or not 0 < float(v) < float("inf")):
-        raise ValueError(f"max_update_norm must be None (no bound) or a positive finite "
-                         f"number, got {v!r}")
 
 
 def check_strategy_options(strategy: str, options: Any) -> None:
@@ -109,13 +117,6 @@ def check_strategy_options(strategy: str, options: Any) -> None:
                          f"{exc}") from exc
 
 
-#: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
-MIN_MESSAGE_BYTES = 64 * 1024
-MAX_MESSAGE_BYTES = 2**31 - 1
-#: the derived limit is never below this (config and metrics travel in the same messages)
-FLOOR_MESSAGE_BYTES = 4 * 1024 * 1024
-
-
 def message_limit(manifest: dict[str, Any], configured: int | None = None) -> int:
     """The gRPC message limit of a session: ``configured``, else twice the model's float32
     size plus 1 MiB (a FitRes of P parameters is about 4P bytes; ``.npy`` headers, metrics
@@ -124,3 +125,60 @@ def message_limit(manifest: dict[str, Any], configured: int | None = None) -> in
         return int(configured)
     params = sum(int(np.prod(p["shape"], dtype=np.int64)) for p in manifest["parameters"])
     return int(min(MAX_MESSAGE_BYTES, max(FLOOR_MESSAGE_BYTES, 2 * 4 * params + 2**20)))
+
+
+@dataclass
+class BackendOptions:
+    """The backend (HTTP API + session manager): ``xflwb.Workbench``, ``xflwb server`` and
+    ``%xfl_server start`` take these."""
+
+    data_dir: str = option("xfl-data", "registry, artifacts, checkpoints and logs live here",
+                           path=True, metavar="DIR")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface; then "
+                       "use TLS and device tokens)")
+    port: int = option(8000, "HTTP port phones dial (0: a free port)", ge=0, le=65535)
+    db_url: str | None = option(None, "SQLAlchemy URL of the registry (default: SQLite in "
+                                "data_dir)", metavar="URL")
+    admin_token: str | None = option(None, "bearer token of the admin API (default: "
+                                     "$XFLWB_ADMIN_TOKEN or a random one)", repr=False,
+                                     metavar="TOKEN")
+    auto_start: bool = option(False, "start a session when a phone asks for a server "
+                              "(FedKit's flow; it resumes from the latest checkpoint)")
+    allow_phone_start_fresh: bool = option(
+        False, "honour a phone's start_fresh (default: ignored and logged, so a phone cannot "
+        "throw away checkpointed progress)")
+    max_body_bytes: int | None = option(
+        None, "largest HTTP request body, 413 above (default: twice the largest published "
+        "model plus 1 MiB)", ge=1024, metavar="N")
+    device_auth: str | None = option(None, "token: phones present a token issued with "
+                                     "issue_device_token / xflwb token issue (default: open, "
+                                     "as FedKit's backend)", choices=("token",))
+
+    def __post_init__(self) -> None:
+        _options.check(self)
+
+
+@dataclass
+class TLSOptions:
+    """TLS for the backend as the command line and ``%xfl_server start`` spell it; the
+    Python API takes ``Workbench(tls=(cert, key[, ca]) | make_dev_ca(dir))``."""
+
+    tls_cert: str | None = option(None, "serve HTTPS and gRPC over TLS with this certificate "
+                                  "(chain)", path=True, metavar="PEM")
+    tls_key: str | None = option(None, "the certificate's private key", path=True,
+                                 metavar="PEM")
+    tls_ca: str | None = option(None, "the CA that signed it (default: the certificate "
+                                "itself)", path=True, metavar="PEM")
+    dev_tls: str | None = option(None, "make (or reuse) a development CA and certificate in "
+                                 "DIR and serve TLS with them (phones trust DIR/ca.pem)",
+                                 path=True, metavar="DIR")
+    tls_host: list[str] | None = option(None, "with dev_tls: another name or address phones "
+                                        "dial", repeat=True, metavar="HOST")
+
+    def __post_init__(self) -> None:
+        _options.check(self)
+        if self.dev_tls and (self.tls_cert or self.tls_key):
+            raise ValueError("pass either --dev-tls DIR or --tls-cert/--tls-key, not both")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together (the PEM certificate chain "
+                             "and its private key)")

@@ -17,14 +17,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import sqlalchemy as sa
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.server.status import ACTIVE, DONE, SessionStatus
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("starting", "running")
+#: the engines a session row runs on (``sessions.engine``): phones join only ``phone`` rows
+ENGINES = ("phone", "simulation")
 
 meta = sa.MetaData()
 models = sa.Table(
@@ -54,6 +55,8 @@ sessions = sa.Table(
     sa.Column("model_id", sa.ForeignKey("models.id"), nullable=False),
     sa.Column("model_name", sa.String(64), nullable=False, index=True),
     sa.Column("status", sa.String(16), nullable=False),
+    #: "phone" or "simulation" (``ENGINES``), set when the row is created
+    sa.Column("engine", sa.String(16), nullable=False, server_default="phone"),
     sa.Column("config", sa.Text, nullable=False),
     sa.Column("ports", sa.Text),  # JSON {"android": port, "ios": port}
     sa.Column("pid", sa.Integer),
@@ -107,14 +110,17 @@ checkpoints = sa.Table(
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("sha256", sa.String(64)),  # of the file's bytes; NULL in rows of older xflwb
 )
-#: sessions run on the Simulation Engine (their config says so; see SimulationConfig)
-_SIMULATION = sessions.c.config.like('%"engine": "simulation"%')
+#: sessions run on the Simulation Engine
+_SIMULATION = sessions.c.engine == "simulation"
+#: how rows written before the ``engine`` column existed said so: in their config JSON
+#: (SimulationConfig's ``engine`` field); used once, to fill the column in
+_SIMULATION_CONFIG = sessions.c.config.like('%"engine": "simulation"%')
 #: at most one active phone session per model, enforced by the database itself: two starts
 #: racing (threads, the API and a notebook, two processes) cannot both insert one
 ONE_ACTIVE_SESSION = sa.Index(
     "one_active_session_per_model", sessions.c.model_name, unique=True,
-    sqlite_where=sa.and_(sessions.c.status.in_(ACTIVE), ~_SIMULATION),
-    postgresql_where=sa.and_(sessions.c.status.in_(ACTIVE), ~_SIMULATION))
+    sqlite_where=sa.and_(sessions.c.status.in_([str(s) for s in ACTIVE]), ~_SIMULATION),
+    postgresql_where=sa.and_(sessions.c.status.in_([str(s) for s in ACTIVE]), ~_SIMULATION))
 devices = sa.Table(
     "devices", meta,
     sa.Column("id", sa.Integer, primary_key=True),  # FedKit's device_id
@@ -246,7 +252,7 @@ class Registry:
         self._migrate_checkpoints_and_telemetry()
 
     def _migrate_sessions(self) -> None:
-        """Bring a sessions table made by an older xflwb up to date (new column, the
+        """Bring a sessions table made by an older xflwb up to date (new columns, the
         one-active-session index). A database that already holds two active sessions of one
         model (made before the index existed) keeps working without the index."""
         cols = {c["name"] for c in sa.inspect(self.engine).get_columns("sessions")}
@@ -254,6 +260,8 @@ class Registry:
             # (another process may add it first)
             with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
                 c.execute(sa.text("ALTER TABLE sessions ADD COLUMN launcher_pid INTEGER"))
+        if "engine" not in cols:
+            self._add_engine_column()
         try:
             ONE_ACTIVE_SESSION.create(self.engine, checkfirst=True)
         except sa.exc.OperationalError:  # made by another process meanwhile
@@ -261,6 +269,19 @@ class Registry:
         except sa.exc.IntegrityError:
             log.warning("the registry %s has two active sessions of one model; stop one: "
                         "starts are not protected against races until then", self.db_url)
+
+    def _add_engine_column(self) -> None:
+        """Add ``sessions.engine``, fill it in from the config JSON that used to tell
+        simulations apart, and rebuild the one-active-session index over the column (the
+        old one matched text in the config). Another process may be doing the same: the
+        loser's statements fail harmlessly or repeat the same values."""
+        with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
+            c.execute(sa.text("ALTER TABLE sessions ADD COLUMN engine VARCHAR(16) NOT NULL "
+                              "DEFAULT 'phone'"))
+        with self.engine.begin() as c:
+            c.execute(sessions.update().where(_SIMULATION_CONFIG).values(engine="simulation"))
+        with contextlib.suppress(sa.exc.OperationalError, sa.exc.ProgrammingError):
+            ONE_ACTIVE_SESSION.drop(self.engine, checkfirst=True)
 
     def _migrate_checkpoints_and_telemetry(self) -> None:
         """A registry made by an older xflwb: add the checkpoints' sha256 column and the
@@ -416,13 +437,18 @@ class Registry:
 
     # -- sessions ----------------------------------------------------------------------------
     def create_session(self, model: dict[str, Any], config: dict[str, Any],
-                       exclusive: bool = False) -> int:
+                       exclusive: bool = False, engine: str | None = None) -> int:
         """Insert a ``starting`` session launched by this process.
 
-        ``exclusive`` (phone sessions): the check for the model's active session and the
-        insert are one transaction, and the unique partial index refuses a racing second
-        insert; the loser gets ``SessionConflict`` naming the winner."""
-        values = {"model_id": model["id"], "model_name": model["name"], "status": "starting",
+        ``engine``: "phone" or "simulation" (default: the config's ``engine``, else
+        "phone"). ``exclusive`` (phone sessions): the check for the model's active session
+        and the insert are one transaction, and the unique partial index refuses a racing
+        second insert; the loser gets ``SessionConflict`` naming the winner."""
+        engine = engine or str(config.get("engine", "phone"))
+        if engine not in ENGINES:
+            raise RegistryError(f"unknown session engine {engine!r}; one of {ENGINES}")
+        values = {"model_id": model["id"], "model_name": model["name"],
+                  "status": str(SessionStatus.STARTING), "engine": engine,
                   "config": json.dumps(config), "round": 0, "started": time.time(),
                   "launcher_pid": os.getpid()}
         try:
@@ -447,14 +473,17 @@ class Registry:
         if without_pid:
             q = q.where(sessions.c.pid.is_(None))
         with self.engine.begin() as c:
-            n = c.execute(q.values(status="crashed", error=error, ended=time.time())).rowcount
+            n = c.execute(q.values(status=str(SessionStatus.CRASHED), error=error,
+                                   ended=time.time())).rowcount
         return bool(n)
 
     def update_session(self, session_id: int, **values: Any) -> None:
         if "ports" in values and not isinstance(values["ports"], str | None):
             values["ports"] = json.dumps(values["ports"])
-        if values.get("status") in ("finished", "failed", "stopped", "crashed"):
-            values.setdefault("ended", time.time())
+        if "status" in values:
+            values["status"] = str(SessionStatus(values["status"]))  # the plain string
+            if values["status"] in DONE:
+                values.setdefault("ended", time.time())
         with self.engine.begin() as c:
             c.execute(sessions.update().where(sessions.c.id == session_id).values(**values))
 
@@ -608,12 +637,12 @@ class Registry:
         now = time.time()
         sid, device_id = int(body["session_id"]), int(body["device_id"])
         session = self.get_session(sid)
-        if session["config"].get("engine") == "simulation":
+        if session["engine"] == "simulation":
             raise TelemetryRefused(f"session {sid} is a simulation: it takes no phone "
                                    "telemetry")
-        if session["status"] != "running":
+        if session["status"] != SessionStatus.RUNNING:
             ended = session["ended"] or now
-            if session["status"] == "starting" or now - ended > TELEMETRY_GRACE:
+            if session["status"] == SessionStatus.STARTING or now - ended > TELEMETRY_GRACE:
                 raise TelemetryRefused(
                     f"session {sid} is {session['status']}: telemetry is taken only while a "
                     f"session runs (and {TELEMETRY_GRACE:g} s after it ends)")
@@ -642,9 +671,11 @@ class Registry:
                 accuracy=body.get("accuracy"), test_size=body.get("test_size"),
                 received=now)).inserted_primary_key[0]
             if kind == "evaluate":
-                self._match_telemetry_row(c, tid, sid, device_id,
-                                          dev.platform if dev is not None else None,
-                                          body.get("loss"), body.get("test_size"))
+                from xflwb.server.telemetry import match_telemetry
+
+                match_telemetry(c, tid, sid, device_id,
+                                dev.platform if dev is not None else None,
+                                body.get("loss"), body.get("test_size"))
             return tid
 
     def list_devices(self) -> list[dict[str, Any]]:
@@ -660,81 +691,22 @@ class Registry:
             return [dict(r._mapping) for r in c.execute(q).all()]
 
     # -- evaluation ↔ telemetry ---------------------------------------------------------------
-    # FedKit's telemetry carries no platform, and gRPC carries no device id; but a device
-    # reports the same loss and test size in its EvaluateRes (platform known from the port)
-    # and in ``telemetry/evaluate_ins``. Whichever arrives second makes the match, looked up
-    # by key through the indexes above.
+    # Whichever of a device's EvaluateRes and its evaluate telemetry arrives second makes the
+    # match (xflwb.server.telemetry says how).
     def add_evaluations(self, session_id: int, rnd: int,
                         rows: list[tuple[str, str, float, int]]) -> None:
+        """Record the round's per-client EvaluateRes ``(platform, client, loss,
+        num_examples)``, each matched with telemetry already received."""
         if not rows:
             return
+        from xflwb.server.telemetry import match_evaluation
+
         with self.engine.begin() as c:
             for p, cid, loss, n in rows:
                 eid = c.execute(evaluations.insert().values(
                     session_id=session_id, round=rnd, platform=p, client=cid, loss=loss,
                     num_examples=n)).inserted_primary_key[0]
-                self._match_evaluation_row(c, eid, session_id, rnd, p, loss, n)
-
-    @staticmethod
-    def _loss_range(loss: float) -> tuple[float, float]:
-        tol = 1e-4 * max(1.0, abs(loss))
-        return loss - tol, loss + tol
-
-    def _attribute(self, c: Any, tid: int, eid: int, device_id: int, platform: str,
-                   rnd: int) -> None:
-        c.execute(telemetry.update().where(telemetry.c.id == tid).values(
-            platform=platform, round=rnd))
-        c.execute(evaluations.update().where(evaluations.c.id == eid).values(
-            telemetry_id=tid))
-        c.execute(devices.update().where(devices.c.id == device_id,
-                                         devices.c.platform.is_(None)).values(
-            platform=platform))
-
-    def _match_telemetry_row(self, c: Any, tid: int, session_id: int, device_id: int,
-                             bound: str | None, loss: float | None,
-                             test_size: int | None) -> bool:
-        """Match a new evaluate telemetry row with an unmatched evaluation."""
-        if loss is None or test_size is None or not np.isfinite(loss):
-            return False
-        lo, hi = self._loss_range(float(loss))
-        q = (evaluations.select().where(
-            evaluations.c.session_id == session_id, evaluations.c.telemetry_id.is_(None),
-            evaluations.c.num_examples == int(test_size),
-            evaluations.c.loss.between(lo, hi)).order_by(evaluations.c.id).limit(8))
-        found = c.execute(q).all()
-        ok = [e for e in found if bound is None or e.platform == bound]
-        if not ok:
-            if found:
-                raise TelemetryRefused(
-                    f"device {device_id} is a {bound} device (bound at its first evaluation),"
-                    f" but this telemetry matches a {found[0].platform} evaluation: another "
-                    "phone seems to use its device_id")
-            return False
-        self._attribute(c, tid, ok[0].id, device_id, ok[0].platform, ok[0].round)
-        return True
-
-    def _match_evaluation_row(self, c: Any, eid: int, session_id: int, rnd: int,
-                              platform: str, loss: float | None, n: int) -> bool:
-        """Match a new evaluation with unmatched evaluate telemetry of a device that is not
-        bound to another platform (telemetry of a device bound elsewhere stays unmatched)."""
-        if loss is None or not np.isfinite(loss):
-            return False
-        lo, hi = self._loss_range(float(loss))
-        q = (sa.select(telemetry.c.id, telemetry.c.device_id, devices.c.platform)
-             .join(devices, devices.c.id == telemetry.c.device_id, isouter=True)
-             .where(telemetry.c.session_id == session_id, telemetry.c.kind == "evaluate",
-                    telemetry.c.platform.is_(None), telemetry.c.test_size == int(n),
-                    telemetry.c.loss.between(lo, hi))
-             .order_by(telemetry.c.id).limit(8))
-        for t in c.execute(q).all():
-            if t.platform not in (None, platform):
-                log.warning("session %s: telemetry %s of device %s (a %s device) matches a "
-                            "%s evaluation: not attributed (a reused device_id?)",
-                            session_id, t.id, t.device_id, t.platform, platform)
-                continue
-            self._attribute(c, t.id, eid, t.device_id, platform, rnd)
-            return True
-        return False
+                match_evaluation(c, eid, session_id, rnd, p, loss, n)
 
     def accuracy_metrics(self, session_id: int) -> list[dict[str, Any]]:
         """Per round and platform: test-size-weighted accuracy reported by devices whose

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from xflwb import _options
 from xflwb.simulation.config import SimulationConfig
 
 _MANAGERS: dict[tuple[str, str | None], Any] = {}
@@ -22,8 +23,8 @@ _MANAGERS: dict[tuple[str, str | None], Any] = {}
 def _manager(data_dir: str | os.PathLike[str], db_url: str | None) -> Any:
     """One registry + session manager per data directory for handles made without a
     Workbench (they must outlive the call so ``stop()`` and crash detection work)."""
+    from xflwb.server.manager import SessionManager
     from xflwb.server.registry import Registry
-    from xflwb.server.session import SessionManager
 
     key = (str(Path(data_dir).resolve()), db_url)
     if key not in _MANAGERS:
@@ -77,17 +78,21 @@ def start_on(manager: Any, model_name: str, cfg: SimulationConfig,
 
 
 def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
-          timeout: float | None, **options: Any) -> Any:
-    """Start a simulation on the ``SessionManager`` ``get_manager()`` gives; optionally wait.
+          timeout: float | None, progress: bool = True, **options: Any) -> Any:
+    """Start a simulation on the ``SessionManager`` ``get_manager()`` gives; optionally wait
+    (with a tqdm bar of rounds unless ``progress=False``).
 
     The options are validated first: bad ones publish nothing and create no directory."""
+    from xflwb import _console
+
+    _options.unknown(SimulationConfig, options, "simulate")
     cfg = SimulationConfig(**options)
     _check_export(name_or_export, cfg)
     manager = get_manager()
     name = resolve_model(manager.registry, name_or_export)
     session = start_on(manager, name, cfg)
     if wait:
-        status = session.wait(timeout=timeout)
+        status = _console.wait(session, cfg.rounds, timeout=timeout, progress=progress)
         if status != "finished":
             info = session.info
             raise RuntimeError(f"simulation {session.id} {status}: {info.get('error') or ''}"
@@ -95,24 +100,17 @@ def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
     return session
 
 
-def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str = "digits",
-             partition: str = "iid", rounds: int = 10, strategy: str = "fedavg",
-             fraction_fit: float = 1.0, local_epochs: int = 1, seed: int = 0,
-             backend_config: dict[str, Any] | None = None, ray_address: str | None = None,
-             *, fraction_evaluate: float | None = None, min_clients: int | None = None,
-             strategy_options: dict[str, Any] | None = None, test_fraction: float = 0.2,
-             drop_prob: float = 0.0,
-             data_dir: str | os.PathLike[str] = "xfl-data", db_url: str | None = None,
-             wait: bool = True, timeout: float | None = None) -> Any:
+@_options.generated(SimulationConfig)
+def simulate(name_or_export: Any, *, data_dir: str | os.PathLike[str] = "xfl-data",
+             db_url: str | None = None, wait: bool = True, timeout: float | None = None,
+             progress: bool = True, **options: Any) -> Any:
     """Federated training of an export on a simulated fleet; returns a ``Session``.
 
     Clients ``0..android-1`` run the ``.tflite`` in TF's interpreter, the next ``ios`` run
-    the ``.mlmodel`` in xflwb's Core ML executor, each on its partition of ``dataset``
-    (``partition``: ``iid`` | ``dirichlet:α`` | ``shards:k``; per-client train/test split
-    ``test_fraction``). Each round samples ``fraction_fit`` of the fleet (at least
-    ``min_clients``) and evaluates ``fraction_evaluate`` (default: the same fraction). A
-    sampled client drops out of a fit with probability ``drop_prob`` (seeded; counted in
-    the round's ``failures``).
+    the ``.mlmodel`` in xflwb's Core ML executor, each on its partition of ``dataset``.
+    Each round samples ``fraction_fit`` of the fleet (at least ``min_clients``) and
+    evaluates ``fraction_evaluate``. A sampled client drops out of a fit with probability
+    ``drop_prob`` (seeded; counted in the round's ``failures``).
 
     ``ray_address`` (``"auto"``, ``"ray://host:10001"``) attaches to a running Ray cluster
     whose nodes have xflwb installed; the artifacts travel through Ray's object store.
@@ -120,17 +118,13 @@ def simulate(name_or_export: Any, android: int = 0, ios: int = 0, dataset: str =
     (``{"client_resources": {"num_cpus": 1, "num_gpus": 0.0}}`` by default; its
     ``init_args`` go to ``ray.init``).
 
-    ``wait=False`` returns at once (the simulation runs in its own process); otherwise it
-    blocks until the end and raises if the simulation failed.
+    ``wait=True`` (default) blocks until the end with a round progress bar (``progress``)
+    and raises if the simulation failed; ``wait=False`` returns the running ``Session`` at
+    once (the simulation runs in its own process). The registry lives in ``data_dir``
+    (``db_url``: another SQLAlchemy database).
     """
-    options = dict(android=android, ios=ios, dataset=dataset, partition=partition,
-                   rounds=rounds, strategy=strategy, fraction_fit=fraction_fit,
-                   local_epochs=local_epochs, seed=seed, backend_config=backend_config,
-                   ray_address=ray_address, fraction_evaluate=fraction_evaluate,
-                   min_clients=min_clients, strategy_options=dict(strategy_options or {}),
-                   test_fraction=test_fraction, drop_prob=drop_prob)
     return start(lambda: _manager(data_dir, db_url), name_or_export, wait=wait,
-                 timeout=timeout, **options)
+                 timeout=timeout, progress=progress, **options)
 
 
 __all__ = ["SimulationConfig", "simulate"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from xflwb._options import option
+from xflwb.server.config import RoundOptions
 
 PLATFORMS = ("android", "ios")
 
@@ -14,7 +17,7 @@ def platform_of(partition_id: int, android: int) -> str:
 
 
 @dataclass
-class SimulationConfig:
+class SimulationConfig(RoundOptions):
     """A simulated fleet: ``android`` + ``ios`` clients on partitions of one dataset.
 
     Clients ``0 .. android-1`` are Android and the rest iOS, on partitions in that order —
@@ -22,74 +25,42 @@ class SimulationConfig:
     process fleet with the same seed train on the same data.
     """
 
-    engine: str = "simulation"  # marks the registry row: phones never join it
-    android: int = 0
-    ios: int = 0
-    dataset: str = "digits"
-    partition: str = "iid"
-    rounds: int = 10
-    strategy: str = "fedavg"
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    fraction_fit: float = 1.0
-    fraction_evaluate: float | None = None  # None: same as fraction_fit
-    min_clients: int | None = None  # None: 2, or the fleet if smaller
-    local_epochs: int = 1
-    seed: int = 0
-    test_fraction: float = 0.2
-    #: chance that a sampled client drops out of a fit (seeded per client and attempt):
+    android: int = option(0, "simulated Android clients (run the .tflite)", ge=0)
+    ios: int = option(0, "simulated iOS clients (run the .mlmodel in the Core ML executor)",
+                      ge=0)
+    dataset: str = option("digits", "dataset the clients train on (see "
+                          "xflwb.devices.datasets.SPECS)")
+    partition: str = option("iid", "how the dataset is split: iid | dirichlet:ALPHA | "
+                            "shards:K")
+    seed: int = option(0, "seed of the partitions, client sampling and dropouts")
+    test_fraction: float = option(0.2, "per-client share of its partition held out for "
+                                  "evaluation", ge=0, lt=1)
     #: a failure for that round, as a phone that loses its connection is
-    drop_prob: float = 0.0
-    backend_config: dict[str, Any] | None = None
-    ray_address: str | None = None
-    round_timeout: float = 3600.0
+    drop_prob: float = option(0.0, "chance that a sampled client drops out of a fit (seeded "
+                              "per client and attempt)", ge=0, lt=1)
+    backend_config: dict[str, Any] | None = option(
+        None, "Flower's backend config, e.g. {\"client_resources\": {\"num_cpus\": 1}}; its "
+        "init_args go to ray.init")
+    ray_address: str | None = option(None, 'attach to a running Ray cluster ("auto", '
+                                     '"ray://host:10001") instead of starting one')
     #: server threads with a message in flight (Flower's default of 6 would leave the
     #: actors idle while replies are polled)
-    max_workers: int = 256
+    max_workers: int = option(256, "server threads with a message in flight", ge=1,
+                              front=False)
+    engine: str = option("simulation", "marks the registry row: phones never join it",
+                         choices=("simulation",), front=False)
 
     def __post_init__(self) -> None:
         from xflwb.devices import datasets, partition
-        from xflwb.flower_legacy import SERVER_STRATEGIES
 
-        if self.engine != "simulation":
-            raise ValueError(f"engine must be 'simulation', got {self.engine!r}")
-        for name in ("android", "ios"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        self._check_rounds()
         if self.num_clients < 1:
             raise ValueError("a simulation needs clients: pass android=N and/or ios=M")
-        for name in ("rounds", "local_epochs", "max_workers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.fraction_evaluate is None:
-            self.fraction_evaluate = self.fraction_fit
-        for name in ("fraction_fit", "fraction_evaluate"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {v!r}")
-        if self.fraction_fit == 0:
-            raise ValueError("fraction_fit=0 would train nobody; use a value in (0, 1]")
         if self.min_clients is None:
             self.min_clients = min(2, self.num_clients)
-        if (isinstance(self.min_clients, bool) or not isinstance(self.min_clients, int)
-                or not 1 <= self.min_clients <= self.num_clients):
+        if not 1 <= self.min_clients <= self.num_clients:
             raise ValueError(f"min_clients must be in 1..{self.num_clients} (the fleet), "
                              f"got {self.min_clients!r}")
-        if not 0 <= self.test_fraction < 1:
-            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction!r}")
-        if (isinstance(self.drop_prob, bool) or not isinstance(self.drop_prob, int | float)
-                or not 0 <= self.drop_prob < 1):
-            raise ValueError(f"drop_prob must be in [0, 1), got {self.drop_prob!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        if str(self.strategy).lower() not in SERVER_STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; use one of "
-                             f"{sorted(SERVER_STRATEGIES)}")
-        self.strategy = str(self.strategy).lower()
-        if self.backend_config is not None and not isinstance(self.backend_config, dict):
-            raise ValueError("backend_config must be a dict like "
-                             "{'client_resources': {'num_cpus': 1, 'num_gpus': 0.0}}")
         partition.parse(self.partition)  # clear errors now, not in every Ray worker
         datasets.parse_name(self.dataset)
 

@@ -4,7 +4,8 @@ Run as ``python -m xflwb.simulation.server DATA_DIR DB_URL SESSION_ID`` by
 ``xflwb.simulation.start_on``, for the same reasons a phone session gets its own
 process (a crash or ``stop()`` never takes the kernel down). The ServerApp runs Flower's
 legacy ``Server`` over the simulation ``Grid`` with the very ``CrossPlatformStrategy`` (and
-so ``StreamingFedAvg``) that serves phones; it records rounds through the same callbacks.
+so ``StreamingFedAvg``) that serves phones; it runs in the same ``SessionProcess`` skeleton
+and records rounds through the same callbacks.
 """
 
 from __future__ import annotations
@@ -13,18 +14,13 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 import sys
 import time
-import traceback
 from typing import Any
 
-from xflwb import _lifeline
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.flower_legacy import SimpleClientManager
-from xflwb.server.aggregate import pin_blas_threads
-from xflwb.server.registry import Registry
-from xflwb.server.session import process_logger
+from xflwb.server.process import SessionProcess
 from xflwb.simulation.config import SimulationConfig
 
 log = logging.getLogger("xflwb.simulation")
@@ -116,43 +112,35 @@ def _connect(ray: Any, init_args: dict[str, Any]) -> None:
             time.sleep(2.0 * attempt)
 
 
+def _shutdown_ray() -> None:
+    """A Ray we started goes down with us; one we attached to is only disconnected."""
+    with contextlib.suppress(Exception):
+        import ray
+
+        ray.shutdown()
+
+
 def run(data_dir: str, db_url: str, session_id: int) -> None:
     """Entry point of a simulation process."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no network here, nor wanted
-    xlog = process_logger(f"simulation-{session_id}")
-    pin_blas_threads()  # the driver aggregates; Ray's workers (other processes) keep theirs
-    registry = Registry(data_dir, db_url)
-    stopping = {"flag": False}
-
-    def _term(_sig: int, _frame: Any) -> None:
-        stopping["flag"] = True
-        registry.update_session(session_id, status="stopped", error=_lifeline.stop_reason())
-        with contextlib.suppress(Exception):
-            import ray
-
-            # a Ray we started goes down with us; one we attached to is only disconnected
-            ray.shutdown()
-        os._exit(0)
-
-    signal.signal(signal.SIGTERM, _term)
-    _lifeline.install()  # SIGTERM ourselves when the kernel that started us dies
-    try:
+    proc = SessionProcess("simulation", data_dir, db_url, session_id)
+    proc.on_stop(_shutdown_ray)
+    proc.on_exit(_shutdown_ray)
+    with proc:
         import ray
 
         from xflwb.flower_legacy import Server, simulation_api
-        from xflwb.server.session import progress_writer, round_recorders, save_checkpoint
-        from xflwb.server.strategy import AllClientsFailed, CrossPlatformStrategy
+        from xflwb.server.strategy import AllClientsFailed
         from xflwb.simulation import client as sim_client
 
+        registry, xlog = proc.registry, proc.log
         api = simulation_api()
-        row = registry.get_session(session_id)
-        cfg = SimulationConfig(**row["config"])
-        model = registry.get_model(row["model_id"])
+        cfg, model = proc.load(SimulationConfig)
         m = model["manifest"]
         cfg.check_platforms(m)
         initial = manifest_mod.initial_parameters(m)
         backend = _init_ray(cfg)
-        signal.signal(signal.SIGTERM, _term)  # ray.init installed its own (sys.exit)
+        proc.handle_sigterm()  # ray.init installed its own (sys.exit)
         wanted = [p for p in ("android", "ios") if getattr(cfg, p)]
         blob, sha = sim_client.make_bundle(m, wanted)
         spec = sim_client.ClientSpec(
@@ -163,14 +151,11 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         sim_client.client_data(spec, 0)
         sim_client._partitions.cache_clear()  # the workers need the data, this process not
 
-        on_fit, on_eval = round_recorders(registry, session_id, model)
-        strategy = CrossPlatformStrategy(
-            m, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
+        strategy = proc.strategy(
+            model, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
             fraction_fit=cfg.fraction_fit, fraction_evaluate=float(cfg.fraction_evaluate or 0),
-            min_clients=int(cfg.min_clients or 1), local_epochs=cfg.local_epochs,
-            on_fit_round=on_fit, on_evaluate_round=on_eval,
-            on_progress=progress_writer(data_dir, session_id))
-        save_checkpoint(registry, session_id, model, 0, initial)
+            min_clients=int(cfg.min_clients or 1), local_epochs=cfg.local_epochs)
+        proc.save_start(model, 0, initial, strict=True)
         # set when every client of a round failed: Flower logs the ServerApp's exception
         # and ends the run; the reason (the clients', not a traceback) is kept here
         all_failed: list[AllClientsFailed] = []
@@ -193,33 +178,17 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
                 all_failed.append(exc)  # ends the run without Flower's error traceback
 
         client_app = api.ClientApp(client_fn=functools.partial(sim_client.client_fn, spec))
-        registry.update_session(session_id, status="running", pid=os.getpid())
+        proc.running()
         api.run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=cfg.num_clients, backend_config=backend)
         if all_failed:
-            xlog.error("simulation %s failed: %s", session_id, all_failed[0])
-            registry.update_session(session_id, status="failed", error=str(all_failed[0]))
+            proc.fail(str(all_failed[0]))
             return
         info = registry.get_session(session_id)
         if info["round"] < cfg.rounds:
             raise RuntimeError(f"the simulation ended after {info['round']} of {cfg.rounds} "
                                f"rounds; see the log above")
-        registry.update_session(session_id, status="finished")
-    except BaseException as exc:  # the simulation dies, the kernel does not
-        if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
-            # stopped while ray.init's own SIGTERM handler (sys.exit) was in place
-            registry.update_session(session_id, status="stopped",
-                                    error=_lifeline.stop_reason())
-        elif not stopping["flag"]:
-            registry.update_session(session_id, status="failed",
-                                    error="".join(traceback.format_exception(exc))[-4000:])
-        raise
-    finally:
-        with contextlib.suppress(Exception):
-            import ray
-
-            ray.shutdown()
-        registry.close()
+        proc.finish()
 
 
 if __name__ == "__main__":  # python -m xflwb.simulation.server DATA_DIR DB_URL SESSION_ID

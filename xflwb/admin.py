@@ -1,0 +1,122 @@
+"""``xflwb.AdminClient``: a running backend's admin API from another process.
+
+``xflwb train`` uses it to start a session on a backend that runs elsewhere (``xflwb
+server`` in a terminal, a notebook's ``Workbench``): the request body is the same
+``SessionConfig`` options the notebook's ``wb.train`` takes, checked here before anything
+is sent. The returned ``RemoteSession`` follows the session over HTTP.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from xflwb import _options
+from xflwb.server.config import SessionConfig
+
+#: the statuses a session ends in (``xflwb.server.session.DONE``, as the API spells them)
+_DONE = ("finished", "failed", "stopped", "crashed")
+
+
+class AdminError(RuntimeError):
+    """The backend refused a request; the message is its ``detail``."""
+
+
+class AdminClient:
+    """The admin API at ``url`` (``/api/v1``), authorised by the backend's admin token."""
+
+    def __init__(self, url: str, admin_token: str, *, ca_file: str | None = None,
+                 timeout: float = 60.0) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(base_url=self.url + "/api/v1", timeout=timeout,
+                                  headers={"Authorization": f"Bearer {admin_token}"},
+                                  verify=ca_file or True)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        import httpx
+
+        try:
+            res = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise OSError(f"cannot reach the backend at {self.url}: {exc}") from exc
+        if res.status_code >= 400:
+            try:
+                detail = res.json().get("detail")
+            except ValueError:
+                detail = res.text
+            if res.status_code == 401:
+                detail = f"{detail} (the admin token is wrong: xflwb server prints it)"
+            raise AdminError(f"{method} {path}: HTTP {res.status_code}: {detail}")
+        return res.json()
+
+    def publish(self, export_dir: str | os.PathLike[str]) -> dict[str, Any]:
+        """Publish an export directory (a path on the backend's machine)."""
+        return dict(self.request("POST", "/models", json={"path": str(Path(export_dir)
+                                                                          .resolve())}))
+
+    @_options.generated(SessionConfig)
+    def train(self, model: str | os.PathLike[str], **options: Any) -> RemoteSession:
+        """Start a session of ``model`` (a published name, or an export directory, published
+        first) with ``SessionConfig`` options; returns at once."""
+        _options.unknown(SessionConfig, options, "train")
+        SessionConfig(**options)  # refused here, before anything is sent
+        name = str(model)
+        if Path(name).exists():
+            name = str(self.publish(name)["name"])
+        info = self.request("POST", "/sessions", json={"model": name, **options})
+        return RemoteSession(self, info)
+
+    def session(self, session_id: int) -> RemoteSession:
+        return RemoteSession(self, self.request("GET", f"/sessions/{int(session_id)}"))
+
+
+class RemoteSession:
+    """A session of a backend, followed over its admin API (the attributes a ``Session``
+    has that make sense from afar)."""
+
+    def __init__(self, client: AdminClient, info: dict[str, Any]) -> None:
+        self.client = client
+        self.id = int(info["id"])
+        self._info = info
+
+    @property
+    def info(self) -> dict[str, Any]:
+        self._info = self.client.request("GET", f"/sessions/{self.id}")
+        return self._info
+
+    model = property(lambda self: self._info["model_name"])
+    ports = property(lambda self: self._info["ports"])
+    started_from = property(lambda self: self._info["started_from"])
+    status = property(lambda self: self.info["status"])
+    round = property(lambda self: int(self.info["round"]))
+
+    @property
+    def history(self) -> pd.DataFrame:
+        rows = self.client.request("GET", f"/sessions/{self.id}/metrics")
+        return pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
+
+    def stop(self) -> None:
+        self.client.request("POST", f"/sessions/{self.id}/stop")
+
+    def wait(self, timeout: float | None = None, poll: float = 1.0) -> str:
+        """Block until the session ends; its final status. ``TimeoutError`` after
+        ``timeout`` seconds (the session keeps running)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = str(self.status)
+            if status in _DONE:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"session {self.id} is still {status} after {timeout:g} s "
+                                   f"(round {self._info['round']})")
+            time.sleep(poll)
+
+    def __repr__(self) -> str:
+        return (f"RemoteSession({self.id} of {self._info['model_name']} at "
+                f"{self.client.url}: {self._info['status']}, round {self._info['round']})")

@@ -1,0 +1,229 @@
+"""The notebook's handle on a session, and what is said about a session row.
+
+``Session`` reads everything from the registry (the session's process writes it), so a
+handle works for phone sessions and simulations alike and for sessions another process
+started. The ``SessionManager`` behind it launches, watches and stops the processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from xflwb.server.checkpoints import newest_valid_checkpoint
+from xflwb.server.process import progress_path
+from xflwb.server.registry import Registry, RegistryError
+from xflwb.server.status import DONE, SessionStatus
+
+if TYPE_CHECKING:
+    from xflwb.server.manager import SessionManager
+
+
+class Session:
+    """The notebook's handle on one session (state lives in the registry)."""
+
+    def __init__(self, manager: SessionManager, session_id: int) -> None:
+        self._manager = manager
+        self.id = session_id
+
+    @property
+    def registry(self) -> Registry:
+        return self._manager.registry
+
+    @property
+    def info(self) -> dict[str, Any]:
+        self._manager.refresh()
+        return self.registry.get_session(self.id)
+
+    @property
+    def status(self) -> str:
+        return self.info["status"]
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.info["ports"]
+
+    @property
+    def round(self) -> int:
+        return int(self.info["round"])
+
+    @property
+    def started_from(self) -> str:
+        """What this session's global model started from, for cell outputs and dashboard
+        headers: ``"started fresh"`` or ``"resumed from session 1, round 5"``."""
+        return started_from(self.registry, self.info)
+
+    def __repr__(self) -> str:
+        i = self.info
+        cfg = i["config"]
+        where = (f"simulated android={cfg['android']} ios={cfg['ios']}"
+                 if i["engine"] == "simulation" else f"ports={i['ports']}")
+        return (f"Session(id={self.id}, model={i['model_name']!r}, status={i['status']!r}, "
+                f"round={i['round']}/{cfg['rounds']}, {started_from(self.registry, i)}, "
+                f"{where})")
+
+    def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
+        """Block until the session ends; returns its final status (``failed`` carries the
+        reason in ``session.error``). After ``timeout`` seconds raises ``SessionTimeout``
+        (a ``TimeoutError``) saying what the session is waiting for and the last device
+        errors."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status
+            if status in DONE:
+                return status
+            if deadline is not None and time.monotonic() > deadline:
+                raise SessionTimeout(self.explain(after=timeout))
+            time.sleep(poll)
+
+    @property
+    def error(self) -> str | None:
+        """Why the session failed, crashed or was stopped (None while it runs)."""
+        return self.info.get("error")
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """What the session process last said it was doing: ``phase`` (waiting | fit |
+        evaluate), ``round``, ``connected``, ``needed``, ``selected``; ``{}`` before then."""
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(progress_path(self.registry.data_dir, self.id).read_text())
+            if isinstance(data, dict):
+                return data
+        return {}
+
+    def doing(self, info: dict[str, Any] | None = None) -> str:
+        """What the session is doing or waiting for, in words."""
+        info = info or self.info
+        if info["status"] in DONE:
+            return info["status"]
+        if info["status"] == SessionStatus.STARTING:
+            return "its process is starting"
+        p = self.progress
+        rnd = p.get("round", int(info["round"]) + 1)
+        if p.get("phase") == "waiting":
+            return (f"waiting for {p['needed']} clients before round {rnd} "
+                    f"(min_clients={p['needed']}); {p['connected']} connected")
+        if p.get("phase") in ("fit", "evaluate"):
+            verb = "training" if p["phase"] == "fit" else "evaluating"
+            return f"{verb} round {rnd} on {p.get('selected', '?')} clients"
+        return "starting its first round"
+
+    @property
+    def failures(self) -> pd.DataFrame:
+        """Failed fits: round, platform, client, reason (errors and lost connections)."""
+        return pd.DataFrame(self.registry.get_failures(self.id),
+                            columns=["round", "platform", "client", "reason"])
+
+    def device_errors(self) -> list[str]:
+        """The last errors of this session's clients: its failed fits, then the errors of
+        the devices of the fleets the workbench started for its model."""
+        return self._manager.device_errors(self.id)
+
+    def explain(self, after: float | None = None) -> str:
+        """``session 3 is still at round 0/5 after 120 s: waiting for 2 clients ...;
+        0 connected; last device errors: ...`` — for timeouts and the dashboard."""
+        info = self.info
+        errors = self.device_errors()
+        from xflwb.server.strategy import summarize
+
+        when = f" after {after:g} s" if after is not None else ""
+        return (f"session {self.id} is still at round {info['round']}/"
+                f"{info['config']['rounds']}{when}: {self.doing(info)}; last device errors: "
+                f"{summarize(errors) if errors else 'none reported'} (log: "
+                f"{self._manager.log_dir / f'session-{self.id}.log'})")
+
+    def stop(self) -> None:
+        self._manager.stop(self.id)
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """Long table: round, platform (android | ios | all), metric, value."""
+        return history_frame(self.registry, self.id)
+
+    @property
+    def rejections(self) -> pd.DataFrame:
+        return pd.DataFrame(self.registry.get_rejections(self.id),
+                            columns=["round", "platform", "client", "reason"])
+
+    def global_parameters(self) -> list[np.ndarray]:
+        """The latest canonical global model of this session."""
+        info = self.registry.get_session(self.id)
+        candidates = self.registry.checkpoints_newest_first(info["model_name"],
+                                                            session_id=self.id)
+        if not candidates:
+            raise RegistryError(f"session {self.id} has no checkpoint yet")
+        manifest = self.registry.get_model(info["model_id"])["manifest"]
+        return newest_valid_checkpoint(candidates, manifest, f"session {self.id}")[1]
+
+    @property
+    def first_round(self) -> int:
+        """The number of this session's first round in its history and checkpoints: 1, or
+        the round after the one it resumed from (``session.round`` counts this session's
+        rounds from 1, for progress)."""
+        return self.registry.round_offset(self.info) + 1
+
+
+class SessionTimeout(TimeoutError):
+    """``Session.wait`` ran out of time; the message says what the session waits for."""
+
+
+
+
+def resumes(config: dict[str, Any]) -> bool:
+    """Whether a stored session config asked to resume (rows written before ``resume``
+    existed resumed unless ``start_fresh``)."""
+    return bool(config.get("resume", not config.get("start_fresh", False)))
+
+
+def started_from(registry: Registry, info: dict[str, Any]) -> str:
+    """``"resumed from session 1, round 5"`` or ``"started fresh"``, from a session row.
+
+    A session's first checkpoint holds the weights it started from (round 0, or the round
+    it resumed from), so a resume from it names where those came from. A resumed session
+    numbers its rounds on from the round it resumed from."""
+    import sqlalchemy as sa
+
+    from xflwb.server.registry import checkpoints, sessions
+
+    ckpt_id = info.get("resumed_from")
+    if ckpt_id is None:
+        if info["status"] == SessionStatus.STARTING:
+            return "starting"
+        if resumes(info["config"]) and info["engine"] != "simulation":
+            return "started fresh (nothing to resume)"
+        return "started fresh"
+    seen: set[int] = set()
+    with registry.engine.connect() as c:
+        while True:
+            row = c.execute(checkpoints.select().where(checkpoints.c.id == ckpt_id)).first()
+            if row is None:
+                return f"resumed from checkpoint {ckpt_id} (no longer in the registry)"
+            if row.session_id in seen:
+                break
+            seen.add(row.session_id)
+            origin = c.execute(sa.select(sessions.c.resumed_from)
+                               .where(sessions.c.id == row.session_id)).scalar()
+            if origin is None:
+                if row.round != 0:
+                    break
+                return (f"resumed from session {row.session_id}, round 0 (the exported "
+                        "weights)")
+            start = c.execute(sa.select(checkpoints.c.round)
+                              .where(checkpoints.c.id == origin)).scalar()
+            if row.round not in (0, start):  # a round that session trained itself
+                break
+            ckpt_id = origin
+    return f"resumed from session {row.session_id}, round {row.round}"
+
+
+def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:
+    rows = registry.get_metrics(session_id)
+    rows += registry.accuracy_metrics(session_id)
+    df = pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
+    return df.sort_values(["round", "platform", "metric"], kind="stable").reset_index(drop=True)
+

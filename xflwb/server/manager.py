@@ -1,0 +1,260 @@
+"""The parent side of sessions: launch their processes, notice when one dies, stop them.
+
+``SessionManager`` lives in the notebook kernel (or the HTTP API): it records a session row,
+runs ``python -m <module>`` on it (the phone session's ``xflwb.server.session_process``, or
+the module another engine names through ``start_engine``) and hands back a ``Session``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from xflwb import _lifeline
+from xflwb.server.config import SessionConfig
+from xflwb.server.handle import Session
+from xflwb.server.registry import Registry
+from xflwb.server.status import ACTIVE, SessionStatus
+
+log = logging.getLogger(__name__)
+
+#: the module a phone session's process runs (``python -m``)
+PHONE_SESSION_MODULE = "xflwb.server.session_process"
+
+
+@dataclass
+class _WatchedFleet:
+    """A fleet the workbench started: when every device dies with an error, the phone
+    sessions of its data type fail with the devices' reasons instead of waiting."""
+
+    fleet: Any
+    label: str
+    spent: bool = False  # superseded by a newer fleet, or already failed its sessions
+    reason: str | None = None  # once every device died (dead fleets stay dead)
+
+
+def _fleet_died(fleet: Any) -> str | None:
+    """The devices' reasons when every device process of ``fleet`` has died (exit code
+    other than 0, or killed other than by SIGTERM, i.e. not ended or stopped)."""
+    procs = getattr(fleet, "procs", {})
+    if not procs or any(p.poll() is None for p in procs.values()):
+        return None
+    if any(p.returncode in (0, -signal.SIGTERM) for p in procs.values()):
+        return None
+    from xflwb.server.strategy import summarize
+
+    errors = [str(r.get("error") or r.get("status") or "?") for r in fleet.statuses()]
+    return summarize(errors)
+
+
+
+class SessionManager:
+    """Starts session processes and notices when one dies."""
+
+    def __init__(self, registry: Registry, host: str = "127.0.0.1",
+                 security: dict[str, Any] | None = None) -> None:
+        self.registry = registry
+        self.host = host
+        #: the workbench's ``tls`` / ``device_auth``, given to every phone session it starts
+        self.security = dict(security or {})
+        self._procs: dict[int, subprocess.Popen] = {}
+        self.log_dir = registry.data_dir / "logs"
+        self._fleets: list[_WatchedFleet] = []
+        self._lock = threading.RLock()
+
+    def start(self, model_name: str, wait_ready: float = 120.0, **options: Any) -> Session:
+        options.setdefault("host", self.host)
+        options.update(self.security)
+        cfg = SessionConfig(**options)
+        model = self.registry.latest_model(model_name)
+        self.refresh()  # a crashed session must not block the start
+        # one transaction + a unique index: of racing starts exactly one wins, the others
+        # get SessionConflict (HTTP 409) naming the winner
+        sid = self.registry.create_session(model, asdict(cfg), exclusive=True,
+                                           engine="phone")
+        return self._launch(sid, PHONE_SESSION_MODULE, wait_ready)
+
+    def start_engine(self, model: dict[str, Any], config: dict[str, Any], module: str,
+                     wait_ready: float = 120.0, engine: str | None = None) -> Session:
+        """Record a session of ``model`` (a registry row) with ``config`` and run
+        ``python -m module`` on it. Another engine (``xflwb.simulation``) starts its
+        session process through this, so the server need not know the engines above it;
+        the handle is a ``Session`` like any other, recorded in the same registry.
+        ``engine``: the row's engine (default: the config's ``engine``, "simulation"
+        when it names none; phones never join such a session)."""
+        sid = self.registry.create_session(
+            model, config, engine=engine or str(config.get("engine", "simulation")))
+        return self._launch(sid, module, wait_ready)
+
+    def _launch(self, sid: int, module: str, wait_ready: float) -> Session:
+        # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__,
+        # so scripts without a main guard work too; its log goes to data_dir/logs
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.log_dir / f"session-{sid}.log", "ab") as logf:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", module, str(self.registry.data_dir),
+                     self.registry.db_url, str(sid)],
+                    stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                    start_new_session=True, env=_lifeline.child_env())
+        except OSError as exc:  # the row must not stay "starting" (it blocks the model)
+            self.registry.update_session(sid, status=SessionStatus.FAILED,
+                                         error=f"could not launch its process: {exc}")
+            raise RuntimeError(f"session {sid} could not launch its process: {exc}") from exc
+        self._procs[sid] = proc
+        self.registry.update_session(sid, pid=proc.pid)
+        session = Session(self, sid)
+        deadline = time.monotonic() + wait_ready
+        while time.monotonic() < deadline:
+            info = session.info
+            if info["status"] != SessionStatus.STARTING:
+                if info["status"] in (SessionStatus.FAILED, SessionStatus.CRASHED):
+                    raise RuntimeError(f"session {sid} failed to start: {info['error']}")
+                break
+            time.sleep(0.05)
+        else:
+            raise TimeoutError(f"session {sid} did not start within {wait_ready} s")
+        return session
+
+    def get(self, session_id: int) -> Session:
+        self.registry.get_session(session_id)
+        return Session(self, session_id)
+
+    def watch_fleet(self, fleet: Any, label: str) -> None:
+        """Fail the phone sessions for ``fleet.data_type`` when all of the fleet's devices
+        die (``refresh`` checks). A newer fleet for the same data type supersedes it."""
+        with self._lock:
+            for w in self._fleets:
+                if w.fleet.data_type == fleet.data_type:
+                    w.spent = True
+            self._fleets.append(_WatchedFleet(fleet, label))
+
+    def device_errors(self, session_id: int, last: int = 50) -> list[str]:
+        """Recent failure reasons of the session's clients, then its watched fleets'
+        device errors (a device that died before joining never reached the session)."""
+        out = [f"{f['reason']}" for f in self.registry.get_failures(session_id, last=last)]
+        info = self.registry.get_session(session_id)
+        if info["engine"] == "simulation":
+            return out
+        data_type = self.registry.get_model(info["model_id"])["data_type"]
+        with self._lock:
+            fleets = [w.fleet for w in self._fleets if w.fleet.data_type == data_type]
+        for fleet in fleets[-1:]:  # the latest fleet for this data type
+            with contextlib.suppress(Exception):
+                out += [str(r["error"]) for r in fleet.statuses() if r.get("error")]
+        return out
+
+    def fail(self, session_id: int, reason: str, timeout: float = 10.0) -> None:
+        """Mark a session failed with ``reason`` and end its process."""
+        self.registry.update_session(session_id, status=SessionStatus.FAILED, error=reason)
+        self._end_process(session_id, self.registry.get_session(session_id), timeout,
+                          force=True)
+
+    def _check_fleets(self) -> None:
+        """A watched fleet whose devices all died fails its data type's phone sessions."""
+        with self._lock:
+            for w in self._fleets:
+                if w.spent:
+                    continue
+                reason = w.reason = w.reason or _fleet_died(w.fleet)
+                if reason is None:
+                    continue
+                targets = [s for s in self.registry.list_sessions(status=ACTIVE)
+                           if s["engine"] != "simulation"
+                           and self.registry.get_model(s["model_id"])["data_type"]
+                           == w.fleet.data_type]
+                for s in targets:
+                    self.fail(s["id"], f"all {len(w.fleet.procs)} devices of {w.label} "
+                                       f"died: {reason}")
+                w.spent = bool(targets)
+
+    #: a ``starting`` row still without a process pid after this long is crashed even while
+    #: its launcher lives (a launch takes milliseconds; this catches a launcher that hung)
+    LAUNCH_DEADLINE = 300.0
+
+    def refresh(self) -> None:
+        """Mark sessions whose process died without saying so as crashed, and fail those
+        whose fleet died. Never raises: reads (``GET /api/v1/sessions``, ``Session.info``)
+        call it, and a write that fails (disk full, read-only folder) is logged and tried
+        again at the next refresh instead of failing the read."""
+        try:
+            if self._fleets:
+                self._check_fleets()
+            rows = self.registry.list_sessions(status=ACTIVE)
+        except Exception as exc:
+            log.warning("could not refresh session states: %s", exc)
+            return
+        for info in rows:
+            reason = self._dead_reason(info)
+            if reason is None:
+                continue
+            try:  # conditional UPDATE: a status the process wrote meanwhile wins
+                self.registry.mark_crashed(info["id"], reason,
+                                           without_pid=info["pid"] is None)
+            except Exception as exc:
+                log.warning("could not mark session %s crashed (%s): %s", info["id"],
+                            reason, exc)
+
+    def _dead_reason(self, info: dict[str, Any]) -> str | None:
+        """Why an active session row has no live process, or None while it may have one."""
+        proc = self._procs.get(info["id"])
+        if proc is not None:  # we launched it: its exit code is ours to read
+            if proc.poll() is None:
+                return None
+            return f"session process exited unexpectedly (exit code {proc.returncode})"
+        if info["pid"] is not None:
+            if _lifeline.pid_alive(info["pid"]):
+                return None
+            return f"session process {info['pid']} exited unexpectedly"
+        # no pid yet: its launcher is between the insert and writing the pid
+        launcher = info.get("launcher_pid")
+        age = time.time() - info["started"]
+        if launcher is not None and launcher != os.getpid() and not _lifeline.pid_alive(launcher):
+            return (f"its launcher (process {launcher}) exited before the session process "
+                    "started")
+        if age > self.LAUNCH_DEADLINE:
+            return (f"its process did not start within {self.LAUNCH_DEADLINE:g} s of the "
+                    "session's creation")
+        return None
+
+    def stop(self, session_id: int, timeout: float = 10.0) -> None:
+        info = self.registry.get_session(session_id)
+        self._end_process(session_id, info, timeout)
+        if self.registry.get_session(session_id)["status"] in ACTIVE:
+            self.registry.update_session(session_id, status=SessionStatus.STOPPED)
+
+    def _end_process(self, session_id: int, info: dict[str, Any], timeout: float,
+                     force: bool = False) -> None:
+        """Terminate the session's process (``force``: even when the registry says it
+        ended, as after ``fail``)."""
+        proc = self._procs.get(session_id)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout)
+            # anything it started in its process group (a simulation's Ray processes)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        elif (proc is None and (force or info["status"] in ACTIVE)
+              and _lifeline.pid_alive(info["pid"])):
+            os.kill(info["pid"], signal.SIGTERM)
+
+    def stop_all(self) -> None:
+        for sid, proc in list(self._procs.items()):
+            if proc.poll() is None:
+                self.stop(sid)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
+        self._procs.clear()
+

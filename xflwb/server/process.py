@@ -1,0 +1,234 @@
+"""The one skeleton of a session process, phone session or simulation alike.
+
+Both run as ``python -m <module> DATA_DIR DB_URL SESSION_ID`` (a process per session, so a
+crash or ``stop()`` never takes the notebook kernel or a sibling down) and share every step
+but the training itself: a labelled logger, BLAS pinned to one thread, the registry, a stop
+flag and the SIGTERM handler that marks the row ``stopped``, loading the row's config and
+model, the strategy wired to the recorders below, the checkpoint of the starting weights,
+the status transitions and the cleanup. ``SessionProcess`` is that skeleton; each engine's
+``run`` fills in how its clients are served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from xflwb import _lifeline
+from xflwb.server.aggregate import pin_blas_threads
+from xflwb.server.checkpoints import CheckpointError, save_checkpoint
+from xflwb.server.registry import Registry
+from xflwb.server.status import ACTIVE, SessionStatus
+
+log = logging.getLogger(__name__)
+
+
+def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
+                    offset: int = 0
+                    ) -> tuple[Callable[[Any, list[np.ndarray]], None], Callable[[Any], None]]:
+    """The strategy's per-round callbacks that persist metrics, rejections, evaluations and
+    a checkpoint; shared by phone sessions and simulations so both record the same way.
+
+    ``offset``: the round a resumed session continues from (its Flower round 1 is recorded
+    as round ``offset + 1``); the session row's ``round`` counts this session's rounds."""
+
+    def on_fit(report: Any, global_: list[np.ndarray]) -> None:
+        rnd = report.round + offset
+        registry.add_metrics(session_id, rnd, report.metrics)
+        for platform, cid, reason in report.rejections:
+            registry.add_rejection(session_id, rnd, platform, cid, reason)
+        registry.add_failures(session_id, rnd, getattr(report, "failures", []))
+        if getattr(report, "failed", None):
+            return  # every client failed: no new model, the session fails (strategy raises)
+        try:
+            save_checkpoint(registry, session_id, model, rnd, global_)
+        except Exception as exc:  # disk full, read-only folder: training goes on
+            log.error("round %s: checkpoint not written (%s: %s); training goes on and the "
+                      "next round writes one again", rnd, type(exc).__name__, exc)
+        registry.update_session(session_id, round=report.round)
+
+    def on_eval(report: Any) -> None:
+        rnd = report.round + offset
+        registry.add_metrics(session_id, rnd, report.metrics)
+        registry.add_evaluations(session_id, rnd, report.evaluations)
+        for platform, cid, reason in getattr(report, "rejections", []):  # bad EvaluateRes
+            registry.add_rejection(session_id, rnd, platform, cid, reason)
+
+    return on_fit, on_eval
+
+
+def process_logger(label: str) -> logging.Logger:
+    """The ``xflwb`` logger of a session or simulation process, labelled in its log file.
+
+    Flower logs through its own handler; xflwb's loggers get one too (no root config)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {label} %(name)s: %(message)s"))
+    xlog = logging.getLogger("xflwb")
+    xlog.addHandler(handler)
+    xlog.setLevel(logging.INFO)
+    return xlog
+
+
+def progress_path(data_dir: str | Path, session_id: int) -> Path:
+    """Where a session process says what it is doing (``phase``: waiting | fit | evaluate,
+    ``round``, ``connected``, ``needed``, ``selected``): a small JSON file, rewritten on
+    change, so ``wait`` and the dashboard can say what a session waits for."""
+    return Path(data_dir) / "progress" / f"session-{session_id}.json"
+
+
+def progress_writer(data_dir: str | Path, session_id: int) -> Callable[[dict[str, Any]], None]:
+    """The strategy's ``on_progress`` callback for this session (atomic writes)."""
+    path = progress_path(data_dir, session_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(state: dict[str, Any]) -> None:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**state, "time": time.time()}))
+        os.replace(tmp, path)
+
+    return write
+
+def only_if_active(registry: Registry, session_id: int, **values: Any) -> None:
+    """Update the session unless it already ended (a session failed from outside, e.g. by
+    its fleet dying, is stopped with SIGTERM and must stay failed)."""
+    with contextlib.suppress(Exception):
+        if registry.get_session(session_id)["status"] not in ACTIVE:
+            return
+    registry.update_session(session_id, **values)
+
+
+class SessionProcess:
+    """A session process's life around its training: ``with SessionProcess(...) as p:``.
+
+    Entering installs the SIGTERM handler (and the lifeline: SIGTERM when the kernel that
+    started us dies); leaving records how the run ended (``fail``/``finish`` inside say it
+    explicitly; an exception is ``failed`` with its traceback, a ``CheckpointError`` with
+    its message alone), runs the ``on_exit`` hooks and closes the registry. SIGTERM marks
+    the row ``stopped``, runs the ``on_stop`` hooks and exits at once."""
+
+    def __init__(self, kind: str, data_dir: str, db_url: str, session_id: int) -> None:
+        self.kind, self.session_id, self.data_dir = kind, session_id, data_dir
+        #: the ``xflwb`` logger, labelled ``<kind>-<id>`` in the session's log file
+        self.log = process_logger(f"{kind}-{session_id}")
+        # aggregation is this process's numeric work; devices and Ray's workers (other
+        # processes) share the CPUs and keep their own threads
+        pin_blas_threads()
+        self.registry = Registry(data_dir, db_url)
+        #: set by SIGTERM: the run is being stopped, not failing
+        self.stopping = threading.Event()
+        self._on_stop: list[Callable[[], None]] = []
+        self._on_exit: list[Callable[[], None]] = []
+
+    def on_stop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when SIGTERM stops the process (it exits right after, skipping
+        ``on_exit``): release what must not outlive it (ports, a Ray we started)."""
+        self._on_stop.append(fn)
+
+    def on_exit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the run ends in any other way (latest registered first)."""
+        self._on_exit.append(fn)
+
+    def handle_sigterm(self) -> None:
+        """(Re)install our SIGTERM handler; call again after a library installed its own
+        (``ray.init`` does)."""
+        signal.signal(signal.SIGTERM, self._term)
+
+    def _term(self, _sig: int, _frame: Any) -> None:
+        self.stopping.set()
+        try:
+            self.set_status(SessionStatus.STOPPED, error=_lifeline.stop_reason())
+        finally:  # even when the registry cannot be written: the manager marks it then
+            for fn in self._on_stop:
+                with contextlib.suppress(Exception):
+                    fn()
+            os._exit(0)
+
+    def __enter__(self) -> SessionProcess:
+        self.handle_sigterm()
+        _lifeline.install()  # SIGTERM ourselves when the kernel that started us dies
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        try:
+            if exc is None:
+                return False
+            if isinstance(exc, CheckpointError):  # names the files; no traceback
+                self.fail(str(exc))
+                return True
+            if isinstance(exc, SystemExit) and exc.code == signal.SIGTERM:
+                # stopped while a library's own SIGTERM handler (ray.init's: sys.exit) was
+                # in place
+                self.set_status(SessionStatus.STOPPED, error=_lifeline.stop_reason())
+            elif not self.stopping.is_set():  # the session dies, the kernel does not
+                self.set_status(SessionStatus.FAILED,
+                                error="".join(traceback.format_exception(exc))[-4000:])
+            return False
+        finally:
+            for fn in reversed(self._on_exit):
+                with contextlib.suppress(Exception):
+                    fn()
+            self.registry.close()
+
+    # -- the row -------------------------------------------------------------------------
+    def load(self, config_type: Callable[..., Any]) -> tuple[Any, dict[str, Any]]:
+        """The session's config (``config_type(**stored config)``, which validates it) and
+        its model's registry row."""
+        row = self.registry.get_session(self.session_id)
+        return config_type(**row["config"]), self.registry.get_model(row["model_id"])
+
+    def set_status(self, status: SessionStatus, **values: Any) -> None:
+        """Record ``status`` unless the session already ended (``only_if_active``)."""
+        only_if_active(self.registry, self.session_id, status=status, **values)
+
+    def running(self, **values: Any) -> None:
+        """The process serves: record ``running``, its pid and ``values`` (ports, ...)."""
+        self.registry.update_session(self.session_id, status=SessionStatus.RUNNING,
+                                     pid=os.getpid(), **values)
+
+    def finish(self) -> None:
+        self.set_status(SessionStatus.FINISHED)
+
+    def fail(self, reason: str) -> None:
+        """End as ``failed`` with a reason that needs no traceback (the clients' errors, a
+        checkpoint problem)."""
+        self.log.error("%s %s failed: %s", self.kind, self.session_id, reason)
+        self.set_status(SessionStatus.FAILED, error=reason)
+
+    # -- training ------------------------------------------------------------------------
+    def strategy(self, model: dict[str, Any], initial: list[np.ndarray], offset: int = 0,
+                 **options: Any) -> Any:
+        """The ``CrossPlatformStrategy`` for ``model`` starting from ``initial``, recording
+        each round (``round_recorders``, numbered on from ``offset``) and its progress;
+        ``options``: the engine's strategy options (fractions, min_clients, ...)."""
+        from xflwb.server.strategy import CrossPlatformStrategy
+
+        on_fit, on_eval = round_recorders(self.registry, self.session_id, model, offset)
+        return CrossPlatformStrategy(
+            model["manifest"], initial, on_fit_round=on_fit, on_evaluate_round=on_eval,
+            on_progress=progress_writer(self.data_dir, self.session_id), **options)
+
+    def save_start(self, model: dict[str, Any], rnd: int, arrays: list[np.ndarray],
+                   strict: bool = False) -> None:
+        """Checkpoint the weights the session starts from, at the round it continues from
+        (0 when fresh). Unless ``strict``, a failed write (disk full, read-only folder) is
+        logged and training goes on: round 1 writes one again."""
+        try:
+            save_checkpoint(self.registry, self.session_id, model, rnd, arrays)
+        except Exception as exc:
+            if strict:
+                raise
+            self.log.error("checkpoint of the starting weights not written (%s: %s); "
+                           "training goes on", type(exc).__name__, exc)

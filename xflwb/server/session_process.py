@@ -1,0 +1,139 @@
+"""A phone session's process: a Flower server listening on one gRPC port per platform.
+
+Run as ``python -m xflwb.server.session_process DATA_DIR DB_URL SESSION_ID`` by
+``SessionManager.start`` (``python -m xflwb.server.session`` still works). A process per
+session because ``start_server`` installs signal handlers (main thread only) and, more
+importantly, so a crashing session can never take down the notebook kernel or its sibling
+sessions. It writes its state, metrics and per-round checkpoints to the registry (through
+the ``SessionProcess`` skeleton it shares with simulations) and needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+from typing import Any
+
+from xflwb.bridge import manifest as manifest_mod
+from xflwb.server.checkpoints import newest_valid_checkpoint
+from xflwb.server.config import FLOOR_MESSAGE_BYTES, SessionConfig, message_limit
+from xflwb.server.process import SessionProcess
+from xflwb.server.registry import Registry
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
+                max_workers: int = 1000, max_message_bytes: int = FLOOR_MESSAGE_BYTES,
+                probe_timeout: float | None = None,
+                certificates: tuple[bytes, bytes, bytes] | None = None,
+                interceptors: list[Any] | None = None) -> tuple[Any, int]:
+    from xflwb.server.flower_legacy import start_grpc_server
+    from xflwb.server.strategy import PlatformClientManager
+
+    last: Exception | None = None
+    for _ in range(1 if port else 8):
+        p = port or _free_port(host)
+        try:
+            return start_grpc_server(client_manager=PlatformClientManager(
+                                         cm, platform, probe_timeout=probe_timeout),
+                                     server_address=f"{host}:{p}",
+                                     max_concurrent_workers=max_workers,
+                                     max_message_length=max_message_bytes,
+                                     certificates=certificates,
+                                     interceptors=interceptors), p
+        except RuntimeError as exc:  # grpc: port taken between probe and bind
+            last = exc
+    raise RuntimeError(f"could not bind a gRPC port for {platform}: {last}")
+
+
+def _grpc_security(cfg: SessionConfig, registry: Registry
+                   ) -> tuple[tuple[bytes, bytes, bytes] | None, list[Any] | None]:
+    """Flower's ``certificates=`` from the workbench's TLS files, and the device-token
+    interceptor when ``device_auth == "token"``."""
+    from xflwb.server import security
+
+    tls = security.tls_config(cfg.tls) if cfg.tls else None
+    interceptors = ([security.grpc_interceptor(security.TokenStore(registry.engine))]
+                    if cfg.device_auth == "token" else None)
+    return (tls.certificates() if tls else None), interceptors
+
+
+
+def _stop_servers(servers: list[Any], grace: float) -> None:
+    for srv in servers:
+        srv.stop(grace=grace)
+
+
+def run_session(data_dir: str, db_url: str, session_id: int) -> None:
+    """Entry point of a phone session process."""
+    proc = SessionProcess("session", data_dir, db_url, session_id)
+    servers: list[Any] = []
+    proc.on_stop(lambda: _stop_servers(servers, grace=0))
+    proc.on_exit(lambda: _stop_servers(servers, grace=1))
+    with proc:
+        from xflwb.server.flower_legacy import Server, SimpleClientManager
+        from xflwb.server.strategy import AllClientsFailed
+
+        registry, xlog = proc.registry, proc.log
+        cfg, model = proc.load(SessionConfig)
+        m = model["manifest"]
+        initial = manifest_mod.initial_parameters(m)
+        resumed, offset = None, 0
+        if cfg.resume:
+            candidates = registry.checkpoints_newest_first(model["name"], model["version"])
+            if candidates:  # the newest valid one (CheckpointError when none is)
+                ckpt, initial = newest_valid_checkpoint(
+                    candidates, m, f"{model['name']} v{model['version']} to resume from "
+                    "(start fresh with resume=False, or restore a checkpoint file)")
+                resumed, offset = ckpt["id"], int(ckpt["round"])
+                xlog.info("resuming %s from checkpoint %s (round %s of session %s); this "
+                          "session's rounds are numbered from %s", model["name"],
+                          ckpt["path"], ckpt["round"], ckpt["session_id"], offset + 1)
+            else:
+                xlog.info("resume=True but %s v%s has no checkpoint: starting fresh",
+                          model["name"], model["version"])
+        else:
+            xlog.info("starting %s fresh from the exported weights", model["name"])
+        cm = SimpleClientManager()
+        ports = {}
+        limit = message_limit(m, cfg.max_message_bytes)
+        xlog.info("gRPC messages are limited to %d bytes (max_message_bytes)", limit)
+        certificates, interceptors = _grpc_security(cfg, registry)
+        for platform in m["platforms"]:
+            # each joining client is asked GetParameters first: its reply says which
+            # tensor encoding it reads, before its first FitIns (PlatformClientManager)
+            srv, port = _start_grpc(cm, platform, cfg.host, cfg.ports.get(platform),
+                                    cfg.max_workers, limit,
+                                    probe_timeout=min(cfg.round_timeout, 120.0),
+                                    certificates=certificates, interceptors=interceptors)
+            servers.append(srv)
+            ports[platform] = port
+
+        strategy = proc.strategy(
+            model, initial, offset, strategy=cfg.strategy,
+            strategy_options=cfg.strategy_options, fraction_fit=cfg.fraction_fit,
+            fraction_evaluate=cfg.fraction_evaluate, min_clients=cfg.min_clients,
+            local_epochs=cfg.local_epochs, max_examples=cfg.max_examples,
+            max_update_norm=cfg.max_update_norm)
+        proc.save_start(model, offset, initial)  # the weights it starts from
+        proc.running(ports=ports, resumed_from=resumed)
+        server = Server(client_manager=cm, strategy=strategy)
+        server.set_max_workers(cfg.max_workers)
+        try:
+            server.fit(num_rounds=cfg.rounds, timeout=cfg.round_timeout)
+        except AllClientsFailed as exc:  # the reason is the clients', not a traceback
+            proc.fail(str(exc))
+            return
+        with contextlib.suppress(Exception):
+            server.disconnect_all_clients(timeout=5)
+        proc.finish()
+
+
+if __name__ == "__main__":  # python -m xflwb.server.session_process DATA_DIR DB_URL SESSION_ID
+    run_session(sys.argv[1], sys.argv[2], int(sys.argv[3]))
