@@ -394,7 +394,7 @@ def run_xflwb(res: Any, data_dir: Path, n: int, rounds: int, fraction: float,
                                  partition=PARTITION, rounds=rounds, fraction_fit=fraction,
                                  fraction_evaluate=fraction, seed=SEED,
                                  test_fraction=TEST_FRACTION, backend_config=BACKEND,
-                                 data_dir=data_dir, wait=False)
+                                 round_timeout=3600, data_dir=data_dir, wait=False)
         deadline = time.monotonic() + timeout
         while (status := session.status) not in DONE:
             if time.monotonic() > deadline:

@@ -75,7 +75,8 @@ def _kernel_code(data_dir: str, export_dir: str, engine: str) -> str:
         wb.publish({export_dir!r})
         deadline = time.monotonic() + 240
         if {engine!r} == "simulation":
-            session = wb.simulate("lifeline", android=2, rounds=100000, fraction_fit=0.5)
+            session = wb.simulate("lifeline", android=2, rounds=100000, fraction_fit=0.5,
+                                 wait=False)
             pids = []
         else:
             session = wb.train("lifeline", rounds=100000, min_clients=2, round_timeout=600)

@@ -1,0 +1,59 @@
+"""Write the README's option tables from the one declaration of each option set.
+
+    python scripts/options_tables.py            # rewrite README.md's tables in place
+    python scripts/options_tables.py --check    # exit 1 if they are stale (the tests do this)
+
+A table sits between ``<!-- options:NAME -->`` and ``<!-- /options -->``; NAME is a key of
+``SETS``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+_BLOCK = re.compile(r"(<!-- options:(\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
+
+
+def sets() -> dict[str, type]:
+    from xflwb.devices.device import DeviceOptions
+    from xflwb.devices.fleet import FleetOptions
+    from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
+    from xflwb.simulation.config import SimulationConfig
+
+    return {c.__name__: c for c in (SessionConfig, SimulationConfig, BackendOptions,
+                                    TLSOptions, FleetOptions, DeviceOptions)}
+
+
+def render(text: str) -> str:
+    """``text`` with every marked table regenerated."""
+    from xflwb._options import markdown_table
+
+    known = sets()
+
+    def table(m: re.Match[str]) -> str:
+        if m.group(2) not in known:
+            raise KeyError(f"README marks an unknown option set {m.group(2)!r}; known: "
+                           f"{sorted(known)}")
+        return m.group(1) + markdown_table(known[m.group(2)]) + "\n" + m.group(4)
+
+    return _BLOCK.sub(table, text)
+
+
+def main(argv: list[str]) -> int:
+    text = README.read_text()
+    fresh = render(text)
+    if "--check" in argv:
+        if fresh != text:
+            print("README.md option tables are stale: run python scripts/options_tables.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(fresh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
