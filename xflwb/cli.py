@@ -12,6 +12,7 @@ from typing import Any
 from xflwb._argparse import Parser
 from xflwb._export_options import add_export_options, add_verbose, export_kwargs
 from xflwb._options import add_arguments, given
+from xflwb.bridge.params import PLATFORMS
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import FleetOptions
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
@@ -373,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train)
     v = sub.add_parser("device", help="run one virtual phone (FedKit client flow)")
     v.add_argument("--backend", required=True, help="backend URL, e.g. http://127.0.0.1:8000")
-    v.add_argument("--platform", required=True, choices=["android", "ios"])
+    v.add_argument("--platform", required=True, choices=list(PLATFORMS))
     add_arguments(v, FleetOptions, only=("dataset", "partition", "data_type", "seed"))
     add_arguments(v, DeviceOptions)
     v.add_argument("--num-partitions", type=int, default=1)

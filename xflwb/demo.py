@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 
 from xflwb._console import format_table, wait
-from xflwb.style import ACCURACY_LABEL, LOSS_LABEL, ROUND_LABEL, color
+from xflwb.bridge.params import PLATFORMS
+from xflwb.style import color, plot_figure
 
 
 def demo_model(input_shape: tuple[int, ...] = (8, 8, 1), classes: int = 10) -> Any:
@@ -64,20 +65,15 @@ def _pick(model: str) -> tuple[Any, str]:
     return MODELS[model]
 
 
-def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
-        seed: int = 0, quiet: bool = False, model: str = "digits_cnn") -> dict[str, Any]:
-    """Run the demo; returns the export result and the training table.
-
-    ``model`` picks the model and its dataset, as in `run_federated`.
-    """
-    build, dataset = _pick(model)
+def _export(model: str, out: Path, seed: int, batch_size: int,
+            say: Any) -> tuple[str, Any, Any, Any]:
+    """The demo model built for its dataset and exported into ``out/artifacts``: (dataset
+    name, data, Keras model, ExportResult)."""
     import xflwb
-    from xflwb.bridge import runtime
     from xflwb.devices import datasets
 
-    out = Path(out)
+    build, dataset = _pick(model)
     out.mkdir(parents=True, exist_ok=True)
-    say = (lambda *a: None) if quiet else print
     data = datasets.load(dataset, seed=seed)
     keras_model = build(data.input_shape, data.classes)
     res = xflwb.export(keras_model, name=keras_model.name, data_type=dataset,
@@ -85,6 +81,21 @@ def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
                        optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9),
                        batch_size=batch_size, epochs=1)
     say(f"exported {res.name} v{res.version} in {res.seconds:.1f} s → {res.directory}")
+    return dataset, data, keras_model, res
+
+
+def run(out: str | Path = "demo-output", epochs: int = 3, batch_size: int = 32,
+        seed: int = 0, quiet: bool = False, model: str = "digits_cnn") -> dict[str, Any]:
+    """Run the demo; returns the export result and the training table.
+
+    ``model`` picks the model and its dataset, as in `run_federated`.
+    """
+    import xflwb
+    from xflwb.bridge import runtime
+
+    out = Path(out)
+    say = (lambda *a: None) if quiet else print
+    dataset, data, keras_model, res = _export(model, out, seed, batch_size, say)
     for plat, path in res.paths.items():
         say(f"  {plat:9s} {path.name} ({path.stat().st_size:,} bytes)")
     say("\nparity (Keras vs TFLite vs Core ML executor):")
@@ -132,20 +143,12 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
     dataset and data type ``"activity"``). ``progress`` (default: unless ``quiet``) shows a
     round progress bar on stderr while the session trains.
     """
-    build, dataset = _pick(model)
     import xflwb
     from xflwb.bridge import runtime
-    from xflwb.devices import datasets
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if quiet else print
-    data = datasets.load(dataset, seed=seed)
-    keras_model = build(data.input_shape, data.classes)
-    res = xflwb.export(keras_model, name=keras_model.name, data_type=dataset,
-                       out_dir=out / "artifacts",
-                       optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9), batch_size=32)
-    say(f"exported {res.name} v{res.version} in {res.seconds:.1f} s → {res.directory}")
+    dataset, data, keras_model, res = _export(model, out, seed, 32, say)
     say(res.parity.drop(columns=["note"]).to_string(index=False))
     wb = xflwb.Workbench(data_dir=out / "xfl-data", port=0).start()
     fleet = None
@@ -172,7 +175,7 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
     x_all = np.concatenate([data.x_train, data.x_test])
     y_all = np.concatenate([data.y_train, data.y_test])
     accuracy = {}
-    for plat in ("android", "ios"):
+    for plat in PLATFORMS:
         rt = runtime.load(res, plat)
         rt.set_canonical_parameters(final)
         accuracy[plat] = rt.evaluate(x_all, y_all)[1]
@@ -195,39 +198,16 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
         f"both platforms contributed every round: {both_every_round}")
     history.to_csv(out / "history.csv", index=False)
     devices.to_csv(out / "devices.csv", index=False)
-    _plot_rounds(wide, out / "federated.png",
-                 title=f"{keras_model.name}: {android} Android + {ios} iOS virtual phones, "
-                 f"{dataset} ({partition})")
+    _save(plot_figure(history, title=f"{keras_model.name}: {android} Android + {ios} iOS "
+                      f"virtual phones, {dataset} ({partition})"), out / "federated.png")
     say(f"wrote {out / 'history.csv'}, {out / 'devices.csv'}, {out / 'federated.png'}")
     return {"export": res, "status": status, "history": history, "devices": devices,
             "accuracy": accuracy, "both_every_round": both_every_round, "seconds": secs}
 
 
-def _plot_rounds(wide: pd.DataFrame, path: Path, title: str = "") -> None:
-    """Loss and accuracy per round and platform, in the dashboard's colours and labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    labels = {"eval_loss": LOSS_LABEL, "accuracy": ACCURACY_LABEL}
-    for metric, ax in zip(("eval_loss", "accuracy"), axes, strict=True):
-        ax.set_xlabel(ROUND_LABEL)
-        ax.set_ylabel(labels[metric])
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
-        if metric not in wide.columns:
-            continue
-        for plat in ("android", "ios", "all"):
-            if plat in wide.index.get_level_values("platform"):
-                series = wide.xs(plat, level="platform")[metric].dropna()
-                ax.plot(series.index, series.values, marker="o", label=plat,
-                        color=color(plat))
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.suptitle(title or "Federated training per platform", fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

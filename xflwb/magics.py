@@ -18,6 +18,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from xflwb._argparse import Parser, explain
 from xflwb._options import add_arguments, given
+from xflwb.bridge.params import PLATFORMS
 from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import FleetOptions
@@ -252,7 +253,7 @@ class XflServerMagics(Magics):
                                          **given(args, DeviceOptions))
             XflServerMagics.fleets.append(fleet)
             self.shell.user_ns["xfl_fleet"] = fleet
-            counts = {p: fleet.platforms.count(p) for p in ("android", "ios")}
+            counts = {p: fleet.platforms.count(p) for p in PLATFORMS}
             print(f"spawned {counts['android']} Android + {counts['ios']} iOS devices (as "
                   "`xfl_fleet`)")
             return fleet.table

@@ -29,8 +29,8 @@ from xflwb.bridge import parity as parity_mod
 from xflwb.bridge import tflite as tflite_builder
 from xflwb.bridge.graph import ExportError
 from xflwb.bridge.optim import resolve_optimizer
+from xflwb.bridge.params import PLATFORMS
 
-PLATFORMS = ("android", "ios")
 LOSS_ALIASES = {"categorical_crossentropy": "categorical_crossentropy",
                 "sparse_categorical_crossentropy": "categorical_crossentropy",
                 "cce": "categorical_crossentropy", "crossentropy": "categorical_crossentropy",
@@ -140,7 +140,7 @@ def export(model: Any, name: str, *, data_type: str | None = None,
            out_dir: str | os.PathLike[str] = "artifacts",
            loss: str = "categorical_crossentropy", optimizer: Any = None,
            batch_size: int = 32, epochs: int = 1,
-           platforms: Sequence[str] | str = ("android", "ios"),
+           platforms: Sequence[str] | str = PLATFORMS,
            strict: bool = True, check_parity: bool = True,
            ios_training: str = "auto", verbose: bool | None = None) -> ExportResult:
     """Export ``model`` for Android (TFLite) and iOS (Core ML) and prove they agree.

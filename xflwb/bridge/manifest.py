@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from xflwb.bridge.params import PLATFORMS
+
 SCHEMA = "xflwb.manifest/2"
 #: schemas this version reads: /2 added the frozen-weights digest and per-platform plans,
 #: and lets iOS hold only the tensors it trains
@@ -49,7 +51,7 @@ def validate(manifest: dict[str, Any]) -> dict[str, Any]:
     if not plats:
         raise ManifestError("manifest lists no platform")
     for name in plats:
-        if name not in ("android", "ios"):
+        if name not in PLATFORMS:
             raise ManifestError(f"unknown platform {name!r} in manifest")
         for key in ("file", "sha256", "bytes"):
             if key not in plats[name]:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from xflwb.bridge import params
+from xflwb.bridge.params import PLATFORMS
 from xflwb.bridge.runtime.base import Runtime
 
 TOLERANCE = 1e-4
@@ -80,7 +81,7 @@ def check(manifest: dict[str, Any], runtimes: dict[str, Runtime],
     ref_pred = keras_rt.predict(x)
     has_dropout = bool(manifest.get("has_dropout"))
 
-    for platform in ("android", "ios"):
+    for platform in PLATFORMS:
         rt = runtimes.get(platform)
         if rt is None:
             continue
@@ -107,7 +108,7 @@ def check(manifest: dict[str, Any], runtimes: dict[str, Runtime],
             return loss, after
 
         done: dict[int, tuple[float, list[np.ndarray]]] = {}
-        for platform in ("android", "ios"):
+        for platform in PLATFORMS:
             rt = runtimes.get(platform)
             if rt is None:
                 continue

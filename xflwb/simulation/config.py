@@ -6,9 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from xflwb._options import option
+from xflwb.bridge.params import PLATFORMS
 from xflwb.server.config import RoundOptions
-
-PLATFORMS = ("android", "ios")
 
 
 def platform_of(partition_id: int, android: int) -> str:

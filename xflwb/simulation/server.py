@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.bridge.params import PLATFORMS
 from xflwb.flower_legacy import SimpleClientManager
 from xflwb.server.process import SessionProcess
 from xflwb.simulation.config import SimulationConfig
@@ -141,7 +142,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         initial = manifest_mod.initial_parameters(m)
         backend = _init_ray(cfg)
         proc.handle_sigterm()  # ray.init installed its own (sys.exit)
-        wanted = [p for p in ("android", "ios") if getattr(cfg, p)]
+        wanted = [p for p in PLATFORMS if getattr(cfg, p)]
         blob, sha = sim_client.make_bundle(m, wanted)
         spec = sim_client.ClientSpec(
             bundle=ray.put(blob), bundle_sha=sha, android=cfg.android, ios=cfg.ios,
@@ -165,7 +166,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         @server_app.main()
         def _main(grid: Any, context: Any) -> None:
             platform_of = ask_platforms(api, grid, cfg.num_clients)
-            counts = {p: sum(v == p for v in platform_of.values()) for p in ("android", "ios")}
+            counts = {p: sum(v == p for v in platform_of.values()) for p in PLATFORMS}
             xlog.info("simulation %s: %s nodes up (%s)", session_id, len(platform_of), counts)
             cm = NodeClientManager(platform_of)
             server = Server(client_manager=cm, strategy=strategy)

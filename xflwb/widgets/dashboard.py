@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from xflwb.style import ACCURACY_LABEL, LOSS_LABEL, PLATFORM_COLORS, ROUND_LABEL
+from xflwb.style import PLATFORM_COLORS, history_wide, plot_figure
 
 PLATFORMS = ("android", "ios", "all")
 COLORS = PLATFORM_COLORS  # the one colour map of dashboard, report and demo (xflwb.style)
@@ -57,58 +57,10 @@ def _number(v: Any) -> str:
     return str(v)
 
 
-def _wide(history: pd.DataFrame) -> pd.DataFrame:
-    if history.empty:
-        return pd.DataFrame()
-    wide = history.pivot_table(index=["round", "platform"], columns="metric",
-                               values="value", aggfunc="last")
-    wide.columns.name = None  # no stray "metric" header above the columns
-    return wide
-
-
 def plot_png(history: pd.DataFrame, title: str = "", placeholder: str = "") -> bytes:
     """Loss and accuracy per round and platform, as PNG bytes; before the first round's
     metrics, a picture of ``placeholder`` text instead of empty axes."""
     return _png(plot_figure(history, title, placeholder))
-
-
-def plot_figure(history: pd.DataFrame, title: str = "", placeholder: str = "") -> Any:
-    """The matplotlib figure behind ``plot_png`` (the caller closes it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    wide = _wide(history)
-    metrics = [m for m in ("eval_loss", "accuracy") if m in wide.columns]
-    if not metrics or wide[metrics].dropna(how="all").empty:
-        fig = plt.figure(figsize=(8.5, 0.9))
-        fig.text(0.5, 0.5, placeholder or "no round has finished yet: loss and accuracy "
-                 "per platform appear here after round 1", ha="center", va="center",
-                 fontsize=10, color="#666666")
-        return fig
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.0))
-    labels = {"eval_loss": LOSS_LABEL, "accuracy": ACCURACY_LABEL}
-    for metric, ax in zip(("eval_loss", "accuracy"), axes, strict=True):
-        ax.set_xlabel(ROUND_LABEL)
-        ax.set_ylabel(labels[metric], fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
-        if metric in wide.columns:
-            for plat in PLATFORMS:
-                if plat in wide.index.get_level_values("platform"):
-                    s = wide.xs(plat, level="platform")[metric].dropna()
-                    if len(s):
-                        ax.plot(s.index, s.values, marker="o", label=plat, color=COLORS[plat])
-        if ax.lines:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "not reported yet", ha="center", va="center",
-                    transform=ax.transAxes, color="#666666")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
 
 
 def _png(fig: Any) -> bytes:
@@ -123,7 +75,7 @@ def _png(fig: Any) -> bytes:
 def round_table(history: pd.DataFrame) -> pd.DataFrame:
     """Last round per platform: clients, failures, examples, loss, accuracy, bytes,
     rejected, fit seconds (raw numbers; ``round_table_html`` formats them)."""
-    wide = _wide(history)
+    wide = history_wide(history)
     if wide.empty:
         return pd.DataFrame()
     last = wide.index.get_level_values("round").max()

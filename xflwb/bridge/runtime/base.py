@@ -146,6 +146,13 @@ class Runtime(ABC):
             y = y.astype(np.float32)
         return x, y
 
+    def _targets(self, y: np.ndarray) -> np.ndarray:
+        """Labels as the training signatures take them: one-hot rows for cross-entropy
+        (FedKit's layout), else the regression targets in the output's shape."""
+        if self.loss == "categorical_crossentropy":
+            return np.eye(int(self.classes), dtype=np.float32)[y]
+        return y.reshape(len(y), *self.manifest["output_shape"]).astype(np.float32)
+
     def _check_x(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:

@@ -106,8 +106,4 @@ class KerasRuntime(Runtime):
         self._reset(self.opt, self._lr)
 
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        if self.loss == "categorical_crossentropy":
-            y = np.eye(int(self.classes), dtype=np.float32)[y]
-        else:
-            y = y.reshape(len(y), *self.manifest["output_shape"]).astype(np.float32)
-        return float(self._step(x, y))
+        return float(self._step(x, self._targets(y)))

@@ -92,10 +92,5 @@ class AndroidRuntime(Runtime):
         # restore() resets the optimizer state (FedKit restores before every round)
         self._restore(**{f"a{i}": a for i, a in enumerate(self.get_parameters())})
 
-    def _labels(self, y: np.ndarray) -> np.ndarray:
-        if self.loss == "categorical_crossentropy":
-            return np.eye(int(self.classes), dtype=np.float32)[y]  # FedKit: one-hot rows
-        return y.reshape(len(y), *self.manifest["output_shape"]).astype(np.float32)
-
     def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        return float(self._train(x=x, y=self._labels(y))["loss"])
+        return float(self._train(x=x, y=self._targets(y))["loss"])
