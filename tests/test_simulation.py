@@ -27,16 +27,18 @@ def export(tmp_path_factory):
 # -- configuration: bad input fails at the call, with the fix ---------------------------------
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({}, "needs clients"),
-    ({"android": -1, "ios": 2}, "android must be a non-negative"),
-    ({"android": 2, "fraction_fit": 1.5}, "fraction_fit must be in"),
-    ({"android": 2, "fraction_fit": 0.0}, "would train nobody"),
+    ({"android": -1, "ios": 2}, "android must be a non-negative integer"),
+    ({"android": 2, "fraction_fit": 1.5}, r"fraction_fit must be a number in \(0, 1\]"),
+    ({"android": 2, "fraction_fit": 0.0}, r"fraction_fit must be a number in \(0, 1\]"),
     ({"android": 2, "min_clients": 3}, "min_clients must be in 1..2"),
     ({"android": 2, "partition": "zipf:2"}, "zipf"),
     ({"android": 2, "dataset": "imagenet"}, "unknown dataset"),
     ({"android": 2, "strategy": "fedprox9"}, "strategy must be one of"),
-    ({"android": 2, "rounds": 0}, "rounds must be a positive"),
+    ({"android": 2, "rounds": 0}, r"rounds must be an integer in \[1, "),
     ({"android": 2, "backend_config": "ray"}, "backend_config must be a dict"),
-    ({"android": 2, "drop_prob": 1.0}, r"drop_prob must be in \[0, 1\)"),
+    ({"android": 2, "rounds": True}, "rounds must be an integer"),
+    ({"android": 2, "round_timeout": float("nan")}, "round_timeout must be a number"),
+    ({"android": 2, "drop_prob": 1.0}, r"drop_prob must be a number in \[0, 1\)"),
 ])
 def test_config_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -283,7 +285,7 @@ def test_ray_client_server_failure_is_asked_again(monkeypatch):
     flaky = Cluster([transient, transient])
     server._connect(flaky, {"address": "ray://127.0.0.1:10001"})
     assert (flaky.inits, flaky.shutdowns) == (3, 2)
-    broken = Cluster([transient] * 3)
+    broken = Cluster([transient] * server._CLIENT_SERVER_RETRIES)
     with pytest.raises(ConnectionAbortedError, match="Starting Ray client server failed"):
         server._connect(broken, {"address": "ray://127.0.0.1:10001"})
     assert broken.inits == server._CLIENT_SERVER_RETRIES

@@ -215,14 +215,13 @@ class Workbench:
         process starts, the model is checked against the data of this workbench's running
         fleets that will train it (shape, dtype, classes)."""
         from xflwb.devices.datasets import check_compatible
-        from xflwb.simulation import resolve_model
 
         _refuse_start_fresh(options, "wb.train")
         _options.unknown(SessionConfig, options, "wb.train")
         SessionConfig(**options)  # bad options publish nothing
         reg = self._reg()
         assert self.sessions is not None
-        name = resolve_model(reg, model)
+        name = reg.resolve(model)
         found = reg.latest_model(name)
         for fleet in self._fleets:
             if fleet.data_type == found["data_type"] and fleet.alive():

@@ -218,7 +218,7 @@ def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.Path
         m["_dir"] = str(stage.resolve())
         report = pd.DataFrame(columns=parity_mod.COLUMNS)
         if check_parity:
-            report = run_parity(m, model, graph, plats)
+            report = run_parity(m, graph, plats)
             if strict:
                 parity_mod.assert_ok(report)
         # claim the next version atomically: rename fails if another export took it
@@ -232,7 +232,7 @@ def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.Path
                 break
             except OSError:
                 if final.exists():
-                    _unfinalise(stage, m, version, plats)
+                    _unfinalise(stage, m, plats)
                     continue
                 raise
     except BaseException:
@@ -260,7 +260,7 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, na
     keras_file = "model.keras"
     model.save(str(stage / keras_file))
     # the starting point for sessions, readable without TensorFlow (servers stay light)
-    np.savez(stage / INITIAL_FILE, *[np.asarray(a, np.float32) for a in canon])
+    params.save_npz(stage / INITIAL_FILE, [np.asarray(a, np.float32) for a in canon])
     m: dict[str, Any] = {
         "schema": manifest_mod.SCHEMA, "name": name, "version": 0, "data_type": data_type,
         "input": {"shape": list(graph.input_shape), "dtype": "float32",
@@ -324,7 +324,7 @@ def _finalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ..
     manifest_mod.save(m, stage)
 
 
-def _unfinalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ...]) -> None:
+def _unfinalise(stage: Path, m: dict[str, Any], plats: tuple[str, ...]) -> None:
     (stage / manifest_mod.FILENAME).unlink(missing_ok=True)
     for p in plats:
         cur = stage / m["platforms"][p]["file"]
@@ -332,7 +332,7 @@ def _unfinalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, 
         m["platforms"][p]["file"] = _STAGED[p]
 
 
-def run_parity(m: dict[str, Any], model: Any, graph: graph_mod.ModelGraph,
+def run_parity(m: dict[str, Any], graph: graph_mod.ModelGraph,
                plats: tuple[str, ...]) -> pd.DataFrame:
     """Parity of every platform against Keras trained with *that platform's* plan."""
     from xflwb.bridge import runtime

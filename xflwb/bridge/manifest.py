@@ -117,8 +117,9 @@ def initial_parameters(manifest: dict[str, Any]) -> list:
     fname = manifest.get("source", {}).get("initial_parameters")
     if base is None or fname is None:
         raise ManifestError("manifest has no initial parameters file (re-export the model)")
-    with np.load(Path(base) / fname) as data:
-        arrays = [np.asarray(data[f"arr_{i}"], np.float32) for i in range(len(data.files))]
+    from xflwb.bridge.params import load_npz
+
+    arrays = [a.astype(np.float32) for a in load_npz(Path(base) / fname)]
     shapes = [tuple(p["shape"]) for p in manifest["parameters"]]
     if [a.shape for a in arrays] != shapes:
         raise ManifestError(f"{fname} does not match the manifest's parameter shapes")

@@ -297,3 +297,16 @@ def decode_tensors(blobs: Sequence[bytes]) -> tuple[list[np.ndarray], str]:
     if len(codecs) > 1:
         raise ValueError(f"tensors mix encodings {sorted(codecs)}")
     return [a for a, _ in decoded], (codecs.pop() if codecs else "raw")
+
+
+def save_npz(path: Any, arrays: Sequence[np.ndarray]) -> None:
+    """Tensors in order as an ``.npz`` (``arr_0``, ``arr_1``, …): initial weights and
+    checkpoints share this format and :func:`load_npz`."""
+    np.savez(path, *arrays)
+
+
+def load_npz(path: Any) -> list[np.ndarray]:
+    """The tensors of an ``.npz`` written by :func:`save_npz`, in order; never unpickles
+    (a checkpoint file is not code)."""
+    with np.load(path, allow_pickle=False) as data:
+        return [np.asarray(data[f"arr_{i}"]) for i in range(len(data.files))]

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.bridge.params import load_npz, save_npz
 from xflwb.server.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ def save_checkpoint(registry: Registry, session_id: int, model: dict[str, Any], 
     path = folder / f"round-{rnd:05d}.npz"
     tmp = folder / f".round-{rnd:05d}.tmp.npz"
     try:
-        np.savez(tmp, *arrays)
+        save_npz(tmp, arrays)
         digest = manifest_mod.sha256(tmp)
         os.replace(tmp, path)  # a kill mid-write never leaves a half checkpoint
     except BaseException:
@@ -60,8 +61,7 @@ def load_checkpoint(path: str | Path, sha256: str | None = None,
                                   f"instead of {sha256[:12]}…): the file changed after it "
                                   "was written")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = [np.asarray(data[f"arr_{i}"]) for i in range(len(data.files))]
+        arrays = load_npz(path)
     except Exception as exc:  # truncated, garbage, not a zip, missing members
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(exc).__name__}: "
                               f"{exc})") from None

@@ -69,22 +69,26 @@ sessions = sa.Table(
     sa.Column("started", sa.Float, nullable=False),
     sa.Column("ended", sa.Float),
 )
-metrics = sa.Table(
-    "metrics", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("platform", sa.String(16), nullable=False),
+def _per_round(name: str, *columns: sa.Column) -> sa.Table:
+    """A table of per-session, per-round, per-platform rows (metrics, rejections,
+    evaluations)."""
+    return sa.Table(
+        name, meta,
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
+        sa.Column("round", sa.Integer, nullable=False),
+        sa.Column("platform", sa.String(16), nullable=False),
+        *columns)
+
+
+metrics = _per_round(
+    "metrics",
     sa.Column("metric", sa.String(64), nullable=False),
     sa.Column("value", sa.Float),
     sa.Column("time", sa.Float, nullable=False),
 )
-rejections = sa.Table(
-    "rejections", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("platform", sa.String(16), nullable=False),
+rejections = _per_round(
+    "rejections",
     sa.Column("client", sa.String(64), nullable=False),
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
@@ -146,12 +150,8 @@ telemetry = sa.Table(
 )
 
 
-evaluations = sa.Table(  # per-client EvaluateRes, used to attribute telemetry to a platform
-    "evaluations", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("platform", sa.String(16), nullable=False),
+evaluations = _per_round(  # per-client EvaluateRes, to attribute telemetry to a platform
+    "evaluations",
     sa.Column("client", sa.String(64), nullable=False),
     sa.Column("loss", sa.Float),
     sa.Column("num_examples", sa.Integer, nullable=False),
@@ -299,6 +299,15 @@ class Registry:
         self.engine.dispose()
 
     # -- models ------------------------------------------------------------------------------
+    def resolve(self, name_or_export: Any) -> str:
+        """The registry name of an ``ExportResult``, export directory, manifest path or a
+        published model name (publishing the export first when needed; versions are
+        immutable, so publishing the same export twice is a no-op)."""
+        if isinstance(name_or_export, str) and not Path(name_or_export).exists():
+            self.latest_model(name_or_export)  # a clear "no model named ..." otherwise
+            return name_or_export
+        return str(self.publish(name_or_export)["name"])
+
     def publish(self, source: Any) -> dict[str, Any]:
         """Register an export (``ExportResult``, manifest dict with ``_dir``, or a path)."""
         m = getattr(source, "manifest", source)

@@ -32,16 +32,6 @@ def _manager(data_dir: str | os.PathLike[str], db_url: str | None) -> Any:
     return _MANAGERS[key]
 
 
-def resolve_model(registry: Any, name_or_export: Any) -> str:
-    """The registry name of an ``ExportResult``, export directory, manifest path or a
-    published model name (publishing the export first when needed; versions are
-    immutable, so publishing the same export twice is a no-op)."""
-    if isinstance(name_or_export, str) and not Path(name_or_export).exists():
-        registry.latest_model(name_or_export)  # a clear "no model named ..." otherwise
-        return name_or_export
-    return str(registry.publish(name_or_export)["name"])
-
-
 def _check_export(name_or_export: Any, cfg: SimulationConfig) -> None:
     """An export (or export directory) lacking a platform or unable to train on the
     dataset is refused before it is published; a registry name is checked by
@@ -89,7 +79,7 @@ def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
     cfg = SimulationConfig(**options)
     _check_export(name_or_export, cfg)
     manager = get_manager()
-    name = resolve_model(manager.registry, name_or_export)
+    name = manager.registry.resolve(name_or_export)
     session = start_on(manager, name, cfg)
     if wait:
         status = _console.wait(session, cfg.rounds, timeout=timeout, progress=progress)

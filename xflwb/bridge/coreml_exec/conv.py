@@ -84,7 +84,7 @@ def windows(xp: Arr, k: tuple[int, int], s: tuple[int, int], d: tuple[int, int],
                       (sn, sc, sh * s[0], sw * s[1], sh * d[0], sw * d[1]), writeable=False)
 
 
-def tap(xp: Arr, i: int, j: int, s: tuple[int, int], d: tuple[int, int],
+def tap(i: int, j: int, s: tuple[int, int], d: tuple[int, int],
         out: tuple[int, int]) -> tuple[slice, slice]:
     """Slices of a padded map that kernel tap (i, j) reads for every output pixel."""
     r0, c0 = i * d[0], j * d[1]
@@ -225,7 +225,7 @@ class Convolution(Weighted):
         y = np.empty((n, c, m, *self.hw_out), xp.dtype)
         tmp = np.empty_like(y)  # one temporary for all taps: no allocation per tap
         for t, (i, j) in enumerate(np.ndindex(*self.k)):
-            rs, cs = tap(xp, i, j, self.s, self.d, self.hw_out)
+            rs, cs = tap(i, j, self.s, self.d, self.hw_out)
             sl = xp[:, :, None, rs, cs]  # (B, C, 1, Ho, Wo)
             if t == 0:
                 np.multiply(sl, wd[:, :, i, j][:, :, None, None], out=y)
@@ -242,7 +242,7 @@ class Convolution(Weighted):
         y = np.empty((n, *self.hw_out, c), xp.dtype)
         tmp = np.empty_like(y)
         for t, (i, j) in enumerate(np.ndindex(*self.k)):
-            rs, cs = tap(xp, i, j, self.s, self.d, self.hw_out)
+            rs, cs = tap(i, j, self.s, self.d, self.hw_out)
             w_ij = np.ascontiguousarray(wt[:, i, j])
             if t == 0:
                 np.multiply(xp[:, rs, cs, :], w_ij, out=y)
@@ -261,7 +261,7 @@ class Convolution(Weighted):
         dwd = np.zeros_like(wd) if self.updatable else None
         for i in range(self.k[0]):
             for j in range(self.k[1]):
-                rs, cs = tap(xp, i, j, self.s, self.d, self.hw_out)
+                rs, cs = tap(i, j, self.s, self.d, self.hw_out)
                 if dwd is not None:
                     dwd[:, :, i, j] = np.einsum("bcmhw,bchw->cm", dyr, xp[:, :, rs, cs])
                 if dxp is not None:

@@ -23,7 +23,7 @@ def epoch_batches(n: int, batch_size: int, shuffle: bool,
         yield order[start:start + batch_size]
 
 
-def loss_value(loss: str, pred: np.ndarray, y: np.ndarray, classes: int | None) -> float:
+def loss_value(loss: str, pred: np.ndarray, y: np.ndarray) -> float:
     """Batch-mean loss with Keras semantics (CCE on probabilities, clipped; MSE, no ½)."""
     pred = np.asarray(pred, dtype=np.float64)
     if loss == "categorical_crossentropy":
@@ -83,7 +83,7 @@ class Runtime(ABC):
         preds = np.concatenate([self.predict(x[i:i + batch_size])
                                 for i in range(0, len(x), batch_size)]) if len(x) else (
             np.zeros((0, *self.manifest.get("output_shape", [1])), np.float32))
-        loss = loss_value(self.loss, preds, y, self.classes)
+        loss = loss_value(self.loss, preds, y)
         if self.loss == "categorical_crossentropy":
             acc = float(np.mean(np.argmax(preds, axis=-1) == y.astype(np.int64)))
         else:
