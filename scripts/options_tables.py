@@ -21,10 +21,11 @@ def sets() -> dict[str, type]:
     from xflwb.devices.device import DeviceOptions
     from xflwb.devices.fleet import FleetOptions
     from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
+    from xflwb.server.privacy import DP
     from xflwb.simulation.config import SimulationConfig
 
     return {c.__name__: c for c in (SessionConfig, SimulationConfig, BackendOptions,
-                                    TLSOptions, FleetOptions, DeviceOptions)}
+                                    TLSOptions, FleetOptions, DeviceOptions, DP)}
 
 
 def render(text: str) -> str:

@@ -124,6 +124,44 @@ def test_plots_have_labels_integer_rounds_platform_colours_and_a_placeholder():
         plt.close(empty)
 
 
+def test_a_private_run_plots_its_epsilon_ledger_beside_accuracy():
+    import matplotlib.pyplot as plt
+
+    hist = _history(3)
+    ledger = pd.DataFrame([(r, "all", "epsilon", 0.4 * r) for r in (1, 2, 3)],
+                          columns=hist.columns)
+    fig = plot_figure(pd.concat([hist, ledger], ignore_index=True))
+    try:
+        assert len(fig.axes) == 3
+        eps = fig.axes[2]
+        assert "ε" in eps.get_ylabel()
+        (line,) = eps.lines
+        assert list(line.get_ydata()) == pytest.approx([0.4, 0.8, 1.2])
+        assert line.get_color() == PLATFORM_COLORS["all"]
+    finally:
+        plt.close(fig)
+    plain = plot_figure(hist)
+    try:
+        assert len(plain.axes) == 2  # no ε panel without a ledger
+    finally:
+        plt.close(plain)
+
+
+def test_the_header_shows_the_privacy_spent_so_far():
+    from xflwb.widgets.dashboard import header_html
+
+    hist = pd.DataFrame([(1, "all", "epsilon", 0.5), (2, "all", "epsilon", 0.9)],
+                        columns=["round", "platform", "metric", "value"])
+    info = {"id": 3, "model_name": "m", "status": "running", "round": 2, "error": None,
+            "ports": {"android": 1, "ios": 2},
+            "config": {"rounds": 5, "privacy": {"noise_multiplier": 1.0, "target_delta": 1e-5,
+                                                "max_epsilon": 2.0}}}
+    head = header_html(object(), info, hist)
+    assert "DP: ε = 0.9 at δ = 1e-05 (budget 2)" in head
+    info["config"].pop("privacy")
+    assert "DP:" not in header_html(object(), info, hist)
+
+
 def test_round_table_is_human_readable():
     html = round_table_html(_history(2))
     assert ">metric<" not in html  # no stray header above the columns

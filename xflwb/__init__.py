@@ -24,9 +24,11 @@ from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import Fleet
 from xflwb.server.config import SessionConfig
+from xflwb.server.privacy import DP
 from xflwb.server.session import Session
 from xflwb.simulation import simulate
 from xflwb.simulation.config import SimulationConfig
+from xflwb.simulation.secagg import SecAgg
 from xflwb.widgets.dashboard import Dashboard, report
 from xflwb.workbench import Workbench
 
@@ -41,6 +43,7 @@ def load_ipython_extension(ipython: Any) -> None:
 
 
 __all__ = [
+    "DP",
     "SGD",
     "Adam",
     "AdminClient",
@@ -52,6 +55,7 @@ __all__ = [
     "Fleet",
     "ManifestError",
     "ParityError",
+    "SecAgg",
     "Session",
     "SessionConfig",
     "SimulationConfig",

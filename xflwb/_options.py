@@ -139,12 +139,12 @@ def describe(o: Opt) -> str:
                else None)
         high = ((s.le, "]") if s.le is not None else (s.lt, ")") if s.lt is not None
                 else None)
-        if low and high:
+        at_most = f" (at most {_num(high[0])})" if high and high[1] == "]" else ""
+        if (o.kind is int and low == ("[", 1)) or (low == ("(", 0) and (
+                not high or high[0] > 1)):
+            what = f"a positive {'integer' if o.kind is int else 'number'}{at_most}"
+        elif low and high:
             what = f"{noun} in {low[0]}{_num(low[1])}, {_num(high[0])}{high[1]}"
-        elif low and o.kind is int and low == ("[", 1):
-            what = "a positive integer"
-        elif low and low == ("(", 0):
-            what = f"a positive {'integer' if o.kind is int else 'number'}"
         elif low and low == ("[", 0):
             what = f"a non-negative {'integer' if o.kind is int else 'number'}"
         elif low:

@@ -100,6 +100,25 @@ def simulation_api() -> SimpleNamespace:
         run_simulation=run_simulation)
 
 
+def secagg_api() -> SimpleNamespace:
+    """Flower's SecAgg+ pieces (no Ray): the server workflow run inside
+    ``DefaultWorkflow`` with a ``LegacyContext`` holding a legacy strategy, the client mod
+    that masks a ``FitRes``, and the names of the workflow's state records."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from flwr.client.mod import secaggplus_mod
+        from flwr.server.compat.legacy_context import LegacyContext
+        from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+        from flwr.server.workflow.constant import Key as WorkflowKey
+
+    return SimpleNamespace(
+        SecAggPlusWorkflow=SecAggPlusWorkflow, DefaultWorkflow=DefaultWorkflow,
+        LegacyContext=LegacyContext, secaggplus_mod=secaggplus_mod,
+        MAIN_CONFIGS_RECORD=MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD=MAIN_PARAMS_RECORD,
+        CURRENT_ROUND=WorkflowKey.CURRENT_ROUND)
+
+
 #: Flower's strategies by the name ``wb.train(strategy=...)`` takes (the one list every
 #: config validates against): server-side optimisers, which act on the masked average, and
 #: robust rules (``ROBUST_RULES``), which replace it; ``strategy_options`` go to the Flower
@@ -122,6 +141,6 @@ __all__ = [
     "Status", "Strategy", "add_FlowerServiceServicer_to_server", "aggregate_krum",
     "aggregate_median", "aggregate_trimmed_avg", "flower_aggregate",
     "generic_create_grpc_server", "ndarrays_to_parameters", "parameters_to_ndarrays",
-    "register_client_proxy", "simulation_api", "transport_pb2",
+    "register_client_proxy", "secagg_api", "simulation_api", "transport_pb2",
     "transport_pb2_grpc",
 ]

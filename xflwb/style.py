@@ -22,6 +22,7 @@ PLATFORM_COLORS: dict[str, str] = {
 ROUND_LABEL = "round"
 ACCURACY_LABEL = "accuracy on devices' held-out data"
 LOSS_LABEL = "loss on devices' held-out data"
+EPSILON_LABEL = "privacy spent ε (at the session's δ)"
 
 
 def color(platform: str) -> str | None:
@@ -58,9 +59,12 @@ def plot_figure(history: pd.DataFrame, title: str = "", placeholder: str = "") -
                  "per platform appear here after round 1", ha="center", va="center",
                  fontsize=10, color="#666666")
         return fig
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3.0))
-    labels = {"eval_loss": LOSS_LABEL, "accuracy": ACCURACY_LABEL}
-    for metric, ax in zip(("eval_loss", "accuracy"), axes, strict=True):
+    # a differentially private run also shows its ε ledger, one point per round
+    shown = ["eval_loss", "accuracy"] + (["epsilon"] if "epsilon" in wide.columns
+                                          and wide["epsilon"].notna().any() else [])
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.25 * len(shown), 3.0))
+    labels = {"eval_loss": LOSS_LABEL, "accuracy": ACCURACY_LABEL, "epsilon": EPSILON_LABEL}
+    for metric, ax in zip(shown, axes, strict=True):
         ax.set_xlabel(ROUND_LABEL)
         ax.set_ylabel(labels[metric], fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole

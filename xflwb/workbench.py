@@ -217,6 +217,10 @@ class Workbench:
         from xflwb.devices.datasets import check_compatible
 
         _refuse_start_fresh(options, "wb.train")
+        if "secagg" in options:
+            raise TypeError("secagg runs only in the Simulation Engine: phones speak Flower's "
+                            "legacy transport, which cannot carry SecAgg+'s stages; use "
+                            "wb.simulate(..., secagg=...)")
         _options.unknown(SessionConfig, options, "wb.train")
         SessionConfig(**options)  # bad options publish nothing
         reg = self._reg()

@@ -194,6 +194,50 @@ def trained_mask(manifest: dict[str, Any], platform: str) -> list[bool]:
     return mask
 
 
+# -- differential privacy: clipping, shared by the server and the clients ----------------------
+def clip_update(update: Sequence[np.ndarray], base: Sequence[np.ndarray],
+                trained: Sequence[bool], clipping_norm: float
+                ) -> tuple[list[np.ndarray], float]:
+    """(``update`` with its delta to ``base`` scaled to L2 norm ≤ ``clipping_norm`` over the
+    ``trained`` tensors, the delta's norm before clipping). Untrained tensors come back as
+    given (no aggregate reads them). Canonical space, so every platform is clipped over the
+    same tensors it is averaged over; the norm in float64 (a float32 one overflows to inf
+    on a huge update); a zero update stays as it is. Idempotent up to float32 rounding."""
+    deltas: list[np.ndarray | None] = []
+    total = 0.0
+    with np.errstate(all="ignore"):
+        for a, b, t in zip(update, base, trained, strict=True):
+            if not t:
+                deltas.append(None)
+                continue
+            d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+            total += float(np.dot(d.reshape(-1), d.reshape(-1)))
+            deltas.append(d)
+    norm = math.sqrt(total)
+    scale = clipping_norm / norm if norm > clipping_norm else 1.0  # NaN norm: left to the
+    out = []                                                       # aggregate's checks
+    for a, b, d in zip(update, base, deltas, strict=True):
+        if d is None or scale == 1.0:
+            out.append(np.asarray(a, np.float32))
+        else:
+            out.append((np.asarray(b, np.float64) + d * scale).astype(np.float32))
+    return out, norm
+
+
+def clip_platform_update(trained: Sequence[np.ndarray], received: Sequence[np.ndarray],
+                         manifest: dict[str, Any], platform: str, clipping_norm: float
+                         ) -> tuple[list[np.ndarray], float]:
+    """A client's local clipping: its ``trained`` tensors (platform layout) with their delta
+    to the ``received`` global model clipped in canonical space over the tensors
+    ``platform`` trains (``clip_update``), back in platform layout; and the norm before
+    clipping (norm_bit: norm ≤ clipping_norm). The server clips the same way."""
+    zeros = [np.zeros(s, np.float32) for s in _canonical_shapes(manifest)]
+    new = from_platform(trained, manifest, platform, base=zeros)
+    old = from_platform(received, manifest, platform, base=zeros)
+    clipped, norm = clip_update(new, old, trained_mask(manifest, platform), clipping_norm)
+    return to_platform(clipped, manifest, platform), norm
+
+
 # -- wire codecs ------------------------------------------------------------------------------
 def encode_raw(array: np.ndarray) -> bytes:
     """Raw little-endian float32, row-major, no header (FedKit / Flower Android)."""

@@ -340,7 +340,8 @@ class Device:
                 parameters=self._encode(pb, rt.get_parameters())))
         if kind == "fit_ins":
             self._fit_start = int(time.time() * 1000)
-            rt.set_parameters(self._decode(msg.fit_ins.parameters))
+            received = self._decode(msg.fit_ins.parameters)
+            rt.set_parameters(received)
             cfg = msg.fit_ins.config
             epochs = int(cfg["local_epochs"].sint64) if "local_epochs" in cfg else 1
             self._set(status="training")
@@ -358,8 +359,17 @@ class Device:
             # which frozen backbone this update was computed on (the server refuses others)
             frozen = (self.manifest or {}).get("frozen", {}).get("sha256")
             metrics = {"frozen_sha256": pb.Scalar(string=frozen)} if frozen else {}
+            update = rt.get_parameters()
+            if "clipping_norm" in cfg:  # central DP: clip in canonical space, as the server
+                from xflwb.bridge import params
+
+                scalar = cfg["clipping_norm"]
+                cap = float(getattr(scalar, scalar.WhichOneof("scalar")))
+                update, norm = params.clip_platform_update(update, received, rt.manifest,
+                                                           self.platform, cap)
+                metrics["norm_bit"] = pb.Scalar(double=1.0 if norm <= cap else 0.0)
             return pb.ClientMessage(fit_res=pb.ClientMessage.FitRes(
-                parameters=self._encode(pb, rt.get_parameters()),
+                parameters=self._encode(pb, update),
                 num_examples=len(self.x_train), metrics=metrics))
         if kind == "evaluate_ins":
             self._eval_start = int(time.time() * 1000)

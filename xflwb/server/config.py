@@ -13,7 +13,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
-from xflwb.server.aggregate import DEFAULT_MAX_EXAMPLES
+from xflwb.server.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
 
 #: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
 MIN_MESSAGE_BYTES = 64 * 1024
@@ -56,12 +56,24 @@ class RoundOptions:
     max_update_norm: float | None = option(
         None, "reject updates farther than this (L2, canonical space, over the tensors the "
         "client's platform trains) from the global model; none: no bound", gt=0)
+    #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.server.privacy``)
+    privacy: dict[str, Any] | None = option(
+        None, "differential privacy: xflwb.DP(...) or its dict; none: off")
 
     def _check_rounds(self) -> None:
         """The shared checks (``__post_init__`` of each subclass calls this)."""
         if isinstance(self.strategy, str):
             self.strategy = self.strategy.lower()
+        from xflwb.server.privacy import privacy_dict
+
+        if self.privacy is not None and not isinstance(self.privacy, dict):
+            self.privacy = privacy_dict(self.privacy)  # a DP → its dict (checked below)
         _options.check(self)
+        self.privacy = privacy_dict(self.privacy)
+        if self.privacy is not None and self.strategy in ROBUST_RULE_NAMES:
+            raise ValueError(f"privacy (central DP) cannot be combined with strategy "
+                             f"{self.strategy!r}: it noises a mean; use fedavg or a server "
+                             "optimiser (fedadam, ...)")
         if self.fraction_evaluate is None:
             self.fraction_evaluate = self.fraction_fit
         check_strategy_options(self.strategy, self.strategy_options)

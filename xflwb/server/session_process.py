@@ -78,6 +78,7 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
     proc.on_exit(lambda: _stop_servers(servers, grace=1))
     with proc:
         from xflwb.server.flower_legacy import Server, SimpleClientManager
+        from xflwb.server.privacy import PrivacyBudgetSpent
         from xflwb.server.strategy import AllClientsFailed
 
         registry, xlog = proc.registry, proc.log
@@ -120,7 +121,7 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             strategy_options=cfg.strategy_options, fraction_fit=cfg.fraction_fit,
             fraction_evaluate=cfg.fraction_evaluate, min_clients=cfg.min_clients,
             local_epochs=cfg.local_epochs, max_examples=cfg.max_examples,
-            max_update_norm=cfg.max_update_norm)
+            max_update_norm=cfg.max_update_norm, privacy=cfg.privacy)
         proc.save_start(model, offset, initial)  # the weights it starts from
         proc.running(ports=ports, resumed_from=resumed)
         server = Server(client_manager=cm, strategy=strategy)
@@ -130,6 +131,9 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         except AllClientsFailed as exc:  # the reason is the clients', not a traceback
             proc.fail(str(exc))
             return
+        except PrivacyBudgetSpent as exc:  # max_epsilon reached: a normal end
+            xlog.info("session %s: %s", session_id, exc)
+            registry.add_metrics(session_id, exc.round + offset, exc.metrics)
         with contextlib.suppress(Exception):
             server.disconnect_all_clients(timeout=5)
         proc.finish()

@@ -45,6 +45,7 @@ from xflwb.server.flower_legacy import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from xflwb.server.privacy import CentralDP
 from xflwb.server.protocol import drain_violations
 
 log = logging.getLogger("xflwb.strategy")
@@ -216,6 +217,7 @@ class _Tracked(ClientProxy):
     def __init__(self, inner: ClientProxy, platform: str) -> None:
         super().__init__(inner.cid)
         self.inner = inner
+        self.node_id = getattr(inner, "node_id", None)  # Flower's workflows address by it
         self.platform = platform
         self.seconds = 0.0
         self.bytes_down = 0
@@ -279,6 +281,8 @@ class CrossPlatformStrategy(Strategy):
                  min_clients: int = 2, local_epochs: int = 1,
                  max_examples: int | None = DEFAULT_MAX_EXAMPLES,
                  max_update_norm: float | None = None,
+                 secure_sums: bool = False,
+                 privacy: dict[str, Any] | None = None,
                  on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
@@ -289,8 +293,20 @@ class CrossPlatformStrategy(Strategy):
         # robust rules (ROBUST_RULES) replace the average; Flower's class still checks
         # their options (FedTrimmedAvg's beta range, Krum's counts)
         self.inner = server_optimizer(strategy, self.global_, **(strategy_options or {}))
+        #: fit rounds run Flower's SecAgg+ workflow (``_add_secure_sums``): results carry
+        #: the unmasked canonical sums, never one client's update
+        self.secure_sums = bool(secure_sums)
         self.rule = strategy.lower() if strategy.lower() in ROBUST_RULES else None
         self.plain = strategy.lower() == "fedavg" or self.rule is not None
+        #: central DP (``xflwb.server.privacy``): clipped, uniformly weighted, noised mean.
+        #: A robust rule is no mean to noise (and selects on raw updates); secure sums
+        #: hide the single updates the server clips and counts
+        if privacy is not None and (self.rule is not None or self.secure_sums):
+            raise ValueError(
+                "privacy (central DP) cannot be combined with "
+                f"{'secure aggregation' if self.secure_sums else f'strategy {strategy!r}'}"
+                ": use fedavg or a server optimiser")
+        self.dp = CentralDP(privacy) if privacy is not None else None
         #: one update counts for at most this many examples (capped, counted as "capped")
         self.max_examples = None if max_examples is None else int(max_examples)
         #: updates whose canonical L2 distance to the global model exceeds this are
@@ -361,6 +377,9 @@ class CrossPlatformStrategy(Strategy):
                            connected=client_manager.num_available(), needed=self.min_clients)
         available = client_manager.num_available()
         n = max(int(available * fraction), self.min_clients)
+        if phase == "fit" and self.dp is not None:
+            # raises PrivacyBudgetSpent before anyone trains: the session ends "finished"
+            self.dp.admit(server_round, available, min(n, available))
         clients = client_manager.sample(num_clients=n, min_num_clients=self.min_clients)
         self._progress(phase=phase, round=server_round, connected=available,
                        needed=self.min_clients, selected=len(clients))
@@ -387,10 +406,12 @@ class CrossPlatformStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         # FedKit reads local_epochs as a sint64 Scalar: a Python int serialises to it
-        config = {"local_epochs": self.local_epochs}
+        config: dict[str, Any] = {"local_epochs": self.local_epochs}
+        targets = self._targets(client_manager, self.fraction_fit, server_round, "fit")
+        if self.dp is not None:  # the norm clients clip to (Flower's DP mods read this key)
+            config.update(self.dp.fit_config())
         return [(_Tracked(client, platform), FitIns(parameters=enc, config=config))
-                for client, platform, enc in self._targets(client_manager, self.fraction_fit,
-                                                           server_round, "fit")]
+                for client, platform, enc in targets]
 
     def _examples(self, value: Any) -> tuple[int, bool]:
         """(examples the update counts for, whether it was capped), or ValueError."""
@@ -449,6 +470,45 @@ class CrossPlatformStrategy(Strategy):
             report.rejections.append((platform, cid, why))
             per[platform]["protocol_violations"] += 1
 
+    def _add_secure_sums(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                         agg: StreamingFedAvg, report: RoundReport,
+                         per: dict[str, dict[str, float]]) -> None:
+        """SecAgg+ (``secure_sums``): every surviving client's FitRes carries the workflow's
+        one unmasked aggregate: per canonical tensor ``A_k = Σ n·m_k·x_k / Σ n``, then per
+        tensor ``B_k = Σ n·m_k / Σ n`` (``xflwb.simulation.secagg``). The masked average
+        is ``A_k / B_k`` over the tensors someone trained; it enters the average as one
+        update, so its validation (finite values) and the server optimiser apply to it.
+        Only num_examples and metrics are per client (in clear, as in Flower)."""
+        payloads = {tuple(bytes(t) for t in res.parameters.tensors) for _, res in results}
+        report.metrics.append(("all", "secure_aggregates", float(len(payloads))))
+        counts = []
+        for client, res in results:
+            n = int(res.num_examples)
+            counts.append(n)
+            stats = per[str(getattr(client, "platform", "unknown"))]
+            stats["clients"] += 1
+            stats["examples"] += n
+        try:
+            if len(payloads) != 1:
+                raise ValueError(f"{len(payloads)} different aggregates in one round")
+            arrays = parameters_to_ndarrays(results[0][1].parameters)
+            k = len(self.global_)
+            if len(arrays) != 2 * k:
+                raise ValueError(f"expected {2 * k} tensors (sums, weights), got {len(arrays)}")
+            # a tensor trained by the smallest client alone weighs min(n) / Σn; below half
+            # of that, B_k is quantisation noise around 0: nobody trained it
+            floor = 0.5 * min(counts) / max(sum(counts), 1)
+            weights = [float(np.asarray(w).reshape(-1)[0]) for w in arrays[k:]]
+            mask = [w > floor for w in weights]
+            average = [np.asarray(a, np.float64).reshape(g.shape) / w if t else g
+                       for a, w, t, g in zip(arrays[:k], weights, mask, self.global_,
+                                             strict=True)]
+            agg.add([np.asarray(a, np.float32) for a in average], 1, mask)
+        except Exception as exc:  # the aggregate is refused: the global model stays
+            why = f"secure aggregate refused: {type(exc).__name__}: {exc}"
+            log.warning("round %s: %s", server_round, why)
+            report.rejections.append(("all", "server", why))
+
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
         t_start = time.perf_counter()
@@ -456,14 +516,23 @@ class CrossPlatformStrategy(Strategy):
         agg = StreamingFedAvg(self.global_)
         kept: list[tuple[list[np.ndarray], int, list[bool]]] = []  # for a robust rule
         per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        for client, res in results:
+        if self.dp is not None:
+            self.dp.begin()
+        if self.secure_sums and results:
+            self._add_secure_sums(server_round, results, agg, report, per)
+        for client, res in [] if self.secure_sums else results:
             platform = str(getattr(client, "platform", "unknown"))
             stats = per[platform]
             stats["bytes_up"] += getattr(client, "bytes_up", 0)
             stats["bytes_down"] += getattr(client, "bytes_down", 0)
             try:
                 canonical, n, capped, codec = self._accept(platform, res)
-                if self.rule is None:
+                if self.dp is not None:  # its clipped delta, one vote (sensitivity C)
+                    clipped, bit = self.dp.clip(canonical, self.global_,
+                                                self._masks[platform], res.metrics)
+                    agg.add(clipped, 1, self._masks[platform])
+                    self.dp.counted(bit)
+                elif self.rule is None:
                     agg.add(canonical, n, self._masks[platform])
                 else:
                     kept.append((canonical, n, self._masks[platform]))
@@ -491,6 +560,7 @@ class CrossPlatformStrategy(Strategy):
             stats["fit_seconds"] += getattr(client, "seconds", 0.0)
         self._violations(report, per)
         new: list[np.ndarray] | None = None
+        noise_std = 0.0
         if self.rule is not None and kept:
             # the options as Flower's constructor accepted them
             new = aggregate_robust(
@@ -499,6 +569,8 @@ class CrossPlatformStrategy(Strategy):
                 num_clients_to_keep=getattr(self.inner, "num_clients_to_keep", 0))
         elif agg.count:
             average = agg.result()
+            if self.dp is not None:  # the noised mean, before any server optimiser
+                noise_std = self.dp.add_noise(average, agg.examples_per_parameter)
             if self.plain:
                 new = average
             else:
@@ -534,6 +606,8 @@ class CrossPlatformStrategy(Strategy):
                   for k in ("clients", "examples", "bytes_up", "bytes_down", "rejected")}
         report.metrics += [("all", k, v) for k, v in totals.items()]
         report.metrics.append(("all", "failures", float(len(failures))))
+        if self.dp is not None:  # epsilon, noise_std, clipping_norm
+            report.metrics += self.dp.end_round(agg.count > 0, noise_std, len(failures))
         described = [failure_reason(f) for f in failures]
         by_platform = Counter(p for p, _, _, _ in described)
         report.metrics += [(p, "failures", float(n)) for p, n in by_platform.items()

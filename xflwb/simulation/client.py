@@ -31,6 +31,7 @@ from xflwb.flower_legacy import (
     Status,
     simulation_api,
 )
+from xflwb.simulation import secagg
 from xflwb.simulation.config import platform_of
 
 #: (bundle sha, platform) → loaded runtime, for the life of the Ray worker
@@ -54,6 +55,9 @@ class ClientSpec:
     seed: int
     test_fraction: float
     drop_prob: float = 0.0
+    #: SecAgg+ parameters (``SimulationConfig.secagg``): fit answers in the canonical layout
+    #: for ``secaggplus_mod`` to mask (``xflwb.simulation.secagg``)
+    secagg: dict[str, Any] | None = None
 
     def platform_of(self, partition_id: int) -> str:
         return platform_of(partition_id, self.android)
@@ -156,6 +160,9 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         self._set_counters(done, attempts + 1)
         if self.spec.drop_prob > 0:
             draw = np.random.default_rng([self.spec.seed, self.pid, attempts]).random()
+            if draw < self.spec.drop_prob and self.spec.secagg is not None:
+                # SecAgg+ masks whatever FitRes comes back: a dropout must fail the message
+                raise secagg.SimulatedDropout("dropped out (simulated, drop_prob)")
             if draw < self.spec.drop_prob:
                 # a non-OK status is a failure to Flower's server, like a lost phone, without
                 # a traceback in the log for every dropout of a large fleet
@@ -169,14 +176,42 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         # the same per-round seed a virtual phone uses: seed + rounds it has trained
         losses = rt.fit(x, y, epochs=epochs, seed=self.spec.seed + done)
         self._set_counters(done + 1, attempts + 1)
-        out = Parameters(tensors=params.encode_tensors(rt.get_parameters(), codec),
-                         tensor_type=TENSOR_TYPES[codec])
         metrics: dict[str, Any] = {"loss": float(losses[-1])}
+        if self.spec.secagg is not None:
+            out = self._secure_payload(rt, len(x))
+        else:
+            out = Parameters(tensors=params.encode_tensors(self._clipped(rt, ins, metrics),
+                                                           codec),
+                             tensor_type=TENSOR_TYPES[codec])
         frozen = rt.manifest.get("frozen", {}).get("sha256")
         if frozen:  # which frozen backbone this update was computed on
             metrics["frozen_sha256"] = frozen
         return FitRes(status=Status(code=Code.OK, message=""), parameters=out,
                       num_examples=len(x), metrics=metrics)
+
+    def _clipped(self, rt: Any, ins: Any, metrics: dict[str, Any]) -> list[np.ndarray]:
+        """The trained tensors; under central DP (``clipping_norm`` in the config) with the
+        delta clipped in canonical space as the server would, and the norm bit reported
+        (1.0: not clipped)."""
+        trained = rt.get_parameters()
+        if "clipping_norm" not in ins.config:
+            return trained
+        norm_cap = float(ins.config["clipping_norm"])
+        received, _ = params.decode_tensors(list(ins.parameters.tensors))
+        trained, norm = params.clip_platform_update(trained, received, rt.manifest,
+                                                    self.platform, norm_cap)
+        metrics["norm_bit"] = 1.0 if norm <= norm_cap else 0.0
+        return trained
+
+    def _secure_payload(self, rt: Any, num_examples: int) -> Any:
+        """The update in the canonical layout plus its per-tensor weights, as ``.npy``
+        tensors (what ``secaggplus_mod`` reads), for SecAgg+ to mask."""
+        assert self.spec.secagg is not None
+        payload = secagg.canonical_payload(rt.canonical_parameters(),
+                                           params.trained_mask(rt.manifest, self.platform))
+        secagg.check_range(payload, num_examples, self.spec.secagg)
+        return Parameters(tensors=params.encode_tensors(payload, "npy"),
+                          tensor_type="numpy.ndarray")
 
     def evaluate(self, ins: Any) -> Any:
         _, _, xt, yt = client_data(self.spec, self.pid)

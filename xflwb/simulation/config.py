@@ -8,6 +8,7 @@ from typing import Any
 from xflwb._options import option
 from xflwb.bridge.params import PLATFORMS
 from xflwb.server.config import RoundOptions
+from xflwb.simulation import secagg as secagg_mod
 
 
 def platform_of(partition_id: int, android: int) -> str:
@@ -42,6 +43,10 @@ class SimulationConfig(RoundOptions):
         "init_args go to ray.init")
     ray_address: str | None = option(None, 'attach to a running Ray cluster ("auto", '
                                      '"ray://host:10001") instead of starting one')
+    #: Flower's SecAgg+ workflow; stored as the dict of all ``SecAgg`` fields
+    secagg: dict[str, Any] | None = option(
+        None, "secure aggregation (Flower's SecAgg+) of the fit rounds: xflwb.SecAgg(...) or "
+        "a dict of its fields ({}: its defaults); none: plain aggregation")
     #: server threads with a message in flight (Flower's default of 6 would leave the
     #: actors idle while replies are polled)
     max_workers: int = option(256, "server threads with a message in flight", ge=1,
@@ -52,6 +57,8 @@ class SimulationConfig(RoundOptions):
     def __post_init__(self) -> None:
         from xflwb.devices import datasets, partition
 
+        if self.secagg is not None:
+            self.secagg = secagg_mod.normalized(self.secagg)
         self._check_rounds()
         if self.num_clients < 1:
             raise ValueError("a simulation needs clients: pass android=N and/or ios=M")
@@ -62,6 +69,24 @@ class SimulationConfig(RoundOptions):
                              f"got {self.min_clients!r}")
         partition.parse(self.partition)  # clear errors now, not in every Ray worker
         datasets.parse_name(self.dataset)
+        if self.secagg is not None:
+            self._check_secagg()
+
+    def _check_secagg(self) -> None:
+        """SecAgg+ hides each client's update: what needs one cannot run, and a round must
+        be able to complete the protocol."""
+        from xflwb.flower_legacy import ROBUST_RULES
+
+        assert self.secagg is not None and self.min_clients is not None
+        if self.strategy in ROBUST_RULES:
+            raise ValueError(f"strategy {self.strategy!r} needs every client's update, which "
+                             "secagg hides; use fedavg or a server optimiser (fedadam, ...)")
+        if self.max_update_norm is not None:
+            raise ValueError("max_update_norm rejects single updates, which secagg hides; "
+                             "pass one or the other")
+        sampled = min(max(int(self.num_clients * self.fraction_fit), self.min_clients),
+                      self.num_clients)
+        secagg_mod.check_fleet(self.secagg, sampled)
 
     @property
     def num_clients(self) -> int:

@@ -130,9 +130,11 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
     with proc:
         import ray
 
-        from xflwb.flower_legacy import Server, simulation_api
+        from xflwb.flower_legacy import Server, secagg_api, simulation_api
+        from xflwb.server.privacy import PrivacyBudgetSpent
         from xflwb.server.strategy import AllClientsFailed
         from xflwb.simulation import client as sim_client
+        from xflwb.simulation import secagg
 
         registry, xlog = proc.registry, proc.log
         api = simulation_api()
@@ -147,20 +149,28 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         spec = sim_client.ClientSpec(
             bundle=ray.put(blob), bundle_sha=sha, android=cfg.android, ios=cfg.ios,
             dataset=cfg.dataset, partition=cfg.partition, seed=cfg.seed,
-            test_fraction=cfg.test_fraction, drop_prob=float(cfg.drop_prob))
+            test_fraction=cfg.test_fraction, drop_prob=float(cfg.drop_prob),
+            secagg=cfg.secagg)
         # fail here, once, on data that cannot be split this way (not in every worker)
         sim_client.client_data(spec, 0)
+        if cfg.secagg is not None:  # every weight and the start within SecAgg+'s range
+            largest = max(len(sim_client.client_data(spec, pid)[0])
+                          for pid in range(cfg.num_clients))
+            secagg.check_range(secagg.canonical_payload(initial, [True] * len(initial)),
+                               largest, cfg.secagg)
         sim_client._partitions.cache_clear()  # the workers need the data, this process not
 
         strategy = proc.strategy(
             model, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
             fraction_fit=cfg.fraction_fit, fraction_evaluate=float(cfg.fraction_evaluate or 0),
             min_clients=int(cfg.min_clients or 1), local_epochs=cfg.local_epochs,
-            max_examples=cfg.max_examples, max_update_norm=cfg.max_update_norm)
+            max_examples=cfg.max_examples, max_update_norm=cfg.max_update_norm,
+            secure_sums=cfg.secagg is not None, privacy=cfg.privacy)
         proc.save_start(model, 0, initial, strict=True)
         # set when every client of a round failed: Flower logs the ServerApp's exception
         # and ends the run; the reason (the clients', not a traceback) is kept here
-        all_failed: list[AllClientsFailed] = []
+        all_failed: list[Exception] = []
+        budget_spent: list[PrivacyBudgetSpent] = []  # privacy max_epsilon ended the run
 
         server_app = api.ServerApp()
 
@@ -170,21 +180,34 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             counts = {p: sum(v == p for v in platform_of.values()) for p in PLATFORMS}
             xlog.info("simulation %s: %s nodes up (%s)", session_id, len(platform_of), counts)
             cm = NodeClientManager(platform_of)
-            server = Server(client_manager=cm, strategy=strategy)
-            server.set_max_workers(cfg.max_workers)
             try:
+                if cfg.secagg is not None:  # Flower's SecAgg+ fit rounds over our strategy
+                    secagg.run_rounds(grid, context, strategy, cm, cfg.rounds,
+                                      cfg.round_timeout, cfg.secagg)
+                    return
+                server = Server(client_manager=cm, strategy=strategy)
+                server.set_max_workers(cfg.max_workers)
                 api.start_grid(grid=grid, server=server,
                                config=api.ServerConfig(num_rounds=cfg.rounds,
                                                        round_timeout=cfg.round_timeout))
-            except AllClientsFailed as exc:
+            except (AllClientsFailed, secagg.SecAggHalted) as exc:
                 all_failed.append(exc)  # ends the run without Flower's error traceback
+            except PrivacyBudgetSpent as exc:  # max_epsilon reached: a normal end
+                budget_spent.append(exc)
 
-        client_app = api.ClientApp(client_fn=functools.partial(sim_client.client_fn, spec))
+        mods = [secagg_api().secaggplus_mod] if cfg.secagg is not None else None
+        client_app = api.ClientApp(client_fn=functools.partial(sim_client.client_fn, spec),
+                                   mods=mods)
         proc.running()
         api.run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=cfg.num_clients, backend_config=backend)
         if all_failed:
             proc.fail(str(all_failed[0]))
+            return
+        if budget_spent:
+            xlog.info("simulation %s: %s", session_id, budget_spent[0])
+            registry.add_metrics(session_id, budget_spent[0].round, budget_spent[0].metrics)
+            proc.finish()
             return
         info = registry.get_session(session_id)
         if info["round"] < cfg.rounds:

@@ -161,6 +161,13 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
     started = getattr(session, "started_from", None)
     if isinstance(started, str) and started:
         parts.append(html.escape(started))
+    privacy = (info.get("config") or {}).get("privacy")
+    if privacy:  # the ledger so far: what a reviewer asks first
+        eps = history.query("metric == 'epsilon'")["value"] if len(history) else []
+        spent = f"ε = {float(eps.iloc[-1]):.3g}" if len(eps) else "ε = 0"
+        cap = privacy.get("max_epsilon")
+        parts.append(f"DP: {spent} at δ = {privacy.get('target_delta', 1e-5):g}"
+                     + (f" (budget {cap:g})" if cap else ""))
     fails = failure_count(history)
     parts.append(f"<span style='color:{'#cf222e' if fails else 'inherit'}'>{fails} failed "
                  f"fit{'s' if fails != 1 else ''}</span>")
