@@ -107,3 +107,54 @@ def test_status_html_has_url_token_and_qr(tmp_path):
         assert httpx.get(wild.url + "/openapi.json").status_code == 200
     finally:
         wild.stop()
+
+
+def _add(tensors, _round):
+    return [t + 0.01 for t in tensors]
+
+
+def test_cli_train_starts_a_session_through_the_admin_api_and_follows_it(export, tmp_path):
+    """``xflwb train`` sends the session options (the one declaration) to a running
+    backend's admin API, publishes an export directory first, and ``--wait`` follows the
+    session to its end, writing the history CSV."""
+    from tests.wirephone import WirePhone
+
+    with xflwb.Workbench(data_dir=tmp_path / "x", port=0, admin_token="tok") as wb:
+        base = [sys.executable, "-m", "xflwb", "train", "--url", wb.url]
+        # bad options and a wrong token are refused before anything runs
+        bad = subprocess.run([*base, "--admin-token", "tok", str(export.directory),
+                              "--rounds", "0"], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and "rounds must be a positive integer" in bad.stderr
+        wrong = subprocess.run([*base, "--admin-token", "nope", str(export.directory)],
+                               capture_output=True, text=True, timeout=120)
+        assert wrong.returncode == 1 and "HTTP 401" in wrong.stderr
+        assert wb.session_table.empty
+        out = tmp_path / "hist.csv"
+        env = {**os.environ, "XFLWB_ADMIN_TOKEN": "tok"}
+        proc = subprocess.Popen([*base, str(export.directory), "--rounds", "2",
+                                 "--min-clients", "2", "--local-epochs", "3", "--wait",
+                                 "--out", str(out), "--no-progress", "--timeout", "200"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while wb.session_table.empty:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() < deadline, "xflwb train started no session"
+                time.sleep(0.2)
+            phones = [WirePhone(wb.url, p, "tiny-data", _add, device_id=i)
+                      for i, p in enumerate(("android", "ios"))]
+            threads = [p.start() for p in phones]
+            stdout, stderr = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        for t in threads:
+            t.join(30)
+        assert proc.returncode == 0, stderr[-2000:]
+        assert re.search(r"session \d+ of tiny: started fresh", stdout)
+        assert "finished, round 2" in stdout
+        session = wb.session(int(wb.session_table.id.iloc[0]))
+        assert session.info["config"]["local_epochs"] == 3  # the options arrived
+        hist = __import__("pandas").read_csv(out)
+        assert set(hist["round"]) == {1, 2} and {"android", "ios"} <= set(hist.platform)

@@ -291,7 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Start a session through a running backend's admin API; optionally follow it."""
     import os
 
-    from xflwb.workbench import AdminClient
+    from xflwb.admin import AdminClient
 
     if args.wait and _refuse_existing(Path(args.out) if args.out else None, "train"):
         return 2

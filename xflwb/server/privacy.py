@@ -172,6 +172,7 @@ class Ledger:
         self.accountant = rdp.RdpAccountant(
             neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
         self.events: list[Any] = []
+        self._infinite = False  # a round without noise was composed: ε = ∞ from then on
 
     def event(self, population: int, sample_size: int, noise_multiplier: float) -> Any:
         """One round: ``sample_size`` of ``population`` clients, without replacement."""
@@ -180,16 +181,27 @@ class Ledger:
 
     @property
     def epsilon(self) -> float:
+        if self._infinite:
+            return math.inf
         return float(self.accountant.get_epsilon(self.delta)) if self.events else 0.0
+
+    @staticmethod
+    def _noiseless(event: Any) -> bool:
+        return float(event.event.noise_multiplier) == 0.0
 
     def epsilon_with(self, event: Any) -> float:
         """ε if ``event`` were composed too (the ledger is left as it is)."""
+        if self._infinite or self._noiseless(event):
+            return math.inf
         trial = copy.deepcopy(self.accountant)
         trial.compose(event)
         return float(trial.get_epsilon(self.delta))
 
     def compose(self, event: Any) -> float:
-        self.accountant.compose(event)
+        if self._noiseless(event):  # the accountant would divide by zero on its way to ∞
+            self._infinite = True
+        else:
+            self.accountant.compose(event)
         self.events.append(event)
         return self.epsilon
 

@@ -207,8 +207,12 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         """The update in the canonical layout plus its per-tensor weights, as ``.npy``
         tensors (what ``secaggplus_mod`` reads), for SecAgg+ to mask."""
         assert self.spec.secagg is not None
-        payload = secagg.canonical_payload(rt.canonical_parameters(),
-                                           params.trained_mask(rt.manifest, self.platform))
+        m = rt.manifest
+        # what the platform does not hold is sent as zeros: zeros fill it (the bundle has
+        # no initial parameters to fill it with)
+        zeros = [np.zeros(p["shape"], np.float32) for p in m["parameters"]]
+        canonical = params.from_platform(rt.get_parameters(), m, self.platform, base=zeros)
+        payload = secagg.canonical_payload(canonical, params.trained_mask(m, self.platform))
         secagg.check_range(payload, num_examples, self.spec.secagg)
         return Parameters(tensors=params.encode_tensors(payload, "npy"),
                           tensor_type="numpy.ndarray")
