@@ -202,3 +202,16 @@ def test_http_and_python_refuse_the_same_session_values(o, value):
     if isinstance(value, bool):
         return  # pydantic's lax mode takes true for 1 in a JSON body; Python refuses bools
     assert http_ok == python_ok, (o.name, value, http_ok, python_ok)
+
+
+def test_device_knobs_take_one_value_or_one_per_device():
+    ns = magics._devices_parser().parse_args(
+        ["spawn", "--android", "2", "--ios", "1", "--slowdown", "1,1,10", "--max-wait", "30",
+         "--encoding", "npy"])
+    knobs = _options.given(ns, DeviceOptions)
+    assert knobs == {"slowdown": [1.0, 1.0, 10.0], "max_wait": 30.0, "encoding": "npy"}
+    assert _options.given(ns, FleetOptions) == {"android": 2, "ios": 1}
+    with pytest.raises(ValueError, match="slowdown must be a number >= 1, got 0.5"):
+        DeviceOptions(slowdown=0.5)
+    with pytest.raises(ValueError, match="encoding must be one of 'raw', 'npy'"):
+        DeviceOptions(encoding="json")

@@ -121,10 +121,10 @@ def test_secure_aggregate_equals_plain_masked_average(export, tmp_path, shared_r
     frozen_on_ios = [i for i, t in enumerate(params.trained_mask(m, "ios")) if not t]
     got, want = secure.global_parameters(), plain.global_parameters()
     for i, (g, w, s) in enumerate(zip(got, want, start, strict=True)):
-        np.testing.assert_allclose(g, w, atol=2e-3, err_msg=f"tensor {i}")
+        np.testing.assert_allclose(g, w, atol=5e-4, err_msg=f"tensor {i}")
         if i in frozen_on_ios:  # the check can tell a diluted average from a masked one
-            moved = float(np.abs(w - s).max())
-            assert moved > 0.05 and float(np.abs(g - w).max()) < moved / 10, (i, moved)
+            moved, off = float(np.abs(w - s).max()), float(np.abs(g - w).max())
+            assert moved > 5e-3 and off < moved / 10, (i, moved, off)
     wide = _wide(secure)
     for rnd in (1, 2):
         assert wide.loc[(rnd, "all"), "secure_aggregates"] == 1.0  # one sum, not 4 updates
