@@ -211,7 +211,7 @@ def test_device_knobs_take_one_value_or_one_per_device():
     knobs = _options.given(ns, DeviceOptions)
     assert knobs == {"slowdown": [1.0, 1.0, 10.0], "max_wait": 30.0, "encoding": "npy"}
     assert _options.given(ns, FleetOptions) == {"android": 2, "ios": 1}
-    with pytest.raises(ValueError, match="slowdown must be a number >= 1, got 0.5"):
+    with pytest.raises(ValueError, match=r"slowdown must be a number >= 1, got 0\.5"):
         DeviceOptions(slowdown=0.5)
     with pytest.raises(ValueError, match="encoding must be one of 'raw', 'npy'"):
         DeviceOptions(encoding="json")

@@ -151,6 +151,57 @@ def test_huge_ios_update_is_clipped_over_what_ios_trains(bn_export):
     assert _metrics(reports[0])[("all", "clipping_norm")] == 1.0
 
 
+def _delta_norm(update, start, manifest, platform) -> float:
+    canonical = params.from_platform(update, manifest, platform, base=start)
+    return math.sqrt(sum(float(np.sum((np.asarray(u, np.float64) - s) ** 2))
+                         for u, s, t in zip(canonical, start,
+                                            params.trained_mask(manifest, platform),
+                                            strict=True) if t))
+
+
+@pytest.mark.parametrize("platform", ["android", "ios"])
+def test_simulated_and_virtual_clients_clip_locally_and_report_the_bit(bn_export, platform,
+                                                                        tmp_path):
+    from flwr.app import RecordDict
+
+    from xflwb.bridge import runtime
+    from xflwb.devices.device import Device
+    from xflwb.flower_legacy import transport_pb2 as pb
+    from xflwb.server.flower_legacy import FitIns
+    from xflwb.simulation import client
+
+    m = bn_export.manifest
+    start = manifest_mod.initial_parameters(m)
+    arrays = params.to_platform(start, m, platform)
+    blob, sha = client.make_bundle(m, ["android", "ios"])
+    spec = client.ClientSpec(bundle=blob, bundle_sha=sha, android=1, ios=1, dataset="digits",
+                             partition="iid", seed=3, test_fraction=0.2)
+    sim = client.SimClient(spec, 0 if platform == "android" else 1, RecordDict())
+    tensors = params.encode_tensors(arrays, "raw")
+    plain = sim.fit(FitIns(Parameters(tensors=tensors, tensor_type="ND"), {"local_epochs": 1}))
+    assert "norm_bit" not in plain.metrics
+    raw = _delta_norm(params.decode_tensors(plain.parameters.tensors)[0], start, m, platform)
+    for cap, bit in ((raw / 10, 0.0), (raw * 10, 1.0)):
+        res = sim.fit(FitIns(Parameters(tensors=tensors, tensor_type="ND"),
+                             {"local_epochs": 1, "clipping_norm": cap}))
+        got = _delta_norm(params.decode_tensors(res.parameters.tensors)[0], start, m, platform)
+        assert res.metrics["norm_bit"] == bit
+        assert got == pytest.approx(min(cap, raw), rel=0.05)  # seed + rounds done differ
+    # the virtual phone's FedKit/Flower flow, on the same message types as the wire
+    device = Device("http://127.0.0.1:9", platform, "digits", *client.client_data(spec, 0),
+                    cache_dir=tmp_path)
+    device.runtime, device.manifest = runtime.load(bn_export, platform), m
+    msg = pb.ServerMessage(fit_ins=pb.ServerMessage.FitIns(
+        parameters=pb.Parameters(tensors=tensors, tensor_type="ND"),
+        config={"local_epochs": pb.Scalar(sint64=1),
+                "clipping_norm": pb.Scalar(double=raw / 10)}))
+    reply = device._answer(pb, "fit_ins", msg).fit_res
+    assert reply.metrics["norm_bit"].double == 0.0
+    got = _delta_norm(params.decode_tensors(list(reply.parameters.tensors))[0], start, m,
+                      platform)
+    assert got == pytest.approx(raw / 10, rel=1e-4)
+
+
 # -- (c) the ledger is dp-accounting's own computation -----------------------------------------
 def test_ledger_matches_dp_accounting_for_the_rounds_sampled():
     z, delta = 0.9, 1e-6
