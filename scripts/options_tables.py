@@ -23,9 +23,10 @@ def sets() -> dict[str, type]:
     from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
     from xflwb.server.privacy import DP
     from xflwb.simulation.config import SimulationConfig
+    from xflwb.simulation.secagg import SecAgg
 
     return {c.__name__: c for c in (SessionConfig, SimulationConfig, BackendOptions,
-                                    TLSOptions, FleetOptions, DeviceOptions, DP)}
+                                    TLSOptions, FleetOptions, DeviceOptions, DP, SecAgg)}
 
 
 def render(text: str) -> str:

@@ -66,3 +66,27 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no notebook at missing\.ipynb"):
         experiment.run("missing.ipynb", tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing created for a run that cannot start
+
+
+def test_privacy_utility_experiment_writes_the_accuracy_epsilon_curve(tmp_path, shared_ray):
+    """experiments/privacy_utility.ipynb under a grid: one DP-free baseline and one private
+    run per clipping norm; the curve has ε = ∞ for the baseline and a finite ε from the
+    ledger for the private run, per platform."""
+    nb = ROOT / "experiments" / "privacy_utility.ipynb"
+    df = experiment.run(nb, tmp_path, {"rounds": 2, "n_android": 2, "n_ios": 2,
+                                       "noise_multipliers": [0.0, 1.0], "fraction_fit": 1.0,
+                                       "ray_address": shared_ray},
+                        grid={"clipping_norm": [1.0]})
+    assert set(df["noise_multiplier"]) == {0.0, 1.0}
+    eps = df.query("metric == 'epsilon'")
+    assert set(eps["noise_multiplier"]) == {1.0} and (eps["value"] > 0).all()
+    curve = pd.read_csv(tmp_path / "privacy_utility-clipping_norm=1.0-results-privacy_utility.csv")
+    assert {"android", "ios", "all"} <= set(curve.platform)
+    assert (curve.query("noise_multiplier == 0")["epsilon"] == float("inf")).all()
+    private = curve.query("noise_multiplier == 1.0")["epsilon"]
+    assert private.between(0, 1e6).all()
+    # the ledger's last ε is the curve's
+    assert private.iloc[0] == pytest.approx(eps[eps["round"] == eps["round"].max()]["value"]
+                                            .iloc[0])
+    assert (tmp_path / "privacy_utility-clipping_norm=1.0-results-privacy_utility.png"
+            ).stat().st_size > 0

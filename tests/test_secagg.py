@@ -14,7 +14,14 @@ import xflwb
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge import params
 from xflwb.simulation import SimulationConfig
-from xflwb.simulation.secagg import SecAgg, canonical_payload, neighbourhood
+from xflwb.simulation.secagg import (
+    SecAgg,
+    canonical_payload,
+    check_range,
+    mod_ratio,
+    neighbourhood,
+    uniform,
+)
 
 L = keras.layers
 SEED = 5
@@ -50,7 +57,7 @@ def test_secagg_option_is_normalised_and_checked():
                           "modulus_range": 2**32, "timeout": None}
     assert json.loads(json.dumps(cfg.secagg)) == cfg.secagg  # stored as JSON in the registry
     assert SimulationConfig(android=3, secagg={}).secagg["num_shares"] == 3  # Flower's example
-    assert SimulationConfig(android=3).secagg is None
+    assert SimulationConfig(android=3).secagg is None and xflwb.SecAgg is SecAgg
     with pytest.raises(TypeError, match=r"'num_share' \(did you mean num_shares\?\)"):
         SimulationConfig(android=3, secagg={"num_share": 3})
     for kwargs, match in [
@@ -61,6 +68,8 @@ def test_secagg_option_is_normalised_and_checked():
         ({"secagg": "on"}, "secagg must be xflwb.SecAgg"),
         ({"secagg": {}, "strategy": "krum"}, "needs every client's update"),
         ({"secagg": {}, "max_update_norm": 1.0}, "max_update_norm rejects single updates"),
+        ({"secagg": {}, "privacy": {"noise_multiplier": 1.0, "clipping_norm": 1.0,
+                                    "client_clipping": False}}, "needs client_clipping"),
         ({"secagg": {"num_shares": 5, "reconstruction_threshold": 4}},
          "threshold 4 exceeds the 3 clients"),
     ]:
@@ -96,10 +105,21 @@ def test_canonical_payload_zeroes_what_the_platform_does_not_train(export):
     canonical = manifest_mod.initial_parameters(m)
     payload = canonical_payload(canonical, mask)
     k = len(canonical)
-    assert len(payload) == 2 * k
-    for a, w, t, c in zip(payload[:k], payload[k:], mask, canonical, strict=True):
+    assert len(payload) == 2 * k + 1 and payload[-1].tolist() == [1.0]  # sums, weights, count
+    for a, w, t, c in zip(payload[:k], payload[k:2 * k], mask, canonical, strict=True):
         assert w.tolist() == [1.0 if t else 0.0]
         np.testing.assert_array_equal(a, c if t else np.zeros_like(c))
+    # under DP each client counts once: the mod's num_examples factor is divided out
+    cfg = SimulationConfig(android=3, secagg={}).secagg
+    ratio = mod_ratio(300, cfg)
+    assert ratio == pytest.approx(0.3)
+    for u, a in zip(uniform(payload, 300, cfg), payload, strict=True):
+        np.testing.assert_allclose(u * ratio, a, rtol=1e-6)
+    with pytest.raises(ValueError, match="more than secagg's max_weight 1000: raise"):
+        check_range(payload, 1001, cfg)
+    with pytest.raises(ValueError, match="beyond secagg's clipping_range 8"):
+        check_range([np.full(3, 9.0, np.float32)], 1000, cfg)
+    check_range(payload, 1000, cfg)
 
 
 # -- real runs on the shared Ray head -------------------------------------------------------
@@ -159,3 +179,31 @@ def test_client_dropping_after_key_sharing_is_survived(export, tmp_path, shared_
     got = sim.global_parameters()
     assert all(np.isfinite(a).all() for a in got)
     assert max(float(np.abs(a - s).max()) for a, s in zip(got, start, strict=True)) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_secagg_with_central_dp_clips_on_clients_and_counts_each_once(export, tmp_path,
+                                                                      shared_ray):
+    """Flower's fl-dp-sa pattern: clients clip their delta (the server cannot clip a
+    masked update), each counts once, the server noises the unmasked mean per tensor
+    count. Without noise the secure run equals the plain DP run (server-side clipping of
+    the same clipped updates) within the quantisation error."""
+    privacy = {"noise_multiplier": 0.0, "clipping_norm": 0.05}
+    run = {"android": 2, "ios": 2, "rounds": 1, "dataset": "digits", "seed": SEED,
+           "fraction_evaluate": 0.0, "privacy": privacy, "ray_address": shared_ray,
+           "data_dir": tmp_path / "d", "progress": False}
+    plain = xflwb.simulate(export, **run)
+    secure = xflwb.simulate(export, secagg={}, **run)
+    start = manifest_mod.initial_parameters(export.manifest)
+    got, want = secure.global_parameters(), plain.global_parameters()
+    moved = max(float(np.abs(w - s).max()) for w, s in zip(want, start, strict=True))
+    assert moved > 1e-3  # the clipped updates did move the model
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        np.testing.assert_allclose(g, w, atol=moved / 50, err_msg=f"tensor {i}")
+    # clipped to 0.05 per client: the mean moved far less than an unclipped round does
+    delta = np.sqrt(sum(float(np.sum((g - s) ** 2)) for g, s in zip(got, start, strict=True)))
+    assert delta <= 0.05 * 1.01
+    wide = _wide(secure)
+    assert wide.loc[(1, "all"), "secure_aggregates"] == 1.0
+    assert wide.loc[(1, "all"), "clipping_norm"] == 0.05

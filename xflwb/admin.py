@@ -65,11 +65,13 @@ class AdminClient:
         """Start a session of ``model`` (a published name, or an export directory, published
         first) with ``SessionConfig`` options; returns at once."""
         _options.unknown(SessionConfig, options, "train")
-        SessionConfig(**options)  # refused here, before anything is sent
+        cfg = SessionConfig(**options)  # refused here, before anything is sent
         name = str(model)
         if Path(name).exists():
             name = str(self.publish(name)["name"])
-        info = self.request("POST", "/sessions", json={"model": name, **options})
+        # as the config normalised them (an xflwb.DP becomes its dict): JSON, the same values
+        body = {k: getattr(cfg, k) for k in options}
+        info = self.request("POST", "/sessions", json={"model": name, **body})
         return RemoteSession(self, info)
 
     def session(self, session_id: int) -> RemoteSession:

@@ -72,8 +72,9 @@ def run(notebook: str | Path, out_dir: str | Path, parameters: Mapping[str, Any]
         if "platform" not in df.columns:
             raise RuntimeError(f"{results} has no 'platform' column")
         for k, v in params.items():
-            if k != "results_path":
-                df[k] = v
+            if k != "results_path" and k not in df.columns:  # the notebook's own column wins
+                # a list parameter (a sweep inside the notebook) is one value of this run
+                df[k] = str(v) if isinstance(v, list | tuple | dict) else v
         df["run"] = i
         frames.append(df)
     combined = pd.concat(frames, ignore_index=True)

@@ -300,12 +300,10 @@ class CrossPlatformStrategy(Strategy):
         self.plain = strategy.lower() == "fedavg" or self.rule is not None
         #: central DP (``xflwb.server.privacy``): clipped, uniformly weighted, noised mean.
         #: A robust rule is no mean to noise (and selects on raw updates); secure sums
-        #: hide the single updates the server clips and counts
-        if privacy is not None and (self.rule is not None or self.secure_sums):
-            raise ValueError(
-                "privacy (central DP) cannot be combined with "
-                f"{'secure aggregation' if self.secure_sums else f'strategy {strategy!r}'}"
-                ": use fedavg or a server optimiser")
+        #: hide the single updates the server clips, so the clients clip (``_add_secure_sums``)
+        if privacy is not None and self.rule is not None:
+            raise ValueError(f"privacy (central DP) cannot be combined with strategy "
+                             f"{strategy!r}: use fedavg or a server optimiser")
         self.dp = CentralDP(privacy) if privacy is not None else None
         #: one update counts for at most this many examples (capped, counted as "capped")
         self.max_examples = None if max_examples is None else int(max_examples)
@@ -474,12 +472,16 @@ class CrossPlatformStrategy(Strategy):
                          agg: StreamingFedAvg, report: RoundReport,
                          per: dict[str, dict[str, float]]) -> None:
         """SecAgg+ (``secure_sums``): every surviving client's FitRes carries the workflow's
-        one unmasked aggregate: per canonical tensor ``A_k = Σ n·m_k·x_k / Σ n``, then per
-        tensor ``B_k = Σ n·m_k / Σ n`` (``xflwb.simulation.secagg``). The masked average
-        is ``A_k / B_k`` over the tensors someone trained; it enters the average as one
-        update, so its validation (finite values) and the server optimiser apply to it.
-        Only num_examples and metrics are per client (in clear, as in Flower)."""
-        payloads = {tuple(bytes(t) for t in res.parameters.tensors) for _, res in results}
+        one unmasked aggregate (``xflwb.simulation.secagg``), over clients i with weights
+        w_i (num_examples; 1 each under DP): per canonical tensor ``A_k = Σ w·m_k·x_k / W``,
+        per tensor ``B_k = Σ w·m_k / W``, then ``U = Σ w / W``. The masked average is
+        ``A_k / B_k`` over the tensors someone trained; it enters the average as one update
+        (per tensor: under DP, weighted by its count of clients ``N·B_k/U``, which the noise
+        is calibrated to), so its validation and the server optimiser apply to it. Only
+        num_examples and metrics are per client (in clear, as in Flower); DP clients
+        clipped their update themselves (Flower's fl-dp-sa)."""
+        distinct = {id(res.parameters): res.parameters for _, res in results}.values()
+        payloads = {tuple(bytes(t) for t in p.tensors) for p in distinct}
         report.metrics.append(("all", "secure_aggregates", float(len(payloads))))
         counts = []
         for client, res in results:
@@ -493,17 +495,29 @@ class CrossPlatformStrategy(Strategy):
                 raise ValueError(f"{len(payloads)} different aggregates in one round")
             arrays = parameters_to_ndarrays(results[0][1].parameters)
             k = len(self.global_)
-            if len(arrays) != 2 * k:
-                raise ValueError(f"expected {2 * k} tensors (sums, weights), got {len(arrays)}")
-            # a tensor trained by the smallest client alone weighs min(n) / Σn; below half
-            # of that, B_k is quantisation noise around 0: nobody trained it
-            floor = 0.5 * min(counts) / max(sum(counts), 1)
-            weights = [float(np.asarray(w).reshape(-1)[0]) for w in arrays[k:]]
-            mask = [w > floor for w in weights]
-            average = [np.asarray(a, np.float64).reshape(g.shape) / w if t else g
-                       for a, w, t, g in zip(arrays[:k], weights, mask, self.global_,
+            if len(arrays) != 2 * k + 1:
+                raise ValueError(f"expected {2 * k + 1} tensors (sums, weights, count), got "
+                                 f"{len(arrays)}")
+            total = float(np.asarray(arrays[2 * k]).reshape(-1)[0])
+            # share of the weight behind each tensor; a tensor trained by the lightest
+            # client alone has min(w) / Σw, below half of that it is quantisation noise
+            shares = [float(np.asarray(w).reshape(-1)[0]) / total for w in arrays[k:2 * k]]
+            lightest = 1 / len(counts) if self.dp is not None else min(counts) / sum(counts)
+            mask = [s > 0.5 * lightest for s in shares]
+            average = [np.asarray(a, np.float64).reshape(g.shape) / (s * total) if t else g
+                       for a, s, t, g in zip(arrays[:k], shares, mask, self.global_,
                                              strict=True)]
-            agg.add([np.asarray(a, np.float32) for a in average], 1, mask)
+            average = [np.asarray(a, np.float32) for a in average]
+            if self.dp is None:
+                agg.add(average, 1, mask)
+                return
+            clients = [round(s * len(counts)) if t else 0 for s, t in zip(shares, mask,
+                                                                         strict=True)]
+            for c in sorted(set(clients) - {0}):  # one update per count: the noise's c_k
+                agg.add(average, c, [n == c for n in clients])
+            for _, res in results:  # the bits the clients reported (they clipped)
+                bit = (res.metrics or {}).get("norm_bit")
+                self.dp.counted(1.0 if bit is None else float(bit))
         except Exception as exc:  # the aggregate is refused: the global model stays
             why = f"secure aggregate refused: {type(exc).__name__}: {exc}"
             log.warning("round %s: %s", server_round, why)

@@ -178,7 +178,7 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         self._set_counters(done + 1, attempts + 1)
         metrics: dict[str, Any] = {"loss": float(losses[-1])}
         if self.spec.secagg is not None:
-            out = self._secure_payload(rt, len(x))
+            out = self._secure_payload(rt, ins, metrics, len(x))
         else:
             out = Parameters(tensors=params.encode_tensors(self._clipped(rt, ins, metrics),
                                                            codec),
@@ -203,16 +203,22 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         metrics["norm_bit"] = 1.0 if norm <= norm_cap else 0.0
         return trained
 
-    def _secure_payload(self, rt: Any, num_examples: int) -> Any:
+    def _secure_payload(self, rt: Any, ins: Any, metrics: dict[str, Any],
+                        num_examples: int) -> Any:
         """The update in the canonical layout plus its per-tensor weights, as ``.npy``
-        tensors (what ``secaggplus_mod`` reads), for SecAgg+ to mask."""
+        tensors (what ``secaggplus_mod`` reads), for SecAgg+ to mask. Under central DP it
+        is clipped here (the server cannot clip a masked update: Flower's fl-dp-sa) and
+        counts once, whatever its examples."""
         assert self.spec.secagg is not None
         m = rt.manifest
         # what the platform does not hold is sent as zeros: zeros fill it (the bundle has
         # no initial parameters to fill it with)
         zeros = [np.zeros(p["shape"], np.float32) for p in m["parameters"]]
-        canonical = params.from_platform(rt.get_parameters(), m, self.platform, base=zeros)
+        canonical = params.from_platform(self._clipped(rt, ins, metrics), m, self.platform,
+                                         base=zeros)
         payload = secagg.canonical_payload(canonical, params.trained_mask(m, self.platform))
+        if "clipping_norm" in ins.config:
+            payload = secagg.uniform(payload, num_examples, self.spec.secagg)
         secagg.check_range(payload, num_examples, self.spec.secagg)
         return Parameters(tensors=params.encode_tensors(payload, "npy"),
                           tensor_type="numpy.ndarray")

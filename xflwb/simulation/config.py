@@ -84,6 +84,9 @@ class SimulationConfig(RoundOptions):
         if self.max_update_norm is not None:
             raise ValueError("max_update_norm rejects single updates, which secagg hides; "
                              "pass one or the other")
+        if self.privacy is not None and not self.privacy.get("client_clipping", True):
+            raise ValueError("privacy with secagg needs client_clipping: the server cannot "
+                             "clip a masked update, the clients clip their own (fl-dp-sa)")
         sampled = min(max(int(self.num_clients * self.fraction_fit), self.min_clients),
                       self.num_clients)
         secagg_mod.check_fleet(self.secagg, sampled)

@@ -22,6 +22,7 @@ and no phone SDK implements them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,8 +60,8 @@ class SecAgg:
     max_weight: float = option(1000.0, "the largest num_examples a client may weigh (weights "
                                "are num_examples / max_weight, quantised with the update)",
                                gt=0)
-    clipping_range: float = option(8.0, "|num_examples / max_weight × parameter| must stay "
-                                   "within it (it is clipped, then quantised)", gt=0)
+    clipping_range: float = option(8.0, "each parameter × num_examples / max_weight must "
+                                   "stay within ± this (it is clipped, then quantised)", gt=0)
     quantization_range: int = option(4194304, "integer levels of the quantisation (2**22)",
                                      ge=2)
     modulus_range: int = option(4294967296, "masks are drawn mod this power of 2 (2**32, "
@@ -84,7 +85,30 @@ class SecAgg:
         """Flower's ``SecAggPlusWorkflow`` with these parameters."""
         kw = dataclasses.asdict(self)
         kw["timeout"] = self.timeout if self.timeout is not None else timeout
-        return secagg_api().SecAggPlusWorkflow(**kw)
+        return _workflow_class()(**kw)
+
+
+@functools.cache
+def _workflow_class() -> type:
+    """``SecAggPlusWorkflow`` counting each failed client once: its 'collect masked
+    vectors' stage files an error reply in two loops (flwr 1.x), so one dropout would count
+    as two failures in the round's metrics."""
+    base = secagg_api().SecAggPlusWorkflow
+
+    class Workflow(base):  # type: ignore[misc, valid-type]
+        def collect_masked_vectors_stage(self, grid: Any, context: Any, state: Any) -> bool:
+            ok = bool(super().collect_masked_vectors_stage(grid, context, state))
+            seen: set[int] = set()
+            unique = []
+            for failure in state.failures:  # Exception(msg.error): one Error per reply
+                key = id(failure.args[0]) if failure.args else id(failure)
+                if key not in seen:
+                    seen.add(key)
+                    unique.append(failure)
+            state.failures = unique
+            return ok
+
+    return Workflow
 
 
 def normalized(value: Any) -> dict[str, Any]:
@@ -134,11 +158,27 @@ def check_fleet(secagg: dict[str, Any], sampled: int) -> None:
 def canonical_payload(canonical: Sequence[np.ndarray], trained: Sequence[bool]
                       ) -> list[np.ndarray]:
     """What a client hands ``secaggplus_mod``: its canonical tensors, untrained ones as zeros,
-    then one weight per canonical tensor (1.0 trained, 0.0 not), so the server can divide
-    the weighted sums by the weight each tensor really got (``CrossPlatformStrategy``)."""
+    then one weight per canonical tensor (1.0 trained, 0.0 not), then a 1.0 for the client
+    itself, so the server can divide the weighted sums by the weight each tensor really got
+    (``CrossPlatformStrategy._add_secure_sums``) and, under DP, count its clients."""
     sums = [np.asarray(a, np.float32) if t else np.zeros(np.shape(a), np.float32)
             for a, t in zip(canonical, trained, strict=True)]
-    return sums + [np.array([1.0 if t else 0.0], np.float32) for t in trained]
+    return (sums + [np.array([1.0 if t else 0.0], np.float32) for t in trained]
+            + [np.ones(1, np.float32)])
+
+
+def mod_ratio(num_examples: int, secagg: dict[str, Any]) -> float:
+    """The factor ``secaggplus_mod`` multiplies a client's vector by (quantised, as it is)."""
+    q = secagg["quantization_range"]
+    return round(num_examples / secagg["max_weight"] * q) / q
+
+
+def uniform(payload: Sequence[np.ndarray], num_examples: int, secagg: dict[str, Any]
+            ) -> list[np.ndarray]:
+    """Under central DP each clipped update counts once (its sensitivity is the clipping
+    norm), not by examples: the payload is divided by the factor the mod multiplies it by."""
+    ratio = mod_ratio(num_examples, secagg)
+    return [np.asarray(a, np.float64) / ratio for a in payload]
 
 
 def check_range(payload: Sequence[np.ndarray], num_examples: int, secagg: dict[str, Any]
@@ -147,7 +187,7 @@ def check_range(payload: Sequence[np.ndarray], num_examples: int, secagg: dict[s
     if num_examples > secagg["max_weight"]:
         raise ValueError(f"this client trained on {num_examples} examples, more than secagg's "
                          f"max_weight {secagg['max_weight']:g}: raise max_weight")
-    ratio = num_examples / secagg["max_weight"]
+    ratio = mod_ratio(num_examples, secagg)
     peak = ratio * max((float(np.abs(a).max()) for a in payload if a.size), default=0.0)
     if not np.isfinite(peak) or peak > secagg["clipping_range"]:
         raise ValueError(f"num_examples / max_weight × |parameter| reaches {peak:.4g}, beyond "
@@ -182,4 +222,4 @@ def run_rounds(grid: Any, context: Any, strategy: Any, client_manager: Any, roun
 
 
 __all__ = ["SecAgg", "SecAggHalted", "SimulatedDropout", "canonical_payload", "check_fleet",
-           "check_range", "normalized", "run_rounds"]
+           "check_range", "mod_ratio", "normalized", "run_rounds", "uniform"]
