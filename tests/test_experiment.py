@@ -19,38 +19,37 @@ NOTEBOOK = ROOT / "experiments" / "fedavg_digits.ipynb"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def test_experiment_run_writes_notebook_and_platform_csv(tmp_path):
+def test_cli_grid_over_both_engines_writes_notebooks_and_platform_csv(tmp_path, shared_ray):
+    """``xflwb experiment run --grid``: one grid over the process fleet and Flower's
+    Simulation Engine (on the run's shared Ray head): parameters injected, the same results
+    format with both platforms from both engines, a comparison plot, nothing overwritten."""
     proc = subprocess.run(
         [sys.executable, "-m", "xflwb", "experiment", "run", str(NOTEBOOK), "--out",
-         str(tmp_path), "-p", "rounds", "2", "-p", "n_android", "1", "-p", "n_ios", "1"],
+         str(tmp_path), "-p", "rounds", "1", "-p", "n_android", "1", "-p", "n_ios", "1",
+         "-p", "ray_address", repr(shared_ray), "--grid", "engine=devices,simulation"],
         capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    executed = nbformat.read(tmp_path / "fedavg_digits.ipynb", as_version=4)
+    executed = nbformat.read(tmp_path / "fedavg_digits-engine=simulation.ipynb", as_version=4)
     injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and "rounds = 2" in injected[0].source and "n_ios = 1" in injected[0].source
+    assert injected and "rounds = 1" in injected[0].source and "n_ios = 1" in injected[0].source
     df = pd.read_csv(tmp_path / "results.csv")
-    assert {"round", "platform", "metric", "value", "rounds", "n_android"} <= set(df.columns)
-    assert {"android", "ios"} <= set(df.platform)
-    assert df["round"].max() == 2
-    # results are never overwritten
-    again = subprocess.run(
-        [sys.executable, "-m", "xflwb", "experiment", "run", str(NOTEBOOK), "--out",
-         str(tmp_path), "-p", "rounds", "1"], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 2 and "never overwritten" in again.stderr
-
-
-def test_grid_sweep_combines_runs_across_engines(tmp_path):
-    """One grid over the process fleet and Flower's Simulation Engine: same notebook, same
-    results format, both platforms in both."""
-    df = experiment.run(NOTEBOOK, tmp_path, {"rounds": 1, "n_android": 1, "n_ios": 1},
-                        grid={"engine": ["devices", "simulation"]})
+    assert {"round", "platform", "metric", "value", "rounds", "n_android",
+            "engine"} <= set(df.columns)
     assert sorted(df["engine"].unique()) == ["devices", "simulation"]
-    assert df["run"].nunique() == 2
+    assert df["run"].nunique() == 2 and df["round"].max() == 1
     for _, runs in df.groupby("engine"):
         assert {"android", "ios"} <= set(runs.platform)
         assert runs.query("metric == 'clients' and platform == 'all'")["value"].tolist() == [2]
     assert (tmp_path / "comparison.png").stat().st_size > 0
-    assert (tmp_path / "fedavg_digits-engine=simulation.ipynb").exists()
+    # results are never overwritten
+    again = subprocess.run(
+        [sys.executable, "-m", "xflwb", "experiment", "run", str(NOTEBOOK), "--out",
+         str(tmp_path), "-p", "rounds", "1", "--grid", "engine=devices,simulation"],
+        capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+
+
+def test_a_failing_notebook_cell_fails_the_run_with_its_exception(tmp_path):
     # the notebook's own check fails the run; papermill reports the cell's exception
     with pytest.raises(PapermillExecutionError) as failed:
         experiment.run(NOTEBOOK, tmp_path / "bad", {"rounds": 1, "engine": "cloud"})
@@ -58,22 +57,12 @@ def test_grid_sweep_combines_runs_across_engines(tmp_path):
     assert "engine must be 'devices' or 'simulation', got 'cloud'" in failed.value.evalue
 
 
-def test_bad_arguments(tmp_path):
-    assert experiment.parse_value("3") == 3 and experiment.parse_value("abc") == "abc"
-    assert experiment.parse_grid(["alpha=0.1, 1"]) == {"alpha": [0.1, 1]}
-    with pytest.raises(ValueError, match="key=v1"):
-        experiment.parse_grid(["alpha"])
-    with pytest.raises(FileNotFoundError, match=r"no notebook at missing\.ipynb"):
-        experiment.run("missing.ipynb", tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # nothing created for a run that cannot start
-
-
 def test_privacy_utility_experiment_writes_the_accuracy_epsilon_curve(tmp_path, shared_ray):
     """experiments/privacy_utility.ipynb under a grid: one DP-free baseline and one private
     run per clipping norm; the curve has ε = ∞ for the baseline and a finite ε from the
     ledger for the private run, per platform."""
     nb = ROOT / "experiments" / "privacy_utility.ipynb"
-    df = experiment.run(nb, tmp_path, {"rounds": 2, "n_android": 2, "n_ios": 2,
+    df = experiment.run(nb, tmp_path, {"rounds": 1, "n_android": 2, "n_ios": 2,
                                        "noise_multipliers": [0.0, 1.0], "fraction_fit": 1.0,
                                        "ray_address": shared_ray},
                         grid={"clipping_norm": [1.0]})

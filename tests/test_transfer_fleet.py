@@ -244,11 +244,13 @@ def test_update_from_another_backbone_is_refused_and_round_goes_on(export, tmp_p
 # -- Flower's Simulation Engine, same export --------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_simulation_engine_runs_the_transfer_model_unchanged(export, runtimes, tmp_path):
+def test_simulation_engine_runs_the_transfer_model_unchanged(export, runtimes, tmp_path,
+                                                             shared_ray):
     rounds = 2
-    # one local Ray instance, started and ended by the simulation's own process
+    # on the run's shared Ray head (a Ray of its own is tested in test_simulation.py)
     sim = xflwb.simulate(export, android=2, ios=2, dataset=DATA, partition="iid",
-                         rounds=rounds, seed=SEED, data_dir=tmp_path / "d", timeout=500)
+                         rounds=rounds, seed=SEED, data_dir=tmp_path / "d", timeout=500,
+                         ray_address=shared_ray, progress=False)
     assert sim.status == "finished", sim.info["error"]
     hist = sim.history
     assert {"android", "ios", "all"} <= set(hist.platform)
