@@ -18,10 +18,12 @@ demo: $(STAMP)
 	$(BIN)/python -m xflwb demo --out demo-output
 
 lint: $(STAMP)
-	$(BIN)/ruff check xflwb tests benchmarks
+	$(BIN)/ruff check xflwb tests benchmarks scripts conftest.py
 
+# two workers, whole files each (module fixtures such as one export per model and one Ray
+# head per worker are shared; a notebook's cells stay in order); see conftest.py
 test: $(STAMP) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench: $(STAMP)  # about 35 minutes in all on 2 cores
 	$(BIN)/python benchmarks/export_and_runtimes.py

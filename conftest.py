@@ -1,0 +1,29 @@
+"""Run order for ``make test`` (``pytest -n 2 --dist loadfile``): the longest files first.
+
+xdist hands whole files to its two workers in collection order; a long file handed out
+last leaves the other worker idle at the end. Sorting only moves files (a file's tests,
+a notebook's cells, keep their order), so a serial ``pytest`` runs the same tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: files that take a minute or more on 2 cores (Ray, notebooks, processes), longest first
+LONG_FIRST = (
+    "tests/test_simulation.py", "tests/test_experiment.py", "tests/test_secagg.py",
+    "notebooks/03-non-iid-and-stragglers.ipynb", "notebooks/04-simulation-engine.ipynb",
+    "tests/test_demo.py", "tests/test_devices.py", "tests/test_lifeline.py",
+    "tests/test_browser.py", "tests/test_transfer_fleet.py", "tests/test_failures.py",
+    "tests/test_models.py", "notebooks/05-transfer-learning.ipynb", "tests/test_privacy.py",
+)
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    root = str(config.rootpath)
+
+    def rank(item: Any) -> int:
+        path = str(item.path).removeprefix(root).lstrip("/")
+        return LONG_FIRST.index(path) if path in LONG_FIRST else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each file is kept
