@@ -199,11 +199,12 @@ def check(obj: Any) -> None:
         check_value(o, getattr(obj, o.name))
 
 
-def unknown(cls: type, given: Iterable[str], where: str) -> None:
-    """Raise ``TypeError`` for keywords ``cls`` does not declare, with "did you mean"."""
+def unknown(cls: type | Iterable[type], given: Iterable[str], where: str) -> None:
+    """Raise ``TypeError`` for keywords the declaration(s) ``cls`` do not declare, with
+    "did you mean"."""
     from xflwb._argparse import suggest
 
-    known = names(cls)
+    known = [n for c in ((cls,) if isinstance(cls, type) else cls) for n in names(c)]
     bad = [k for k in given if k not in known]
     if bad:
         hints = []
@@ -215,14 +216,6 @@ def unknown(cls: type, given: Iterable[str], where: str) -> None:
             hints.append(f"{k!r}{hint}")
         raise TypeError(f"{where} got unexpected option(s) {', '.join(hints)}; it takes "
                         f"{', '.join(known)}")
-
-
-def unknown_of(classes: Iterable[type], given: Iterable[str], where: str) -> None:
-    """:func:`unknown` over the options of several declarations."""
-    merged = dataclasses.make_dataclass(
-        "Options", [(o.name, Any, dataclasses.field(default=None, metadata={_KEY: o.spec}))
-                    for cls in classes for o in options(cls)])
-    unknown(merged, given, where)
 
 
 # -- argparse ------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ class Workbench:
         from xflwb.devices.datasets import check_compatible
         from xflwb.devices.fleet import Fleet, new_run_id
 
-        _options.unknown_of((FleetOptions, DeviceOptions), options, "wb.spawn_devices")
+        _options.unknown((FleetOptions, DeviceOptions), options, "wb.spawn_devices")
         spec = FleetOptions(**{k: v for k, v in options.items()
                                if k in _options.names(FleetOptions)})
         android, ios = spec.android, spec.ios

@@ -195,32 +195,38 @@ def trained_mask(manifest: dict[str, Any], platform: str) -> list[bool]:
 
 
 # -- differential privacy: clipping, shared by the server and the clients ----------------------
+def update_norm(update: Sequence[np.ndarray], previous: Sequence[np.ndarray],
+                trained: Sequence[bool]) -> float:
+    """L2 norm of ``update − previous`` over the trained parameters, in float64 (NaN or
+    inf when the update holds them: callers refuse those)."""
+    total = 0.0
+    with np.errstate(all="ignore"):
+        for a, p, t in zip(update, previous, trained, strict=True):
+            if t:
+                d = np.asarray(a, np.float64) - np.asarray(p, np.float64)
+                total += float(np.dot(d.reshape(-1), d.reshape(-1)))
+    return float(np.sqrt(total))
+
+
 def clip_update(update: Sequence[np.ndarray], base: Sequence[np.ndarray],
                 trained: Sequence[bool], clipping_norm: float
                 ) -> tuple[list[np.ndarray], float]:
     """(``update`` with its delta to ``base`` scaled to L2 norm ≤ ``clipping_norm`` over the
-    ``trained`` tensors, the delta's norm before clipping). Untrained tensors come back as
-    given (no aggregate reads them). Canonical space, so every platform is clipped over the
-    same tensors it is averaged over; the norm in float64 (a float32 one overflows to inf
-    on a huge update); a zero update stays as it is. Idempotent up to float32 rounding."""
-    deltas: list[np.ndarray | None] = []
-    total = 0.0
+    ``trained`` tensors, the delta's norm before clipping: :func:`update_norm`). Untrained
+    tensors come back as given (no aggregate reads them). Canonical space, so every platform
+    is clipped over the same tensors it is averaged over; a zero update stays as it is.
+    Idempotent up to float32 rounding."""
+    norm = update_norm(update, base, trained)
+    if not norm > clipping_norm:  # within the norm (or NaN: left to the aggregate's checks)
+        return [np.asarray(a, np.float32) for a in update], norm
+    scale = clipping_norm / norm
+    out = []
     with np.errstate(all="ignore"):
         for a, b, t in zip(update, base, trained, strict=True):
-            if not t:
-                deltas.append(None)
-                continue
-            d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-            total += float(np.dot(d.reshape(-1), d.reshape(-1)))
-            deltas.append(d)
-    norm = math.sqrt(total)
-    scale = clipping_norm / norm if norm > clipping_norm else 1.0  # NaN norm: left to the
-    out = []                                                       # aggregate's checks
-    for a, b, d in zip(update, base, deltas, strict=True):
-        if d is None or scale == 1.0:
+            if t:
+                b64 = np.asarray(b, np.float64)
+                a = (b64 + (np.asarray(a, np.float64) - b64) * scale).astype(np.float32)
             out.append(np.asarray(a, np.float32))
-        else:
-            out.append((np.asarray(b, np.float64) + d * scale).astype(np.float32))
     return out, norm
 
 

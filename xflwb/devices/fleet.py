@@ -104,7 +104,7 @@ class Fleet:
         per device (``slowdown=[1, 1, 10]``)."""
         from xflwb.devices.device import DeviceOptions
 
-        _options.unknown_of((FleetOptions, DeviceOptions), options, "Fleet")
+        _options.unknown((FleetOptions, DeviceOptions), options, "Fleet")
         fleet_names = _options.names(FleetOptions)
         spec = FleetOptions(**{k: v for k, v in options.items() if k in fleet_names})
         n = spec.android + spec.ios

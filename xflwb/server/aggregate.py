@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from xflwb.bridge.params import update_norm
+
 __all__ = ["DEFAULT_MAX_EXAMPLES", "ROBUST_RULE_NAMES", "StreamingFedAvg", "aggregate_masked",
            "aggregate_robust", "pin_blas_threads", "update_norm"]
 
@@ -298,19 +300,6 @@ def aggregate_masked(
     for arrays, num_examples, trained in updates:
         agg.add(arrays, num_examples, trained)
     return agg.result()
-
-
-def update_norm(update: Sequence[np.ndarray], previous: Sequence[np.ndarray],
-                trained: Sequence[bool]) -> float:
-    """L2 norm of ``update − previous`` over the trained parameters, in float64 (NaN or
-    inf when the update holds them: callers refuse those)."""
-    total = 0.0
-    with np.errstate(all="ignore"):
-        for a, p, t in zip(update, previous, trained, strict=True):
-            if t:
-                d = np.asarray(a, np.float64) - np.asarray(p, np.float64)
-                total += float(np.dot(d.reshape(-1), d.reshape(-1)))
-    return float(np.sqrt(total))
 
 
 def aggregate_robust(previous: Sequence[np.ndarray],

@@ -80,6 +80,16 @@ KEY_NORM_BIT = "norm_bit"
 _TOLERANCE = 1e-5
 
 
+def reported_bit(metrics: dict[str, Any] | None) -> float | None:
+    """The ``norm_bit`` a client reported, if it is one (0 or 1); anything else from a
+    client is ignored, never trusted into the count."""
+    reported = (metrics or {}).get(KEY_NORM_BIT)
+    if isinstance(reported, int | float) and not isinstance(reported, bool) \
+            and reported in (0, 1):
+        return float(reported)
+    return None
+
+
 @dataclass
 class DP:
     """Central differential privacy: ``xflwb.DP(noise_multiplier=1.0, clipping_norm=0.5)``
@@ -303,10 +313,9 @@ class CentralDP:
         c = self.clipping_norm
         clipped, norm = clip_update(canonical, global_, trained, c)
         bit = 1.0 if norm <= c * (1 + _TOLERANCE) else 0.0
-        reported = (metrics or {}).get(KEY_NORM_BIT)
-        if bit and isinstance(reported, int | float) and not isinstance(reported, bool) \
-                and reported in (0, 1):
-            bit = float(reported)
+        reported = reported_bit(metrics)
+        if bit and reported is not None:
+            bit = reported
         return clipped, bit
 
     def counted(self, bit: float) -> None:

@@ -45,7 +45,7 @@ from xflwb.server.flower_legacy import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from xflwb.server.privacy import CentralDP
+from xflwb.server.privacy import CentralDP, reported_bit
 from xflwb.server.protocol import drain_violations
 
 log = logging.getLogger("xflwb.strategy")
@@ -516,8 +516,8 @@ class CrossPlatformStrategy(Strategy):
             for c in sorted(set(clients) - {0}):  # one update per count: the noise's c_k
                 agg.add(average, c, [n == c for n in clients])
             for _, res in results:  # the bits the clients reported (they clipped)
-                bit = (res.metrics or {}).get("norm_bit")
-                self.dp.counted(1.0 if bit is None else float(bit))
+                bit = reported_bit(res.metrics)
+                self.dp.counted(1.0 if bit is None else bit)
         except Exception as exc:  # the aggregate is refused: the global model stays
             why = f"secure aggregate refused: {type(exc).__name__}: {exc}"
             log.warning("round %s: %s", server_round, why)
