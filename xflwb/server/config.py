@@ -6,6 +6,7 @@ train`` and the admin API's body are generated from ``SessionConfig`` (``xflwb._
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +24,13 @@ FLOOR_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 #: the strategies a session or simulation can run (``xflwb.flower_legacy.SERVER_STRATEGIES``
-#: maps them to Flower's classes; a test keeps the two equal). Spelled here so that building a
+#: maps them to Flower's classes; a test keeps the two equal), and FedBuff's asynchronous
+#: rounds (``xflwb.server.fedbuff``, phone sessions only). Spelled here so that building a
 #: parser does not import Flower.
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
-              "fedtrimmedavg", "krum")
+              "fedtrimmedavg", "krum", "fedbuff")
+#: the strategies without rounds: phones train asynchronously, versions replace rounds
+ASYNC_STRATEGIES = ("fedbuff",)
 
 
 @dataclass
@@ -38,7 +42,7 @@ class RoundOptions:
                            choices=STRATEGIES)
     strategy_options: dict[str, Any] = option(
         default_factory=dict, help="keyword arguments of the Flower strategy (e.g. "
-        '{"beta": 0.2} for fedtrimmedavg)')
+        '{"beta": 0.2} for fedtrimmedavg), or xflwb.FedBuff(...) / its dict for fedbuff')
     min_clients: int | None = option(
         None, "clients a round needs before it starts (none: 2, or the whole simulated fleet "
         "if smaller)", ge=1, le=1_000_000)
@@ -64,7 +68,11 @@ class RoundOptions:
         """The shared checks (``__post_init__`` of each subclass calls this)."""
         if isinstance(self.strategy, str):
             self.strategy = self.strategy.lower()
+        from xflwb.server.fedbuff import FedBuff
         from xflwb.server.privacy import privacy_dict
+
+        if isinstance(self.strategy_options, FedBuff):
+            self.strategy_options = dataclasses.asdict(self.strategy_options)
 
         if self.privacy is not None and not isinstance(self.privacy, dict):
             self.privacy = privacy_dict(self.privacy)  # a DP → its dict (checked below)
@@ -74,9 +82,18 @@ class RoundOptions:
             raise ValueError(f"privacy (central DP) cannot be combined with strategy "
                              f"{self.strategy!r}: it noises a mean; use fedavg or a server "
                              "optimiser (fedadam, ...)")
+        if self.privacy is not None and self.strategy in ASYNC_STRATEGIES:
+            raise ValueError(f"privacy (central DP) cannot be combined with strategy "
+                             f"{self.strategy!r}: its ε ledger composes rounds of sampled "
+                             "clients, which asynchronous training does not have; use "
+                             "fedavg or a server optimiser")
         if self.fraction_evaluate is None:
             self.fraction_evaluate = self.fraction_fit
         check_strategy_options(self.strategy, self.strategy_options)
+        if self.strategy in ASYNC_STRATEGIES:  # every FedBuff field, defaults filled in
+            from xflwb.server.fedbuff import fedbuff_options
+
+            self.strategy_options = dataclasses.asdict(fedbuff_options(self.strategy_options))
 
 
 @dataclass
@@ -121,6 +138,11 @@ def check_strategy_options(strategy: str, options: Any) -> None:
 
     if not isinstance(options, dict):
         raise ValueError(f"strategy_options must be a dict, got {type(options).__name__}")
+    if strategy in ASYNC_STRATEGIES:
+        from xflwb.server.fedbuff import fedbuff_options
+
+        fedbuff_options(options)  # ValueError naming the option (did you mean …)
+        return
     try:
         SERVER_STRATEGIES[strategy](
             initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]), **options)

@@ -17,7 +17,12 @@ from typing import Any
 
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.server.checkpoints import newest_valid_checkpoint
-from xflwb.server.config import FLOOR_MESSAGE_BYTES, SessionConfig, message_limit
+from xflwb.server.config import (
+    ASYNC_STRATEGIES,
+    FLOOR_MESSAGE_BYTES,
+    SessionConfig,
+    message_limit,
+)
 from xflwb.server.process import SessionProcess
 from xflwb.server.registry import Registry
 
@@ -116,14 +121,21 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             servers.append(srv)
             ports[platform] = port
 
+        asynchronous = cfg.strategy in ASYNC_STRATEGIES
         strategy = proc.strategy(
-            model, initial, offset, strategy=cfg.strategy,
-            strategy_options=cfg.strategy_options, fraction_fit=cfg.fraction_fit,
+            model, initial, offset,
+            # FedBuff's loop reuses the strategy's per-client steps; its options are its own
+            strategy="fedavg" if asynchronous else cfg.strategy,
+            strategy_options={} if asynchronous else cfg.strategy_options,
+            fraction_fit=cfg.fraction_fit,
             fraction_evaluate=cfg.fraction_evaluate, min_clients=cfg.min_clients,
             local_epochs=cfg.local_epochs, max_examples=cfg.max_examples,
             max_update_norm=cfg.max_update_norm, privacy=cfg.privacy)
         proc.save_start(model, offset, initial)  # the weights it starts from
         proc.running(ports=ports, resumed_from=resumed)
+        if asynchronous:
+            _run_fedbuff(proc, cm, strategy, cfg, offset)
+            return
         server = Server(client_manager=cm, strategy=strategy)
         server.set_max_workers(cfg.max_workers)
         try:
@@ -137,6 +149,30 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         with contextlib.suppress(Exception):
             server.disconnect_all_clients(timeout=5)
         proc.finish()
+
+
+def _run_fedbuff(proc: SessionProcess, cm: Any, strategy: Any, cfg: SessionConfig,
+                 offset: int) -> None:
+    """FedBuff's asynchronous loop instead of Flower's rounds (``xflwb.server.fedbuff``);
+    each arrival is recorded in ``session.arrivals``, each version like a round."""
+    from xflwb.server.fedbuff import AsyncLoop, fedbuff_options
+    from xflwb.server.strategy import AllClientsFailed
+
+    registry = proc.registry
+
+    def on_arrival(arrival: Any) -> None:
+        registry.add_arrivals(proc.session_id, [arrival.row()])
+
+    loop = AsyncLoop(cm, strategy, fedbuff_options(cfg.strategy_options),
+                     max_versions=cfg.rounds, first_version=offset,
+                     round_timeout=cfg.round_timeout, max_workers=cfg.max_workers,
+                     on_arrival=on_arrival)
+    try:
+        loop.run()
+    except AllClientsFailed as exc:
+        proc.fail(str(exc))
+        return
+    proc.finish()
 
 
 if __name__ == "__main__":  # python -m xflwb.server.session_process DATA_DIR DB_URL SESSION_ID

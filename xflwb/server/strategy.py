@@ -422,12 +422,16 @@ class CrossPlatformStrategy(Strategy):
             return self.max_examples, True
         return n, False
 
-    def _accept(self, platform: str, res: FitRes
+    def _accept(self, platform: str, res: FitRes, base: list[np.ndarray] | None = None
                 ) -> tuple[list[np.ndarray], int, bool, str]:
         """Decode, map to canonical space and check one client's FitRes: (canonical
         arrays, examples it counts for, capped?, its encoding). Raises on anything wrong;
         the caller turns it into that client's rejection, except a KeyError: only a
-        manifest lookup raises one (our fault, not the client's), so it fails the round."""
+        manifest lookup raises one (our fault, not the client's), so it fails the round.
+
+        ``base``: the model the client trained from (default: the global model; FedBuff
+        passes the older version a late update started from)."""
+        base = self.global_ if base is None else base
         frozen = (res.metrics or {}).get("frozen_sha256")
         if frozen is not None and self._frozen and frozen != self._frozen:
             raise ValueError(
@@ -441,14 +445,14 @@ class CrossPlatformStrategy(Strategy):
         n, capped = self._examples(res.num_examples)
         arrays, codec = params.decode_tensors(res.parameters.tensors)
         # tensors a platform does not hold are masked out: base fills them
-        canonical = params.from_platform(arrays, self.manifest, platform, base=self.global_)
+        canonical = params.from_platform(arrays, self.manifest, platform, base=base)
         mask = self._masks[platform]
         if self.rule is not None:  # the streamed average checks this itself
             for k, (a, t) in enumerate(zip(canonical, mask, strict=True)):
                 if t and not np.isfinite(a).all():
                     raise ValueError(f"parameter {k} contains NaN or inf (in float32)")
         if self.max_update_norm is not None:
-            norm = update_norm(canonical, self.global_, mask)
+            norm = update_norm(canonical, base, mask)
             if not np.isfinite(norm):
                 raise ValueError("update contains NaN or inf (in float32)")
             if norm > self.max_update_norm:

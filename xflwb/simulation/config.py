@@ -60,6 +60,14 @@ class SimulationConfig(RoundOptions):
         if self.secagg is not None:
             self.secagg = secagg_mod.normalized(self.secagg)
         self._check_rounds()
+        from xflwb.server.config import ASYNC_STRATEGIES
+
+        if self.strategy in ASYNC_STRATEGIES:
+            raise ValueError(
+                f"strategy {self.strategy!r} (asynchronous rounds) runs in phone sessions, "
+                "not on the Simulation Engine, whose rounds are synchronous: use "
+                "wb.train(model, strategy='fedbuff') with wb.spawn_devices(..., "
+                "slowdown=[...]) for virtual phones, or a synchronous strategy here")
         if self.num_clients < 1:
             raise ValueError("a simulation needs clients: pass android=N and/or ios=M")
         if self.min_clients is None:
