@@ -21,12 +21,14 @@ def sets() -> dict[str, type]:
     from xflwb.devices.device import DeviceOptions
     from xflwb.devices.fleet import FleetOptions
     from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
+    from xflwb.server.fedbuff import FedBuff
     from xflwb.server.privacy import DP
     from xflwb.simulation.config import SimulationConfig
     from xflwb.simulation.secagg import SecAgg
 
     return {c.__name__: c for c in (SessionConfig, SimulationConfig, BackendOptions,
-                                    TLSOptions, FleetOptions, DeviceOptions, DP, SecAgg)}
+                                    TLSOptions, FleetOptions, DeviceOptions, DP, SecAgg,
+                                    FedBuff)}
 
 
 def render(text: str) -> str:

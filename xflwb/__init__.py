@@ -24,6 +24,7 @@ from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import Fleet
 from xflwb.server.config import SessionConfig
+from xflwb.server.fedbuff import FedBuff
 from xflwb.server.privacy import DP
 from xflwb.server.session import Session
 from xflwb.simulation import simulate
@@ -52,6 +53,7 @@ __all__ = [
     "DropoutWarning",
     "ExportError",
     "ExportResult",
+    "FedBuff",
     "Fleet",
     "ManifestError",
     "ParityError",

@@ -100,8 +100,21 @@ class RemoteSession:
 
     @property
     def history(self) -> pd.DataFrame:
+        """As ``Session.history``: a FedBuff session's also has ``version`` (= round)."""
         rows = self.client.request("GET", f"/sessions/{self.id}/metrics")
-        return pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
+        df = pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
+        if str((self._info.get("config") or {}).get("strategy", "")).lower() == "fedbuff":
+            df["version"] = df["round"]
+        return df
+
+    @property
+    def arrivals(self) -> pd.DataFrame:
+        """As ``Session.arrivals``: a FedBuff session's updates (applied or rejected) with
+        their version, staleness and weight; empty for synchronous sessions."""
+        from xflwb.server.registry import ARRIVAL_COLUMNS
+
+        rows = self.client.request("GET", f"/sessions/{self.id}/arrivals")
+        return pd.DataFrame(rows, columns=list(ARRIVAL_COLUMNS))
 
     def stop(self) -> None:
         self.client.request("POST", f"/sessions/{self.id}/stop")

@@ -92,7 +92,7 @@ def fedbuff_options(value: Any) -> FedBuff:
         raise ValueError(f"strategy_options of fedbuff must be xflwb.FedBuff(...) or its "
                          f"dict, got {value!r}")
     try:
-        _options.unknown(FedBuff, value, "strategy_options of fedbuff (xflwb.FedBuff)")
+        _options.unknown(FedBuff, value, "xflwb.FedBuff")
         return FedBuff(**value)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"strategy_options: {exc}") from exc
@@ -290,15 +290,15 @@ class AsyncLoop:
         return self.state.version - self.first_version
 
     def run(self) -> None:
-        """Until the stop rule: dispatch to idle phones, handle what came back."""
+        """Until the stop rule: dispatch to idle phones, handle what came back; then wind
+        down (the final evaluation, goodbyes)."""
         self.strategy._manager = self.cm
         self._wait_for_clients()
         self._start = self._last_version_at = self.clock()
         try:
             while not self._done():
                 self._step()
-            self._drain_evaluations()
-            self._disconnect_idle()
+            self._wind_down()
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
@@ -310,33 +310,38 @@ class AsyncLoop:
             return
         done, _ = wait(list(self._jobs), timeout=self.POLL, return_when=FIRST_COMPLETED)
         for fut in done:
-            job = self._jobs.pop(fut)
-            if fits or job.kind == "evaluate":
-                self._complete(fut, job)
-            else:  # a fit that ends after the last version: nothing to apply it to
-                self._busy.discard(job.client.cid)
+            self._complete(fut, self._jobs.pop(fut), late=not fits)
 
-    def _drain_evaluations(self) -> None:
-        """After the last version: let the scheduled evaluation (of the final model) run
-        on the phones that are idle or become idle, at most ``round_timeout`` seconds; no
-        phone starts a new fit."""
-        deadline = self.clock() + self.round_timeout
-        while self._evals and self.clock() < deadline:
-            ev = self._evals[-1]
-            if ev.dispatched and not self._idle():
-                ev.target = ev.dispatched  # no one else is free: close with these
-            self._step(fits=False)
-
-    def _disconnect_idle(self) -> None:
-        """Tell the idle phones the session is over (Flower's ReconnectIns without a
-        delay, as ``Server.disconnect_all_clients``); phones still training see their
+    def _wind_down(self) -> None:
+        """After the last version no phone starts a fit. The final model's evaluation runs
+        on phones as they become idle; fits still running are waited for (their updates
+        are recorded as arriving too late, not applied); each idle phone is told the
+        session is over (Flower's ReconnectIns without a delay, as
+        ``Server.disconnect_all_clients``), so phones end cleanly instead of seeing their
+        stream cut. At most ``round_timeout`` seconds; phones still busy then see their
         stream end when the session closes its ports."""
         from xflwb.server.flower_legacy import ReconnectIns
 
-        idle = [c for cid, c in self.cm.all().items() if cid not in self._busy]
-        futures = [self._pool.submit(c.reconnect, ReconnectIns(seconds=None), 5, None)
-                   for c in idle]
-        wait(futures, timeout=6)
+        deadline = self.clock() + self.round_timeout
+        told: set[str] = set()
+        goodbyes: list[Future[Any]] = []
+        while True:
+            if self._evals and not any(j.kind == "fit" for j in self._jobs.values()):
+                ev = self._evals[-1]  # nobody else will become free: close with these
+                if not self._idle():
+                    ev.target = ev.dispatched
+            self._dispatch(fits=False)
+            for client in self._idle():
+                if client.cid not in told and not self._evals:
+                    told.add(client.cid)
+                    goodbyes.append(self._pool.submit(client.reconnect,
+                                                      ReconnectIns(seconds=None), 5, None))
+            if (not self._jobs and not self._evals) or self.clock() >= deadline:
+                break
+            self._step(fits=False)
+        log.info("FedBuff: session over at version %d; %d phone(s) told, %d still busy",
+                 self.state.version, len(told), len(self._busy))
+        wait(goodbyes, timeout=6)
 
     def _done(self) -> bool:
         if self.versions_made >= self.max_versions:
@@ -418,17 +423,27 @@ class AsyncLoop:
         self._jobs[fut] = job
 
     # -- what came back --------------------------------------------------------------------
-    def _complete(self, fut: Future[Any], job: _Job) -> None:
+    def _complete(self, fut: Future[Any], job: _Job, late: bool = False) -> None:
+        """One job came back. ``late``: a fit that ends after the last version."""
         self._busy.discard(job.client.cid)
         try:
             res = fut.result()
         except Exception as exc:
-            failure = exc
+            failure: BaseException | None = exc
             res = None
         else:
             failure = None
         if job.kind == "evaluate":
             self._evaluated(job, res, failure)
+        elif late:
+            if failure is None:  # said, not silently dropped
+                self._record_arrival(Arrival(
+                    self.state.version + 1, job.platform, job.client.cid, job.version,
+                    self.state.version - job.version, 0.0,
+                    int(getattr(res, "num_examples", 0) or 0),
+                    float(getattr(job.client, "seconds", 0.0)), self.clock() - self._start,
+                    "rejected", f"arrived after the session's last version "
+                    f"{self.state.version} (max_versions / max_seconds reached)"))
         elif failure is not None:
             self._failed(job, failure)
         else:

@@ -17,7 +17,7 @@ import pandas as pd
 
 from xflwb.server.checkpoints import newest_valid_checkpoint
 from xflwb.server.process import progress_path
-from xflwb.server.registry import Registry, RegistryError
+from xflwb.server.registry import ARRIVAL_COLUMNS, Registry, RegistryError
 from xflwb.server.status import DONE, SessionStatus
 
 if TYPE_CHECKING:
@@ -111,6 +111,9 @@ class Session:
         if p.get("phase") in ("fit", "evaluate"):
             verb = "training" if p["phase"] == "fit" else "evaluating"
             return f"{verb} round {rnd} on {p.get('selected', '?')} clients"
+        if p.get("phase") == "fedbuff":  # asynchronous: versions, not rounds
+            return (f"building model version {rnd} (FedBuff): {p.get('selected', '?')} of "
+                    f"{p.get('connected', '?')} connected clients training")
         return "starting its first round"
 
     @property
@@ -149,6 +152,13 @@ class Session:
     def rejections(self) -> pd.DataFrame:
         return pd.DataFrame(self.registry.get_rejections(self.id),
                             columns=["round", "platform", "client", "reason"])
+
+    @property
+    def arrivals(self) -> pd.DataFrame:
+        """FedBuff: every update that reached the server, applied or rejected, with the
+        version it went into, its staleness and weight (``ARRIVAL_COLUMNS``); empty for
+        synchronous sessions."""
+        return arrivals_frame(self.registry.get_arrivals(self.id))
 
     def global_parameters(self) -> list[np.ndarray]:
         """The latest canonical global model of this session."""
@@ -221,9 +231,24 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
     return f"resumed from session {row.session_id}, round {row.round}"
 
 
+def is_fedbuff(config: dict[str, Any]) -> bool:
+    """Whether a stored session config ran FedBuff (its rounds are model versions)."""
+    return str(config.get("strategy", "")).lower() == "fedbuff"
+
+
 def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:
+    """round, platform, metric, value; a FedBuff session also gets ``version`` (= round),
+    so plots and readers can tell versions from synchronous rounds."""
     rows = registry.get_metrics(session_id)
     rows += registry.accuracy_metrics(session_id)
     df = pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
-    return df.sort_values(["round", "platform", "metric"], kind="stable").reset_index(drop=True)
+    df = df.sort_values(["round", "platform", "metric"], kind="stable").reset_index(drop=True)
+    if is_fedbuff(registry.get_session(session_id)["config"]):
+        df["version"] = df["round"]
+    return df
+
+
+def arrivals_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """Arrival rows as a frame with ``ARRIVAL_COLUMNS`` in order (none: an empty frame)."""
+    return pd.DataFrame(rows, columns=list(ARRIVAL_COLUMNS))
 

@@ -114,6 +114,27 @@ checkpoints = sa.Table(
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("sha256", sa.String(64)),  # of the file's bytes; NULL in rows of older xflwb
 )
+#: one row per update that reached a FedBuff session's server, applied or rejected (issue
+#: 15); ``ARRIVAL_COLUMNS`` is their order in ``Session.arrivals``
+arrivals = sa.Table(
+    "arrivals", meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
+    sa.Column("version", sa.Integer, nullable=False),  # the version it went (would go) into
+    sa.Column("platform", sa.String(16), nullable=False),
+    sa.Column("client", sa.String(64), nullable=False),
+    sa.Column("base_version", sa.Integer, nullable=False),  # the version it trained from
+    sa.Column("staleness", sa.Integer, nullable=False),
+    sa.Column("weight", sa.Float, nullable=False),  # staleness weight; 0 when rejected
+    sa.Column("examples", sa.Integer, nullable=False),
+    sa.Column("fit_seconds", sa.Float),
+    sa.Column("seconds", sa.Float, nullable=False),  # since the session started
+    sa.Column("status", sa.String(16), nullable=False),  # applied | rejected
+    sa.Column("reason", sa.Text, nullable=False),  # "" when applied
+    sa.Column("time", sa.Float, nullable=False),
+)
+ARRIVAL_COLUMNS = ("version", "platform", "client", "base_version", "staleness", "weight",
+                   "examples", "fit_seconds", "seconds", "status", "reason")
 #: sessions run on the Simulation Engine
 _SIMULATION = sessions.c.engine == "simulation"
 #: how rows written before the ``engine`` column existed said so: in their config JSON
@@ -247,7 +268,7 @@ class Registry:
         self.checkpoint_dir = self.data_dir / "checkpoints"
         self.db_url = db_url or f"sqlite:///{self.data_dir / 'xflwb.db'}"
         self.engine = _engine(self.db_url)
-        meta.create_all(self.engine)
+        meta.create_all(self.engine)  # also the tables an older registry lacks (arrivals)
         self._migrate_sessions()
         self._migrate_checkpoints_and_telemetry()
 
@@ -559,6 +580,32 @@ class Registry:
         q = (sa.select(rejections.c.round, rejections.c.platform, rejections.c.client,
                        rejections.c.reason)
              .where(rejections.c.session_id == session_id).order_by(rejections.c.id))
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q).all()]
+
+    def add_arrivals(self, session_id: int, rows: list[dict[str, Any]]) -> None:
+        """Record FedBuff arrivals (dicts with ``ARRIVAL_COLUMNS``' keys; ``reason`` may be
+        left out when applied) in one transaction: a version's arrivals land together."""
+        if not rows:
+            return
+        now = time.time()
+        missing = [sorted(set(ARRIVAL_COLUMNS) - {"reason"} - set(r)) for r in rows]
+        if any(missing):
+            raise RegistryError(f"arrival rows lack {next(m for m in missing if m)}")
+        with self.engine.begin() as c:
+            c.execute(arrivals.insert(), [
+                {"session_id": session_id, "version": int(r["version"]),
+                 "platform": str(r["platform"]), "client": str(r["client"])[:64],
+                 "base_version": int(r["base_version"]), "staleness": int(r["staleness"]),
+                 "weight": float(r["weight"]), "examples": int(r["examples"]),
+                 "fit_seconds": None if r["fit_seconds"] is None else float(r["fit_seconds"]),
+                 "seconds": float(r["seconds"]), "status": str(r["status"]),
+                 "reason": str(r.get("reason") or "")[:2000], "time": now} for r in rows])
+
+    def get_arrivals(self, session_id: int) -> list[dict[str, Any]]:
+        """The session's arrivals in the order they were recorded (``ARRIVAL_COLUMNS``)."""
+        q = (sa.select(*(arrivals.c[k] for k in ARRIVAL_COLUMNS))
+             .where(arrivals.c.session_id == session_id).order_by(arrivals.c.id))
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q).all()]
 

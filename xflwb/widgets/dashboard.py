@@ -8,7 +8,9 @@ IntProgress): no ``Output`` widget capture from threads, which is what breaks in
 ipywidgets issues 3260 / 4020. The header, progress, failures and device table refresh
 every ``interval`` seconds; the plot and round table only when the history changes (a
 PNG costs ~0.1 s). ``report(session)`` renders the same content as static HTML + PNG, so
-headless runs (papermill, nbconvert, nbval) keep the final plot and table.
+headless runs (papermill, nbconvert, nbval) keep the final plot and table. A FedBuff
+session counts model versions instead of rounds and adds the staleness histogram of its
+applied updates (``session.arrivals``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import pandas as pd
 
-from xflwb.style import PLATFORM_COLORS, history_wide, plot_figure
+from xflwb.style import PLATFORM_COLORS, history_wide, plot_figure, staleness_figure
 
 PLATFORMS = ("android", "ios", "all")
 COLORS = PLATFORM_COLORS  # the one colour map of dashboard, report and demo (xflwb.style)
@@ -57,10 +59,16 @@ def _number(v: Any) -> str:
     return str(v)
 
 
-def plot_png(history: pd.DataFrame, title: str = "", placeholder: str = "") -> bytes:
-    """Loss and accuracy per round and platform, as PNG bytes; before the first round's
-    metrics, a picture of ``placeholder`` text instead of empty axes."""
-    return _png(plot_figure(history, title, placeholder))
+def plot_png(history: pd.DataFrame, title: str = "", placeholder: str = "",
+             x: str | None = None) -> bytes:
+    """Loss and accuracy per round (``x``: or version, or wall seconds) and platform, as
+    PNG bytes; before the first round's metrics, a picture of ``placeholder`` text."""
+    return _png(plot_figure(history, title, placeholder, x=x))
+
+
+def staleness_png(arrivals: pd.DataFrame) -> bytes:
+    """FedBuff: the histogram of applied updates' staleness per platform, as PNG bytes."""
+    return _png(staleness_figure(arrivals))
 
 
 def _png(fig: Any) -> bytes:
@@ -121,6 +129,24 @@ def _section(title: str, body: str) -> str:
     return f"<h5 style='margin:8px 0 2px'>{html.escape(title)}</h5>{body}"
 
 
+def fedbuff_plan(info: dict[str, Any]) -> dict[str, int] | None:
+    """A FedBuff session's ``buffer_size`` and planned ``versions`` (its options' defaults
+    filled in, as the contract gives them), or None for a synchronous session."""
+    cfg = info.get("config") or {}
+    if str(cfg.get("strategy", "")).lower() != "fedbuff":
+        return None
+    opts = cfg.get("strategy_options")
+    opts = opts if isinstance(opts, dict) else {}
+    return {"buffer_size": int(opts.get("buffer_size") or 4),
+            "versions": int(opts.get("max_versions") or cfg["rounds"])}
+
+
+def _steps(info: dict[str, Any]) -> tuple[str, int]:
+    """What a session counts ("round", or "version" for FedBuff) and how many it plans."""
+    fb = fedbuff_plan(info)
+    return ("version", fb["versions"]) if fb else ("round", int(info["config"]["rounds"]))
+
+
 def where(info: dict[str, Any]) -> str:
     """Where the clients are: phone ports, or the simulated fleet."""
     cfg = info["config"]
@@ -153,11 +179,15 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
     """Session, model, status, round k/N, where, failure counts, what it waits for or why
     it ended."""
     status = info["status"]
-    rounds = info["config"]["rounds"]
+    step, total = _steps(info)
+    fb = fedbuff_plan(info)
     tone = {"finished": "#1a7f37", **dict.fromkeys(ENDED_BADLY, "#cf222e")}.get(status)
     badge = f"<b style='color:{tone}'>{status}</b>" if tone else f"<b>{status}</b>"
+    progress = f"{step} {info['round']}/{total}"
+    if fb:
+        progress += f" (FedBuff, K={fb['buffer_size']})"
     parts = [f"<b>session {info['id']}</b> — {html.escape(info['model_name'])}: {badge}",
-             f"round {info['round']}/{rounds}", where(info)]
+             progress, where(info)]
     started = getattr(session, "started_from", None)
     if isinstance(started, str) and started:
         parts.append(html.escape(started))
@@ -197,20 +227,34 @@ def failures_html(session: Any) -> str:
                     _table_html(failures.tail(RECENT)))
 
 
+def _last_title(step: str, last: int | None) -> str:
+    return f"last {step} per platform" + (f" ({step} {last})" if last else "")
+
+
+def staleness_html(session: Any) -> str:
+    """FedBuff: the staleness histogram of the session's applied updates as an embedded
+    PNG under its heading."""
+    png = base64.b64encode(staleness_png(session.arrivals)).decode()
+    return _section("staleness of applied updates",
+                    f"<img class='xflwb-staleness' src='data:image/png;base64,{png}'/>")
+
+
 def snapshot_html(session: Any, fleet: Any = None) -> str:
-    """Static HTML of the dashboard (plot embedded as PNG)."""
+    """Static HTML of the dashboard (plot embedded as PNG; FedBuff: against the model
+    version, with the staleness histogram)."""
     info = session.info
     hist = session.history
     devices = device_table(fleet) if fleet is not None else None
-    png = base64.b64encode(plot_png(hist)).decode()
+    step, _total = _steps(info)
+    png = base64.b64encode(plot_png(hist, x=step)).decode()
     rej = session.rejections
     last = _last_round(hist)
     parts = [
         (f"<div class='xflwb-header' style='font-size:1.15em;margin:6px 0'>"
          f"{header_html(session, info, hist, devices)}</div>"),
         f"<img src='data:image/png;base64,{png}'/>",
-        _section("last round per platform" + (f" (round {last})" if last else ""),
-                 round_table_html(hist)),
+        staleness_html(session) if step == "version" else "",
+        _section(_last_title(step, last), round_table_html(hist)),
         failures_html(session),
     ]
     if len(rej):
@@ -245,22 +289,27 @@ class Dashboard:
         self.session = session
         self.fleet = fleet
         self.interval = interval
-        self.rounds = int(session.info["config"]["rounds"])
+        #: "round", or "version" for a FedBuff session; ``rounds`` is how many it plans
+        self.step, self.rounds = _steps(session.info)
         self.header = w.HTML()
         self.progress = w.IntProgress(value=0, min=0, max=self.rounds,
-                                      description=f"round 0/{self.rounds}",
+                                      description=f"{self.step} 0/{self.rounds}",
                                       bar_style="info",
                                       style={"description_width": "initial"})
         self.plot = w.Image(format="png")
+        #: FedBuff only: the staleness histogram (a synchronous session has no arrivals)
+        self.staleness = w.Image(format="png") if self.step == "version" else None
         self.table = w.HTML()
         self.failures = w.HTML()
         self.devices = w.HTML()
         self.rejected = w.HTML()
-        self.widget = w.VBox([self.header, self.progress, self.plot, self.table,
+        plots = [self.plot] + ([self.staleness] if self.staleness is not None else [])
+        self.widget = w.VBox([self.header, self.progress, *plots, self.table,
                               self.failures, self.rejected, self.devices])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._plotted: tuple[int, int] | None = None  # (round, history rows) last drawn
+        self._arrivals_drawn: int | None = None  # arrival rows in the staleness plot
         self.refresh()
 
     def refresh(self) -> str:
@@ -273,19 +322,22 @@ class Dashboard:
         self.header.value = header_html(self.session, info, hist, devices)
         done = min(int(info["round"]), self.progress.max)
         self.progress.value = done
-        self.progress.description = f"round {done}/{self.rounds}"
+        self.progress.description = f"{self.step} {done}/{self.rounds}"
         if status == "finished":
             self.progress.bar_style = "success"
         elif status in ENDED_BADLY:
             self.progress.bar_style = "danger"
         key = (int(info["round"]), len(hist))
         if key != self._plotted:
-            self.plot.value = plot_png(hist)
-            last = _last_round(hist)
-            self.table.value = _section(
-                "last round per platform" + (f" (round {last})" if last else ""),
-                round_table_html(hist))
+            self.plot.value = plot_png(hist, x=self.step)
+            self.table.value = _section(_last_title(self.step, _last_round(hist)),
+                                        round_table_html(hist))
             self._plotted = key
+        if self.staleness is not None:
+            arrivals = self.session.arrivals
+            if len(arrivals) != self._arrivals_drawn:
+                self.staleness.value = staleness_png(arrivals)
+                self._arrivals_drawn = len(arrivals)
         self.failures.value = failures_html(self.session)
         rej = self.session.rejections
         self.rejected.value = ("" if rej.empty else

@@ -1,5 +1,5 @@
 """Admin: training sessions (``/api/v1/sessions``): list, start, one, stop, and a
-session's metric history and refused updates."""
+session's metric history, refused updates and (FedBuff) update arrivals."""
 
 from __future__ import annotations
 
@@ -44,6 +44,22 @@ class RejectionOut(BaseModel):
     platform: str
     client: str
     reason: str
+
+
+class ArrivalOut(BaseModel):
+    """One update that reached a FedBuff session's server (``Session.arrivals``' row)."""
+
+    version: int = Field(description="the model version it went (or would have gone) into")
+    platform: str = Field(description="android or ios")
+    client: str
+    base_version: int = Field(description="the version the device trained from")
+    staleness: int = Field(description="version at arrival minus base_version")
+    weight: float = Field(description="its staleness weight; 0 when rejected")
+    examples: int
+    fit_seconds: float | None
+    seconds: float = Field(description="wall seconds since the session started, at arrival")
+    status: str = Field(description="applied | rejected")
+    reason: str = Field(description='why it was rejected; "" when applied')
 
 
 #: the session row's fields the API shows (SessionOut, but for started_from)
@@ -100,5 +116,10 @@ def sessions_router(state: AppState) -> APIRouter:
     def session_rejections(session_id: PathId) -> list[dict[str, Any]]:
         registry.get_session(session_id)
         return registry.get_rejections(session_id)
+
+    @r.get("/sessions/{session_id}/arrivals", response_model=list[ArrivalOut])
+    def session_arrivals(session_id: PathId) -> list[dict[str, Any]]:
+        registry.get_session(session_id)
+        return registry.get_arrivals(session_id)
 
     return r
