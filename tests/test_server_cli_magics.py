@@ -87,6 +87,19 @@ def test_server_and_train_magics(ip, export, tmp_path, capsys):
             ip.run_line_magic("xfl_train", "tiny --rounds 0")
         with pytest.raises(XflMagicError, match="no published model named 'unknown_model'"):
             ip.run_line_magic("xfl_train", "unknown_model")
+        # FedBuff's options travel as --strategy-options JSON, checked before any process
+        with pytest.raises(XflMagicError, match="did you mean buffer_size"):
+            ip.run_line_magic("xfl_train", "tiny_export --strategy fedbuff "
+                                           "--strategy-options '{\"bufer_size\": 2}'")
+        session.stop()  # one session per model at a time
+        asynchronous = ip.run_line_magic(
+            "xfl_train", "tiny_export --rounds 2 --min-clients 1 --strategy fedbuff "
+                         "--strategy-options '{\"buffer_size\": 2, \"max_staleness\": 3}'")
+        config = asynchronous.info["config"]
+        assert config["strategy"] == "fedbuff"
+        assert config["strategy_options"]["buffer_size"] == 2
+        assert config["strategy_options"]["staleness"] == "polynomial:0.5"  # filled in
+        assert "model version" in asynchronous.doing()  # not "round"
     finally:
         ip.run_line_magic("xfl_server", "stop")
     assert not wb.running

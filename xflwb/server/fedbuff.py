@@ -282,6 +282,7 @@ class AsyncLoop:
         self._failures: list[Any] = []  # since the last version
         self._start = 0.0
         self._last_version_at = 0.0
+        self._last_evaluated: int | None = None  # the newest version scheduled
         self._lock = threading.Lock()
 
     # -- the loop --------------------------------------------------------------------------
@@ -323,6 +324,9 @@ class AsyncLoop:
         from xflwb.server.flower_legacy import ReconnectIns
 
         deadline = self.clock() + self.round_timeout
+        scheduled = self._evals[-1].version if self._evals else self._last_evaluated
+        if self._evaluates() and self.versions_made and scheduled != self.state.version:
+            self._schedule_evaluation()  # the final model is always evaluated
         told: set[str] = set()
         goodbyes: list[Future[Any]] = []
         while True:
@@ -575,13 +579,22 @@ class AsyncLoop:
         self._last_version_at = now
         if self.strategy.on_fit_round is not None:
             self.strategy.on_fit_round(report, self.strategy.global_)
-        every = self.options.evaluate_every
-        if (new is not None and every and self.strategy.fraction_evaluate > 0
-                and self.versions_made % every == 0):
-            target = max(1, int(self.cm.num_available() * self.strategy.fraction_evaluate))
-            self._evals.append(_Evaluation(state.version, target))
+        if (new is not None and self._evaluates()
+                and (self.versions_made % self.options.evaluate_every == 0
+                     or self.versions_made >= self.max_versions)):
+            self._schedule_evaluation()
 
     # -- evaluation ------------------------------------------------------------------------
+    def _evaluates(self) -> bool:
+        return bool(self.options.evaluate_every) and self.strategy.fraction_evaluate > 0
+
+    def _schedule_evaluation(self) -> None:
+        """Evaluate the current version on ``fraction_evaluate`` of the connected phones,
+        as they become idle."""
+        target = max(1, int(self.cm.num_available() * self.strategy.fraction_evaluate))
+        self._evals.append(_Evaluation(self.state.version, target))
+        self._last_evaluated = self.state.version
+
     def _open_evaluation(self) -> _Evaluation | None:
         """The newest scheduled evaluation still short of phones (older ones close with
         what they have: a newer model is worth more than an older one's coverage)."""

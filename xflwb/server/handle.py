@@ -105,8 +105,9 @@ class Session:
             return "its process is starting"
         p = self.progress
         rnd = p.get("round", int(info["round"]) + 1)
+        unit = "model version" if is_fedbuff(info["config"]) else "round"
         if p.get("phase") == "waiting":
-            return (f"waiting for {p['needed']} clients before round {rnd} "
+            return (f"waiting for {p['needed']} clients before {unit} {rnd} "
                     f"(min_clients={p['needed']}); {p['connected']} connected")
         if p.get("phase") in ("fit", "evaluate"):
             verb = "training" if p["phase"] == "fit" else "evaluating"
@@ -114,7 +115,7 @@ class Session:
         if p.get("phase") == "fedbuff":  # asynchronous: versions, not rounds
             return (f"building model version {rnd} (FedBuff): {p.get('selected', '?')} of "
                     f"{p.get('connected', '?')} connected clients training")
-        return "starting its first round"
+        return f"starting its first {unit}"
 
     @property
     def failures(self) -> pd.DataFrame:
