@@ -386,3 +386,33 @@ def test_resume_after_the_session_process_was_killed_continues_from_the_last_ver
     for got, want in zip(phone2.report.received[0], saved, strict=True):
         np.testing.assert_allclose(got, want.ravel(), atol=1e-7)
     assert list(arrivals.version) == [4, 5] and list(arrivals.base_version) == [3, 4]
+
+
+def test_max_concurrency_bounds_the_phones_training_at_once(exports, tmp_path):
+    res = exports["bn"]
+    lock, active, most = threading.Lock(), [0], [0]
+
+    def tracked(ts, rnd):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.05)  # long enough for another dispatched fit to overlap
+        with lock:
+            active[0] -= 1
+        return [t + 0.1 for t in ts]
+
+    with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
+        wb.publish(res)
+        s = wb.train("fb_bn", rounds=6, min_clients=3, round_timeout=60, strategy="fedbuff",
+                     strategy_options={"buffer_size": 1, "max_concurrency": 1,
+                                       "evaluate_every": 0})
+        phones = [WirePhone(wb.url, "android", "bn-data", tracked, device_id=20 + i)
+                  for i in range(3)]
+        threads = [p.start() for p in phones]
+        assert s.wait(timeout=120) == "finished", s.error
+        for t in threads:
+            t.join(60)
+        arrivals = s.arrivals
+    assert most[0] == 1
+    assert (arrivals.status == "applied").all() and list(arrivals.staleness) == [0] * 6
+    assert arrivals.client.nunique() >= 2  # idle phones take turns, not one phone alone

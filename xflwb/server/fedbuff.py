@@ -274,6 +274,7 @@ class AsyncLoop:
         self._jobs: dict[Future[Any], _Job] = {}
         self._busy: set[str] = set()
         self._resting: dict[str, float] = {}  # cid → time its next job may start
+        self._idle_since: dict[str, float] = {}  # cid → when its last job came back
         self._errors: dict[str, int] = defaultdict(int)  # cid → consecutive errors
         self._errors_in_a_row: list[str] = []  # fit errors since the last accepted update
         self._evals: list[_Evaluation] = []
@@ -367,9 +368,11 @@ class AsyncLoop:
 
     def _idle(self) -> list[Any]:
         now = self.clock()
-        return [c for cid, c in sorted(self.cm.all().items())
+        idle = [c for cid, c in self.cm.all().items()
                 if cid not in self._busy and self._resting.get(cid, 0.0) <= now
                 and getattr(c, "platform", None) in self.strategy.manifest["platforms"]]
+        # idle longest first: under max_concurrency the phones take turns
+        return sorted(idle, key=lambda c: (self._idle_since.get(c.cid, 0.0), c.cid))
 
     def _parameters(self, platform: str, client: Any, version: int) -> Any:
         """The model ``version`` in the client's layout and encoding (once per version,
@@ -430,6 +433,7 @@ class AsyncLoop:
     def _complete(self, fut: Future[Any], job: _Job, late: bool = False) -> None:
         """One job came back. ``late``: a fit that ends after the last version."""
         self._busy.discard(job.client.cid)
+        self._idle_since[job.client.cid] = self.clock()
         try:
             res = fut.result()
         except Exception as exc:
