@@ -263,6 +263,10 @@ def test_dashboard_and_report_count_versions_and_show_the_staleness(wb):
     assert dash.staleness is not None and dash.staleness in dash.widget.children
     assert dash.staleness.value[:8] == b"\x89PNG\r\n\x1a\n"
     assert "last version per platform" in dash.table.value
+    assert dash.axis is not None and dash.axis in dash.widget.children
+    by_version = dash.plot.value
+    dash.axis.value = "seconds"  # the toggle redraws against wall time at once
+    assert dash.plot.value != by_version and dash.plot.value[:8] == b"\x89PNG\r\n\x1a\n"
 
     sync = wb.session(_session(wb.registry, SYNC, 1, versions=1))
     plain = report(sync)._repr_html_()
@@ -270,6 +274,7 @@ def test_dashboard_and_report_count_versions_and_show_the_staleness(wb):
     assert "last round per platform (round 1)" in plain
     sync_dash = Dashboard(sync)
     assert sync_dash.staleness is None and sync_dash.progress.description == "round 1/3"
+    assert sync_dash.axis is None
     assert len(sync_dash.widget.children) == 7
 
 

@@ -303,7 +303,15 @@ class Dashboard:
         self.failures = w.HTML()
         self.devices = w.HTML()
         self.rejected = w.HTML()
-        plots = [self.plot] + ([self.staleness] if self.staleness is not None else [])
+        #: FedBuff only: plot against the model version or the wall time
+        self.axis = (w.ToggleButtons(options=[("model version", "version"),
+                                              ("wall time", "seconds")], value="version",
+                                     description="x axis")
+                     if self.step == "version" else None)
+        if self.axis is not None:
+            self.axis.observe(self._redraw, names="value")
+        plots = ([self.axis] if self.axis is not None else []) + [self.plot] + (
+            [self.staleness] if self.staleness is not None else [])
         self.widget = w.VBox([self.header, self.progress, *plots, self.table,
                               self.failures, self.rejected, self.devices])
         self._stop = threading.Event()
@@ -329,7 +337,7 @@ class Dashboard:
             self.progress.bar_style = "danger"
         key = (int(info["round"]), len(hist))
         if key != self._plotted:
-            self.plot.value = plot_png(hist, x=self.step)
+            self.plot.value = plot_png(hist, x=self.axis.value if self.axis else self.step)
             self.table.value = _section(_last_title(self.step, _last_round(hist)),
                                         round_table_html(hist))
             self._plotted = key
@@ -345,6 +353,11 @@ class Dashboard:
         if devices is not None:
             self.devices.value = _section("devices", _table_html(devices))
         return status
+
+    def _redraw(self, _change: Any = None) -> None:
+        """The x axis changed: draw the plot again at once."""
+        self._plotted = None
+        self.refresh()
 
     def _loop(self) -> None:
         from xflwb.workbench import DONE  # the public API, not the session module
