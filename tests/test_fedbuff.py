@@ -168,6 +168,44 @@ def test_updates_older_than_max_staleness_are_refused_and_memory_is_bounded():
         np.testing.assert_array_equal(a, b)
 
 
+@settings(max_examples=60, deadline=None)
+@given(tensors=st.lists(st.binary(max_size=64), max_size=6),
+       n=st.one_of(st.integers(-3, 10**7), st.booleans(), st.floats(allow_nan=True)),
+       platform=st.sampled_from(["android", "ios"]), base_version=st.integers(-2, 6))
+def test_any_bytes_a_phone_sends_cost_at_most_its_own_update(tensors, n, platform,
+                                                             base_version):
+    """Whatever a FitRes carries, the buffer either takes it or refuses it with a
+    ValueError, and a refusal leaves the buffer and every version as they were."""
+    from xflwb.server.flower_legacy import Code, FitRes, Parameters, Status
+
+    v0 = _canon(0)
+    strategy = _strategy(v0)
+    buf = VersionBuffer(v0, 0, FedBuff(buffer_size=3, max_staleness=2), strategy._masks)
+    _arrive(buf, strategy, "android", 0, _canon(1), 5, "a")
+    buf.make_version()
+    _arrive(buf, strategy, "android", 1, _canon(2), 5, "b")
+    snapshot = {v: [a.copy() for a in arrays] for v, arrays in buf.versions.items()}
+    summed = buf.buffer.result()
+    res = FitRes(status=Status(Code.OK, ""), num_examples=n,
+                 parameters=Parameters(tensors=tensors, tensor_type="ND"), metrics={})
+    try:
+        base = buf.base(base_version, platform, "x")
+        got, count, _, _ = strategy._accept(platform, res, base)
+        a = Arrival(2, platform, "x", base_version, buf.version - base_version,
+                    buf.weight_of(buf.version - base_version), count, 0, 0, "applied")
+        buf.add(a, got, count)
+    except ValueError:
+        assert buf.buffer.count == 1
+        for before, after in zip(summed, buf.buffer.result(), strict=True):
+            np.testing.assert_array_equal(before, after)
+    else:
+        assert buf.buffer.count == 2
+    assert sorted(buf.versions) == sorted(snapshot)
+    for v, arrays in snapshot.items():
+        for before, after in zip(arrays, buf.versions[v], strict=True):
+            np.testing.assert_array_equal(before, after)
+
+
 # -- real sessions --------------------------------------------------------------------------
 def _bn_model():
     """BatchNorm's scale and offset train on Android only (Core ML cannot update them)."""

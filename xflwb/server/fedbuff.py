@@ -571,6 +571,14 @@ class AsyncLoop:
                 report.metrics.append((platform, "capped", float(capped)))
         described = [failure_reason(f) for f in failures]
         report.failures = [(p, cid, why) for p, cid, why, _ in described]
+        for platform in self.strategy.manifest["platforms"]:
+            lost = sum(1 for p, _, _, _ in described if p == platform)
+            if lost:
+                report.metrics.append((platform, "failures", float(lost)))
+        violations: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.strategy._violations(report, violations)  # duplicated / out-of-order messages
+        report.metrics += [(p, "protocol_violations", v["protocol_violations"])
+                           for p, v in violations.items()]
         if described:
             log.warning("version %d: %d fit(s) failed since the last version: %s",
                         state.version, len(described),
