@@ -138,6 +138,11 @@ def test_cli_train_starts_a_session_through_the_admin_api_and_follows_it(export,
         bad = subprocess.run([*base, "--admin-token", "tok", str(export.directory),
                               "--rounds", "0"], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and "rounds must be a positive integer" in bad.stderr
+        typo = subprocess.run([*base, "--admin-token", "tok", str(export.directory),
+                               "--strategy", "fedbuff", "--strategy-options",
+                               '{"bufer_size": 2}'], capture_output=True, text=True,
+                              timeout=120)
+        assert typo.returncode == 2 and "did you mean buffer_size" in typo.stderr
         wrong = subprocess.run([*base, "--admin-token", "nope", str(export.directory)],
                                capture_output=True, text=True, timeout=120)
         assert wrong.returncode == 1 and "HTTP 401" in wrong.stderr
