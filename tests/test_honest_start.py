@@ -134,7 +134,7 @@ def test_train_refuses_a_model_its_waiting_fleet_cannot_feed(mlp64, tmp_path):
 def test_sessions_start_fresh_unless_resume_and_say_where_from(ip, tiny, tmp_path, capsys):
     ip.user_ns["honest_export"] = tiny
     initial = manifest_mod.initial_parameters(tiny.manifest)
-    wb = ip.run_line_magic("xfl_server", f"start --data-dir {tmp_path / 'xfl'}")
+    wb = ip.run_line_magic("xfl_server", f"start --port 0 --data-dir {tmp_path / 'xfl'}")
     try:
         first = ip.run_line_magic("xfl_train", "honest_export --rounds 2 --min-clients 1")
         assert "started fresh" in capsys.readouterr().out
@@ -207,7 +207,7 @@ def test_failing_magic_raises_one_clean_line(ip, tmp_path):
     assert r.error_in_exec._render_traceback_() == [
         "\x1b[0;31mXflMagicError\x1b[0m: %xfl_train: no xflwb backend is running; start one "
         "with %xfl_server start"]
-    wb = ip.run_line_magic("xfl_server", f"start --data-dir {tmp_path / 'xfl'}")
+    wb = ip.run_line_magic("xfl_server", f"start --port 0 --data-dir {tmp_path / 'xfl'}")
     try:
         before = _children()
         r = ip.run_cell("%xfl_devices spawn --android 1 --dataset digit")

@@ -332,8 +332,8 @@ def test_token_magic_and_cli(ip, tmp_path, capsys):
     from xflwb.cli import main
     from xflwb.magics import MagicUsageError
 
-    wb = ip.run_line_magic("xfl_server", f"start --data-dir {tmp_path / 'm'} --dev-tls "
-                                         f"{tmp_path / 'ca'} --device-auth token")
+    wb = ip.run_line_magic("xfl_server", f"start --port 0 --data-dir {tmp_path / 'm'} "
+                                         f"--dev-tls {tmp_path / 'ca'} --device-auth token")
     try:
         assert wb.url.startswith("https://") and wb.device_auth == "token"
         capsys.readouterr()

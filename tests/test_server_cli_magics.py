@@ -70,7 +70,7 @@ def test_cli_server_port_in_use_is_a_clear_error(tmp_path):
 
 def test_server_and_train_magics(ip, export, tmp_path, capsys):
     ip.user_ns["tiny_export"] = export
-    wb = ip.run_line_magic("xfl_server", f"start --data-dir {tmp_path / 'm'}")
+    wb = ip.run_line_magic("xfl_server", f"start --port 0 --data-dir {tmp_path / 'm'}")
     try:
         assert wb.running and ip.user_ns["xfl_wb"] is wb
         assert "xflwb backend at http://127.0.0.1:" in capsys.readouterr().out
