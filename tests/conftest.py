@@ -157,8 +157,15 @@ def _alive(pids: set[int]) -> set[int]:
 
 
 @pytest.fixture(scope="session")
-def shared_ray():
-    """The GCS address of one local Ray head for the whole run, started on first use: a
+def shared_ray(shared_ray_head):
+    """The GCS address of ``shared_ray_head`` (what ``ray_address`` takes)."""
+    return shared_ray_head["gcs"]
+
+
+@pytest.fixture(scope="session")
+def shared_ray_head():
+    """One local Ray head for the whole run, started on first use: ``{"gcs": its GCS
+    address, "client": its Ray Client address (ray://…)}``. A
     simulation test that does not test Ray's start-up or shutdown attaches with
     ``ray_address`` (each Ray start costs tens of seconds on 2 cores) and only disconnects.
 
@@ -203,7 +210,8 @@ def shared_ray():
             if time.monotonic() > deadline:
                 pytest.fail("the shared Ray head did not come up in 300 s")
             time.sleep(0.2)
-        yield record.read_text().strip()
+        yield {"gcs": record.read_text().strip(),
+               "client": f"ray://127.0.0.1:{ports['--ray-client-server-port']}"}
     finally:
         pids |= _session_pids(head.pid)
         head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes

@@ -334,56 +334,25 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_attaches_to_an_existing_ray_cluster(export, tmp_path):
+def test_attaches_to_an_existing_ray_cluster(export, tmp_path, shared_ray_head):
     """``ray_address`` joins a running cluster (GCS address, then Ray Client ``ray://``):
     artifacts travel through the object store, the cluster outlives the simulation, and
-    both ways give the same model (same partitions, seeds and batches)."""
-    import os
-    import signal
+    both ways give the same model (same partitions, seeds and batches). The cluster is the
+    run's shared head (its start-up is another test's subject)."""
     import subprocess
     import sys
-    import tempfile
-    import time
     from pathlib import Path
 
     ray = str(Path(sys.executable).with_name("ray"))
-    gcs, client = _free_port(), _free_port()
-    # --block keeps the head in this test's own process (and session): stopping it stops
-    # only this cluster, never other Ray instances on the machine
-    head = subprocess.Popen([ray, "start", "--head", "--block", "--port", str(gcs),
-                             "--ray-client-server-port", str(client), "--num-cpus", "2",
-                             "--include-dashboard", "false", "--disable-usage-stats"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while subprocess.run([ray, "status", "--address", f"127.0.0.1:{gcs}"],
-                             capture_output=True, timeout=120).returncode != 0:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the Ray head did not come up in 180 s"
-            time.sleep(1)
-        runs = {}
-        for address in (f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"):
-            sim = xflwb.simulate(export, android=1, ios=1, rounds=2, seed=5,
-                                 ray_address=address, data_dir=tmp_path / "d", timeout=600)
-            assert sim.info["config"]["ray_address"] == address
-            runs[address] = sim.global_parameters()
-        status = subprocess.run([ray, "status", "--address", f"127.0.0.1:{gcs}"],
-                                capture_output=True, text=True, timeout=120)
-        assert status.returncode == 0 and "Active" in status.stdout  # still up
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops its node's processes
-        try:
-            head.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)  # the session this test created, only
-            head.wait(timeout=60)
-        # `ray start` records its address for later `ray.init()` calls to join; Ray's own
-        # stop command would delete the record, a terminated --block head does not: drop it
-        # if it is ours
-        record = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        if record.exists() and record.read_text().strip().endswith(f":{gcs}"):
-            record.unlink()
+    runs = {}
+    for address in (shared_ray_head["gcs"], shared_ray_head["client"]):
+        sim = xflwb.simulate(export, android=1, ios=1, rounds=2, seed=5,
+                             ray_address=address, data_dir=tmp_path / "d", timeout=600)
+        assert sim.info["config"]["ray_address"] == address
+        runs[address] = sim.global_parameters()
+    status = subprocess.run([ray, "status", "--address", shared_ray_head["gcs"]],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0 and "Active" in status.stdout  # still up
     a, b = runs.values()
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
