@@ -71,6 +71,8 @@ def test_fedbuff_options_are_checked_and_stored_whole():
     with pytest.raises(ValueError, match="ε ledger"):
         SessionConfig(strategy="fedbuff", privacy=xflwb.DP(noise_multiplier=1.0,
                                                                     clipping_norm=1.0))
+    with pytest.raises(ValueError, match="max_concurrency"):
+        SessionConfig(strategy="fedbuff", fraction_fit=0.5)
     with pytest.raises(ValueError, match=r"wb\.train.*spawn_devices"):
         SimulationConfig(android=2, strategy="fedbuff")
 

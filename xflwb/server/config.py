@@ -87,6 +87,10 @@ class RoundOptions:
                              f"{self.strategy!r}: its ε ledger composes rounds of sampled "
                              "clients, which asynchronous training does not have; use "
                              "fedavg or a server optimiser")
+        if self.strategy in ASYNC_STRATEGIES and self.fraction_fit != 1.0:
+            raise ValueError(f"fraction_fit={self.fraction_fit:g} does not apply to strategy "
+                             f"{self.strategy!r}: every idle phone trains; bound the phones "
+                             "training at once with strategy_options max_concurrency")
         if self.fraction_evaluate is None:
             self.fraction_evaluate = self.fraction_fit
         check_strategy_options(self.strategy, self.strategy_options)
