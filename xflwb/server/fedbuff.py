@@ -34,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import threading
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable
@@ -284,7 +283,6 @@ class AsyncLoop:
         self._start = 0.0
         self._last_version_at = 0.0
         self._last_evaluated: int | None = None  # the newest version scheduled
-        self._lock = threading.Lock()
 
     # -- the loop --------------------------------------------------------------------------
     @property
