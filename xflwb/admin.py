@@ -103,7 +103,9 @@ class RemoteSession:
         """As ``Session.history``: a FedBuff session's also has ``version`` (= round)."""
         rows = self.client.request("GET", f"/sessions/{self.id}/metrics")
         df = pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
-        if str((self._info.get("config") or {}).get("strategy", "")).lower() == "fedbuff":
+        from xflwb.server.config import is_asynchronous
+
+        if is_asynchronous(self._info.get("config") or {}):
             df["version"] = df["round"]
         return df
 

@@ -33,6 +33,11 @@ STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedia
 ASYNC_STRATEGIES = ("fedbuff",)
 
 
+def is_asynchronous(config: dict[str, Any]) -> bool:
+    """Whether a stored session config ran without rounds (its rounds are model versions)."""
+    return str(config.get("strategy", "")).lower() in ASYNC_STRATEGIES
+
+
 @dataclass
 class RoundOptions:
     """How rounds run: the options phone sessions and simulations share, declared once."""
@@ -93,11 +98,7 @@ class RoundOptions:
                              "training at once with strategy_options max_concurrency")
         if self.fraction_evaluate is None:
             self.fraction_evaluate = self.fraction_fit
-        check_strategy_options(self.strategy, self.strategy_options)
-        if self.strategy in ASYNC_STRATEGIES:  # every FedBuff field, defaults filled in
-            from xflwb.server.fedbuff import fedbuff_options
-
-            self.strategy_options = dataclasses.asdict(fedbuff_options(self.strategy_options))
+        self.strategy_options = check_strategy_options(self.strategy, self.strategy_options)
 
 
 @dataclass
@@ -135,9 +136,11 @@ class SessionConfig(RoundOptions):
             self.tls = tls_config(self.tls).as_list()  # type: ignore[union-attr]
 
 
-def check_strategy_options(strategy: str, options: Any) -> None:
+def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
     """Flower's own constructor for ``strategy`` checks ``options`` before any process
-    starts (FedTrimmedAvg's ``beta`` in [0, 0.5), no option the class does not take)."""
+    starts (FedTrimmedAvg's ``beta`` in [0, 0.5), no option the class does not take); for
+    FedBuff, ``xflwb.FedBuff`` does. Returns the options to store (FedBuff's: every field,
+    defaults filled in)."""
     from xflwb.server.flower_legacy import SERVER_STRATEGIES, ndarrays_to_parameters
 
     if not isinstance(options, dict):
@@ -145,14 +148,14 @@ def check_strategy_options(strategy: str, options: Any) -> None:
     if strategy in ASYNC_STRATEGIES:
         from xflwb.server.fedbuff import fedbuff_options
 
-        fedbuff_options(options)  # ValueError naming the option (did you mean …)
-        return
+        return dataclasses.asdict(fedbuff_options(options))  # ValueError: did you mean …
     try:
         SERVER_STRATEGIES[strategy](
             initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]), **options)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"strategy_options {options!r} do not fit strategy {strategy!r}: "
                          f"{exc}") from exc
+    return options
 
 
 def message_limit(manifest: dict[str, Any], configured: int | None = None) -> int:

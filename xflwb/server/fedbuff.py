@@ -153,11 +153,9 @@ class StaleUpdate(ValueError):
 
 
 class VersionBuffer:
-    """FedBuff's aggregation state: past versions, the buffer, the staleness rule.
-
-    ``accept(canonical_of_base, ...)`` is the strategy's per-client validation given the base
-    version (``CrossPlatformStrategy._accept``); it returns (canonical arrays, examples,
-    capped?) or raises, which rejects only that update."""
+    """FedBuff's aggregation state: past versions, the buffer, the staleness rule. No
+    validation here: the caller maps and checks each update against its base version first
+    (``CrossPlatformStrategy._accept``), so a bad update never reaches ``add``."""
 
     def __init__(self, initial: list[np.ndarray], version: int, options: FedBuff,
                  masks: dict[str, list[bool]]) -> None:
@@ -227,7 +225,6 @@ class _Job:
     client: Any  # the ClientProxy (a ``_Tracked`` for fits)
     platform: str
     version: int
-    started: float
 
 
 @dataclass
@@ -397,7 +394,6 @@ class AsyncLoop:
         idle = self._idle()
         fitting = sum(1 for j in self._jobs.values() if j.kind == "fit")
         limit = self.options.max_concurrency
-        now = self.clock()
         for client in idle:
             platform = client.platform
             version = self.state.version
@@ -408,7 +404,7 @@ class AsyncLoop:
                 fut = self._pool.submit(client.evaluate, ins, self.round_timeout,
                                         ev.version)
                 ev.dispatched += 1
-                self._start_job(fut, _Job("evaluate", client, platform, ev.version, now))
+                self._start_job(fut, _Job("evaluate", client, platform, ev.version))
                 continue
             if not fits or (limit is not None and fitting >= limit):
                 continue
@@ -418,7 +414,7 @@ class AsyncLoop:
                          config=config)
             fut = self._pool.submit(tracked.fit, ins, self.round_timeout, version)
             fitting += 1
-            self._start_job(fut, _Job("fit", tracked, platform, version, now))
+            self._start_job(fut, _Job("fit", tracked, platform, version))
         self.strategy._progress(phase="fedbuff", round=self.versions_made + 1,
                                 connected=self.cm.num_available(), needed=0,
                                 selected=fitting)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from xflwb.server.checkpoints import newest_valid_checkpoint
+from xflwb.server.config import is_asynchronous
 from xflwb.server.process import progress_path
 from xflwb.server.registry import ARRIVAL_COLUMNS, Registry, RegistryError
 from xflwb.server.status import DONE, SessionStatus
@@ -105,7 +106,7 @@ class Session:
             return "its process is starting"
         p = self.progress
         rnd = p.get("round", int(info["round"]) + 1)
-        unit = "model version" if is_fedbuff(info["config"]) else "round"
+        unit = "model version" if is_asynchronous(info["config"]) else "round"
         if p.get("phase") == "waiting":
             return (f"waiting for {p['needed']} clients before {unit} {rnd} "
                     f"(min_clients={p['needed']}); {p['connected']} connected")
@@ -232,11 +233,6 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
     return f"resumed from session {row.session_id}, round {row.round}"
 
 
-def is_fedbuff(config: dict[str, Any]) -> bool:
-    """Whether a stored session config ran FedBuff (its rounds are model versions)."""
-    return str(config.get("strategy", "")).lower() == "fedbuff"
-
-
 def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:
     """round, platform, metric, value; a FedBuff session also gets ``version`` (= round),
     so plots and readers can tell versions from synchronous rounds."""
@@ -244,7 +240,7 @@ def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:
     rows += registry.accuracy_metrics(session_id)
     df = pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
     df = df.sort_values(["round", "platform", "metric"], kind="stable").reset_index(drop=True)
-    if is_fedbuff(registry.get_session(session_id)["config"]):
+    if is_asynchronous(registry.get_session(session_id)["config"]):
         df["version"] = df["round"]
     return df
 
