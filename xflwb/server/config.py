@@ -109,6 +109,11 @@ class SessionConfig(RoundOptions):
     #: resumes (FedKit's backend did)
     resume: bool = option(False, "start from the model's latest phone-session checkpoint "
                           "(default: the exported weights)")
+    #: a resumed session's ε is its model lineage's (``xflwb.server.lineage``)
+    allow_privacy_gap: bool = option(
+        False, "resume a model lineage across a change of differential privacy (a DP "
+        "lineage without DP, or DP after rounds without it) instead of refusing; the "
+        "history records privacy_gap")
     max_message_bytes: int | None = option(
         None, "largest gRPC message (FitRes) a session accepts; none: from the model's size",
         ge=MIN_MESSAGE_BYTES, le=MAX_MESSAGE_BYTES)

@@ -59,7 +59,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
-from xflwb.bridge.params import clip_update
+from xflwb.bridge.params import clip_update, update_norm
 
 log = logging.getLogger("xflwb.privacy")
 
@@ -78,6 +78,10 @@ KEY_NORM_BIT = "norm_bit"
 #: a client's own clipping lands this close above the norm (float32 rounding): its
 #: reported norm_bit stands
 _TOLERANCE = 1e-5
+#: float32's unit roundoff (2^-24) times 4: rounding a clipped model (base + scaled delta)
+#: to float32 moves each weight by at most 2^-24 of itself, so the delta's norm lands
+#: within 2^-24·‖model‖ of the clipping norm; 4× that is the margin a claim gets
+_F32_SLACK = 4 * 2.0**-24
 
 
 def reported_bit(metrics: dict[str, Any] | None) -> float | None:
@@ -243,6 +247,30 @@ class Ledger:
         self.events.append(event)
         return self.epsilon
 
+    def restore(self, records: Sequence[PrivacyEvent]) -> float:
+        """Compose the released rounds of the sessions a resumed session continues (its
+        lineage). Each record is composed as recorded (its population, sample and noise);
+        RDP curves add whatever δ each session stated ε at, so ε comes out at this ledger's
+        δ over all of them. A record without noise makes ε infinite."""
+        for r in records:
+            self.compose(self.event(r.population, r.sample_size, r.noise_multiplier))
+        return self.epsilon
+
+
+@dataclass(frozen=True)
+class PrivacyEvent:
+    """One released round as the registry keeps it (``privacy_events``): what composing it
+    needs. ``noise_multiplier`` 0 (population and sample 0): a round released without DP."""
+
+    population: int
+    sample_size: int
+    noise_multiplier: float
+    target_delta: float | None = None  # the δ its session stated ε at (informative)
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier > 0
+
 
 @dataclass
 class _Round:
@@ -265,6 +293,15 @@ class CentralDP:
         self.rng = np.random.default_rng()  # OS entropy: nothing in the process can seed it
         self._round: _Round | None = None
         self._bits: list[float] = []
+        self._overruled = 0  # this round's norm_bit=0 claims the server saw were false
+        #: the event ``end_round`` composed (None: the round released no model); the
+        #: session persists it before the model that contains it is released
+        self.last_event: PrivacyEvent | None = None
+
+    def restore(self, records: Sequence[PrivacyEvent]) -> float:
+        """Start the ledger from the lineage's released rounds (a resumed session): ε and
+        ``max_epsilon`` then count every round the model's lineage released."""
+        return self.ledger.restore(records)
 
     # -- before the round ----------------------------------------------------------------
     def _noise_params(self, sampled: int) -> tuple[float, float]:
@@ -302,21 +339,38 @@ class CentralDP:
     # -- during the round ----------------------------------------------------------------
     def begin(self) -> None:
         self._bits = []
+        self._overruled = 0
 
     def clip(self, canonical: Sequence[np.ndarray], global_: Sequence[np.ndarray],
              trained: Sequence[bool], metrics: dict[str, Any] | None = None
              ) -> tuple[list[np.ndarray], float]:
         """(``canonical`` with its delta to ``global_`` clipped to the round's norm over the
-        ``trained`` tensors, the client's norm bit: 1 when not clipped). A bit the client
-        reports (it clipped locally, so the server sees a norm ≤ C) stands unless the
-        server sees the update above the norm; ``counted`` it once the update is in."""
+        ``trained`` tensors, the client's norm bit: 1 when not clipped); ``counted`` it
+        once the update is in.
+
+        A reported bit is a claim checked against the update the server sees: above the
+        norm the bit is 0 whatever was reported; a reported 0 ("I clipped locally") stands
+        only when the norm is within float32 rounding of C, where local clipping lands it
+        (``_slack``). Below that the update was certainly not clipped: the bit is 1 and
+        the claim is counted as overruled (a client could otherwise push an adaptive
+        norm up by claiming 0 for small updates)."""
         c = self.clipping_norm
         clipped, norm = clip_update(canonical, global_, trained, c)
         bit = 1.0 if norm <= c * (1 + _TOLERANCE) else 0.0
-        reported = reported_bit(metrics)
-        if bit and reported is not None:
-            bit = reported
+        if bit and reported_bit(metrics) == 0.0:
+            if norm >= c - self._slack(canonical, trained, c):
+                bit = 0.0  # at the norm: clipped locally, as it says
+            else:
+                self._overruled += 1
         return clipped, bit
+
+    @staticmethod
+    def _slack(canonical: Sequence[np.ndarray], trained: Sequence[bool], c: float) -> float:
+        """How far below C a locally clipped update's norm can land: C·1e-5 plus float32
+        rounding of the clipped model (2^-24 of each weight, ×4)."""
+        zeros = [np.zeros((), np.float64)] * len(canonical)
+        size = update_norm(canonical, zeros, trained)
+        return c * _TOLERANCE + _F32_SLACK * (size if math.isfinite(size) else 0.0)
 
     def counted(self, bit: float) -> None:
         """An update clipped by ``clip`` entered the sums: its bit joins the count."""
@@ -343,9 +397,13 @@ class CentralDP:
         norm (Andrew et al.'s geometric update on the noised unclipped fraction) and return
         the round's metrics: epsilon, noise_std, clipping_norm (the one it clipped with)."""
         used = self.clipping_norm
+        self.last_event = None
         rnd = self._round or _Round(len(self._bits) + failures, len(self._bits) + failures,
                                     *self._noise_params(max(1, len(self._bits) + failures)))
         if released:
+            self.last_event = PrivacyEvent(rnd.population, rnd.sampled,
+                                           float(self.config.noise_multiplier),
+                                           float(self.config.target_delta))
             self.ledger.compose(self.ledger.event(rnd.population, rnd.sampled,
                                                   self.config.noise_multiplier))
             if self.config.adaptive and self._bits:
@@ -357,6 +415,10 @@ class CentralDP:
                                                                    or 0.0)))
         self._round = None
         eps = self.ledger.epsilon
-        return [("all", "epsilon", eps if math.isfinite(eps) else None),
-                ("all", "noise_std", noise_std if released else None),
-                ("all", "clipping_norm", used)]
+        out: list[tuple[str, str, float | None]] = [
+            ("all", "epsilon", eps if math.isfinite(eps) else None),
+            ("all", "noise_std", noise_std if released else None),
+            ("all", "clipping_norm", used)]
+        if self._overruled:  # recorded only when it happens (like ``capped``)
+            out.append(("all", "norm_bit_overruled", float(self._overruled)))
+        return out

@@ -36,16 +36,27 @@ log = logging.getLogger(__name__)
 
 
 def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
-                    offset: int = 0
+                    offset: int = 0, private: bool = False
                     ) -> tuple[Callable[[Any, list[np.ndarray]], None], Callable[[Any], None]]:
     """The strategy's per-round callbacks that persist metrics, rejections, evaluations and
     a checkpoint; shared by phone sessions and simulations so both record the same way.
 
     ``offset``: the round a resumed session continues from (its Flower round 1 is recorded
-    as round ``offset + 1``); the session row's ``round`` counts this session's rounds."""
+    as round ``offset + 1``); the session row's ``round`` counts this session's rounds.
+    ``private``: the session runs central DP (its rounds' ``privacy_event``\ s are the
+    ledger); without it every round that releases a model is recorded as a noiseless event,
+    so a DP session resuming this lineage knows its ε is infinite."""
 
     def on_fit(report: Any, global_: list[np.ndarray]) -> None:
         rnd = report.round + offset
+        # first: the lineage's ledger holds the round before its model is released (the
+        # checkpoint below, the next round's FitIns), so a crash can only over-count
+        event = getattr(report, "privacy_event", None)
+        if event is not None:
+            registry.add_privacy_event(session_id, rnd, event.population, event.sample_size,
+                                       event.noise_multiplier, event.target_delta)
+        elif not private and not getattr(report, "failed", None):
+            registry.add_privacy_event(session_id, rnd, 0, 0, 0.0)
         registry.add_metrics(session_id, rnd, report.metrics)
         for platform, cid, reason in report.rejections:
             registry.add_rejection(session_id, rnd, platform, cid, reason)
@@ -215,7 +226,8 @@ class SessionProcess:
         ``options``: the engine's strategy options (fractions, min_clients, ...)."""
         from xflwb.server.strategy import CrossPlatformStrategy
 
-        on_fit, on_eval = round_recorders(self.registry, self.session_id, model, offset)
+        on_fit, on_eval = round_recorders(self.registry, self.session_id, model, offset,
+                                          private=options.get("privacy") is not None)
         return CrossPlatformStrategy(
             model["manifest"], initial, on_fit_round=on_fit, on_evaluate_round=on_eval,
             on_progress=progress_writer(self.data_dir, self.session_id), **options)

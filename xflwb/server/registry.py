@@ -135,6 +135,31 @@ arrivals = sa.Table(
 )
 ARRIVAL_COLUMNS = ("version", "platform", "client", "base_version", "staleness", "weight",
                    "examples", "fit_seconds", "seconds", "status", "reason")
+#: the ε ledger of a model lineage (issue 20): one row per round a session released a model,
+#: written before that model is (checkpoint, next round), so a crash can only over-count.
+#: Kept apart from checkpoints, which retention may delete. ``noise_multiplier`` 0 (population
+#: and sample 0): a round released without DP
+privacy_events = sa.Table(
+    "privacy_events", meta,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("population", sa.Integer, nullable=False),  # clients available to sample
+    sa.Column("sample_size", sa.Integer, nullable=False),  # sampled without replacement
+    sa.Column("noise_multiplier", sa.Float, nullable=False),
+    sa.Column("target_delta", sa.Float),  # the δ its session stated ε at
+    sa.Column("time", sa.Float, nullable=False),
+)
+#: which session a phone session continues (the one whose checkpoint it resumed; NULL:
+#: fresh), written when it starts: a session with a row has every released round in
+#: ``privacy_events``; one without (older xflwb) is walked through ``resumed_from``
+lineages = sa.Table(
+    "lineages", meta,
+    sa.Column("session_id", sa.ForeignKey("sessions.id"), primary_key=True),
+    sa.Column("parent_id", sa.Integer),
+    sa.Column("round", sa.Integer, nullable=False),  # the round it continues from
+    sa.Column("time", sa.Float, nullable=False),
+)
 #: sessions run on the Simulation Engine
 _SIMULATION = sessions.c.engine == "simulation"
 #: how rows written before the ``engine`` column existed said so: in their config JSON
@@ -676,6 +701,43 @@ class Registry:
             q = q.limit(limit)
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q).all()]
+
+    # -- the ε ledger of a lineage (xflwb.server.lineage) --------------------------------------
+    def add_privacy_event(self, session_id: int, rnd: int, population: int,
+                          sample_size: int, noise_multiplier: float,
+                          target_delta: float | None = None) -> None:
+        """Record that round ``rnd`` of the session released a model, and how (noise
+        multiplier 0: without DP); one transaction, durable before it returns."""
+        with self.engine.begin() as c:
+            c.execute(privacy_events.insert().values(
+                session_id=session_id, round=int(rnd), population=int(population),
+                sample_size=int(sample_size), noise_multiplier=float(noise_multiplier),
+                target_delta=None if target_delta is None else float(target_delta),
+                time=time.time()))
+
+    def get_privacy_events(self, session_id: int) -> list[dict[str, Any]]:
+        """The session's released rounds, in order: round, population, sample_size,
+        noise_multiplier, target_delta."""
+        q = (sa.select(privacy_events.c.round, privacy_events.c.population,
+                       privacy_events.c.sample_size, privacy_events.c.noise_multiplier,
+                       privacy_events.c.target_delta)
+             .where(privacy_events.c.session_id == session_id).order_by(privacy_events.c.id))
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(q).all()]
+
+    def set_lineage(self, session_id: int, parent_id: int | None, rnd: int) -> None:
+        """Record which session ``session_id`` continues (None: fresh) from round ``rnd``."""
+        with self.engine.begin() as c:
+            c.execute(lineages.insert().values(session_id=session_id, parent_id=parent_id,
+                                               round=int(rnd), time=time.time()))
+
+    def get_lineage(self, session_id: int) -> dict[str, Any] | None:
+        """``{"parent_id", "round"}`` as ``set_lineage`` recorded it; None for a session of
+        an older xflwb (or a simulation)."""
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(lineages.c.parent_id, lineages.c.round)
+                            .where(lineages.c.session_id == session_id)).first()
+        return None if row is None else dict(row._mapping)
 
     # -- devices and telemetry ---------------------------------------------------------------
     def add_telemetry(self, kind: str, body: dict[str, Any]) -> int:

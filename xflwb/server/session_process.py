@@ -23,6 +23,7 @@ from xflwb.server.config import (
     SessionConfig,
     message_limit,
 )
+from xflwb.server import lineage
 from xflwb.server.process import SessionProcess
 from xflwb.server.registry import Registry
 
@@ -90,7 +91,7 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         cfg, model = proc.load(SessionConfig)
         m = model["manifest"]
         initial = manifest_mod.initial_parameters(m)
-        resumed, offset = None, 0
+        resumed, offset, parent = None, 0, None
         if cfg.resume:
             candidates = registry.checkpoints_newest_first(model["name"], model["version"])
             if candidates:  # the newest valid one (CheckpointError when none is)
@@ -98,6 +99,7 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
                     candidates, m, f"{model['name']} v{model['version']} to resume from "
                     "(start fresh with resume=False, or restore a checkpoint file)")
                 resumed, offset = ckpt["id"], int(ckpt["round"])
+                parent = int(ckpt["session_id"])
                 xlog.info("resuming %s from checkpoint %s (round %s of session %s); this "
                           "session's rounds are numbered from %s", model["name"],
                           ckpt["path"], ckpt["round"], ckpt["session_id"], offset + 1)
@@ -106,6 +108,14 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
                           model["name"], model["version"])
         else:
             xlog.info("starting %s fresh from the exported weights", model["name"])
+        try:  # before any port opens: a refused lineage never reaches a phone
+            privacy_plan = lineage.plan(
+                lineage.walk(registry, parent), cfg.privacy, cfg.allow_privacy_gap,
+                f"{model['name']} v{model['version']} resumed at round {offset}")
+        except lineage.PrivacyLineageError as exc:
+            proc.fail(str(exc))
+            return
+        registry.set_lineage(session_id, parent, offset)
         cm = SimpleClientManager()
         ports = {}
         limit = message_limit(m, cfg.max_message_bytes)
@@ -131,6 +141,11 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             fraction_evaluate=cfg.fraction_evaluate, min_clients=cfg.min_clients,
             local_epochs=cfg.local_epochs, max_examples=cfg.max_examples,
             max_update_norm=cfg.max_update_norm, privacy=cfg.privacy)
+        try:
+            lineage.start(registry, session_id, offset, privacy_plan, strategy.dp, xlog)
+        except lineage.PrivacyLineageError as exc:
+            proc.fail(str(exc))
+            return
         proc.save_start(model, offset, initial)  # the weights it starts from
         proc.running(ports=ports, resumed_from=resumed)
         if asynchronous:

@@ -260,6 +260,9 @@ class RoundReport:
     #: set when every selected client failed with an error: the session fails after this
     #: round's record (no checkpoint, the round does not count)
     failed: str | None = None
+    #: with DP, the round's ``PrivacyEvent`` when it released a model (persisted before
+    #: the model is: the lineage's ledger, ``xflwb.server.lineage``)
+    privacy_event: Any = None
 
 
 def server_optimizer(name: str, initial: list[np.ndarray], **options: Any) -> Strategy:
@@ -626,6 +629,7 @@ class CrossPlatformStrategy(Strategy):
         report.metrics.append(("all", "failures", float(len(failures))))
         if self.dp is not None:  # epsilon, noise_std, clipping_norm
             report.metrics += self.dp.end_round(agg.count > 0, noise_std, len(failures))
+            report.privacy_event = self.dp.last_event
         described = [failure_reason(f) for f in failures]
         by_platform = Counter(p for p, _, _, _ in described)
         report.metrics += [(p, "failures", float(n)) for p, n in by_platform.items()
