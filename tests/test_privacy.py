@@ -31,7 +31,7 @@ from xflwb.server.flower_legacy import (
     Status,
     parameters_to_ndarrays,
 )
-from xflwb.server.privacy import DP, PrivacyBudgetSpent
+from xflwb.server.privacy import DP, CentralDP, PrivacyBudgetSpent
 from xflwb.server.strategy import ClientFailure, CrossPlatformStrategy
 
 L = keras.layers
@@ -305,10 +305,14 @@ def test_adaptive_norm_moves_geometrically_and_reported_bits_count():
     s = _strategy(TOY, start, reports, noise_multiplier=0.0, target_quantile=0.5,
                   initial_clipping_norm=0.1)
 
-    def round_of(offset: float, bit: float | None, cids: str) -> list:
+    def round_of(offset: float, bit: float | None, cids: str, local: bool = False) -> list:
         out = []
         for k in range(4):
-            res = _res([g + np.float32(offset) for g in s.global_], 5)
+            arrays = [g + np.float32(offset) for g in s.global_]
+            if local:  # the client clipped to the round's norm itself (as virtual devices do)
+                arrays, _ = params.clip_update(arrays, s.global_, [True] * len(arrays),
+                                               s.dp.clipping_norm)
+            res = _res(arrays, 5)
             if bit is not None:
                 res.metrics = {"norm_bit": bit}
             out.append((Phone(f"{cids}{k}", "android"), res))
@@ -318,14 +322,67 @@ def test_adaptive_norm_moves_geometrically_and_reported_bits_count():
     s.aggregate_fit(1, round_of(1.0, 1.0, "a"), [])
     assert _metrics(reports[0])[("all", "clipping_norm")] == pytest.approx(0.1)
     assert s.dp.clipping_norm == pytest.approx(0.1 * math.exp(0.1))
-    # near updates from clients that clipped locally and say so (b = 0): the norm grows
-    s.aggregate_fit(2, round_of(1e-4, 0.0, "b"), [])
+    # updates clients clipped locally (they land at the norm) and say so (b = 0): the norm
+    # grows, and no claim is overruled
+    s.aggregate_fit(2, round_of(1.0, 0.0, "b", local=True), [])
     assert s.dp.clipping_norm == pytest.approx(0.1 * math.exp(0.2))
+    assert ("all", "norm_bit_overruled") not in _metrics(reports[1])
     # near updates, nothing reported: the server's own b = 1 → C·e^{−0.1}
     s.aggregate_fit(3, round_of(1e-4, None, "c"), [])
     assert s.dp.clipping_norm == pytest.approx(0.1 * math.exp(0.1))
     assert [_metrics(r)[("all", "clipping_norm")] for r in reports] == pytest.approx(
         [0.1, 0.1 * math.exp(0.1), 0.1 * math.exp(0.2)])
+
+
+# -- norm_bit is a claim, checked against the update the server sees (issue 20, item 7) --------
+_CLAIMS = st.one_of(st.none(), st.sampled_from([0, 1, 0.0, 1.0, True, False, -1, 2, "0"]),
+                    st.floats(allow_nan=True, allow_infinity=True))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), fraction=st.floats(0.0, 0.99), c=st.floats(1e-3, 1e3),
+       claim=_CLAIMS)
+def test_a_reported_bit_cannot_make_an_update_clearly_below_the_norm_count_as_clipped(
+        seed, fraction, c, claim):
+    """Below C (by more than float32 rounding) the update was certainly not clipped: its
+    bit is 1 whatever the client reports; a false 0 is counted as overruled."""
+    dp = CentralDP(DP(noise_multiplier=0.0, target_quantile=0.5, initial_clipping_norm=c))
+    global_ = _canon(seed)
+    rng = np.random.default_rng(seed)
+    direction = [rng.standard_normal(g.shape) for g in global_]
+    size = math.sqrt(sum(float((d**2).sum()) for d in direction))
+    update = [(g + d * (fraction * c / size)).astype(np.float32)
+              for g, d in zip(global_, direction, strict=True)]
+    dp.begin()
+    _, bit = dp.clip(update, global_, [True] * len(global_), {"norm_bit": claim})
+    assert bit == 1.0
+    lied = claim == 0 and not isinstance(claim, bool)
+    assert dp.end_round(True, 0.0, 0)[-1] == (
+        ("all", "norm_bit_overruled", 1.0) if lied else ("all", "clipping_norm", c))
+    # and an update above the norm is clipped (b = 0) whatever is claimed
+    far = [(g + d * (2 * c / size)).astype(np.float32)
+           for g, d in zip(global_, direction, strict=True)]
+    assert dp.clip(far, global_, [True] * len(global_), {"norm_bit": claim})[1] == 0.0
+
+
+def test_clients_claiming_to_be_clipped_cannot_push_the_adaptive_norm_up():
+    """One honest client and three liars (tiny updates, ``norm_bit`` 0): believed, the
+    unclipped fraction looks like 1/4 < 1/2 and the norm would grow every round; checked,
+    all four are unclipped and the norm shrinks."""
+    reports: list = []
+    s = _strategy(TOY, _canon(0), reports, noise_multiplier=0.0, target_quantile=0.5,
+                  initial_clipping_norm=0.1)
+    for rnd in range(1, 4):
+        results = []
+        for k in range(4):
+            res = _res([g + np.float32(1e-5) for g in s.global_], 5)
+            res.metrics = {"norm_bit": 1.0 if k == 0 else 0.0}
+            results.append((Phone(f"c{k}", "android"), res))
+        s.aggregate_fit(rnd, results, [])
+    norms = [_metrics(r)[("all", "clipping_norm")] for r in reports] + [s.dp.clipping_norm]
+    assert norms == sorted(norms, reverse=True) and norms[-1] < norms[0]
+    assert norms[-1] == pytest.approx(0.1 * math.exp(-0.2 * 0.5 * 3))
+    assert [_metrics(r)[("all", "norm_bit_overruled")] for r in reports] == [3.0] * 3
 
 
 # -- configuration -------------------------------------------------------------------------

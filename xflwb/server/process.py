@@ -43,7 +43,7 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
 
     ``offset``: the round a resumed session continues from (its Flower round 1 is recorded
     as round ``offset + 1``); the session row's ``round`` counts this session's rounds.
-    ``private``: the session runs central DP (its rounds' ``privacy_event``\ s are the
+    ``private``: the session runs central DP (each round's ``privacy_event`` is the
     ledger); without it every round that releases a model is recorded as a noiseless event,
     so a DP session resuming this lineage knows its ε is infinite."""
 

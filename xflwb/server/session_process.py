@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.server import lineage
 from xflwb.server.checkpoints import newest_valid_checkpoint
 from xflwb.server.config import (
     ASYNC_STRATEGIES,
@@ -23,7 +24,6 @@ from xflwb.server.config import (
     SessionConfig,
     message_limit,
 )
-from xflwb.server import lineage
 from xflwb.server.process import SessionProcess
 from xflwb.server.registry import Registry
 
