@@ -177,3 +177,48 @@ def test_privacy_gaps_are_refused_at_start_unless_allowed_and_then_recorded(expo
     assert list(eps.index) == [2, 3] and eps.isna().all()  # ε = ∞, stated as no value
     assert list(gap["round"]) == [3]
     assert statuses.count("failed") == 3  # the three refused starts, nothing else
+
+
+def test_the_walk_needs_no_checkpoint_rows_and_counts_unrecorded_rounds_as_infinite(
+        export, tmp_path):
+    """Retention may delete checkpoint rows: ``lineages`` still links the sessions. A session
+    of an older xflwb (no ``lineages`` row, rounds but no events) makes ε unknown: ∞."""
+    import sqlalchemy as sa
+
+    from xflwb.server import lineage
+    from xflwb.server.privacy import Ledger
+    from xflwb.server.registry import Registry, checkpoints
+
+    reg = Registry(tmp_path / "xfl")
+    model = reg.publish(export)
+    dp = {"noise_multiplier": 1.0, "clipping_norm": 0.5}
+
+    def session(parent: int | None, rnd: int, events, recorded: bool = True) -> int:
+        sid = reg.create_session(model, {"privacy": dp}, engine="phone")
+        if recorded:
+            reg.set_lineage(sid, parent, rnd)
+        if parent is not None:  # resumed_from: a checkpoint of the parent at ``rnd``
+            ckpt = reg.add_checkpoint(parent, model, rnd, tmp_path / f"c{sid}.npz")
+            reg.update_session(sid, resumed_from=ckpt)
+        for k, (n, m, z) in enumerate(events, start=rnd + 1):
+            reg.add_privacy_event(sid, k, n, m, z, 1e-5)
+        reg.update_session(sid, status="finished", round=len(events) or 3)
+        return sid
+
+    old = session(None, 0, [], recorded=False)  # 3 rounds, never recorded
+    s1 = session(old, 3, [(2, 2, 1.0)] * 2)
+    s2 = session(s1, 5, [(3, 3, 2.0)])
+    with reg.engine.begin() as c:  # retention deleted every checkpoint row
+        c.execute(sa.delete(checkpoints))
+    line = lineage.walk(reg, s2)
+    assert [a.session_id for a in line.ancestors] == [s2, s1, old]
+    assert line.unprotected() == [f"session {old} released 3 round(s) before xflwb "
+                                  "recorded privacy events: they cannot be composed"]
+    assert Ledger(1e-5).restore(line.events) == float("inf")
+    recent = lineage.walk(reg, s2)
+    recent.ancestors = recent.ancestors[:2]  # the recorded part composes as recorded
+    assert [(e.population, e.sample_size, e.noise_multiplier) for e in recent.events] == \
+        [(2, 2, 1.0)] * 2 + [(3, 3, 2.0)]
+    assert Ledger(1e-6).restore(recent.events) == pytest.approx(_dp_accounting(
+        [(2, 2, 1.0)] * 2 + [(3, 3, 2.0)], 1e-6), rel=1e-9)
+    reg.close()

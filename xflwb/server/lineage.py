@@ -69,8 +69,10 @@ class Lineage:
 
     @property
     def private(self) -> list[Ancestor]:
-        """The ancestors that ran with DP."""
-        return [a for a in self.ancestors if a.private]
+        """The ancestors that released rounds with DP (or, of an older xflwb, ran with DP
+        and released rounds it never recorded)."""
+        return [a for a in self.ancestors
+                if a.private and (any(e.private for e in a.events) or a.unaccounted)]
 
     def unprotected(self) -> list[str]:
         """Why the lineage's ε is infinite: rounds released without DP or never recorded."""
@@ -153,8 +155,8 @@ def plan(lineage: Lineage, privacy: dict[str, Any] | None, allow_gap: bool,
         dp = lineage.private
         if not dp:
             return Plan([])
-        ledger = Ledger(float(dp[0].events[0].target_delta or 1e-5) if dp[0].events
-                        else 1e-5)
+        deltas = [e.target_delta for a in dp for e in a.events if e.target_delta]
+        ledger = Ledger(float(deltas[0]) if deltas else 1e-5)  # the nearest session's δ
         eps = ledger.restore(lineage.events)
         spent = f"ε = {eps:.4g}" if math.isfinite(eps) else "ε = ∞"
         why = (f"{what} continues {lineage.describe()} that ran with differential privacy "

@@ -29,7 +29,9 @@ ways a wrapper cannot see from outside.
 * The clipping norm a round was clipped with is the one its noise uses (Flower's adaptive
   wrapper updates the norm first and noises with the new one).
 * ``norm_bit`` is Andrew et al.'s b: 1 when the update was *not* clipped (Flower's
-  ``adaptive_clip_inputs_inplace`` returns the opposite, True when it clipped).
+  ``adaptive_clip_inputs_inplace`` returns the opposite, True when it clipped). A client's
+  reported bit is a claim: where the server sees the update it checks it (``clip``); under
+  SecAgg+ it sees only sums and takes the bits as reported.
 
 Flower's helpers are used where they fit: ``compute_stdv`` (noise scale) and
 ``compute_adaptive_noise_params`` (how adaptive clipping splits the noise between the
@@ -43,7 +45,9 @@ Flower samples a fixed number of clients without replacement from those availabl
 ``SampledWithoutReplacementDpEvent(available, sampled, GaussianDpEvent(z))``, with
 dp-accounting's RDP accountant (which supports that event under replace-one adjacency
 only). With adaptive clipping z is the configured multiplier: the updates' larger noise
-and the noised count together are that Gaussian mechanism (Andrew et al., §3).
+and the noised count together are that Gaussian mechanism (Andrew et al., §3). A resumed
+session's ledger starts from its model lineage's released rounds (``restore``;
+``xflwb.server.lineage`` finds them), so ε and ``max_epsilon`` are the lineage's.
 """
 
 from __future__ import annotations
