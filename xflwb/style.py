@@ -28,7 +28,7 @@ X_AXES: dict[str, str] = {"round": ROUND_LABEL, "version": VERSION_LABEL,
                           "seconds": SECONDS_LABEL}
 ACCURACY_LABEL = "accuracy on devices' held-out data"
 LOSS_LABEL = "loss on devices' held-out data"
-EPSILON_LABEL = "privacy spent ε (at the session's δ)"
+EPSILON_LABEL = "privacy spent ε (the model lineage's, at the session's δ)"
 
 
 def color(platform: str) -> str | None:
