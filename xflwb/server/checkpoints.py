@@ -163,17 +163,29 @@ def prune_checkpoints(registry: Registry, session_id: int, model: dict[str, Any]
     doomed = prunable(rows, retention, protected)
     if not doomed:
         return []
-    try:  # reads back the newest file (the one just written, unless it fails the check)
-        newest, _ = newest_valid_checkpoint(rows, model["manifest"], f"session {session_id}")
-    except CheckpointError as exc:
-        log.warning("session %s: no checkpoint verifies, none is pruned: %s", session_id, exc)
+    newest = _newest_valid_id(rows, model["manifest"])
+    if newest is None:
+        log.warning("session %s: none of its checkpoints verifies; none is pruned", session_id)
         return []
-    ids = [int(r["id"]) for r in doomed if r["id"] != newest["id"]]
+    ids = [int(r["id"]) for r in doomed if int(r["id"]) != newest]
     registry.mark_checkpoints_pruned(ids)
     for r in doomed:
         if int(r["id"]) in ids:
             _unlink(Path(r["path"]))
     return ids
+
+
+def _newest_valid_id(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> int | None:
+    """The id of the first of ``rows`` (newest first) that verifies, as a resume would pick
+    it; without ``newest_valid_checkpoint``'s warnings, which would repeat every round of a
+    diverged run. Reads back the newest file (the one just written) at least."""
+    for row in rows:
+        try:
+            load_checkpoint(row["path"], row.get("sha256"), manifest)
+        except CheckpointError:
+            continue
+        return int(row["id"])
+    return None
 
 
 def sweep_pruned(registry: Registry, model_name: str) -> int:
