@@ -240,3 +240,24 @@ def test_retention_defaults_bound_every_session():
     assert Retention.of(SessionConfig(keep_checkpoints=None, keep_every=3)) == Retention(None, 3)
     with pytest.raises(ValueError, match="pass None to keep every checkpoint"):
         SessionConfig(keep_checkpoints=0)
+
+
+@pytest.mark.slow
+def test_simulation_prunes_its_checkpoints_too(tmp_path, shared_ray):
+    """A simulation writes its checkpoints through the same recorders: 4 rounds with
+    keep_checkpoints=1, keep_every=2 leave rounds 0, 2 and 4."""
+    from tests.conftest import digits_cnn
+
+    res = xflwb.export(digits_cnn(7), name="keep_sim", data_type="digits",
+                       out_dir=tmp_path / "exp")
+    with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
+        wb.publish(res)
+        sim = wb.simulate("keep_sim", android=1, rounds=4, keep_checkpoints=1, keep_every=2,
+                          fraction_evaluate=0.0, ray_address=shared_ray)
+        assert sim.wait(timeout=600) == "finished", sim.info["error"]
+        kept = sorted(c["round"] for c in wb.registry.checkpoints_newest_first(
+            "keep_sim", session_id=sim.id))
+        folder = wb.registry.checkpoint_dir / "keep_sim" / f"session-{sim.id}"
+        files = sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.npz"))
+        pruned = [r["round"] for r in rows_of(wb.registry, sim.id) if r["pruned"]]
+    assert kept == files == [0, 2, 4] and pruned == [1, 3]
