@@ -135,7 +135,8 @@ def run_arm(wb: Any, res: Any, strategy: str, rounds: int, epochs: int,
 
     s = wb.train(NAME, rounds=rounds, strategy=strategy, strategy_options=options,
                  min_clients=ANDROID + IOS, fraction_fit=1.0, fraction_evaluate=0.0,
-                 local_epochs=epochs, round_timeout=120)
+                 local_epochs=epochs, round_timeout=120,
+                 keep_checkpoints=None)  # every version's model is evaluated below
     fleet = wb.spawn_devices(android=ANDROID, ios=IOS, dataset=DATASET, partition=PARTITION,
                              seed=SEED, slowdown=SLOWDOWN)
     spawned, began = time.time(), None

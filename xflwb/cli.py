@@ -79,7 +79,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    """Run the backend in the foreground until Ctrl-C / SIGTERM."""
+    """Run the backend in the foreground until Ctrl-C / SIGTERM (``status``: report what
+    its data dir holds instead)."""
+    if args.action == "status":
+        return server_status(args)
     import signal
     import threading
 
@@ -337,6 +340,30 @@ def _add_follow_options(p: argparse.ArgumentParser, wait_help: str | None) -> No
     p.add_argument("--no-progress", action="store_true", help="no round progress bar")
 
 
+def server_status(args: argparse.Namespace) -> int:
+    """``xflwb server status``: the data dir's disk use (checkpoints, artifacts, database,
+    logs). Reads the registry directly, so it works whether or not a backend runs."""
+    import json
+
+    from xflwb.server.disk import disk_usage
+    from xflwb.server.registry import Registry
+
+    options = given(args, BackendOptions)
+    data_dir = Path(options.get("data_dir", BackendOptions.data_dir))
+    if not options.get("db_url") and not (data_dir / "xflwb.db").is_file():
+        print(f"xflwb server status: error: {data_dir} holds no xflwb registry (no "
+              "xflwb.db); pass the backend's --data-dir (and --db-url if it uses one)",
+              file=sys.stderr)
+        return 2
+    registry = Registry(data_dir, options.get("db_url"))
+    try:
+        usage = disk_usage(registry)
+    finally:
+        registry.close()
+    print(json.dumps(usage.as_dict()) if args.json else "\n".join(usage.lines()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="xflwb", description=DESCRIPTION, epilog=EPILOG,
                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -347,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--name", default=None, help="model name (default: attr)")
     add_export_options(e)
     e.set_defaults(func=cmd_export)
-    s = sub.add_parser("server", help="run the backend (HTTP API + sessions) in the foreground")
+    s = sub.add_parser("server", help="run the backend (HTTP API + sessions) in the foreground; "
+                       "'xflwb server status': its data dir's disk use")
+    s.add_argument("action", nargs="?", choices=["run", "status"], default="run",
+                   help="run (default): serve until Ctrl-C; status: print the disk use of "
+                   "--data-dir (checkpoints, artifacts, database, logs) and exit")
+    s.add_argument("--json", action="store_true", help="status: print it as JSON")
     add_arguments(s, BackendOptions)
     add_arguments(s, TLSOptions)
     s.add_argument("--publish", action="append", metavar="EXPORT_DIR",

@@ -400,9 +400,11 @@ def status_html(wb: Any, fleets: list[Any]) -> str:
                  else ", devices not enrolled (open, as FedKit)")
     warnings = "".join(f"<br/><b style='color:#b00'>warning:</b> {html.escape(w)}"
                        for w in getattr(wb, "security_warnings", []))
+    disk = html.escape("\n".join(wb.disk_usage().lines()))
     return (f"<div><b>xflwb backend</b> at <code>{html.escape(wb.url)}</code> — admin token "
             f"<code>{html.escape(wb.admin_token)}</code>, {len(wb.session_table)} session(s), "
-            f"{devices} virtual device(s)<br/>{security}{warnings}<br/>{qr}</div>")
+            f"{devices} virtual device(s)<br/>{security}{warnings}<br/><b>disk</b>"
+            f"<pre style='margin:0'>{disk}</pre>{qr}</div>")
 
 
 def register(ipython: Any) -> None:

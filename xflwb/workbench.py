@@ -312,6 +312,13 @@ class Workbench:
         return pd.DataFrame(rows, columns=["id", "model", "status", "round", "rounds",
                                            "started_from", "ports"])
 
+    def disk_usage(self) -> Any:
+        """What the data dir holds on disk (``xflwb.server.disk.DiskUsage``: checkpoint
+        files and bytes, artifacts, database, logs), as ``xflwb server status`` prints."""
+        from xflwb.server.disk import disk_usage
+
+        return disk_usage(self._reg())
+
     # -- security ------------------------------------------------------------------------
     def _tokens(self) -> Any:
         from xflwb.server.security import TokenStore

@@ -21,6 +21,9 @@ MIN_MESSAGE_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 2**31 - 1
 #: the derived limit is never below this (config and metrics travel in the same messages)
 FLOOR_MESSAGE_BYTES = 4 * 1024 * 1024
+#: checkpoints a session keeps by default (``keep_checkpoints``): enough to fall back past
+#: a few corrupt files, few enough that FedBuff's thousands of versions cannot fill a disk
+DEFAULT_KEEP_CHECKPOINTS = 5
 
 
 #: the strategies a session or simulation can run (``xflwb.flower_legacy.SERVER_STRATEGIES``
@@ -68,9 +71,26 @@ class RoundOptions:
     #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.server.privacy``)
     privacy: dict[str, Any] | None = option(
         None, "differential privacy: xflwb.DP(...) or its dict; none: off")
+    #: checkpoint retention (``xflwb.server.checkpoints.prune_checkpoints``)
+    keep_checkpoints: int | None = option(
+        DEFAULT_KEEP_CHECKPOINTS, "checkpoints a session keeps on disk: the last N written, "
+        "plus every keep_every-th round, its start and any a resume needs; none: keep all",
+        ge=1, le=1_000_000)
+    keep_every: int | None = option(
+        None, "also keep the checkpoint of every round (FedBuff: version) divisible by this; "
+        "none: no extra ones", ge=1, le=1_000_000)
 
     def _check_rounds(self) -> None:
         """The shared checks (``__post_init__`` of each subclass calls this)."""
+        for name in ("keep_checkpoints", "keep_every"):
+            if getattr(self, name) == 0 and not isinstance(getattr(self, name), bool):
+                raise ValueError(
+                    f"{name}=0 is not allowed: " + (
+                        "a session must keep at least its latest checkpoint to resume from; "
+                        "pass None to keep every checkpoint, or N >= 1 to keep the last N"
+                        if name == "keep_checkpoints" else
+                        "pass None for no extra checkpoints, or k >= 1 to keep every k-th "
+                        "round's"))
         if isinstance(self.strategy, str):
             self.strategy = self.strategy.lower()
         from xflwb.server.fedbuff import FedBuff

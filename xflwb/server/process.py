@@ -28,7 +28,13 @@ import numpy as np
 
 from xflwb import _lifeline
 from xflwb.server.aggregate import pin_blas_threads
-from xflwb.server.checkpoints import CheckpointError, save_checkpoint
+from xflwb.server.checkpoints import (
+    CheckpointError,
+    Retention,
+    prune_checkpoints,
+    save_checkpoint,
+    sweep_pruned,
+)
 from xflwb.server.registry import Registry
 from xflwb.server.status import ACTIVE, SessionStatus
 
@@ -36,7 +42,8 @@ log = logging.getLogger(__name__)
 
 
 def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
-                    offset: int = 0, private: bool = False
+                    offset: int = 0, private: bool = False,
+                    retention: Retention | None = None
                     ) -> tuple[Callable[[Any, list[np.ndarray]], None], Callable[[Any], None]]:
     """The strategy's per-round callbacks that persist metrics, rejections, evaluations and
     a checkpoint; shared by phone sessions and simulations so both record the same way.
@@ -45,7 +52,10 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
     as round ``offset + 1``); the session row's ``round`` counts this session's rounds.
     ``private``: the session runs central DP (each round's ``privacy_event`` is the
     ledger); without it every round that releases a model is recorded as a noiseless event,
-    so a DP session resuming this lineage knows its ε is infinite."""
+    so a DP session resuming this lineage knows its ε is infinite.
+    ``retention``: which older checkpoints go once a round's is written (default: keep
+    the last ``DEFAULT_KEEP``)."""
+    retention = retention or Retention()
 
     def on_fit(report: Any, global_: list[np.ndarray]) -> None:
         rnd = report.round + offset
@@ -68,6 +78,12 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
         except Exception as exc:  # disk full, read-only folder: training goes on
             log.error("round %s: checkpoint not written (%s: %s); training goes on and the "
                       "next round writes one again", rnd, type(exc).__name__, exc)
+        else:  # pruned only once the new one is safely written
+            try:
+                prune_checkpoints(registry, session_id, model, retention)
+            except Exception as exc:  # the registry busy, ...: the next round prunes again
+                log.error("round %s: older checkpoints not pruned (%s: %s)", rnd,
+                          type(exc).__name__, exc)
         registry.update_session(session_id, round=report.round)
 
     def on_eval(report: Any) -> None:
@@ -141,6 +157,8 @@ class SessionProcess:
         self.stopping = threading.Event()
         self._on_stop: list[Callable[[], None]] = []
         self._on_exit: list[Callable[[], None]] = []
+        #: which checkpoints stay on disk, from the config ``load`` reads
+        self.retention = Retention()
 
     def on_stop(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when SIGTERM stops the process (it exits right after, skipping
@@ -198,7 +216,9 @@ class SessionProcess:
         """The session's config (``config_type(**stored config)``, which validates it) and
         its model's registry row."""
         row = self.registry.get_session(self.session_id)
-        return config_type(**row["config"]), self.registry.get_model(row["model_id"])
+        config = config_type(**row["config"])
+        self.retention = Retention.of(config)
+        return config, self.registry.get_model(row["model_id"])
 
     def set_status(self, status: SessionStatus, **values: Any) -> None:
         """Record ``status`` unless the session already ended (``only_if_active``)."""
@@ -227,7 +247,8 @@ class SessionProcess:
         from xflwb.server.strategy import CrossPlatformStrategy
 
         on_fit, on_eval = round_recorders(self.registry, self.session_id, model, offset,
-                                          private=options.get("privacy") is not None)
+                                          private=options.get("privacy") is not None,
+                                          retention=self.retention)
         return CrossPlatformStrategy(
             model["manifest"], initial, on_fit_round=on_fit, on_evaluate_round=on_eval,
             on_progress=progress_writer(self.data_dir, self.session_id), **options)
@@ -236,7 +257,8 @@ class SessionProcess:
                    strict: bool = False) -> None:
         """Checkpoint the weights the session starts from, at the round it continues from
         (0 when fresh). Unless ``strict``, a failed write (disk full, read-only folder) is
-        logged and training goes on: round 1 writes one again."""
+        logged and training goes on: round 1 writes one again. Also deletes the files a
+        crash left behind while pruning (``sweep_pruned``)."""
         try:
             save_checkpoint(self.registry, self.session_id, model, rnd, arrays)
         except Exception as exc:
@@ -244,3 +266,10 @@ class SessionProcess:
                 raise
             self.log.error("checkpoint of the starting weights not written (%s: %s); "
                            "training goes on", type(exc).__name__, exc)
+        try:
+            swept = sweep_pruned(self.registry, model["name"])
+        except Exception as exc:  # the next session start sweeps again
+            self.log.warning("pruned checkpoints not swept (%s: %s)", type(exc).__name__, exc)
+        else:
+            if swept:
+                self.log.info("deleted %s checkpoint file(s) pruned before a crash", swept)

@@ -113,6 +113,9 @@ checkpoints = sa.Table(
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("sha256", sa.String(64)),  # of the file's bytes; NULL in rows of older xflwb
+    #: when retention deleted the file (``xflwb.server.checkpoints.prune_checkpoints``);
+    #: NULL: on disk. The row stays, so round numbers, timings and ``started_from`` still read
+    sa.Column("pruned", sa.Float),
 )
 #: one row per update that reached a FedBuff session's server, applied or rejected (issue
 #: 15); ``ARRIVAL_COLUMNS`` is their order in ``Session.arrivals``
@@ -337,6 +340,9 @@ class Registry:
             with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
                 # (another process may have added it first)
                 c.execute(sa.text("ALTER TABLE checkpoints ADD COLUMN sha256 VARCHAR(64)"))
+        if "pruned" not in cols:  # checkpoint retention (issue 20)
+            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
+                c.execute(sa.text("ALTER TABLE checkpoints ADD COLUMN pruned FLOAT"))
         for index in (TELEMETRY_MATCH, EVALUATION_MATCH):
             with contextlib.suppress(sa.exc.OperationalError):  # made by another process
                 index.create(self.engine, checkfirst=True)
@@ -686,9 +692,10 @@ class Registry:
     def checkpoints_newest_first(self, model_name: str, model_version: int | None = None,
                                  session_id: int | None = None,
                                  limit: int | None = None) -> list[dict[str, Any]]:
-        """The model's checkpoints, newest first (a resume falls back along this list when
-        the newest is missing or corrupt)."""
-        q = checkpoints.select().where(checkpoints.c.model_name == model_name)
+        """The model's checkpoints on disk, newest first (a resume falls back along this
+        list when the newest is missing or corrupt); pruned ones are never offered."""
+        q = checkpoints.select().where(checkpoints.c.model_name == model_name,
+                                       checkpoints.c.pruned.is_(None))
         if model_version is not None:
             q = q.where(checkpoints.c.model_version == model_version)
         if session_id is not None:
@@ -738,6 +745,43 @@ class Registry:
             row = c.execute(sa.select(lineages.c.parent_id, lineages.c.round)
                             .where(lineages.c.session_id == session_id)).first()
         return None if row is None else dict(row._mapping)
+
+    def resumed_from_ids(self) -> set[int]:
+        """Every checkpoint a session resumed from (retention never deletes these:
+        ``started_from`` and ``round_offset`` name them)."""
+        with self.engine.connect() as c:
+            return {int(r[0]) for r in c.execute(
+                sa.select(sessions.c.resumed_from).where(sessions.c.resumed_from.is_not(None))
+                .distinct())}
+
+    def mark_checkpoints_pruned(self, ids: list[int]) -> None:
+        """Record that retention deletes these checkpoints' files (before they are deleted:
+        a crash in between leaves a file no resume is offered, swept later)."""
+        if not ids:
+            return
+        with self.engine.begin() as c:
+            c.execute(checkpoints.update().where(checkpoints.c.id.in_(ids),
+                                                 checkpoints.c.pruned.is_(None))
+                      .values(pruned=time.time()))
+
+    def pruned_checkpoint_paths(self, paths: list[str]) -> set[str]:
+        """Which of ``paths`` belong to pruned checkpoints (files left by a crash between
+        marking and deleting)."""
+        found: set[str] = set()
+        with self.engine.connect() as c:
+            for i in range(0, len(paths), 500):  # well below SQLite's bound-variable limit
+                found.update(r[0] for r in c.execute(
+                    sa.select(checkpoints.c.path).where(checkpoints.c.path.in_(paths[i:i + 500]),
+                                                        checkpoints.c.pruned.is_not(None))))
+        return found
+
+    def checkpoint_counts(self) -> dict[str, int]:
+        """How many checkpoint rows are on disk (``kept``) and how many were ``pruned``."""
+        with self.engine.connect() as c:
+            kept = c.execute(sa.select(sa.func.count()).select_from(checkpoints)
+                             .where(checkpoints.c.pruned.is_(None))).scalar()
+            total = c.execute(sa.select(sa.func.count()).select_from(checkpoints)).scalar()
+        return {"kept": int(kept or 0), "pruned": int((total or 0) - (kept or 0))}
 
     # -- devices and telemetry ---------------------------------------------------------------
     def add_telemetry(self, kind: str, body: dict[str, Any]) -> int:
