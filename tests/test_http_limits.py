@@ -290,3 +290,123 @@ def test_each_uvicorn_protocol_cuts_slow_heads_and_bodies_and_serves_the_rest(ba
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as idle:
         idle.settimeout(0.5)
         assert _wait_closed(idle)
+
+
+# -- telemetry is the poster's, not the body's ------------------------------------------------
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    return xflwb.export(model, name="lim", data_type="lim-data",
+                        out_dir=tmp_path_factory.mktemp("lim-exports"))
+
+
+def _running(tmp_path, export, **kw) -> tuple[xflwb.Workbench, int]:
+    """A backend with one phone session waiting for its clients (telemetry needs one)."""
+    wb = xflwb.Workbench(data_dir=tmp_path / "xfl", port=0, admin_token="secret", **kw)
+    wb.start()
+    wb.publish(export)
+    return wb, wb.train("lim", rounds=1, min_clients=1, round_timeout=600).id
+
+
+def _fit(session_id: int, device_id: int) -> dict[str, int]:
+    return {"device_id": device_id, "session_id": session_id, "start": 1, "end": 2}
+
+
+def _issue(http: httpx.Client, device: str) -> tuple[int, dict[str, str]]:
+    r = http.post("/api/v1/devices/tokens", json={"device": device}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    return r.json()["id"], {"X-Device-Token": r.json()["token"]}
+
+
+def test_a_token_speaks_for_one_device_and_is_rate_limited_as_one(tmp_path, export):
+    wb, sid = _running(tmp_path, export, device_auth="token")
+    try:
+        with httpx.Client(base_url=wb.url, timeout=30) as http:
+            first, t1 = _issue(http, "pixel")
+            second, t2 = _issue(http, "iphone")
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 100), headers=t1
+                             ).status_code == 200
+            # the issue's probe: 300 posts with rotating device ids from one token
+            rotated = [http.post("/telemetry/fit_ins", json=_fit(sid, 1000 + i), headers=t1)
+                       for i in range(300)]
+            codes = {r.status_code for r in rotated}
+            assert codes == {403, 429}, codes
+            refused = next(r for r in rotated if r.status_code == 403)
+            assert "speaks for device 100" in refused.json()["detail"]
+            limited = next(r for r in rotated if r.status_code == 429)
+            assert f"device token {first}" in limited.json()["detail"]
+            assert int(limited.headers["Retry-After"]) >= 1
+            # another token cannot post as the first one's device, but as its own
+            r = http.post("/telemetry/fit_ins", json=_fit(sid, 100), headers=t2)
+            assert r.status_code == 403 and "another device token" in r.json()["detail"]
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 200), headers=t2
+                             ).status_code == 200
+            rows = {d["id"]: d["token_id"] for d in
+                    http.get("/api/v1/devices", headers=AUTH).json()}
+            assert rows == {100: first, 200: second}
+            # a phone given a new token after its old one was revoked keeps its device id
+            assert http.delete(f"/api/v1/devices/tokens/{first}", headers=AUTH
+                               ).status_code == 200
+            third, t3 = _issue(http, "pixel again")
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 100), headers=t3
+                             ).status_code == 200
+            rows = {d["id"]: d["token_id"] for d in
+                    http.get("/api/v1/devices", headers=AUTH).json()}
+            assert rows == {100: third, 200: second}
+    finally:
+        wb.stop()
+
+
+def test_one_address_creates_a_bounded_number_of_devices_without_tokens(tmp_path, export):
+    from xflwb.server.http.state import ADDRESS_TELEMETRY_BURST, NEW_DEVICES_BURST
+
+    posts = NEW_DEVICES_BURST + 50
+    assert posts < ADDRESS_TELEMETRY_BURST  # what is refused here is new devices, not posts
+    wb, sid = _running(tmp_path, export)
+    try:
+        with httpx.Client(base_url=wb.url, timeout=30) as http:
+            rotated = [http.post("/telemetry/fit_ins", json=_fit(sid, 5000 + i))
+                       for i in range(posts)]
+            codes = [r.status_code for r in rotated]
+            assert set(codes) == {200, 429}, set(codes)
+            refused = next(r for r in rotated if r.status_code == 429)
+            assert "new device ids" in refused.json()["detail"]
+            assert "device tokens" in refused.json()["detail"]  # the fix is named
+            devices = http.get("/api/v1/devices", headers=AUTH).json()
+            assert len(devices) == codes.count(200) <= NEW_DEVICES_BURST + 1
+            # a device already known still posts (an unmodified FedKit phone keeps working)
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 5000)).status_code == 200
+            # and the posts themselves are limited per address, whatever the device_id
+            flood = [http.post("/telemetry/fit_ins", json=_fit(sid, 5000 + i % 3))
+                     for i in range(ADDRESS_TELEMETRY_BURST)]
+            assert flood[-1].status_code == 429
+            assert "address 127.0.0.1" in flood[-1].json()["detail"]
+    finally:
+        wb.stop()
+
+
+def test_an_older_registry_gains_the_device_token_binding(tmp_path):
+    import sqlalchemy as sa
+
+    from xflwb.server.registry import Registry
+
+    (tmp_path / "xfl").mkdir()
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'xfl' / 'xflwb.db'}")
+    with engine.begin() as c:  # the devices table as xflwb made it before tokens bound it
+        c.execute(sa.text("CREATE TABLE devices (id INTEGER PRIMARY KEY, platform "
+                          "VARCHAR(16), first_seen FLOAT NOT NULL, last_seen FLOAT NOT NULL, "
+                          "last_session_id INTEGER)"))
+        c.execute(sa.text("INSERT INTO devices VALUES (7, 'ios', 1.0, 2.0, NULL)"))
+    engine.dispose()
+    reg = Registry(tmp_path / "xfl")
+    try:
+        assert reg.list_devices() == [{"id": 7, "platform": "ios", "first_seen": 1.0,
+                                       "last_seen": 2.0, "last_session_id": None,
+                                       "token_id": None}]
+        indexes = sa.inspect(reg.engine).get_indexes("devices")
+        assert [(i["name"], i["unique"]) for i in indexes] == [("one_device_per_token", 1)]
+    finally:
+        reg.close()
