@@ -353,9 +353,13 @@ def test_a_token_speaks_for_one_device_and_is_rate_limited_as_one(tmp_path, expo
             third, t3 = _issue(http, "pixel again")
             assert http.post("/telemetry/fit_ins", json=_fit(sid, 100), headers=t3
                              ).status_code == 200
+            # and so does a phone re-enrolled under its name (a fleet spawned again)
+            fourth, t4 = _issue(http, "iphone")
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 200), headers=t4
+                             ).status_code == 200
             rows = {d["id"]: d["token_id"] for d in
                     http.get("/api/v1/devices", headers=AUTH).json()}
-            assert rows == {100: third, 200: second}
+            assert rows == {100: third, 200: fourth}
     finally:
         wb.stop()
 

@@ -269,20 +269,24 @@ def _refuse_symlinks(src: Path) -> None:
 def _check_token_device(c: Any, dev: Any, device_id: int, token_id: int) -> None:
     """Refuse (``DeviceNotYours``) telemetry of token ``token_id`` for ``device_id`` unless
     that is the token's device, or may become it: the token has none yet, and the row is
-    new, unbound, or bound to a token revoked since (a phone given a new token)."""
-    from xflwb.server.security import device_tokens
+    new, unbound, or bound to a token revoked since or issued for the same device name (a
+    phone re-enrolled, e.g. a virtual fleet spawned again after a kernel restart)."""
+    from xflwb.server.security import device_tokens as tokens
 
     mine = c.execute(sa.select(devices.c.id).where(devices.c.token_id == token_id)).scalar()
     if mine is not None and mine != device_id:
         raise DeviceNotYours(f"this device token speaks for device {mine} (bound by its "
                              f"first telemetry), not device {device_id}: send device_id "
                              f"{mine}, or issue the phone its own token")
-    if dev is not None and dev.token_id not in (None, token_id):
-        revoked = c.execute(sa.select(device_tokens.c.revoked).where(
-            device_tokens.c.id == dev.token_id)).scalar()
-        if revoked is None:
-            raise DeviceNotYours(f"device {device_id} belongs to another device token: "
-                                 "each phone sends its own device_id with its own token")
+    if dev is None or dev.token_id in (None, token_id):
+        return
+    rows = {r.id: r for r in c.execute(sa.select(tokens.c.id, tokens.c.device, tokens.c.revoked)
+                                       .where(tokens.c.id.in_([dev.token_id, token_id])))}
+    owner, poster = rows.get(dev.token_id), rows.get(token_id)
+    if owner is not None and owner.revoked is None and (
+            poster is None or poster.device != owner.device):
+        raise DeviceNotYours(f"device {device_id} belongs to another device token: each "
+                             "phone sends its own device_id with its own token")
 
 
 class Registry:
@@ -736,10 +740,10 @@ class Registry:
 
         ``token_id``: the device token the post came with (``device_auth="token"``). A
         token speaks for one device: the device id of its first telemetry is bound to it
-        for good (a new row, or a row made before tokens or bound to a since-revoked
-        token); any other device id from it, or its device id from another token, is
-        refused (``DeviceNotYours``). So with tokens, telemetry creates at most one device
-        row per issued token.
+        (a new row, or a row made before tokens, bound to a since-revoked token or to a
+        token of the same device name); any other device id from it, or a device id of
+        another valid token, is refused (``DeviceNotYours``). So with tokens, telemetry
+        creates at most one device row per issued token.
         """
         now = time.time()
         sid, device_id = int(body["session_id"]), int(body["device_id"])
