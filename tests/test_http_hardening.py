@@ -1,6 +1,7 @@
 """Hardening of the backend's edges (issue 12): sessions start exactly once under races, no
-bad input earns a 5xx (schemathesis over every route of the live app), and size limits on
-HTTP bodies and gRPC messages. Real uvicorn, real session processes, real gRPC on loopback.
+bad input earns a 5xx (schemathesis over every route of the live app, plus deep and wide
+bodies: issue 20), and size limits on HTTP bodies and gRPC messages. Real uvicorn, real
+session processes, real gRPC on loopback.
 """
 
 from __future__ import annotations
@@ -232,9 +233,28 @@ def test_schemathesis_finds_no_server_error_on_any_route(tmp_path, export):
                     fuzzer(op, mode)()
                 except Unsatisfiable:  # nothing invalid to send (e.g. no inputs at all)
                     assert mode == GenerationMode.NEGATIVE, op.label
+        # and hostile shapes no generator reaches: 900 levels deep, 100k items wide
+        deep: list = []
+        for _ in range(899):
+            deep = [deep]
+        hostile = {"deep": deep, "deep object": {"a": deep},
+                   "wide": list(range(100_000)), "wide object": {str(i): i for i in range(50_000)}}
+        shaped = 0
+        for op in operations:
+            if op.definition.raw.get("requestBody") is None:
+                continue
+            for name, body in hostile.items():
+                case = op.Case(body=body, media_type="application/json")
+                response = case.call(base_url=wb.url, headers=AUTH, timeout=30)
+                shaped += 1
+                if response.status_code >= 500 or len(response.content) > 2048 or (
+                        name.startswith("deep") and response.status_code != 400):
+                    failures.append(f"{op.label} {name}: {response.status_code} "
+                                    f"{response.text[:200]}")
         print(f"\nschemathesis: {len(sent)} requests over {len(operations)} operations, "
-              f"{len(failures)} server errors")
+              f"{shaped} deep/wide bodies, {len(failures)} server errors")
         assert len(sent) >= 10 * len(operations)
+        assert shaped >= 7 * len(hostile)  # every route that takes a body
         assert failures == [], "\n".join(failures[:10])
     finally:
         wb.stop()

@@ -81,6 +81,9 @@ class Workbench:
         self.tls = tls_config(tls)
         self.device_auth = opts.device_auth
         self.max_body_bytes = opts.max_body_bytes
+        #: deadlines on slow HTTP clients: (head, body, idle keep-alive) seconds
+        self.http_timeouts = (opts.http_header_timeout, opts.http_body_timeout,
+                              opts.http_idle_timeout)
         #: phones' ``start_fresh`` is ignored (logged) unless the operator allows it here
         self.allow_phone_start_fresh = opts.allow_phone_start_fresh
         self.data_dir = Path(opts.data_dir)
@@ -118,6 +121,7 @@ class Workbench:
         import uvicorn
 
         from xflwb.server.app import AppState, create_app
+        from xflwb.server.http.timeouts import timed_protocol
 
         if self.running:
             return self
@@ -144,7 +148,9 @@ class Workbench:
         # other libraries' handlers, e.g. absl's, and with them sys.stderr)
         tls = ({"ssl_certfile": str(self.tls.cert), "ssl_keyfile": str(self.tls.key)}
                if self.tls is not None else {})
+        header, body, idle = self.http_timeouts
         config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off",
+                                http=timed_protocol(header, body), timeout_keep_alive=idle,
                                 **tls)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},

@@ -14,6 +14,7 @@ from fastapi import Depends, FastAPI
 from xflwb.server.http.auth import admin_guard, device_guard
 from xflwb.server.http.errors import install_error_handlers
 from xflwb.server.http.inputs import MAX_INT, Id, PathId, _In
+from xflwb.server.http.json_depth import MAX_JSON_DEPTH, JsonDepthLimit
 from xflwb.server.http.limits import BODY_FLOOR, BodyLimit
 from xflwb.server.http.routes_devices import DeviceOut, TelemetryOut, devices_router
 from xflwb.server.http.routes_fedkit import (
@@ -51,8 +52,8 @@ from xflwb.server.http.state import TELEMETRY_BURST, TELEMETRY_RATE, AppState, R
 from xflwb.server.security import TokenStore
 
 __all__ = [
-    "BODY_FLOOR", "MAX_INT", "MAX_TELEMETRY_LOSS", "MAX_TELEMETRY_SPAN_MS", "MAX_TEST_SIZE",
-    "START_WAIT", "TELEMETRY_BURST", "TELEMETRY_RATE",
+    "BODY_FLOOR", "MAX_INT", "MAX_JSON_DEPTH", "MAX_TELEMETRY_LOSS", "MAX_TELEMETRY_SPAN_MS",
+    "MAX_TEST_SIZE", "START_WAIT", "TELEMETRY_BURST", "TELEMETRY_RATE",
     "AdvertisedIn", "AppState", "ArtifactOut", "BodyLimit", "CoreMLLayer", "DeviceOut",
     "DeviceTokenIn", "EvaluateInsTelemetry", "FitInsTelemetry", "Id", "IssuedTokenOut",
     "MLModelOut", "MetricOut", "ModelOut", "PathId", "PublishIn", "RateLimiter",
@@ -72,6 +73,8 @@ def create_app(state: AppState) -> FastAPI:
                   description="FedKit-compatible device API and the xflwb admin API.")
     app.state.xfl = state
     install_error_handlers(app)
+    # the last added runs first: the size limit, then the nesting bound on what it let in
+    app.add_middleware(JsonDepthLimit, limit=MAX_JSON_DEPTH)
     app.add_middleware(BodyLimit, limit=state.body_limit,
                        floor=min(BODY_FLOOR, state.max_body_bytes or BODY_FLOOR))
 

@@ -15,6 +15,7 @@ import numpy as np
 from xflwb import _options
 from xflwb._options import option
 from xflwb.server.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
+from xflwb.server.http.timeouts import BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT
 
 #: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
 MIN_MESSAGE_BYTES = 64 * 1024
@@ -219,6 +220,16 @@ class BackendOptions:
     device_auth: str | None = option(None, "token: phones present a token issued with "
                                      "issue_device_token / xflwb token issue (default: open, "
                                      "as FedKit's backend)", choices=("token",))
+    #: slow and idle HTTP clients (``xflwb.server.http.timeouts``); gRPC is unaffected
+    http_header_timeout: float = option(
+        HEADER_TIMEOUT, "seconds a client has to send a request's head (from connecting or the "
+        "previous response); slower connections are closed", gt=0, le=3600, metavar="S")
+    http_body_timeout: float = option(
+        BODY_TIMEOUT, "seconds a client has to send a request's body after its head", gt=0, le=3600,
+        metavar="S")
+    http_idle_timeout: float = option(
+        IDLE_TIMEOUT, "seconds an idle keep-alive connection stays open after a response", gt=0,
+        le=3600, metavar="S")
 
     def __post_init__(self) -> None:
         _options.check(self)

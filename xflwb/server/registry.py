@@ -181,7 +181,11 @@ devices = sa.Table(
     sa.Column("first_seen", sa.Float, nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
     sa.Column("last_session_id", sa.Integer),
+    # device_auth="token": the device token whose first telemetry carried this device_id
+    sa.Column("token_id", sa.Integer),
 )
+#: a device token speaks for one device id (the first it posts telemetry with)
+ONE_DEVICE_PER_TOKEN = sa.Index("one_device_per_token", devices.c.token_id, unique=True)
 telemetry = sa.Table(
     "telemetry", meta,
     sa.Column("id", sa.Integer, primary_key=True),
@@ -225,6 +229,10 @@ class NotFound(RegistryError):
 
 class TelemetryRefused(RegistryError):
     """Telemetry the registry will not record; the message says why (HTTP 409)."""
+
+
+class DeviceNotYours(TelemetryRefused):
+    """Telemetry whose device_id is not the posting token's device (HTTP 403)."""
 
 
 #: seconds after a session ends in which its last round's telemetry is still taken (phones
@@ -286,6 +294,29 @@ def _refuse_symlinks(src: Path) -> None:
                                 "export again")
 
 
+def _check_token_device(c: Any, dev: Any, device_id: int, token_id: int) -> None:
+    """Refuse (``DeviceNotYours``) telemetry of token ``token_id`` for ``device_id`` unless
+    that is the token's device, or may become it: the token has none yet, and the row is
+    new, unbound, or bound to a token revoked since or issued for the same device name (a
+    phone re-enrolled, e.g. a virtual fleet spawned again after a kernel restart)."""
+    from xflwb.server.security import device_tokens as tokens
+
+    mine = c.execute(sa.select(devices.c.id).where(devices.c.token_id == token_id)).scalar()
+    if mine is not None and mine != device_id:
+        raise DeviceNotYours(f"this device token speaks for device {mine} (bound by its "
+                             f"first telemetry), not device {device_id}: send device_id "
+                             f"{mine}, or issue the phone its own token")
+    if dev is None or dev.token_id in (None, token_id):
+        return
+    rows = {r.id: r for r in c.execute(sa.select(tokens.c.id, tokens.c.device, tokens.c.revoked)
+                                       .where(tokens.c.id.in_([dev.token_id, token_id])))}
+    owner, poster = rows.get(dev.token_id), rows.get(token_id)
+    if owner is not None and owner.revoked is None and (
+            poster is None or poster.device != owner.device):
+        raise DeviceNotYours(f"device {device_id} belongs to another device token: each "
+                             "phone sends its own device_id with its own token")
+
+
 class Registry:
     """All persistent state; safe to open from several processes at once."""
 
@@ -299,6 +330,7 @@ class Registry:
         meta.create_all(self.engine)  # also the tables an older registry lacks (arrivals)
         self._migrate_sessions()
         self._migrate_checkpoints_and_telemetry()
+        self._migrate_devices()
 
     def _migrate_sessions(self) -> None:
         """Bring a sessions table made by an older xflwb up to date (new columns, the
@@ -346,6 +378,15 @@ class Registry:
         for index in (TELEMETRY_MATCH, EVALUATION_MATCH):
             with contextlib.suppress(sa.exc.OperationalError):  # made by another process
                 index.create(self.engine, checkfirst=True)
+
+    def _migrate_devices(self) -> None:
+        """A registry made by an older xflwb: add ``devices.token_id`` and its index."""
+        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("devices")}
+        if "token_id" not in cols:
+            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
+                c.execute(sa.text("ALTER TABLE devices ADD COLUMN token_id INTEGER"))
+        with contextlib.suppress(sa.exc.OperationalError):  # made by another process
+            ONE_DEVICE_PER_TOKEN.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -784,7 +825,14 @@ class Registry:
         return {"kept": int(kept or 0), "pruned": int((total or 0) - (kept or 0))}
 
     # -- devices and telemetry ---------------------------------------------------------------
-    def add_telemetry(self, kind: str, body: dict[str, Any]) -> int:
+    def device_known(self, device_id: int) -> bool:
+        """Whether telemetry has created a row for ``device_id`` already."""
+        with self.engine.connect() as c:
+            return c.execute(sa.select(devices.c.id).where(
+                devices.c.id == int(device_id))).first() is not None
+
+    def add_telemetry(self, kind: str, body: dict[str, Any],
+                      token_id: int | None = None) -> int:
         """Record one FedKit telemetry post (``kind``: fit | evaluate); the body's values are
         range-checked by the caller (the HTTP route).
 
@@ -795,6 +843,13 @@ class Registry:
         and never rewritten; telemetry counts for a platform only through a match with an
         EvaluateRes (never through its device id alone), so a reused device id cannot
         speak for another phone's platform.
+
+        ``token_id``: the device token the post came with (``device_auth="token"``). A
+        token speaks for one device: the device id of its first telemetry is bound to it
+        (a new row, or a row made before tokens, bound to a since-revoked token or to a
+        token of the same device name); any other device id from it, or a device id of
+        another valid token, is refused (``DeviceNotYours``). So with tokens, telemetry
+        creates at most one device row per issued token.
         """
         now = time.time()
         sid, device_id = int(body["session_id"]), int(body["device_id"])
@@ -810,8 +865,18 @@ class Registry:
                     f"session runs (and {TELEMETRY_GRACE:g} s after it ends)")
         # fit telemetry: the round being trained; evaluate telemetry: set by its match
         rnd = self.round_offset(session) + int(session["round"]) + 1 if kind == "fit" else None
+        try:
+            return self._add_telemetry(kind, body, sid, device_id, rnd, now, token_id)
+        except sa.exc.IntegrityError:  # a post racing this one made the row first
+            raise TelemetryRefused(f"device {device_id} was being recorded by another "
+                                   "telemetry post at the same moment; send again") from None
+
+    def _add_telemetry(self, kind: str, body: dict[str, Any], sid: int, device_id: int,
+                       rnd: int | None, now: float, token_id: int | None) -> int:
         with self.engine.begin() as c:
             dev = c.execute(devices.select().where(devices.c.id == device_id)).first()
+            if token_id is not None:
+                _check_token_device(c, dev, device_id, token_id)
             if dev is not None and dev.last_session_id not in (None, sid):
                 other = c.execute(sa.select(sessions.c.status).where(
                     sessions.c.id == dev.last_session_id)).scalar()
@@ -823,10 +888,11 @@ class Registry:
             if dev is None:
                 c.execute(devices.insert().values(id=device_id, platform=None,
                                                   first_seen=now, last_seen=now,
-                                                  last_session_id=sid))
+                                                  last_session_id=sid, token_id=token_id))
             else:
+                bound = {"token_id": token_id} if token_id is not None else {}
                 c.execute(devices.update().where(devices.c.id == device_id).values(
-                    last_seen=now, last_session_id=sid))
+                    last_seen=now, last_session_id=sid, **bound))
             tid = c.execute(telemetry.insert().values(
                 kind=kind, device_id=device_id, session_id=sid, round=rnd, platform=None,
                 start=body["start"], end=body["end"], loss=body.get("loss"),

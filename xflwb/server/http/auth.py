@@ -18,12 +18,16 @@ _BEARER = HTTPBearer(auto_error=False)
 
 def device_guard(state: AppState) -> Callable[[Request], None]:
     """The phone routes' check: with ``device_auth == "token"`` a request must carry an
-    issued, unrevoked token (``Authorization: Bearer`` or ``X-Device-Token``), else 401."""
+    issued, unrevoked token (``Authorization: Bearer`` or ``X-Device-Token``), else 401.
+    The token's row (``TokenStore.verify``: its id and device label) is left on
+    ``request.state.device_token`` for the routes that act for the device (telemetry)."""
 
     def guard(request: Request) -> None:
+        request.state.device_token = None
         if state.device_auth != "token":
             return
-        if state.tokens.verify(token_from_headers(request.headers)) is None:
+        request.state.device_token = state.tokens.verify(token_from_headers(request.headers))
+        if request.state.device_token is None:
             raise HTTPException(401, "unknown device: this backend enrolls devices; send the "
                                      "token the operator issued (wb.issue_device_token, "
                                      "%xfl_server token, xflwb token issue) as "

@@ -1,10 +1,10 @@
 """Exception handlers: registry errors become 404/409, and a 422 never echoes input that
-cannot be rendered (NaN, lone surrogates), which would turn it into a 500."""
+cannot be rendered (NaN, lone surrogates), which would turn it into a 500, nor more of it
+than a short excerpt (a refused body may be 100k items wide)."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -26,6 +26,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own handler echoes the input, which may hold NaN or a lone surrogate
-        return JSONResponse({"detail": _renderable(jsonable_encoder(exc.errors()))},
-                            status_code=422)
+        # FastAPI's own handler echoes the input, which may hold NaN or a lone surrogate,
+        # and its jsonable_encoder recurses through all of it: _renderable echoes an excerpt
+        return JSONResponse({"detail": _renderable(exc.errors())}, status_code=422)

@@ -18,6 +18,8 @@ class DeviceOut(BaseModel):
     first_seen: float = Field(description="epoch seconds")
     last_seen: float = Field(description="epoch seconds")
     last_session_id: int | None
+    token_id: int | None = Field(description="with device tokens: the token whose telemetry "
+                                             "carries this device_id (bound at its first)")
 
 
 class TelemetryOut(BaseModel):

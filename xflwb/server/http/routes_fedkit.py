@@ -9,13 +9,18 @@ import math
 import time
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from xflwb.server import registry as reg
 from xflwb.server.http.inputs import Id, PathId, _In
 from xflwb.server.http.routes_static import file_path
-from xflwb.server.http.state import AppState
+from xflwb.server.http.state import (
+    NEW_DEVICES_BURST,
+    NEW_DEVICES_PER_HOUR,
+    AppState,
+    client_key,
+)
 from xflwb.server.registry import NotFound, SessionConflict
 from xflwb.server.session import resumes
 
@@ -178,34 +183,57 @@ def fedkit_router(state: AppState) -> APIRouter:
             info = registry.get_session(info["id"])
         return info
 
-    def _store(kind: str, body: FitInsTelemetry) -> TelemetryAck:
-        """Range checks (422), the device's rate limit (429), then the registry's: the
-        session must be running and the device id in it and on its bound platform (409)."""
+    def _store(kind: str, body: FitInsTelemetry, request: Request) -> TelemetryAck:
+        """Range checks (422), the poster's rate limit (429), then the registry's: the
+        session must be running and the device id in it and on its bound platform (409).
+
+        Who posts: with device tokens, the token (its device is the first device_id it
+        posted; another is 403); without, the client address, which may also create only
+        so many device rows (429). The body's device_id never keys a limit: it is the
+        client's own claim."""
         if body.end < body.start:
             raise HTTPException(422, f"end ({body.end}) is before start ({body.start})")
         if body.end - body.start > MAX_TELEMETRY_SPAN_MS:
             raise HTTPException(422, f"start..end spans {body.end - body.start} ms, more than "
                                      f"{MAX_TELEMETRY_SPAN_MS} (7 days); send epoch ms")
-        wait = state.telemetry_limiter.take(body.device_id)
+        token = getattr(request.state, "device_token", None)
+        address = client_key(request.client.host if request.client else None)
+        if token is not None:
+            limiter, who = state.telemetry_limiter, f"device token {token['id']}"
+            wait = limiter.take(("token", token["id"]))
+        else:
+            limiter, who = state.address_limiter, f"address {address}"
+            wait = limiter.take(("address", address))
         if wait:
             raise HTTPException(
-                429, f"device {body.device_id} posts telemetry faster than "
-                     f"{state.telemetry_limiter.rate:g}/s; retry in {wait:.1f} s",
-                headers={"Retry-After": str(max(1, math.ceil(wait)))})
+                429, f"{who} posts telemetry faster than {limiter.rate:g}/s; retry in "
+                     f"{wait:.1f} s", headers={"Retry-After": str(max(1, math.ceil(wait)))})
+        if token is None and not registry.device_known(body.device_id):
+            wait = state.new_device_limiter.take(("address", address))
+            if wait:
+                raise HTTPException(
+                    429, f"address {address} has introduced more new device ids than "
+                         f"{NEW_DEVICES_PER_HOUR} an hour (after a burst of "
+                         f"{NEW_DEVICES_BURST}); retry in {wait:.0f} s, reuse a device_id "
+                         "or enroll phones with device tokens",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))})
         try:
-            registry.add_telemetry(kind, body.model_dump())
+            registry.add_telemetry(kind, body.model_dump(),
+                                   token_id=token["id"] if token is not None else None)
         except NotFound:
             raise HTTPException(404, f"no session with id {body.session_id}") from None
+        except reg.DeviceNotYours as exc:
+            raise HTTPException(403, str(exc)) from None
         except reg.TelemetryRefused as exc:
             raise HTTPException(409, str(exc)) from None
         return TelemetryAck(status="ok")
 
     @r.post("/telemetry/fit_ins", response_model=TelemetryAck)
-    def fit_ins(body: FitInsTelemetry) -> TelemetryAck:
-        return _store("fit", body)
+    def fit_ins(body: FitInsTelemetry, request: Request) -> TelemetryAck:
+        return _store("fit", body, request)
 
     @r.post("/telemetry/evaluate_ins", response_model=TelemetryAck)
-    def evaluate_ins(body: EvaluateInsTelemetry) -> TelemetryAck:
-        return _store("evaluate", body)
+    def evaluate_ins(body: EvaluateInsTelemetry, request: Request) -> TelemetryAck:
+        return _store("evaluate", body, request)
 
     return r

@@ -1,8 +1,9 @@
 """What the routes share: the registry, the session manager, the operator's settings and
-the per-device telemetry rate limiter (``AppState``, kept on ``app.state.xfl``)."""
+the telemetry rate limiters (``AppState``, kept on ``app.state.xfl``)."""
 
 from __future__ import annotations
 
+import ipaddress
 import threading
 import time
 from collections import OrderedDict
@@ -13,15 +14,23 @@ from xflwb.server.http.limits import BODY_FLOOR
 from xflwb.server.registry import Registry
 from xflwb.server.session import SessionManager
 
-#: telemetry per device: a burst, then a sustained rate (a phone posts two per round)
+#: telemetry per device token: a burst, then a sustained rate (a phone posts two per round)
 TELEMETRY_BURST = 60
 TELEMETRY_RATE = 10.0
+#: telemetry per client address when device_auth is off (one address may be a NAT or a
+#: virtual fleet in front of many phones; the body's device_id is the client's own claim)
+ADDRESS_TELEMETRY_BURST = 300
+ADDRESS_TELEMETRY_RATE = 30.0
+#: new device rows telemetry may create per client address when device_auth is off:
+#: a burst, then this many per hour (with tokens: one per issued token)
+NEW_DEVICES_BURST = 200
+NEW_DEVICES_PER_HOUR = 200
 
 
 class RateLimiter:
-    """A token bucket per key (a device id): ``burst`` posts at once, ``rate`` per second
-    sustained. Thread-safe; remembers at most ``max_keys`` keys (the least recently used
-    are forgotten, i.e. start with a full bucket again)."""
+    """A token bucket per key (a device token, a client address): ``burst`` posts at once,
+    ``rate`` per second sustained. Thread-safe; remembers at most ``max_keys`` keys (the
+    least recently used are forgotten, i.e. start with a full bucket again)."""
 
     def __init__(self, rate: float = TELEMETRY_RATE, burst: float = TELEMETRY_BURST,
                  max_keys: int = 100_000) -> None:
@@ -42,6 +51,20 @@ class RateLimiter:
             return wait
 
 
+def client_key(host: str | None) -> str:
+    """The rate-limit key of a client address: the address itself, but an IPv6 client's
+    /64 network (one host usually holds a whole /64 and could rotate through it)."""
+    if not host:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip.ipv4_mapped or ip) if isinstance(ip, ipaddress.IPv6Address) else str(ip)
+
+
 @dataclass
 class AppState:
     registry: Registry
@@ -58,8 +81,15 @@ class AppState:
     device_auth: str | None = None
     #: the device token store (``xflwb.server.security.TokenStore``), made by create_app
     tokens: Any = field(default=None, repr=False)
+    #: telemetry posts per device token (device_auth="token") ...
     telemetry_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(),
                                            repr=False)
+    #: ... or per client address (open device API); never keyed on a body field
+    address_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(
+        ADDRESS_TELEMETRY_RATE, ADDRESS_TELEMETRY_BURST), repr=False)
+    #: device rows telemetry may create per client address (open device API)
+    new_device_limiter: RateLimiter = field(default_factory=lambda: RateLimiter(
+        NEW_DEVICES_PER_HOUR / 3600.0, NEW_DEVICES_BURST), repr=False)
     _start_locks: dict[str, threading.Lock] = field(default_factory=dict, repr=False)
     _locks_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
