@@ -191,8 +191,9 @@ class VersionBuffer:
         base = self.versions[arrival.base_version]
         mask = self.masks[arrival.platform]
         w = np.float32(arrival.weight)
-        deltas = [(np.subtract(c, b, dtype=np.float32) * w) if t else z
-                  for c, b, t, z in zip(canonical, base, mask, self._zeros, strict=True)]
+        with np.errstate(over="ignore", invalid="ignore"):  # inf: refused by add below
+            deltas = [(np.subtract(c, b, dtype=np.float32) * w) if t else z
+                      for c, b, t, z in zip(canonical, base, mask, self._zeros, strict=True)]
         self.buffer.add(deltas, examples, mask)  # validates: NaN/inf rejects only this one
         self.pending.append(arrival)
 
