@@ -270,8 +270,11 @@ def test_stale_ios_update_is_mapped_masked_and_weighted_exactly(exports, tmp_pat
 
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
         wb.publish(res)
+        # bounded influence off: its warm-up holds Android's first update until iOS has
+        # reported, and this script makes iOS wait for Android's versions
         s = wb.train("fb_bn", rounds=4, min_clients=2, round_timeout=60, strategy="fedbuff",
-                     strategy_options={"buffer_size": 1, "evaluate_every": 0})
+                     strategy_options={"buffer_size": 1, "evaluate_every": 0},
+                     max_weight_ratio=None, max_norm_ratio=None)
         phones = [WirePhone(wb.url, "android", "bn-data", droid, device_id=1),
                   WirePhone(wb.url, "ios", "bn-data", ios, encoding="npy", device_id=2)]
         threads = [p.start() for p in phones]

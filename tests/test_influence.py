@@ -89,14 +89,14 @@ def test_the_lower_median_of_one_honest_claim_and_one_lie_is_the_honest_one():
 
 def test_the_bounds_are_on_by_default_and_off_with_none():
     cfg = SessionConfig()
-    assert cfg.max_weight_ratio == 2.0 and cfg.max_norm_ratio == 3.0
+    assert cfg.max_weight_ratio == 2.0 and cfg.max_norm_ratio == 4.0
     assert SessionConfig(max_weight_ratio=None, max_norm_ratio=None).max_norm_ratio is None
     for bad in ({"max_weight_ratio": 0.5}, {"max_norm_ratio": 0}, {"max_norm_ratio": "auto"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SessionConfig(**bad)
     # secagg hides single updates and DP clips: the defaults must not refuse either
     sim = SimulationConfig(android=3, secagg={})
-    assert sim.max_norm_ratio == 3.0
+    assert sim.max_norm_ratio == 4.0
     s = CrossPlatformStrategy(MANIFEST, START, secure_sums=True)
     assert s.max_norm_ratio is None
     dp = CrossPlatformStrategy(MANIFEST, START, privacy={
@@ -111,7 +111,7 @@ def test_a_claim_of_10_15_with_a_large_update_moves_the_round_less_than_one_hone
     assert attack <= honest
     _, report = round_model([*HONEST, ("bad", step(99, scale=100.0), 10**15)])
     (_, cid, why), = report.rejections
-    assert cid == "bad" and "max_norm_ratio 3" in why and "not clipped" in why
+    assert cid == "bad" and "max_norm_ratio 4" in why and "not clipped" in why
     # the old defaults (max_examples=10**6, no norm bound): the attacker owns the round
     old = effect(("bad", step(99, scale=100.0), 10**15), max_weight_ratio=None,
                  max_norm_ratio=None)
@@ -179,7 +179,7 @@ def test_any_claim_and_scale_the_liars_weight_share_is_bounded(claims, lie, scal
     values can take one slot above it), each counts ≥ m, the liar ≤ r·m: its share of the
     weight is at most r / (r + ⌈H/2⌉). The liar is on iOS (its own examples metric).
 
-    One exception, with a single honest phone: a liar whose update is 3× *smaller* is the
+    One exception, with a single honest phone: a liar whose update is 4× *smaller* is the
     lower median of two norms and gets the honest update rejected; then the model moves by
     the liar's small step, less than the honest update would have moved it."""
     reports: list = []

@@ -539,7 +539,7 @@ class AsyncLoop:
         if not self._holding:
             return [(arrival, canonical)]
         if self.strategy.max_norm_ratio is not None:  # known before any is judged
-            self.strategy.norms.observe(arrival.client, update_norm(
+            self.strategy.norms.observe(arrival.client, arrival.weight * update_norm(
                 canonical, base, self.strategy._masks[arrival.platform]))
         older = self._held.pop(arrival.client, None)
         if older is not None:
@@ -563,7 +563,7 @@ class AsyncLoop:
             base = state.base(arrival.base_version, arrival.platform, arrival.client)
             cap = weight_cap(self.claims.values(), self.strategy.max_weight_ratio)
             n, cut = self.strategy._bounded(arrival.platform, arrival.client, canonical,
-                                            arrival.examples, base, cap)
+                                            arrival.examples, base, cap, arrival.weight)
             arrival.examples, arrival.capped = n, arrival.capped or cut
             arrival.version = state.version + 1
             state.add(arrival, canonical, n)  # validates: NaN/inf rejects only this one

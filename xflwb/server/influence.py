@@ -37,8 +37,9 @@ __all__ = ["DEFAULT_MAX_NORM_RATIO", "DEFAULT_MAX_WEIGHT_RATIO", "WARM", "WINDOW
 #: fully, a liar counts as two median phones at most
 DEFAULT_MAX_WEIGHT_RATIO = 2.0
 #: default ``max_norm_ratio``: honest updates of one model and learning rate rarely differ
-#: by 3× from their median; an update 10**3 times larger is an attack or a bug
-DEFAULT_MAX_NORM_RATIO = 3.0
+#: by 4× from their median (iid phones: within 2×); an update 100 times larger is an
+#: attack or a bug
+DEFAULT_MAX_NORM_RATIO = 4.0
 #: distinct clients remembered per window (bounded memory whatever the fleet)
 WINDOW = 256
 #: distinct clients a norm judgement needs (fewer: judged against the round / held, FedBuff)

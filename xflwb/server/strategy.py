@@ -482,16 +482,18 @@ class CrossPlatformStrategy(Strategy):
         return canonical, n, capped, codec
 
     def _bounded(self, platform: str, cid: str, canonical: list[np.ndarray], n: int,
-                 base: list[np.ndarray] | None = None, cap: int | None = None
-                 ) -> tuple[int, bool]:
+                 base: list[np.ndarray] | None = None, cap: int | None = None,
+                 scale: float = 1.0) -> tuple[int, bool]:
         """The relative bounds on one accepted update (``xflwb.server.influence``):
         (examples it counts for, whether ``cap`` cut them), or ``UpdateTooLarge`` when its
         norm exceeds ``max_norm_ratio`` × the median of recent clients' norms. Its norm is
         remembered first, rejected or not: one entry per client moves no median, and a
-        fleet whose updates all grow is followed instead of rejected for ever."""
+        fleet whose updates all grow is followed instead of rejected for ever. ``scale``:
+        FedBuff's staleness weight, so what is judged is the step the update will make (a
+        stale update from an early, steep model is larger, and counts for less)."""
         if self.max_norm_ratio is not None:
             base = self.global_ if base is None else base
-            norm = update_norm(canonical, base, self._masks[platform])
+            norm = update_norm(canonical, base, self._masks[platform]) * scale
             if not np.isfinite(norm):
                 raise ValueError("update contains NaN or inf (in float32)")
             self.norms.observe(cid, norm)
