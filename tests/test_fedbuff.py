@@ -270,8 +270,11 @@ def test_stale_ios_update_is_mapped_masked_and_weighted_exactly(exports, tmp_pat
 
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
         wb.publish(res)
+        # bounded influence off: its warm-up holds Android's first update until iOS has
+        # reported, and this script makes iOS wait for Android's versions
         s = wb.train("fb_bn", rounds=4, min_clients=2, round_timeout=60, strategy="fedbuff",
-                     strategy_options={"buffer_size": 1, "evaluate_every": 0})
+                     strategy_options={"buffer_size": 1, "evaluate_every": 0},
+                     max_weight_ratio=None, max_norm_ratio=None)
         phones = [WirePhone(wb.url, "android", "bn-data", droid, device_id=1),
                   WirePhone(wb.url, "ios", "bn-data", ios, encoding="npy", device_id=2)]
         threads = [p.start() for p in phones]
@@ -358,10 +361,14 @@ def test_killed_device_costs_only_its_update_and_a_late_joiner_gets_the_current_
     res = exports["digits"]
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
         wb.publish(res)
+        # bounded influence off: this test asserts every update but the killed one is
+        # applied; the warm-up supersedes held updates and a late joiner's first, larger
+        # step can exceed max_norm_ratio × a converged fleet's median (docs/security.md)
         s = wb.train("fb_digits", rounds=100_000, min_clients=3, local_epochs=2,
                      round_timeout=60, strategy="fedbuff",
                      strategy_options={"buffer_size": 2, "max_seconds": 15,
-                                       "evaluate_every": 0})
+                                       "evaluate_every": 0},
+                     max_weight_ratio=None, max_norm_ratio=None)
         fleet = wb.spawn_devices(android=2, ios=1, dataset="digits", partition="iid",
                                  seed=3, slowdown=[4, 1, 1])
         victim = fleet.ids[0]

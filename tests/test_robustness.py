@@ -163,7 +163,7 @@ def test_values_of_1e30_barely_move_the_median():
 def test_num_examples_2_63_is_capped_and_recorded():
     bad = canon(3)
     s, report, honest, _ = run_round(wire_fitres(params.encode_tensors(bad), 2**63 - 1),
-                                     max_examples=30)
+                                     max_examples=30, max_weight_ratio=None)
     assert report.rejections == []
     want = [(10 * a + 10 * b + 30 * c) / 50 for a, b, c in zip(*honest, bad, strict=True)]
     assert_close(s.global_, want)
@@ -171,11 +171,12 @@ def test_num_examples_2_63_is_capped_and_recorded():
     assert metrics[("android", "capped")] == 1 and metrics[("android", "examples")] == 50
 
 
-def test_default_cap_is_a_million_examples():
+def test_default_cap_is_twice_the_rounds_median_claim():
+    # max_weight_ratio=2 by default (issue 20): 2 × the median 10, not max_examples' 10**6
     _, report, _, _ = run_round(wire_fitres(params.encode_tensors(canon(3)), 2**63 - 1))
     metrics = {(p, k): v for p, k, v in report.metrics}
     assert metrics[("android", "capped")] == 1
-    assert metrics[("android", "examples")] == 1_000_000 + 20
+    assert metrics[("android", "examples")] == 20 + 20
 
 
 def test_any_exception_in_one_update_is_its_rejection():
@@ -249,7 +250,7 @@ def test_krum_picks_an_honest_update_per_group():
 
 def test_one_attacker_barely_moves_the_median_in_a_round():
     """Five honest clients near 1, one sends 1e6: the median stays within the honest
-    spread, FedAvg is dragged ~1.7e5 away."""
+    spread, FedAvg is dragged ~1.7e5 away unless its norm bound (on by default) rejects it."""
     start = _fill(0.0)
     rng = np.random.default_rng(0)
     honest = [[np.float32(1) + rng.normal(0, 0.01, s).astype(np.float32) for s in SHAPES]
@@ -257,10 +258,11 @@ def test_one_attacker_barely_moves_the_median_in_a_round():
     results = [(Phone(f"h{i}"), wire_fitres(params.encode_tensors(h), 10))
                for i, h in enumerate(honest)]
     results.append((Phone("bad"), wire_fitres(params.encode_tensors(_fill(1e6)), 10)))
-    for name, bound in (("fedmedian", 0.05), ("fedtrimmedavg", 0.05), ("fedavg", None)):
+    for name, bound, ratio in (("fedmedian", 0.05, 4.0), ("fedtrimmedavg", 0.05, 4.0),
+                               ("fedavg", 0.05, 4.0), ("fedavg", None, None)):
         s = CrossPlatformStrategy(MANIFEST, start, strategy=name, min_clients=1,
                                   strategy_options={"beta": 0.2} if name == "fedtrimmedavg"
-                                  else None)
+                                  else None, max_norm_ratio=ratio)
         s.aggregate_fit(1, results, [])
         moved = max(float(np.abs(g - 1).max()) for g in s.global_)
         if bound is None:
@@ -327,10 +329,10 @@ def test_fuzz_one_malformed_fitres_costs_only_its_update(bad, strategy):
         return
     if rejected:
         assert_close(s.global_, honest_only(honest))
-    else:  # a well-formed update after all: weighted in, at most max_examples
+    else:  # a well-formed update after all: weighted in, at most 2 × the median claim 10
         mine = _decode_independently(tensors)
         want = aggregate_masked(start, [(honest[0], 10, None), (honest[1], 10, None),
-                                        (mine, min(n, 1_000_000), None)])
+                                        (mine, min(n, 20), None)])
         assert_close(s.global_, want, tol=1e-4)
 
 

@@ -26,7 +26,7 @@ from xflwb.server.strategy import CrossPlatformStrategy
 def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():
     start, a, i = _canon(0), _canon(1), _canon(2)
     reports = []
-    s = CrossPlatformStrategy(MANIFEST, start, min_clients=1,
+    s = CrossPlatformStrategy(MANIFEST, start, min_clients=1, max_weight_ratio=None,
                               on_fit_round=lambda r, g: reports.append(r))
     ios = Phone("i", "ios")
     results = [(Phone("a", "android"), _res(a, 10)),

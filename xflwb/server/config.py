@@ -16,6 +16,7 @@ from xflwb import _options
 from xflwb._options import option
 from xflwb.server.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
 from xflwb.server.http.timeouts import BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT
+from xflwb.server.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 
 #: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
 MIN_MESSAGE_BYTES = 64 * 1024
@@ -69,6 +70,17 @@ class RoundOptions:
     max_update_norm: float | None = option(
         None, "reject updates farther than this (L2, canonical space, over the tensors the "
         "client's platform trains) from the global model; none: no bound", gt=0)
+    #: relative bounds on by default (xflwb.server.influence, docs/security.md): one phone
+    #: must not steer the model by lying about its examples or sending a huge update
+    max_weight_ratio: float | None = option(
+        DEFAULT_MAX_WEIGHT_RATIO, "one update counts for at most this multiple of the "
+        "(lower) median num_examples of its round (FedBuff: of the recent phones); capped "
+        "updates are counted in the capped metric; none: off", ge=1, le=1e9)
+    max_norm_ratio: float | None = option(
+        DEFAULT_MAX_NORM_RATIO, "reject updates farther (L2) from the model they trained "
+        "from than this multiple of the (lower) median of recent updates; applies to "
+        "fedavg, the server optimisers and fedbuff, not to robust rules, DP (which clips) "
+        "or secagg (which hides single updates); none: off", ge=1, le=1e9)
     #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.server.privacy``)
     privacy: dict[str, Any] | None = option(
         None, "differential privacy: xflwb.DP(...) or its dict; none: off")

@@ -45,7 +45,8 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
-from xflwb.server.aggregate import StreamingFedAvg
+from xflwb.server.aggregate import StreamingFedAvg, update_norm
+from xflwb.server.influence import WARM, PeerWindow, weight_cap
 
 log = logging.getLogger("xflwb.fedbuff")
 
@@ -190,8 +191,9 @@ class VersionBuffer:
         base = self.versions[arrival.base_version]
         mask = self.masks[arrival.platform]
         w = np.float32(arrival.weight)
-        deltas = [(np.subtract(c, b, dtype=np.float32) * w) if t else z
-                  for c, b, t, z in zip(canonical, base, mask, self._zeros, strict=True)]
+        with np.errstate(over="ignore", invalid="ignore"):  # inf: refused by add below
+            deltas = [(np.subtract(c, b, dtype=np.float32) * w) if t else z
+                      for c, b, t, z in zip(canonical, base, mask, self._zeros, strict=True)]
         self.buffer.add(deltas, examples, mask)  # validates: NaN/inf rejects only this one
         self.pending.append(arrival)
 
@@ -280,6 +282,15 @@ class AsyncLoop:
         self._start = 0.0
         self._last_version_at = 0.0
         self._last_evaluated: int | None = None  # the newest version scheduled
+        #: bounded influence (``xflwb.server.influence``): each recent phone's latest claim
+        #: (the weight cap is ``max_weight_ratio`` × their median, the arrival's included);
+        #: until ``_warm`` distinct phones have reported, accepted updates are held (one per
+        #: phone), so the first ones are judged against each other, not against nothing
+        self.claims = PeerWindow()
+        self._warm = min(WARM, strategy.min_clients)
+        self._holding = self._warm > 1 and (strategy.max_weight_ratio is not None
+                                            or strategy.max_norm_ratio is not None)
+        self._held: OrderedDict[str, tuple[Arrival, list[np.ndarray]]] = OrderedDict()
 
     # -- the loop --------------------------------------------------------------------------
     @property
@@ -320,6 +331,11 @@ class AsyncLoop:
         from xflwb.server.flower_legacy import ReconnectIns
 
         deadline = self.clock() + self.round_timeout
+        for arrival, _ in self._held.values():  # said, not silently dropped
+            self._reject(arrival, f"held until {self._warm} phones had reported (bounded "
+                         "influence's warm-up); the session ended first")
+            self._record_arrival(arrival)
+        self._held.clear()
         scheduled = self._evals[-1].version if self._evals else self._last_evaluated
         if self._evaluates() and self.versions_made and scheduled != self.state.version:
             self._schedule_evaluation()  # the final model is always evaluated
@@ -489,7 +505,7 @@ class AsyncLoop:
             canonical, n, capped, codec = self.strategy._accept(job.platform, res, base)
             arrival.examples, arrival.capped = n, capped
             arrival.weight = state.weight_of(staleness)
-            state.add(arrival, canonical, n)
+            ready = self._admit(arrival, canonical, base)
         except KeyError as exc:  # a manifest lookup: our fault, not the phone's
             raise RuntimeError(
                 f"a lookup failed while mapping {job.platform} client {client.cid}'s update "
@@ -497,16 +513,62 @@ class AsyncLoop:
                 f"'{self.strategy.manifest.get('name')}' or xflwb is at fault; re-export "
                 "the model, and report it if it persists") from exc
         except Exception as exc:  # this update only
-            arrival.status, arrival.weight = "rejected", 0.0
-            arrival.reason = (str(exc) if isinstance(exc, StaleUpdate)
-                              else f"{type(exc).__name__}: {exc}")
-            log.warning("version %d: rejected %s update from %s: %s", state.version + 1,
-                        job.platform, client.cid, arrival.reason)
-            self._rejected.append(arrival)
-        else:
-            self.strategy.codec_of[client.cid] = codec
-            self._errors.pop(client.cid, None)
-            self._errors_in_a_row.clear()
+            self._reject(arrival, exc)
+            self._record_arrival(arrival)
+            return
+        self.strategy.codec_of[client.cid] = codec
+        self._errors.pop(client.cid, None)
+        self._errors_in_a_row.clear()
+        for held, arrays in ready:
+            self._apply(held, arrays)
+
+    def _reject(self, arrival: Arrival, exc: BaseException | str) -> None:
+        arrival.status, arrival.weight = "rejected", 0.0
+        arrival.reason = (exc if isinstance(exc, str) else str(exc)
+                          if isinstance(exc, StaleUpdate) else f"{type(exc).__name__}: {exc}")
+        log.warning("version %d: rejected %s update from %s: %s", self.state.version + 1,
+                    arrival.platform, arrival.client, arrival.reason)
+        self._rejected.append(arrival)
+
+    def _admit(self, arrival: Arrival, canonical: list[np.ndarray], base: list[np.ndarray]
+               ) -> list[tuple[Arrival, list[np.ndarray]]]:
+        """The accepted updates to apply now: this one, or, during the warm-up, none (it
+        is held, replacing an older held one of the same phone) until ``_warm`` distinct
+        phones have reported; then every held one."""
+        self.claims.observe(arrival.client, arrival.examples)
+        if not self._holding:
+            return [(arrival, canonical)]
+        if self.strategy.max_norm_ratio is not None:  # known before any is judged
+            self.strategy.norms.observe(arrival.client, arrival.weight * update_norm(
+                canonical, base, self.strategy._masks[arrival.platform]))
+        older = self._held.pop(arrival.client, None)
+        if older is not None:
+            self._reject(older[0], "superseded by a newer update of the same phone during "
+                         f"bounded influence's warm-up (until {self._warm} phones report)")
+            self._record_arrival(older[0])
+        self._held[arrival.client] = (arrival, canonical)
+        if len(self.claims) < self._warm:
+            return []
+        self._holding = False
+        ready = list(self._held.values())
+        self._held.clear()
+        return ready
+
+    def _apply(self, arrival: Arrival, canonical: list[np.ndarray]) -> None:
+        """Weigh one accepted update (examples ≤ ``max_weight_ratio`` × the recent
+        phones' median claim; norm within ``max_norm_ratio``), buffer it, record it, and
+        make a version when the buffer is full."""
+        state = self.state
+        try:
+            base = state.base(arrival.base_version, arrival.platform, arrival.client)
+            cap = weight_cap(self.claims.values(), self.strategy.max_weight_ratio)
+            n, cut = self.strategy._bounded(arrival.platform, arrival.client, canonical,
+                                            arrival.examples, base, cap, arrival.weight)
+            arrival.examples, arrival.capped = n, arrival.capped or cut
+            arrival.version = state.version + 1
+            state.add(arrival, canonical, n)  # validates: NaN/inf rejects only this one
+        except Exception as exc:  # this update only
+            self._reject(arrival, exc)
         self._record_arrival(arrival)
         if state.full:
             self._make_version()

@@ -140,7 +140,8 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             fraction_fit=cfg.fraction_fit,
             fraction_evaluate=cfg.fraction_evaluate, min_clients=cfg.min_clients,
             local_epochs=cfg.local_epochs, max_examples=cfg.max_examples,
-            max_update_norm=cfg.max_update_norm, privacy=cfg.privacy)
+            max_update_norm=cfg.max_update_norm, privacy=cfg.privacy,
+            max_weight_ratio=cfg.max_weight_ratio, max_norm_ratio=cfg.max_norm_ratio)
         try:
             lineage.start(registry, session_id, offset, privacy_plan, strategy.dp, xlog)
         except lineage.PrivacyLineageError as exc:

@@ -45,6 +45,13 @@ from xflwb.server.flower_legacy import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from xflwb.server.influence import (
+    DEFAULT_MAX_NORM_RATIO,
+    DEFAULT_MAX_WEIGHT_RATIO,
+    WARM,
+    PeerWindow,
+    weight_cap,
+)
 from xflwb.server.privacy import CentralDP, reported_bit
 from xflwb.server.protocol import drain_violations
 
@@ -284,6 +291,8 @@ class CrossPlatformStrategy(Strategy):
                  min_clients: int = 2, local_epochs: int = 1,
                  max_examples: int | None = DEFAULT_MAX_EXAMPLES,
                  max_update_norm: float | None = None,
+                 max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
+                 max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO,
                  secure_sums: bool = False,
                  privacy: dict[str, Any] | None = None,
                  on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
@@ -313,6 +322,16 @@ class CrossPlatformStrategy(Strategy):
         #: updates whose canonical L2 distance to the global model exceeds this are
         #: rejected (not clipped: a clipped attack still moves the model by the bound)
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        #: relative bounds (``xflwb.server.influence``): weight ≤ ratio × the median claim;
+        #: norm ≤ ratio × the median of recent norms (else rejected). Under DP every update
+        #: weighs 1 and is clipped, and a peer-dependent rejection would break the noise's
+        #: sensitivity; secure sums hide single updates; robust rules bound outliers
+        #: themselves. ``norms`` holds each recent client's latest norm, across rounds.
+        self.max_weight_ratio = None if max_weight_ratio is None else float(max_weight_ratio)
+        self.max_norm_ratio = (None if (max_norm_ratio is None or privacy is not None
+                                        or self.secure_sums or self.rule is not None)
+                               else float(max_norm_ratio))
+        self.norms = PeerWindow()
         self._manager: ClientManager | None = None  # the session's, seen at configure
         self.fraction_fit = fraction_fit
         self.fraction_evaluate = fraction_evaluate
@@ -465,6 +484,49 @@ class CrossPlatformStrategy(Strategy):
                     f"tensors {platform} trains, canonical space); rejected, not clipped")
         return canonical, n, capped, codec
 
+    def _bounded(self, platform: str, cid: str, canonical: list[np.ndarray], n: int,
+                 base: list[np.ndarray] | None = None, cap: int | None = None,
+                 scale: float = 1.0) -> tuple[int, bool]:
+        """The relative bounds on one accepted update (``xflwb.server.influence``):
+        (examples it counts for, whether ``cap`` cut them), or ``UpdateTooLarge`` when its
+        norm exceeds ``max_norm_ratio`` × the median of recent clients' norms. Its norm is
+        remembered first, rejected or not: one entry per client moves no median, and a
+        fleet whose updates all grow is followed instead of rejected for ever. ``scale``:
+        FedBuff's staleness weight, so what is judged is the step the update will make (a
+        stale update from an early, steep model is larger, and counts for less)."""
+        if self.max_norm_ratio is not None:
+            base = self.global_ if base is None else base
+            norm = update_norm(canonical, base, self._masks[platform]) * scale
+            if not np.isfinite(norm):
+                raise ValueError("update contains NaN or inf (in float32)")
+            self.norms.observe(cid, norm)
+            self.norms.check(norm, self.max_norm_ratio, platform)
+        if cap is not None and n > cap:
+            return cap, True
+        return n, False
+
+    def _round_bounds(self, results: list[tuple[ClientProxy, FitRes]]) -> int | None:
+        """Before a round's updates are added: the weight cap from the round's claims (read
+        only: num_examples), and, while fewer than ``WARM`` clients' norms are known, every
+        update's norm (decoded once more, then dropped: memory stays O(parameters)), so the
+        first round's updates are judged against each other rather than against nothing."""
+        claims = []
+        for _, res in results:
+            try:
+                claims.append(self._examples(res.num_examples)[0])
+            except Exception:  # its rejection comes with the second pass
+                continue
+        if self.max_norm_ratio is not None and len(self.norms) < WARM:
+            for client, res in results:
+                platform = str(getattr(client, "platform", "unknown"))
+                try:
+                    canonical = self._accept(platform, res)[0]
+                    norm = update_norm(canonical, self.global_, self._masks[platform])
+                except Exception:
+                    continue
+                self.norms.observe(client.cid, norm)
+        return weight_cap(claims, self.max_weight_ratio)
+
     def _violations(self, report: RoundReport,
                     per: dict[str, dict[str, float]]) -> None:
         """Protocol violations reported since the last round (duplicated or out-of-order
@@ -541,6 +603,9 @@ class CrossPlatformStrategy(Strategy):
             self.dp.begin()
         if self.secure_sums and results:
             self._add_secure_sums(server_round, results, agg, report, per)
+        # weights are 1 under DP; secure sums carry no single update to bound
+        cap = (self._round_bounds(results) if self.dp is None and not self.secure_sums
+               else None)
         for client, res in [] if self.secure_sums else results:
             platform = str(getattr(client, "platform", "unknown"))
             stats = per[platform]
@@ -548,6 +613,9 @@ class CrossPlatformStrategy(Strategy):
             stats["bytes_down"] += getattr(client, "bytes_down", 0)
             try:
                 canonical, n, capped, codec = self._accept(platform, res)
+                if self.dp is None:  # weight ≤ ratio × median claim; norm within bounds
+                    n, cut = self._bounded(platform, client.cid, canonical, n, cap=cap)
+                    capped = capped or cut
                 if self.dp is not None:  # its clipped delta, one vote (sensitivity C)
                     clipped, bit = self.dp.clip(canonical, self.global_,
                                                 self._masks[platform], res.metrics)
@@ -571,9 +639,9 @@ class CrossPlatformStrategy(Strategy):
                 stats["rejected"] += 1
                 continue
             if capped:
-                log.warning("round %s: %s client %s declared %s examples; counted as "
-                            "max_examples=%s", server_round, platform, client.cid,
-                            res.num_examples, n)
+                log.warning("round %s: %s client %s declared %s examples; counted as %s "
+                            "(max_examples / max_weight_ratio × the round's median)",
+                            server_round, platform, client.cid, res.num_examples, n)
                 stats["capped"] += 1
             self.codec_of[client.cid] = codec
             stats["clients"] += 1
