@@ -16,13 +16,13 @@ watches the table to cut the live streams of revoked or expired tokens
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
+import math
 import os
 import secrets
 import ssl
-import contextlib
-import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
