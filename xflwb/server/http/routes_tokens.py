@@ -17,9 +17,9 @@ class DeviceTokenIn(_In):
     model_config = ConfigDict(extra="forbid")
     device: str = Field(min_length=1, max_length=MAX_DEVICE_NAME,
                         description="a label for the phone (shown in lists, used to revoke)")
-    ttl: float | None = Field(None, gt=0, le=MAX_TTL, allow_inf_nan=False,
+    ttl: float | None = Field(None, gt=0, le=MAX_TTL, allow_inf_nan=False, strict=True,
                               description="seconds until the token expires (null: never)")
-    session: int | None = Field(None, ge=1, le=MAX_INT,
+    session: int | None = Field(None, ge=1, le=MAX_INT, strict=True,
                                 description="the one session id the token is valid for "
                                             "(null: every session)")
 
