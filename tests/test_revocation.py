@@ -347,6 +347,20 @@ def test_cli_issues_and_lists_expiry_and_scope(tmp_path, capsys):
     assert "active until" in listed and "all sessions" in listed
 
 
+def test_admin_client_issues_lists_and_revokes_tokens(wb):
+    from xflwb.admin import AdminClient
+
+    admin = AdminClient(wb.url, "admin")
+    token = admin.issue_device_token("remote", ttl=600)
+    row = admin.device_tokens.set_index("device").loc["remote"]
+    assert row.expires == pytest.approx(row.created + 600, abs=1e-3) and row.session is None
+    assert _advertised_id(wb, token)
+    admin.revoke_device_token(int(row.id))
+    r = httpx.post(f"{wb.url}/train/advertised", headers={"X-Device-Token": token},
+                   json={"data_type": DATA, "tflite": True, "coreml": False})
+    assert r.status_code == 401 and "revoked" in r.json()["detail"]
+
+
 _TTL = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True),
                  st.integers(-10, 2 * int(MAX_TTL)), st.booleans(), st.text(max_size=5),
                  st.sampled_from([1e-9, 0.5, MAX_TTL, MAX_TTL + 1]))
