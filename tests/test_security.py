@@ -330,7 +330,7 @@ def test_token_magic_and_cli(ip, tmp_path, capsys):
     issues a token the backend accepts; ``xflwb token issue|list|revoke`` works on the same
     registry (no backend needed)."""
     from xflwb.cli import main
-    from xflwb.magics import MagicUsageError
+    from xflwb.magics import MagicUsageError, XflMagicError
 
     wb = ip.run_line_magic("xfl_server", f"start --port 0 --data-dir {tmp_path / 'm'} "
                                          f"--dev-tls {tmp_path / 'ca'} --device-auth token")
@@ -346,6 +346,12 @@ def test_token_magic_and_cli(ip, tmp_path, capsys):
         assert r.status_code == 404  # let in: nothing published for that data type
         with pytest.raises(MagicUsageError, match="only 'token' takes a device name"):
             ip.run_line_magic("xfl_server", "status tablet-1")
+        ip.run_line_magic("xfl_server", "token tablet-2 --ttl 60")
+        assert "expires in 60 s" in capsys.readouterr().out
+        expiring = wb.device_tokens.set_index("device").loc["tablet-2"]
+        assert expiring.expires == pytest.approx(expiring.created + 60, abs=1e-3)
+        with pytest.raises(XflMagicError, match="session 99 does not exist"):
+            ip.run_line_magic("xfl_server", "token tablet-3 --session 99")
         ip.run_line_magic("xfl_server", "token tablet-1 --revoke")
         assert httpx.post(f"{wb.url}/train/advertised", json=body, verify=ca,
                           headers={"X-Device-Token": token}).status_code == 401

@@ -108,6 +108,7 @@ class WirePhone:
         timeout: float = 60.0,
         send_telemetry: bool = True,
         tensor_count_check: bool = True,
+        token: str | None = None,
     ) -> None:
         if platform not in ("android", "ios"):
             raise ValueError(f"platform must be 'android' or 'ios', not {platform!r}")
@@ -129,7 +130,10 @@ class WirePhone:
         self.tensor_count_check = tensor_count_check
         self.report = PhoneReport()
         self.model_file: bytes | None = None
-        self._http = httpx.Client(timeout=timeout)
+        # a device token (device_auth="token"): HTTP header and gRPC metadata alike
+        self.token = token
+        self._http = httpx.Client(timeout=timeout,
+                                  headers={"X-Device-Token": token} if token else None)
         self._last: list[np.ndarray] | None = None  # last tensors held (sent or received)
 
     # ----------------------------------------------------------------- HTTP
@@ -292,7 +296,8 @@ class WirePhone:
         threading.Thread(target=watchdog, daemon=True).start()
         try:
             stub = pb_grpc.FlowerServiceStub(channel)
-            call = stub.Join(requests())
+            call = stub.Join(requests(), metadata=(("x-device-token", self.token),)
+                             if self.token else None)
             for msg in call:
                 last_seen[0] = time.monotonic()
                 kind = msg.WhichOneof("msg")

@@ -77,6 +77,26 @@ class AdminClient:
     def session(self, session_id: int) -> RemoteSession:
         return RemoteSession(self, self.request("GET", f"/sessions/{int(session_id)}"))
 
+    # -- device tokens (as the notebook's wb.issue_device_token / revoke / device_tokens) --
+    def issue_device_token(self, device: str, ttl: float | None = None,
+                           session: int | None = None) -> str:
+        """A new device token (shown only now); ``ttl`` seconds until it expires,
+        ``session``: the one session id it is valid for."""
+        body: dict[str, Any] = {"device": device}
+        body.update({k: v for k, v in (("ttl", ttl), ("session", session)) if v is not None})
+        return str(self.request("POST", "/devices/tokens", json=body)["token"])
+
+    def revoke_device_token(self, token_id: int) -> None:
+        """Revoke a token by id: its live streams are cut within about a second."""
+        self.request("DELETE", f"/devices/tokens/{int(token_id)}")
+
+    @property
+    def device_tokens(self) -> pd.DataFrame:
+        """Every token issued (id, device, created, expires, session, revoked)."""
+        return pd.DataFrame(self.request("GET", "/devices/tokens"),
+                            columns=["id", "device", "created", "expires", "session",
+                                     "revoked"])
+
 
 class RemoteSession:
     """A session of a backend, followed over its admin API (the attributes a ``Session``

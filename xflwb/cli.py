@@ -124,7 +124,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Issue, list or revoke device tokens in the registry a backend serves from."""
-    from xflwb.server.registry import Registry
+    from xflwb.server.registry import NotFound, Registry
     from xflwb.server.security import TokenStore
 
     opts = BackendOptions(**given(args, BackendOptions))
@@ -137,19 +137,28 @@ def cmd_token(args: argparse.Namespace) -> int:
                       "pixel-7", file=sys.stderr)
                 return 2
             try:
-                row = store.issue(args.device)
-            except ValueError as exc:
+                if args.session is not None:
+                    registry.get_session(args.session)
+                row = store.issue(args.device, ttl=args.ttl, session=args.session)
+            except (ValueError, NotFound) as exc:
                 print(f"xflwb token issue: error: {exc}", file=sys.stderr)
                 return 2
-            print(f"token for {row['device']} (id {row['id']}; shown once): {row['token']}")
+            limits = "".join([f"; expires {_when(row['expires'])}" if row["expires"] else "",
+                              f"; session {row['session']} only" if row["session"] else ""])
+            print(f"token for {row['device']} (id {row['id']}{limits}; shown once): "
+                  f"{row['token']}")
         elif args.action == "list":
             import time as _time
 
+            now = _time.time()
             for row in store.list():
-                state = ("revoked " + _time.strftime("%Y-%m-%d %H:%M",
-                                                     _time.localtime(row["revoked"]))
-                         if row["revoked"] else "active")
-                print(f"{row['id']:>5}  {row['device']:<32} {state}")
+                state = ("revoked " + _when(row["revoked"]) if row["revoked"] else
+                         "expired " + _when(row["expires"])
+                         if row["expires"] and row["expires"] <= now else "active")
+                if row["expires"] and not row["revoked"] and row["expires"] > now:
+                    state += f" until {_when(row['expires'])}"
+                scope = f"session {row['session']}" if row["session"] else "all sessions"
+                print(f"{row['id']:>5}  {row['device']:<32} {state:<34} {scope}")
         else:
             if not args.device:
                 print("xflwb token revoke: error: name the device or token id",
@@ -163,6 +172,12 @@ def cmd_token(args: argparse.Namespace) -> int:
     finally:
         registry.close()
     return 0
+
+
+def _when(t: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
 def cmd_device(args: argparse.Namespace) -> int:
@@ -390,6 +405,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("action", choices=["issue", "list", "revoke"])
     t.add_argument("device", nargs="?", default=None,
                    help="device name (issue, revoke) or token id (revoke)")
+    t.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
+                   help="issue: the token expires this many seconds from now")
+    t.add_argument("--session", type=int, default=None, metavar="ID",
+                   help="issue: the token is valid for this session only")
     add_arguments(t, BackendOptions, only=("data_dir", "db_url"))
     t.set_defaults(func=cmd_token)
     tr = sub.add_parser("train", help="start a session on a running backend (its admin API) "

@@ -193,6 +193,10 @@ def _server_parser() -> argparse.ArgumentParser:
     add_arguments(p, TLSOptions)
     p.add_argument("--revoke", action="store_true",
                    help="token: revoke the device's tokens instead")
+    p.add_argument("--ttl", type=float, default=None, metavar="SECONDS",
+                   help="token: it expires this many seconds from now")
+    p.add_argument("--session", type=int, default=None, metavar="ID",
+                   help="token: valid for this session only")
     return p
 
 
@@ -312,8 +316,11 @@ class XflServerMagics(Magics):
                     n = wb.revoke_device_token(args.device)
                     print(f"revoked {n} token(s) of {args.device}")
                     return None
-                token = wb.issue_device_token(args.device)
-            print(f"token for {args.device} (shown once; the phone sends it as "
+                token = wb.issue_device_token(args.device, ttl=args.ttl,
+                                              session=args.session)
+            limits = "".join([f", expires in {args.ttl:g} s" if args.ttl else "",
+                              f", session {args.session} only" if args.session else ""])
+            print(f"token for {args.device} (shown once{limits}; the phone sends it as "
                   f"'Authorization: Bearer <token>'): {token}")
             return token
         from IPython.display import HTML, display

@@ -331,22 +331,40 @@ class Workbench:
 
         return TokenStore(self._reg().engine)
 
-    def issue_device_token(self, device: str) -> str:
+    def issue_device_token(self, device: str, ttl: float | None = None,
+                           session: Any = None) -> str:
         """A new token for the phone labelled ``device``: give it to the phone (it is shown
         only now; the registry keeps its digest). Phones present it as ``Authorization:
-        Bearer <token>`` on HTTP and in the gRPC metadata when ``device_auth="token"``."""
-        return str(self._tokens().issue(device)["token"])
+        Bearer <token>`` on HTTP and in the gRPC metadata when ``device_auth="token"``.
+
+        ``ttl``: seconds until it expires (refused from then on; a live stream is cut
+        within about a second). ``session``: a session (or its id) the token is valid for,
+        alone: other sessions' gRPC ports and ``train/server`` for them refuse it."""
+        from xflwb.server.registry import NotFound
+        from xflwb.server.security import check_session_scope
+
+        scope = check_session_scope(session)
+        if scope is not None:
+            try:
+                self._reg().get_session(scope)
+            except NotFound:
+                raise ValueError(f"session {scope} does not exist: scope a token to a "
+                                 "session shown in wb.session_table") from None
+        return str(self._tokens().issue(device, ttl=ttl, session=scope)["token"])
 
     def revoke_device_token(self, device_or_id: str | int) -> int:
         """Revoke a token by id, or every token of a device by name; returns how many.
-        Revoked phones are refused at their next request or join."""
+        A revoked phone is refused at its next HTTP request; its live gRPC streams are cut
+        within about a second and any update it has in flight is refused (recorded)."""
         return self._tokens().revoke(device_or_id)
 
     @property
     def device_tokens(self) -> pd.DataFrame:
-        """Every token issued (id, device, created, revoked); never the tokens themselves."""
+        """Every token issued (id, device, created, expires, session, revoked; times in
+        epoch seconds, None: never / every session / valid); never the tokens themselves."""
         return pd.DataFrame(self._tokens().list(),
-                            columns=["id", "device", "created", "revoked"])
+                            columns=["id", "device", "created", "expires", "session",
+                                     "revoked"])
 
     @property
     def tls_fingerprint(self) -> str | None:

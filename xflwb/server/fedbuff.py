@@ -501,6 +501,7 @@ class AsyncLoop:
             bytes_up=int(getattr(client, "bytes_up", 0)),
             bytes_down=int(getattr(client, "bytes_down", 0)))
         try:
+            self.strategy._refused(client.cid)  # a revoked device token: never applied
             base = state.base(job.version, job.platform, client.cid)
             canonical, n, capped, codec = self.strategy._accept(job.platform, res, base)
             arrival.examples, arrival.capped = n, capped

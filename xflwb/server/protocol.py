@@ -126,16 +126,30 @@ class ClientProtocol:
 
 
 class StrictFlowerServicer(FlowerServiceServicer):
-    """Flower's ``Join`` with a ``ClientProtocol`` between the stream and the bridge."""
+    """Flower's ``Join`` with a ``ClientProtocol`` between the stream and the bridge.
 
-    def __init__(self, client_manager: ClientManager) -> None:
+    ``streams`` (``device_auth="token"``): a ``DeviceStreams`` that learns which device
+    token each stream joined with, so it can cut the stream when the token is revoked,
+    expires or joins again."""
+
+    def __init__(self, client_manager: ClientManager, streams: Any = None) -> None:
         super().__init__(client_manager)
+        self.streams = streams
         self.platform = str(getattr(client_manager, "platform", "unknown"))
         # violations go to the session's shared manager (PlatformClientManager.shared)
         self._sink = violation_log(getattr(client_manager, "shared", client_manager))
 
     def Join(self, request_iterator: Iterator[Any],  # gRPC's method name
              context: grpc.ServicerContext) -> Iterator[Any]:
+        token = None
+        if self.streams is not None:
+            from xflwb.server.security import TokenRefused
+
+            try:
+                token = self.streams.admit(dict(context.invocation_metadata() or ()))
+            except TokenRefused as exc:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED if exc.scope
+                              else grpc.StatusCode.UNAUTHENTICATED, str(exc))
         cid = uuid.uuid4().hex
         bridge = GrpcBridge()
         proxy = GrpcClientProxy(cid=cid, bridge=bridge)
@@ -151,6 +165,8 @@ class StrictFlowerServicer(FlowerServiceServicer):
             client sent just before leaving (a device's failed FitRes carrying its error):
             here the answers already read are handed over first (at most 2 s)."""
             self.client_manager.unregister(proxy)
+            if token is not None:
+                self.streams.release(cid)
 
             def close() -> None:
                 read_done.wait(2.0)
@@ -162,7 +178,11 @@ class StrictFlowerServicer(FlowerServiceServicer):
 
         if not self.client_manager.register(proxy):
             return
-        context.add_callback(on_termination)
+        if not context.add_callback(on_termination):  # the RPC already ended
+            on_termination()
+            return
+        if token is not None:  # after add_callback: a cut stream always unregisters
+            self.streams.bind(token, cid, context.cancel)
 
         def read() -> None:
             """Every client message passes the state machine the moment it arrives."""

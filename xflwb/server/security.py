@@ -8,13 +8,18 @@ uvicorn serves HTTPS and Flower's legacy gRPC server takes ``certificates=``.
 
 Tokens are stored as SHA-256 digests in their own table of the registry database (the
 token itself is shown once, when issued), so the session processes, which share the
-database, check gRPC joins against the same list the HTTP API uses.
+database, check gRPC joins against the same list the HTTP API uses. A token may expire
+(``ttl``) and may be valid for one session only (``session``); a session process also
+watches the table to cut the live streams of revoked or expired tokens
+(``xflwb.server.device_streams``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
+import math
 import os
 import secrets
 import ssl
@@ -32,6 +37,8 @@ DEVICE_AUTH_MODES = (None, "token")
 #: (on gRPC: the same names as metadata keys, lower case)
 TOKEN_HEADER = "x-device-token"
 MAX_DEVICE_NAME = 128
+#: the longest a token may live (``ttl`` in seconds): ten years
+MAX_TTL = 10 * 365 * 24 * 3600.0
 
 _meta = sa.MetaData()
 device_tokens = sa.Table(
@@ -41,6 +48,10 @@ device_tokens = sa.Table(
     sa.Column("sha256", sa.String(64), nullable=False, unique=True),
     sa.Column("created", sa.Float, nullable=False),
     sa.Column("revoked", sa.Float, nullable=True),
+    #: epoch seconds after which the token is refused (``ttl``); null: never
+    sa.Column("expires", sa.Float, nullable=True),
+    #: the one session the token is valid for; null: every session
+    sa.Column("session_id", sa.Integer, nullable=True),
 )
 
 
@@ -254,40 +265,156 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+class TokenRefused(Exception):
+    """A device token that may not be used here, with the reason a phone can act on.
+    ``scope``: the token is valid, only not for this session (HTTP 403 / gRPC
+    PERMISSION_DENIED rather than 401 / UNAUTHENTICATED)."""
+
+    def __init__(self, reason: str, scope: bool = False) -> None:
+        super().__init__(reason)
+        self.scope = scope
+
+
+UNKNOWN_TOKEN = ("unknown device: present the token the operator issued (wb.issue_device_"
+                 "token, %xfl_server token, xflwb token issue) as 'Authorization: Bearer "
+                 f"<token>' or '{TOKEN_HEADER}'")
+
+
+def check_ttl(ttl: Any) -> float | None:
+    """``ttl`` (seconds a token lives) as a float in (0, MAX_TTL], or None; ValueError."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) \
+            or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL:
+        raise ValueError(f"ttl must be a number of seconds in (0, {MAX_TTL:.0f}] (ten years) "
+                         f"or None (the token never expires), got {ttl!r}")
+    return float(ttl)
+
+
+def check_session_scope(session: Any) -> int | None:
+    """``session`` (the one session id a token is valid for) as an int ≥ 1, or None. A
+    session handle (anything with an ``id``) stands for its id."""
+    if session is None:
+        return None
+    value = getattr(session, "id", session)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise ValueError(f"session must be a session id (a positive integer, e.g. s.id) or "
+                         f"None (valid for every session), got {session!r}")
+    return int(value)
+
+
+def token_state(row: Any, now: float) -> str | None:
+    """Why a stored token row is no longer valid ("revoked …" / "expired …"), else None."""
+    if row.revoked is not None:
+        return (f"device token {row.id} of {row.device!r} was revoked at "
+                f"{_when(row.revoked)}")
+    if row.expires is not None and row.expires <= now:
+        return f"device token {row.id} of {row.device!r} expired at {_when(row.expires)}"
+    return None
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _row(row: Any) -> dict[str, Any]:
+    return {"id": int(row.id), "device": row.device, "created": row.created,
+            "expires": row.expires, "session": row.session_id}
+
+
 class TokenStore:
     """Per-device tokens in the registry database (digests only)."""
 
     def __init__(self, engine: sa.engine.Engine) -> None:
         self.engine = engine
         _meta.create_all(engine, checkfirst=True)
+        self._migrate()
 
-    def issue(self, device: str) -> dict[str, Any]:
+    def _migrate(self) -> None:
+        """A token table made by an older xflwb gets ``expires`` and ``session_id`` (null:
+        its tokens never expire and are valid for every session, as before)."""
+        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("device_tokens")}
+        for name, kind in (("expires", "FLOAT"), ("session_id", "INTEGER")):
+            if name not in cols:
+                # (another process may add it first)
+                with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
+                    c.execute(sa.text(f"ALTER TABLE device_tokens ADD COLUMN {name} {kind}"))
+
+    def issue(self, device: str, ttl: float | None = None,
+              session: int | None = None) -> dict[str, Any]:
         """A new token for ``device`` (a label, e.g. "pixel-7 of Ana"); the returned
-        ``token`` is shown only now. A device may hold several tokens (rotation)."""
+        ``token`` is shown only now. A device may hold several tokens (rotation).
+        ``ttl``: seconds until it expires (None: never); ``session``: the one session id
+        it is valid for (None: every session)."""
         if not isinstance(device, str) or not device.strip() or len(device) > MAX_DEVICE_NAME \
                 or not device.isprintable():
             raise ValueError(f"device must be a printable name of 1 to {MAX_DEVICE_NAME} "
                              f"characters, got {device!r}")
+        ttl, session = check_ttl(ttl), check_session_scope(session)
         token = secrets.token_urlsafe(32)
         now = time.time()
+        expires = None if ttl is None else now + ttl
         with self.engine.begin() as c:
             tid = c.execute(device_tokens.insert().values(
-                device=device.strip(), sha256=_digest(token), created=now)).inserted_primary_key[0]
-        return {"id": int(tid), "device": device.strip(), "token": token, "created": now}
+                device=device.strip(), sha256=_digest(token), created=now, expires=expires,
+                session_id=session)).inserted_primary_key[0]
+        return {"id": int(tid), "device": device.strip(), "token": token, "created": now,
+                "expires": expires, "session": session}
 
-    def verify(self, token: str | None) -> dict[str, Any] | None:
-        """The token's row when it is known and not revoked, else None."""
+    def check(self, token: str | None, session: int | None = None) -> dict[str, Any]:
+        """The token's row (id, device, created, expires, session) when it is known, not
+        revoked, not expired and valid for ``session`` (None: no session asked, e.g. the
+        model download); else ``TokenRefused`` with the reason."""
         if not token or len(token) > 512:
-            return None
+            raise TokenRefused(UNKNOWN_TOKEN)
         with self.engine.connect() as c:
             row = c.execute(device_tokens.select().where(
                 device_tokens.c.sha256 == _digest(token))).first()
-        if row is None or row.revoked is not None:
+        if row is None:
+            raise TokenRefused(UNKNOWN_TOKEN)
+        why = token_state(row, time.time())
+        if why is not None:
+            raise TokenRefused(f"{why}: ask the operator for a new one")
+        if session is not None and row.session_id is not None and row.session_id != session:
+            raise TokenRefused(f"device token {row.id} of {row.device!r} is valid only for "
+                               f"session {row.session_id}, not session {session}",
+                               scope=True)
+        return _row(row)
+
+    def verify(self, token: str | None, session: int | None = None) -> dict[str, Any] | None:
+        """The token's row when it is valid (``check``), else None."""
+        try:
+            return self.check(token, session)
+        except TokenRefused:
             return None
-        return {"id": row.id, "device": row.device, "created": row.created}
+
+    def revocation_mark(self) -> tuple[int, float]:
+        """(revoked tokens, newest revocation time): changes whenever a token is revoked,
+        so a session process polls this one cheap row instead of every live token."""
+        t = device_tokens
+        with self.engine.connect() as c:
+            n, newest = c.execute(sa.select(sa.func.count(t.c.id), sa.func.max(t.c.revoked))
+                                  .where(t.c.revoked.is_not(None))).one()
+        return int(n or 0), float(newest or 0.0)
+
+    def invalid(self, ids: Iterable[int]) -> dict[int, str]:
+        """Of the token ids ``ids``, those revoked or expired now, each with the reason."""
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return {}
+        t, now, out = device_tokens, time.time(), {}
+        with self.engine.connect() as c:
+            for k in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                for row in c.execute(t.select().where(t.c.id.in_(wanted[k:k + 500]))):
+                    why = token_state(row, now)
+                    if why is not None:
+                        out[int(row.id)] = why
+        return out
 
     def revoke(self, device_or_id: str | int) -> int:
-        """Revoke one token (by id) or every token of a device (by name); how many."""
+        """Revoke one token (by id) or every token of a device (by name); how many. Live
+        gRPC streams of a revoked token are cut within about a second (every session
+        process polls ``revocation_mark``)."""
         t = device_tokens
         where = (t.c.id == int(device_or_id)) if isinstance(device_or_id, int) and not \
             isinstance(device_or_id, bool) else (t.c.device == str(device_or_id))
@@ -297,10 +424,12 @@ class TokenStore:
         return int(n or 0)
 
     def list(self) -> list[dict[str, Any]]:
-        """Every token ever issued (id, device, created, revoked); never the token."""
+        """Every token ever issued (id, device, created, expires, session, revoked); never
+        the token."""
         t = device_tokens
         with self.engine.connect() as c:
-            rows = c.execute(sa.select(t.c.id, t.c.device, t.c.created, t.c.revoked)
+            rows = c.execute(sa.select(t.c.id, t.c.device, t.c.created, t.c.expires,
+                                       t.c.session_id.label("session"), t.c.revoked)
                              .order_by(t.c.id)).all()
         return [dict(r._mapping) for r in rows]
 
@@ -316,26 +445,30 @@ def token_from_headers(headers: Mapping[str, str]) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
-def grpc_interceptor(store: TokenStore) -> Any:
+def grpc_interceptor(store: TokenStore, session: int | None = None) -> Any:
     """A gRPC server interceptor refusing calls without a valid device token in their
-    metadata with UNAUTHENTICATED (before the stream registers a client)."""
+    metadata (before the stream registers a client): UNAUTHENTICATED for an unknown,
+    revoked or expired token, PERMISSION_DENIED for a token scoped to another session than
+    ``session``, each with the reason."""
     import grpc
 
-    def deny(_requests: Any, context: Any) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                      "unknown device: present the token the operator issued in metadata "
-                      f"'authorization: Bearer <token>' or '{TOKEN_HEADER}'")
-        yield  # pragma: no cover - abort raises
+    def denied(code: Any, reason: str) -> Any:
+        def deny(_requests: Any, context: Any) -> Any:
+            context.abort(code, reason)
+            yield  # pragma: no cover - abort raises
 
-    denied = grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.stream_stream_rpc_method_handler(deny)
 
     class DeviceTokenInterceptor(grpc.ServerInterceptor):
         def intercept_service(self, continuation: Any, details: Any) -> Any:
             metadata = {k: v for k, v in (details.invocation_metadata or ())
                         if isinstance(v, str)}
-            if store.verify(token_from_headers(metadata)) is not None:
-                return continuation(details)
-            return denied
+            try:
+                store.check(token_from_headers(metadata), session)
+            except TokenRefused as exc:
+                return denied(grpc.StatusCode.PERMISSION_DENIED if exc.scope
+                              else grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            return continuation(details)
 
     return DeviceTokenInterceptor()
 
@@ -368,10 +501,14 @@ def warnings_for(host: str, tls: TLSConfig | None, device_auth: str | None) -> l
 
 __all__ = [
     "DEVICE_AUTH_MODES",
+    "MAX_TTL",
     "TOKEN_HEADER",
     "TLSConfig",
+    "TokenRefused",
     "TokenStore",
     "check_device_auth",
+    "check_session_scope",
+    "check_ttl",
     "device_tokens",
     "fingerprint",
     "grpc_interceptor",
@@ -379,5 +516,6 @@ __all__ = [
     "make_dev_ca",
     "tls_config",
     "token_from_headers",
+    "token_state",
     "warnings_for",
 ]

@@ -38,7 +38,8 @@ def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
                 max_workers: int = 1000, max_message_bytes: int = FLOOR_MESSAGE_BYTES,
                 probe_timeout: float | None = None,
                 certificates: tuple[bytes, bytes, bytes] | None = None,
-                interceptors: list[Any] | None = None) -> tuple[Any, int]:
+                interceptors: list[Any] | None = None,
+                streams: Any = None) -> tuple[Any, int]:
     from xflwb.server.flower_legacy import start_grpc_server
     from xflwb.server.strategy import PlatformClientManager
 
@@ -52,22 +53,28 @@ def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
                                      max_concurrent_workers=max_workers,
                                      max_message_length=max_message_bytes,
                                      certificates=certificates,
-                                     interceptors=interceptors), p
+                                     interceptors=interceptors, streams=streams), p
         except RuntimeError as exc:  # grpc: port taken between probe and bind
             last = exc
     raise RuntimeError(f"could not bind a gRPC port for {platform}: {last}")
 
 
-def _grpc_security(cfg: SessionConfig, registry: Registry
-                   ) -> tuple[tuple[bytes, bytes, bytes] | None, list[Any] | None]:
-    """Flower's ``certificates=`` from the workbench's TLS files, and the device-token
-    interceptor when ``device_auth == "token"``."""
+def _grpc_security(cfg: SessionConfig, registry: Registry, session_id: int
+                   ) -> tuple[tuple[bytes, bytes, bytes] | None, list[Any] | None, Any]:
+    """Flower's ``certificates=`` from the workbench's TLS files, and when
+    ``device_auth == "token"`` the device-token interceptor (tokens scoped to another
+    session are refused) and the ``DeviceStreams`` that cuts streams of revoked or expired
+    tokens and keeps one stream per token (its watcher is started here)."""
     from xflwb.server import security
+    from xflwb.server.device_streams import DeviceStreams
 
     tls = security.tls_config(cfg.tls) if cfg.tls else None
-    interceptors = ([security.grpc_interceptor(security.TokenStore(registry.engine))]
-                    if cfg.device_auth == "token" else None)
-    return (tls.certificates() if tls else None), interceptors
+    interceptors, streams = None, None
+    if cfg.device_auth == "token":
+        store = security.TokenStore(registry.engine)
+        interceptors = [security.grpc_interceptor(store, session=session_id)]
+        streams = DeviceStreams(store, session_id).start()
+    return (tls.certificates() if tls else None), interceptors, streams
 
 
 
@@ -120,14 +127,17 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         ports = {}
         limit = message_limit(m, cfg.max_message_bytes)
         xlog.info("gRPC messages are limited to %d bytes (max_message_bytes)", limit)
-        certificates, interceptors = _grpc_security(cfg, registry)
+        certificates, interceptors, streams = _grpc_security(cfg, registry, session_id)
+        if streams is not None:
+            proc.on_exit(streams.stop)
         for platform in m["platforms"]:
             # each joining client is asked GetParameters first: its reply says which
             # tensor encoding it reads, before its first FitIns (PlatformClientManager)
             srv, port = _start_grpc(cm, platform, cfg.host, cfg.ports.get(platform),
                                     cfg.max_workers, limit,
                                     probe_timeout=min(cfg.round_timeout, 120.0),
-                                    certificates=certificates, interceptors=interceptors)
+                                    certificates=certificates, interceptors=interceptors,
+                                    streams=streams)
             servers.append(srv)
             ports[platform] = port
 
@@ -147,6 +157,8 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         except lineage.PrivacyLineageError as exc:
             proc.fail(str(exc))
             return
+        if streams is not None:  # a cut stream's results are refused, with the reason
+            strategy.refuse = streams.refused
         proc.save_start(model, offset, initial)  # the weights it starts from
         proc.running(ports=ports, resumed_from=resumed)
         if asynchronous:

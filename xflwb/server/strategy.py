@@ -67,6 +67,11 @@ class AllClientsFailed(RuntimeError):
     clients' reasons instead of waiting for clients that will not come."""
 
 
+class ClientRefused(PermissionError):
+    """A client whose results may no longer count (its device token was revoked, expired
+    or opened a newer stream: ``CrossPlatformStrategy.refuse``)."""
+
+
 class ClientFailure(Exception):
     """A client's fit raised: carries its platform and id into Flower's failures list (a
     bare exception there names no client)."""
@@ -342,6 +347,9 @@ class CrossPlatformStrategy(Strategy):
         self.on_progress = on_progress
         self._last_progress: dict[str, Any] = {}
         self.codec_of: dict[str, str] = {}  # cid → the encoding that client used
+        #: cid → why its results are refused, or None (``DeviceStreams.refused`` under
+        #: device_auth="token"): asked right before each update is used
+        self.refuse: Callable[[str], str | None] | None = None
         self._lock = threading.Lock()
         self._masks = {p: params.trained_mask(manifest, p) for p in manifest["platforms"]}
         self._frozen = manifest.get("frozen", {}).get("sha256")
@@ -432,6 +440,12 @@ class CrossPlatformStrategy(Strategy):
             config.update(self.dp.fit_config())
         return [(_Tracked(client, platform), FitIns(parameters=enc, config=config))
                 for client, platform, enc in targets]
+
+    def _refused(self, cid: str) -> None:
+        """``ClientRefused`` when ``refuse`` says ``cid``'s results may not count."""
+        why = self.refuse(cid) if self.refuse is not None else None
+        if why:
+            raise ClientRefused(why)
 
     def _examples(self, value: Any) -> tuple[int, bool]:
         """(examples the update counts for, whether it was capped), or ValueError."""
@@ -612,6 +626,7 @@ class CrossPlatformStrategy(Strategy):
             stats["bytes_up"] += getattr(client, "bytes_up", 0)
             stats["bytes_down"] += getattr(client, "bytes_down", 0)
             try:
+                self._refused(client.cid)
                 canonical, n, capped, codec = self._accept(platform, res)
                 if self.dp is None:  # weight ≤ ratio × median claim; norm within bounds
                     n, cut = self._bounded(platform, client.cid, canonical, n, cap=cap)

@@ -13,6 +13,7 @@ from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
 from xflwb.server import registry as reg
+from xflwb.server.http.auth import check_session_scope
 from xflwb.server.http.inputs import Id, PathId, _In
 from xflwb.server.http.routes_static import file_path
 from xflwb.server.http.state import (
@@ -125,7 +126,7 @@ def fedkit_router(state: AppState) -> APIRouter:
         return {k: v for k, v in m.items() if not k.startswith("_")}
 
     @r.post("/train/server", response_model=ServerOut)
-    def server(body: ServerIn) -> ServerOut:
+    def server(body: ServerIn, request: Request) -> ServerOut:
         try:
             art = registry.get_artifact(body.id)
         except NotFound:
@@ -140,6 +141,8 @@ def fedkit_router(state: AppState) -> APIRouter:
                         model["name"])
         state.sessions.refresh()
         active = registry.active_session_for(model["name"])
+        # a session-scoped device token joins its session only (and never starts one)
+        check_session_scope(request, active["id"] if active else None)
         if active is None and state.auto_start:
             # phones of one model asking at once: the first starts the session ("new"),
             # the others wait for it here and join it ("started"), as FedKit's apps expect
