@@ -21,7 +21,8 @@ def device_guard(state: AppState) -> Callable[[Request], None]:
     issued token, not revoked and not expired (``Authorization: Bearer`` or
     ``X-Device-Token``), else 401 with the reason. Checked on every request, so a
     revocation or an expiry takes effect at the phone's next request. The token's row is
-    left in ``request.state.device_token`` (``check_session_scope`` and telemetry, which acts for the device, read it)."""
+    left in ``request.state.device_token`` (``check_session_scope`` and telemetry, which
+    acts for the device, read it)."""
 
     def guard(request: Request) -> None:
         request.state.device_token = None
