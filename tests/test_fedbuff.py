@@ -465,3 +465,39 @@ def test_max_concurrency_bounds_the_phones_training_at_once(exports, tmp_path):
     assert most[0] == 1
     assert (arrivals.status == "applied").all() and list(arrivals.staleness) == [0] * 6
     assert arrivals.client.nunique() >= 2  # idle phones take turns, not one phone alone
+
+
+# -- the loop in-process: the stop rule ---------------------------------------------------------
+def test_updates_landing_in_one_poll_never_make_more_than_max_versions():
+    """Three updates back in the same poll with K=1 and max_versions=1: one version is
+    made, the other two are recorded as arriving after the last version, never applied."""
+    from concurrent.futures import wait
+
+    from tests.conftest import Phone
+    from xflwb.server.fedbuff import AsyncLoop
+    from xflwb.server.flower_legacy import SimpleClientManager
+
+    start = _canon(0)
+    strategy = CrossPlatformStrategy(MANIFEST, start, min_clients=1, fraction_evaluate=0.0,
+                                     max_weight_ratio=None, max_norm_ratio=None)
+    cm = SimpleClientManager()
+    for i in range(3):
+        phone = Phone(f"p{i}", "android")
+        update = params.to_platform([a + 0.1 * (i + 1) for a in start], MANIFEST, "android")
+        phone.fit = lambda ins, timeout, group_id, u=update: _res(u, 10)
+        phone.reconnect = lambda *a: None
+        cm.register(phone)
+    arrivals: list[Arrival] = []
+    loop = AsyncLoop(cm, strategy, FedBuff(buffer_size=1), max_versions=1,
+                     round_timeout=30, on_arrival=arrivals.append)
+    # the loop reports progress after dispatching and before it polls: holding it until
+    # every fit is back puts all three updates in the first poll
+    strategy.on_progress = lambda state: wait(list(loop._jobs), timeout=30)
+    loop.run()
+    assert loop.versions_made == 1
+    applied = [a for a in arrivals if a.status == "applied"]
+    late = [a for a in arrivals if "after the session's last version" in (a.reason or "")]
+    assert len(applied) == 1 and len(late) == 2, [(a.status, a.reason) for a in arrivals]
+    expected = [s + 0.1 * (int(applied[0].client[1:]) + 1) for s in start]
+    for got, want in zip(strategy.global_, expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)

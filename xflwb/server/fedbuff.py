@@ -318,7 +318,10 @@ class AsyncLoop:
             return
         done, _ = wait(list(self._jobs), timeout=self.POLL, return_when=FIRST_COMPLETED)
         for fut in done:
-            self._complete(fut, self._jobs.pop(fut), late=not fits)
+            # two updates back in one poll can fill the last buffer and one more: once the
+            # last version is made the rest arrive late (recorded, never applied)
+            late = not fits or self.versions_made >= self.max_versions
+            self._complete(fut, self._jobs.pop(fut), late=late)
 
     def _wind_down(self) -> None:
         """After the last version no phone starts a fit. The final model's evaluation runs
