@@ -356,6 +356,23 @@ def test_a_token_speaks_for_one_device_and_is_rate_limited_as_one(tmp_path, expo
             rows = {d["id"]: d["token_id"] for d in
                     http.get("/api/v1/devices", headers=AUTH).json()}
             assert rows == {100: third, 200: fourth}
+            # an expired token is as gone as a revoked one: the phone's next token claims
+            # its device, which no other valid token could while it lived
+            r = http.post("/api/v1/devices/tokens", json={"device": "brief", "ttl": 5},
+                          headers=AUTH)
+            brief = {"X-Device-Token": r.json()["token"]}
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 300), headers=brief
+                             ).status_code == 200
+            _, t5 = _issue(http, "brief's next")
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 300), headers=t5
+                             ).status_code == 403
+            deadline = time.monotonic() + 60
+            while http.post("/telemetry/fit_ins", json=_fit(sid, 300),
+                            headers=brief).status_code != 401:
+                assert time.monotonic() < deadline, "the 5-s token never expired"
+                time.sleep(0.2)
+            assert http.post("/telemetry/fit_ins", json=_fit(sid, 300), headers=t5
+                             ).status_code == 200
     finally:
         wb.stop()
 

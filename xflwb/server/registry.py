@@ -297,8 +297,8 @@ def _refuse_symlinks(src: Path) -> None:
 def _check_token_device(c: Any, dev: Any, device_id: int, token_id: int) -> None:
     """Refuse (``DeviceNotYours``) telemetry of token ``token_id`` for ``device_id`` unless
     that is the token's device, or may become it: the token has none yet, and the row is
-    new, unbound, or bound to a token revoked since or issued for the same device name (a
-    phone re-enrolled, e.g. a virtual fleet spawned again after a kernel restart)."""
+    new, unbound, or bound to a token revoked or expired since, or issued for the same device
+    name (a phone re-enrolled, e.g. a virtual fleet spawned again after a kernel restart)."""
     from xflwb.server.security import device_tokens as tokens
 
     mine = c.execute(sa.select(devices.c.id).where(devices.c.token_id == token_id)).scalar()
@@ -308,11 +308,14 @@ def _check_token_device(c: Any, dev: Any, device_id: int, token_id: int) -> None
                              f"{mine}, or issue the phone its own token")
     if dev is None or dev.token_id in (None, token_id):
         return
-    rows = {r.id: r for r in c.execute(sa.select(tokens.c.id, tokens.c.device, tokens.c.revoked)
+    rows = {r.id: r for r in c.execute(sa.select(tokens.c.id, tokens.c.device, tokens.c.revoked,
+                                                 tokens.c.expires)
                                        .where(tokens.c.id.in_([dev.token_id, token_id])))}
     owner, poster = rows.get(dev.token_id), rows.get(token_id)
-    if owner is not None and owner.revoked is None and (
-            poster is None or poster.device != owner.device):
+    # an expired token is as gone as a revoked one: its phone's next token may claim the row
+    live = owner is not None and owner.revoked is None and (
+        owner.expires is None or owner.expires > time.time())
+    if live and (poster is None or poster.device != owner.device):
         raise DeviceNotYours(f"device {device_id} belongs to another device token: each "
                              "phone sends its own device_id with its own token")
 
