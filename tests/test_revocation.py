@@ -279,6 +279,10 @@ def test_a_session_scoped_token_is_refused_by_other_sessions(wb):
         fitting = wb.issue_device_token("guest-2", session=s2.id)
         allowed = httpx.post(f"{wb.url}/train/server", json={"id": art},
                              headers={"X-Device-Token": fitting})
+        # telemetry too: a scoped token speaks only of its own session
+        telemetry = httpx.post(f"{wb.url}/telemetry/fit_ins", headers={"X-Device-Token": scoped},
+                               json={"device_id": 7, "session_id": s2.id, "start": 1,
+                                     "end": 2})
         with pytest.raises(ValueError, match="does not exist"):
             wb.issue_device_token("nowhere", session=10**9)
         scopes = dict(zip(wb.device_tokens.device, wb.device_tokens.session, strict=True))
@@ -289,6 +293,8 @@ def test_a_session_scoped_token_is_refused_by_other_sessions(wb):
     assert f"valid only for session {s1.id}" in other.details
     assert refused.status_code == 403 and f"session {s1.id}" in refused.json()["detail"]
     assert allowed.status_code == 200 and allowed.json()["session_id"] == s2.id
+    assert telemetry.status_code == 403, telemetry.text
+    assert f"valid only for session {s1.id}" in telemetry.json()["detail"]
     assert scopes["guest"] == s1.id and scopes["guest-2"] == s2.id
 
 

@@ -200,6 +200,7 @@ def fedkit_router(state: AppState) -> APIRouter:
             raise HTTPException(422, f"start..end spans {body.end - body.start} ms, more than "
                                      f"{MAX_TELEMETRY_SPAN_MS} (7 days); send epoch ms")
         token = getattr(request.state, "device_token", None)
+        check_session_scope(request, body.session_id)  # a scoped token posts for its own
         address = client_key(request.client.host if request.client else None)
         if token is not None:
             limiter, who = state.telemetry_limiter, f"device token {token['id']}"
