@@ -85,7 +85,10 @@ def test_mixed_round_global_is_cross_platform_weighted_average(wb, exports):
     res = exports["alpha"]
     m = res.manifest
     wb.publish(res)
-    s = wb.train("alpha", rounds=2, min_clients=2, local_epochs=3, round_timeout=60)
+    # textbook FedAvg weights (30 vs 10 examples): the default max_weight_ratio would count
+    # the 30 as 2 × the lower median claim, 20 (tests/test_influence.py tests that)
+    s = wb.train("alpha", rounds=2, min_clients=2, local_epochs=3, round_timeout=60,
+                 max_weight_ratio=None)
     assert s.status == "running" and set(s.ports) == {"android", "ios"}
     android = WirePhone(wb.url, "android", "alpha-data", Updates(1, "delta"), num_examples=30,
                         device_id=11)

@@ -543,7 +543,8 @@ class AsyncLoop:
         if not self._holding:
             return [(arrival, canonical)]
         if self.strategy.max_norm_ratio is not None:  # known before any is judged
-            self.strategy.norms.observe(arrival.client, arrival.weight * update_norm(
+            peers = self.strategy.norms[arrival.platform]
+            peers.observe(arrival.client, arrival.weight * update_norm(
                 canonical, base, self.strategy._masks[arrival.platform]))
         older = self._held.pop(arrival.client, None)
         if older is not None:

@@ -331,12 +331,15 @@ class CrossPlatformStrategy(Strategy):
         #: norm ≤ ratio × the median of recent norms (else rejected). Under DP every update
         #: weighs 1 and is clipped, and a peer-dependent rejection would break the noise's
         #: sensitivity; secure sums hide single updates; robust rules bound outliers
-        #: themselves. ``norms`` holds each recent client's latest norm, across rounds.
+        #: themselves. ``norms`` holds each recent client's latest norm, across rounds, per
+        #: platform: a platform's norm is over the tensors it trains (an Android update of a
+        #: transfer model moves adapter, BatchNorm and head; an iOS one only the head), so
+        #: its peers are the clients of the same platform.
         self.max_weight_ratio = None if max_weight_ratio is None else float(max_weight_ratio)
         self.max_norm_ratio = (None if (max_norm_ratio is None or privacy is not None
                                         or self.secure_sums or self.rule is not None)
                                else float(max_norm_ratio))
-        self.norms = PeerWindow()
+        self.norms: defaultdict[str, PeerWindow] = defaultdict(PeerWindow)
         self._manager: ClientManager | None = None  # the session's, seen at configure
         self.fraction_fit = fraction_fit
         self.fraction_evaluate = fraction_evaluate
@@ -513,32 +516,36 @@ class CrossPlatformStrategy(Strategy):
             norm = update_norm(canonical, base, self._masks[platform]) * scale
             if not np.isfinite(norm):
                 raise ValueError("update contains NaN or inf (in float32)")
-            self.norms.observe(cid, norm)
-            self.norms.check(norm, self.max_norm_ratio, platform)
+            peers = self.norms[platform]
+            peers.observe(cid, norm)
+            peers.check(norm, self.max_norm_ratio, platform)
         if cap is not None and n > cap:
             return cap, True
         return n, False
 
     def _round_bounds(self, results: list[tuple[ClientProxy, FitRes]]) -> int | None:
         """Before a round's updates are added: the weight cap from the round's claims (read
-        only: num_examples), and, while fewer than ``WARM`` clients' norms are known, every
-        update's norm (decoded once more, then dropped: memory stays O(parameters)), so the
-        first round's updates are judged against each other rather than against nothing."""
+        only: num_examples), and, for a platform with fewer than ``WARM`` clients' norms
+        known, every update's norm (decoded once more, then dropped: memory stays
+        O(parameters)), so the first round's updates are judged against each other rather
+        than against nothing."""
         claims = []
         for _, res in results:
             try:
                 claims.append(self._examples(res.num_examples)[0])
             except Exception:  # its rejection comes with the second pass
                 continue
-        if self.max_norm_ratio is not None and len(self.norms) < WARM:
+        if self.max_norm_ratio is not None:
             for client, res in results:
                 platform = str(getattr(client, "platform", "unknown"))
+                if platform not in self._masks or len(self.norms[platform]) >= WARM:
+                    continue
                 try:
                     canonical = self._accept(platform, res)[0]
                     norm = update_norm(canonical, self.global_, self._masks[platform])
                 except Exception:
                     continue
-                self.norms.observe(client.cid, norm)
+                self.norms[platform].observe(client.cid, norm)
         return weight_cap(claims, self.max_weight_ratio)
 
     def _violations(self, report: RoundReport,
