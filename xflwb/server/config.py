@@ -78,7 +78,8 @@ class RoundOptions:
         "updates are counted in the capped metric; none: off", ge=1, le=1e9)
     max_norm_ratio: float | None = option(
         DEFAULT_MAX_NORM_RATIO, "reject updates farther (L2) from the model they trained "
-        "from than this multiple of the (lower) median of recent updates; applies to "
+        "from than this multiple of the (lower) median of recent updates of the same "
+        "platform; applies to "
         "fedavg, the server optimisers and fedbuff, not to robust rules, DP (which clips) "
         "or secagg (which hides single updates); none: off", ge=1, le=1e9)
     #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.server.privacy``)
