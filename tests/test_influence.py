@@ -294,3 +294,23 @@ def test_fedbuff_held_updates_are_recorded_when_the_session_ends_in_the_warm_up(
     loop._wind_down()
     assert len(loop.arrivals) == 2 and loop.arrivals[-1].status == "rejected"
     assert "warm-up" in loop.arrivals[-1].reason
+
+
+def test_the_influence_benchmark_runs_and_the_attack_is_rejected_every_round():
+    """``benchmarks/influence.py --smoke`` (a few seconds) completes and prints its table:
+    the benchmark cannot rot, and under the defaults the attack of issue 20 is rejected in
+    every round and version, while the old defaults let it through."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "influence.py"
+    out = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {tuple(line.split()[:3]): line.split() for line in out.stdout.splitlines()
+            if line.split()[:1] in (["fedavg"], ["fedbuff"])}
+    for strategy in ("fedavg", "fedbuff"):
+        assert rows[(strategy, "item3", "default")][-1] == "3/3", out.stdout
+        assert rows[(strategy, "item3", "old")][-1] == "0/3", out.stdout
+        assert float(rows[(strategy, "item3", "default")][4]) <= 1.0  # ≤ one honest update
