@@ -7,6 +7,7 @@ train`` and the admin API's body are generated from ``SessionConfig`` (``xflwb._
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +94,16 @@ class RoundOptions:
     keep_every: int | None = option(
         None, "also keep the checkpoint of every round (FedBuff: version) divisible by this; "
         "none: no extra ones", ge=1, le=1_000_000)
+    #: ``xflwb.tracking``: written by the session process as rounds land
+    tracking: list[str] | str | None = option(
+        None, "also log per-round metrics and the options to 'tensorboard', 'mlflow' or "
+        "both (a list, or comma-separated); none: off", repeat=True, metavar="NAME")
+    tracking_dir: str | None = option(
+        None, "where tracked runs go (none: DATA_DIR/tracking): TensorBoard event files "
+        "in tensorboard/, the MLflow store in mlruns/", path=True, metavar="DIR")
+    tracking_uri: str | None = option(
+        None, "MLflow tracking URI (an http:// server, sqlite:///...); none: the local "
+        "store in tracking_dir", metavar="URI")
 
     def _check_rounds(self) -> None:
         """The shared checks (``__post_init__`` of each subclass calls this)."""
@@ -115,7 +126,12 @@ class RoundOptions:
 
         if self.privacy is not None and not isinstance(self.privacy, dict):
             self.privacy = privacy_dict(self.privacy)  # a DP → its dict (checked below)
+        from xflwb.tracking import normalize
+
+        self.tracking = normalize(self.tracking)  # did you mean …; pip install … when missing
         _options.check(self)
+        if self.tracking_dir is not None:  # the session process may run elsewhere (cwd)
+            self.tracking_dir = os.path.abspath(os.fspath(self.tracking_dir))
         self.privacy = privacy_dict(self.privacy)
         if self.privacy is not None and self.strategy in ROBUST_RULE_NAMES:
             raise ValueError(f"privacy (central DP) cannot be combined with strategy "

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
                     offset: int = 0, private: bool = False,
-                    retention: Retention | None = None
+                    retention: Retention | None = None, tracking: Any = None
                     ) -> tuple[Callable[[Any, list[np.ndarray]], None], Callable[[Any], None]]:
     """The strategy's per-round callbacks that persist metrics, rejections, evaluations and
     a checkpoint; shared by phone sessions and simulations so both record the same way.
@@ -54,7 +54,8 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
     ledger); without it every round that releases a model is recorded as a noiseless event,
     so a DP session resuming this lineage knows its ε is infinite.
     ``retention``: which older checkpoints go once a round's is written (default: keep
-    the last ``DEFAULT_KEEP``)."""
+    the last ``DEFAULT_KEEP``).
+    ``tracking``: an ``xflwb.tracking.Tracking`` that gets each round's metrics too."""
     retention = retention or Retention()
 
     def on_fit(report: Any, global_: list[np.ndarray]) -> None:
@@ -68,6 +69,8 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
         elif not private and not getattr(report, "failed", None):
             registry.add_privacy_event(session_id, rnd, 0, 0, 0.0)
         registry.add_metrics(session_id, rnd, report.metrics)
+        if tracking is not None:
+            tracking.log_round(rnd, report.metrics)
         for platform, cid, reason in report.rejections:
             registry.add_rejection(session_id, rnd, platform, cid, reason)
         registry.add_failures(session_id, rnd, getattr(report, "failures", []))
@@ -89,6 +92,8 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
     def on_eval(report: Any) -> None:
         rnd = report.round + offset
         registry.add_metrics(session_id, rnd, report.metrics)
+        if tracking is not None:
+            tracking.log_round(rnd, report.metrics)
         registry.add_evaluations(session_id, rnd, report.evaluations)
         for platform, cid, reason in getattr(report, "rejections", []):  # bad EvaluateRes
             registry.add_rejection(session_id, rnd, platform, cid, reason)
@@ -159,6 +164,7 @@ class SessionProcess:
         self._on_exit: list[Callable[[], None]] = []
         #: which checkpoints stay on disk, from the config ``load`` reads
         self.retention = Retention()
+        self._row: dict[str, Any] = {}  # the session row ``load`` read
 
     def on_stop(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` when SIGTERM stops the process (it exits right after, skipping
@@ -218,6 +224,7 @@ class SessionProcess:
         row = self.registry.get_session(self.session_id)
         config = config_type(**row["config"])
         self.retention = Retention.of(config)
+        self._row = row
         return config, self.registry.get_model(row["model_id"])
 
     def set_status(self, status: SessionStatus, **values: Any) -> None:
@@ -245,10 +252,16 @@ class SessionProcess:
         each round (``round_recorders``, numbered on from ``offset``) and its progress;
         ``options``: the engine's strategy options (fractions, min_clients, ...)."""
         from xflwb.server.strategy import CrossPlatformStrategy
+        from xflwb.tracking import Tracking
 
+        row = self._row or self.registry.get_session(self.session_id)
+        tracking = Tracking.open(self.data_dir, row["config"], row)
+        if tracking is not None:  # ends with the run: its status, artifacts, the rest
+            self.on_exit(lambda: tracking.close(self.registry, self.session_id))
+            self.on_stop(lambda: tracking.close(self.registry, self.session_id, light=True))
         on_fit, on_eval = round_recorders(self.registry, self.session_id, model, offset,
                                           private=options.get("privacy") is not None,
-                                          retention=self.retention)
+                                          retention=self.retention, tracking=tracking)
         return CrossPlatformStrategy(
             model["manifest"], initial, on_fit_round=on_fit, on_evaluate_round=on_eval,
             on_progress=progress_writer(self.data_dir, self.session_id), **options)
