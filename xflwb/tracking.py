@@ -311,32 +311,43 @@ class Tracking:
         """Log a round's metrics (each (round, platform, metric) once: the registry's
         first value of it, as ``session.history`` shows it first)."""
         with self._lock:
-            fresh = [(p, k, v) for p, k, v in metrics if (rnd, p, k) not in self._logged]
-            self._logged.update((rnd, p, k) for p, k, _ in fresh)
-            if fresh and not self._closed:
-                self._each("log_round", lambda t: t.log_round(rnd, fresh))
+            self._log_round(rnd, metrics)
+
+    def _log_round(self, rnd: int, metrics: Metrics) -> None:
+        fresh = [(p, k, v) for p, k, v in metrics if (rnd, p, k) not in self._logged]
+        self._logged.update((rnd, p, k) for p, k, _ in fresh)
+        if fresh and not self._closed:
+            self._each("log_round", lambda t: t.log_round(rnd, fresh))
 
     def close(self, registry: Any, session_id: int, light: bool = False) -> None:
         """Log what the registry holds beyond the logged rounds, hand the artifacts over
         and end each run with the session's status. ``light`` (SIGTERM: the process exits
-        right after): no HTML report."""
+        right after): no HTML report. The lock is awaited a bounded time: SIGTERM's
+        handler may interrupt the very thread that holds it."""
         from xflwb.server.handle import history_frame
 
-        if self._closed:
+        if not self._lock.acquire(timeout=10):
+            log.warning("tracking: runs not closed (a round was still being logged)")
             return
-        with contextlib.suppress(Exception):
-            by_round: dict[int, Metrics] = {}
-            for r in history_frame(registry, session_id).itertuples():
-                value = None if r.value is None or math.isnan(r.value) else float(r.value)
-                by_round.setdefault(int(r.round), []).append((r.platform, r.metric, value))
-            for rnd, metrics in sorted(by_round.items()):
-                self.log_round(rnd, metrics)
-        info = registry.get_session(session_id)
-        with tempfile.TemporaryDirectory(prefix="xflwb-tracking-") as tmp:
-            artifacts = artifacts_of(registry, info, Path(tmp), report=not light)
-            with self._lock:
+        try:
+            if self._closed:
+                return
+            with contextlib.suppress(Exception):
+                by_round: dict[int, Metrics] = {}
+                for r in history_frame(registry, session_id).itertuples():
+                    value = (None if r.value is None or math.isnan(r.value)
+                             else float(r.value))
+                    by_round.setdefault(int(r.round), []).append((r.platform, r.metric,
+                                                                 value))
+                for rnd, metrics in sorted(by_round.items()):
+                    self._log_round(rnd, metrics)
+            info = registry.get_session(session_id)
+            with tempfile.TemporaryDirectory(prefix="xflwb-tracking-") as tmp:
+                artifacts = artifacts_of(registry, info, Path(tmp), report=not light)
                 self._closed = True
                 self._each("close", lambda t: t.close(str(info["status"]), artifacts))
+        finally:
+            self._lock.release()
 
 
 def artifacts_of(registry: Any, info: dict[str, Any], tmp: Path, report: bool = True
