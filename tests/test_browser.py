@@ -511,7 +511,7 @@ _HANDBUILT_CELLS = [
     "model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),\n"
     "                          keras.layers.Dense(10, activation='softmax')])",
     "import xflwb\n"
-    "session = xfl_wb.train('tiny', rounds=5, min_clients=2, round_timeout=120,\n"
+    "session = xfl_wb.train(tiny, rounds=5, min_clients=2, round_timeout=120,\n"
     "                       privacy=xflwb.DP(noise_multiplier=1.0, clipping_norm=1.0,\n"
     "                                        max_epsilon=8.0))",
     "assert session.round == 0, session  # built before any round: only updates move it\n"
