@@ -512,8 +512,8 @@ _HANDBUILT_CELLS = [
     "                          keras.layers.Dense(10, activation='softmax')])",
     "import xflwb\n"
     "session = xfl_wb.train(tiny, rounds=5, min_clients=2, round_timeout=120,\n"
-    "                       privacy=xflwb.DP(noise_multiplier=1.0, clipping_norm=1.0,\n"
-    "                                        max_epsilon=8.0))",
+    "                     privacy=xflwb.DP(noise_multiplier=1.0, clipping_norm=1.0,\n"
+    "                                      max_epsilon=8.0))",
     "assert session.round == 0, session  # built before any round: only updates move it\n"
     "xflwb.Dashboard(session)",
     "%xfl_devices spawn --android 1 --ios 1 --dataset digits",
@@ -572,6 +572,7 @@ def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_p
             deadline = time.monotonic() + RUN_TIMEOUT
             state: dict = {}
             seen: list[str] = []  # the progress labels the widget showed, in order
+            settled: float | None = None  # when every cell had run
             while time.monotonic() < deadline:
                 state = page.evaluate(HANDBUILT_STATE_JS, dash_cell)
                 if state["progress"] and (not seen or seen[-1] != state["progress"]):
@@ -584,6 +585,13 @@ def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_p
                         and all(isinstance(c, int) and c > 0 for c in state["counts"]))
                 if done and "ended:" in state["header"]:
                     break
+                # the last cell waited for the session's end: a live view follows within
+                # its polling interval, a frozen one never does
+                settled = (settled or time.monotonic()) if done else None
+                if settled and time.monotonic() - settled > 60:
+                    _dump(page, tmp_path, "handbuilt-frozen.png")
+                    pytest.fail(f"the session ended but the hand-built dashboard still "
+                                f"shows {state['progress']!r}: {state['header']!r}")
                 time.sleep(1)
             else:
                 _dump(page, tmp_path, "handbuilt-timeout.png")
