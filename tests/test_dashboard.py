@@ -364,6 +364,8 @@ def test_every_view_says_why_sessions_ended_and_a_displayed_dashboard_goes_live(
         assert f"end_reason={reason!r}" in repr(session)
         assert f"ended: {reason}" in report(session)._repr_html_()
         assert session.parameter_count == 16 * 3 + 3
+        remote = xflwb.AdminClient(wb.url, wb.admin_token).session(session.id)
+        assert remote.end_reason == reason and repr(remote).endswith(f", {reason})")
 
         stopped = wb.train("why", rounds=5, min_clients=2, round_timeout=60)
         assert stopped.end_reason is None and "end_reason" not in repr(stopped)
