@@ -495,3 +495,116 @@ def test_failing_magic_stops_run_all_and_a_dead_device_shows_in_the_dashboard(la
             _dump(page, tmp_path, "failing.png")
         finally:
             browser.close()
+
+
+# A dashboard built by hand and returned from a cell must update by itself (issue 21): it is
+# built while its DP session is at round 0 (no phone yet), then the phones come and the
+# session trains until its privacy budget is spent; the header must end up saying so.
+# 2 of 2 clients, z = 1, δ = 1e-5: ε = 4.73 after round 1, 7.08 after round 2, 9.01 after
+# round 3 > max_epsilon 8, so the session ends after round 2 of 5.
+HANDBUILT_NAME = "handbuilt.ipynb"
+_HANDBUILT_CELLS = [
+    "%load_ext xflwb\n"
+    "%xfl_server start --port 0 --data-dir {__import__('tempfile').mkdtemp()}",
+    "%%xfl_export tiny --data-type digits --out {xfl_wb.data_dir}/exports\n"
+    "import keras\n"
+    "model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),\n"
+    "                          keras.layers.Dense(10, activation='softmax')])",
+    "import xflwb\n"
+    "session = xfl_wb.train(tiny, rounds=5, min_clients=2, round_timeout=120,\n"
+    "                     privacy=xflwb.DP(noise_multiplier=1.0, clipping_norm=1.0,\n"
+    "                                      max_epsilon=8.0))",
+    "assert session.round == 0, session  # built before any round: only updates move it\n"
+    "xflwb.Dashboard(session)",
+    "%xfl_devices spawn --android 1 --ios 1 --dataset digits",
+    "assert session.wait(timeout=300) == 'finished', session",
+]
+
+# The hand-built dashboard's header and progress label (code cell ``i``).
+HANDBUILT_STATE_JS = """(i) => {
+  const w = window.jupyterapp.shell.currentWidget;
+  const k = w.sessionContext.session && w.sessionContext.session.kernel;
+  const cells = w.content.widgets.filter(c => c.model.type === 'code');
+  const widget = cells[i].node.querySelector('.widget-vbox');
+  const header = widget && widget.querySelector('.widget-html');
+  const label = widget && widget.querySelector('.widget-hprogress .widget-label');
+  return {
+    kernel: k ? k.status : null,
+    counts: cells.map(c => c.model.executionCount),
+    running: Array.from(w.node.querySelectorAll('.jp-InputPrompt'))
+                  .filter(e => e.textContent.includes('*')).length,
+    errors: cells.map(c => Array.from(c.node.querySelectorAll(
+        '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]'))
+        .map(e => e.textContent).join('\\n')),
+    widget: !!widget,
+    header: header ? header.textContent : '',
+    progress: label ? label.textContent : '',
+  };
+}"""
+
+
+def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_path):
+    """``xflwb.Dashboard(session)`` returned from a cell goes live without ``.start()``,
+    and the header of a DP session that ran out of budget says so, with ε and the budget."""
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    cells = [{"cell_type": "code", "execution_count": None, "id": f"h{i}", "metadata": {},
+              "outputs": [], "source": src} for i, src in enumerate(_HANDBUILT_CELLS)]
+    nb = {"cells": cells, "metadata": {"kernelspec": {
+        "display_name": "Python 3", "language": "python", "name": "python3"}},
+        "nbformat": 4, "nbformat_minor": 5}
+    # put through Jupyter's contents API: the lab fixture's directory stays its own
+    req = urllib.request.Request(
+        f"{base}/api/contents/{HANDBUILT_NAME}?token={token}", method="PUT",
+        data=json.dumps({"type": "notebook", "format": "json", "content": nb}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:  # loopback only
+        assert resp.status in (200, 201), resp.status
+    dash_cell = 3
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)
+        try:
+            page = _open_and_run_all(
+                browser, f"{base}/lab/workspaces/handbuilt/tree/{HANDBUILT_NAME}"
+                f"?token={token}", HANDBUILT_NAME)
+            deadline = time.monotonic() + RUN_TIMEOUT
+            state: dict = {}
+            seen: list[str] = []  # the progress labels the widget showed, in order
+            settled: float | None = None  # when every cell had run
+            while time.monotonic() < deadline:
+                state = page.evaluate(HANDBUILT_STATE_JS, dash_cell)
+                if state["progress"] and (not seen or seen[-1] != state["progress"]):
+                    seen.append(state["progress"])
+                    print(f"[browser test] hand-built dashboard: {state['progress']}")
+                if any("Traceback" in e for e in state["errors"]):
+                    _dump(page, tmp_path, "handbuilt-error.png")
+                    pytest.fail(f"a cell raised: {state['errors']}")
+                done = (state["kernel"] == "idle" and state["running"] == 0
+                        and all(isinstance(c, int) and c > 0 for c in state["counts"]))
+                if done and "ended:" in state["header"]:
+                    break
+                # the last cell waited for the session's end: a live view follows within
+                # its polling interval, a frozen one never does
+                settled = (settled or time.monotonic()) if done else None
+                if settled and time.monotonic() - settled > 60:
+                    _dump(page, tmp_path, "handbuilt-frozen.png")
+                    pytest.fail(f"the session ended but the hand-built dashboard still "
+                                f"shows {state['progress']!r}: {state['header']!r}")
+                time.sleep(1)
+            else:
+                _dump(page, tmp_path, "handbuilt-timeout.png")
+                pytest.fail(f"the hand-built dashboard did not reach the end: {state}; "
+                            f"progress labels seen: {seen}")
+            head = state["header"]
+            # live: built at round 0 (the cell asserted it), it now shows the last round
+            assert state["progress"] == "round 2/5", (state["progress"], seen)
+            assert "finished" in head and "round 2/5" in head, head
+            assert ("ended: privacy budget spent at ε = 7.08 (max_epsilon 8) after round 2"
+                    in head), head
+            # 2 clients for a 650-parameter model at z = 1: the noise warning and its fix
+            assert "noise drowns the updates" in head and "more clients per round" in head
+            _dump(page, tmp_path, "handbuilt.png")
+        finally:
+            browser.close()

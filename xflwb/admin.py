@@ -154,6 +154,19 @@ class RemoteSession:
                                    f"(round {self._info['round']})")
             time.sleep(poll)
 
+    @property
+    def end_reason(self) -> str | None:
+        """Why the session ended, in words (as ``Session.end_reason``); None while it
+        runs."""
+        return self._end_reason(self.info)
+
+    def _end_reason(self, info: dict[str, Any]) -> str | None:
+        from xflwb.server.ending import end_reason, needs_history
+
+        return end_reason(info, self.history if needs_history(info) else None)
+
     def __repr__(self) -> str:
+        why = self._end_reason(self._info)
         return (f"RemoteSession({self.id} of {self._info['model_name']} at "
-                f"{self.client.url}: {self._info['status']}, round {self._info['round']})")
+                f"{self.client.url}: {self._info['status']}, round {self._info['round']}"
+                + (f", {why}" if why else "") + ")")

@@ -69,14 +69,15 @@ def _wall_seconds(wide: pd.DataFrame) -> dict[int, float]:
 
 
 def plot_figure(history: pd.DataFrame, title: str = "", placeholder: str = "",
-                x: str | None = None) -> Any:
+                x: str | None = None, max_epsilon: float | None = None) -> Any:
     """Loss and accuracy per round and platform: the one round plot of the dashboard,
     ``xflwb.report`` and the demo (the caller closes it); before the first round's metrics,
     a picture of ``placeholder`` text instead of empty axes.
 
     ``x``: "round", "version" (FedBuff's model versions) or "seconds" (the wall time each
     version was made, for comparing a FedBuff run with a synchronous one); default
-    "version" when the history has a ``version`` column, else "round"."""
+    "version" when the history has a ``version`` column, else "round". ``max_epsilon``: a
+    DP session's budget, drawn as a line on its ε panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,10 +120,26 @@ def plot_figure(history: pd.DataFrame, title: str = "", placeholder: str = "",
             ax.text(0.5, 0.5, "no wall time recorded" if x == "seconds" and not seconds
                     else "not reported yet", ha="center", va="center",
                     transform=ax.transAxes, color="#666666")
+    if max_epsilon and "epsilon" in shown:
+        budget_line(axes[shown.index("epsilon")], max_epsilon)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def budget_line(ax: Any, max_epsilon: float) -> None:
+    """The privacy budget on an ε panel: a dashed red line at ``max_epsilon`` (in the
+    legend), with the y axis stretched to show it however little ε is spent so far."""
+    ax.axhline(max_epsilon, color=BUDGET_COLOR, linestyle="--", linewidth=1.2,
+               label=f"budget (max_epsilon {max_epsilon:g})")
+    low, high = ax.get_ylim()
+    ax.set_ylim(bottom=min(0.0, low), top=max(high, max_epsilon * 1.08))
+    ax.legend(fontsize=8)
+
+
+#: the budget line's colour (not a platform's)
+BUDGET_COLOR = "#cf222e"
 
 
 def staleness_figure(arrivals: pd.DataFrame, title: str = "", placeholder: str = "") -> Any:

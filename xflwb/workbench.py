@@ -311,12 +311,16 @@ class Workbench:
         reg = self._reg()
         assert self.sessions is not None
         self.sessions.refresh()
+        from xflwb.server.handle import session_end_reason
+
+        # "end_reason": why a session ended (xflwb.server.ending), blank while it runs
         rows = [{"id": s["id"], "model": s["model_name"], "status": s["status"],
                  "round": s["round"], "rounds": s["config"]["rounds"],
+                 "end_reason": session_end_reason(reg, s) or "",
                  "started_from": started_from(reg, s), "ports": s["ports"]}
                 for s in reg.list_sessions()]
         return pd.DataFrame(rows, columns=["id", "model", "status", "round", "rounds",
-                                           "started_from", "ports"])
+                                           "end_reason", "started_from", "ports"])
 
     def disk_usage(self) -> Any:
         """What the data dir holds on disk (``xflwb.server.disk.DiskUsage``: checkpoint

@@ -17,6 +17,7 @@ import pandas as pd
 
 from xflwb.server.checkpoints import newest_valid_checkpoint
 from xflwb.server.config import is_asynchronous
+from xflwb.server.ending import end_reason, needs_history
 from xflwb.server.process import progress_path
 from xflwb.server.registry import ARRIVAL_COLUMNS, Registry, RegistryError
 from xflwb.server.status import DONE, SessionStatus
@@ -59,13 +60,29 @@ class Session:
         headers: ``"started fresh"`` or ``"resumed from session 1, round 5"``."""
         return started_from(self.registry, self.info)
 
+    @property
+    def end_reason(self) -> str | None:
+        """Why the session ended, in words (``xflwb.server.ending.end_reason``): "finished
+        all 8 rounds", "privacy budget spent at ε = … after round 6", "failed: …",
+        "stopped by the user"; None while it runs."""
+        return session_end_reason(self.registry, self.info)
+
+    @property
+    def parameter_count(self) -> int:
+        """How many numbers the model trains and sends (its canonical parameters), which
+        the DP noise warning weighs against the clients per round."""
+        manifest = self.registry.get_model(self.info["model_id"])["manifest"]
+        return parameter_count(manifest)
+
     def __repr__(self) -> str:
         i = self.info
         cfg = i["config"]
         where = (f"simulated android={cfg['android']} ios={cfg['ios']}"
                  if i["engine"] == "simulation" else f"ports={i['ports']}")
+        why = session_end_reason(self.registry, i)
+        ended = f"end_reason={why!r}, " if why else ""
         return (f"Session(id={self.id}, model={i['model_name']!r}, status={i['status']!r}, "
-                f"round={i['round']}/{cfg['rounds']}, {started_from(self.registry, i)}, "
+                f"round={i['round']}/{cfg['rounds']}, {ended}{started_from(self.registry, i)}, "
                 f"{where})")
 
     def wait(self, timeout: float | None = None, poll: float = 0.2) -> str:
@@ -184,6 +201,17 @@ class SessionTimeout(TimeoutError):
     """``Session.wait`` ran out of time; the message says what the session waits for."""
 
 
+
+
+def session_end_reason(registry: Registry, info: dict[str, Any]) -> str | None:
+    """``end_reason`` of a registry row, reading its metrics only when they decide it."""
+    history = history_frame(registry, info["id"]) if needs_history(info) else None
+    return end_reason(info, history)
+
+
+def parameter_count(manifest: dict[str, Any]) -> int:
+    """The number of scalars in a manifest's canonical (trained, sent) parameters."""
+    return int(sum(int(np.prod(p["shape"])) for p in manifest.get("parameters") or []))
 
 
 def resumes(config: dict[str, Any]) -> bool:

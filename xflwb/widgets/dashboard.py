@@ -24,6 +24,8 @@ from typing import Any
 
 import pandas as pd
 
+from xflwb.server.dp_guidance import noise_warning
+from xflwb.server.ending import end_reason
 from xflwb.style import PLATFORM_COLORS, history_wide, plot_figure, staleness_figure
 
 PLATFORMS = ("android", "ios", "all")
@@ -60,10 +62,18 @@ def _number(v: Any) -> str:
 
 
 def plot_png(history: pd.DataFrame, title: str = "", placeholder: str = "",
-             x: str | None = None) -> bytes:
+             x: str | None = None, max_epsilon: float | None = None) -> bytes:
     """Loss and accuracy per round (``x``: or version, or wall seconds) and platform, as
-    PNG bytes; before the first round's metrics, a picture of ``placeholder`` text."""
-    return _png(plot_figure(history, title, placeholder, x=x))
+    PNG bytes; before the first round's metrics, a picture of ``placeholder`` text. A DP
+    session's ε panel draws its budget ``max_epsilon``."""
+    return _png(plot_figure(history, title, placeholder, x=x, max_epsilon=max_epsilon))
+
+
+def max_epsilon(info: dict[str, Any]) -> float | None:
+    """The session's privacy budget (``DP.max_epsilon``), or None."""
+    privacy = (info.get("config") or {}).get("privacy") or {}
+    cap = privacy.get("max_epsilon")
+    return float(cap) if cap else None
 
 
 def staleness_png(arrivals: pd.DataFrame) -> bytes:
@@ -174,10 +184,30 @@ def device_table(fleet: Any) -> pd.DataFrame:
     return df
 
 
+def _parameters(session: Any) -> int | None:
+    """The model's trained parameter count, when the handle can tell (a local Session)."""
+    try:
+        count = getattr(session, "parameter_count", None)
+    except Exception:  # a view must not fail on a lookup only the DP warning needs
+        return None
+    return count if isinstance(count, int) else None
+
+
+def dp_warning_html(session: Any, info: dict[str, Any], history: pd.DataFrame) -> str:
+    """The DP noise warning (``xflwb.server.dp_guidance``) as a header line, or nothing."""
+    cfg = info.get("config") or {}
+    if not cfg.get("privacy"):
+        return ""
+    warning = noise_warning(cfg, _parameters(session), history)
+    return ("" if warning is None else
+            f"<div class='xflwb-dp-warning' style='color:#9a6700'>⚠ DP: "
+            f"{html.escape(warning)}</div>")
+
+
 def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
                 devices: pd.DataFrame | None = None) -> str:
     """Session, model, status, round k/N, where, failure counts, what it waits for or why
-    it ended."""
+    it ended (``xflwb.server.ending``), and the DP noise warning."""
     status = info["status"]
     step, total = _steps(info)
     fb = fedbuff_plan(info)
@@ -206,7 +236,12 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
         parts.append(f"<span style='color:{'#cf222e' if bad else 'inherit'}'>{bad} of "
                      f"{len(devices)} devices failed</span>")
     head = " · ".join(parts)
-    if status in ENDED_BADLY and info.get("error"):
+    why = end_reason(info, history)
+    if why:
+        head += (f"<div class='xflwb-end-reason' style='color:{tone or 'inherit'}'>ended: "
+                 f"{html.escape(why)}</div>")
+    if status in ENDED_BADLY and info.get("error") and str(info["error"]).strip() not in (
+            why or ""):  # the whole error, when the one line above is not all of it
         reason = str(info["error"])
         reason = reason if len(reason) <= 1500 else "…" + reason[-1500:]
         head += (f"<div style='color:#cf222e;white-space:pre-wrap'>"
@@ -215,7 +250,7 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
         doing = getattr(session, "doing", None)
         if callable(doing):
             head += f"<div>{html.escape(doing(info))}</div>"
-    return head
+    return head + dp_warning_html(session, info, history)
 
 
 def failures_html(session: Any) -> str:
@@ -246,7 +281,7 @@ def snapshot_html(session: Any, fleet: Any = None) -> str:
     hist = session.history
     devices = device_table(fleet) if fleet is not None else None
     step, _total = _steps(info)
-    png = base64.b64encode(plot_png(hist, x=step)).decode()
+    png = base64.b64encode(plot_png(hist, x=step, max_epsilon=max_epsilon(info))).decode()
     rej = session.rejections
     last = _last_round(hist)
     parts = [
@@ -281,7 +316,11 @@ def report(session: Any, fleet: Any = None) -> Report:
 
 
 class Dashboard:
-    """A live ipywidgets view of one session; ``display(dash)`` or return it from a cell."""
+    """A live ipywidgets view of one session; ``display(dash)`` or return it from a cell.
+
+    Displaying it starts its updates (``start``, idempotent: the magics call it too), so a
+    hand-built ``Dashboard(session, fleet)`` is live like the magics' own; it stops polling
+    once the session has ended, after drawing the final state (or on ``stop()``)."""
 
     def __init__(self, session: Any, fleet: Any = None, interval: float = 1.0) -> None:
         import ipywidgets as w
@@ -337,7 +376,8 @@ class Dashboard:
             self.progress.bar_style = "danger"
         key = (int(info["round"]), len(hist))
         if key != self._plotted:
-            self.plot.value = plot_png(hist, x=self.axis.value if self.axis else self.step)
+            self.plot.value = plot_png(hist, x=self.axis.value if self.axis else self.step,
+                                       max_epsilon=max_epsilon(info))
             self.table.value = _section(_last_title(self.step, _last_round(hist)),
                                         round_table_html(hist))
             self._plotted = key
@@ -373,6 +413,8 @@ class Dashboard:
                 break
 
     def start(self) -> Dashboard:
+        """Poll the session every ``interval`` seconds until it ends (no-op while
+        polling)."""
         if self._thread is None or not self._thread.is_alive():
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="xflwb-dashboard",
@@ -386,4 +428,7 @@ class Dashboard:
             self._thread.join(5)
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        # IPython asks for this both for display(dash) and for a dashboard returned from a
+        # cell: being shown is what starts the updates
+        self.start()
         return self.widget._repr_mimebundle_(**kwargs)
