@@ -266,7 +266,7 @@ def unknown(cls: type | Iterable[type], given: Iterable[str], where: str) -> Non
     """Raise :class:`UnknownOptionError` (a ``TypeError``) for keywords the declaration(s)
     ``cls`` do not declare, in one line with "did you mean" (the close spellings and
     synonyms of the parsers, ``xflwb._argparse.suggest``)."""
-    from xflwb._argparse import _ALIASES, suggest
+    from xflwb._argparse import SYNONYMS, suggest
 
     classes = (cls,) if isinstance(cls, type) else tuple(cls)
     known = [n for c in classes for n in names(c)]
@@ -279,7 +279,7 @@ def unknown(cls: type | Iterable[type], given: Iterable[str], where: str) -> Non
         flag = "--" + str(k).replace("_", "-")
         found = [f[2:].replace("-", "_") for f in suggest(flag, ["--" + n.replace("_", "-")
                                                                  for n in known])
-                 if _ALIASES.get(flag) == f or f.startswith(flag)
+                 if flag in SYNONYMS.get(f, ()) or f.startswith(flag)
                  # the flags' shared "--" makes 'lr' look like 'port': judge the bare names
                  or difflib.SequenceMatcher(None, str(k), f[2:].replace("-", "_")).ratio()
                  >= 0.6]
