@@ -138,8 +138,8 @@ def img_html(png: bytes, css_class: str = "") -> str:
     import base64
 
     cls = f" class='{html.escape(css_class)}'" if css_class else ""
-    return (f"<img{cls} width='{png_css_width(png)}' style='max-width:100%' "
-            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'/>")
+    return (f"<img{cls} src='data:image/png;base64,{base64.b64encode(png).decode()}' "
+            f"width='{png_css_width(png)}' style='max-width:100%'/>")
 
 
 def _wall_seconds(wide: pd.DataFrame) -> dict[int, float]:

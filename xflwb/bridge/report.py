@@ -60,7 +60,8 @@ def _cell(v: Any) -> str:
     """Floats to 3 significant digits, the rest as every xflwb table shows it."""
     from xflwb.style import cell_text
 
-    return f"{v:.3g}" if isinstance(v, float) and not v.is_integer() else cell_text(v)
+    return (f"{v:.3g}" if isinstance(v, float) and v == v and not v.is_integer()  # not NaN
+            else cell_text(v))
 
 
 def _table(df: pd.DataFrame) -> str:
