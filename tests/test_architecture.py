@@ -49,6 +49,7 @@ LAYER_NAMES = ("base", "engines", "public API", "front-ends")
 SIBLINGS: dict[tuple[str, str], str] = {
     ("bridge", "_quiet"): "the converters' log noise is silenced where they are imported",
     ("_export_options", "bridge"): "the export options build the bridge's optimizers",
+    ("bridge", "style"): "the export report's tables look like the dashboard's",
     ("_options", "_argparse"): "an unknown keyword gets the parsers' \"did you mean\"",
     ("simulation", "devices"): "simulated clients train on the devices' datasets/partitions",
     ("simulation", "server"): "the simulation is a server (strategy, registry, sessions) "

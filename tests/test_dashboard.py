@@ -165,8 +165,8 @@ def test_the_header_shows_the_privacy_spent_so_far():
 def test_round_table_is_human_readable():
     html = round_table_html(_history(2))
     assert ">metric<" not in html  # no stray header above the columns
-    assert "<td>18.2 kB</td>" in html and "<td>2.5 MB</td>" in html
-    assert "<td>2</td>" in html and "2.0" not in html  # counts as integers
+    assert "<td class='num'>18.2 kB</td>" in html and "<td class='num'>2.5 MB</td>" in html
+    assert "<td class='num'>2</td>" in html and "2.0" not in html  # counts as integers
     assert "<td>android</td>" in html
     assert "no data yet" in round_table_html(pd.DataFrame(
         columns=["round", "platform", "metric", "value"]))

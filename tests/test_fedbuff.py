@@ -62,7 +62,7 @@ def test_fedbuff_options_are_checked_and_stored_whole():
     assert cfg.strategy_options == {**xflwb.FedBuff().__dict__, "buffer_size": 3}
     assert SessionConfig(strategy="fedbuff", strategy_options={"max_staleness": 2}
                          ).strategy_options["staleness"] == "polynomial:0.5"
-    with pytest.raises(ValueError, match="did you mean buffer_size"):
+    with pytest.raises(ValueError, match="did you mean 'buffer_size'"):
         SessionConfig(strategy="fedbuff", strategy_options={"bufer_size": 3})
     with pytest.raises(ValueError, match="buffer_size"):
         SessionConfig(strategy="fedbuff", strategy_options={"buffer_size": 0})

@@ -11,8 +11,10 @@ import argparse
 import dataclasses
 import inspect
 import math
+import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pydantic
@@ -117,9 +119,9 @@ def test_export_is_keyword_only_after_the_name():
 
 
 def test_unknown_keywords_are_refused_by_name_with_a_suggestion(tmp_path):
-    with pytest.raises(TypeError, match=r"'num_rounds' \(did you mean rounds\?\)"):
+    with pytest.raises(TypeError, match=r"'num_rounds': did you mean 'rounds'\?"):
         xflwb.simulate("nothing", android=1, num_rounds=3, data_dir=tmp_path / "d")
-    with pytest.raises(TypeError, match="'lr'"):
+    with pytest.raises(TypeError, match="'lr' \\(it takes data_dir, "):
         xflwb.Workbench(data_dir=tmp_path / "w", lr=0.1)
     assert not (tmp_path / "d").exists() and not (tmp_path / "w").exists()
 
@@ -218,3 +220,95 @@ def test_device_knobs_take_one_value_or_one_per_device():
         DeviceOptions(slowdown=0.5)
     with pytest.raises(ValueError, match="encoding must be one of 'raw', 'npy'"):
         DeviceOptions(encoding="json")
+
+
+# -- "did you mean", in one line ----------------------------------------------------------------
+#: every declared option set a user constructs, by its public name
+OPTION_SETS = [xflwb.DP, xflwb.FedBuff, xflwb.SecAgg, DeviceOptions, FleetOptions,
+               SessionConfig, SimulationConfig, BackendOptions, TLSOptions]
+
+
+def _typo(name: str) -> str:
+    """``clipping_norm`` → ``clippin_norm``: one letter dropped from the middle."""
+    i = len(name) // 2
+    return name[:i] + name[i + 1:]
+
+
+@pytest.mark.parametrize("cls", OPTION_SETS, ids=lambda c: c.__name__)
+def test_every_option_set_refuses_a_typo_in_one_line_with_the_option_meant(cls):
+    for name in _options.names(cls):
+        if len(name) < 5:
+            continue
+        with pytest.raises(xflwb.UnknownOptionError) as err:
+            cls(**{_typo(name): 1})
+        message = str(err.value)
+        assert message == (f"xflwb.{cls.__name__} got an unexpected option "
+                           f"{_typo(name)!r}: did you mean {name!r}?")
+        # Python's own type for an unexpected keyword, and a ValueError like a bad value
+        assert isinstance(err.value, TypeError) and isinstance(err.value, ValueError)
+
+
+def test_the_issues_typos_get_their_suggestion():
+    with pytest.raises(TypeError, match=r"^xflwb\.DP got an unexpected option 'cliping_norm': "
+                       r"did you mean 'clipping_norm'\?$"):
+        xflwb.DP(cliping_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(TypeError, match=r"'bufer_size': did you mean 'buffer_size'\?$"):
+        xflwb.FedBuff(bufer_size=2)
+    # a word with no close option lists what the set takes instead
+    with pytest.raises(TypeError, match=r"'colour' \(it takes buffer_size, max_concurrency"):
+        xflwb.FedBuff(colour=2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: SessionConfig(strategy="fedbuf"),
+    lambda: SimulationConfig(android=2, strategy="FedAdm"),
+    lambda: xflwb.simulate("nothing", android=1, strategy="krumm"),
+], ids=["session", "simulation", "simulate"])
+def test_a_choice_typo_suggests_the_closest_choice_in_one_line(make):
+    with pytest.raises(xflwb.OptionError) as err:
+        make()
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 240
+    assert re.search(r"; did you mean '(fedbuff|fedadam|krum)'\?$", message), message
+
+
+def test_a_choice_nothing_resembles_gets_the_list_without_a_guess():
+    with pytest.raises(xflwb.OptionError, match=r"strategy must be one of 'fedavg'.*got 'zz'$"):
+        SessionConfig(strategy="zz")
+
+
+def test_option_errors_are_raised_from_the_callers_line_without_a_chain(tmp_path):
+    """Without ``%load_ext xflwb`` too: the traceback is the user's call and the API's
+    boundary, not the validation's internals nor "during handling of …"."""
+    calls = [lambda: xflwb.DP(cliping_norm=1.0),
+             lambda: SessionConfig(strategy="fedbuff", strategy_options={"bufer_size": 3}),
+             lambda: SessionConfig(privacy={"noise_multiplier": -1, "clipping_norm": 1}),
+             lambda: xflwb.simulate("m", android=1, min_client=2, data_dir=tmp_path / "d")]
+    for call in calls:
+        with pytest.raises(xflwb.OptionError) as err:
+            call()
+        shown = "".join(traceback.format_exception(err.value))
+        assert shown.count('  File "') <= 3, shown
+        assert "During handling" not in shown and "direct cause" not in shown, shown
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("cell, expected", [
+    ("xflwb.DP(cliping_norm=1.0)", "did you mean 'clipping_norm'?"),
+    ("xflwb.simulate('m', android=1, min_client=2)", "did you mean 'min_clients'?"),
+    ("xflwb.SessionConfig(strategy='fedbuf')", "did you mean 'fedbuff'?"),
+    ("xflwb.Workbench(data_dir=_tmp, port=-1)", "port must be"),
+])
+def test_a_notebook_shows_an_option_error_as_one_line(ip, capsys, tmp_path, cell, expected):
+    ip.user_ns.update(xflwb=xflwb, _tmp=str(tmp_path / "wb"))
+    capsys.readouterr()
+    result = ip.run_cell(cell)
+    out, err = capsys.readouterr()
+    assert isinstance(result.error_in_exec, xflwb.OptionError)  # the cell still fails
+    shown = (out + err).strip()
+    assert expected in shown and shown.count("\n") == 0, shown
+    assert shown.startswith(type(result.error_in_exec).__name__ + ": ")
+    # other errors keep IPython's full traceback
+    ip.run_cell("def _deep():\n    return 1 / 0\n_deep()")
+    shown = "".join(capsys.readouterr())
+    assert "ZeroDivisionError" in shown and "_deep" in shown and shown.count("\n") > 3

@@ -58,7 +58,7 @@ def test_secagg_option_is_normalised_and_checked():
     assert json.loads(json.dumps(cfg.secagg)) == cfg.secagg  # stored as JSON in the registry
     assert SimulationConfig(android=3, secagg={}).secagg["num_shares"] == 3  # Flower's example
     assert SimulationConfig(android=3).secagg is None and xflwb.SecAgg is SecAgg
-    with pytest.raises(TypeError, match=r"'num_share' \(did you mean num_shares\?\)"):
+    with pytest.raises(TypeError, match=r"'num_share': did you mean 'num_shares'\?"):
         SimulationConfig(android=3, secagg={"num_share": 3})
     for kwargs, match in [
         ({"secagg": {"num_shares": 2}}, "num_shares as an integer must be greater than 2"),

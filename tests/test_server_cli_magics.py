@@ -88,7 +88,7 @@ def test_server_and_train_magics(ip, export, tmp_path, capsys):
         with pytest.raises(XflMagicError, match="no published model named 'unknown_model'"):
             ip.run_line_magic("xfl_train", "unknown_model")
         # FedBuff's options travel as --strategy-options JSON, checked before any process
-        with pytest.raises(XflMagicError, match="did you mean buffer_size"):
+        with pytest.raises(XflMagicError, match="did you mean 'buffer_size'"):
             ip.run_line_magic("xfl_train", "tiny_export --strategy fedbuff "
                                            "--strategy-options '{\"bufer_size\": 2}'")
         session.stop()  # one session per model at a time
@@ -142,7 +142,7 @@ def test_cli_train_starts_a_session_through_the_admin_api_and_follows_it(export,
                                "--strategy", "fedbuff", "--strategy-options",
                                '{"bufer_size": 2}'], capture_output=True, text=True,
                               timeout=120)
-        assert typo.returncode == 2 and "did you mean buffer_size" in typo.stderr
+        assert typo.returncode == 2 and "did you mean 'buffer_size'" in typo.stderr
         wrong = subprocess.run([*base, "--admin-token", "nope", str(export.directory)],
                                capture_output=True, text=True, timeout=120)
         assert wrong.returncode == 1 and "HTTP 401" in wrong.stderr

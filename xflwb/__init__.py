@@ -15,6 +15,7 @@ from typing import Any
 # First, before anything can import TensorFlow: importing _quiet sets TF's C++ log level
 # (TF reads it once, at import; a level the user set is kept). See xflwb/_quiet.py.
 from xflwb import _quiet  # noqa: F401  (isort keeps it first: "xflwb" < "xflwb.bridge")
+from xflwb._options import OptionError, UnknownOptionError
 from xflwb.admin import AdminClient
 from xflwb.bridge.export import DropoutWarning, ExportResult, export
 from xflwb.bridge.graph import ExportError
@@ -56,11 +57,13 @@ __all__ = [
     "FedBuff",
     "Fleet",
     "ManifestError",
+    "OptionError",
     "ParityError",
     "SecAgg",
     "Session",
     "SessionConfig",
     "SimulationConfig",
+    "UnknownOptionError",
     "Workbench",
     "__version__",
     "export",

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import inspect
 import json
 import math
@@ -31,6 +33,63 @@ from typing import Any
 
 _KEY = "xflwb"
 _NONE_WORDS = ("none", "null")
+
+
+class OptionError(ValueError):
+    """A user's bad option value or choice: one line that names the option and the fix.
+
+    Raised at the public API's boundary without its internal frames (:func:`boundary`);
+    ``%load_ext xflwb`` shows it in a notebook as that one line, without a traceback."""
+
+
+class UnknownOptionError(OptionError, TypeError):
+    """A keyword no option set declares (a ``TypeError`` as Python's own for an unexpected
+    keyword argument, and an :class:`OptionError`)."""
+
+
+OptionError.__module__ = UnknownOptionError.__module__ = "xflwb"  # public: xflwb.OptionError
+
+
+def did_you_mean(word: Any, choices: Iterable[Any]) -> str:
+    """``" did you mean 'fedbuff'?"`` for the choice closest to ``word`` (difflib), or ""."""
+    texts = {str(c).lower(): c for c in choices}
+    found = difflib.get_close_matches(str(word).lower(), list(texts), n=1, cutoff=0.6)
+    return f" did you mean {texts[found[0]]!r}?" if found else ""
+
+
+def boundary(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` raising its :class:`OptionError` from its own frame, ``from None``: a
+    user's typo shows as the call and one line, not as the validation's internals and a
+    chain of "during handling of the above exception"."""
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except OptionError as exc:
+            raise exc.with_traceback(None) from None
+
+    return wrapper
+
+
+def declared(cls: type) -> type:
+    """Class decorator (above ``@dataclass``): ``cls(**kw)`` refuses a keyword it does not
+    declare with "did you mean" (:func:`unknown`) instead of the bare ``TypeError`` of the
+    dataclass ``__init__``, and raises its option errors from the caller's line."""
+    init = cls.__init__
+    where = f"xflwb.{cls.__name__}"
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            fields = {f.name for f in dataclasses.fields(cls)}
+            if any(k not in fields for k in kwargs):
+                unknown(cls, [k for k in kwargs if k not in fields], where)
+            init(self, *args, **kwargs)
+        except OptionError as exc:
+            raise exc.with_traceback(None) from None
+
+    cls.__init__ = __init__  # type: ignore[misc]
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +218,14 @@ def describe(o: Opt) -> str:
 
 
 def check_value(o: Opt, v: Any) -> Any:
-    """``v`` checked against ``o`` (ints accepted for floats); raises ``ValueError`` naming
-    the option, what it takes and what it got."""
-    def bad() -> ValueError:
-        return ValueError(f"{o.name} must be {describe(o)}, got {v!r}")
+    """``v`` checked against ``o`` (ints accepted for floats); raises :class:`OptionError`
+    (a ``ValueError``) naming the option, what it takes, what it got and, for a choice,
+    the closest one."""
+    def bad() -> OptionError:
+        hint = (did_you_mean(v, o.spec.choices) if o.spec.choices is not None
+                and isinstance(v, str) else "")
+        return OptionError(f"{o.name} must be {describe(o)}, got {v!r};{hint}"
+                           if hint else f"{o.name} must be {describe(o)}, got {v!r}")
 
     if v is None:
         if o.nullable:
@@ -200,22 +263,32 @@ def check(obj: Any) -> None:
 
 
 def unknown(cls: type | Iterable[type], given: Iterable[str], where: str) -> None:
-    """Raise ``TypeError`` for keywords the declaration(s) ``cls`` do not declare, with
-    "did you mean"."""
-    from xflwb._argparse import suggest
+    """Raise :class:`UnknownOptionError` (a ``TypeError``) for keywords the declaration(s)
+    ``cls`` do not declare, in one line with "did you mean" (the close spellings and
+    synonyms of the parsers, ``xflwb._argparse.suggest``)."""
+    from xflwb._argparse import SYNONYMS, suggest
 
-    known = [n for c in ((cls,) if isinstance(cls, type) else cls) for n in names(c)]
-    bad = [k for k in given if k not in known]
-    if bad:
-        hints = []
-        for k in bad:
-            found = suggest("--" + k.replace("_", "-"), ["--" + n.replace("_", "-")
-                                                         for n in known])
-            hint = (" (did you mean " + " or ".join(f[2:].replace("-", "_") for f in found)
-                    + "?)") if found else ""
-            hints.append(f"{k!r}{hint}")
-        raise TypeError(f"{where} got unexpected option(s) {', '.join(hints)}; it takes "
-                        f"{', '.join(known)}")
+    classes = (cls,) if isinstance(cls, type) else tuple(cls)
+    known = [n for c in classes for n in names(c)]
+    every = {f.name for c in classes for f in dataclasses.fields(c)}
+    bad = [k for k in given if k not in known and k not in every]
+    if not bad:
+        return
+    hints = []
+    for k in bad:
+        flag = "--" + str(k).replace("_", "-")
+        found = [f[2:].replace("-", "_") for f in suggest(flag, ["--" + n.replace("_", "-")
+                                                                 for n in known])
+                 if flag in SYNONYMS.get(f, ()) or f.startswith(flag)
+                 # the flags' shared "--" makes 'lr' look like 'port': judge the bare names
+                 or difflib.SequenceMatcher(None, str(k), f[2:].replace("-", "_")).ratio()
+                 >= 0.6]
+        hint = f": did you mean {found[0]!r}?" if found else ""
+        hints.append(f"{k!r}{hint}")
+    noun = "an unexpected option" if len(bad) == 1 else "unexpected options"
+    takes = "" if all("did you mean" in h for h in hints) else (
+        f" (it takes {', '.join(known)})")
+    raise UnknownOptionError(f"{where} got {noun} {'; '.join(hints)}{takes}")
 
 
 # -- argparse ------------------------------------------------------------------------------------
@@ -368,11 +441,12 @@ def generated(*classes: type, exclude: Iterable[str] = ()
               ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: ``func(…, **options)`` shows and documents the options of ``classes``."""
     def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        func.__signature__ = signature(func, *classes,  # type: ignore[attr-defined]
-                                       exclude=exclude)
-        func.__doc__ = (inspect.cleandoc(func.__doc__ or "") + "\n\n"
-                        + doc(*classes, exclude=exclude))
-        return func
+        outer = boundary(func)  # an option error shows from the user's call
+        outer.__signature__ = signature(func, *classes,  # type: ignore[attr-defined]
+                                        exclude=exclude)
+        outer.__doc__ = (inspect.cleandoc(func.__doc__ or "") + "\n\n"
+                         + doc(*classes, exclude=exclude))
+        return outer
 
     return wrap
 

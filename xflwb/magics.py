@@ -414,6 +414,21 @@ def status_html(wb: Any, fleets: list[Any]) -> str:
             f"<pre style='margin:0'>{disk}</pre>{qr}</div>")
 
 
+def show_option_error(shell: Any, etype: type, value: BaseException, tb: Any,
+                      tb_offset: int | None = None) -> None:
+    """IPython's custom exception handler for ``xflwb.OptionError``: a user's typo in
+    ``wb.train(min_client=2)`` shows as ``UnknownOptionError: …: did you mean
+    'min_clients'?``, not as a traceback through the validation. ``_showtraceback`` is how
+    IPython's own ``showtraceback`` publishes (ipykernel: an ``error`` message, so the cell
+    still fails and papermill still stops)."""
+    shell._showtraceback(etype, value, [f"{etype.__name__}: {value}"])
+
+
 def register(ipython: Any) -> None:
     ipython.register_magics(XflMagics)
     ipython.register_magics(XflServerMagics)
+    from xflwb._options import OptionError
+
+    # IPython keeps one custom handler: never replace a handler the user set
+    if not ipython.custom_exceptions or ipython.custom_exceptions == (OptionError,):
+        ipython.set_custom_exc((OptionError,), show_option_error)

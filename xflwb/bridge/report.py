@@ -56,9 +56,18 @@ def file_table(res: Any) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _cell(v: Any) -> str:
+    """Floats to 3 significant digits, the rest as every xflwb table shows it."""
+    from xflwb.style import cell_text
+
+    return (f"{v:.3g}" if isinstance(v, float) and v == v and not v.is_integer()  # not NaN
+            else cell_text(v))
+
+
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, escape=True, border=0, classes="xflwb-table",
-                      float_format=lambda v: f"{v:.3g}")
+    from xflwb.style import table_html  # the dashboard's table look (borders, alignment)
+
+    return table_html(df, _cell)
 
 
 def export_report_html(res: Any) -> str:

@@ -49,6 +49,7 @@ class _Dropped(Exception):
     """The simulated phone lost its connection mid-fit."""
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class DeviceOptions:
     """How a virtual phone behaves (heterogeneity knobs): ``xflwb device``,

@@ -69,6 +69,7 @@ def exit_reason(returncode: int, log_text: str) -> str:
     return f"exited with code {returncode}: {line}" if line else f"exited with code {returncode}"
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class FleetOptions:
     """Which virtual phones to start, on what data: ``wb.spawn_devices`` and ``%xfl_devices

@@ -151,6 +151,7 @@ class RoundOptions:
         self.strategy_options = check_strategy_options(self.strategy, self.strategy_options)
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class SessionConfig(RoundOptions):
     """A phone session: everything it needs, stored as JSON in the registry."""
@@ -207,9 +208,9 @@ def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
     try:
         SERVER_STRATEGIES[strategy](
             initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]), **options)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"strategy_options {options!r} do not fit strategy {strategy!r}: "
-                         f"{exc}") from exc
+    except (TypeError, ValueError) as exc:  # one line naming the option (OptionError)
+        raise _options.OptionError(f"strategy_options {options!r} do not fit strategy "
+                                   f"{strategy!r}: {exc}") from None
     return options
 
 
@@ -223,6 +224,7 @@ def message_limit(manifest: dict[str, Any], configured: int | None = None) -> in
     return int(min(MAX_MESSAGE_BYTES, max(FLOOR_MESSAGE_BYTES, 2 * 4 * params + 2**20)))
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class BackendOptions:
     """The backend (HTTP API + session manager): ``xflwb.Workbench``, ``xflwb server`` and
@@ -264,6 +266,7 @@ class BackendOptions:
         _options.check(self)
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class TLSOptions:
     """TLS for the backend as the command line and ``%xfl_server start`` spell it; the

@@ -51,6 +51,7 @@ from xflwb.server.influence import WARM, PeerWindow, weight_cap
 log = logging.getLogger("xflwb.fedbuff")
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class FedBuff:
     """FedBuff's options (``strategy="fedbuff"``, passed as ``strategy_options``)."""
@@ -92,10 +93,9 @@ def fedbuff_options(value: Any) -> FedBuff:
         raise ValueError(f"strategy_options of fedbuff must be xflwb.FedBuff(...) or its "
                          f"dict, got {value!r}")
     try:
-        _options.unknown(FedBuff, value, "xflwb.FedBuff")
         return FedBuff(**value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"strategy_options: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # one line naming the option (OptionError)
+        raise _options.OptionError(f"strategy_options: {exc}") from None
 
 
 def staleness_rule(spec: str) -> Callable[[int], float]:

@@ -98,6 +98,7 @@ def reported_bit(metrics: dict[str, Any] | None) -> float | None:
     return None
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class DP:
     """Central differential privacy: ``xflwb.DP(noise_multiplier=1.0, clipping_norm=0.5)``
@@ -154,10 +155,9 @@ def privacy_dict(value: Any) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ValueError(f"privacy must be xflwb.DP(...), its dict or None, got {value!r}")
     try:
-        _options.unknown(DP, value, "xflwb.DP")
         return dataclasses.asdict(DP(**value))
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"privacy: {exc}") from exc
+    except (TypeError, ValueError) as exc:  # one line naming the option (OptionError)
+        raise _options.OptionError(f"privacy: {exc}") from None
 
 
 class PrivacyBudgetSpent(Exception):

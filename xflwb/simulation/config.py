@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from xflwb import _options
 from xflwb._options import option
 from xflwb.bridge.params import PLATFORMS
 from xflwb.server.config import RoundOptions
@@ -16,6 +17,7 @@ def platform_of(partition_id: int, android: int) -> str:
     return "android" if partition_id < android else "ios"
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class SimulationConfig(RoundOptions):
     """A simulated fleet: ``android`` + ``ios`` clients on partitions of one dataset.

@@ -44,6 +44,7 @@ class SimulatedDropout(RuntimeError):
     ``FitRes`` would be masked as if it were an update)."""
 
 
+@_options.declared  # unknown keywords: did you mean
 @dataclass
 class SecAgg:
     """SecAgg+ parameters (Flower's ``SecAggPlusWorkflow``; its defaults where it has them).

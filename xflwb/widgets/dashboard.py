@@ -15,9 +15,7 @@ applied updates (``session.arrivals``).
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 import threading
 from typing import Any
@@ -26,7 +24,17 @@ import pandas as pd
 
 from xflwb.server.dp_guidance import noise_warning
 from xflwb.server.ending import end_reason
-from xflwb.style import PLATFORM_COLORS, history_wide, plot_figure, staleness_figure
+from xflwb.style import (
+    PLATFORM_COLORS,
+    cell_text,
+    figure_png,
+    history_wide,
+    img_html,
+    plot_figure,
+    png_css_width,
+    staleness_figure,
+    table_html,
+)
 
 PLATFORMS = ("android", "ios", "all")
 COLORS = PLATFORM_COLORS  # the one colour map of dashboard, report and demo (xflwb.style)
@@ -52,21 +60,16 @@ def human_bytes(n: Any) -> str:
 
 def _number(v: Any) -> str:
     """Counts as integers, other numbers to 4 significant digits, missing as blank."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    if isinstance(v, int | float) and float(v).is_integer():
-        return str(int(v))
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return cell_text(v)
 
 
 def plot_png(history: pd.DataFrame, title: str = "", placeholder: str = "",
              x: str | None = None, max_epsilon: float | None = None) -> bytes:
     """Loss and accuracy per round (``x``: or version, or wall seconds) and platform, as
-    PNG bytes; before the first round's metrics, a picture of ``placeholder`` text. A DP
-    session's ε panel draws its budget ``max_epsilon``."""
-    return _png(plot_figure(history, title, placeholder, x=x, max_epsilon=max_epsilon))
+    PNG bytes (twice the displayed size: ``xflwb.style.png_css_width``); before the first
+    round's metrics, a picture of ``placeholder`` text. A DP session's ε panel draws its
+    budget ``max_epsilon``."""
+    return figure_png(plot_figure(history, title, placeholder, x=x, max_epsilon=max_epsilon))
 
 
 def max_epsilon(info: dict[str, Any]) -> float | None:
@@ -78,16 +81,7 @@ def max_epsilon(info: dict[str, Any]) -> float | None:
 
 def staleness_png(arrivals: pd.DataFrame) -> bytes:
     """FedBuff: the histogram of applied updates' staleness per platform, as PNG bytes."""
-    return _png(staleness_figure(arrivals))
-
-
-def _png(fig: Any) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(staleness_figure(arrivals))
 
 
 def round_table(history: pd.DataFrame) -> pd.DataFrame:
@@ -129,10 +123,7 @@ def round_table_html(history: pd.DataFrame) -> str:
 def _table_html(df: pd.DataFrame | None, empty: str = "no data yet") -> str:
     if df is None or df.empty:
         return f"<p><i>{html.escape(empty)}</i></p>"
-    shown = df.copy()
-    for col in shown.columns:
-        shown[col] = shown[col].map(_number)
-    return shown.to_html(index=False, border=0, escape=True)
+    return table_html(df)
 
 
 def _section(title: str, body: str) -> str:
@@ -269,9 +260,8 @@ def _last_title(step: str, last: int | None) -> str:
 def staleness_html(session: Any) -> str:
     """FedBuff: the staleness histogram of the session's applied updates as an embedded
     PNG under its heading."""
-    png = base64.b64encode(staleness_png(session.arrivals)).decode()
     return _section("staleness of applied updates",
-                    f"<img class='xflwb-staleness' src='data:image/png;base64,{png}'/>")
+                    img_html(staleness_png(session.arrivals), "xflwb-staleness"))
 
 
 def snapshot_html(session: Any, fleet: Any = None) -> str:
@@ -281,13 +271,13 @@ def snapshot_html(session: Any, fleet: Any = None) -> str:
     hist = session.history
     devices = device_table(fleet) if fleet is not None else None
     step, _total = _steps(info)
-    png = base64.b64encode(plot_png(hist, x=step, max_epsilon=max_epsilon(info))).decode()
+    png = plot_png(hist, x=step, max_epsilon=max_epsilon(info))
     rej = session.rejections
     last = _last_round(hist)
     parts = [
         (f"<div class='xflwb-header' style='font-size:1.15em;margin:6px 0'>"
          f"{header_html(session, info, hist, devices)}</div>"),
-        f"<img src='data:image/png;base64,{png}'/>",
+        img_html(png),
         staleness_html(session) if step == "version" else "",
         _section(_last_title(step, last), round_table_html(hist)),
         failures_html(session),
@@ -378,6 +368,7 @@ class Dashboard:
         if key != self._plotted:
             self.plot.value = plot_png(hist, x=self.axis.value if self.axis else self.step,
                                        max_epsilon=max_epsilon(info))
+            self.plot.width = str(png_css_width(self.plot.value))  # sharp: 2 px per px
             self.table.value = _section(_last_title(self.step, _last_round(hist)),
                                         round_table_html(hist))
             self._plotted = key
@@ -385,6 +376,7 @@ class Dashboard:
             arrivals = self.session.arrivals
             if len(arrivals) != self._arrivals_drawn:
                 self.staleness.value = staleness_png(arrivals)
+                self.staleness.width = str(png_css_width(self.staleness.value))
                 self._arrivals_drawn = len(arrivals)
         self.failures.value = failures_html(self.session)
         rej = self.session.rejections
