@@ -245,25 +245,36 @@ def test_end_reason_of_each_ending():
     assert len(end_reason(_row("failed", error="x" * 5000))) <= 210
 
 
+class _Ended:
+    """A session handle as the dashboard sees one: it says why it ended (the widgets ask
+    the handle, they do not compute it)."""
+
+    def __init__(self, info, history):
+        from xflwb.server.ending import end_reason
+
+        self.end_reason = end_reason(info, history)
+
+
 def test_the_header_and_report_say_why_it_ended():
     from xflwb.widgets.dashboard import header_html
 
     spent = _row("finished", 6, **DP_CFG)
-    head = header_html(object(), spent, _spent_history())
+    head = header_html(_Ended(spent, _spent_history()), spent, _spent_history())
     assert "ended: privacy budget spent at ε = 7.08 (max_epsilon 8) after round 6" in head
-    failed = header_html(object(), _row("failed", 2, error="every client failed"),
-                         pd.DataFrame(columns=["round", "platform", "metric", "value"]))
+    empty = pd.DataFrame(columns=["round", "platform", "metric", "value"])
+    row = _row("failed", 2, error="every client failed")
+    failed = header_html(_Ended(row, empty), row, empty)
     assert "ended: failed: every client failed" in failed
     assert failed.count("every client failed") == 1  # a one-line error is not repeated
     trace = "Traceback (most recent call last):\n  File x\nKeyError: 'w'"
-    long = header_html(object(), _row("failed", 2, error=trace),
-                       pd.DataFrame(columns=["round", "platform", "metric", "value"]))
+    row = _row("failed", 2, error=trace)
+    long = header_html(_Ended(row, empty), row, empty)
     assert "ended: failed: KeyError: &#x27;w&#x27;" in long and "File x" in long
 
 
 # -- DP guidance ---------------------------------------------------------------------------------
 def test_dp_noise_rule_compares_noise_with_the_largest_clipped_mean_update():
-    from xflwb.server.dp_guidance import clients_per_round, noise_to_signal, noise_warning
+    from xflwb._dp_guidance import clients_per_round, noise_to_signal, noise_warning
 
     # z·√d/n: 650 parameters, z = 1, 4 clients → 6.37; 26 clients → 0.98
     assert noise_to_signal(1.0, 650, 4) == pytest.approx(650 ** 0.5 / 4)

@@ -94,7 +94,7 @@ class RoundOptions:
     keep_every: int | None = option(
         None, "also keep the checkpoint of every round (FedBuff: version) divisible by this; "
         "none: no extra ones", ge=1, le=1_000_000)
-    #: ``xflwb.tracking``: written by the session process as rounds land
+    #: ``xflwb.server.tracking``: written by the session process as rounds land
     tracking: list[str] | str | None = option(
         None, "also log per-round metrics and the options to 'tensorboard', 'mlflow' or "
         "both (a list, or comma-separated); none: off", repeat=True, metavar="NAME")
@@ -126,7 +126,7 @@ class RoundOptions:
 
         if self.privacy is not None and not isinstance(self.privacy, dict):
             self.privacy = privacy_dict(self.privacy)  # a DP → its dict (checked below)
-        from xflwb.tracking import normalize
+        from xflwb.server.tracking import normalize
 
         self.tracking = normalize(self.tracking)  # did you mean …; pip install … when missing
         _options.check(self)

@@ -55,7 +55,7 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
     so a DP session resuming this lineage knows its ε is infinite.
     ``retention``: which older checkpoints go once a round's is written (default: keep
     the last ``DEFAULT_KEEP``).
-    ``tracking``: an ``xflwb.tracking.Tracking`` that gets each round's metrics too."""
+    ``tracking``: an ``xflwb.server.tracking.Tracking`` that gets each round's metrics too."""
     retention = retention or Retention()
 
     def on_fit(report: Any, global_: list[np.ndarray]) -> None:
@@ -252,7 +252,7 @@ class SessionProcess:
         each round (``round_recorders``, numbered on from ``offset``) and its progress;
         ``options``: the engine's strategy options (fractions, min_clients, ...)."""
         from xflwb.server.strategy import CrossPlatformStrategy
-        from xflwb.tracking import Tracking
+        from xflwb.server.tracking import Tracking
 
         row = self._row or self.registry.get_session(self.session_id)
         tracking = Tracking.open(self.data_dir, row["config"], row)

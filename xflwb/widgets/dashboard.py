@@ -22,8 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from xflwb.server.dp_guidance import noise_warning
-from xflwb.server.ending import end_reason
+from xflwb._dp_guidance import noise_warning
 from xflwb.style import (
     PLATFORM_COLORS,
     cell_text,
@@ -185,7 +184,7 @@ def _parameters(session: Any) -> int | None:
 
 
 def dp_warning_html(session: Any, info: dict[str, Any], history: pd.DataFrame) -> str:
-    """The DP noise warning (``xflwb.server.dp_guidance``) as a header line, or nothing."""
+    """The DP noise warning (``xflwb._dp_guidance``) as a header line, or nothing."""
     cfg = info.get("config") or {}
     if not cfg.get("privacy"):
         return ""
@@ -198,7 +197,7 @@ def dp_warning_html(session: Any, info: dict[str, Any], history: pd.DataFrame) -
 def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
                 devices: pd.DataFrame | None = None) -> str:
     """Session, model, status, round k/N, where, failure counts, what it waits for or why
-    it ended (``xflwb.server.ending``), and the DP noise warning."""
+    it ended (the session handle's ``end_reason``), and the DP noise warning."""
     status = info["status"]
     step, total = _steps(info)
     fb = fedbuff_plan(info)
@@ -227,7 +226,10 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
         parts.append(f"<span style='color:{'#cf222e' if bad else 'inherit'}'>{bad} of "
                      f"{len(devices)} devices failed</span>")
     head = " · ".join(parts)
-    why = end_reason(info, history)
+    try:  # the handle says why (Session and RemoteSession alike; widgets ask, never compute)
+        why = getattr(session, "end_reason", None) if status in ("finished", *ENDED_BADLY) else None
+    except Exception:  # a view must not fail on it
+        why = None
     if why:
         head += (f"<div class='xflwb-end-reason' style='color:{tone or 'inherit'}'>ended: "
                  f"{html.escape(why)}</div>")

@@ -376,23 +376,25 @@ def artifacts_of(registry: Any, info: dict[str, Any], tmp: Path, report: bool = 
 
 
 def report_html(registry: Any, session_id: int) -> str:
-    """``xflwb.report(session)``'s HTML, built in the session process (matplotlib, no
-    TensorFlow) through a read-only handle on the registry."""
-    from xflwb.server.handle import Session
-    from xflwb.widgets.dashboard import snapshot_html
+    """The run's HTML report, built in the session process from the registry (matplotlib,
+    no TensorFlow): why it ended, the per-platform loss / accuracy (and ε) plot and the
+    per-round table, drawn by ``xflwb.style`` as the dashboard draws them. (The
+    dashboard's own snapshot is a front-end view, which the hosts do not import.)"""
+    import html
 
-    class _Manager:  # what a Session handle asks its manager, answered from the registry
-        def __init__(self) -> None:
-            self.registry = registry
-            self.log_dir = Path(registry.data_dir) / "logs"
+    from xflwb.server.ending import end_reason
+    from xflwb.server.handle import history_frame
+    from xflwb.style import figure_png, history_wide, img_html, plot_figure, table_html
 
-        def refresh(self) -> None:
-            pass
-
-        def device_errors(self, sid: int) -> list[str]:
-            return [f["reason"] for f in registry.get_failures(sid, last=5)]
-
-    session = Session(_Manager(), session_id)  # type: ignore[arg-type]
-    title = f"<h2>{run_name(registry.get_session(session_id))}</h2>"
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>xflwb report</title>"
-            f"</head><body>{title}{snapshot_html(session)}</body></html>")
+    info = registry.get_session(session_id)
+    history = history_frame(registry, session_id)
+    privacy = (info.get("config") or {}).get("privacy") or {}
+    png = figure_png(plot_figure(history, max_epsilon=privacy.get("max_epsilon")))
+    wide = history_wide(history).reset_index() if len(history) else history
+    why = end_reason(info, history) or str(info.get("status", ""))
+    title = html.escape(run_name(info))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>xflwb report: "
+            f"{title}</title></head><body><h2>{title}</h2>"
+            f"<p>{html.escape(str(info.get('model_name', '')))} · "
+            f"{html.escape(str(info.get('status', '')))} · {html.escape(why)}</p>"
+            f"{img_html(png)}{table_html(wide)}</body></html>")
