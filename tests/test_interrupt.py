@@ -95,7 +95,8 @@ _DRIVER = textwrap.dedent("""
     wb = xflwb.Workbench(data_dir=data_dir, port=0).start()
     wb.publish(export_dir)
     s = wb.train("stop", rounds=2, min_clients=2, round_timeout=300)
-    fleet = wb.spawn_devices(android=2, dataset="digits")
+    # network_delay: every answer takes 2 s, so the session still runs when interrupted
+    fleet = wb.spawn_devices(android=2, dataset="digits", network_delay=2.0)
     deadline = time.monotonic() + 240
     while not all(r["status"] in ("joined", "training") for r in fleet.statuses()):
         assert s.status == "running" and time.monotonic() < deadline, (s.info, fleet.table)
