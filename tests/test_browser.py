@@ -549,18 +549,7 @@ def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_p
     from playwright.sync_api import sync_playwright
 
     base, token = lab
-    cells = [{"cell_type": "code", "execution_count": None, "id": f"h{i}", "metadata": {},
-              "outputs": [], "source": src} for i, src in enumerate(_HANDBUILT_CELLS)]
-    nb = {"cells": cells, "metadata": {"kernelspec": {
-        "display_name": "Python 3", "language": "python", "name": "python3"}},
-        "nbformat": 4, "nbformat_minor": 5}
-    # put through Jupyter's contents API: the lab fixture's directory stays its own
-    req = urllib.request.Request(
-        f"{base}/api/contents/{HANDBUILT_NAME}?token={token}", method="PUT",
-        data=json.dumps({"type": "notebook", "format": "json", "content": nb}).encode(),
-        headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:  # loopback only
-        assert resp.status in (200, 201), resp.status
+    _upload_notebook(base, token, HANDBUILT_NAME, _HANDBUILT_CELLS)
     dash_cell = 3
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
@@ -608,3 +597,110 @@ def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_p
             _dump(page, tmp_path, "handbuilt.png")
         finally:
             browser.close()
+
+
+# -- JupyterLab's Stop during s.wait() (issue 21, item 2) ---------------------------------------
+# The interrupt reaches the kernel's whole process group; the devices and the session run in
+# their own sessions, so only the wait stops. Cell 4 is the wait the test interrupts; the
+# cells after it (run by the test once Run All stopped at the interrupt) read the outcome.
+INTERRUPT_NAME = "interrupt.ipynb"
+_INTERRUPT_CELLS = [
+    "%load_ext xflwb\n"
+    "%xfl_server start --port 0 --data-dir {__import__('tempfile').mkdtemp()}",
+    "%%xfl_export tiny --data-type digits --out {xfl_wb.data_dir}/exports\n"
+    "import keras\n"
+    "model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),\n"
+    "                          keras.layers.Dense(10, activation='softmax')])",
+    # every answer takes 2 s: three rounds outlast the interrupt by far
+    "%xfl_devices spawn --android 2 --dataset digits --network-delay 2",
+    "session = %xfl_train tiny --rounds 3 --min-clients 2",
+    "session.wait()",
+    "print('AFTER-INTERRUPT', session.status)\n"
+    "print('FINAL', session.wait(timeout=300), session.round)\n"
+    "print('DEVICES', ','.join(xfl_fleet.wait(timeout=120).status),\n"
+    "      ','.join(str(p.returncode) for p in xfl_fleet.procs.values()))",
+]
+
+
+def _upload_notebook(base: str, token: str, name: str, cells: list[str]) -> None:
+    """Put a notebook into the Lab's root through its contents API (the lab fixture's
+    directory is its own)."""
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}",
+                     "metadata": {}, "outputs": [], "source": src}
+                    for i, src in enumerate(cells)],
+          "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                      "name": "python3"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    body = json.dumps({"type": "notebook", "format": "json", "content": nb}).encode()
+    req = urllib.request.Request(f"{base}/api/contents/{name}?token={token}", data=body,
+                                 method="PUT", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:  # loopback only
+        assert resp.status in (200, 201), resp.status
+
+
+def test_interrupting_the_wait_leaves_the_devices_training_and_the_session_finishing(
+        lab, tmp_path):
+    """Run All, then JupyterLab's interrupt (the Stop button's command) while the cell runs
+    ``session.wait()``: that cell ends with a KeyboardInterrupt saying the session is still
+    running; the session is still running, finishes all three rounds, and both devices end
+    ``finished`` with exit code 0 (not killed by SIGINT)."""
+    from playwright.sync_api import sync_playwright
+
+    base, token = lab
+    _upload_notebook(base, token, INTERRUPT_NAME, _INTERRUPT_CELLS)
+    waiting = 4
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                    args=CHROMIUM_ARGS)
+        try:
+            page = _open_and_run_all(
+                browser, f"{base}/lab/workspaces/interrupt/tree/{INTERRUPT_NAME}"
+                f"?token={token}", INTERRUPT_NAME)
+            deadline = time.monotonic() + RUN_TIMEOUT
+            state: dict = {}
+            while time.monotonic() < deadline:  # every cell before the wait has run
+                state = page.evaluate(FAILING_STATE_JS)
+                if all(isinstance(c, int) for c in state["counts"][:waiting]):
+                    break
+                if state["kernel"] == "idle" and state["running"] == 0 and any(
+                        state["counts"]):  # Run All stopped before the wait
+                    _dump(page, tmp_path, "interrupt-failed.png")
+                    pytest.fail(f"a cell before the wait failed: {state['errors']}")
+                time.sleep(1)
+            else:
+                _dump(page, tmp_path, "interrupt-timeout.png")
+                pytest.fail(f"the cells before the wait did not run: {state}")
+            time.sleep(1)  # let the kernel enter session.wait() (no output to watch for)
+            page.evaluate("() => window.jupyterapp.commands.execute("
+                          "'notebook:interrupt-kernel')")
+            while time.monotonic() < deadline:  # Run All stops at the interrupted cell
+                state = page.evaluate(FAILING_STATE_JS)
+                if (state["kernel"] == "idle" and state["running"] == 0
+                        and state["counts"][waiting] is not None):
+                    break
+                time.sleep(1)
+            else:
+                _dump(page, tmp_path, "interrupt-timeout.png")
+                pytest.fail(f"the interrupted wait did not end: {state}")
+            page.evaluate(f"""() => {{
+                const w = window.jupyterapp.shell.currentWidget;
+                w.content.activeCellIndex = {waiting + 1};
+                window.jupyterapp.commands.execute('notebook:run-all-below'); }}""")
+            while time.monotonic() < deadline:
+                state = page.evaluate(FAILING_STATE_JS)
+                if (state["kernel"] == "idle" and state["running"] == 0
+                        and state["counts"][-1] is not None):
+                    break
+                time.sleep(1)
+            else:
+                _dump(page, tmp_path, "interrupt-timeout.png")
+                pytest.fail(f"the cells after the interrupt did not run: {state}")
+            _dump(page, tmp_path, "interrupt.png")
+        finally:
+            browser.close()
+    interrupted = state["errors"][waiting] or state["outputs"][waiting]
+    assert "KeyboardInterrupt" in interrupted and "still running" in interrupted, interrupted
+    out = state["outputs"][-1]
+    assert "AFTER-INTERRUPT running" in out, out  # the session did not die with the wait
+    assert "FINAL finished 3" in out, out
+    assert "DEVICES finished,finished 0,0" in out, out  # not "killed by SIGINT"

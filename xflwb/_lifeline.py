@@ -13,6 +13,12 @@ handler is in place. Two mechanisms then end it gracefully, through that very ha
   parent *process* is really gone, never a bare SIGTERM.
 * Everywhere: a daemon thread polling the parent every second.
 
+The launcher starts its children in their own session (``start_new_session=True``), so the
+SIGINT a notebook's Stop button sends to the kernel's process group stops only the kernel's
+wait, never a session or a phone; the lifeline, which watches the parent's pid and not the
+process group, still ends them when the kernel dies. ``reap`` collects a child's exit
+status once it exits, so no ``<defunct>`` entry lingers under a long-lived kernel.
+
 Standard library only: server, devices and simulation import it; it imports none of them.
 """
 
@@ -36,12 +42,46 @@ _PDEATH_SIGNAL = getattr(signal, "SIGUSR2", None)
 _lock = threading.Lock()
 _state: dict[str, Any] = {"parent": None, "direct": False, "fired": False, "grace": 10.0}
 
+#: children ``reap`` watches until they exit (``Popen`` objects; keyed by id: unhashable-safe)
+_reaped: dict[int, Any] = {}
+_reaper: dict[str, threading.Thread | None] = {"thread": None}
+
 
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a child that must not outlive this process."""
     out = dict(os.environ if env is None else env)
     out[ENV] = str(os.getpid())
     return out
+
+
+def reap(proc: Any, every: float = 0.5) -> None:
+    """Collect ``proc``'s (a ``subprocess.Popen``) exit status as soon as it exits.
+
+    Its owner keeps the ``Popen`` (to read its exit code, to stop it), so Python never
+    reaps it for us; an exited child nobody waits for stays a zombie. One daemon thread
+    polls every watched child (``Popen.poll`` is safe beside a concurrent ``wait``: both
+    take the object's own lock) and ends once none is left. Hand-written rather than a
+    SIGCHLD handler, which would steal other libraries' children from their ``wait``."""
+    with _lock:
+        _reaped[id(proc)] = proc
+        thread = _reaper["thread"]
+        if thread is not None and thread.is_alive():
+            return
+
+        def loop() -> None:
+            while True:
+                time.sleep(every)
+                with _lock:
+                    for key, p in list(_reaped.items()):
+                        with contextlib.suppress(Exception):
+                            if p.poll() is not None:
+                                del _reaped[key]
+                    if not _reaped:
+                        _reaper["thread"] = None
+                        return
+
+        _reaper["thread"] = threading.Thread(target=loop, name="xflwb-reaper", daemon=True)
+        _reaper["thread"].start()
 
 
 def parent_gone() -> bool:

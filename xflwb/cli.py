@@ -188,9 +188,11 @@ def cmd_device(args: argparse.Namespace) -> int:
     import signal
 
     from xflwb import _lifeline
+    from xflwb._plain_logs import plain_logs
     from xflwb.devices.device import TOKEN_ENV, Device
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    plain_logs()  # its output is a log file: no colour codes
     from xflwb.devices.partition import device_data
 
     try:
@@ -268,7 +270,8 @@ def _follow(session: Any, rounds: int, args: argparse.Namespace, command: str,
                                progress=not args.no_progress)
     except (TimeoutError, KeyboardInterrupt) as exc:
         session.stop()  # this command started it: it does not outlive the command
-        print(f"xflwb {command}: error: {str(exc) or 'interrupted'}; stopped {what} "
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        print(f"xflwb {command}: error: {why}; stopped {what} "
               f"{session.id}", file=sys.stderr)
         return 1
     if status != "finished":

@@ -287,10 +287,17 @@ class XflServerMagics(Magics):
             if wb is not None and wb.running:
                 print(f"already running at {wb.url}")
                 return wb
-            from xflwb.workbench import tls_from_options
+            from xflwb.workbench import Workbench, tls_from_options
 
+            options = given(args, BackendOptions)
+            running = Workbench.running_for(options.get("data_dir", BackendOptions.data_dir))
+            if running is not None:  # one backend per data dir: this kernel's, attached
+                XflServerMagics.workbench = running
+                self.shell.user_ns["xfl_wb"] = running
+                print(f"attached to the backend this kernel already runs at {running.url} "
+                      f"for {running.data_dir} (as `xfl_wb`)")
+                return running
             with _failing_as("%xfl_server"):
-                options = given(args, BackendOptions)
                 tls = tls_from_options(TLSOptions(**given(args, TLSOptions)),
                                        options.get("host", BackendOptions.host))
                 wb = xflwb.Workbench(tls=tls, **options).start()
@@ -391,8 +398,14 @@ class XflServerMagics(Magics):
         return session
 
 
+def mask_token(token: str) -> str:
+    """``…a1b2``: enough to tell tokens apart, never enough to use one (a notebook's
+    outputs are saved, shared and committed)."""
+    return f"…{token[-4:]}" if len(token) >= 16 else "…"
+
+
 def status_html(wb: Any, fleets: list[Any]) -> str:
-    """URL, admin token, sessions, devices and a QR code a phone can scan for the URL."""
+    """URL, masked admin token, sessions, devices and a QR code a phone can scan for the URL."""
     import html
 
     import segno
@@ -409,7 +422,8 @@ def status_html(wb: Any, fleets: list[Any]) -> str:
                        for w in getattr(wb, "security_warnings", []))
     disk = html.escape("\n".join(wb.disk_usage().lines()))
     return (f"<div><b>xflwb backend</b> at <code>{html.escape(wb.url)}</code> — admin token "
-            f"<code>{html.escape(wb.admin_token)}</code>, {len(wb.session_table)} session(s), "
+            f"<code>{html.escape(mask_token(wb.admin_token))}</code> (whole: "
+            f"<code>xfl_wb.admin_token</code>), {len(wb.session_table)} session(s), "
             f"{devices} virtual device(s)<br/>{security}{warnings}<br/><b>disk</b>"
             f"<pre style='margin:0'>{disk}</pre>{qr}</div>")
 

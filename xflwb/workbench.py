@@ -12,6 +12,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,16 @@ import pandas as pd
 from xflwb import _options
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import FleetOptions
+from xflwb.server.backend_lock import BackendLock
+from xflwb.server.backend_lock import BackendRunning as BackendRunning  # public: start raises
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
 from xflwb.server.registry import Registry
 from xflwb.server.session import DONE as DONE  # public: statuses a session ends in
 from xflwb.server.session import Session, SessionManager, started_from
 from xflwb.simulation.config import SimulationConfig
+
+#: the running workbenches of this process by data directory (weak: a dropped one goes)
+_LIVE: weakref.WeakValueDictionary[str, Workbench] = weakref.WeakValueDictionary()
 
 
 def reachable_host(host: str) -> str:
@@ -103,6 +109,7 @@ class Workbench:
         self._sock: socket.socket | None = None
         self._fleets: list[Any] = []
         self._fleet_count = 0
+        self._lock = BackendLock(self.data_dir)
 
     # -- lifecycle ---------------------------------------------------------------------------
     @property
@@ -118,13 +125,26 @@ class Workbench:
         return f"{scheme}://{reachable_host(self.host)}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Workbench:
+        """Serve the data directory; raises ``BackendRunning`` (an ``OSError``) with the
+        running backend's URL and pid when another workbench already serves it (in this
+        process or another; ``Workbench.running_for(data_dir)`` finds one in this
+        process)."""
+        if self.running:
+            return self
+        # one backend per data directory: a second start is refused with the first's URL
+        self._lock.acquire()
+        try:
+            return self._serve(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _serve(self, timeout: float) -> Workbench:
         import uvicorn
 
         from xflwb.server.app import AppState, create_app
         from xflwb.server.http.timeouts import timed_protocol
 
-        if self.running:
-            return self
         self.registry = Registry(self.data_dir, self.db_url)
         self.sessions = SessionManager(self.registry, host=self.host, security={
             "tls": self.tls.as_list() if self.tls else None, "device_auth": self.device_auth})
@@ -159,10 +179,18 @@ class Workbench:
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
                 raise RuntimeError("the HTTP server did not start")
             time.sleep(0.02)
+        self._lock.publish(self.url)
+        _LIVE[str(self.data_dir.resolve())] = self
         return self
+
+    @staticmethod
+    def running_for(data_dir: str | os.PathLike[str]) -> Workbench | None:
+        """The workbench of this process serving ``data_dir``, if one runs (so a second
+        ``%xfl_server start`` attaches to it)."""
+        wb = _LIVE.get(str(Path(data_dir).resolve()))
+        return wb if wb is not None and wb.running else None
 
     def stop(self) -> None:
         """Stop every session process and the HTTP server."""
@@ -179,6 +207,9 @@ class Workbench:
         if self.registry is not None:
             self.registry.close()
         self._server = self._thread = self._sock = None
+        if _LIVE.get(str(self.data_dir.resolve())) is self:
+            del _LIVE[str(self.data_dir.resolve())]
+        self._lock.release()  # last: a new start may serve the directory from now on
 
     def __enter__(self) -> Workbench:
         return self.start()

@@ -4,7 +4,8 @@ A process per device keeps phones independent like real ones: one can be killed 
 without touching the others, and the TFLite interpreter / Core ML executor of each runs in
 its own interpreter. Each device writes its status to a JSON file the fleet reads; the file
 carries the fleet's run id, so a fleet never shows another run's (another kernel's) devices.
-Devices end with the process that started them (``xflwb._lifeline``).
+Devices end with the process that started them (``xflwb._lifeline``), and run in their own
+session, so an interrupt of the kernel (JupyterLab's Stop) does not reach them.
 """
 
 from __future__ import annotations
@@ -172,9 +173,13 @@ class Fleet:
                 env = {**env, TOKEN_ENV: self._tokens[k]}
             log = open(self._log_file(device_id), "ab")  # noqa: SIM115
             self._log_start[device_id] = log.tell()
-            self.procs[device_id] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                                     stderr=subprocess.STDOUT, env=env)
+            # its own session: the notebook's Stop (SIGINT to the kernel's process group)
+            # must not kill the phones; the lifeline still ends them with the kernel
+            self.procs[device_id] = proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                start_new_session=True)
             log.close()
+            _lifeline.reap(proc)  # no <defunct> entry once it exits
         return self
 
     # -- views ------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
     from xflwb.server.manager import SessionManager
 
 
+#: what an interrupted ``wait`` says (the session and its devices carry on)
+STILL_RUNNING = ("session {id} is still running (only the wait was interrupted); "
+                 "session.stop() (or wb.session({id}).stop()) stops it")
+
+
 class Session:
     """The notebook's handle on one session (state lives in the registry)."""
 
@@ -89,15 +94,19 @@ class Session:
         """Block until the session ends; returns its final status (``failed`` carries the
         reason in ``session.error``). After ``timeout`` seconds raises ``SessionTimeout``
         (a ``TimeoutError``) saying what the session is waiting for and the last device
-        errors."""
+        errors. Interrupted (JupyterLab's Stop), it raises ``KeyboardInterrupt`` saying the
+        session is still running: only the wait stops."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            status = self.status
-            if status in DONE:
-                return status
-            if deadline is not None and time.monotonic() > deadline:
-                raise SessionTimeout(self.explain(after=timeout))
-            time.sleep(poll)
+        try:
+            while True:
+                status = self.status
+                if status in DONE:
+                    return status
+                if deadline is not None and time.monotonic() > deadline:
+                    raise SessionTimeout(self.explain(after=timeout))
+                time.sleep(poll)
+        except KeyboardInterrupt:  # the notebook's Stop: its processes never see the SIGINT
+            raise KeyboardInterrupt(STILL_RUNNING.format(id=self.id)) from None
 
     @property
     def error(self) -> str | None:

@@ -96,7 +96,9 @@ class SessionManager:
 
     def _launch(self, sid: int, module: str, wait_ready: float) -> Session:
         # a fresh interpreter (not multiprocessing): no re-import of the caller's __main__,
-        # so scripts without a main guard work too; its log goes to data_dir/logs
+        # so scripts without a main guard work too; its log goes to data_dir/logs. Its own
+        # session: the notebook's Stop (SIGINT to the kernel's process group) does not
+        # reach it, and stop() ends its Ray processes with os.killpg on that group
         try:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with open(self.log_dir / f"session-{sid}.log", "ab") as logf:
@@ -110,6 +112,7 @@ class SessionManager:
                                          error=f"could not launch its process: {exc}")
             raise RuntimeError(f"session {sid} could not launch its process: {exc}") from exc
         self._procs[sid] = proc
+        _lifeline.reap(proc)  # no <defunct> entry once it exits (its exit code stays readable)
         self.registry.update_session(sid, pid=proc.pid)
         session = Session(self, sid)
         deadline = time.monotonic() + wait_ready

@@ -104,9 +104,13 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
 def process_logger(label: str) -> logging.Logger:
     """The ``xflwb`` logger of a session or simulation process, labelled in its log file.
 
-    Flower logs through its own handler; xflwb's loggers get one too (no root config)."""
+    Flower logs through its own handler (its colours off: the log is a file); xflwb's
+    loggers get one too (no root config)."""
+    from xflwb._plain_logs import PlainFormatter, plain_logs
+
+    plain_logs()
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(f"%(asctime)s {label} %(name)s: %(message)s"))
+    handler.setFormatter(PlainFormatter(f"%(asctime)s {label} %(name)s: %(message)s"))
     xlog = logging.getLogger("xflwb")
     xlog.addHandler(handler)
     xlog.setLevel(logging.INFO)
