@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from xflwb.bridge import export as bridge_export
+from xflwb.bridge.export import ExportResult, build_export, issue
+from xflwb.bridge.export import export as bridge_export
 from xflwb.bridge.health import ExportWarning
 
 
@@ -33,12 +34,12 @@ def data_type_warning(manifest: dict[str, Any]) -> str | None:
     return None
 
 
-@functools.wraps(bridge_export.export)
-def export(model: Any, name: str, **options: Any) -> bridge_export.ExportResult:
-    res, pending = bridge_export.build_export(model, name, **options)
+@functools.wraps(bridge_export)
+def export(model: Any, name: str, **options: Any) -> ExportResult:
+    res, pending = build_export(model, name, **options)
     msg = data_type_warning(res.manifest)
     if msg:
         pending.append((ExportWarning, msg))
         res.warnings.append(msg)
-    bridge_export.issue(pending, stacklevel=2)  # the caller of xflwb.export
+    issue(pending, stacklevel=2)  # the caller of xflwb.export
     return res
