@@ -170,7 +170,8 @@ def test_transfer_report_collapses_the_backbone(transfer_export):
     """The shared transfer export (MobileNetV2 with real statistics): no warning, and the
     backbone is one expandable row; the report stays a few kB."""
     model, res = transfer_export
-    assert res.warnings == []
+    # only the note that iOS freezes the adapter: the backbone passes its signal
+    assert [w[:12] for w in res.warnings] == ["iOS freezes "], res.warnings
     page = res._repr_html_()
     assert len(page) < 6500, len(page)  # ~22k characters before
     backbone = model.layers[1]
