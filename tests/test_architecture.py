@@ -14,7 +14,8 @@ file, the line and the arrow. Layers, low to high:
    ``SessionManager.start_engine``), and a device never imports the server (it only speaks
    the wire protocol, through ``xflwb.flower_legacy``).
 2. **public API**: ``xflwb.workbench``, ``xflwb.experiment``, ``xflwb.admin`` (a backend's
-   admin API from another process).
+   admin API from another process), ``xflwb.exporting`` (``xflwb.export``: the bridge's
+   export plus the data-type check against the devices' datasets).
 3. **front-ends**: ``xflwb.widgets``, ``xflwb.magics``, ``xflwb.cli``, ``xflwb.demo``,
    ``xflwb.__main__``, and the package facade ``xflwb`` itself: it re-exports the
    dashboard and registers the magics, so it sits on top and nothing below may import it.
@@ -40,7 +41,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xflwb"
 LAYERS: dict[str, int] = {
     "bridge": 0, "flower_legacy": 0, "style": 0,  # and every private ``_*`` room
     "server": 1, "devices": 1, "simulation": 1,
-    "workbench": 2, "experiment": 2, "admin": 2,
+    "workbench": 2, "experiment": 2, "admin": 2, "exporting": 2,
     "widgets": 3, "magics": 3, "cli": 3, "demo": 3, "__main__": 3, "": 3,
 }
 LAYER_NAMES = ("base", "engines", "public API", "front-ends")

@@ -8,6 +8,7 @@ The model/data mismatches here get past the pre-start check on purpose (it refus
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import subprocess
@@ -118,6 +119,10 @@ def test_phone_session_whose_every_device_fails_fails_with_their_errors(tmp_path
     res = xflwb.export(mlp, name="mlp64", data_type="digits", out_dir=tmp_path / "e")
     with xflwb.Workbench(data_dir=tmp_path / "x", port=0) as wb:
         wb.publish(res)
+        # the kernel drops the export, as a backend serving another process's export would
+        # see it: Fleet.start below would otherwise refuse the mismatch up front (issue 21)
+        del res
+        gc.collect()
         session = wb.train("mlp64", rounds=2, min_clients=2, round_timeout=120)
         # nobody connected yet: the timeout says what the session waits for
         _until(lambda: session.progress.get("phase") == "waiting", "the session to wait")

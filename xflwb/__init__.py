@@ -17,13 +17,15 @@ from typing import Any
 from xflwb import _quiet  # noqa: F401  (isort keeps it first: "xflwb" < "xflwb.bridge")
 from xflwb._options import OptionError, UnknownOptionError
 from xflwb.admin import AdminClient
-from xflwb.bridge.export import DropoutWarning, ExportResult, export
+from xflwb.bridge.export import DropoutWarning, ExportResult
 from xflwb.bridge.graph import ExportError
+from xflwb.bridge.health import ExportWarning
 from xflwb.bridge.manifest import ManifestError
 from xflwb.bridge.optim import SGD, Adam
 from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import Fleet
+from xflwb.exporting import export
 from xflwb.server.config import SessionConfig
 from xflwb.server.fedbuff import FedBuff
 from xflwb.server.privacy import DP
@@ -54,6 +56,7 @@ __all__ = [
     "DropoutWarning",
     "ExportError",
     "ExportResult",
+    "ExportWarning",
     "FedBuff",
     "Fleet",
     "ManifestError",

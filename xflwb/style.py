@@ -283,18 +283,19 @@ def _isna(v: Any) -> bool:
         return False
 
 
-def table_html(df: pd.DataFrame, fmt: Any = cell_text) -> str:
+def table_html(df: pd.DataFrame, fmt: Any = cell_text, escape: bool = True) -> str:
     """``df`` as an HTML table with :data:`TABLE_CSS` (borders, padding, a shaded header;
     columns of numbers right-aligned as ``class='num'``, text left): the one table look of
     the dashboard widgets, ``xflwb.report`` and the export report. ``fmt`` turns a value
-    into its text (a missing value: blank, never NaN/None)."""
+    into its text (a missing value: blank, never NaN/None); ``escape=False`` when the
+    cells are HTML already."""
     columns = [str(c) for c in df.columns]
     cells = [[fmt(v) for v in row] for row in df.itertuples(index=False, name=None)]
     num = [" class='num'" if any(r[j] for r in cells) and all(
         not r[j] or _NUMERIC.fullmatch(r[j]) for r in cells) else ""
         for j in range(len(columns))]
     head = "".join(f"<th{num[j]}>{html.escape(c)}</th>" for j, c in enumerate(columns))
-    body = "".join("<tr>" + "".join(f"<td{num[j]}>{html.escape(text)}</td>"
+    body = "".join("<tr>" + "".join(f"<td{num[j]}>{html.escape(text) if escape else text}</td>"
                                     for j, text in enumerate(row)) + "</tr>" for row in cells)
     return (f"{TABLE_CSS}<table class='xflwb-table'><thead><tr>{head}</tr></thead>"
             f"<tbody>{body}</tbody></table>")

@@ -303,7 +303,7 @@ class Workbench:
         process starts; ``train`` checks a model published later.
         """
         from xflwb.devices.datasets import check_compatible
-        from xflwb.devices.fleet import Fleet, new_run_id
+        from xflwb.devices.fleet import Fleet, check_spawn, new_run_id
 
         _options.unknown((FleetOptions, DeviceOptions), options, "wb.spawn_devices")
         spec = FleetOptions(**{k: v for k, v in options.items()
@@ -318,6 +318,7 @@ class Workbench:
             found = reg.advertised(data_type or dataset, platform) if count else None
             if found is not None:
                 check_compatible(found[0]["manifest"], dataset)
+        check_spawn(dataset, data_type or dataset)  # an export not published yet
         self._fleet_count += 1
         first = 1000 * self._fleet_count + 1
         # a fresh directory per spawn: a new kernel's fleet never reads an older one's files

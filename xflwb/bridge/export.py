@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +24,12 @@ import pandas as pd
 from xflwb._quiet import quiet
 from xflwb.bridge import coreml as coreml_builder
 from xflwb.bridge import graph as graph_mod
+from xflwb.bridge import health, params
 from xflwb.bridge import manifest as manifest_mod
-from xflwb.bridge import params
 from xflwb.bridge import parity as parity_mod
 from xflwb.bridge import tflite as tflite_builder
 from xflwb.bridge.graph import ExportError
+from xflwb.bridge.health import ExportWarning
 from xflwb.bridge.optim import resolve_optimizer
 from xflwb.bridge.params import PLATFORMS
 
@@ -118,8 +120,10 @@ def layer_table(graph: graph_mod.ModelGraph, plans: dict[str, dict[str, tuple[st
     """The trainability plan as a table: one row per layer, one column per platform."""
     rows = []
     for n in graph.nodes:
+        # every weight, frozen ones too (Keras' count): a frozen conv is not "0 parameters"
         row = {"layer": n.name, "type": n.keras_class, "output_shape": str(n.out_shape),
-               "params": sum(int(np.prod(graph.parameters[i]["shape"])) for i in n.params)}
+               "params": sum(int(np.prod(w.shape)) for w in getattr(n.layer, "weights", [])),
+               "frozen": n.frozen}
         for p in PLATFORMS:
             if p not in plans:
                 row[p] = "-"
@@ -130,7 +134,7 @@ def layer_table(graph: graph_mod.ModelGraph, plans: dict[str, dict[str, tuple[st
             row[p] = status
             row[f"{p}_why"] = why
         rows.append(row)
-    cols = ["layer", "type", "output_shape", "params"]
+    cols = ["layer", "type", "output_shape", "params", "frozen"]
     for p in PLATFORMS:
         cols += [p] + ([f"{p}_why"] if p in plans else [])
     return pd.DataFrame(rows, columns=cols)
@@ -154,19 +158,63 @@ def export(model: Any, name: str, *, data_type: str | None = None,
     Raises ``ExportError`` naming every layer a platform cannot handle, and
     ``ParityError`` when the artifacts disagree with Keras beyond 1e-4 (unless
     ``strict=False``, which keeps the export and reports the failure in ``res.parity``).
+    Warns (``ExportWarning``, also listed in the report) when the model cannot learn: a
+    frozen backbone whose output is constant on a probe batch, or one training step that
+    leaves the loss where it was. ``xflwb.export`` also warns when ``data_type`` names a
+    registered dataset the model cannot train on.
 
     TensorFlow's and the converter's log lines are hidden (``verbose=True`` shows them;
     ``None`` follows ``XFLWB_VERBOSE``); a failed conversion's error carries its log.
     """
+    res, pending = build_export(model, name, data_type=data_type, out_dir=out_dir, loss=loss,
+                                optimizer=optimizer, batch_size=batch_size, epochs=epochs,
+                                platforms=platforms, strict=strict,
+                                check_parity=check_parity, ios_training=ios_training,
+                                verbose=verbose)
+    issue(pending, stacklevel=2)  # the caller of export()
+    return res
+
+
+#: warnings an export found, issued by whoever called it (so they point at the user's line)
+Pending = list[tuple[type[Warning], str]]
+
+
+def issue(pending: Pending, stacklevel: int) -> None:
+    """Issue ``pending``; ``stacklevel`` as ``warnings.warn`` counts from issue's caller."""
+    for category, message in pending:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
+
+
+#: the latest export of this process per data type, while the caller holds it: a fleet
+#: spawned in this kernel checks its dataset against it before it is even published
+_LATEST: weakref.WeakValueDictionary[str, ExportResult] = weakref.WeakValueDictionary()
+
+
+def latest_export(data_type: str) -> ExportResult | None:
+    """The newest export for ``data_type`` this process made and still holds, if any."""
+    return _LATEST.get(data_type)
+
+
+def build_export(model: Any, name: str, *, data_type: str | None = None,
+                 out_dir: str | os.PathLike[str] = "artifacts",
+                 loss: str = "categorical_crossentropy", optimizer: Any = None,
+                 batch_size: int = 32, epochs: int = 1,
+                 platforms: Sequence[str] | str = PLATFORMS,
+                 strict: bool = True, check_parity: bool = True,
+                 ios_training: str = "auto", verbose: bool | None = None
+                 ) -> tuple[ExportResult, Pending]:
+    """``export`` without issuing its warnings: returns them, for the caller to issue."""
     with quiet(verbose):
-        return _export(model, name, data_type, out_dir, loss, optimizer, batch_size, epochs,
-                       platforms, strict, check_parity, ios_training)
+        res, pending = _export(model, name, data_type, out_dir, loss, optimizer, batch_size,
+                               epochs, platforms, strict, check_parity, ios_training)
+    _LATEST[str(res.manifest["data_type"])] = res
+    return res, pending
 
 
 def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.PathLike[str],
             loss: str, optimizer: Any, batch_size: int, epochs: int,
             platforms: Sequence[str] | str, strict: bool, check_parity: bool,
-            ios_training: str) -> ExportResult:
+            ios_training: str) -> tuple[ExportResult, Pending]:
     t0 = time.perf_counter()
     loss, plats = _check_args(name, loss, batch_size, epochs, platforms)
     if ios_training not in coreml_builder.IOS_TRAINING:
@@ -192,10 +240,11 @@ def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.Path
     if "ios" in plats:
         ios_build = coreml_builder.build(graph, loss, opt, batch_size, epochs, ios_training)
     notes: list[str] = []
+    pending: Pending = []
     if graph.has_dropout and "ios" in plats:
         msg = ("model uses Dropout; Core ML has no dropout layer, so iOS trains without it "
                "(Keras/Android training differs from iOS training)")
-        warnings.warn(msg, DropoutWarning, stacklevel=3)  # the caller of export()
+        pending.append((DropoutWarning, msg))
         notes.append(msg)
     plans = {"android": _android_plan(graph)} if "android" in plats else {}
     if ios_build is not None:
@@ -217,10 +266,14 @@ def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.Path
                    epochs, plats, classes, ios_build, plans, ios_training)
         m["_dir"] = str(stage.resolve())
         report = pd.DataFrame(columns=parity_mod.COLUMNS)
+        keras_rt = _keras_runtime(m)
         if check_parity:
-            report = run_parity(m, graph, plats)
+            report = run_parity(m, graph, plats, keras_rt)
             if strict:
                 parity_mod.assert_ok(report)
+        for msg in learning_warnings(m, graph, keras_rt):
+            pending.append((ExportWarning, msg))
+            notes.append(msg)
         # claim the next version atomically: rename fails if another export took it
         while True:
             version = next_version(root)
@@ -244,7 +297,28 @@ def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.Path
     for p in plats:
         paths[p] = final / m["platforms"][p]["file"]
     return ExportResult(name, version, final.resolve(), paths, m, report,
-                        layer_table(graph, plans), notes, time.perf_counter() - t0)
+                        layer_table(graph, plans), notes, time.perf_counter() - t0), pending
+
+
+def _keras_runtime(m: dict[str, Any]) -> Any:
+    from xflwb.bridge import runtime
+
+    return runtime.load(m, "keras")
+
+
+def learning_warnings(m: dict[str, Any], graph: graph_mod.ModelGraph,
+                      keras_rt: Any) -> list[str]:
+    """Can the model learn? A constant frozen backbone, a loss one step cannot move."""
+    x, y = parity_mod.sample_data(m)
+    out = []
+    backbone = health.constant_backbone(graph, x)
+    if backbone:
+        out.append(backbone)
+    before, after = parity_mod.loss_step(keras_rt, x, y)
+    still = health.still_loss(before, after, float(m["optimizer"].get("learning_rate", 0)))
+    if still:
+        out.append(still)
+    return out
 
 
 def _plan_rows(plan: dict[str, tuple[str, str]], graph: graph_mod.ModelGraph
@@ -333,12 +407,12 @@ def _unfinalise(stage: Path, m: dict[str, Any], plats: tuple[str, ...]) -> None:
 
 
 def run_parity(m: dict[str, Any], graph: graph_mod.ModelGraph,
-               plats: tuple[str, ...]) -> pd.DataFrame:
+               plats: tuple[str, ...], keras_rt: Any = None) -> pd.DataFrame:
     """Parity of every platform against Keras trained with *that platform's* plan."""
     from xflwb.bridge import runtime
     from xflwb.bridge.runtime.keras import KerasRuntime
 
-    runtimes = {"keras": runtime.load(m, "keras")}
+    runtimes = {"keras": keras_rt if keras_rt is not None else runtime.load(m, "keras")}
     for p in plats:
         runtimes[p] = runtime.load(m, p)
     references: dict[str, Any] = {}

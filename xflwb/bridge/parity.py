@@ -140,3 +140,16 @@ def assert_ok(report: pd.DataFrame) -> None:
                  for r in bad.itertuples()]
         raise ParityError("parity failed:\n  " + "\n  ".join(lines)
                           + "\n(pass strict=False to keep the export anyway)", report)
+
+
+def loss_step(rt: Runtime, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """The loss on ``(x, y)`` before and after one full-batch training step; ``rt``'s
+    parameters are restored (export reuses parity's Keras runtime: no second copy)."""
+    start = rt.canonical_parameters()
+    try:
+        before = rt.evaluate(x, y)[0]
+        rt.fit(x, y, epochs=1, batch_size=len(x), shuffle=False)
+        after = rt.evaluate(x, y)[0]
+    finally:
+        rt.set_canonical_parameters(start)
+    return float(before), float(after)

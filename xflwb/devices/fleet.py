@@ -70,6 +70,27 @@ def exit_reason(returncode: int, log_text: str) -> str:
     return f"exited with code {returncode}: {line}" if line else f"exited with code {returncode}"
 
 
+def check_spawn(dataset: str, data_type: str) -> None:
+    """Refuse devices whose dataset the model this process exported for ``data_type`` cannot
+    train on: unpublished, no backend knows it yet, and the devices would wait forever.
+
+    The export is the one this process made last for ``data_type`` and still holds (see
+    ``xflwb.bridge.export.latest_export``); a process that exported nothing has none.
+    """
+    exporter = sys.modules.get("xflwb.bridge.export")  # no export imported: none made
+    res = exporter.latest_export(data_type) if exporter is not None else None
+    if res is None:
+        return
+    from xflwb.devices.datasets import IncompatibleData, check_compatible
+
+    try:
+        check_compatible(res.manifest, dataset)
+    except IncompatibleData as exc:
+        raise IncompatibleData(
+            f"{exc} (model {res.name!r} v{res.version} was exported in this process for "
+            f"data type {data_type!r}; no device was started)") from None
+
+
 @_options.declared  # unknown keywords: did you mean
 @dataclass
 class FleetOptions:
@@ -154,6 +175,7 @@ class Fleet:
         return ""
 
     def start(self) -> Fleet:
+        check_spawn(self.dataset, self.data_type)
         n = len(self.platforms)
         for k, (device_id, platform) in enumerate(zip(self.ids, self.platforms, strict=True)):
             cmd = [sys.executable, "-m", "xflwb", "device", "--backend", self.url,
