@@ -1,10 +1,11 @@
-"""Write the README's option tables from the one declaration of each option set.
+"""Write the docs' option tables from the one declaration of each option set.
 
-    python scripts/options_tables.py            # rewrite README.md's tables in place
-    python scripts/options_tables.py --check    # exit 1 if they are stale (the tests do this)
+    python scripts/options_tables.py            # rewrite the tables in place
+    python scripts/options_tables.py --check    # exit 1 if any is stale (the tests do this)
 
-A table sits between ``<!-- options:NAME -->`` and ``<!-- /options -->``; NAME is a key of
-``SETS``.
+A table sits between ``<!-- options:NAME -->`` and ``<!-- /options -->`` in any of
+``PAGES`` (docs/options.md holds them all; README.md is still processed so a marker
+added there is never left stale); NAME is a key of :func:`sets`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import re
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+#: the pages whose marked tables are generated
+PAGES = (ROOT / "docs" / "options.md", ROOT / "README.md")
 _BLOCK = re.compile(r"(<!-- options:(\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
 
 
@@ -31,15 +34,15 @@ def sets() -> dict[str, type]:
                                     FedBuff)}
 
 
-def render(text: str) -> str:
-    """``text`` with every marked table regenerated."""
+def render(text: str, page: str = "README.md") -> str:
+    """``text`` (of ``page``, named in errors) with every marked table regenerated."""
     from xflwb._options import markdown_table
 
     known = sets()
 
     def table(m: re.Match[str]) -> str:
         if m.group(2) not in known:
-            raise KeyError(f"README marks an unknown option set {m.group(2)!r}; known: "
+            raise KeyError(f"{page} marks an unknown option set {m.group(2)!r}; known: "
                            f"{sorted(known)}")
         return m.group(1) + markdown_table(known[m.group(2)]) + "\n" + m.group(4)
 
@@ -47,15 +50,22 @@ def render(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = README.read_text()
-    fresh = render(text)
-    if "--check" in argv:
-        if fresh != text:
-            print("README.md option tables are stale: run python scripts/options_tables.py",
-                  file=sys.stderr)
-            return 1
-        return 0
-    README.write_text(fresh)
+    stale = []
+    for path in PAGES:
+        if not path.exists():
+            continue
+        text = path.read_text()
+        fresh = render(text, str(path.relative_to(ROOT)))
+        if fresh == text:
+            continue
+        if "--check" in argv:
+            stale.append(str(path.relative_to(ROOT)))
+        else:
+            path.write_text(fresh)
+    if stale:
+        print(f"option tables are stale in {', '.join(stale)}: run python "
+              "scripts/options_tables.py", file=sys.stderr)
+        return 1
     return 0
 
 

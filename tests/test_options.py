@@ -2,7 +2,7 @@
 
 The Python functions, the command line, the magics and the admin API's body are generated
 from the same dataclasses; these tests hold them to it: the same names, the same defaults,
-the same accepted and refused values, and README tables that match.
+the same accepted and refused values, and docs/options.md tables that match.
 """
 
 from __future__ import annotations
@@ -53,11 +53,11 @@ PARSERS = {
 }
 
 
-def test_readme_tables_are_generated_from_the_declarations():
+def test_docs_option_tables_are_generated_from_the_declarations():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "options_tables.py"),
                            "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "options.md").read_text()
     for cls in (SessionConfig, SimulationConfig, BackendOptions, DeviceOptions):
         assert f"<!-- options:{cls.__name__} -->" in text
         for name in _options.names(cls):

@@ -9,7 +9,7 @@ a front-end shows it. From that one declaration come
   :func:`given`),
 * the FastAPI request body (:func:`request_model`),
 * the signature and docstring of the Python functions (:func:`signature`, :func:`doc`),
-* the README's option tables (:func:`markdown_table`, checked by the tests).
+* the option tables in docs/options.md (:func:`markdown_table`, checked by the tests).
 
 Hand-written because nothing on PyPI fits all four at once: ``pydantic`` dataclasses would
 give the HTTP side only, and argparse generators (``simple-parsing``, ``tyro``) bring
@@ -453,7 +453,8 @@ def generated(*classes: type, exclude: Iterable[str] = ()
 
 # -- docs -----------------------------------------------------------------------------------------
 def markdown_table(cls: type, *, exclude: Iterable[str] = ()) -> str:
-    """The README table of ``cls``'s front options: Python name, CLI flag, default, meaning."""
+    """The docs/options.md table of ``cls``'s front options: Python name, CLI flag, default,
+    meaning."""
     skip = set(exclude)
     rows = ["| option | command line | default | takes | meaning |",
             "|---|---|---|---|---|"]

@@ -34,7 +34,7 @@ examples:
   xflwb experiment run experiments/fedavg_digits.ipynb --out runs/a -p rounds 2
 
 'xflwb COMMAND --help' describes a command's options. TensorFlow's log lines are hidden;
---verbose shows them. In a notebook: %load_ext xflwb (see the README)."""
+--verbose shows them. In a notebook: %load_ext xflwb (see docs/devices.md)."""
 
 
 def resolve_model(target: str) -> Any:
