@@ -312,3 +312,25 @@ def test_a_notebook_shows_an_option_error_as_one_line(ip, capsys, tmp_path, cell
     ip.run_cell("def _deep():\n    return 1 / 0\n_deep()")
     shown = "".join(capsys.readouterr())
     assert "ZeroDivisionError" in shown and "_deep" in shown and shown.count("\n") > 3
+
+
+def test_export_choices_suggest_the_closest_in_one_line():
+    """The export's choices (optimizer, loss, platforms, ios_training) say what was meant,
+    as the option sets do, before anything is converted."""
+    import keras
+
+    from xflwb.bridge.export import _check_args
+    from xflwb.bridge.optim import resolve_optimizer
+
+    for bad, meant in (("adma", "'adam'"), ({"type": "sdg"}, "'sgd'")):
+        with pytest.raises(ValueError, match=f"did you mean {meant}") as err:
+            resolve_optimizer(bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="did you mean 'mse'"):
+        _check_args("m", "mes", 1, 1, ("android",))
+    with pytest.raises(ValueError, match="did you mean 'android'"):
+        _check_args("m", "mse", 1, 1, ("andriod",))
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="ios_training must be one of .*did you mean"):
+        xflwb.export(model, name="m", data_type="mine", out_dir="/nonexistent-never-written",
+                     ios_training="stict")

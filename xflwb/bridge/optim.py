@@ -8,7 +8,19 @@ rendered three ways (a Keras optimizer inside the TFLite ``train`` signature, Co
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+
+
+def did_you_mean(word: object, choices: Iterable[object]) -> str:
+    """"; did you mean 'x'?" for the choice closest to ``word`` (difflib), or "". The
+    bridge's own one-liner: it imports nothing else of xflwb (the option sets use
+    ``xflwb._options`` for the same)."""
+    import difflib
+
+    close = difflib.get_close_matches(str(word).lower(), [str(c) for c in choices], n=1,
+                                      cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _check_number(owner: str, name: str, value: float, low: float, high: float,
@@ -93,14 +105,15 @@ def resolve_optimizer(optimizer: object, learning_rate: float | None = None) -> 
             return SGD(**kw)
         if kind == "adam":
             return Adam(**kw)
-        raise ValueError(f"unknown optimizer {optimizer!r}; use 'sgd', 'adam', "
-                         "xflwb.SGD(...) or xflwb.Adam(...)")
+        raise ValueError(f"unknown optimizer {optimizer!r}{did_you_mean(kind, ('sgd', 'adam'))}"
+                         " (use 'sgd', 'adam', xflwb.SGD(...) or xflwb.Adam(...))")
     if isinstance(optimizer, dict):
         data = dict(optimizer)
         kind = data.pop("type", None)
         cls = {"sgd": SGD, "adam": Adam}.get(str(kind).lower())
         if cls is None:
-            raise ValueError(f"unknown optimizer type {kind!r} in {optimizer!r}")
+            raise ValueError(f"unknown optimizer type {kind!r} in {optimizer!r}"
+                             f"{did_you_mean(kind, ('sgd', 'adam'))}")
         return cls(**data)
     raise TypeError(
         f"optimizer must be xflwb.SGD(...), xflwb.Adam(...) or 'sgd'/'adam', got "
