@@ -331,6 +331,6 @@ def test_export_choices_suggest_the_closest_in_one_line():
     with pytest.raises(ValueError, match="did you mean 'android'"):
         _check_args("m", "mse", 1, 1, ("andriod",))
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(ValueError, match="ios_training must be one of .*did you mean"):
+    with pytest.raises(ValueError, match=r"ios_training must be one of .*did you mean"):
         xflwb.export(model, name="m", data_type="mine", out_dir="/nonexistent-never-written",
                      ios_training="stict")
