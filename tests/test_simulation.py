@@ -242,7 +242,7 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shar
            str(tmp_path / "d"), "--out", str(out), "--ray-address", shared_ray]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "finished, round 2" in proc.stdout and "android" in proc.stdout
+    assert "finished, round 2 (finished all 2 rounds)" in proc.stdout and "android" in proc.stdout
     assert re.search(r"round: 100%.*2/2", proc.stderr), proc.stderr[-2000:]  # tqdm bar
     assert not re.search(r"^\s*(all|android|ios)\s.*\d\.0\b", proc.stdout, re.MULTILINE), \
         proc.stdout  # counts print as integers, not 2.0
