@@ -16,6 +16,10 @@ LONG_FIRST = (
     "tests/test_demo.py", "tests/test_devices.py", "tests/test_lifeline.py",
     "tests/test_browser.py", "tests/test_transfer_fleet.py", "tests/test_failures.py",
     "tests/test_models.py", "notebooks/05-transfer-learning.ipynb", "tests/test_privacy.py",
+    # issue 20/21 files with real processes (sessions, Ray, devices, an HTTP server)
+    "tests/test_checkpoints.py", "tests/test_interrupt.py", "tests/test_privacy_lineage.py",
+    "tests/test_tracking.py", "tests/test_http_limits.py", "tests/test_revocation.py",
+    "tests/test_export_warnings.py", "tests/test_dashboard.py",
 )
 
 
