@@ -52,6 +52,32 @@ def test_cli_server_serves_and_stops_on_sigterm(export, tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err[-2000:]
     assert "stopped" in out
+    assert "(admin token: …, as given)" in "".join(lines)  # never printed whole
+    assert not (tmp_path / "d" / "admin_token").exists()  # a given token stays where it was
+
+
+def test_cli_server_keeps_a_generated_admin_token_in_a_private_file(tmp_path):
+    """A generated admin token is never printed whole (terminal output is logged and
+    shared): the line names the file holding it, readable by its owner only."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xflwb", "server", "--port", "0", "--data-dir",
+         str(tmp_path / "d")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if k != "XFLWB_ADMIN_TOKEN"})
+    try:
+        line, deadline = "", time.monotonic() + 60
+        while "backend at" not in line and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+        url = re.search(r"backend at (http\S+)", line).group(1)
+        path = tmp_path / "d" / "admin_token"
+        token = path.read_text().strip()
+        ok = httpx.get(f"{url}/api/v1/models", headers={"Authorization": f"Bearer {token}"})
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert len(token) >= 16 and token not in line, line
+    assert f"…{token[-4:]}, whole in {path}" in line
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ok.status_code == 200
 
 
 def test_cli_server_port_in_use_is_a_clear_error(tmp_path):

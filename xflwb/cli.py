@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,6 +79,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if bool(res.parity["ok"].all()) else 1
 
 
+def _admin_token_note(wb: Any, options: dict[str, Any]) -> str:
+    """How the operator gets the admin token, never the token itself (terminal output is
+    logged and shared): one the operator gave stays where it came from; a generated one is
+    written to ``DATA_DIR/admin_token``, readable by its owner only."""
+    token = str(wb.admin_token)
+    masked = f"…{token[-4:]}" if len(token) >= 16 else "…"  # as %xfl_server status
+    if options.get("admin_token") or os.environ.get("XFLWB_ADMIN_TOKEN"):
+        return f"{masked}, as given"
+    path = Path(wb.registry.data_dir) / "admin_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(wb.admin_token + "\n")
+    os.chmod(path, 0o600)  # an older file keeps its mode through O_TRUNC
+    return f"{masked}, whole in {path}; export XFLWB_ADMIN_TOKEN=$(cat {path})"
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     """Run the backend in the foreground until Ctrl-C / SIGTERM (``status``: report what
     its data dir holds instead)."""
@@ -104,7 +121,8 @@ def cmd_server(args: argparse.Namespace) -> int:
             print(f"published {m['name']} v{m['version']} ({m['data_type']})")
         except (ValueError, FileNotFoundError) as exc:
             print(f"xflwb server: cannot publish {path}: {exc}", file=sys.stderr)
-    print(f"xflwb backend at {wb.url}  (admin token: {wb.admin_token})", flush=True)
+    print(f"xflwb backend at {wb.url}  (admin token: {_admin_token_note(wb, options)})",
+          flush=True)
     if wb.tls is not None:
         print(f"TLS: {wb.tls.cert}; phones trust {wb.tls.ca_file} (SHA-256 "
               f"{wb.tls.fingerprint})", flush=True)
