@@ -39,7 +39,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xflwb"
 
 #: layer of each room (the first component below ``xflwb``; "" is the facade)
 LAYERS: dict[str, int] = {
-    "bridge": 0, "flower_legacy": 0, "style": 0,  # and every private ``_*`` room
+    "bridge": 0, "flower_legacy": 0, "style": 0, "errors": 0,  # and every private ``_*`` room
     "server": 1, "devices": 1, "simulation": 1,
     "workbench": 2, "experiment": 2, "admin": 2, "exporting": 2,
     "widgets": 3, "magics": 3, "cli": 3, "demo": 3, "__main__": 3, "": 3,
