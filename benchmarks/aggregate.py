@@ -35,8 +35,8 @@ from collections.abc import Callable
 import numpy as np
 from flwr.server.strategy.aggregate import aggregate as flower_aggregate
 
-from xflwb.server import aggregate as agg_mod
-from xflwb.server.aggregate import StreamingFedAvg, pin_blas_threads
+from xflwb.federation import aggregate as agg_mod
+from xflwb.federation.aggregate import StreamingFedAvg, pin_blas_threads
 
 # 800k + ~150k + 40k + ~10k = 1,000,000 float32 parameters (4 MB)
 SHAPES = [(1000, 800), (3, 3, 64, 260), (200, 200), (1024, 10)]

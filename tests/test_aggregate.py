@@ -9,8 +9,8 @@ import pytest
 from flwr.server.strategy.aggregate import aggregate as flower_aggregate
 
 from tests.conftest import run_python
-from xflwb.server import aggregate as agg_mod
-from xflwb.server.aggregate import StreamingFedAvg, aggregate_masked
+from xflwb.federation import aggregate as agg_mod
+from xflwb.federation.aggregate import StreamingFedAvg, aggregate_masked
 
 # a larger-than-one-chunk tensor, so chunk boundaries are exercised
 SHAPES = [(3, 3, 1, 4), (4,), (agg_mod._CHUNK + 1_001,), (36, 10), (10,), ()]
@@ -284,7 +284,7 @@ def test_pin_blas_threads_makes_this_process_single_threaded():
     code = (
         "import numpy as np\n"
         "from threadpoolctl import threadpool_info\n"
-        "from xflwb.server import aggregate as agg\n"
+        "from xflwb.federation import aggregate as agg\n"
         "agg.pin_blas_threads()  # first, before SciPy's BLAS is loaded (it must be reached)\n"
         "rng = np.random.default_rng(3)\n"
         "prev = [rng.standard_normal(50_000, dtype=np.float32)]\n"

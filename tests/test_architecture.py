@@ -40,11 +40,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "xflwb"
 #: layer of each room (the first component below ``xflwb``; "" is the facade)
 LAYERS: dict[str, int] = {
     "bridge": 0, "flower_legacy": 0, "style": 0, "errors": 0,  # and every private ``_*`` room
-    "server": 1, "devices": 1, "simulation": 1,
-    "workbench": 2, "experiment": 2, "admin": 2, "exporting": 2,
-    "widgets": 3, "magics": 3, "cli": 3, "demo": 3, "__main__": 3, "": 3,
+    "federation": 1,
+    "sessions": 2,
+    "server": 3, "devices": 3, "simulation": 3,
+    "workbench": 4, "experiment": 4, "admin": 4, "exporting": 4,
+    "widgets": 5, "magics": 5, "cli": 5, "demo": 5, "__main__": 5, "": 5,
 }
-LAYER_NAMES = ("base", "engines", "public API", "front-ends")
+LAYER_NAMES = ("base", "federation core", "session hosting", "engines", "public API",
+               "front-ends")
 
 #: arrows allowed between rooms of the same layer, with the reason
 SIBLINGS: dict[tuple[str, str], str] = {

@@ -24,9 +24,9 @@ from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
 from tests.conftest import Phone
 from tests.conftest import toy_canonical as canon
 from xflwb.bridge import params
+from xflwb.federation.influence import PeerWindow, lower_median, weight_cap
 from xflwb.server.config import SessionConfig
 from xflwb.server.fedbuff import Arrival, AsyncLoop, FedBuff, _Job
-from xflwb.server.influence import PeerWindow, lower_median, weight_cap
 from xflwb.server.strategy import CrossPlatformStrategy
 from xflwb.simulation.config import SimulationConfig
 

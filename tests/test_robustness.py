@@ -29,7 +29,7 @@ import xflwb
 from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
 from tests.wirephone import WirePhone
 from xflwb.bridge import params
-from xflwb.server.aggregate import aggregate_masked, aggregate_robust
+from xflwb.federation.aggregate import aggregate_masked, aggregate_robust
 from xflwb.server.flower_legacy import ClientProxy
 from xflwb.server.session import DONE
 from xflwb.server.strategy import CrossPlatformStrategy

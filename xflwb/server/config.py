@@ -15,9 +15,9 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
-from xflwb.server.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
+from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
+from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 from xflwb.server.http.timeouts import BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT
-from xflwb.server.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 
 #: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
 MIN_MESSAGE_BYTES = 64 * 1024
@@ -71,7 +71,7 @@ class RoundOptions:
     max_update_norm: float | None = option(
         None, "reject updates farther than this (L2, canonical space, over the tensors the "
         "client's platform trains) from the global model; none: no bound", gt=0)
-    #: relative bounds on by default (xflwb.server.influence, docs/security.md): one phone
+    #: relative bounds on by default (xflwb.federation.influence, docs/security.md): one phone
     #: must not steer the model by lying about its examples or sending a huge update
     max_weight_ratio: float | None = option(
         DEFAULT_MAX_WEIGHT_RATIO, "one update counts for at most this multiple of the "

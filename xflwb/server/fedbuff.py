@@ -45,8 +45,8 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
-from xflwb.server.aggregate import StreamingFedAvg, update_norm
-from xflwb.server.influence import WARM, PeerWindow, weight_cap
+from xflwb.federation.aggregate import StreamingFedAvg, update_norm
+from xflwb.federation.influence import WARM, PeerWindow, weight_cap
 
 log = logging.getLogger("xflwb.fedbuff")
 
@@ -282,7 +282,7 @@ class AsyncLoop:
         self._start = 0.0
         self._last_version_at = 0.0
         self._last_evaluated: int | None = None  # the newest version scheduled
-        #: bounded influence (``xflwb.server.influence``): each recent phone's latest claim
+        #: bounded influence (``xflwb.federation.influence``): each recent phone's latest claim
         #: (the weight cap is ``max_weight_ratio`` × their median, the arrival's included);
         #: until ``_warm`` distinct phones have reported, accepted updates are held (one per
         #: phone), so the first ones are judged against each other, not against nothing

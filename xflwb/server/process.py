@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from xflwb import _lifeline
-from xflwb.server.aggregate import pin_blas_threads
+from xflwb.federation.aggregate import pin_blas_threads
 from xflwb.server.checkpoints import (
     CheckpointError,
     Retention,

@@ -22,11 +22,18 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import params
-from xflwb.server.aggregate import (
+from xflwb.federation.aggregate import (
     DEFAULT_MAX_EXAMPLES,
     StreamingFedAvg,
     aggregate_robust,
     update_norm,
+)
+from xflwb.federation.influence import (
+    DEFAULT_MAX_NORM_RATIO,
+    DEFAULT_MAX_WEIGHT_RATIO,
+    WARM,
+    PeerWindow,
+    weight_cap,
 )
 from xflwb.server.flower_legacy import (
     ROBUST_RULES,
@@ -44,13 +51,6 @@ from xflwb.server.flower_legacy import (
     Strategy,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
-)
-from xflwb.server.influence import (
-    DEFAULT_MAX_NORM_RATIO,
-    DEFAULT_MAX_WEIGHT_RATIO,
-    WARM,
-    PeerWindow,
-    weight_cap,
 )
 from xflwb.server.privacy import CentralDP, reported_bit
 from xflwb.server.protocol import drain_violations
@@ -327,7 +327,7 @@ class CrossPlatformStrategy(Strategy):
         #: updates whose canonical L2 distance to the global model exceeds this are
         #: rejected (not clipped: a clipped attack still moves the model by the bound)
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
-        #: relative bounds (``xflwb.server.influence``): weight ≤ ratio × the median claim;
+        #: relative bounds (``xflwb.federation.influence``): weight ≤ ratio × the median claim;
         #: norm ≤ ratio × the median of recent norms (else rejected). Under DP every update
         #: weighs 1 and is clipped, and a peer-dependent rejection would break the noise's
         #: sensitivity; secure sums hide single updates; robust rules bound outliers
@@ -504,7 +504,7 @@ class CrossPlatformStrategy(Strategy):
     def _bounded(self, platform: str, cid: str, canonical: list[np.ndarray], n: int,
                  base: list[np.ndarray] | None = None, cap: int | None = None,
                  scale: float = 1.0) -> tuple[int, bool]:
-        """The relative bounds on one accepted update (``xflwb.server.influence``):
+        """The relative bounds on one accepted update (``xflwb.federation.influence``):
         (examples it counts for, whether ``cap`` cut them), or ``UpdateTooLarge`` when its
         norm exceeds ``max_norm_ratio`` × the median of recent clients' norms. Its norm is
         remembered first, rejected or not: one entry per client moves no median, and a

@@ -322,7 +322,7 @@ def aggregate_robust(previous: Sequence[np.ndarray],
     copies it did not train), and values are aggregated in float64, rounded once to
     float32. Memory is O(clients × parameters), unlike the streamed average.
     """
-    from xflwb.server.flower_legacy import (
+    from xflwb.flower_legacy import (
         aggregate_krum,
         aggregate_median,
         aggregate_trimmed_avg,
