@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from xflwb.errors import InputError
+
 #: What people type → what our parsers call it (suggested only if the parser has it).
 SYNONYMS: dict[str, tuple[str, ...]] = {
     "--learning-rate": ("--lr", "--learningrate", "--rate", "--eta", "--step-size"),
@@ -38,7 +40,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 _ALIASES = {alias: canon for canon, aliases in SYNONYMS.items() for alias in aliases}
 
 
-class CommandLineError(ValueError):
+class CommandLineError(InputError):
     """Bad arguments, raised (not printed-and-exited) by a ``raise_errors=True`` parser."""
 
 

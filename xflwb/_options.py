@@ -31,11 +31,13 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from xflwb.errors import InputError
+
 _KEY = "xflwb"
 _NONE_WORDS = ("none", "null")
 
 
-class OptionError(ValueError):
+class OptionError(InputError):
     """A user's bad option value or choice: one line that names the option and the fix.
 
     Raised at the public API's boundary without its internal frames (:func:`boundary`);

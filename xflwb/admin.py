@@ -16,13 +16,14 @@ from typing import Any
 import pandas as pd
 
 from xflwb import _options
+from xflwb.errors import BackendError
 from xflwb.server.config import SessionConfig
 
 #: the statuses a session ends in (``xflwb.server.session.DONE``, as the API spells them)
 _DONE = ("finished", "failed", "stopped", "crashed")
 
 
-class AdminError(RuntimeError):
+class AdminError(BackendError):
     """The backend refused a request; the message is its ``detail``."""
 
 

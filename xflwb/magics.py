@@ -22,6 +22,7 @@ from xflwb.bridge.params import PLATFORMS
 from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import FleetOptions
+from xflwb.errors import InputError, XflwbError
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
 from xflwb.simulation.config import SimulationConfig
 
@@ -30,7 +31,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeEr
                                                 LookupError, OSError, ParityError)
 
 
-class XflMagicError(Exception):
+class XflMagicError(XflwbError):
     """A magic failed; the message says what and how to fix it."""
 
     def _render_traceback_(self) -> list[str]:
@@ -41,7 +42,7 @@ class XflMagicError(Exception):
         return [f"\x1b[0;31m{type(self).__name__}\x1b[0m: {first}", *rest]
 
 
-class MagicUsageError(XflMagicError, ValueError):
+class MagicUsageError(XflMagicError, InputError):
     """Bad magic arguments: the message says which and what would be valid."""
 
     def _render_traceback_(self) -> list[str]:

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from xflwb.errors import ExportFailure
+
 #: layer types Core ML can update (weights and, if present, bias)
 UPDATABLE_TYPES = ("convolution", "innerProduct")
 #: layer types whose gradients Core ML computes (``isLayerSupportedForBackprop``)
@@ -25,7 +27,7 @@ BACKPROP_TYPES = ("convolution", "innerProduct", "flatten", "pooling", "batchnor
 BACKPROP_ACTIVATIONS = ("ReLU", "sigmoid", "tanh")
 
 
-class CoreMLRuleError(ValueError):
+class CoreMLRuleError(ExportFailure, ValueError):
     """A spec Core ML would refuse as an updatable model; the message names the layer."""
 
 

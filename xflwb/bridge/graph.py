@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.errors import ExportFailure
+
 #: Keras layer classes xflwb exports (both platforms run their forward pass).
 SUPPORTED = (
     "InputLayer", "Dense", "Conv1D", "Conv2D", "DepthwiseConv2D", "SeparableConv2D",
@@ -46,7 +48,7 @@ REPLACEMENTS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(ExportFailure, ValueError):
     """The model cannot be exported as asked; the message names each layer and the fix."""
 
 

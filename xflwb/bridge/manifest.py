@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from xflwb.bridge.params import PLATFORMS
+from xflwb.errors import InputError
 
 SCHEMA = "xflwb.manifest/2"
 #: schemas this version reads: /2 added the frozen-weights digest and per-platform plans,
@@ -24,7 +25,7 @@ REQUIRED = ("schema", "name", "version", "data_type", "input", "classes", "loss"
 LOSSES = ("categorical_crossentropy", "mse")
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest is missing keys or contradicts itself."""
 
 

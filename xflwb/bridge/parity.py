@@ -17,12 +17,13 @@ import pandas as pd
 from xflwb.bridge import params
 from xflwb.bridge.params import PLATFORMS
 from xflwb.bridge.runtime.base import Runtime
+from xflwb.errors import ExportFailure
 
 TOLERANCE = 1e-4
 COLUMNS = ["platform", "check", "max_abs_err", "tol", "ok", "note"]
 
 
-class ParityError(AssertionError):
+class ParityError(ExportFailure):
     """The exported artifacts do not compute what the Keras model computes."""
 
     def __init__(self, message: str, report: pd.DataFrame) -> None:

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.errors import InputError
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -254,7 +256,7 @@ SPECS: dict[str, DataSpec] = {
 }
 
 
-class IncompatibleData(ValueError):
+class IncompatibleData(InputError):
     """A model cannot train on a dataset: the message names both and the fix."""
 
 

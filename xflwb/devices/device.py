@@ -28,6 +28,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.errors import DeviceFailure
 
 log = logging.getLogger("xflwb.device")
 #: the environment variable a device process reads its device token from (never argv,
@@ -37,7 +38,7 @@ FLAGS = {"android": {"tflite": True, "coreml": False},
          "ios": {"tflite": False, "coreml": True}}
 
 
-class DeviceError(RuntimeError):
+class DeviceError(DeviceFailure):
     """The device cannot take part; the message says why."""
 
 

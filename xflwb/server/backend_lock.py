@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from xflwb import _lifeline
+from xflwb.errors import BackendError
 
 try:
     import fcntl
@@ -29,7 +30,7 @@ LOCK_FILE = "backend.lock"
 RECORD_FILE = "backend.json"
 
 
-class BackendRunning(OSError):
+class BackendRunning(BackendError, OSError):
     """Another backend (in this process or another) already serves the data directory."""
 
 

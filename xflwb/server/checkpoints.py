@@ -20,13 +20,14 @@ import numpy as np
 
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge.params import load_npz, save_npz
+from xflwb.errors import SessionFailure
 from xflwb.server.config import DEFAULT_KEEP_CHECKPOINTS as DEFAULT_KEEP
 from xflwb.server.registry import Registry
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SessionFailure):
     """No usable checkpoint: the message names the file(s), why, and what to do."""
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from xflwb.errors import SessionFailure
 from xflwb.server.checkpoints import newest_valid_checkpoint
 from xflwb.server.config import is_asynchronous
 from xflwb.server.ending import end_reason, needs_history
@@ -206,7 +207,7 @@ class Session:
         return self.registry.round_offset(self.info) + 1
 
 
-class SessionTimeout(TimeoutError):
+class SessionTimeout(SessionFailure, TimeoutError):
     """``Session.wait`` ran out of time; the message says what the session waits for."""
 
 

@@ -31,11 +31,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from xflwb.errors import PrivacyError
 from xflwb.server.privacy import Ledger, PrivacyEvent
 from xflwb.server.registry import NotFound, Registry
 
 
-class PrivacyLineageError(RuntimeError):
+class PrivacyLineageError(PrivacyError, RuntimeError):
     """A resume the lineage's privacy does not allow; the message says why and what to do."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.errors import BackendError
 from xflwb.server.status import ACTIVE, DONE, SessionStatus
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ EVALUATION_MATCH = sa.Index("evaluation_match", evaluations.c.session_id,
                             evaluations.c.loss)
 
 
-class RegistryError(ValueError):
+class RegistryError(BackendError, ValueError):
     """A request the registry cannot honour; the message says why and what to do."""
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from xflwb.errors import BackendError
+
 #: ``device_auth`` values: None (open, FedKit's behaviour) or "token"
 DEVICE_AUTH_MODES = (None, "token")
 #: where phones may put their token: ``Authorization: Bearer <token>`` or this header
@@ -265,7 +267,7 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-class TokenRefused(Exception):
+class TokenRefused(BackendError):
     """A device token that may not be used here, with the reason a phone can act on.
     ``scope``: the token is valid, only not for this session (HTTP 403 / gRPC
     PERMISSION_DENIED rather than 401 / UNAUTHENTICATED)."""
