@@ -25,6 +25,16 @@ from xflwb.bridge.optim import SGD, Adam
 from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import Fleet
+from xflwb.errors import (
+    BackendError,
+    DeviceFailure,
+    ExportFailure,
+    InputError,
+    PrivacyError,
+    SessionFailure,
+    UpdateRejected,
+    XflwbError,
+)
 from xflwb.exporting import export
 from xflwb.server.config import SessionConfig
 from xflwb.server.fedbuff import FedBuff
@@ -51,23 +61,31 @@ __all__ = [
     "SGD",
     "Adam",
     "AdminClient",
+    "BackendError",
     "Dashboard",
+    "DeviceFailure",
     "DeviceOptions",
     "DropoutWarning",
     "ExportError",
+    "ExportFailure",
     "ExportResult",
     "ExportWarning",
     "FedBuff",
     "Fleet",
+    "InputError",
     "ManifestError",
     "OptionError",
     "ParityError",
+    "PrivacyError",
     "SecAgg",
     "Session",
     "SessionConfig",
+    "SessionFailure",
     "SimulationConfig",
     "UnknownOptionError",
+    "UpdateRejected",
     "Workbench",
+    "XflwbError",
     "__version__",
     "export",
     "load_ipython_extension",

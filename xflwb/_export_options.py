@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from xflwb.errors import InputError
+
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``xflwb export`` and ``%%xfl_export``."""
@@ -52,7 +54,7 @@ def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                   momentum=args.momentum or 0.0)
     else:
         if args.momentum is not None:
-            raise ValueError("--momentum applies to --optimizer sgd only")
+            raise InputError("--momentum applies to --optimizer sgd only")
         opt = Adam(learning_rate=0.001 if args.learning_rate is None else args.learning_rate)
     return {"data_type": args.data_type, "platforms": args.platforms, "loss": args.loss,
             "optimizer": opt, "batch_size": args.batch_size, "epochs": args.epochs,

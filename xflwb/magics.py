@@ -19,16 +19,17 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from xflwb._argparse import Parser, explain
 from xflwb._options import add_arguments, given
 from xflwb.bridge.params import PLATFORMS
-from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import FleetOptions
 from xflwb.errors import InputError, XflwbError
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
 from xflwb.simulation.config import SimulationConfig
 
-#: what the public API raises for bad input or a failed start: shown as one line
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, TypeError, RuntimeError,
-                                                LookupError, OSError, ParityError)
+#: what a magic shows as one line, the API error kept as its ``__cause__``: anything xflwb
+#: refused or could not do (the root of its errors), and the operating system refusing a
+#: port, a file or a connection (an ``OSError`` names it). Anything else is a bug and keeps
+#: its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (XflwbError, OSError)
 
 
 class XflMagicError(XflwbError):

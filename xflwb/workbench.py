@@ -21,6 +21,7 @@ import pandas as pd
 from xflwb import _options
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import FleetOptions
+from xflwb.errors import BackendError, InputError
 from xflwb.server.backend_lock import BackendLock
 from xflwb.server.backend_lock import BackendRunning as BackendRunning  # public: start raises
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
@@ -63,9 +64,10 @@ def tls_from_options(opts: TLSOptions, host: str) -> Any:
 def _refuse_start_fresh(options: dict[str, Any], where: str) -> None:
     """``start_fresh`` was the notebook's option until sessions started fresh by default."""
     if "start_fresh" in options:
-        raise TypeError(f"{where}: start_fresh was replaced by resume: notebook sessions start "
-                        "fresh unless resume=True (phones' auto-started sessions still resume "
-                        "unless the phone sends start_fresh)")
+        raise _options.UnknownOptionError(
+            f"{where}: start_fresh was replaced by resume: notebook sessions start fresh "
+            "unless resume=True (phones' auto-started sessions still resume unless the phone "
+            "sends start_fresh)")
 
 
 class Workbench:
@@ -120,7 +122,7 @@ class Workbench:
     def url(self) -> str:
         """The base URL phones use."""
         if not self.running:
-            raise RuntimeError("the workbench is not running: call wb.start()")
+            raise BackendError("the workbench is not running: call wb.start()")
         scheme = "https" if self.tls is not None else "http"
         return f"{scheme}://{reachable_host(self.host)}:{self.port}"
 
@@ -179,7 +181,7 @@ class Workbench:
         deadline = time.monotonic() + timeout
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the HTTP server did not start")
+                raise BackendError("the HTTP server did not start")
             time.sleep(0.02)
         self._lock.publish(self.url)
         _LIVE[str(self.data_dir.resolve())] = self
@@ -255,9 +257,10 @@ class Workbench:
 
         _refuse_start_fresh(options, "wb.train")
         if "secagg" in options:
-            raise TypeError("secagg runs only in the Simulation Engine: phones speak Flower's "
-                            "legacy transport, which cannot carry SecAgg+'s stages; use "
-                            "wb.simulate(..., secagg=...)")
+            raise _options.UnknownOptionError(
+                "secagg runs only in the Simulation Engine: phones speak Flower's legacy "
+                "transport, which cannot carry SecAgg+'s stages; use "
+                "wb.simulate(..., secagg=...)")
         _options.unknown(SessionConfig, options, "wb.train")
         SessionConfig(**options)  # bad options publish nothing
         reg = self._reg()
@@ -384,7 +387,7 @@ class Workbench:
             try:
                 self._reg().get_session(scope)
             except NotFound:
-                raise ValueError(f"session {scope} does not exist: scope a token to a "
+                raise InputError(f"session {scope} does not exist: scope a token to a "
                                  "session shown in wb.session_table") from None
         return str(self._tokens().issue(device, ttl=ttl, session=scope)["token"])
 

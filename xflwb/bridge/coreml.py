@@ -29,6 +29,7 @@ from xflwb.bridge.coreml_emit import (
 )
 from xflwb.bridge.graph import ExportError, ModelGraph
 from xflwb.bridge.optim import SGD, Adam, Optimizer
+from xflwb.errors import InputError
 
 OUTPUT_NAME = "output"
 LOSS_NAME = "loss"
@@ -82,7 +83,7 @@ def build(graph: ModelGraph, loss: str, optimizer: Optimizer, batch_size: int, e
     ``ios_training="strict"`` — every trainable layer iOS would have to freeze.
     """
     if ios_training not in IOS_TRAINING:
-        raise ValueError(f"ios_training must be one of {IOS_TRAINING}, got {ios_training!r}")
+        raise InputError(f"ios_training must be one of {IOS_TRAINING}, got {ios_training!r}")
     datatypes, NeuralNetworkBuilder, SgdParams, AdamParams = _quiet_import()
     out_shape = graph.output_shape
     if len(out_shape) != 1:

@@ -32,6 +32,7 @@ from xflwb.bridge.graph import ExportError
 from xflwb.bridge.health import ExportWarning
 from xflwb.bridge.optim import did_you_mean, resolve_optimizer
 from xflwb.bridge.params import PLATFORMS
+from xflwb.errors import InputError
 
 LOSS_ALIASES = {"categorical_crossentropy": "categorical_crossentropy",
                 "sparse_categorical_crossentropy": "categorical_crossentropy",
@@ -80,21 +81,21 @@ class ExportResult:
 def _check_args(name: Any, loss: Any, batch_size: Any, epochs: Any,
                 platforms: Any) -> tuple[str, tuple[str, ...]]:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(f"name {name!r} must be 1-64 letters, digits, '_', '-' or '.', "
+        raise InputError(f"name {name!r} must be 1-64 letters, digits, '_', '-' or '.', "
                          "starting with a letter or digit")
     if not isinstance(loss, str) or loss.lower() not in LOSS_ALIASES:
-        raise ValueError(f"unsupported loss {loss!r}{did_you_mean(loss, LOSS_ALIASES)} (use "
+        raise InputError(f"unsupported loss {loss!r}{did_you_mean(loss, LOSS_ALIASES)} (use "
                          "'categorical_crossentropy' for integer labels, or 'mse')")
     for what, value in (("batch_size", batch_size), ("epochs", epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a positive integer, got {value!r}")
+            raise InputError(f"{what} must be a positive integer, got {value!r}")
     if isinstance(platforms, str):
         platforms = tuple(p.strip() for p in platforms.split(",") if p.strip())
     plats = tuple(dict.fromkeys(platforms))
     bad = [p for p in plats if p not in PLATFORMS]
     if bad or not plats:
         hint = did_you_mean(bad[0], PLATFORMS) if bad else ""
-        raise ValueError(f"platforms must be a non-empty subset of {PLATFORMS}, got "
+        raise InputError(f"platforms must be a non-empty subset of {PLATFORMS}, got "
                          f"{platforms!r}{hint}")
     return LOSS_ALIASES[loss.lower()], plats
 
@@ -220,7 +221,7 @@ def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.Path
     t0 = time.perf_counter()
     loss, plats = _check_args(name, loss, batch_size, epochs, platforms)
     if ios_training not in coreml_builder.IOS_TRAINING:
-        raise ValueError(f"ios_training must be one of {coreml_builder.IOS_TRAINING}, got "
+        raise InputError(f"ios_training must be one of {coreml_builder.IOS_TRAINING}, got "
                          f"{ios_training!r}"
                          f"{did_you_mean(ios_training, coreml_builder.IOS_TRAINING)}")
     opt = resolve_optimizer(optimizer)

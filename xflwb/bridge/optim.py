@@ -11,6 +11,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+from xflwb.errors import InputError
+
 
 def did_you_mean(word: object, choices: Iterable[object]) -> str:
     """"; did you mean 'x'?" for the choice closest to ``word`` (difflib), or "". The
@@ -29,13 +31,13 @@ def _check_number(owner: str, name: str, value: float, low: float, high: float,
         raise TypeError(f"{owner}: {name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be finite, got {value}")
+        raise InputError(f"{owner}: {name} must be finite, got {value}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
         lb = "(" if low_open else "["
         hb = ")" if high_open else "]"
-        raise ValueError(f"{owner}: {name}={value} is outside {lb}{low}, {high}{hb}")
+        raise InputError(f"{owner}: {name}={value} is outside {lb}{low}, {high}{hb}")
     return value
 
 
@@ -105,14 +107,14 @@ def resolve_optimizer(optimizer: object, learning_rate: float | None = None) -> 
             return SGD(**kw)
         if kind == "adam":
             return Adam(**kw)
-        raise ValueError(f"unknown optimizer {optimizer!r}{did_you_mean(kind, ('sgd', 'adam'))}"
+        raise InputError(f"unknown optimizer {optimizer!r}{did_you_mean(kind, ('sgd', 'adam'))}"
                          " (use 'sgd', 'adam', xflwb.SGD(...) or xflwb.Adam(...))")
     if isinstance(optimizer, dict):
         data = dict(optimizer)
         kind = data.pop("type", None)
         cls = {"sgd": SGD, "adam": Adam}.get(str(kind).lower())
         if cls is None:
-            raise ValueError(f"unknown optimizer type {kind!r} in {optimizer!r}"
+            raise InputError(f"unknown optimizer type {kind!r} in {optimizer!r}"
                              f"{did_you_mean(kind, ('sgd', 'adam'))}")
         return cls(**data)
     raise TypeError(

@@ -99,7 +99,7 @@ def activity(n: int = 3000, test_fraction: float = 0.2, seed: int = 0, *,
     values stays near 50 %. ``n`` windows, classes balanced, deterministic for ``seed``.
     """
     if n < len(_ACTIVITY):
-        raise ValueError(f"activity needs n >= {len(_ACTIVITY)} windows, got {n}")
+        raise InputError(f"activity needs n >= {len(_ACTIVITY)} windows, got {n}")
     rng = np.random.default_rng([seed, 0xAC7])  # own stream: `_split` reuses `seed`
     y = rng.permutation(np.arange(n) % len(_ACTIVITY)).astype(np.int64)
     steps = 32
@@ -134,11 +134,11 @@ def synthetic_federated(num_devices: int, alpha: float = 1.0, beta: float = 1.0,
     Returns one ``(x float32 (n, dim), y int64 (n,))`` per device.
     """
     if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+        raise InputError(f"num_devices must be >= 1, got {num_devices}")
     if alpha < 0 or beta < 0:
-        raise ValueError(f"alpha and beta are standard deviations (>= 0), got {alpha}, {beta}")
+        raise InputError(f"alpha and beta are standard deviations (>= 0), got {alpha}, {beta}")
     if not 1 <= min_samples <= max_samples:
-        raise ValueError(f"need 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
+        raise InputError(f"need 1 <= min_samples <= max_samples, got {min_samples}, {max_samples}")
     rng = np.random.default_rng(seed)
     sizes = np.minimum(rng.lognormal(4, 2, num_devices).astype(np.int64) + min_samples,
                        max_samples)
@@ -171,10 +171,10 @@ def _synthetic_args(arg: str) -> dict[str, float]:
     try:
         alpha, beta = (float(a) for a in arg.split(","))
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"synthetic takes 'synthetic:<alpha>,<beta>', got suffix {arg!r}") from None
     if not (alpha >= 0 and beta >= 0 and np.isfinite([alpha, beta]).all()):
-        raise ValueError(f"synthetic alpha, beta must be finite and >= 0, got {arg!r}")
+        raise InputError(f"synthetic alpha, beta must be finite and >= 0, got {arg!r}")
     return {"alpha": alpha, "beta": beta}
 
 
@@ -211,17 +211,17 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def parse_name(name: str) -> tuple[str, dict[str, Any]]:
     """``"synthetic:0.5,0.5"`` → ``("synthetic", {"alpha": 0.5, "beta": 0.5})``."""
     if not isinstance(name, str):
-        raise ValueError(f"a dataset is named by a string, got {name!r}; known: "
+        raise InputError(f"a dataset is named by a string, got {name!r}; known: "
                          f"{', '.join(sorted(DATASETS))}")
     base, sep, arg = name.partition(":")
     if base not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}{did_you_mean(base, DATASETS) or ';'} known: "
+        raise InputError(f"unknown dataset {name!r}{did_you_mean(base, DATASETS) or ';'} known: "
                          f"{', '.join(map(repr, sorted(DATASETS)))} (parameterised: "
                          f"{', '.join(f'{n}:...' for n in NAME_ARGS)})")
     if not sep:
         return base, {}
     if base not in NAME_ARGS:
-        raise ValueError(f"dataset {base!r} takes no ':' parameters, got {name!r}")
+        raise InputError(f"dataset {base!r} takes no ':' parameters, got {name!r}")
     return base, NAME_ARGS[base](arg)
 
 
@@ -230,7 +230,7 @@ def load(name: str, **kwargs: Any) -> Dataset:
     base, params = parse_name(name)
     clash = params.keys() & kwargs.keys()
     if clash:
-        raise ValueError(f"{sorted(clash)} given both in the name {name!r} and as arguments")
+        raise InputError(f"{sorted(clash)} given both in the name {name!r} and as arguments")
     return DATASETS[base](**params, **kwargs)
 
 

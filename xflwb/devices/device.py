@@ -28,7 +28,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
-from xflwb.errors import DeviceFailure
+from xflwb.errors import DeviceFailure, InputError
 
 log = logging.getLogger("xflwb.device")
 #: the environment variable a device process reads its device token from (never argv,
@@ -79,7 +79,7 @@ class DeviceOptions:
     def __post_init__(self) -> None:
         _options.check(self)
         if self.ca_file is not None and not Path(self.ca_file).is_file():
-            raise ValueError(f"ca_file {self.ca_file!r} does not exist (the PEM CA the "
+            raise InputError(f"ca_file {self.ca_file!r} does not exist (the PEM CA the "
                              "backend's certificate was signed with)")
 
 
@@ -110,7 +110,7 @@ class Device:
                  options: DeviceOptions | None = None,
                  on_status: Callable[[DeviceStatus], None] | None = None) -> None:
         if platform not in FLAGS:
-            raise ValueError(f"platform must be 'android' or 'ios', got {platform!r}")
+            raise InputError(f"platform must be 'android' or 'ios', got {platform!r}")
         self.url = backend_url.rstrip("/")
         self.platform = platform
         self.data_type = data_type

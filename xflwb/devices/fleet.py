@@ -27,6 +27,7 @@ import pandas as pd
 
 from xflwb import _lifeline, _options
 from xflwb._options import option
+from xflwb.errors import InputError
 
 COLUMNS = ["id", "platform", "status", "partition", "train_size", "test_size", "rounds_done",
            "last_loss", "last_accuracy", "drops", "error"]
@@ -35,7 +36,7 @@ COLUMNS = ["id", "platform", "status", "partition", "train_size", "test_size", "
 def _per_device(value: Any, n: int, name: str) -> list[Any]:
     if isinstance(value, Sequence) and not isinstance(value, str):
         if len(value) != n:
-            raise ValueError(f"{name} lists {len(value)} values for {n} devices")
+            raise InputError(f"{name} lists {len(value)} values for {n} devices")
         return list(value)
     return [value] * n
 
@@ -112,7 +113,7 @@ class FleetOptions:
 
         _options.check(self)
         if self.android + self.ios == 0:
-            raise ValueError(f"ask for at least one device (android={self.android}, "
+            raise InputError(f"ask for at least one device (android={self.android}, "
                              f"ios={self.ios})")
         parse(self.partition)  # fail now, not in n processes
 
@@ -145,7 +146,7 @@ class Fleet:
         #: one device token per device (passed in each process's environment, never on its
         #: command line)
         if tokens is not None and len(tokens) != n:
-            raise ValueError(f"tokens lists {len(tokens)} tokens for {n} devices")
+            raise InputError(f"tokens lists {len(tokens)} tokens for {n} devices")
         self._tokens = list(tokens) if tokens is not None else None
         self.ids = list(range(first_device_id, first_device_id + n))
         self.procs: dict[int, subprocess.Popen] = {}

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xflwb.errors import InputError
+
 from . import datasets as xdatasets
 
 # Hugging Face `datasets` must never reach for the network here: only `Dataset.from_dict`.
@@ -81,17 +83,17 @@ def _valid_forms() -> str:
 def parse(spec: str) -> tuple[str, dict[str, Any]]:
     """``"dirichlet:0.5"`` → ``("dirichlet", {"alpha": 0.5})``; a ValueError says what's valid."""
     if not isinstance(spec, str):
-        raise ValueError(f"partition spec must be a string, got {spec!r}; "
+        raise InputError(f"partition spec must be a string, got {spec!r}; "
                          f"valid forms: {_valid_forms()}")
     name, sep, arg = spec.strip().partition(":")
     scheme = PARTITIONERS.get(name)
     if scheme is None:
         hint = xdatasets.did_you_mean(name, PARTITIONERS) or ";"
-        raise ValueError(f"unknown partition spec {spec!r}{hint} valid forms: {_valid_forms()}")
+        raise InputError(f"unknown partition spec {spec!r}{hint} valid forms: {_valid_forms()}")
     try:
         params = scheme.parse_arg(arg.strip() if sep else None)
     except _BadArg as e:
-        raise ValueError(f"bad partition spec {spec!r}: {name} {e}; "
+        raise InputError(f"bad partition spec {spec!r}: {name} {e}; "
                          f"valid forms: {_valid_forms()}") from None
     return name, params
 
@@ -189,7 +191,7 @@ def _shards(labels: np.ndarray, num_partitions: int, seed: int, k: int) -> list[
     from flwr_datasets.partitioner import ShardPartitioner
 
     if len(labels) < num_partitions * k:
-        raise ValueError(
+        raise InputError(
             f"shards:{k} with {num_partitions} partitions needs at least "
             f"{num_partitions * k} samples, the dataset has {len(labels)}; "
             "use fewer partitions or a smaller k")
@@ -210,9 +212,9 @@ PARTITIONERS: dict[str, Scheme] = {
 def _check_num_partitions(num_partitions: int, n: int | None = None) -> None:
     if (not isinstance(num_partitions, int | np.integer) or isinstance(num_partitions, bool)
             or num_partitions < 1):
-        raise ValueError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
+        raise InputError(f"num_partitions must be an integer >= 1, got {num_partitions!r}")
     if n is not None and num_partitions > n:
-        raise ValueError(f"num_partitions={num_partitions} exceeds the {n} samples available; "
+        raise InputError(f"num_partitions={num_partitions} exceeds the {n} samples available; "
                          "every device needs at least one sample")
 
 
@@ -226,7 +228,7 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: str,
     name, params = parse(spec)
     labels = np.asarray(labels)
     if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        raise InputError(f"labels must be 1-D, got shape {labels.shape}")
     _check_num_partitions(num_partitions, len(labels))
     return PARTITIONERS[name].split(labels, int(num_partitions), int(seed), **params)
 
@@ -292,7 +294,7 @@ def _local_split(n: int, test_fraction: float, seed: int,
 
 def _check_fraction(test_fraction: float) -> None:
     if not 0 <= test_fraction < 1:
-        raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
+        raise InputError(f"test_fraction must be in [0, 1), got {test_fraction!r}")
 
 
 def device_data(dataset: str, partition: str, num_partitions: int, partition_id: int,
@@ -303,11 +305,11 @@ def device_data(dataset: str, partition: str, num_partitions: int, partition_id:
     """
     _check_fraction(test_fraction)
     if not isinstance(partition_id, int | np.integer) or isinstance(partition_id, bool):
-        raise ValueError(f"partition_id must be an integer, got {partition_id!r}")
+        raise InputError(f"partition_id must be an integer, got {partition_id!r}")
     parse(partition)
     _check_num_partitions(num_partitions)
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(f"partition_id={partition_id} out of range: "
+        raise InputError(f"partition_id={partition_id} out of range: "
                          f"expected 0 <= partition_id < num_partitions={num_partitions}")
     x, y = dataset_partitions(dataset, partition, num_partitions, seed)[0][partition_id]
     return local_data(x, y, partition_id, num_partitions, seed, test_fraction)

@@ -15,6 +15,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.errors import InputError
 from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
 from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 from xflwb.server.http.timeouts import BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT
@@ -109,7 +110,7 @@ class RoundOptions:
         """The shared checks (``__post_init__`` of each subclass calls this)."""
         for name in ("keep_checkpoints", "keep_every"):
             if getattr(self, name) == 0 and not isinstance(getattr(self, name), bool):
-                raise ValueError(
+                raise InputError(
                     f"{name}=0 is not allowed: " + (
                         "a session must keep at least its latest checkpoint to resume from; "
                         "pass None to keep every checkpoint, or N >= 1 to keep the last N"
@@ -134,16 +135,16 @@ class RoundOptions:
             self.tracking_dir = os.path.abspath(os.fspath(self.tracking_dir))
         self.privacy = privacy_dict(self.privacy)
         if self.privacy is not None and self.strategy in ROBUST_RULE_NAMES:
-            raise ValueError(f"privacy (central DP) cannot be combined with strategy "
+            raise InputError(f"privacy (central DP) cannot be combined with strategy "
                              f"{self.strategy!r}: it noises a mean; use fedavg or a server "
                              "optimiser (fedadam, ...)")
         if self.privacy is not None and self.strategy in ASYNC_STRATEGIES:
-            raise ValueError(f"privacy (central DP) cannot be combined with strategy "
+            raise InputError(f"privacy (central DP) cannot be combined with strategy "
                              f"{self.strategy!r}: its ε ledger composes rounds of sampled "
                              "clients, which asynchronous training does not have; use "
                              "fedavg or a server optimiser")
         if self.strategy in ASYNC_STRATEGIES and self.fraction_fit != 1.0:
-            raise ValueError(f"fraction_fit={self.fraction_fit:g} does not apply to strategy "
+            raise InputError(f"fraction_fit={self.fraction_fit:g} does not apply to strategy "
                              f"{self.strategy!r}: every idle phone trains; bound the phones "
                              "training at once with strategy_options max_concurrency")
         if self.fraction_evaluate is None:
@@ -200,7 +201,7 @@ def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
     from xflwb.server.flower_legacy import SERVER_STRATEGIES, ndarrays_to_parameters
 
     if not isinstance(options, dict):
-        raise ValueError(f"strategy_options must be a dict, got {type(options).__name__}")
+        raise InputError(f"strategy_options must be a dict, got {type(options).__name__}")
     if strategy in ASYNC_STRATEGIES:
         from xflwb.server.fedbuff import fedbuff_options
 
@@ -287,7 +288,7 @@ class TLSOptions:
     def __post_init__(self) -> None:
         _options.check(self)
         if self.dev_tls and (self.tls_cert or self.tls_key):
-            raise ValueError("pass either --dev-tls DIR or --tls-cert/--tls-key, not both")
+            raise InputError("pass either --dev-tls DIR or --tls-cert/--tls-key, not both")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together (the PEM certificate chain "
+            raise InputError("--tls-cert and --tls-key go together (the PEM certificate chain "
                              "and its private key)")

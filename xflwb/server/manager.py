@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from xflwb import _lifeline
+from xflwb.errors import SessionFailure
 from xflwb.server.config import SessionConfig
-from xflwb.server.handle import Session
+from xflwb.server.handle import Session, SessionTimeout
 from xflwb.server.registry import Registry
 from xflwb.server.status import ACTIVE, SessionStatus
 
@@ -110,7 +111,7 @@ class SessionManager:
         except OSError as exc:  # the row must not stay "starting" (it blocks the model)
             self.registry.update_session(sid, status=SessionStatus.FAILED,
                                          error=f"could not launch its process: {exc}")
-            raise RuntimeError(f"session {sid} could not launch its process: {exc}") from exc
+            raise SessionFailure(f"session {sid} could not launch its process: {exc}") from exc
         self._procs[sid] = proc
         _lifeline.reap(proc)  # no <defunct> entry once it exits (its exit code stays readable)
         self.registry.update_session(sid, pid=proc.pid)
@@ -120,11 +121,11 @@ class SessionManager:
             info = session.info
             if info["status"] != SessionStatus.STARTING:
                 if info["status"] in (SessionStatus.FAILED, SessionStatus.CRASHED):
-                    raise RuntimeError(f"session {sid} failed to start: {info['error']}")
+                    raise SessionFailure(f"session {sid} failed to start: {info['error']}")
                 break
             time.sleep(0.05)
         else:
-            raise TimeoutError(f"session {sid} did not start within {wait_ready} s")
+            raise SessionTimeout(f"session {sid} did not start within {wait_ready} s")
         return session
 
     def get(self, session_id: int) -> Session:

@@ -31,7 +31,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from xflwb.errors import BackendError
+from xflwb.errors import BackendError, InputError
 
 #: ``device_auth`` values: None (open, FedKit's behaviour) or "token"
 DEVICE_AUTH_MODES = (None, "token")
@@ -101,24 +101,24 @@ def tls_config(tls: Any) -> TLSConfig | None:
         ca = Path(tls[2]) if len(tls) == 3 and str(tls[2]) else None
         cfg = TLSConfig(Path(tls[0]), Path(tls[1]), ca)
     else:
-        raise ValueError(f"tls must be (cert_path, key_path), (cert_path, key_path, ca_path) "
+        raise InputError(f"tls must be (cert_path, key_path), (cert_path, key_path, ca_path) "
                          f"or xflwb.server.security.make_dev_ca(dir), got {tls!r}")
     for what, path in (("certificate", cfg.cert), ("key", cfg.key), ("CA", cfg.ca)):
         if path is not None and not Path(path).is_file():
-            raise ValueError(f"TLS {what} file {str(path)!r} does not exist; for development "
+            raise InputError(f"TLS {what} file {str(path)!r} does not exist; for development "
                              "make one with xflwb.server.security.make_dev_ca(dir)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         ctx.load_cert_chain(cfg.cert, cfg.key)
     except (ssl.SSLError, OSError) as exc:
-        raise ValueError(f"TLS certificate {str(cfg.cert)!r} and key {str(cfg.key)!r} do not "
+        raise InputError(f"TLS certificate {str(cfg.cert)!r} and key {str(cfg.key)!r} do not "
                          f"load together ({exc}): pass the PEM certificate chain and its own "
                          "unencrypted private key") from None
     if cfg.ca is not None:
         try:
             ssl.create_default_context(cafile=str(cfg.ca))
         except (ssl.SSLError, OSError) as exc:
-            raise ValueError(f"TLS CA file {str(cfg.ca)!r} is not a PEM certificate "
+            raise InputError(f"TLS CA file {str(cfg.ca)!r} is not a PEM certificate "
                              f"({exc})") from None
     return cfg
 
@@ -129,7 +129,7 @@ def fingerprint(pem_path: str | os.PathLike[str]) -> str:
     start = text.find("-----BEGIN CERTIFICATE-----")
     end = text.find("-----END CERTIFICATE-----", start)
     if start < 0 or end < 0:
-        raise ValueError(f"{pem_path} holds no PEM certificate")
+        raise InputError(f"{pem_path} holds no PEM certificate")
     der = ssl.PEM_cert_to_DER_cert(text[start:end + len("-----END CERTIFICATE-----")])
     digest = hashlib.sha256(der).hexdigest().upper()
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
@@ -161,7 +161,7 @@ def make_dev_ca(directory: str | os.PathLike[str],
     folder.mkdir(parents=True, exist_ok=True)
     hosts = list(dict.fromkeys(str(h) for h in hosts))
     if not hosts:
-        raise ValueError("make_dev_ca needs at least one host name or IP address")
+        raise InputError("make_dev_ca needs at least one host name or IP address")
     out = TLSConfig(folder / "server.pem", folder / "server.key", folder / "ca.pem")
     ca_key_path = folder / "ca.key"
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
@@ -258,7 +258,7 @@ def check_device_auth(mode: Any) -> str | None:
         return None
     if isinstance(mode, str) and mode.lower() == "token":
         return "token"
-    raise ValueError(f"device_auth must be None (open, as FedKit's backend) or 'token' "
+    raise InputError(f"device_auth must be None (open, as FedKit's backend) or 'token' "
                      f"(phones present a token issued with wb.issue_device_token), got "
                      f"{mode!r}")
 
@@ -288,7 +288,7 @@ def check_ttl(ttl: Any) -> float | None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int | float) \
             or not math.isfinite(ttl) or not 0 < ttl <= MAX_TTL:
-        raise ValueError(f"ttl must be a number of seconds in (0, {MAX_TTL:.0f}] (ten years) "
+        raise InputError(f"ttl must be a number of seconds in (0, {MAX_TTL:.0f}] (ten years) "
                          f"or None (the token never expires), got {ttl!r}")
     return float(ttl)
 
@@ -300,7 +300,7 @@ def check_session_scope(session: Any) -> int | None:
         return None
     value = getattr(session, "id", session)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
-        raise ValueError(f"session must be a session id (a positive integer, e.g. s.id) or "
+        raise InputError(f"session must be a session id (a positive integer, e.g. s.id) or "
                          f"None (valid for every session), got {session!r}")
     return int(value)
 
@@ -350,7 +350,7 @@ class TokenStore:
         it is valid for (None: every session)."""
         if not isinstance(device, str) or not device.strip() or len(device) > MAX_DEVICE_NAME \
                 or not device.isprintable():
-            raise ValueError(f"device must be a printable name of 1 to {MAX_DEVICE_NAME} "
+            raise InputError(f"device must be a printable name of 1 to {MAX_DEVICE_NAME} "
                              f"characters, got {device!r}")
         ttl, session = check_ttl(ttl), check_session_scope(session)
         token = secrets.token_urlsafe(32)

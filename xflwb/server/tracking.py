@@ -32,6 +32,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
+from xflwb.errors import InputError
+
 log = logging.getLogger(__name__)
 
 #: (platform, metric, value) triples, as ``Registry.add_metrics`` takes them
@@ -52,7 +54,7 @@ class Tracker(ABC):
         """Raise ``ValueError`` with the fix when the backend cannot run here (at config
         time: before any process starts)."""
         if cls.module is not None and not _installed(cls.module):
-            raise ValueError(f"tracking={cls.name!r} needs {cls.module}, which is not "
+            raise InputError(f"tracking={cls.name!r} needs {cls.module}, which is not "
                              f"installed: {cls.install}")
 
     @abstractmethod
@@ -97,7 +99,7 @@ def normalize(tracking: Any) -> list[str] | None:
     if isinstance(tracking, str):
         tracking = [part for part in tracking.split(",")]
     if not isinstance(tracking, list | tuple) or not all(isinstance(t, str) for t in tracking):
-        raise ValueError(f"tracking must be a backend name or a list of them "
+        raise InputError(f"tracking must be a backend name or a list of them "
                          f"({', '.join(map(repr, BACKENDS))}), got {tracking!r}")
     names = list(dict.fromkeys(t.strip().lower() for t in tracking if t.strip()))
     for n in names:
@@ -106,7 +108,7 @@ def normalize(tracking: Any) -> list[str] | None:
 
             found = suggest(n, BACKENDS)
             hint = f"did you mean {' or '.join(map(repr, found))}? " if found else ""
-            raise ValueError(f"tracking={n!r} is not a tracking backend: {hint}it takes "
+            raise InputError(f"tracking={n!r} is not a tracking backend: {hint}it takes "
                              f"{', '.join(map(repr, BACKENDS))}")
         BACKENDS[n].check()
     return names or None

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from xflwb import _options
+from xflwb.errors import SessionFailure
 from xflwb.simulation.config import SimulationConfig
 
 _MANAGERS: dict[tuple[str, str | None], Any] = {}
@@ -85,8 +86,8 @@ def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,
         status = _console.wait(session, cfg.rounds, timeout=timeout, progress=progress)
         if status != "finished":
             info = session.info
-            raise RuntimeError(f"simulation {session.id} {status}: {info.get('error') or ''}"
-                               f" (log: {manager.log_dir / f'session-{session.id}.log'})")
+            raise SessionFailure(f"simulation {session.id} {status}: {info.get('error') or ''}"
+                                 f" (log: {manager.log_dir / f'session-{session.id}.log'})")
     return session
 
 

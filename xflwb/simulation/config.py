@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from xflwb import _options
 from xflwb._options import option
 from xflwb.bridge.params import PLATFORMS
+from xflwb.errors import InputError
 from xflwb.server.config import RoundOptions
 from xflwb.simulation import secagg as secagg_mod
 
@@ -15,6 +18,18 @@ from xflwb.simulation import secagg as secagg_mod
 def platform_of(partition_id: int, android: int) -> str:
     """Clients ``0..android-1`` are Android, the rest iOS (``wb.spawn_devices``' order)."""
     return "android" if partition_id < android else "ios"
+
+
+@contextlib.contextmanager
+def _secagg_input() -> Iterator[None]:
+    """``xflwb.simulation.secagg``'s checks raise a bare ``ValueError``: the same message as
+    an ``InputError`` (an xflwb error, which the magics show as one line)."""
+    try:
+        yield
+    except InputError:
+        raise
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 @_options.declared  # unknown keywords: did you mean
@@ -60,22 +75,23 @@ class SimulationConfig(RoundOptions):
         from xflwb.devices import datasets, partition
 
         if self.secagg is not None:
-            self.secagg = secagg_mod.normalized(self.secagg)
+            with _secagg_input():
+                self.secagg = secagg_mod.normalized(self.secagg)
         self._check_rounds()
         from xflwb.server.config import ASYNC_STRATEGIES
 
         if self.strategy in ASYNC_STRATEGIES:
-            raise ValueError(
+            raise InputError(
                 f"strategy {self.strategy!r} (asynchronous rounds) runs in phone sessions, "
                 "not on the Simulation Engine, whose rounds are synchronous: use "
                 "wb.train(model, strategy='fedbuff') with wb.spawn_devices(..., "
                 "slowdown=[...]) for virtual phones, or a synchronous strategy here")
         if self.num_clients < 1:
-            raise ValueError("a simulation needs clients: pass android=N and/or ios=M")
+            raise InputError("a simulation needs clients: pass android=N and/or ios=M")
         if self.min_clients is None:
             self.min_clients = min(2, self.num_clients)
         if not 1 <= self.min_clients <= self.num_clients:
-            raise ValueError(f"min_clients must be in 1..{self.num_clients} (the fleet), "
+            raise InputError(f"min_clients must be in 1..{self.num_clients} (the fleet), "
                              f"got {self.min_clients!r}")
         partition.parse(self.partition)  # clear errors now, not in every Ray worker
         datasets.parse_name(self.dataset)
@@ -89,17 +105,18 @@ class SimulationConfig(RoundOptions):
 
         assert self.secagg is not None and self.min_clients is not None
         if self.strategy in ROBUST_RULES:
-            raise ValueError(f"strategy {self.strategy!r} needs every client's update, which "
+            raise InputError(f"strategy {self.strategy!r} needs every client's update, which "
                              "secagg hides; use fedavg or a server optimiser (fedadam, ...)")
         if self.max_update_norm is not None:
-            raise ValueError("max_update_norm rejects single updates, which secagg hides; "
+            raise InputError("max_update_norm rejects single updates, which secagg hides; "
                              "pass one or the other")
         if self.privacy is not None and not self.privacy.get("client_clipping", True):
-            raise ValueError("privacy with secagg needs client_clipping: the server cannot "
+            raise InputError("privacy with secagg needs client_clipping: the server cannot "
                              "clip a masked update, the clients clip their own (fl-dp-sa)")
         sampled = min(max(int(self.num_clients * self.fraction_fit), self.min_clients),
                       self.num_clients)
-        secagg_mod.check_fleet(self.secagg, sampled)
+        with _secagg_input():
+            secagg_mod.check_fleet(self.secagg, sampled)
 
     @property
     def num_clients(self) -> int:
@@ -112,6 +129,6 @@ class SimulationConfig(RoundOptions):
         """Every platform asked for must have been exported."""
         for plat in PLATFORMS:
             if getattr(self, plat) and plat not in manifest["platforms"]:
-                raise ValueError(f"{manifest['name']} v{manifest['version']} has no {plat} "
+                raise InputError(f"{manifest['name']} v{manifest['version']} has no {plat} "
                                  f"artifact; export it with platforms=(…, {plat!r}) or pass "
                                  f"{plat}=0")
