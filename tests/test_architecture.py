@@ -55,6 +55,10 @@ SIBLINGS: dict[tuple[str, str], str] = {
     ("_export_options", "bridge"): "the export options build the bridge's optimizers",
     ("bridge", "style"): "the export report's tables look like the dashboard's",
     ("_options", "_argparse"): "an unknown keyword gets the parsers' \"did you mean\"",
+    ("bridge", "errors"): "the export errors derive from xflwb.XflwbError (one error tree)",
+    ("_options", "errors"): "OptionError is an InputError (one error tree)",
+    ("_argparse", "errors"): "CommandLineError is an InputError (one error tree)",
+    ("_export_options", "errors"): "a bad export option is an InputError (one error tree)",
     ("simulation", "devices"): "simulated clients train on the devices' datasets/partitions",
     ("simulation", "server"): "the simulation is a server (strategy, registry, sessions) "
                               "whose clients are simulated",

@@ -76,6 +76,50 @@ def test_magic_errors_raise_one_line(ip, tmp_path):
     assert "broken" not in ip.user_ns
 
 
+
+@pytest.mark.parametrize("error", [
+    xflwb.InputError("bad input"), xflwb.ExportFailure("no export"),
+    xflwb.SessionFailure("no session"), xflwb.UpdateRejected("no update"),
+    xflwb.PrivacyError("no budget"), xflwb.BackendError("no backend"),
+    xflwb.DeviceFailure("no device"), xflwb.XflwbError("the root"),
+    xflwb.ParityError("runtimes disagree", report=None),
+    FileExistsError("out/m exists; exports never overwrite"),
+], ids=lambda e: type(e).__name__)
+def test_a_magic_shows_any_xflwb_error_as_one_line(error):
+    """The magics catch the root (and the OS's OSError): our message, not a traceback."""
+    from xflwb.magics import XflMagicError, _failing_as
+
+    with pytest.raises(XflMagicError) as info, _failing_as("%xfl_train"):
+        raise error
+    assert info.value.__cause__ is error  # the API error is kept
+    assert str(info.value) == f"%xfl_train: {error}"
+    assert len(info.value._render_traceback_()) == 1
+
+
+def test_a_magic_keeps_a_bugs_traceback():
+    """Anything that is no xflwb error is a bug: it propagates as it is."""
+    from xflwb.magics import _failing_as
+
+    with pytest.raises(ZeroDivisionError), _failing_as("%xfl_train"):
+        _ = 1 / 0
+    with pytest.raises(KeyError), _failing_as("%xfl_train"):
+        raise KeyError("internal")
+
+
+def test_a_plain_value_error_of_a_dependency_reaches_the_magic_as_ours(ip, tmp_path):
+    """secagg's fleet check raises a bare ValueError; the simulation's options turn it into
+    an InputError, so %xfl_simulate shows it as one line and starts nothing."""
+    from xflwb.magics import XflMagicError
+
+    r = ip.run_cell(f"%xfl_simulate nothing --android 1 --min-clients 1 --secagg '{{}}' "
+                    f"--data-dir {tmp_path / 'x'}")
+    err = r.error_in_exec
+    assert isinstance(err, XflMagicError) and isinstance(err.__cause__, xflwb.InputError)
+    assert str(err) == ("%xfl_simulate: secagg needs at least 2 clients per round, this fleet "
+                        "samples 1: raise min_clients / fraction_fit")
+    assert len(err._render_traceback_()) == 1
+    assert not (tmp_path / "x").exists()
+
 def test_cli_export_module_attr(tmp_path, monkeypatch, capsys):
     (tmp_path / "mymodels.py").write_text(textwrap.dedent("""
         import keras
