@@ -70,7 +70,7 @@ def test_the_experiment_runs_fedbuff_on_devices_and_refuses_it_on_the_simulation
     with pytest.raises(PapermillExecutionError) as refused:
         experiment.run(NOTEBOOK, tmp_path / "sim", {"rounds": 1, "engine": "simulation",
                                                     "strategy": "fedbuff"})
-    assert refused.value.ename == "ValueError"
+    assert refused.value.ename == "InputError"  # an xflwb.InputError, a ValueError
     assert "not on the Simulation Engine" in refused.value.evalue
 
 
