@@ -157,6 +157,8 @@ def fedkit_router(state: AppState) -> APIRouter:
                         session = state.sessions.start(model["name"], **opts)
                     except SessionConflict:  # another process started it meanwhile
                         active = registry.active_session_for(model["name"])
+                    except NotFound:  # removed meanwhile (a RegistryError, not a failure)
+                        raise HTTPException(404, f"no model named {model['name']!r}") from None
                     except (RuntimeError, TimeoutError) as exc:
                         raise HTTPException(503, f"could not start a session for "
                                                  f"{model['name']}: {exc}") from None
