@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
+
 Shape = tuple[int, int, int, int]  # (Seq, C, H, W) of one sample
 Chw = tuple[int, int, int]
-Arr = np.ndarray
+Arr: TypeAlias = AnyArray
 
 #: Core ML layer type (the ``layer`` oneof name) -> kernel class
 KERNELS: dict[str, type[Kernel]] = {}

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.optim import resolve_optimizer
 from xflwb.bridge.runtime.base import Runtime
 
@@ -81,10 +82,10 @@ class KerasRuntime(Runtime):
         self._step = step
         self._infer = infer
 
-    def get_parameters(self) -> list[np.ndarray]:
+    def get_parameters(self) -> list[AnyArray]:
         return [np.array(v.numpy(), dtype=np.float32) for v in self.model.trainable_variables]
 
-    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+    def set_parameters(self, arrays: Sequence[AnyArray]) -> None:
         from xflwb.bridge import params
 
         shaped = params._shaped(arrays, [tuple(p["shape"]) for p in self.manifest["parameters"]],
@@ -92,18 +93,18 @@ class KerasRuntime(Runtime):
         for v, a in zip(self.model.trainable_variables, shaped, strict=True):
             v.assign(a)
 
-    def canonical_parameters(self) -> list[np.ndarray]:
+    def canonical_parameters(self) -> list[AnyArray]:
         return self.get_parameters()
 
-    def set_canonical_parameters(self, canonical: Sequence[np.ndarray]) -> None:
+    def set_canonical_parameters(self, canonical: Sequence[AnyArray]) -> None:
         self.set_parameters(canonical)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: AnyArray) -> AnyArray:
         x = self._check_x(x)
         return np.array(self._infer(x), dtype=np.float32)
 
     def _begin_task(self) -> None:
         self._reset(self.opt, self._lr)
 
-    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def _train_step(self, x: AnyArray, y: AnyArray) -> float:
         return float(self._step(x, self._targets(y)))

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.runtime.base import Runtime
 
 
@@ -68,17 +69,17 @@ class AndroidRuntime(Runtime):
             raise ValueError(f"the .tflite has {self._n} parameters, the manifest "
                              f"{len(self._shapes)}")
 
-    def get_parameters(self) -> list[np.ndarray]:
+    def get_parameters(self) -> list[AnyArray]:
         out = self._params()
         return [np.array(out[f"a{i}"], dtype=np.float32) for i in range(self._n)]
 
-    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+    def set_parameters(self, arrays: Sequence[AnyArray]) -> None:
         from xflwb.bridge import params
 
         shaped = params.from_platform(arrays, self.manifest, "android")
         self._restore(**{f"a{i}": a for i, a in enumerate(shaped)})
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: AnyArray) -> AnyArray:
         x = self._check_x(x)
         if len(x) == 0:
             return np.zeros((0, *self.manifest["output_shape"]), np.float32)
@@ -92,5 +93,5 @@ class AndroidRuntime(Runtime):
         # restore() resets the optimizer state (FedKit restores before every round)
         self._restore(**{f"a{i}": a for i, a in enumerate(self.get_parameters())})
 
-    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def _train_step(self, x: AnyArray, y: AnyArray) -> float:
         return float(self._train(x=x, y=self._targets(y))["loss"])
