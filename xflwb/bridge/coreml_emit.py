@@ -259,7 +259,8 @@ def _conv_common(e: Emitter, n: Node, src: str, k4: AnyArray, bias: AnyArray | N
     kh, kw, cin_g, cout = k4.shape
     folded = e.folded.get(n.inputs[0]) if src == e.blob.get(n.inputs[0]) else None
     if folded is not None:  # a ZeroPadding before a valid convolution: its own padding
-        pads = tuple(a + b for a, b in zip(pads, folded, strict=True))
+        pt, pb, pl, pr = (a + f for a, f in zip(pads, folded, strict=True))
+        pads = (pt, pb, pl, pr)
     e.b.add_convolution(name, kernel_channels=int(cin_g), output_channels=int(cout),
                         height=int(kh), width=int(kw), stride_height=int(strides[0]),
                         stride_width=int(strides[1]), border_mode=padding, groups=int(groups),
@@ -587,7 +588,7 @@ def _recurrent(e: Emitter, n: Node, src: list[str]) -> str:
 
     out = p + "y" if lay.return_sequences else n.name
     if cls == "LSTM":  # Keras i, f, c, o → Core ML i, f, o, z
-        order = (0, 1, 3, 2)
+        order: tuple[int, ...] = (0, 1, 3, 2)
         e.b.add_unilstm(n.name, W_h=gates(r, order), W_x=gates(k, order),
                         b=None if bias is None else gates(bias, order), hidden_size=units,
                         input_size=feats, input_names=[p + "seq"],

@@ -14,14 +14,14 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from xflwb.bridge.arrays import AnyArray, Array
 
 if TYPE_CHECKING:  # manifest imports this module (PLATFORMS)
-    from xflwb.bridge.manifest import Manifest
+    from xflwb.bridge.manifest import CoreMLLayer, Manifest
 
 PLATFORMS = ("android", "ios")
 NPY_MAGIC = b"\x93NUMPY"
@@ -44,7 +44,9 @@ def to_platform_array(k: Array, layout: str, chw: Sequence[int] | None = None
     if layout == "dense_chw":
         # Keras flattens (h, w, c); Core ML's CHANNEL_FIRST flatten orders (c, h, w):
         # permute the kernel's rows to match, then transpose to [out, in].
-        c, h, w = chw  # type: ignore[misc]
+        if chw is None:
+            raise ValueError("the dense_chw layout needs the flattened map's (c, h, w)")
+        c, h, w = chw
         out = k.shape[1]
         return np.ascontiguousarray(
             k.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(-1, out).T)
@@ -68,7 +70,9 @@ def from_platform_array(w: Array, layout: str, chw: Sequence[int] | None = None,
     if layout == "dense":
         return np.ascontiguousarray(w.T)
     if layout == "dense_chw":
-        c, h, ww = chw  # type: ignore[misc]
+        if chw is None:
+            raise ValueError("the dense_chw layout needs the flattened map's (c, h, w)")
+        c, h, ww = chw
         out = w.shape[0]
         return np.ascontiguousarray(
             w.T.reshape(c, h, ww, out).transpose(1, 2, 0, 3).reshape(-1, out))
@@ -140,8 +144,17 @@ def to_platform(canonical: Sequence[AnyArray], manifest: Manifest,
                     [p["name"] for p in manifest["parameters"]], "canonical")
     if platform == "android":
         return [a.copy() for a in canon]
-    return [to_platform_array(canon[e["canonical"]], e["layout"], e.get("chw")).copy()
+    return [to_platform_array(canon[_canonical_index(e)], e["layout"], e.get("chw")).copy()
             for e in manifest["platforms"]["ios"]["coreml_layers"]]
+
+
+def _canonical_index(entry: CoreMLLayer) -> int:
+    """The canonical parameter an iOS tensor holds (every tensor a phone sends has one)."""
+    idx = entry["canonical"]
+    if idx is None:
+        raise ValueError(f"coreml_layers entry {entry['name']!r} ({entry['type']}) maps to no "
+                         "canonical parameter; re-export the model")
+    return idx
 
 
 def from_platform(arrays: Sequence[AnyArray], manifest: Manifest, platform: str,
@@ -173,7 +186,7 @@ def from_platform(arrays: Sequence[AnyArray], manifest: Manifest, platform: str,
             raise ValueError(f"base has {len(fill)} tensors, expected {len(out)}")
         out = [np.asarray(fill[i], np.float32).reshape(manifest["parameters"][i]["shape"])
                if a is None else a for i, a in enumerate(out)]
-    return out  # type: ignore[return-value]
+    return cast("list[Array]", out)  # every None was filled just above
 
 
 def trained_mask(manifest: Manifest, platform: str) -> list[bool]:
@@ -194,8 +207,9 @@ def trained_mask(manifest: Manifest, platform: str) -> list[bool]:
         return [True] * n
     mask = [False] * n
     for e in manifest["platforms"]["ios"]["coreml_layers"]:
-        if e.get("canonical") is not None and e.get("updatable"):
-            mask[e["canonical"]] = True
+        idx = e.get("canonical")
+        if idx is not None and e.get("updatable"):
+            mask[idx] = True
     return mask
 
 
@@ -304,8 +318,11 @@ def decode_npy(data: bytes) -> Array:
         parsed = _NPY_HEADERS.get(header)
         if parsed is None:
             buf = io.BytesIO(header)
-            version = np.lib.format.read_magic(buf)
-            shape, fortran, dtype = np.lib.format._read_array_header(buf, version)
+            # numpy's stubs leave read_magic unannotated and omit the private header reader
+            # (the one that parses a header without reading a payload)
+            version = np.lib.format.read_magic(buf)  # type: ignore[no-untyped-call]
+            shape, fortran, dtype = np.lib.format._read_array_header(  # type: ignore[attr-defined]
+                buf, version)
             check_tensor_dtype(dtype)
             if any(d < 0 for d in shape):
                 raise ValueError(f"negative dimension in shape {tuple(shape)}")

@@ -16,6 +16,7 @@ import pandas as pd
 
 from xflwb.bridge import params
 from xflwb.bridge.arrays import AnyArray
+from xflwb.bridge.manifest import Manifest
 from xflwb.bridge.params import PLATFORMS
 from xflwb.bridge.runtime.base import Runtime
 
@@ -44,7 +45,7 @@ def _max_err(a: list[AnyArray] | AnyArray, b: list[AnyArray] | AnyArray) -> floa
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def sample_data(manifest: dict[str, Any], n: int = 16, seed: int = 0
+def sample_data(manifest: Manifest, n: int = 16, seed: int = 0
                 ) -> tuple[AnyArray, AnyArray]:
     """Seeded inputs in [0, 1) and labels/targets for the checks."""
     rng = np.random.default_rng(seed)
@@ -60,7 +61,7 @@ def sample_data(manifest: dict[str, Any], n: int = 16, seed: int = 0
     return x, y
 
 
-def check(manifest: dict[str, Any], runtimes: dict[str, Runtime],
+def check(manifest: Manifest, runtimes: dict[str, Runtime],
           references: dict[str, Runtime] | None = None, tol: float = TOLERANCE,
           seed: int = 0) -> pd.DataFrame:
     """Run every check; ``runtimes`` holds ``keras`` plus the exported platforms.

@@ -33,7 +33,7 @@ _CCE = "categoricalCrossEntropyLossLayer"
 _MSE = "meanSquaredErrorLossLayer"
 
 
-def make_kernel(layer: Any, index: int, dtype: np.dtype) -> Kernel:
+def make_kernel(layer: Any, index: int, dtype: np.dtype[Any]) -> Kernel:
     """The kernel for one layer proto; unsupported types name the layer and the options."""
     kind = layer.WhichOneof("layer") or ""
     cls = KERNELS.get(kind)
@@ -124,10 +124,10 @@ class CoreMLExecutor:
             raise ValueError(f"input '{inp.name}' has shape {list(dims)}; the executor needs a "
                              "fixed (C, H, W) or (D,) shape (Core ML's rank-5 mapping)")
         self.input_name, self.input_dims = inp.name, dims
-        self.input_shape: tuple[int, int, int] = chw  # type: ignore[assignment]
+        self.input_shape: tuple[int, int, int] = chw
         # other declared inputs: optional states (LSTM h_0, c_0) left absent, i.e. zeros
         optional = {i.name for i in desc.input[1:]}
-        shapes: dict[str, Shape] = {inp.name: (1, *chw)}  # type: ignore[dict-item]
+        shapes: dict[str, Shape] = {inp.name: (1, *chw)}
         for k in self.layers:
             ins: list[Shape | None] = []
             for pos, blob in enumerate(k.inputs):

@@ -12,6 +12,7 @@ import numpy as np
 
 from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.coreml_exec import CoreMLExecutor
+from xflwb.bridge.manifest import Manifest
 from xflwb.bridge.runtime.base import Runtime
 
 __all__ = ["CoreMLExecutor", "IOSRuntime", "coreml_dims", "to_coreml"]
@@ -43,7 +44,7 @@ class IOSRuntime(Runtime):
 
     platform = "ios"
 
-    def __init__(self, manifest: dict[str, Any], path: pathlib.Path,
+    def __init__(self, manifest: Manifest, path: pathlib.Path,
                  adam_epsilon: str = "hat") -> None:
         from xflwb.bridge.coreml_proto import load_spec
 

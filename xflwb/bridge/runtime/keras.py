@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge.arrays import AnyArray
+from xflwb.bridge.manifest import Manifest
 from xflwb.bridge.optim import resolve_optimizer
 from xflwb.bridge.runtime.base import Runtime
 
@@ -23,7 +24,7 @@ class KerasRuntime(Runtime):
 
     platform = "keras"
 
-    def __init__(self, manifest: dict[str, Any], path: Path | None = None, model: Any = None,
+    def __init__(self, manifest: Manifest, path: Path | None = None, model: Any = None,
                  dropout: bool = True, train_mask: Sequence[bool] | None = None) -> None:
         super().__init__(manifest)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,12 +60,12 @@ class KerasRuntime(Runtime):
 
         # one trace per runtime, whatever the batch size (a MobileNet trace takes seconds)
         x_spec = tf.TensorSpec([None, *self.input_shape], tf.float32)
-        y_shape = [int(self.classes)] if self.loss == "categorical_crossentropy" else list(
+        y_shape = [self.class_count()] if self.loss == "categorical_crossentropy" else list(
             manifest["output_shape"])
         y_spec = tf.TensorSpec([None, *y_shape], tf.float32)
 
         @tf.function(input_signature=[x_spec, y_spec])
-        def step(x, y):
+        def step(x: Any, y: Any) -> Any:
             with tf.GradientTape() as tape:
                 value = loss_fn(y, model(x, training=training))
             grads = tape.gradient(value, model.trainable_variables)
@@ -76,7 +77,7 @@ class KerasRuntime(Runtime):
             return value
 
         @tf.function(input_signature=[x_spec])
-        def infer(x):
+        def infer(x: Any) -> Any:
             return model(x, training=False)
 
         self._step = step

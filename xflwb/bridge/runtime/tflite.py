@@ -12,10 +12,11 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge.arrays import AnyArray
+from xflwb.bridge.manifest import Manifest
 from xflwb.bridge.runtime.base import Runtime
 
 
-def load_interpreter(model: Path | bytes, num_threads: int | None = None):
+def load_interpreter(model: Path | bytes, num_threads: int | None = None) -> Any:
     """A ``tf.lite.Interpreter``; TF 2.18's wheel links the Flex delegate in automatically.
 
     ``num_threads`` is passed to ``tf.lite.Interpreter`` (its threads for the built-in
@@ -50,7 +51,7 @@ class AndroidRuntime(Runtime):
 
     platform = "android"
 
-    def __init__(self, manifest: dict[str, Any], path: Path | bytes,
+    def __init__(self, manifest: Manifest, path: Path | bytes,
                  num_threads: int | None = None) -> None:
         super().__init__(manifest)
         self.num_threads = num_threads
@@ -58,7 +59,8 @@ class AndroidRuntime(Runtime):
         sigs = self.interpreter.get_signature_list()
         missing = {"train", "infer", "parameters", "restore"} - set(sigs)
         if missing:
-            raise ValueError(f"{path} lacks the FedKit signatures {sorted(missing)}")
+            where = "the in-memory model" if isinstance(path, bytes) else str(path)
+            raise ValueError(f"{where} lacks the FedKit signatures {sorted(missing)}")
         self._train = self.interpreter.get_signature_runner("train")
         self._infer = self.interpreter.get_signature_runner("infer")
         self._params = self.interpreter.get_signature_runner("parameters")
