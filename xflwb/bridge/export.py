@@ -378,9 +378,20 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list[Array], stage: P
         }
     if ios_build is not None:
         coreml_builder.save(ios_build.spec, stage / _STAGED["ios"])
+        io = ios_build.io
         m["platforms"]["ios"] = {"file": _STAGED["ios"], "sha256": "",
                                  "bytes": (stage / _STAGED["ios"]).stat().st_size,
-                                 "coreml_layers": ios_build.coreml_layers, **ios_build.io,
+                                 "coreml_layers": ios_build.coreml_layers,
+                                 "input_name": io["input_name"],
+                                 "input_shape": io["input_shape"],
+                                 "output_name": io["output_name"],
+                                 "target_name": io["target_name"],
+                                 "target_dtype": io["target_dtype"],
+                                 "flatten_mode": io["flatten_mode"],
+                                 "allowed_epochs": io["allowed_epochs"],
+                                 "allowed_batch_sizes": io["allowed_batch_sizes"],
+                                 "specification_version": io["specification_version"],
+                                 "layers": io["layers"],
                                  "trained": ios_build.trained,
                                  "plan": _plan_rows(plans["ios"], graph)}
     return m

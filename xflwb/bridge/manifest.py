@@ -243,6 +243,15 @@ def load(path: str | Path) -> Manifest:
     return manifest
 
 
+def class_count(manifest: Manifest) -> int:
+    """The classes of a cross-entropy model (the only loss that has them)."""
+    classes = manifest["classes"]
+    if classes is None:
+        raise ManifestError(f"model '{manifest['name']}' lists no classes; only a "
+                            "categorical_crossentropy export has them (re-export it)")
+    return int(classes)
+
+
 def initial_parameters(manifest: Manifest) -> list[Array]:
     """The exported model's canonical parameters, read without TensorFlow."""
     import numpy as np

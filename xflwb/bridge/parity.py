@@ -16,7 +16,7 @@ import pandas as pd
 
 from xflwb.bridge import params
 from xflwb.bridge.arrays import AnyArray
-from xflwb.bridge.manifest import Manifest
+from xflwb.bridge.manifest import Manifest, class_count
 from xflwb.bridge.params import PLATFORMS
 from xflwb.bridge.runtime.base import Runtime
 
@@ -55,7 +55,7 @@ def sample_data(manifest: Manifest, n: int = 16, seed: int = 0
     else:
         x = rng.random((n, *manifest["input"]["shape"]), dtype=np.float32)
     if manifest["loss"] == "categorical_crossentropy":
-        y = rng.integers(0, int(manifest["classes"]), size=n)
+        y = rng.integers(0, class_count(manifest), size=n)
     else:
         y = rng.standard_normal((n, *manifest["output_shape"])).astype(np.float32)
     return x, y

@@ -13,17 +13,18 @@ import numpy as np
 import pandas as pd
 
 from xflwb.bridge import params
-from xflwb.bridge.manifest import Manifest
+from xflwb.bridge.manifest import CoreMLLayer, Manifest
 
 
 def parameter_table(manifest: Manifest) -> pd.DataFrame:
     """One row per canonical parameter: shape and layout on each platform."""
     ios = manifest["platforms"].get("ios")
-    by_canon: dict[int, dict[str, Any]] = {}
+    by_canon: dict[int, CoreMLLayer] = {}
     if ios:
         for e in ios["coreml_layers"]:
-            if e.get("canonical") is not None:
-                by_canon[e["canonical"]] = e
+            idx = e.get("canonical")
+            if idx is not None:
+                by_canon[idx] = e
     rows = []
     ios_mask = params.trained_mask(manifest, "ios") if ios else None
     for i, p in enumerate(manifest["parameters"]):

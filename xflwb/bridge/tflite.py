@@ -111,7 +111,7 @@ def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer)
             # would otherwise walk (and serialise functions of) every Keras layer.
             self._tracked = [v.value for v in [*model.variables, *opt.variables]]
 
-        @tf.function(input_signature=[x_spec, y_spec])
+        @tf.function(input_signature=[x_spec, y_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
         def train(self, x: Any, y: Any) -> dict[str, Any]:
             with tf.GradientTape() as tape:
                 pred = model(x, training=True)
@@ -120,16 +120,16 @@ def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer)
             opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return {"loss": value}
 
-        @tf.function(input_signature=[x_spec])
+        @tf.function(input_signature=[x_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
         def infer(self, x: Any) -> dict[str, Any]:
             return {"logits": model(x, training=False)}
 
-        @tf.function(input_signature=[])
+        @tf.function(input_signature=[])  # type: ignore[untyped-decorator]  # TF has no stubs
         def parameters(self) -> dict[str, Any]:
             return {f"a{i}": tf.identity(v.value)
                     for i, v in enumerate(model.trainable_variables)}
 
-        @tf.function(input_signature=param_specs)
+        @tf.function(input_signature=param_specs)  # type: ignore[untyped-decorator]  # TF has no stubs
         def restore(self, *arrays: Any) -> dict[str, Any]:
             for v, a in zip(model.trainable_variables, arrays, strict=True):
                 v.assign(a)

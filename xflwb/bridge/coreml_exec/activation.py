@@ -149,6 +149,7 @@ class Activation(StepKernel):
     def backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         if not need_dx:
             return None
+        assert self._x is not None and self._y is not None  # kept by the forward pass
         return (dy * self._df(self._x, self._y)).astype(dy.dtype, copy=False)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from xflwb.bridge.arrays import AnyArray
-from xflwb.bridge.manifest import Manifest
+from xflwb.bridge.manifest import Manifest, class_count
 
 CCE_EPSILON = 1e-7  # Keras' clipping constant for cross-entropy on probabilities
 
@@ -148,18 +148,11 @@ class Runtime(ABC):
             y = y.astype(np.float32)
         return x, y
 
-    def class_count(self) -> int:
-        """The classes of a cross-entropy model (``validate`` pairs that loss with them)."""
-        if self.classes is None:
-            raise ValueError(f"model '{self.manifest['name']}' trains with cross-entropy but "
-                             "its manifest lists no classes; re-export it")
-        return int(self.classes)
-
     def _targets(self, y: AnyArray) -> AnyArray:
         """Labels as the training signatures take them: one-hot rows for cross-entropy
         (FedKit's layout), else the regression targets in the output's shape."""
         if self.loss == "categorical_crossentropy":
-            return np.eye(self.class_count(), dtype=np.float32)[y]
+            return np.eye(class_count(self.manifest), dtype=np.float32)[y]
         return y.reshape(len(y), *self.manifest["output_shape"]).astype(np.float32)
 
     def _check_x(self, x: AnyArray) -> AnyArray:

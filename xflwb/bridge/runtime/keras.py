@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge.arrays import AnyArray
-from xflwb.bridge.manifest import Manifest
+from xflwb.bridge.manifest import Manifest, class_count
 from xflwb.bridge.optim import resolve_optimizer
 from xflwb.bridge.runtime.base import Runtime
 
@@ -60,11 +60,11 @@ class KerasRuntime(Runtime):
 
         # one trace per runtime, whatever the batch size (a MobileNet trace takes seconds)
         x_spec = tf.TensorSpec([None, *self.input_shape], tf.float32)
-        y_shape = [self.class_count()] if self.loss == "categorical_crossentropy" else list(
+        y_shape = [class_count(manifest)] if self.loss == "categorical_crossentropy" else list(
             manifest["output_shape"])
         y_spec = tf.TensorSpec([None, *y_shape], tf.float32)
 
-        @tf.function(input_signature=[x_spec, y_spec])
+        @tf.function(input_signature=[x_spec, y_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
         def step(x: Any, y: Any) -> Any:
             with tf.GradientTape() as tape:
                 value = loss_fn(y, model(x, training=training))
@@ -76,7 +76,7 @@ class KerasRuntime(Runtime):
             self.opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return value
 
-        @tf.function(input_signature=[x_spec])
+        @tf.function(input_signature=[x_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
         def infer(x: Any) -> Any:
             return model(x, training=False)
 
