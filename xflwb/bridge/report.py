@@ -21,10 +21,10 @@ def parameter_table(manifest: Manifest) -> pd.DataFrame:
     ios = manifest["platforms"].get("ios")
     by_canon: dict[int, CoreMLLayer] = {}
     if ios:
-        for e in ios["coreml_layers"]:
-            idx = e.get("canonical")
+        for entry in ios["coreml_layers"]:
+            idx = entry.get("canonical")
             if idx is not None:
-                by_canon[idx] = e
+                by_canon[idx] = entry
     rows = []
     ios_mask = params.trained_mask(manifest, "ios") if ios else None
     for i, p in enumerate(manifest["parameters"]):
