@@ -14,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from xflwb.bridge import coreml_rules
 from xflwb.bridge.coreml_emit import (
@@ -28,6 +28,7 @@ from xflwb.bridge.coreml_emit import (
     input_dims,
 )
 from xflwb.bridge.graph import ExportError, ModelGraph
+from xflwb.bridge.manifest import CoreMLLayer
 from xflwb.bridge.optim import SGD, Adam, Optimizer
 from xflwb.errors import InputError
 
@@ -42,16 +43,31 @@ IOS_TRAINING = ("auto", "strict")
 
 
 
+class ModelIO(TypedDict):
+    """The artifact's interface, as the manifest's ``platforms.ios`` lists it."""
+
+    input_name: str
+    input_shape: list[int]
+    output_name: str
+    target_name: str
+    target_dtype: str
+    flatten_mode: str
+    allowed_epochs: list[int]  # [min, max]
+    allowed_batch_sizes: list[int]  # [min, max]
+    specification_version: int
+    layers: int
+
+
 @dataclass
 class CoreMLBuild:
     spec: Any
-    coreml_layers: list[dict[str, Any]] = field(default_factory=list)
-    io: dict[str, Any] = field(default_factory=dict)
-    plan: dict[str, tuple[str, str]] = field(default_factory=dict)  # node → (status, why)
-    trained: list[int] = field(default_factory=list)  # canonical indices iOS trains
+    coreml_layers: list[CoreMLLayer]
+    io: ModelIO
+    plan: dict[str, tuple[str, str]]  # node → (status, why)
+    trained: list[int]  # canonical indices iOS trains
 
 
-def _quiet_import():
+def _quiet_import() -> tuple[Any, Any, Any, Any]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import logging
@@ -147,7 +163,7 @@ def build(graph: ModelGraph, loss: str, optimizer: Optimizer, batch_size: int, e
             + "; ".join(f"'{e.owner.get(k, k)}' is blocked by '{e.owner.get(v, v)}'"
                         for k, v in sorted(why.items()) if v) + "). Add a trainable "
             "Dense head after the last such layer, or export with platforms=('android',).")
-    entries = []
+    entries: list[CoreMLLayer] = []
     trained: set[int] = set()
     for t in e.tensors:
         if t.layer in ok and t.canonical is not None:
@@ -166,7 +182,7 @@ def build(graph: ModelGraph, loss: str, optimizer: Optimizer, batch_size: int, e
     spec.description.metadata.shortDescription = "xflwb export (updatable neural network)"
     coreml_rules.validate(spec.neuralNetwork.layers, OUTPUT_NAME, is_cce)
     up = spec.neuralNetwork.updateParams
-    info = {"input_name": INPUT_NAME, "input_shape": dims,
+    info: ModelIO = {"input_name": INPUT_NAME, "input_shape": dims,
             "output_name": OUTPUT_NAME, "target_name": TARGET_NAME,
             "target_dtype": "int32" if is_cce else "double",
             "flatten_mode": "CHANNEL_LAST",

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.graph import INPUT, ModelGraph, Node, activation_name
 
 INPUT_NAME = "x"
@@ -75,7 +76,7 @@ class Emitter:
         self.prescale: dict[str, float] = {}  # clipped ReLU → factor its convolutions take
 
     # -- helpers ---------------------------------------------------------------------------
-    def weights(self, n: Node) -> dict[str, np.ndarray]:
+    def weights(self, n: Node) -> dict[str, AnyArray]:
         return {w.name: np.asarray(w.numpy(), np.float32) for w in n.layer.weights}
 
     def canon(self, n: Node, role: str) -> int | None:
@@ -217,8 +218,8 @@ def _dense(e: Emitter, n: Node, src: list[str]) -> str:
     return _fused(e, n, name)
 
 
-def _absorb_batchnorm(e: Emitter, n: Node, k4: np.ndarray, bias: np.ndarray | None,
-                      name: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _absorb_batchnorm(e: Emitter, n: Node, k4: AnyArray, bias: AnyArray | None,
+                      name: str) -> tuple[AnyArray, AnyArray | None]:
     """Fold a frozen BatchNorm into the frozen convolution before it.
 
     A frozen backbone (MobileNet, ResNet) is conv → BatchNorm pairs whose weights never
@@ -246,7 +247,7 @@ def _absorb_batchnorm(e: Emitter, n: Node, k4: np.ndarray, bias: np.ndarray | No
             (b * scale + shift).astype(np.float32))
 
 
-def _conv_common(e: Emitter, n: Node, src: str, k4: np.ndarray, bias: np.ndarray | None,
+def _conv_common(e: Emitter, n: Node, src: str, k4: AnyArray, bias: AnyArray | None,
                  groups: int, strides: tuple[int, int], dilation: tuple[int, int],
                  padding: str, name: str, pads: tuple[int, int, int, int] = (0, 0, 0, 0)
                  ) -> None:
@@ -258,7 +259,8 @@ def _conv_common(e: Emitter, n: Node, src: str, k4: np.ndarray, bias: np.ndarray
     kh, kw, cin_g, cout = k4.shape
     folded = e.folded.get(n.inputs[0]) if src == e.blob.get(n.inputs[0]) else None
     if folded is not None:  # a ZeroPadding before a valid convolution: its own padding
-        pads = tuple(a + b for a, b in zip(pads, folded, strict=True))
+        pt, pb, pl, pr = (a + f for a, f in zip(pads, folded, strict=True))
+        pads = (pt, pb, pl, pr)
     e.b.add_convolution(name, kernel_channels=int(cin_g), output_channels=int(cout),
                         height=int(kh), width=int(kw), stride_height=int(strides[0]),
                         stride_width=int(strides[1]), border_mode=padding, groups=int(groups),
@@ -328,8 +330,8 @@ def _channels_axis(n: Node) -> None:
         raise Refused(f"works on axis {axis}; iOS supports the channel (last) axis only")
 
 
-def _batchnorm_layer(e: Emitter, name: str, src: str, gamma: np.ndarray, beta: np.ndarray,
-                     mean: np.ndarray, var: np.ndarray, eps: float) -> str:
+def _batchnorm_layer(e: Emitter, name: str, src: str, gamma: AnyArray, beta: AnyArray,
+                     mean: AnyArray, var: AnyArray, eps: float) -> str:
     c = len(gamma)
     e.b.add_batchnorm(name, c, gamma.astype(np.float32), beta.astype(np.float32),
                       mean=mean.astype(np.float32), variance=var.astype(np.float32),
@@ -350,7 +352,7 @@ def _batchnorm(e: Emitter, n: Node, src: list[str]) -> str:
                             w["moving_variance"], lay.epsilon)
 
 
-def _per_channel(value: Any, c: int) -> np.ndarray:
+def _per_channel(value: Any, c: int) -> AnyArray:
     arr = np.asarray(value, np.float32).reshape(-1)
     if arr.size == 1:
         return np.full(c, arr[0], np.float32)
@@ -579,14 +581,14 @@ def _recurrent(e: Emitter, n: Node, src: list[str]) -> str:
     # time lives on the width axis; Core ML's recurrent layers read the sequence axis
     e.b.add_permute(p + "seq", (3, 1, 2, 0), src[0], p + "seq")
 
-    def gates(m: np.ndarray, order: tuple[int, ...]) -> list[np.ndarray]:
+    def gates(m: AnyArray, order: tuple[int, ...]) -> list[AnyArray]:
         parts = np.split(m, len(order), axis=-1)
         return [np.ascontiguousarray(parts[i].T) if m.ndim == 2 else parts[i].copy()
                 for i in order]
 
     out = p + "y" if lay.return_sequences else n.name
     if cls == "LSTM":  # Keras i, f, c, o → Core ML i, f, o, z
-        order = (0, 1, 3, 2)
+        order: tuple[int, ...] = (0, 1, 3, 2)
         e.b.add_unilstm(n.name, W_h=gates(r, order), W_x=gates(k, order),
                         b=None if bias is None else gates(bias, order), hidden_size=units,
                         input_size=feats, input_names=[p + "seq"],

@@ -28,8 +28,10 @@ from xflwb.bridge import health, params
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge import parity as parity_mod
 from xflwb.bridge import tflite as tflite_builder
+from xflwb.bridge.arrays import Array
 from xflwb.bridge.graph import ExportError
 from xflwb.bridge.health import ExportWarning
+from xflwb.bridge.manifest import Input, Manifest, PlanRow
 from xflwb.bridge.optim import did_you_mean, resolve_optimizer
 from xflwb.bridge.params import PLATFORMS
 from xflwb.errors import InputError
@@ -54,7 +56,7 @@ class ExportResult:
     version: int
     directory: Path
     paths: dict[str, Path]
-    manifest: dict[str, Any]
+    manifest: Manifest
     parity: pd.DataFrame
     layers: pd.DataFrame
     warnings: list[str] = field(default_factory=list)
@@ -304,13 +306,13 @@ def _export(model: Any, name: str, data_type: str | None, out_dir: str | os.Path
                         layer_table(graph, plans), notes, time.perf_counter() - t0), pending
 
 
-def _keras_runtime(m: dict[str, Any]) -> Any:
+def _keras_runtime(m: Manifest) -> Any:
     from xflwb.bridge import runtime
 
     return runtime.load(m, "keras")
 
 
-def learning_warnings(m: dict[str, Any], graph: graph_mod.ModelGraph,
+def learning_warnings(m: Manifest, graph: graph_mod.ModelGraph,
                       keras_rt: Any) -> list[str]:
     """Can the model learn? A constant frozen backbone, a loss one step cannot move."""
     x, y = parity_mod.sample_data(m)
@@ -326,24 +328,26 @@ def learning_warnings(m: dict[str, Any], graph: graph_mod.ModelGraph,
 
 
 def _plan_rows(plan: dict[str, tuple[str, str]], graph: graph_mod.ModelGraph
-               ) -> list[dict[str, Any]]:
+               ) -> list[PlanRow]:
     return [{"layer": n.name, "class": n.keras_class, "status": plan[n.name][0],
              "why": plan[n.name][1]} for n in graph.nodes]
 
 
-def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, name: str,
+def _build(model: Any, graph: graph_mod.ModelGraph, canon: list[Array], stage: Path, name: str,
            data_type: str, loss: str, opt: Any, batch_size: int, epochs: int,
            plats: tuple[str, ...], classes: int | None, ios_build: Any,
-           plans: dict[str, dict[str, tuple[str, str]]], ios_training: str) -> dict[str, Any]:
+           plans: dict[str, dict[str, tuple[str, str]]], ios_training: str) -> Manifest:
     keras_file = "model.keras"
     model.save(str(stage / keras_file))
     # the starting point for sessions, readable without TensorFlow (servers stay light)
     params.save_npz(stage / INITIAL_FILE, [np.asarray(a, np.float32) for a in canon])
-    m: dict[str, Any] = {
+    model_input: Input = {"shape": list(graph.input_shape), "dtype": "float32",
+                          "layout": {1: "ND", 2: "NTC", 3: "NHWC"}[len(graph.input_shape)]}
+    if graph.ids_below:
+        model_input["ids_below"] = graph.ids_below
+    m: Manifest = {
         "schema": manifest_mod.SCHEMA, "name": name, "version": 0, "data_type": data_type,
-        "input": {"shape": list(graph.input_shape), "dtype": "float32",
-                  "layout": {1: "ND", 2: "NTC", 3: "NHWC"}[len(graph.input_shape)],
-                  **({"ids_below": graph.ids_below} if graph.ids_below else {})},
+        "input": model_input,
         "output_shape": list(graph.output_shape),
         "classes": classes, "loss": loss, "optimizer": opt.to_dict(),
         "batch_size": batch_size, "epochs": epochs,
@@ -375,9 +379,20 @@ def _build(model: Any, graph: graph_mod.ModelGraph, canon: list, stage: Path, na
         }
     if ios_build is not None:
         coreml_builder.save(ios_build.spec, stage / _STAGED["ios"])
+        io = ios_build.io
         m["platforms"]["ios"] = {"file": _STAGED["ios"], "sha256": "",
                                  "bytes": (stage / _STAGED["ios"]).stat().st_size,
-                                 "coreml_layers": ios_build.coreml_layers, **ios_build.io,
+                                 "coreml_layers": ios_build.coreml_layers,
+                                 "input_name": io["input_name"],
+                                 "input_shape": io["input_shape"],
+                                 "output_name": io["output_name"],
+                                 "target_name": io["target_name"],
+                                 "target_dtype": io["target_dtype"],
+                                 "flatten_mode": io["flatten_mode"],
+                                 "allowed_epochs": io["allowed_epochs"],
+                                 "allowed_batch_sizes": io["allowed_batch_sizes"],
+                                 "specification_version": io["specification_version"],
+                                 "layers": io["layers"],
                                  "trained": ios_build.trained,
                                  "plan": _plan_rows(plans["ios"], graph)}
     return m
@@ -388,7 +403,7 @@ _STAGED = {"android": "android.tflite", "ios": "ios.mlmodel"}
 _EXT = {"android": "tflite", "ios": "mlmodel"}
 
 
-def _finalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ...]) -> None:
+def _finalise(stage: Path, m: Manifest, version: int, plats: tuple[str, ...]) -> None:
     """Give artifacts versioned names (phones cache by file name), hash them, write JSON."""
     for p in plats:
         src = stage / m["platforms"][p]["file"]
@@ -402,7 +417,7 @@ def _finalise(stage: Path, m: dict[str, Any], version: int, plats: tuple[str, ..
     manifest_mod.save(m, stage)
 
 
-def _unfinalise(stage: Path, m: dict[str, Any], plats: tuple[str, ...]) -> None:
+def _unfinalise(stage: Path, m: Manifest, plats: tuple[str, ...]) -> None:
     (stage / manifest_mod.FILENAME).unlink(missing_ok=True)
     for p in plats:
         cur = stage / m["platforms"][p]["file"]
@@ -410,7 +425,7 @@ def _unfinalise(stage: Path, m: dict[str, Any], plats: tuple[str, ...]) -> None:
         m["platforms"][p]["file"] = _STAGED[p]
 
 
-def run_parity(m: dict[str, Any], graph: graph_mod.ModelGraph,
+def run_parity(m: Manifest, graph: graph_mod.ModelGraph,
                plats: tuple[str, ...], keras_rt: Any = None) -> pd.DataFrame:
     """Parity of every platform against Keras trained with *that platform's* plan."""
     from xflwb.bridge import runtime

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from xflwb.errors import ExportFailure
+
+if TYPE_CHECKING:
+    from xflwb.bridge.manifest import FrozenDigest, Parameter
 
 #: Keras layer classes xflwb exports (both platforms run their forward pass).
 SUPPORTED = (
@@ -86,9 +89,9 @@ class ModelGraph:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     output: str  # name of the node producing the model output
-    parameters: list[dict[str, Any]]  # canonical: name, shape, dtype, layer, role
+    parameters: list[Parameter]  # canonical, in trainable_weights order
     final_activation: str
-    frozen: dict[str, Any]  # digest of the non-trainable weights
+    frozen: FrozenDigest  # digest of the non-trainable weights
 
     @property
     def ids_below(self) -> int | None:
@@ -259,7 +262,7 @@ class _Reader:
         return tensor_src
 
 
-def _frozen_digest(model: Any) -> dict[str, Any]:
+def _frozen_digest(model: Any) -> FrozenDigest:
     """sha256 of every non-trainable weight (name, shape, float32 bytes), in model order.
 
     Frozen weights are baked into both artifacts and never travel, so the digest is how an
@@ -359,5 +362,6 @@ def analyze(model: Any) -> ModelGraph:
             "LSTM", "GRU"):
         final = activation_name(cur.layer.activation)
     del keras
-    return ModelGraph(nodes, in_shape, out_node.out_shape, out_name, parameters, final,
-                      _frozen_digest(model))
+    # every entry now names its layer and role (checked above): a manifest Parameter
+    return ModelGraph(nodes, in_shape, out_node.out_shape, out_name,
+                      cast("list[Parameter]", parameters), final, _frozen_digest(model))

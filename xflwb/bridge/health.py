@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.graph import INPUT, ModelGraph, Node
 
 #: the frozen part's output counts as constant when its largest spread across the probe
@@ -49,7 +50,7 @@ def _call(node: Node, args: list[Any]) -> Any:
     return node.layer(args if len(args) > 1 else args[0], training=False)
 
 
-def frozen_outputs(graph: ModelGraph, x: np.ndarray) -> dict[str, np.ndarray]:
+def frozen_outputs(graph: ModelGraph, x: AnyArray) -> dict[str, AnyArray]:
     """The frozen part's outputs on ``x``, evaluated layer by layer (they may sit inside a
     nested backbone, where no Keras sub-model can reach them)."""
     import keras
@@ -66,7 +67,7 @@ def frozen_outputs(graph: ModelGraph, x: np.ndarray) -> dict[str, np.ndarray]:
             for n in boundary}
 
 
-def constant_backbone(graph: ModelGraph, x: np.ndarray) -> str | None:
+def constant_backbone(graph: ModelGraph, x: AnyArray) -> str | None:
     """The warning for a frozen part whose output does not depend on the input, else None."""
     outputs = frozen_outputs(graph, x)
     flat = [(name, v.reshape(len(v), -1)) for name, v in outputs.items()]

@@ -3,6 +3,11 @@
 Saved as ``manifest.json`` beside the artifacts; file names inside it are relative to that
 directory. A loaded manifest carries its directory under the private key ``_dir`` (never
 written back), so runtimes can find the artifacts from the dict alone.
+
+``Manifest`` describes that dict for the type checker (a ``TypedDict``: at runtime it stays
+the plain JSON dict, so every reader of ``manifest.json`` keeps working). Keys marked
+``NotRequired`` are absent from some exports: schema /1 lacks the frozen digest and the
+per-platform ``trained`` / ``plan``.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NotRequired, TypedDict, cast
 
 from xflwb.bridge.params import PLATFORMS
 from xflwb.errors import InputError
+
+if TYPE_CHECKING:
+    from xflwb.bridge.arrays import Array
 
 SCHEMA = "xflwb.manifest/2"
 #: schemas this version reads: /2 added the frozen-weights digest and per-platform plans,
@@ -23,6 +31,131 @@ FILENAME = "manifest.json"
 REQUIRED = ("schema", "name", "version", "data_type", "input", "classes", "loss", "optimizer",
             "batch_size", "epochs", "parameters", "platforms")
 LOSSES = ("categorical_crossentropy", "mse")
+
+
+class Parameter(TypedDict):
+    """One canonical parameter (a Keras trainable weight), in ``trainable_weights`` order."""
+
+    name: str  # the weight's path, e.g. "dense/kernel"
+    shape: list[int]
+    dtype: str  # "float32"
+    layer: str
+    role: str  # "kernel", "bias", "gamma", ...
+
+
+class Input(TypedDict):
+    """One sample's input (the batch axis is not listed)."""
+
+    shape: list[int]
+    dtype: str
+    layout: str  # "ND", "NTC" or "NHWC"
+    ids_below: NotRequired[int]  # token ids below the vocabulary size (an Embedding input)
+
+
+class Optimizer(TypedDict):
+    """``xflwb.bridge.optim``'s ``to_dict``: the type and its hyper-parameters."""
+
+    type: str  # "sgd" or "adam"
+    learning_rate: float
+    momentum: NotRequired[float]  # sgd
+    beta_1: NotRequired[float]  # adam
+    beta_2: NotRequired[float]
+    epsilon: NotRequired[float]
+
+
+class FrozenDigest(TypedDict):
+    """sha256 of the non-trainable weights baked into every artifact (schema /2)."""
+
+    sha256: str
+    tensors: int
+    elements: int
+
+
+class CoreMLLayer(TypedDict):
+    """One tensor an iOS phone holds, in its order: an updatable layer's weights or bias."""
+
+    name: str  # the Core ML layer
+    type: str  # "weights" or "bias"
+    updatable: bool
+    shape: list[int]  # Core ML layout
+    canonical: int | None  # index into ``parameters``
+    layout: str  # how ``params.to_platform_array`` maps it
+    chw: NotRequired[list[int]]  # schema /1's "dense_chw" layout: the flattened map
+
+
+class Signature(TypedDict):
+    """A TFLite signature's tensor names."""
+
+    inputs: list[str]
+    outputs: NotRequired[list[str]]  # "restore" has none
+
+
+#: one row of a platform's trainability plan (``class`` is a keyword, hence this spelling)
+PlanRow = TypedDict("PlanRow", {"layer": str, "class": str, "status": str, "why": str})
+
+
+class Platform(TypedDict):
+    """One platform's artifact and how its tensors map to the canonical parameters.
+
+    One type for both platforms, because code indexes ``platforms`` by a platform name
+    held in a variable; the keys only one platform has are ``NotRequired``.
+    """
+
+    file: str  # relative to the manifest's directory
+    sha256: str
+    bytes: int
+    trained: NotRequired[list[int]]  # canonical indices this platform trains (schema /2)
+    plan: NotRequired[list[PlanRow]]  # per layer: trained / frozen / runs (schema /2)
+    # android
+    tflite_layers: NotRequired[list[int]]  # bytes of each canonical parameter
+    signatures: NotRequired[dict[str, Signature]]
+    label_format: NotRequired[str]
+    # ios
+    coreml_layers: NotRequired[list[CoreMLLayer]]
+    input_name: NotRequired[str]
+    input_shape: NotRequired[list[int]]
+    output_name: NotRequired[str]
+    target_name: NotRequired[str]
+    target_dtype: NotRequired[str]
+    flatten_mode: NotRequired[str]
+    allowed_epochs: NotRequired[list[int]]  # [min, max]
+    allowed_batch_sizes: NotRequired[list[int]]  # [min, max]
+    specification_version: NotRequired[int]
+    layers: NotRequired[int]
+
+
+class Source(TypedDict):
+    """The Keras model the export came from, and the initial parameters beside it."""
+
+    keras_file: str
+    keras_class: str
+    initial_parameters: str
+    sha256: NotRequired[str]  # set once the export is final
+
+
+class Manifest(TypedDict):
+    """``manifest.json``: the keys of ``REQUIRED`` and the ones exports add."""
+
+    schema: str
+    name: str
+    version: int
+    data_type: str
+    input: Input
+    classes: int | None  # None unless the loss is categorical cross-entropy
+    loss: str
+    optimizer: Optimizer
+    batch_size: int
+    epochs: int
+    parameters: list[Parameter]
+    platforms: dict[str, Platform]  # "android" and/or "ios"
+    output_shape: NotRequired[list[int]]
+    has_dropout: NotRequired[bool]
+    frozen: NotRequired[FrozenDigest]  # schema /2
+    ios_training: NotRequired[str]  # schema /2: "auto" or "strict"
+    batchnorm: NotRequired[str]
+    source: NotRequired[Source]
+    created: NotRequired[str]
+    _dir: NotRequired[str]  # a loaded manifest's directory (never written)
 
 
 class ManifestError(InputError):
@@ -37,8 +170,9 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def validate(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Check the keys and the internal consistency that aggregation relies on."""
+def validate(manifest: dict[str, Any] | Manifest) -> Manifest:
+    """Check the keys and the internal consistency that aggregation relies on; the checked
+    dict comes back typed as the ``Manifest`` it now is (the same object)."""
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
         raise ManifestError(f"manifest lacks required keys {missing}")
@@ -81,10 +215,10 @@ def validate(manifest: dict[str, Any]) -> dict[str, Any]:
         if trained is not None and any(not isinstance(i, int) or not 0 <= i < n
                                        for i in trained):
             raise ManifestError(f"platforms.{name}.trained lists indices outside 0..{n - 1}")
-    return manifest
+    return cast("Manifest", manifest)
 
 
-def save(manifest: dict[str, Any], directory: Path) -> Path:
+def save(manifest: Manifest, directory: Path) -> Path:
     """Write ``manifest.json`` into ``directory``; refuses to overwrite."""
     path = Path(directory) / FILENAME
     if path.exists():
@@ -94,7 +228,7 @@ def save(manifest: dict[str, Any], directory: Path) -> Path:
     return path
 
 
-def load(path: str | Path) -> dict[str, Any]:
+def load(path: str | Path) -> Manifest:
     """Load a manifest from a ``manifest.json`` path or an export directory."""
     path = Path(path)
     if path.is_dir():
@@ -102,15 +236,24 @@ def load(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}")
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
-    validate(manifest)
+    manifest = validate(raw)
     manifest["_dir"] = str(path.parent.resolve())
     return manifest
 
 
-def initial_parameters(manifest: dict[str, Any]) -> list:
+def class_count(manifest: Manifest) -> int:
+    """The classes of a cross-entropy model (the only loss that has them)."""
+    classes = manifest["classes"]
+    if classes is None:
+        raise ManifestError(f"model '{manifest['name']}' lists no classes; only a "
+                            "categorical_crossentropy export has them (re-export it)")
+    return int(classes)
+
+
+def initial_parameters(manifest: Manifest) -> list[Array]:
     """The exported model's canonical parameters, read without TensorFlow."""
     import numpy as np
 
@@ -127,7 +270,7 @@ def initial_parameters(manifest: dict[str, Any]) -> list:
     return arrays
 
 
-def artifact_path(manifest: dict[str, Any], platform: str) -> Path:
+def artifact_path(manifest: Manifest, platform: str) -> Path:
     """Absolute path of a platform's artifact; needs a manifest that knows its directory."""
     if platform == "keras":
         entry = manifest.get("source", {})

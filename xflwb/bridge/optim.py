@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the manifest's optimizer entry is what to_dict writes
+    from xflwb.bridge.manifest import Optimizer as OptimizerSpec
 
 from xflwb.errors import InputError
 
@@ -58,8 +62,8 @@ class SGD:
     def type(self) -> str:
         return "sgd"
 
-    def to_dict(self) -> dict:
-        return {"type": "sgd", **asdict(self)}
+    def to_dict(self) -> OptimizerSpec:
+        return {"type": "sgd", "learning_rate": self.learning_rate, "momentum": self.momentum}
 
 
 @dataclass(frozen=True)
@@ -85,8 +89,9 @@ class Adam:
     def type(self) -> str:
         return "adam"
 
-    def to_dict(self) -> dict:
-        return {"type": "adam", **asdict(self)}
+    def to_dict(self) -> OptimizerSpec:
+        return {"type": "adam", "learning_rate": self.learning_rate, "beta_1": self.beta_1,
+                "beta_2": self.beta_2, "epsilon": self.epsilon}
 
 
 Optimizer = SGD | Adam
@@ -112,7 +117,8 @@ def resolve_optimizer(optimizer: object, learning_rate: float | None = None) -> 
     if isinstance(optimizer, dict):
         data = dict(optimizer)
         kind = data.pop("type", None)
-        cls = {"sgd": SGD, "adam": Adam}.get(str(kind).lower())
+        classes: dict[str, type[SGD] | type[Adam]] = {"sgd": SGD, "adam": Adam}
+        cls = classes.get(str(kind).lower())
         if cls is None:
             raise InputError(f"unknown optimizer type {kind!r} in {optimizer!r}"
                              f"{did_you_mean(kind, ('sgd', 'adam'))}")

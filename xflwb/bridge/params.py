@@ -14,23 +14,28 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+
+from xflwb.bridge.arrays import AnyArray, Array
+
+if TYPE_CHECKING:  # manifest imports this module (PLATFORMS)
+    from xflwb.bridge.manifest import CoreMLLayer, Manifest
 
 PLATFORMS = ("android", "ios")
 NPY_MAGIC = b"\x93NUMPY"
 
 
 # -- canonical -------------------------------------------------------------------------------
-def canonical(keras_model: Any) -> list[np.ndarray]:
+def canonical(keras_model: Any) -> list[Array]:
     """The model's trainable weights, in Keras order and layout, as float32 copies."""
     return [np.array(v.numpy(), dtype=np.float32) for v in keras_model.trainable_weights]
 
 
 # -- single-array layout transforms -----------------------------------------------------------
-def to_platform_array(k: np.ndarray, layout: str, chw: Sequence[int] | None = None
-                      ) -> np.ndarray:
+def to_platform_array(k: Array, layout: str, chw: Sequence[int] | None = None
+                      ) -> Array:
     """Canonical (Keras) array → Core ML layout."""
     if layout == "identity":
         return k
@@ -39,7 +44,9 @@ def to_platform_array(k: np.ndarray, layout: str, chw: Sequence[int] | None = No
     if layout == "dense_chw":
         # Keras flattens (h, w, c); Core ML's CHANNEL_FIRST flatten orders (c, h, w):
         # permute the kernel's rows to match, then transpose to [out, in].
-        c, h, w = chw  # type: ignore[misc]
+        if chw is None:
+            raise ValueError("the dense_chw layout needs the flattened map's (c, h, w)")
+        c, h, w = chw
         out = k.shape[1]
         return np.ascontiguousarray(
             k.reshape(h, w, c, out).transpose(2, 0, 1, 3).reshape(-1, out).T)
@@ -55,15 +62,17 @@ def to_platform_array(k: np.ndarray, layout: str, chw: Sequence[int] | None = No
     raise ValueError(f"unknown layout {layout!r}")
 
 
-def from_platform_array(w: np.ndarray, layout: str, chw: Sequence[int] | None = None,
-                        shape: Sequence[int] | None = None) -> np.ndarray:
+def from_platform_array(w: Array, layout: str, chw: Sequence[int] | None = None,
+                        shape: Sequence[int] | None = None) -> Array:
     """Core ML layout → canonical (Keras) array; the exact inverse of ``to_platform_array``."""
     if layout == "identity":
         return w
     if layout == "dense":
         return np.ascontiguousarray(w.T)
     if layout == "dense_chw":
-        c, h, ww = chw  # type: ignore[misc]
+        if chw is None:
+            raise ValueError("the dense_chw layout needs the flattened map's (c, h, w)")
+        c, h, ww = chw
         out = w.shape[0]
         return np.ascontiguousarray(
             w.T.reshape(c, h, ww, out).transpose(1, 2, 0, 3).reshape(-1, out))
@@ -81,7 +90,7 @@ def from_platform_array(w: np.ndarray, layout: str, chw: Sequence[int] | None = 
 
 
 # -- whole parameter lists --------------------------------------------------------------------
-def _check_platform(manifest: dict[str, Any], platform: str) -> None:
+def _check_platform(manifest: Manifest, platform: str) -> None:
     if platform not in PLATFORMS:
         raise ValueError(f"unknown platform {platform!r}; use one of {PLATFORMS}")
     if platform not in manifest.get("platforms", {}):
@@ -89,11 +98,11 @@ def _check_platform(manifest: dict[str, Any], platform: str) -> None:
                          f"exported for {platform}")
 
 
-def _canonical_shapes(manifest: dict[str, Any]) -> list[tuple[int, ...]]:
+def _canonical_shapes(manifest: Manifest) -> list[tuple[int, ...]]:
     return [tuple(p["shape"]) for p in manifest["parameters"]]
 
 
-def platform_shapes(manifest: dict[str, Any], platform: str) -> list[tuple[int, ...]]:
+def platform_shapes(manifest: Manifest, platform: str) -> list[tuple[int, ...]]:
     """Shapes of the tensors a phone of ``platform`` holds, in its order."""
     _check_platform(manifest, platform)
     if platform == "android":
@@ -101,14 +110,14 @@ def platform_shapes(manifest: dict[str, Any], platform: str) -> list[tuple[int, 
     return [tuple(e["shape"]) for e in manifest["platforms"]["ios"]["coreml_layers"]]
 
 
-def _platform_names(manifest: dict[str, Any], platform: str) -> list[str]:
+def _platform_names(manifest: Manifest, platform: str) -> list[str]:
     if platform == "android":
         return [f"a{i} ({p['name']})" for i, p in enumerate(manifest["parameters"])]
     return [f"{e['name']} {e['type']}" for e in manifest["platforms"]["ios"]["coreml_layers"]]
 
 
 def _shaped(arrays: Sequence[Any], shapes: list[tuple[int, ...]], names: list[str],
-            what: str) -> list[np.ndarray]:
+            what: str) -> list[Array]:
     if len(arrays) != len(shapes):
         raise ValueError(f"expected {len(shapes)} {what} tensors, got {len(arrays)}")
     out = []
@@ -127,20 +136,29 @@ def _shaped(arrays: Sequence[Any], shapes: list[tuple[int, ...]], names: list[st
     return out
 
 
-def to_platform(canonical: Sequence[np.ndarray], manifest: dict[str, Any],
-                platform: str) -> list[np.ndarray]:
+def to_platform(canonical: Sequence[AnyArray], manifest: Manifest,
+                platform: str) -> list[Array]:
     """Canonical parameters → the tensors a phone of ``platform`` holds, in its order."""
     _check_platform(manifest, platform)
     canon = _shaped(canonical, _canonical_shapes(manifest),
                     [p["name"] for p in manifest["parameters"]], "canonical")
     if platform == "android":
         return [a.copy() for a in canon]
-    return [to_platform_array(canon[e["canonical"]], e["layout"], e.get("chw")).copy()
+    return [to_platform_array(canon[_canonical_index(e)], e["layout"], e.get("chw")).copy()
             for e in manifest["platforms"]["ios"]["coreml_layers"]]
 
 
-def from_platform(arrays: Sequence[np.ndarray], manifest: dict[str, Any], platform: str,
-                  base: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+def _canonical_index(entry: CoreMLLayer) -> int:
+    """The canonical parameter an iOS tensor holds (every tensor a phone sends has one)."""
+    idx = entry["canonical"]
+    if idx is None:
+        raise ValueError(f"coreml_layers entry {entry['name']!r} ({entry['type']}) maps to no "
+                         "canonical parameter; re-export the model")
+    return idx
+
+
+def from_platform(arrays: Sequence[AnyArray], manifest: Manifest, platform: str,
+                  base: Sequence[AnyArray] | None = None) -> list[Array]:
     """A phone's tensors (shaped or flat, as on the wire) → canonical parameters.
 
     An iOS phone holds only the tensors it trains; the canonical parameters it does not
@@ -152,7 +170,7 @@ def from_platform(arrays: Sequence[np.ndarray], manifest: dict[str, Any], platfo
                      _platform_names(manifest, platform), platform)
     if platform == "android":
         return [a.copy() for a in shaped]
-    out: list[np.ndarray | None] = [None] * len(manifest["parameters"])
+    out: list[Array | None] = [None] * len(manifest["parameters"])
     for arr, e in zip(shaped, manifest["platforms"]["ios"]["coreml_layers"], strict=True):
         idx = e.get("canonical")
         if idx is not None:
@@ -168,10 +186,10 @@ def from_platform(arrays: Sequence[np.ndarray], manifest: dict[str, Any], platfo
             raise ValueError(f"base has {len(fill)} tensors, expected {len(out)}")
         out = [np.asarray(fill[i], np.float32).reshape(manifest["parameters"][i]["shape"])
                if a is None else a for i, a in enumerate(out)]
-    return out  # type: ignore[return-value]
+    return cast("list[Array]", out)  # every None was filled just above
 
 
-def trained_mask(manifest: dict[str, Any], platform: str) -> list[bool]:
+def trained_mask(manifest: Manifest, platform: str) -> list[bool]:
     """Per canonical parameter: does a phone of ``platform`` train it?
 
     Exports since the per-platform plan record it (``platforms.<p>.trained``); older ones
@@ -189,13 +207,14 @@ def trained_mask(manifest: dict[str, Any], platform: str) -> list[bool]:
         return [True] * n
     mask = [False] * n
     for e in manifest["platforms"]["ios"]["coreml_layers"]:
-        if e.get("canonical") is not None and e.get("updatable"):
-            mask[e["canonical"]] = True
+        idx = e.get("canonical")
+        if idx is not None and e.get("updatable"):
+            mask[idx] = True
     return mask
 
 
 # -- differential privacy: clipping, shared by the server and the clients ----------------------
-def update_norm(update: Sequence[np.ndarray], previous: Sequence[np.ndarray],
+def update_norm(update: Sequence[AnyArray], previous: Sequence[AnyArray],
                 trained: Sequence[bool]) -> float:
     """L2 norm of ``update − previous`` over the trained parameters, in float64 (NaN or
     inf when the update holds them: callers refuse those)."""
@@ -208,9 +227,9 @@ def update_norm(update: Sequence[np.ndarray], previous: Sequence[np.ndarray],
     return float(np.sqrt(total))
 
 
-def clip_update(update: Sequence[np.ndarray], base: Sequence[np.ndarray],
+def clip_update(update: Sequence[AnyArray], base: Sequence[AnyArray],
                 trained: Sequence[bool], clipping_norm: float
-                ) -> tuple[list[np.ndarray], float]:
+                ) -> tuple[list[Array], float]:
     """(``update`` with its delta to ``base`` scaled to L2 norm ≤ ``clipping_norm`` over the
     ``trained`` tensors, the delta's norm before clipping: :func:`update_norm`). Untrained
     tensors come back as given (no aggregate reads them). Canonical space, so every platform
@@ -230,9 +249,9 @@ def clip_update(update: Sequence[np.ndarray], base: Sequence[np.ndarray],
     return out, norm
 
 
-def clip_platform_update(trained: Sequence[np.ndarray], received: Sequence[np.ndarray],
-                         manifest: dict[str, Any], platform: str, clipping_norm: float
-                         ) -> tuple[list[np.ndarray], float]:
+def clip_platform_update(trained: Sequence[AnyArray], received: Sequence[AnyArray],
+                         manifest: Manifest, platform: str, clipping_norm: float
+                         ) -> tuple[list[Array], float]:
     """A client's local clipping: its ``trained`` tensors (platform layout) with their delta
     to the ``received`` global model clipped in canonical space over the tensors
     ``platform`` trains (``clip_update``), back in platform layout; and the norm before
@@ -245,31 +264,31 @@ def clip_platform_update(trained: Sequence[np.ndarray], received: Sequence[np.nd
 
 
 # -- wire codecs ------------------------------------------------------------------------------
-def encode_raw(array: np.ndarray) -> bytes:
+def encode_raw(array: AnyArray) -> bytes:
     """Raw little-endian float32, row-major, no header (FedKit / Flower Android)."""
     return np.ascontiguousarray(array, dtype="<f4").tobytes()
 
 
-def decode_raw(data: bytes) -> np.ndarray:
+def decode_raw(data: bytes) -> Array:
     if len(data) % 4:
         raise ValueError(f"raw float32 tensor has {len(data)} bytes, not a multiple of 4")
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
 
 
-def encode_npy(array: np.ndarray) -> bytes:
+def encode_npy(array: AnyArray) -> bytes:
     """``.npy`` bytes (Flower's iOS SDK, ``tensor_type='ndarray'``)."""
     buf = io.BytesIO()
     np.save(buf, np.asarray(array, dtype=np.float32), allow_pickle=False)
     return buf.getvalue()
 
 
-_NPY_HEADERS: dict[bytes, tuple[np.dtype, tuple[int, ...], bool]] = {}
+_NPY_HEADERS: dict[bytes, tuple[np.dtype[Any], tuple[int, ...], bool]] = {}
 #: the element types a phone's tensor may have: real floats (any byte order); anything else
 #: (ints, bools, complex, structured, object, strings) is refused by name, never converted
 TENSOR_DTYPES = ("float16", "float32", "float64")
 
 
-def check_tensor_dtype(dtype: np.dtype) -> None:
+def check_tensor_dtype(dtype: np.dtype[Any]) -> None:
     """Refuse, naming it, any dtype but a real float16/float32/float64.
 
     A silent ``astype(float32)`` would drop a complex tensor's imaginary part, read a
@@ -283,7 +302,7 @@ def check_tensor_dtype(dtype: np.dtype) -> None:
                          f"{', '.join(TENSOR_DTYPES)}")
 
 
-def decode_npy(data: bytes) -> np.ndarray:
+def decode_npy(data: bytes) -> Array:
     """``.npy`` bytes → float32 array.
 
     Every client of a round sends the same few headers, so parsed headers are cached and the
@@ -299,8 +318,11 @@ def decode_npy(data: bytes) -> np.ndarray:
         parsed = _NPY_HEADERS.get(header)
         if parsed is None:
             buf = io.BytesIO(header)
-            version = np.lib.format.read_magic(buf)
-            shape, fortran, dtype = np.lib.format._read_array_header(buf, version)
+            # numpy's stubs leave read_magic unannotated and omit the private header reader
+            # (the one that parses a header without reading a payload)
+            version = np.lib.format.read_magic(buf)  # type: ignore[no-untyped-call]
+            shape, fortran, dtype = np.lib.format._read_array_header(  # type: ignore[attr-defined]
+                buf, version)
             check_tensor_dtype(dtype)
             if any(d < 0 for d in shape):
                 raise ValueError(f"negative dimension in shape {tuple(shape)}")
@@ -327,20 +349,20 @@ def detect_codec(data: bytes) -> str:
     return "npy" if data[:6] == NPY_MAGIC else "raw"
 
 
-def decode_tensor(data: bytes) -> tuple[np.ndarray, str]:
+def decode_tensor(data: bytes) -> tuple[Array, str]:
     """Decode one wire tensor, whichever encoding it used; returns (array, codec name)."""
     codec = detect_codec(data)
     return CODECS[codec][1](data), codec
 
 
-def encode_tensors(arrays: Sequence[np.ndarray], codec: str = "raw") -> list[bytes]:
+def encode_tensors(arrays: Sequence[AnyArray], codec: str = "raw") -> list[bytes]:
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; use one of {sorted(CODECS)}")
     enc = CODECS[codec][0]
     return [enc(a) for a in arrays]
 
 
-def decode_tensors(blobs: Sequence[bytes]) -> tuple[list[np.ndarray], str]:
+def decode_tensors(blobs: Sequence[bytes]) -> tuple[list[Array], str]:
     """Decode a list of wire tensors; all must use one codec (answers reuse it)."""
     decoded = [decode_tensor(b) for b in blobs]
     codecs = {c for _, c in decoded}
@@ -349,13 +371,13 @@ def decode_tensors(blobs: Sequence[bytes]) -> tuple[list[np.ndarray], str]:
     return [a for a, _ in decoded], (codecs.pop() if codecs else "raw")
 
 
-def save_npz(path: Any, arrays: Sequence[np.ndarray]) -> None:
+def save_npz(path: Any, arrays: Sequence[AnyArray]) -> None:
     """Tensors in order as an ``.npz`` (``arr_0``, ``arr_1``, …): initial weights and
     checkpoints share this format and :func:`load_npz`."""
     np.savez(path, *arrays)
 
 
-def load_npz(path: Any) -> list[np.ndarray]:
+def load_npz(path: Any) -> list[AnyArray]:
     """The tensors of an ``.npz`` written by :func:`save_npz`, in order; never unpickles
     (a checkpoint file is not code)."""
     with np.load(path, allow_pickle=False) as data:

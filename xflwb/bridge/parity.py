@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 from xflwb.bridge import params
+from xflwb.bridge.arrays import AnyArray
+from xflwb.bridge.manifest import Manifest, class_count
 from xflwb.bridge.params import PLATFORMS
 from xflwb.bridge.runtime.base import Runtime
 from xflwb.errors import ExportFailure
@@ -31,7 +33,7 @@ class ParityError(ExportFailure):
         self.report = report
 
 
-def _max_err(a: list[np.ndarray] | np.ndarray, b: list[np.ndarray] | np.ndarray) -> float:
+def _max_err(a: list[AnyArray] | AnyArray, b: list[AnyArray] | AnyArray) -> float:
     if isinstance(a, list):
         if len(a) != len(b):
             return float("inf")
@@ -44,8 +46,8 @@ def _max_err(a: list[np.ndarray] | np.ndarray, b: list[np.ndarray] | np.ndarray)
     return float(np.max(np.abs(a - b))) if a.size else 0.0
 
 
-def sample_data(manifest: dict[str, Any], n: int = 16, seed: int = 0
-                ) -> tuple[np.ndarray, np.ndarray]:
+def sample_data(manifest: Manifest, n: int = 16, seed: int = 0
+                ) -> tuple[AnyArray, AnyArray]:
     """Seeded inputs in [0, 1) and labels/targets for the checks."""
     rng = np.random.default_rng(seed)
     ids = manifest["input"].get("ids_below")
@@ -54,13 +56,13 @@ def sample_data(manifest: dict[str, Any], n: int = 16, seed: int = 0
     else:
         x = rng.random((n, *manifest["input"]["shape"]), dtype=np.float32)
     if manifest["loss"] == "categorical_crossentropy":
-        y = rng.integers(0, int(manifest["classes"]), size=n)
+        y = rng.integers(0, class_count(manifest), size=n)
     else:
         y = rng.standard_normal((n, *manifest["output_shape"])).astype(np.float32)
     return x, y
 
 
-def check(manifest: dict[str, Any], runtimes: dict[str, Runtime],
+def check(manifest: Manifest, runtimes: dict[str, Runtime],
           references: dict[str, Runtime] | None = None, tol: float = TOLERANCE,
           seed: int = 0) -> pd.DataFrame:
     """Run every check; ``runtimes`` holds ``keras`` plus the exported platforms.
@@ -101,14 +103,14 @@ def check(manifest: dict[str, Any], runtimes: dict[str, Runtime],
     # training from identical weights: one full-batch step, then three steps over uneven
     # mini-batches (momentum / Adam moments and the partial last batch come into play)
     for check_name, batch in (("train_step", len(x)), ("train_3_steps", -(-len(x) // 3))):
-        def run(rt: Runtime, batch: int = batch) -> tuple[float, list[np.ndarray]]:
+        def run(rt: Runtime, batch: int = batch) -> tuple[float, list[AnyArray]]:
             rt.set_canonical_parameters(start)
             loss = rt.fit(x, y, epochs=1, batch_size=batch, shuffle=False)[0]
             after = rt.canonical_parameters()
             rt.set_canonical_parameters(start)
             return loss, after
 
-        done: dict[int, tuple[float, list[np.ndarray]]] = {}
+        done: dict[int, tuple[float, list[AnyArray]]] = {}
         for platform in PLATFORMS:
             rt = runtimes.get(platform)
             if rt is None:
@@ -143,7 +145,7 @@ def assert_ok(report: pd.DataFrame) -> None:
                           + "\n(pass strict=False to keep the export anyway)", report)
 
 
-def loss_step(rt: Runtime, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+def loss_step(rt: Runtime, x: AnyArray, y: AnyArray) -> tuple[float, float]:
     """The loss on ``(x, y)`` before and after one full-batch training step; ``rt``'s
     parameters are restored (export reuses parity's Keras runtime: no second copy)."""
     start = rt.canonical_parameters()

@@ -13,16 +13,18 @@ import numpy as np
 import pandas as pd
 
 from xflwb.bridge import params
+from xflwb.bridge.manifest import CoreMLLayer, Manifest
 
 
-def parameter_table(manifest: dict[str, Any]) -> pd.DataFrame:
+def parameter_table(manifest: Manifest) -> pd.DataFrame:
     """One row per canonical parameter: shape and layout on each platform."""
     ios = manifest["platforms"].get("ios")
-    by_canon: dict[int, dict[str, Any]] = {}
+    by_canon: dict[int, CoreMLLayer] = {}
     if ios:
-        for e in ios["coreml_layers"]:
-            if e.get("canonical") is not None:
-                by_canon[e["canonical"]] = e
+        for entry in ios["coreml_layers"]:
+            idx = entry.get("canonical")
+            if idx is not None:
+                by_canon[idx] = entry
     rows = []
     ios_mask = params.trained_mask(manifest, "ios") if ios else None
     for i, p in enumerate(manifest["parameters"]):
@@ -39,7 +41,7 @@ def parameter_table(manifest: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def update_bytes(manifest: dict[str, Any]) -> dict[str, int]:
+def update_bytes(manifest: Manifest) -> dict[str, int]:
     """Bytes of parameters one update carries per platform (raw float32 on the wire)."""
     out = {}
     for plat in manifest["platforms"]:
@@ -148,7 +150,7 @@ def plan_html(layers: pd.DataFrame) -> str:
     return _table(pd.DataFrame(rows, columns=cols), escape=False)
 
 
-def _frozen_line(manifest: dict[str, Any]) -> str:
+def _frozen_line(manifest: Manifest) -> str:
     """The frozen weights' digest, only when something is frozen (else it would be the
     SHA-256 of nothing)."""
     frozen = manifest.get("frozen", {})

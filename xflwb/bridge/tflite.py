@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from xflwb.bridge.graph import ExportError, ModelGraph
 from xflwb.bridge.optim import SGD, Optimizer
 
 
-def keras_optimizer(optimizer: Optimizer):
+def keras_optimizer(optimizer: Optimizer) -> Any:
     import keras
 
     if isinstance(optimizer, SGD):
@@ -30,7 +31,7 @@ def keras_optimizer(optimizer: Optimizer):
                                  epsilon=optimizer.epsilon)
 
 
-def keras_loss(loss: str):
+def keras_loss(loss: str) -> Any:
     import keras
 
     if loss == "categorical_crossentropy":
@@ -69,14 +70,15 @@ def batchnorm_inference(model: Any) -> None:
             continue
         cls_call = type(lay).call
 
-        def call(inputs, training=None, mask=None, _lay=lay, _call=cls_call):
+        def call(inputs: Any, training: Any = None, mask: Any = None, _lay: Any = lay,
+                 _call: Any = cls_call) -> Any:
             return _call(_lay, inputs, training=False, mask=mask)
 
         lay.call = call
 
 
 @contextlib.contextmanager
-def batchnorm_inference_scope(model: Any):
+def batchnorm_inference_scope(model: Any) -> Iterator[Any]:
     """``batchnorm_inference`` for the duration of a block (the user's model is restored)."""
     patched = [lay for lay in _batchnorms(model) if "call" not in vars(lay)]
     batchnorm_inference(model)
@@ -87,7 +89,7 @@ def batchnorm_inference_scope(model: Any):
             vars(lay).pop("call", None)
 
 
-def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer):
+def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> Any:
     """A ``tf.Module`` whose four tf.functions are the FedKit signatures."""
     import tensorflow as tf
 
@@ -100,7 +102,7 @@ def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer)
     param_specs = [tf.TensorSpec(v.shape, tf.float32, name=f"a{i}")
                    for i, v in enumerate(model.trainable_variables)]
 
-    class FedKitModule(tf.Module):
+    class FedKitModule(tf.Module):  # type: ignore[misc]  # TensorFlow ships no type stubs
         def __init__(self) -> None:
             super().__init__()
             # Keras 3 variables are not tracked by tf.Module: track the backing tf.Variables
@@ -109,8 +111,8 @@ def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer)
             # would otherwise walk (and serialise functions of) every Keras layer.
             self._tracked = [v.value for v in [*model.variables, *opt.variables]]
 
-        @tf.function(input_signature=[x_spec, y_spec])
-        def train(self, x, y):
+        @tf.function(input_signature=[x_spec, y_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
+        def train(self, x: Any, y: Any) -> dict[str, Any]:
             with tf.GradientTape() as tape:
                 pred = model(x, training=True)
                 value = loss_fn(y, pred)
@@ -118,17 +120,17 @@ def build_module(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer)
             opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return {"loss": value}
 
-        @tf.function(input_signature=[x_spec])
-        def infer(self, x):
+        @tf.function(input_signature=[x_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
+        def infer(self, x: Any) -> dict[str, Any]:
             return {"logits": model(x, training=False)}
 
-        @tf.function(input_signature=[])
-        def parameters(self):
+        @tf.function(input_signature=[])  # type: ignore[untyped-decorator]  # TF has no stubs
+        def parameters(self) -> dict[str, Any]:
             return {f"a{i}": tf.identity(v.value)
                     for i, v in enumerate(model.trainable_variables)}
 
-        @tf.function(input_signature=param_specs)
-        def restore(self, *arrays):
+        @tf.function(input_signature=param_specs)  # type: ignore[untyped-decorator]  # TF has no stubs
+        def restore(self, *arrays: Any) -> dict[str, Any]:
             for v, a in zip(model.trainable_variables, arrays, strict=True):
                 v.assign(a)
             reset_optimizer(opt, lr)
@@ -163,7 +165,8 @@ def convert_saved_model(directory: Path) -> bytes:
                                           tf.lite.OpsSet.SELECT_TF_OPS]
         conv.experimental_enable_resource_variables = True
         try:
-            return conv.convert()
+            data: bytes = conv.convert()
+            return data
         except Exception as exc:
             log = captured.tail()
             raise ExportError(

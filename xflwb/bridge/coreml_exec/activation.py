@@ -19,7 +19,8 @@ _BACKPROP = ("ReLU", "sigmoid", "tanh")
 
 def sigmoid(x: Arr) -> Arr:
     """Overflow-free logistic."""
-    return 0.5 * (np.tanh(0.5 * x) + 1)
+    y: Arr = 0.5 * (np.tanh(0.5 * x) + 1)
+    return y
 
 
 def _affine(x: Arr, a: Any, b: Any) -> Arr:
@@ -108,7 +109,7 @@ class Activation(StepKernel):
     KNOWN = ("linear", "ReLU", "leakyReLU", "thresholdedReLU", "PReLU", "tanh", "scaledTanh",
              "sigmoid", "sigmoidHard", "ELU", "softsign", "softplus", "parametricSoftplus")
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         act = layer.activation
         self.fn = act.WhichOneof("NonlinearityType") or ""
@@ -140,12 +141,15 @@ class Activation(StepKernel):
 
     def forward(self, x: Arr, keep: bool) -> Arr:
         y = np.asarray(self._f(x), dtype=x.dtype)
+        self._x: Arr | None
+        self._y: Arr | None
         self._x, self._y = (x, y) if keep else (None, None)
         return y
 
     def backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         if not need_dx:
             return None
+        assert self._x is not None and self._y is not None  # kept by the forward pass
         return (dy * self._df(self._x, self._y)).astype(dy.dtype, copy=False)
 
 
@@ -155,7 +159,8 @@ class Softmax(StepKernel):
 
     def forward(self, x: Arr, keep: bool) -> Arr:
         z = np.exp(x - x.max(axis=1, keepdims=True))
-        return z / z.sum(axis=1, keepdims=True)
+        y: Arr = z / z.sum(axis=1, keepdims=True)
+        return y
 
     def backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         raise self.fail("softmax passes gradients only fused into a categorical "

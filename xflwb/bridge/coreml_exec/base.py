@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
+
 Shape = tuple[int, int, int, int]  # (Seq, C, H, W) of one sample
 Chw = tuple[int, int, int]
-Arr = np.ndarray
+Arr: TypeAlias = AnyArray
 
 #: Core ML layer type (the ``layer`` oneof name) -> kernel class
 KERNELS: dict[str, type[Kernel]] = {}
@@ -44,7 +46,7 @@ def pair(values: Sequence[int], default: int) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def read_weights(layer_name: str, what: str, wp: Any, shape: tuple[int, ...], dtype: np.dtype,
+def read_weights(layer_name: str, what: str, wp: Any, shape: tuple[int, ...], dtype: np.dtype[Any],
                  allow_fp16: bool = True) -> tuple[Arr, bool]:
     """A ``WeightParams`` as an array: float32 ``floatValue`` or fp16; quantised refused.
 
@@ -86,7 +88,7 @@ class Kernel:
     #: may it be marked updatable?
     can_update: ClassVar[bool] = False
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         self.name: str = layer.name
         self.dtype = np.dtype(dtype)
         self.inputs: list[str] = list(layer.input)
@@ -131,14 +133,16 @@ class StepKernel(Kernel):
     (B, C, H, W) maps; the sequence axis is folded into B here (free for S = 1).
     """
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         self.in_shape: Chw = (0, 0, 0)
         self.out_shape: Chw = (0, 0, 0)
 
     def infer(self, shapes: list[Shape | None]) -> list[Shape]:
-        s, *chw = shapes[0]  # type: ignore[misc]
-        self.in_shape = tuple(chw)  # type: ignore[assignment]
+        shape = shapes[0]
+        assert shape is not None  # a step kernel's one input is never optional
+        s, c, h, w = shape
+        self.in_shape = (c, h, w)
         self.out_shape = self._infer(self.in_shape)
         return [(s, *self.out_shape)]
 
@@ -183,7 +187,7 @@ class Weighted(StepKernel):
     has_backward = True
     w_shape: tuple[int, ...] = ()
 
-    def __init__(self, layer: Any, params: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, params: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         self._params = params
         self.has_bias = bool(params.hasBias)

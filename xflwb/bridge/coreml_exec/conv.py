@@ -113,7 +113,7 @@ def correlate(xp: Arr, wg: Arr, groups: int, k: tuple[int, int], s: tuple[int, i
 class Convolution(Weighted):
     """Cross-correlation with W ``[C_out, C_in/groups, kh, kw]``, zero padding; updatable."""
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         p = layer.convolution
         super().__init__(layer, p, dtype)
         if p.isDeconvolution:
@@ -196,6 +196,7 @@ class Convolution(Weighted):
         # (G, Cout/G, M): free when dy kept the (C, B, H, W) memory order of the forward pass
         dyg = dy.transpose(1, 0, 2, 3).reshape(g, cog, -1)
         if self.updatable:
+            assert self._cols is not None  # kept by the forward pass that grad follows
             self.dW = np.matmul(dyg, self._cols.transpose(0, 2, 1)).reshape(self.w_shape)
             self.db = dyg.sum(axis=2).reshape(-1) if self.b is not None else None
         if not need_dx:
@@ -253,6 +254,7 @@ class Convolution(Weighted):
 
     def _dw_backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         xp = self._xp
+        assert xp is not None  # kept by the forward pass that grad follows
         n, c = dy.shape[0], self.groups
         wd = self._dw_weights()
         m = wd.shape[1]

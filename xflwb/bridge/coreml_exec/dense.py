@@ -17,19 +17,19 @@ from xflwb.bridge.coreml_exec.base import Arr, Chw, Weighted, register
 class InnerProduct(Weighted):
     """Fully connected layer; its gradient is the classic ``dyᵀ·x`` / ``dy·W``."""
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         p = layer.innerProduct
         super().__init__(layer, p, dtype)
         if p.int8DynamicQuantize:
             raise self.fail("int8 dynamic quantisation is not supported")
-        self.n_in, self.n_out = int(p.inputChannels), int(p.outputChannels)
-        self._load_params((self.n_out, self.n_in), self.n_out)
+        self.in_channels, self.out_channels = int(p.inputChannels), int(p.outputChannels)
+        self._load_params((self.out_channels, self.in_channels), self.out_channels)
 
     def _infer(self, shape: Chw) -> Chw:
-        if math.prod(shape) != self.n_in:
+        if math.prod(shape) != self.in_channels:
             raise self.fail(f"input {shape} has {math.prod(shape)} elements per step, "
-                            f"inputChannels is {self.n_in}")
-        return self.n_out, 1, 1
+                            f"inputChannels is {self.in_channels}")
+        return self.out_channels, 1, 1
 
     def forward(self, x: Arr, keep: bool) -> Arr:
         x2 = x.reshape(len(x), -1)

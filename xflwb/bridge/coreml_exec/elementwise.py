@@ -7,7 +7,7 @@ None of them back-propagates in Core ML; their backward passes serve what-if run
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class _Broadcasting(Kernel):
     n_in = (1, 1 << 20)
     has_backward = True
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         self.alpha = float(getattr(layer, self.kind).alpha)
 
@@ -53,10 +53,11 @@ class _Broadcasting(Kernel):
 @register("add")
 class Add(_Broadcasting):
     def run(self, xs: list[Arr | None], keep: bool) -> list[Arr]:
-        if len(xs) == 1:
-            return [xs[0] + np.asarray(self.alpha, xs[0].dtype)]  # type: ignore[operator]
-        y = xs[0] + xs[1]  # type: ignore[operator]
-        for x in xs[2:]:
+        x0, *rest = cast("list[Arr]", xs)  # no input of add is optional
+        if not rest:
+            return [x0 + np.asarray(self.alpha, x0.dtype)]
+        y = x0 + rest[0]
+        for x in rest[1:]:
             y = y + x
         return [y]
 
@@ -72,10 +73,11 @@ class Add(_Broadcasting):
 class Multiply(_Broadcasting):
     def run(self, xs: list[Arr | None], keep: bool) -> list[Arr]:
         self._xs = xs if keep else None
-        if len(xs) == 1:
-            return [xs[0] * np.asarray(self.alpha, xs[0].dtype)]  # type: ignore[operator]
-        y = xs[0] * xs[1]  # type: ignore[operator]
-        for x in xs[2:]:
+        x0, *rest = cast("list[Arr]", xs)  # no input of multiply is optional
+        if not rest:
+            return [x0 * np.asarray(self.alpha, x0.dtype)]
+        y = x0 * rest[0]
+        for x in rest[1:]:
             y = y * x
         return [y]
 
@@ -109,7 +111,7 @@ class Unary(StepKernel):
     has_backward = True
     NAMES = ("SQRT", "RSQRT", "INVERSE", "POWER", "EXP", "LOG", "ABS", "THRESHOLD")
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         p = layer.unary
         if p.type >= len(self.NAMES):
@@ -134,7 +136,8 @@ class Unary(StepKernel):
         self._f, self._df = ops[self.op]
 
     def _z(self, x: Arr) -> Arr:
-        return x * np.asarray(self.scale, x.dtype) + np.asarray(self.shift, x.dtype)
+        z: Arr = x * np.asarray(self.scale, x.dtype) + np.asarray(self.shift, x.dtype)
+        return z
 
     def forward(self, x: Arr, keep: bool) -> Arr:
         self._x = x if keep else None
@@ -144,5 +147,7 @@ class Unary(StepKernel):
     def backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         if not need_dx:
             return None
+        assert self._x is not None  # kept by the forward pass that grad follows
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            return (dy * self.scale * self._df(self._z(self._x))).astype(dy.dtype, copy=False)
+            dx: Arr = (dy * self.scale * self._df(self._z(self._x))).astype(dy.dtype, copy=False)
+            return dx

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import coreml_rules
+from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.coreml_exec import training
 from xflwb.bridge.coreml_exec.activation import Softmax
 from xflwb.bridge.coreml_exec.base import KERNELS, Arr, Kernel, Shape, Weighted
@@ -32,7 +33,7 @@ _CCE = "categoricalCrossEntropyLossLayer"
 _MSE = "meanSquaredErrorLossLayer"
 
 
-def make_kernel(layer: Any, index: int, dtype: np.dtype) -> Kernel:
+def make_kernel(layer: Any, index: int, dtype: np.dtype[Any]) -> Kernel:
     """The kernel for one layer proto; unsupported types name the layer and the options."""
     kind = layer.WhichOneof("layer") or ""
     cls = KERNELS.get(kind)
@@ -123,10 +124,10 @@ class CoreMLExecutor:
             raise ValueError(f"input '{inp.name}' has shape {list(dims)}; the executor needs a "
                              "fixed (C, H, W) or (D,) shape (Core ML's rank-5 mapping)")
         self.input_name, self.input_dims = inp.name, dims
-        self.input_shape: tuple[int, int, int] = chw  # type: ignore[assignment]
+        self.input_shape: tuple[int, int, int] = chw
         # other declared inputs: optional states (LSTM h_0, c_0) left absent, i.e. zeros
         optional = {i.name for i in desc.input[1:]}
-        shapes: dict[str, Shape] = {inp.name: (1, *chw)}  # type: ignore[dict-item]
+        shapes: dict[str, Shape] = {inp.name: (1, *chw)}
         for k in self.layers:
             ins: list[Shape | None] = []
             for pos, blob in enumerate(k.inputs):
@@ -213,7 +214,7 @@ class CoreMLExecutor:
         self._idle = [k for k in self.weighted if k.updatable and id(k) not in self._keep]
 
     # -- inference --------------------------------------------------------------------------
-    def _as_input(self, x: np.ndarray) -> Arr:
+    def _as_input(self, x: AnyArray) -> Arr:
         x = np.asarray(x, dtype=self.dtype)
         if len(self.input_dims) == 1 and x.ndim == 2:
             x = x.reshape(len(x), -1, 1, 1)
@@ -277,7 +278,7 @@ class CoreMLExecutor:
             blobs.update(zip(k.outputs, ys, strict=True))
         return blobs
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: AnyArray) -> AnyArray:
         """Model output for Core ML-layout ``x``: (N, C) for a vector output, (N, C, H, W)
         for a map, (N, S, …) for a sequence."""
         x = self._as_input(x)
@@ -295,8 +296,8 @@ class CoreMLExecutor:
         if not self.has_update:
             raise ValueError("the spec has no update parameters (not an updatable model)")
 
-    def loss_and_grads(self, x: np.ndarray, target: np.ndarray
-                       ) -> tuple[float, list[np.ndarray | None]]:
+    def loss_and_grads(self, x: AnyArray, target: AnyArray
+                       ) -> tuple[float, list[AnyArray | None]]:
         """Batch-mean loss and its gradients, aligned with ``get_weights`` (None = frozen)."""
         self._require_training()
         x = self._as_input(x)
@@ -332,7 +333,7 @@ class CoreMLExecutor:
             lay.db = None if lay.b is None else np.zeros_like(lay.b)
         self._backward(_from_sample(g.astype(self.dtype, copy=False),
                                     self.blob_shapes[self.grad_blob]))
-        result: list[np.ndarray | None] = []
+        result: list[AnyArray | None] = []
         for lay in self.weighted:
             result.append(lay.dW if lay.updatable else None)
             if lay.has_bias:
@@ -358,7 +359,7 @@ class CoreMLExecutor:
         self._m: list[Arr | None] = [None] * len(self.trainable)
         self._v: list[Arr | None] = [None] * len(self.trainable)
 
-    def step(self, x: np.ndarray, target: np.ndarray,
+    def step(self, x: AnyArray, target: AnyArray,
              hyper: dict[str, Any] | None = None) -> float:
         """One optimiser step on one mini-batch; returns its loss before the update."""
         hp = hyper or self.hyperparameters()
@@ -414,7 +415,7 @@ class CoreMLExecutor:
             self._defaults = training.defaults(name, flds)
         return training.resolve(self._defaults, name, flds, overrides)
 
-    def update(self, x: np.ndarray, target: np.ndarray, epochs: int | None = None,
+    def update(self, x: AnyArray, target: AnyArray, epochs: int | None = None,
                batch_size: int | None = None, shuffle: bool | None = None,
                seed: int | None = None, overrides: dict[str, Any] | None = None
                ) -> list[float]:
@@ -452,7 +453,7 @@ class CoreMLExecutor:
                 keys.append((lay.name, "bias", (int(lay.w_shape[0]),)))
         return keys
 
-    def get_weights(self) -> list[np.ndarray]:
+    def get_weights(self) -> list[AnyArray]:
         out = []
         for lay in self.weighted:
             out.append(lay.W.astype(np.float32, copy=True))
@@ -460,7 +461,7 @@ class CoreMLExecutor:
                 out.append(lay.b.astype(np.float32, copy=True))
         return out
 
-    def set_weights(self, arrays: Sequence[np.ndarray]) -> None:
+    def set_weights(self, arrays: Sequence[AnyArray]) -> None:
         """Load weights in proto order; flat arrays are accepted (as on the wire)."""
         keys = self.weight_keys()
         if len(arrays) != len(keys):
@@ -474,7 +475,7 @@ class CoreMLExecutor:
                 lay.b = next(it)
 
     def _check_array(self, arr: Any, name: str, what: str, shape: tuple[int, ...]
-                     ) -> np.ndarray:
+                     ) -> AnyArray:
         a = np.asarray(arr, dtype=self.dtype)
         size = math.prod(shape)
         if a.size != size:

@@ -18,7 +18,7 @@ class BatchNorm(StepKernel):
     backprop = True
     has_backward = True
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         p = layer.batchnorm
         if p.computeMeanVar or p.instanceNormalization:
@@ -39,7 +39,7 @@ class BatchNorm(StepKernel):
         return shape
 
     def forward(self, x: Arr, keep: bool) -> Arr:
-        y = x * self.scale
+        y: Arr = x * self.scale
         y += self.shift
         return y
 

@@ -20,7 +20,7 @@ class Pooling(StepKernel):
     backprop = True
     has_backward = True
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         p = layer.pooling
         if p.type not in (0, 1):
@@ -68,12 +68,14 @@ class Pooling(StepKernel):
         flat = win.transpose(4, 5, 0, 1, 2, 3).reshape(self.k[0] * self.k[1], n, c,
                                                          *self.hw_out)
         if not self.is_max:
-            return flat.sum(axis=0) * self._inv_div
+            mean: Arr = flat.sum(axis=0) * self._inv_div
+            return mean
         y = flat.max(axis=0)
         if keep:  # the first arg-max, as Core ML is assumed to do (argmax(axis=0) is slower)
             cells = np.arange(len(flat), dtype=np.min_scalar_type(len(flat)))
             self._arg = np.where(flat == y, cells.reshape(-1, 1, 1, 1, 1), len(flat)).min(axis=0)
-        return y
+        out: Arr = y
+        return out
 
     def _scatter(self, idx: Arr, vals: Arr, n: int) -> Arr:
         """Sum ``vals`` into a padded (B, C, Hp, Wp) map at flat ``idx``; crop the padding."""

@@ -26,6 +26,8 @@ class _Recurrent(Kernel):
     """Shared shape checks, weight reading and the time loop's bookkeeping."""
 
     n_acts = 0
+    seq_out: bool  # set by each layer's __init__ from its parameters
+    reverse: bool
 
     def _setup(self, p: Any, acts: Any) -> None:
         self.n_x, self.n_h = int(p.inputVectorSize), int(p.outputVectorSize)
@@ -74,7 +76,7 @@ class UniLSTM(_Recurrent):
     n_out = (1, 3)
     n_acts = 3
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         p = layer.uniDirectionalLSTM
         self._setup(p, p.activations)
@@ -126,7 +128,7 @@ class GRU(_Recurrent):
     n_out = (1, 2)
     n_acts = 2
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         p = layer.gru
         self._setup(p, p.activations)

@@ -22,7 +22,7 @@ class Flatten(StepKernel):
     backprop = True
     has_backward = True
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         self.channel_last = layer.flatten.mode == 1
 
@@ -60,7 +60,7 @@ class Reshape(Kernel):
     backprop = True
     has_backward = True
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         p = layer.reshape
         self.target = tuple(int(v) for v in p.targetShape)
@@ -111,7 +111,7 @@ class Permute(Kernel):
     has_backward = True
     _AX = (0, 2, 3, 4)  # array axes of Seq, C, H, W in an (S, N, C, H, W) blob
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         axis = tuple(int(a) for a in layer.permute.axis) or (0, 1, 2, 3)
         if sorted(axis) != [0, 1, 2, 3]:
@@ -123,7 +123,9 @@ class Permute(Kernel):
 
     def infer(self, shapes: list[Shape | None]) -> list[Shape]:
         shape = shapes[0]
-        return [tuple(shape[i] for i in self.axis)]  # type: ignore[index, misc]
+        assert shape is not None  # a permute's one input is never optional
+        a, b, c, e = (shape[i] for i in self.axis)
+        return [(a, b, c, e)]
 
     def run(self, xs: list[Arr | None], keep: bool) -> list[Arr]:
         return [xs[0].transpose(self.perm)]  # type: ignore[union-attr]
@@ -141,7 +143,7 @@ class Concat(Kernel):
     n_in = (2, 1 << 20)
     has_backward = True
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         self.seq = bool(layer.concat.sequenceConcat)
         self.dim = 0 if self.seq else 1  # in (S, C, H, W)
@@ -178,7 +180,7 @@ class Padding(StepKernel):
     _MODES: ClassVar[dict[str, str | None]] = {
         "constant": None, "reflection": "reflect", "replication": "edge"}
 
-    def __init__(self, layer: Any, dtype: np.dtype) -> None:
+    def __init__(self, layer: Any, dtype: np.dtype[Any]) -> None:
         super().__init__(layer, dtype)
         p = layer.padding
         self.mode = p.WhichOneof("PaddingType") or "constant"
@@ -206,7 +208,9 @@ class Padding(StepKernel):
         if self.mode == "constant":
             return pad(x, self.pads, self.value)
         pt, pb, pl, pr = self.pads
-        return np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), mode=self._MODES[self.mode])
+        mode: Any = self._MODES[self.mode]  # "reflect" or "edge" (constant returned above)
+        y: Arr = np.pad(x, ((0, 0), (0, 0), (pt, pb), (pl, pr)), mode=mode)
+        return y
 
     def backward(self, dy: Arr, need_dx: bool) -> Arr | None:
         if not need_dx:

@@ -12,22 +12,23 @@ from pathlib import Path
 from typing import Any
 
 from xflwb.bridge import manifest as _manifest
+from xflwb.bridge.manifest import Manifest
 from xflwb.bridge.runtime.base import Runtime, epoch_batches, loss_value
 
 
-def _android(m: dict[str, Any], **kw: Any) -> Runtime:
+def _android(m: Manifest, **kw: Any) -> Runtime:
     from xflwb.bridge.runtime.tflite import AndroidRuntime
 
     return AndroidRuntime(m, _manifest.artifact_path(m, "android"), **kw)
 
 
-def _ios(m: dict[str, Any], **kw: Any) -> Runtime:
+def _ios(m: Manifest, **kw: Any) -> Runtime:
     from xflwb.bridge.runtime.coreml import IOSRuntime
 
     return IOSRuntime(m, _manifest.artifact_path(m, "ios"), **kw)
 
 
-def _keras(m: dict[str, Any], **kw: Any) -> Runtime:
+def _keras(m: Manifest, **kw: Any) -> Runtime:
     from xflwb.bridge.runtime.keras import KerasRuntime
 
     return KerasRuntime(m, _manifest.artifact_path(m, "keras"), **kw)

@@ -8,22 +8,24 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
+
+from xflwb.bridge.arrays import AnyArray
+from xflwb.bridge.manifest import Manifest, class_count
 
 CCE_EPSILON = 1e-7  # Keras' clipping constant for cross-entropy on probabilities
 
 
 def epoch_batches(n: int, batch_size: int, shuffle: bool,
-                  rng: np.random.Generator) -> Iterator[np.ndarray]:
+                  rng: np.random.Generator) -> Iterator[AnyArray]:
     """Index arrays of one epoch; the last, partial batch is kept (Core ML trains it too)."""
     order = rng.permutation(n) if shuffle else np.arange(n)
     for start in range(0, n, batch_size):
         yield order[start:start + batch_size]
 
 
-def loss_value(loss: str, pred: np.ndarray, y: np.ndarray) -> float:
+def loss_value(loss: str, pred: AnyArray, y: AnyArray) -> float:
     """Batch-mean loss with Keras semantics (CCE on probabilities, clipped; MSE, no ½)."""
     pred = np.asarray(pred, dtype=np.float64)
     if loss == "categorical_crossentropy":
@@ -45,7 +47,7 @@ class Runtime(ABC):
 
     platform: str = ""
 
-    def __init__(self, manifest: dict[str, Any]) -> None:
+    def __init__(self, manifest: Manifest) -> None:
         self.manifest = manifest
         self.loss = manifest["loss"]
         self.classes = manifest.get("classes")
@@ -54,29 +56,29 @@ class Runtime(ABC):
 
     # -- parameters -------------------------------------------------------------------
     @abstractmethod
-    def get_parameters(self) -> list[np.ndarray]:
+    def get_parameters(self) -> list[AnyArray]:
         """Parameters in platform order and layout."""
 
     @abstractmethod
-    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+    def set_parameters(self, arrays: Sequence[AnyArray]) -> None:
         """Load parameters given in platform order (flat arrays accepted)."""
 
-    def canonical_parameters(self) -> list[np.ndarray]:
+    def canonical_parameters(self) -> list[AnyArray]:
         from xflwb.bridge import params
 
         return params.from_platform(self.get_parameters(), self.manifest, self.platform)
 
-    def set_canonical_parameters(self, canonical: Sequence[np.ndarray]) -> None:
+    def set_canonical_parameters(self, canonical: Sequence[AnyArray]) -> None:
         from xflwb.bridge import params
 
         self.set_parameters(params.to_platform(canonical, self.manifest, self.platform))
 
     # -- inference ----------------------------------------------------------------------
     @abstractmethod
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: AnyArray) -> AnyArray:
         """Model outputs (probabilities for a softmax model) for NHWC / (N, D) float32 x."""
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray,
+    def evaluate(self, x: AnyArray, y: AnyArray,
                  batch_size: int = 256) -> tuple[float, float]:
         """(loss, accuracy); accuracy is NaN for regression."""
         x, y = self._check_xy(x, y)
@@ -91,7 +93,7 @@ class Runtime(ABC):
         return loss, acc
 
     # -- training -----------------------------------------------------------------------
-    def fit(self, x: np.ndarray, y: np.ndarray, epochs: int = 1, batch_size: int | None = None,
+    def fit(self, x: AnyArray, y: AnyArray, epochs: int = 1, batch_size: int | None = None,
             shuffle: bool = True, seed: int | None = None) -> list[float]:
         """Train like one phone update task; returns the sample-weighted mean loss per epoch."""
         x, y = self._check_xy(x, y)
@@ -118,14 +120,14 @@ class Runtime(ABC):
         """Reset optimizer state to zero (a new update task)."""
 
     @abstractmethod
-    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def _train_step(self, x: AnyArray, y: AnyArray) -> float:
         """One optimizer step on one mini-batch; returns the batch-mean loss before it."""
 
     def _end_task(self) -> None:  # noqa: B027 - optional hook
         """Hook for runtimes that buffer updates."""
 
     # -- input checks ---------------------------------------------------------------------
-    def _check_xy(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _check_xy(self, x: AnyArray, y: AnyArray) -> tuple[AnyArray, AnyArray]:
         x = self._check_x(x)
         y = np.asarray(y)
         if len(y) != len(x):
@@ -146,14 +148,14 @@ class Runtime(ABC):
             y = y.astype(np.float32)
         return x, y
 
-    def _targets(self, y: np.ndarray) -> np.ndarray:
+    def _targets(self, y: AnyArray) -> AnyArray:
         """Labels as the training signatures take them: one-hot rows for cross-entropy
         (FedKit's layout), else the regression targets in the output's shape."""
         if self.loss == "categorical_crossentropy":
-            return np.eye(int(self.classes), dtype=np.float32)[y]
+            return np.eye(class_count(self.manifest), dtype=np.float32)[y]
         return y.reshape(len(y), *self.manifest["output_shape"]).astype(np.float32)
 
-    def _check_x(self, x: np.ndarray) -> np.ndarray:
+    def _check_x(self, x: AnyArray) -> AnyArray:
         x = np.asarray(x, dtype=np.float32)
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"x must have shape (N, {', '.join(map(str, self.input_shape))})"

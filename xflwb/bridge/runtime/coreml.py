@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.coreml_exec import CoreMLExecutor
+from xflwb.bridge.manifest import Manifest
 from xflwb.bridge.runtime.base import Runtime
 
 __all__ = ["CoreMLExecutor", "IOSRuntime", "coreml_dims", "to_coreml"]
@@ -27,7 +29,7 @@ def coreml_dims(keras_shape: Sequence[int]) -> tuple[int, ...]:
     return s
 
 
-def to_coreml(x: np.ndarray) -> np.ndarray:
+def to_coreml(x: AnyArray) -> AnyArray:
     """A Keras-layout batch in Core ML layout (see ``coreml_dims``)."""
     if x.ndim == 3:
         return x.transpose(0, 2, 1)[:, :, None, :]
@@ -42,7 +44,7 @@ class IOSRuntime(Runtime):
 
     platform = "ios"
 
-    def __init__(self, manifest: dict[str, Any], path: pathlib.Path,
+    def __init__(self, manifest: Manifest, path: pathlib.Path,
                  adam_epsilon: str = "hat") -> None:
         from xflwb.bridge.coreml_proto import load_spec
 
@@ -68,11 +70,11 @@ class IOSRuntime(Runtime):
             self._order.append(i)
         self._out_keras = tuple(manifest.get("output_shape") or ())
 
-    def get_parameters(self) -> list[np.ndarray]:
+    def get_parameters(self) -> list[AnyArray]:
         weights = self.executor.get_weights()
         return [weights[i] for i in self._order]
 
-    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+    def set_parameters(self, arrays: Sequence[AnyArray]) -> None:
         if len(arrays) != len(self._order):
             raise ValueError(f"expected {len(self._order)} iOS tensors "
                              f"({', '.join(e['name'] + ' ' + e['type'] for e in self.entries)})"
@@ -87,7 +89,7 @@ class IOSRuntime(Runtime):
         out = self._out_keras
         return len(out) in (2, 3) and tuple(self.executor.output_shape) == coreml_dims(out)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: AnyArray) -> AnyArray:
         x = self._check_x(x)
         out = self.executor.forward(to_coreml(x))
         if self._map_output():  # back to Keras layout
@@ -96,7 +98,7 @@ class IOSRuntime(Runtime):
             return np.ascontiguousarray(out, dtype=np.float32)
         return out.reshape(len(x), -1).astype(np.float32, copy=False)
 
-    def _target(self, y: np.ndarray) -> np.ndarray:
+    def _target(self, y: AnyArray) -> AnyArray:
         """MSE targets in the executor's (Core ML) order."""
         if self.loss == "categorical_crossentropy" or not self._map_output():
             return y
@@ -105,10 +107,10 @@ class IOSRuntime(Runtime):
     def _begin_task(self) -> None:
         self.executor.reset_optimizer()
 
-    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def _train_step(self, x: AnyArray, y: AnyArray) -> float:
         return self.executor.step(to_coreml(x), self._target(y))
 
-    def update(self, x: np.ndarray, y: np.ndarray, epochs: int | None = None,
+    def update(self, x: AnyArray, y: AnyArray, epochs: int | None = None,
                batch_size: int | None = None, shuffle: bool | None = None,
                seed: int | None = None, overrides: dict[str, Any] | None = None
                ) -> list[float]:

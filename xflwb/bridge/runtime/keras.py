@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
+from xflwb.bridge.manifest import Manifest, class_count
 from xflwb.bridge.optim import resolve_optimizer
 from xflwb.bridge.runtime.base import Runtime
 
@@ -22,7 +24,7 @@ class KerasRuntime(Runtime):
 
     platform = "keras"
 
-    def __init__(self, manifest: dict[str, Any], path: Path | None = None, model: Any = None,
+    def __init__(self, manifest: Manifest, path: Path | None = None, model: Any = None,
                  dropout: bool = True, train_mask: Sequence[bool] | None = None) -> None:
         super().__init__(manifest)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -58,12 +60,12 @@ class KerasRuntime(Runtime):
 
         # one trace per runtime, whatever the batch size (a MobileNet trace takes seconds)
         x_spec = tf.TensorSpec([None, *self.input_shape], tf.float32)
-        y_shape = [int(self.classes)] if self.loss == "categorical_crossentropy" else list(
+        y_shape = [class_count(manifest)] if self.loss == "categorical_crossentropy" else list(
             manifest["output_shape"])
         y_spec = tf.TensorSpec([None, *y_shape], tf.float32)
 
-        @tf.function(input_signature=[x_spec, y_spec])
-        def step(x, y):
+        @tf.function(input_signature=[x_spec, y_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
+        def step(x: Any, y: Any) -> Any:
             with tf.GradientTape() as tape:
                 value = loss_fn(y, model(x, training=training))
             grads = tape.gradient(value, model.trainable_variables)
@@ -74,17 +76,17 @@ class KerasRuntime(Runtime):
             self.opt.apply_gradients(zip(grads, model.trainable_variables, strict=True))
             return value
 
-        @tf.function(input_signature=[x_spec])
-        def infer(x):
+        @tf.function(input_signature=[x_spec])  # type: ignore[untyped-decorator]  # TF has no stubs
+        def infer(x: Any) -> Any:
             return model(x, training=False)
 
         self._step = step
         self._infer = infer
 
-    def get_parameters(self) -> list[np.ndarray]:
+    def get_parameters(self) -> list[AnyArray]:
         return [np.array(v.numpy(), dtype=np.float32) for v in self.model.trainable_variables]
 
-    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+    def set_parameters(self, arrays: Sequence[AnyArray]) -> None:
         from xflwb.bridge import params
 
         shaped = params._shaped(arrays, [tuple(p["shape"]) for p in self.manifest["parameters"]],
@@ -92,18 +94,18 @@ class KerasRuntime(Runtime):
         for v, a in zip(self.model.trainable_variables, shaped, strict=True):
             v.assign(a)
 
-    def canonical_parameters(self) -> list[np.ndarray]:
+    def canonical_parameters(self) -> list[AnyArray]:
         return self.get_parameters()
 
-    def set_canonical_parameters(self, canonical: Sequence[np.ndarray]) -> None:
+    def set_canonical_parameters(self, canonical: Sequence[AnyArray]) -> None:
         self.set_parameters(canonical)
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: AnyArray) -> AnyArray:
         x = self._check_x(x)
         return np.array(self._infer(x), dtype=np.float32)
 
     def _begin_task(self) -> None:
         self._reset(self.opt, self._lr)
 
-    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def _train_step(self, x: AnyArray, y: AnyArray) -> float:
         return float(self._step(x, self._targets(y)))

@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
+from xflwb.bridge.manifest import Manifest
 from xflwb.bridge.runtime.base import Runtime
 
 
-def load_interpreter(model: Path | bytes, num_threads: int | None = None):
+def load_interpreter(model: Path | bytes, num_threads: int | None = None) -> Any:
     """A ``tf.lite.Interpreter``; TF 2.18's wheel links the Flex delegate in automatically.
 
     ``num_threads`` is passed to ``tf.lite.Interpreter`` (its threads for the built-in
@@ -49,7 +51,7 @@ class AndroidRuntime(Runtime):
 
     platform = "android"
 
-    def __init__(self, manifest: dict[str, Any], path: Path | bytes,
+    def __init__(self, manifest: Manifest, path: Path | bytes,
                  num_threads: int | None = None) -> None:
         super().__init__(manifest)
         self.num_threads = num_threads
@@ -57,7 +59,8 @@ class AndroidRuntime(Runtime):
         sigs = self.interpreter.get_signature_list()
         missing = {"train", "infer", "parameters", "restore"} - set(sigs)
         if missing:
-            raise ValueError(f"{path} lacks the FedKit signatures {sorted(missing)}")
+            where = "the in-memory model" if isinstance(path, bytes) else str(path)
+            raise ValueError(f"{where} lacks the FedKit signatures {sorted(missing)}")
         self._train = self.interpreter.get_signature_runner("train")
         self._infer = self.interpreter.get_signature_runner("infer")
         self._params = self.interpreter.get_signature_runner("parameters")
@@ -68,17 +71,17 @@ class AndroidRuntime(Runtime):
             raise ValueError(f"the .tflite has {self._n} parameters, the manifest "
                              f"{len(self._shapes)}")
 
-    def get_parameters(self) -> list[np.ndarray]:
+    def get_parameters(self) -> list[AnyArray]:
         out = self._params()
         return [np.array(out[f"a{i}"], dtype=np.float32) for i in range(self._n)]
 
-    def set_parameters(self, arrays: Sequence[np.ndarray]) -> None:
+    def set_parameters(self, arrays: Sequence[AnyArray]) -> None:
         from xflwb.bridge import params
 
         shaped = params.from_platform(arrays, self.manifest, "android")
         self._restore(**{f"a{i}": a for i, a in enumerate(shaped)})
 
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: AnyArray) -> AnyArray:
         x = self._check_x(x)
         if len(x) == 0:
             return np.zeros((0, *self.manifest["output_shape"]), np.float32)
@@ -92,5 +95,5 @@ class AndroidRuntime(Runtime):
         # restore() resets the optimizer state (FedKit restores before every round)
         self._restore(**{f"a{i}": a for i, a in enumerate(self.get_parameters())})
 
-    def _train_step(self, x: np.ndarray, y: np.ndarray) -> float:
+    def _train_step(self, x: AnyArray, y: AnyArray) -> float:
         return float(self._train(x=x, y=self._targets(y))["loss"])
