@@ -253,6 +253,11 @@ class SessionManager:
               and _lifeline.pid_alive(info["pid"])):
             os.kill(info["pid"], signal.SIGTERM)
 
+    def close(self) -> None:
+        """Release the registry's connections (``Registry.close``): its owner is done with
+        it. Sessions still running carry on (``stop_all`` first stops them)."""
+        self.registry.close()
+
     def stop_all(self) -> None:
         for sid, proc in list(self._procs.items()):
             if proc.poll() is None:
