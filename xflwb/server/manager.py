@@ -140,6 +140,19 @@ class SessionManager:
                     w.spent = True
             self._fleets.append(_WatchedFleet(fleet, label))
 
+    @property
+    def fleets(self) -> list[Any]:
+        """The fleets watched (``watch_fleet``), oldest first: the one record of them."""
+        with self._lock:
+            return [w.fleet for w in self._fleets]
+
+    def stop_fleets(self) -> None:
+        """Stop every watched fleet and forget it (stopped devices fail no session)."""
+        with self._lock:
+            fleets, self._fleets = [w.fleet for w in self._fleets], []
+        for fleet in fleets:
+            fleet.stop()
+
     def device_errors(self, session_id: int, last: int = 50) -> list[str]:
         """Recent failure reasons of the session's clients, then its watched fleets'
         device errors (a device that died before joining never reached the session)."""
