@@ -122,7 +122,9 @@ def simulate(name_or_export: Any, *, data_dir: str | os.PathLike[str] = "xfl-dat
     ``wait=True`` (default) blocks until the end with a round progress bar (``progress``)
     and raises if the simulation failed; ``wait=False`` returns the running ``Session`` at
     once (the simulation runs in its own process). The registry lives in ``data_dir``
-    (``db_url``: another SQLAlchemy database).
+    (``db_url``: another SQLAlchemy database); the returned handle owns its connection,
+    released once the simulation ended (``wait``, ``stop()``), by ``close()`` or when the
+    handle is dropped.
     """
     from xflwb.server.handle import Session
 
