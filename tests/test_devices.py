@@ -151,11 +151,34 @@ def test_device_refuses_a_corrupt_model(unseen, tmp_path):
     assert not (tmp_path / "cache" / "unseen_cnn" / "unseen_cnn-v1.tflite").exists()
 
 
-def test_device_cli_rejects_bad_arguments(tmp_path):
+#: the devices' own entry point (what a fleet launches) and the command line's spelling
+ENTRY_POINTS = {"python -m xflwb.devices": ["-m", "xflwb.devices"],
+                "xflwb device": ["-m", "xflwb", "device"]}
+
+
+@pytest.mark.parametrize("prog", list(ENTRY_POINTS))
+def test_device_entry_points_reject_bad_arguments(prog, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "xflwb", "device", "--backend", "http://127.0.0.1:9",
+        [sys.executable, *ENTRY_POINTS[prog], "--backend", "http://127.0.0.1:9",
          "--platform", "ios", "--partition", "dirichlet:-1"],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "dirichlet" in proc.stderr
+    assert f"{prog}: error: bad partition spec 'dirichlet:-1'" in proc.stderr, proc.stderr
     with pytest.raises(ValueError, match="at least one device"):
         xflwb.devices.fleet.Fleet("http://x", tmp_path)
+
+
+def test_fleet_launches_the_devices_own_entry_point(tmp_path):
+    """Each device process runs ``python -m xflwb.devices``, not the command line: a device
+    that dies at start-up (a dataset typo) says so in the entry point's own words."""
+    fleet = xflwb.devices.fleet.Fleet("http://127.0.0.1:9", tmp_path / "f", android=1,
+                                      dataset="digit").start()
+    try:
+        row = fleet.wait(timeout=120).iloc[0]
+        args = fleet.procs[fleet.ids[0]].args
+    finally:
+        fleet.stop()
+    assert args[1:3] == ["-m", "xflwb.devices"] and "xflwb.cli" not in " ".join(args), args
+    assert row.status == "failed", row
+    assert row.error.startswith("exited with code 2: python -m xflwb.devices: error: "), row.error
+    assert "'digit'" in row.error, row.error

@@ -142,7 +142,7 @@ def test_data_type_mismatch_warns_at_export_and_refuses_at_spawn(tmp_path):
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
         with pytest.raises(IncompatibleData, match=r"takes inputs of shape \(28, 28, 1\)"):
             wb.spawn_devices(android=2, dataset="digits")
-        assert wb._fleets == [] and not (wb.data_dir / "fleets").exists()
+        assert wb.fleets == [] and not (wb.data_dir / "fleets").exists()
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
     # a dataset the model fits, and a data type of the user's own, pass
     check_spawn("mnist", "digits")

@@ -114,7 +114,7 @@ def test_mismatch_refused_before_any_process_starts(mlp64, tmp_path):
         with pytest.raises(IncompatibleData, match="takes inputs of shape"):
             wb.simulate(mlp64, android=2, dataset="digits", rounds=1)
         assert _children() == before  # no session, simulation or device process
-        assert wb.session_table.empty and wb._fleets == []
+        assert wb.session_table.empty and wb.fleets == []
         assert not (wb.data_dir / "fleets").exists()
 
 
@@ -226,7 +226,7 @@ def test_failing_magic_raises_one_clean_line(ip, tmp_path):
         assert str(err).startswith("%xfl_devices: unknown dataset 'digit'; did you mean "
                                    "'digits'? known: ")
         assert len(err._render_traceback_()) == 1
-        assert _children() == before and wb._fleets == []
+        assert _children() == before and wb.fleets == []
         r = ip.run_cell("%xfl_train honest --rouns 3")
         assert isinstance(r.error_in_exec, MagicUsageError)
         assert "unrecognized arguments: --rouns 3; --rouns: did you mean --rounds?" in str(
@@ -279,7 +279,7 @@ def test_random_magic_options_give_a_clean_error_or_a_parse(ip, magic, tokens):
         assert str(exc).startswith(f"%{'%' if magic == 'xfl_export' else ''}{magic}:")
         assert len(exc._render_traceback_()) == 1
     # the magics that need a backend say so when none runs (and start nothing)
-    wb = magics.XflServerMagics.workbench
+    wb = magics.state_of(ip).workbench
     if magic in ("xfl_train", "xfl_devices") and (wb is None or not wb.running):
         try:
             ip.run_line_magic(magic, " ".join(shlex.quote(t) for t in tokens[:3]))

@@ -208,11 +208,11 @@ def test_a_killed_backends_record_is_stale_and_ignored(tmp_path):
 
 def test_xfl_server_start_attaches_to_this_kernels_backend_and_masks_the_token(ip, tmp_path,
                                                                                capsys):
-    from xflwb.magics import XflServerMagics, status_html
+    from xflwb.magics import state_of, status_html
 
     data = tmp_path / "xfl"
     wb = xflwb.Workbench(data_dir=data, port=0).start()
-    before = XflServerMagics.workbench
+    before = state_of(ip).workbench
     try:
         got = ip.run_line_magic("xfl_server", f"start --port 0 --data-dir {data}")
         assert got is wb and ip.user_ns["xfl_wb"] is wb
@@ -221,5 +221,5 @@ def test_xfl_server_start_attaches_to_this_kernels_backend_and_masks_the_token(i
         assert wb.admin_token not in page  # a notebook's outputs get shared
         assert f"…{wb.admin_token[-4:]}" in page and "xfl_wb.admin_token" in page
     finally:
-        XflServerMagics.workbench = before
+        state_of(ip).workbench = before
         wb.stop()

@@ -356,3 +356,36 @@ def test_mnist_registered_but_only_downloads_when_called(monkeypatch: pytest.Mon
     assert calls == [1]
     assert d.x_train.shape == (3, 28, 28, 1) and d.x_test.shape == (2, 28, 28, 1)
     assert d.x_train.dtype == np.float32 and d.x_train.max() == 1.0 and d.classes == 10
+
+
+def test_partitioning_leaves_the_environment_alone_and_stays_offline():
+    """In a fresh interpreter (module imports count): loading a dataset and partitioning it
+    every way changes no environment variable of the user's process (no ``HF_*_OFFLINE``),
+    and opens no network connection although nothing tells Hugging Face to stay offline."""
+    import os
+    import subprocess
+
+    code = """
+import os, socket
+import xflwb  # (its documented TF log level is set here, before the snapshot)
+before = dict(os.environ)
+
+def refuse(*args, **kwargs):
+    raise AssertionError(f"network connection attempted: {args}")
+
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.create_connection = refuse
+from xflwb.devices import datasets
+from xflwb.devices.partition import device_data, partition_table
+datasets.load("digits")
+for spec in ("iid", "dirichlet:0.5", "shards:2"):
+    assert len(partition_table("digits", spec, 5)) == 5
+assert len(device_data("digits", "dirichlet:0.3", 4, 2).y_train) > 0
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+print("changed:", changed)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "changed: []", done.stdout

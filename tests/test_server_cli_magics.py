@@ -134,6 +134,40 @@ def test_server_and_train_magics(ip, export, tmp_path, capsys):
     assert os.path.exists(tmp_path / "m" / "xflwb.db")
 
 
+def test_two_shells_keep_their_own_backend_and_fleets(ip, tmp_path):
+    """The magics' state lives in each shell's registered magics (no class attribute): a
+    backend started in one shell is not another's, and a shell's fleets are its workbench's
+    own list (``wb.fleets``), tracked once."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    from xflwb.magics import register, state_of
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    other = InteractiveShell(config=config)
+    other.run_line_magic("load_ext", "xflwb")
+    assert state_of(other) is not state_of(ip)
+    wb = ip.run_line_magic("xfl_server", f"start --port 0 --data-dir {tmp_path / 'a'}")
+    try:
+        assert state_of(ip).workbench is wb and state_of(other).workbench is None
+        with pytest.raises(XflMagicError, match="no xflwb backend is running"):
+            other.run_line_magic("xfl_devices", "spawn --android 1")
+        ip.run_line_magic("xfl_devices", "spawn --android 1 --dataset digits --max-wait 1")
+        assert wb.fleets == [ip.user_ns["xfl_fleet"]] == state_of(ip).fleets
+        assert len(ip.run_line_magic("xfl_devices", "list")) == 1
+        assert other.run_line_magic("xfl_devices", "list") is None
+        assert "xfl_fleet" not in other.user_ns and "xfl_wb" not in other.user_ns
+        ip.run_line_magic("xfl_devices", "stop")
+        assert wb.fleets == [] and ip.run_line_magic("xfl_devices", "list") is None
+        kept = state_of(ip)
+        register(ip)  # registering again (%reload_ext) keeps the shell's state
+        assert state_of(ip) is kept and kept.workbench is wb
+    finally:
+        ip.run_line_magic("xfl_server", "stop")
+    assert not wb.running and state_of(ip).fleets == []
+
+
 def test_status_html_has_url_token_and_qr(tmp_path):
     from xflwb.magics import status_html
 

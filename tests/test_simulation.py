@@ -63,6 +63,49 @@ def test_missing_platform_artifact_is_named(tmp_path):
         xflwb.simulate("never_published", android=1, data_dir=tmp_path / "d")
 
 
+# -- no hidden state: nobody keeps a simulation's database open once it is done -----------
+def open_db_files(data_dir) -> list[str]:
+    """The registry database files (SQLite: the db, its -wal and -shm) this process holds
+    open: what a registry or session manager nobody closed leaves behind."""
+    import psutil
+
+    db = str((data_dir / "xflwb.db").resolve())
+    return sorted(f.path for f in psutil.Process().open_files() if f.path.startswith(db))
+
+
+def test_a_refused_simulation_leaves_no_database_open(tmp_path):
+    with pytest.raises(ValueError, match="no published model named"):
+        xflwb.simulate("never_published", android=1, data_dir=tmp_path / "d")
+    assert (tmp_path / "d" / "xflwb.db").exists()  # the registry was opened to look
+    assert open_db_files(tmp_path / "d") == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_simulations_hold_no_database_open_once_done(export, tmp_path, shared_ray):
+    """``xflwb.simulate`` keeps no manager per data directory: its handle owns one, closed
+    once the simulation ended (``wait=True``, or ``wait()``); a Workbench's simulations run
+    on its own manager, closed by ``wb.stop()``. Handles stay readable after."""
+    data = tmp_path / "d"
+    run = {"android": 1, "ios": 1, "rounds": 1, "ray_address": shared_ray, "progress": False}
+    sim = xflwb.simulate(export, data_dir=data, timeout=600, **run)
+    assert open_db_files(data) == []
+    assert sim.status == "finished" and len(sim.history) > 0  # readable …
+    assert open_db_files(data) == []  # … holding nothing open between reads
+    running = xflwb.simulate("sim_cnn", data_dir=data, wait=False, **run)
+    assert open_db_files(data), "a running simulation's handle reads through its registry"
+    assert running.wait(timeout=600) == "finished", running.info["error"]
+    assert open_db_files(data) == []
+    assert sim.id != running.id and len(running.global_parameters()) == 4
+
+    wb = xflwb.Workbench(data_dir=tmp_path / "wb", port=0).start()
+    on_wb = wb.simulate(export, **run)
+    assert open_db_files(wb.data_dir), "the workbench's registry serves while it runs"
+    wb.stop()
+    assert open_db_files(wb.data_dir) == []
+    assert on_wb.status == "finished" and open_db_files(wb.data_dir) == []
+
+
 # -- the client a Ray worker runs, without Ray ------------------------------------------------
 def _spec(export, android=1, ios=1, partition="iid"):
     from xflwb.simulation import client

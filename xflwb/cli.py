@@ -13,9 +13,7 @@ from typing import Any
 from xflwb._argparse import Parser
 from xflwb._export_options import add_export_options, add_verbose, export_kwargs
 from xflwb._options import add_arguments, given
-from xflwb.bridge.params import PLATFORMS
-from xflwb.devices.device import DeviceOptions
-from xflwb.devices.fleet import FleetOptions
+from xflwb.devices.entry import add_device_arguments
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
 from xflwb.simulation.config import SimulationConfig
 
@@ -199,51 +197,10 @@ def _when(t: float) -> str:
 
 
 def cmd_device(args: argparse.Namespace) -> int:
-    """One virtual phone following FedKit's client flow (exit 0 when its session ends)."""
-    import json
-    import logging
-    import os
-    import signal
+    """One virtual phone: the devices' own entry point (``python -m xflwb.devices``)."""
+    from xflwb.devices.entry import run
 
-    from xflwb import _lifeline
-    from xflwb._plain_logs import plain_logs
-    from xflwb.devices.device import TOKEN_ENV, Device
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    plain_logs()  # its output is a log file: no colour codes
-    from xflwb.devices.partition import device_data
-
-    try:
-        spec = FleetOptions(android=1, **given(args, FleetOptions))
-        options = DeviceOptions(**given(args, DeviceOptions), seed=spec.seed,
-                                token=os.environ.get(TOKEN_ENV) or None)
-        data = device_data(spec.dataset, spec.partition, args.num_partitions,
-                           args.partition_id, seed=spec.seed)
-    except ValueError as exc:
-        print(f"xflwb device: error: {exc}", file=sys.stderr)
-        return 2
-
-    def write_status(status) -> None:  # atomic, so a reader never sees half a file
-        if args.status_file:
-            from dataclasses import asdict
-
-            tmp = f"{args.status_file}.tmp"
-            with open(tmp, "w") as f:  # run_id: the fleet reads only its own run's files
-                json.dump({**asdict(status), "id": status.device_id, "run_id": args.run_id}, f)
-            os.replace(tmp, args.status_file)
-
-    device = Device(args.backend, args.platform, spec.data_type or spec.dataset,
-                    data.x_train, data.y_train, data.x_test, data.y_test,
-                    device_id=args.device_id, cache_dir=args.cache_dir, options=options,
-                    on_status=write_status)
-    signal.signal(signal.SIGTERM, lambda *_: device.stop())
-    _lifeline.install()  # stop when the kernel (or fleet owner) that started us dies
-    write_status(device.status)
-    status = device.run()
-    print(f"device {status.device_id} ({status.platform}): {status.status}, "
-          f"{status.rounds_done} rounds" + (f", error: {status.error}" if status.error else ""),
-          flush=True)
-    return 1 if status.status == "failed" else 0
+    return run(args, prog="xflwb device")
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -447,17 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_follow_options(tr, "wait for the session to end (default: print its id and return)")
     tr.set_defaults(func=cmd_train)
     v = sub.add_parser("device", help="run one virtual phone (FedKit client flow)")
-    v.add_argument("--backend", required=True, help="backend URL, e.g. http://127.0.0.1:8000")
-    v.add_argument("--platform", required=True, choices=list(PLATFORMS))
-    add_arguments(v, FleetOptions, only=("dataset", "partition", "data_type", "seed"))
-    add_arguments(v, DeviceOptions)
-    v.add_argument("--num-partitions", type=int, default=1)
-    v.add_argument("--partition-id", type=int, default=0)
-    v.add_argument("--device-id", type=int, default=1)
-    v.add_argument("--cache-dir", default=".xfl-cache")
-    v.add_argument("--status-file", default=None, help="JSON status, rewritten on change")
-    v.add_argument("--run-id", default=None, help="written into the status file (a fleet "
-                   "reads only its own run's files)")
+    add_device_arguments(v)
     v.set_defaults(func=cmd_device)
     x = sub.add_parser("experiment", help="run experiment notebooks headless (papermill)")
     xsub = x.add_subparsers(dest="action", required=True)

@@ -12,6 +12,7 @@ import re
 import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -230,21 +231,50 @@ def _devices_parser() -> argparse.ArgumentParser:
     return p
 
 
-@magics_class
-class XflServerMagics(Magics):
-    """``%xfl_server start|stop|status`` and ``%xfl_train NAME``: the notebook's backend."""
+@dataclass
+class ShellState:
+    """What the magics of one IPython shell remember between cells: the backend
+    ``%xfl_server start`` started (or attached to). Its fleets are the workbench's own
+    (``wb.fleets``): nothing here keeps a second list of them."""
 
     workbench: Any = None
 
-    @staticmethod
-    def _running(prog: str) -> Any:
-        """The kernel's running Workbench; raises, saying how to start one, if none runs."""
-        wb = XflServerMagics.workbench
+    def running(self, prog: str) -> Any:
+        """The shell's running Workbench; raises, saying how to start one, if none runs."""
+        wb = self.workbench
         if wb is None or not wb.running:
             raise XflMagicError(f"{prog}: no xflwb backend is running; start one with "
                                 "%xfl_server start")
         return wb
-    fleets: list[Any] = []  # noqa: RUF012 - shared by design: one backend per kernel
+
+    @property
+    def fleets(self) -> list[Any]:
+        """The running backend's fleets, oldest first (none without a backend)."""
+        wb = self.workbench
+        return list(wb.fleets) if wb is not None else []
+
+
+def state_of(shell: Any) -> ShellState:
+    """The magics' state of ``shell`` (``%load_ext xflwb`` made it)."""
+    magics = shell.magics_manager.registry.get(XflServerMagics.__name__)
+    if magics is None:
+        raise LookupError("xflwb's magics are not loaded in this shell: %load_ext xflwb")
+    return magics.state
+
+
+@magics_class
+class XflServerMagics(Magics):
+    """``%xfl_server start|stop|status`` and ``%xfl_train NAME``: the notebook's backend.
+
+    One instance per IPython shell (``register``), holding that shell's ``ShellState``:
+    two shells in one process never share a backend through the magics."""
+
+    def __init__(self, shell: Any = None, state: ShellState | None = None) -> None:
+        super().__init__(shell)
+        self.state = state if state is not None else ShellState()
+
+    def _running(self, prog: str) -> Any:
+        return self.state.running(prog)
 
     @line_magic
     def xfl_devices(self, line: str) -> Any:
@@ -257,7 +287,6 @@ class XflServerMagics(Magics):
             with _failing_as("%xfl_devices"):
                 fleet = wb.spawn_devices(**given(args, FleetOptions),
                                          **given(args, DeviceOptions))
-            XflServerMagics.fleets.append(fleet)
             self.shell.user_ns["xfl_fleet"] = fleet
             counts = {p: fleet.platforms.count(p) for p in PLATFORMS}
             print(f"spawned {counts['android']} Android + {counts['ios']} iOS devices (as "
@@ -266,11 +295,10 @@ class XflServerMagics(Magics):
         if args.action == "list":
             import pandas as pd
 
-            tables = [f.table for f in XflServerMagics.fleets]
+            tables = [f.table for f in self.state.fleets]
             return pd.concat(tables, ignore_index=True) if tables else None
-        for fleet in XflServerMagics.fleets:
-            fleet.stop()
-        XflServerMagics.fleets.clear()
+        if self.state.workbench is not None:
+            self.state.workbench.stop_devices()
         print("devices stopped")
         return None
 
@@ -284,7 +312,7 @@ class XflServerMagics(Magics):
         if args.device is not None and args.action != "token":
             raise MagicUsageError(f"%xfl_server: unrecognized arguments: {_shown(args.device)} "
                                   f"(only 'token' takes a device name)")
-        wb = XflServerMagics.workbench
+        wb = self.state.workbench
         if args.action == "start":
             if wb is not None and wb.running:
                 print(f"already running at {wb.url}")
@@ -294,7 +322,7 @@ class XflServerMagics(Magics):
             options = given(args, BackendOptions)
             running = Workbench.running_for(options.get("data_dir", BackendOptions.data_dir))
             if running is not None:  # one backend per data dir: this kernel's, attached
-                XflServerMagics.workbench = running
+                self.state.workbench = running
                 self.shell.user_ns["xfl_wb"] = running
                 print(f"attached to the backend this kernel already runs at {running.url} "
                       f"for {running.data_dir} (as `xfl_wb`)")
@@ -303,7 +331,7 @@ class XflServerMagics(Magics):
                 tls = tls_from_options(TLSOptions(**given(args, TLSOptions)),
                                        options.get("host", BackendOptions.host))
                 wb = xflwb.Workbench(tls=tls, **options).start()
-            XflServerMagics.workbench = wb
+            self.state.workbench = wb
             self.shell.user_ns["xfl_wb"] = wb
             print(f"xflwb backend at {wb.url} (as `xfl_wb`; admin token in xfl_wb.admin_token)")
             return wb
@@ -312,8 +340,7 @@ class XflServerMagics(Magics):
             return None
         wb = self._running("%xfl_server")
         if args.action == "stop":
-            XflServerMagics.fleets.clear()
-            wb.stop()
+            wb.stop()  # and its fleets
             print("xflwb backend stopped")
             return None
         if args.action == "token":
@@ -334,7 +361,7 @@ class XflServerMagics(Magics):
             return token
         from IPython.display import HTML, display
 
-        display(HTML(status_html(wb, XflServerMagics.fleets)))
+        display(HTML(status_html(wb, self.state.fleets)))
         return wb.session_table
 
     @line_magic
@@ -361,7 +388,8 @@ class XflServerMagics(Magics):
 
         from xflwb.widgets.dashboard import Dashboard
 
-        fleet = XflServerMagics.fleets[-1] if XflServerMagics.fleets else None
+        fleets = self.state.fleets
+        fleet = fleets[-1] if fleets else None
         display(Dashboard(session, fleet).start())
         return session
 
@@ -379,7 +407,7 @@ class XflServerMagics(Magics):
         target = self.shell.user_ns.get(args.name)
         source = target if isinstance(target, xflwb.ExportResult) else args.name
         options = given(args, SimulationConfig)
-        wb = XflServerMagics.workbench
+        wb = self.state.workbench
         with _failing_as("%xfl_simulate"):
             if wb is not None and wb.running:
                 session = wb.simulate(source, wait=False, **options)
@@ -441,8 +469,11 @@ def show_option_error(shell: Any, etype: type, value: BaseException, tb: Any,
 
 
 def register(ipython: Any) -> None:
+    """Register the magics on ``ipython``, with a state of its own (a second registration,
+    e.g. ``%reload_ext xflwb``, keeps the shell's state: its backend stays attached)."""
     ipython.register_magics(XflMagics)
-    ipython.register_magics(XflServerMagics)
+    old = ipython.magics_manager.registry.get(XflServerMagics.__name__)
+    ipython.register_magics(XflServerMagics(ipython, getattr(old, "state", None)))
     from xflwb._options import OptionError
 
     # IPython keeps one custom handler: never replace a handler the user set

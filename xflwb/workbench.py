@@ -109,8 +109,7 @@ class Workbench:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
-        self._fleets: list[Any] = []
-        self._fleet_count = 0
+        self._fleet_count = 0  # numbers fleets (device ids, directories); the fleets: .fleets
         self._lock = BackendLock(self.data_dir)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -195,10 +194,9 @@ class Workbench:
         return wb if wb is not None and wb.running else None
 
     def stop(self) -> None:
-        """Stop every session process and the HTTP server."""
-        for fleet in self._fleets:
-            fleet.stop()
+        """Stop every fleet, session process and the HTTP server, and close the registry."""
         if self.sessions is not None:
+            self.sessions.stop_fleets()
             self.sessions.stop_all()
         if self._server is not None:
             self._server.should_exit = True
@@ -267,7 +265,7 @@ class Workbench:
         assert self.sessions is not None
         name = reg.resolve(model)
         found = reg.latest_model(name)
-        for fleet in self._fleets:
+        for fleet in self.fleets:
             if fleet.data_type == found["data_type"] and fleet.alive():
                 check_compatible(found["manifest"], fleet.dataset)
         return self.sessions.start(name, **options)
@@ -334,12 +332,24 @@ class Workbench:
                       for k in range(int(android) + int(ios))]
         fleet = Fleet(url, self.data_dir / "fleets" / f"{run_id}-fleet-{self._fleet_count}",
                       first_device_id=first, run_id=run_id, tokens=tokens, **knobs)
-        self._fleets.append(fleet)
-        fleet.start()
-        # when every device dies, the phone sessions they were for fail with their errors
+        # the session manager keeps the one list of fleets (before it starts: stop() stops
+        # even a fleet that failed half-way); when every device of one dies, the phone
+        # sessions they were for fail with their errors
         assert self.sessions is not None
         self.sessions.watch_fleet(fleet, f"fleet {self._fleet_count}")
+        fleet.start()
         return fleet
+
+    @property
+    def fleets(self) -> list[Any]:
+        """The fleets ``spawn_devices`` started and nothing stopped yet, oldest first."""
+        return self.sessions.fleets if self.sessions is not None else []
+
+    def stop_devices(self) -> None:
+        """Stop every fleet this workbench spawned (``%xfl_devices stop``); sessions carry
+        on, waiting for phones."""
+        if self.sessions is not None:
+            self.sessions.stop_fleets()
 
     @property
     def session_table(self) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Fleets: many virtual phones, each in its own process (``xflwb device``).
+"""Fleets: many virtual phones, each in its own process (``python -m xflwb.devices``).
 
 A process per device keeps phones independent like real ones: one can be killed (SIGKILL)
 without touching the others, and the TFLite interpreter / Core ML executor of each runs in
@@ -28,6 +28,9 @@ import pandas as pd
 from xflwb import _lifeline, _options
 from xflwb._options import option
 from xflwb.errors import InputError
+
+#: the module each device process runs (``python -m``; ``xflwb.devices.entry``)
+DEVICE_MODULE = "xflwb.devices"
 
 COLUMNS = ["id", "platform", "status", "partition", "train_size", "test_size", "rounds_done",
            "last_loss", "last_accuracy", "drops", "error"]
@@ -179,7 +182,7 @@ class Fleet:
         check_spawn(self.dataset, self.data_type)
         n = len(self.platforms)
         for k, (device_id, platform) in enumerate(zip(self.ids, self.platforms, strict=True)):
-            cmd = [sys.executable, "-m", "xflwb", "device", "--backend", self.url,
+            cmd = [sys.executable, "-m", DEVICE_MODULE, "--backend", self.url,
                    "--platform", platform, "--data-type", self.data_type,
                    "--dataset", self.dataset, "--partition", self.partition,
                    "--num-partitions", str(n), "--partition-id", str(k),

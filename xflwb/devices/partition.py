@@ -4,13 +4,14 @@ Partition schemes are a registry of small parts picked by a spec string (``"iid"
 ``"dirichlet:0.5"``, ``"shards:2"``) so fleets, the CLI and notebooks name them the same
 way. The splitting itself is flwr-datasets' partitioners, run on an in-memory Hugging Face
 ``Dataset`` of ``(label, idx)`` rows: we only ever ask them for *indices*, so the arrays stay
-in xflwb's own NHWC numpy conventions and nothing is downloaded.
+in xflwb's own NHWC numpy conventions and nothing is downloaded. ``Dataset.from_dict`` and the
+partitioners never reach for the network (no hub, no cache), so nothing here needs the
+``HF_*_OFFLINE`` switches, and the user's process environment is left alone.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,10 +23,6 @@ import pandas as pd
 from xflwb.errors import InputError
 
 from . import datasets as xdatasets
-
-# Hugging Face `datasets` must never reach for the network here: only `Dataset.from_dict`.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 Split = Callable[..., list[np.ndarray]]
 
@@ -104,6 +101,7 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
 def _hf_dataset(labels: np.ndarray, seed: int) -> Any:
     """Rows ``(label, idx)`` in a seeded random order.
 
+    In memory (``Dataset.from_dict``): no download, no hub, no cache directory.
     flwr-datasets' ``FederatedDataset`` shuffles before partitioning; the bare partitioners
     do not (``IidPartitioner`` is a contiguous ``shard``, the others take each class's rows
     in order), so we shuffle here. ``idx`` carries the original position through.

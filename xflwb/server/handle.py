@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,11 +34,27 @@ STILL_RUNNING = ("session {id} is still running (only the wait was interrupted);
 
 
 class Session:
-    """The notebook's handle on one session (state lives in the registry)."""
+    """The notebook's handle on one session (state lives in the registry).
 
-    def __init__(self, manager: SessionManager, session_id: int) -> None:
+    A handle made with ``owns_manager=True`` (``xflwb.simulate`` without a Workbench) owns
+    its ``SessionManager``: it closes it (``close``) once it sees the session end (``wait``,
+    ``stop``), when closed or garbage-collected. A Workbench's handles own nothing:
+    ``wb.stop()`` stops and closes the Workbench's manager."""
+
+    def __init__(self, manager: SessionManager, session_id: int, *,
+                 owns_manager: bool = False) -> None:
         self._manager = manager
         self.id = session_id
+        self._owns_manager = owns_manager
+        if owns_manager:  # a dropped handle releases its manager too
+            weakref.finalize(self, manager.close)
+
+    def close(self) -> None:
+        """Release what this handle owns (its manager's database connections, when it owns
+        one). The session itself carries on (``stop()`` stops it) and the handle stays
+        readable: each later read opens the database for itself alone."""
+        if self._owns_manager:
+            self._manager.close()
 
     @property
     def registry(self) -> Registry:
@@ -102,6 +119,7 @@ class Session:
             while True:
                 status = self.status
                 if status in DONE:
+                    self.close()  # ended: an owned manager has nothing left to watch
                     return status
                 if deadline is not None and time.monotonic() > deadline:
                     raise SessionTimeout(self.explain(after=timeout))
@@ -171,6 +189,7 @@ class Session:
 
     def stop(self) -> None:
         self._manager.stop(self.id)
+        self.close()
 
     @property
     def history(self) -> pd.DataFrame:

@@ -141,6 +141,19 @@ class SessionManager:
                     w.spent = True
             self._fleets.append(_WatchedFleet(fleet, label))
 
+    @property
+    def fleets(self) -> list[Any]:
+        """The fleets watched (``watch_fleet``), oldest first: the one record of them."""
+        with self._lock:
+            return [w.fleet for w in self._fleets]
+
+    def stop_fleets(self) -> None:
+        """Stop every watched fleet and forget it (stopped devices fail no session)."""
+        with self._lock:
+            fleets, self._fleets = [w.fleet for w in self._fleets], []
+        for fleet in fleets:
+            fleet.stop()
+
     def device_errors(self, session_id: int, last: int = 50) -> list[str]:
         """Recent failure reasons of the session's clients, then its watched fleets'
         device errors (a device that died before joining never reached the session)."""
@@ -253,6 +266,11 @@ class SessionManager:
         elif (proc is None and (force or info["status"] in ACTIVE)
               and _lifeline.pid_alive(info["pid"])):
             os.kill(info["pid"], signal.SIGTERM)
+
+    def close(self) -> None:
+        """Release the registry's connections (``Registry.close``): its owner is done with
+        it. Sessions still running carry on (``stop_all`` first stops them)."""
+        self.registry.close()
 
     def stop_all(self) -> None:
         for sid, proc in list(self._procs.items()):

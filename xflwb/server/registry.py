@@ -252,9 +252,13 @@ class SessionConflict(RegistryError):
                          f"(wb.session({session_id}).stop()) or join it")
 
 
-def _engine(url: str) -> sa.Engine:
+def _engine(url: str, pooled: bool = True) -> sa.Engine:
+    """The registry's engine; ``pooled=False``: every use opens its own connection and
+    closes it (what a closed registry reads through, holding nothing open)."""
+    pool: dict[str, Any] = {} if pooled else {"poolclass": sa.pool.NullPool}
     if url.startswith("sqlite"):
-        eng = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        eng = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
+                               **pool)
 
         @sa.event.listens_for(eng, "connect")
         def _pragmas(conn: Any, _record: Any) -> None:
@@ -266,7 +270,7 @@ def _engine(url: str) -> sa.Engine:
             cur.close()
 
         return eng
-    return sa.create_engine(url, pool_pre_ping=True)
+    return sa.create_engine(url, pool_pre_ping=True, **pool)
 
 
 #: what a published model name or artifact file name may be: it becomes a directory under
@@ -393,7 +397,11 @@ class Registry:
             ONE_DEVICE_PER_TOKEN.create(self.engine, checkfirst=True)
 
     def close(self) -> None:
-        self.engine.dispose()
+        """Close every connection this registry holds. It stays readable (a session handle
+        is read after its simulation ended): from now on each call opens a connection of
+        its own and closes it again, so a closed registry never holds the database open."""
+        old, self.engine = self.engine, _engine(self.db_url, pooled=False)
+        old.dispose()  # the new engine first: a reader meanwhile never reopens the old pool
 
     # -- models ------------------------------------------------------------------------------
     def resolve(self, name_or_export: Any) -> str:

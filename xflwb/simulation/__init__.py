@@ -5,6 +5,10 @@ clients, the Core ML executor for iOS clients — as Flower ``ClientApp`` client
 the same ``CrossPlatformStrategy`` and ``StreamingFedAvg`` as phones. It returns the same
 ``Session`` handle as ``wb.train``: ``history``, ``global_parameters()``, ``wait()``,
 ``stop()``, and a live ``Dashboard``.
+
+Nothing is cached here: ``wb.simulate`` runs on the Workbench's own session manager (stopped
+and closed by ``wb.stop()``); ``xflwb.simulate`` without a Workbench gives its handle a
+manager of its own, closed when the simulation ends, the handle is closed or dropped.
 """
 
 from __future__ import annotations
@@ -18,19 +22,26 @@ from xflwb import _options
 from xflwb.errors import SessionFailure
 from xflwb.simulation.config import SimulationConfig
 
-_MANAGERS: dict[tuple[str, str | None], Any] = {}
 
+class _OwnManager:
+    """A registry + session manager made on first use for one ``xflwb.simulate`` call
+    (none when the options are refused: bad ones create no directory)."""
 
-def _manager(data_dir: str | os.PathLike[str], db_url: str | None) -> Any:
-    """One registry + session manager per data directory for handles made without a
-    Workbench (they must outlive the call so ``stop()`` and crash detection work)."""
-    from xflwb.server.manager import SessionManager
-    from xflwb.server.registry import Registry
+    def __init__(self, data_dir: str | os.PathLike[str], db_url: str | None) -> None:
+        self.data_dir, self.db_url = data_dir, db_url
+        self.manager: Any = None
 
-    key = (str(Path(data_dir).resolve()), db_url)
-    if key not in _MANAGERS:
-        _MANAGERS[key] = SessionManager(Registry(data_dir, db_url))
-    return _MANAGERS[key]
+    def __call__(self) -> Any:
+        if self.manager is None:
+            from xflwb.server.manager import SessionManager
+            from xflwb.server.registry import Registry
+
+            self.manager = SessionManager(Registry(self.data_dir, self.db_url))
+        return self.manager
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
 
 
 def _check_export(name_or_export: Any, cfg: SimulationConfig) -> None:
@@ -112,10 +123,24 @@ def simulate(name_or_export: Any, *, data_dir: str | os.PathLike[str] = "xfl-dat
     ``wait=True`` (default) blocks until the end with a round progress bar (``progress``)
     and raises if the simulation failed; ``wait=False`` returns the running ``Session`` at
     once (the simulation runs in its own process). The registry lives in ``data_dir``
-    (``db_url``: another SQLAlchemy database).
+    (``db_url``: another SQLAlchemy database); the returned handle owns its connection,
+    released once the simulation ended (``wait``, ``stop()``), by ``close()`` or when the
+    handle is dropped.
     """
-    return start(lambda: _manager(data_dir, db_url), name_or_export, wait=wait,
-                 timeout=timeout, progress=progress, **options)
+    from xflwb.server.handle import Session
+
+    own = _OwnManager(data_dir, db_url)
+    try:
+        session = start(own, name_or_export, wait=wait, timeout=timeout, progress=progress,
+                        **options)
+    except BaseException:
+        own.close()  # no handle to own it: the database is released here
+        raise
+    # the handle owns the manager (stop() and crash detection need its process)
+    handle = Session(own.manager, session.id, owns_manager=True)
+    if wait:
+        handle.close()  # it ended: the handle stays readable, holding nothing open
+    return handle
 
 
 __all__ = ["SimulationConfig", "simulate"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ class KerasRuntime(Runtime):
     def __init__(self, manifest: Manifest, path: Path | None = None, model: Any = None,
                  dropout: bool = True, train_mask: Sequence[bool] | None = None) -> None:
         super().__init__(manifest)
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf
 

@@ -3,7 +3,6 @@ signatures exactly as FedKit's Android library calls them."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +24,6 @@ def load_interpreter(model: Path | bytes, num_threads: int | None = None) -> Any
     if num_threads is not None and (isinstance(num_threads, bool)
                                     or not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
     # No XNNPACK delegate: in TF 2.18 it fails to resize some graphs (a MobileNetV2 backbone)
