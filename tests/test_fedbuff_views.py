@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 import xflwb
 from xflwb.admin import AdminClient
-from xflwb.server.registry import ARRIVAL_COLUMNS, Registry, RegistryError
+from xflwb.sessions.registry import ARRIVAL_COLUMNS, Registry, RegistryError
 from xflwb.style import PLATFORM_COLORS, plot_figure, staleness_figure
 from xflwb.widgets.dashboard import Dashboard, header_html, report
 

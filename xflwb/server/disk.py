@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from xflwb.server.registry import Registry
+from xflwb.sessions.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ _MANAGERS: dict[tuple[str, str | None], Any] = {}
 def _manager(data_dir: str | os.PathLike[str], db_url: str | None) -> Any:
     """One registry + session manager per data directory for handles made without a
     Workbench (they must outlive the call so ``stop()`` and crash detection work)."""
-    from xflwb.server.manager import SessionManager
-    from xflwb.server.registry import Registry
+    from xflwb.sessions.manager import SessionManager
+    from xflwb.sessions.registry import Registry
 
     key = (str(Path(data_dir).resolve()), db_url)
     if key not in _MANAGERS:

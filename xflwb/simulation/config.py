@@ -8,7 +8,7 @@ from typing import Any
 from xflwb import _options
 from xflwb._options import option
 from xflwb.bridge.params import PLATFORMS
-from xflwb.server.config import RoundOptions
+from xflwb.sessions.options import RoundOptions
 from xflwb.simulation import secagg as secagg_mod
 
 
@@ -62,7 +62,7 @@ class SimulationConfig(RoundOptions):
         if self.secagg is not None:
             self.secagg = secagg_mod.normalized(self.secagg)
         self._check_rounds()
-        from xflwb.server.config import ASYNC_STRATEGIES
+        from xflwb.sessions.options import ASYNC_STRATEGIES
 
         if self.strategy in ASYNC_STRATEGIES:
             raise ValueError(

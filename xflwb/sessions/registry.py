@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from xflwb.bridge import manifest as manifest_mod
-from xflwb.server.status import ACTIVE, DONE, SessionStatus
+from xflwb.sessions.status import ACTIVE, DONE, SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ checkpoints = sa.Table(
     sa.Column("path", sa.Text, nullable=False),
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("sha256", sa.String(64)),  # of the file's bytes; NULL in rows of older xflwb
-    #: when retention deleted the file (``xflwb.server.checkpoints.prune_checkpoints``);
+    #: when retention deleted the file (``xflwb.sessions.checkpoints.prune_checkpoints``);
     #: NULL: on disk. The row stays, so round numbers, timings and ``started_from`` still read
     sa.Column("pruned", sa.Float),
 )
@@ -753,7 +753,7 @@ class Registry:
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q).all()]
 
-    # -- the ε ledger of a lineage (xflwb.server.lineage) --------------------------------------
+    # -- the ε ledger of a lineage (xflwb.sessions.lineage) --------------------------------------
     def add_privacy_event(self, session_id: int, rnd: int, population: int,
                           sample_size: int, noise_multiplier: float,
                           target_delta: float | None = None) -> None:
@@ -902,7 +902,7 @@ class Registry:
                 accuracy=body.get("accuracy"), test_size=body.get("test_size"),
                 received=now)).inserted_primary_key[0]
             if kind == "evaluate":
-                from xflwb.server.telemetry import match_telemetry
+                from xflwb.sessions.telemetry import match_telemetry
 
                 match_telemetry(c, tid, sid, device_id,
                                 dev.platform if dev is not None else None,
@@ -923,14 +923,14 @@ class Registry:
 
     # -- evaluation ↔ telemetry ---------------------------------------------------------------
     # Whichever of a device's EvaluateRes and its evaluate telemetry arrives second makes the
-    # match (xflwb.server.telemetry says how).
+    # match (xflwb.sessions.telemetry says how).
     def add_evaluations(self, session_id: int, rnd: int,
                         rows: list[tuple[str, str, float, int]]) -> None:
         """Record the round's per-client EvaluateRes ``(platform, client, loss,
         num_examples)``, each matched with telemetry already received."""
         if not rows:
             return
-        from xflwb.server.telemetry import match_evaluation
+        from xflwb.sessions.telemetry import match_evaluation
 
         with self.engine.begin() as c:
             for p, cid, loss, n in rows:

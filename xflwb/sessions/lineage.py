@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xflwb.server.privacy import Ledger, PrivacyEvent
-from xflwb.server.registry import NotFound, Registry
+from xflwb.sessions.registry import NotFound, Registry
 
 
 class PrivacyLineageError(RuntimeError):

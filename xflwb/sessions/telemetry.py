@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from xflwb.server.registry import TelemetryRefused, devices, evaluations, telemetry
+from xflwb.sessions.registry import TelemetryRefused, devices, evaluations, telemetry
 
 log = logging.getLogger(__name__)
 

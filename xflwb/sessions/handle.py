@@ -15,15 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from xflwb.server.checkpoints import newest_valid_checkpoint
-from xflwb.server.config import is_asynchronous
-from xflwb.server.ending import end_reason, needs_history
-from xflwb.server.process import progress_path
-from xflwb.server.registry import ARRIVAL_COLUMNS, Registry, RegistryError
-from xflwb.server.status import DONE, SessionStatus
+from xflwb.sessions.checkpoints import newest_valid_checkpoint
+from xflwb.sessions.ending import end_reason, needs_history
+from xflwb.sessions.options import is_asynchronous
+from xflwb.sessions.process import progress_path
+from xflwb.sessions.registry import ARRIVAL_COLUMNS, Registry, RegistryError
+from xflwb.sessions.status import DONE, SessionStatus
 
 if TYPE_CHECKING:
-    from xflwb.server.manager import SessionManager
+    from xflwb.sessions.manager import SessionManager
 
 
 #: what an interrupted ``wait`` says (the session and its devices carry on)
@@ -67,7 +67,7 @@ class Session:
 
     @property
     def end_reason(self) -> str | None:
-        """Why the session ended, in words (``xflwb.server.ending.end_reason``): "finished
+        """Why the session ended, in words (``xflwb.sessions.ending.end_reason``): "finished
         all 8 rounds", "privacy budget spent at ε = … after round 6", "failed: …",
         "stopped by the user"; None while it runs."""
         return session_end_reason(self.registry, self.info)
@@ -237,7 +237,7 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
     numbers its rounds on from the round it resumed from."""
     import sqlalchemy as sa
 
-    from xflwb.server.registry import checkpoints, sessions
+    from xflwb.sessions.registry import checkpoints, sessions
 
     ckpt_id = info.get("resumed_from")
     if ckpt_id is None:
