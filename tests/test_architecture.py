@@ -169,6 +169,53 @@ def _private_names(module: str, path: Path) -> list[tuple[int, str, str]]:
     return out
 
 
+def _module_aliases(module: str, path: Path, tree: ast.AST) -> dict[str, str]:
+    """Local names bound to xflwb modules: ``import xflwb.a.b`` binds ``xflwb``, ``import
+    xflwb.a.b as m`` binds ``m``, ``from xflwb.a import b`` (``b`` a module) binds ``b``."""
+    out = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "xflwb":
+                    out[a.asname or "xflwb"] = a.name if a.asname else "xflwb"
+        elif isinstance(node, ast.ImportFrom):
+            for a, target in zip(node.names, _resolve(module, path, node), strict=True):
+                if target in MODULES and target.endswith("." + a.name):
+                    out[a.asname or a.name] = target
+    return out
+
+
+def _dotted(node: ast.AST) -> str | None:
+    """``a.b.c`` of a chain of attributes over a name, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        head = _dotted(node.value)
+        return None if head is None else f"{head}.{node.attr}"
+    return None
+
+
+def _private_attributes(module: str, path: Path) -> list[tuple[int, str, str]]:
+    """(line, module, name) for each ``alias._x`` read of another room's module (``alias``
+    bound by an import): the attribute spelling of ``from x import _y``."""
+    tree = ast.parse(path.read_text(), str(path))
+    aliases = _module_aliases(module, path, tree)
+    out = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            continue
+        chain = _dotted(node.value)
+        if chain is None or chain.split(".")[0] not in aliases:
+            continue
+        head, _, rest = chain.partition(".")
+        target = aliases[head] + (f".{rest}" if rest else "")
+        if (target in MODULES and f"{target}.{node.attr}" not in MODULES  # a submodule
+                and _room(target) != _room(module)):
+            out.append((node.lineno, target, node.attr))
+    return out
+
+
 def _owner(target: str) -> str | None:
     """The xflwb module ``target`` names (an attribute import names its module)."""
     while target and target not in MODULES:
@@ -212,6 +259,10 @@ def _violations() -> tuple[list[str], set[tuple[str, str]]]:
         for line, target, name in _private_names(module, path):
             errors.append(f"{where}:{line}: {module} -> {target}.{name}: a private name of "
                           "another room; make it public there (or move it below both)")
+        for line, target, name in _private_attributes(module, path):
+            errors.append(f"{where}:{line}: {module} reads {target}.{name}: a private "
+                          "attribute of another room; make it public there (or move it "
+                          "below both)")
     return errors, debt_used
 
 
@@ -247,6 +298,9 @@ def test_allowed_debt_says_why_and_when() -> None:
     ("from xflwb.server import flower_legacy\n", "points up, from base to engines"),
     ("X = 'xflwb.simulation.server'\n", "points up, from base to engines"),
     ("from xflwb._quiet import _private\n", "a private name of another room"),
+    ("from xflwb import _quiet\nx = _quiet._private\n", "a private attribute of another room"),
+    ("import xflwb._quiet as q\nx = q._private\n", "a private attribute of another room"),
+    ("import xflwb._quiet\nx = xflwb._quiet._private\n", "a private attribute of another room"),
 ])
 def test_an_upward_arrow_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    source: str, expected: str) -> None:
