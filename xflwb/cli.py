@@ -148,7 +148,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     opts = BackendOptions(**given(args, BackendOptions))
     registry = Registry(opts.data_dir, opts.db_url)
     try:
-        store = TokenStore(registry.engine)
+        store = TokenStore(registry)
         if args.action == "issue":
             if not args.device:
                 print("xflwb token issue: error: name the device, e.g. xflwb token issue "

@@ -366,7 +366,7 @@ class Workbench:
     def _tokens(self) -> Any:
         from xflwb.server.security import TokenStore
 
-        return TokenStore(self._reg().engine)
+        return TokenStore(self._reg())
 
     def issue_device_token(self, device: str, ttl: float | None = None,
                            session: Any = None) -> str:

@@ -67,7 +67,7 @@ def _grpc_security(cfg: SessionConfig, registry: Registry, session_id: int
     tls = security.tls_config(cfg.tls) if cfg.tls else None
     interceptors, streams = None, None
     if cfg.device_auth == "token":
-        store = security.TokenStore(registry.engine)
+        store = security.TokenStore(registry)
         interceptors = [security.grpc_interceptor(store, session=session_id)]
         streams = DeviceStreams(store, session_id).start()
     return (tls.certificates() if tls else None), interceptors, streams

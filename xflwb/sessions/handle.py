@@ -235,10 +235,6 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
     A session's first checkpoint holds the weights it started from (round 0, or the round
     it resumed from), so a resume from it names where those came from. A resumed session
     numbers its rounds on from the round it resumed from."""
-    import sqlalchemy as sa
-
-    from xflwb.sessions.registry import checkpoints, sessions
-
     ckpt_id = info.get("resumed_from")
     if ckpt_id is None:
         if info["status"] == SessionStatus.STARTING:
@@ -246,28 +242,12 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
         if resumes(info["config"]) and info["engine"] != "simulation":
             return "started fresh (nothing to resume)"
         return "started fresh"
-    seen: set[int] = set()
-    with registry.engine.connect() as c:
-        while True:
-            row = c.execute(checkpoints.select().where(checkpoints.c.id == ckpt_id)).first()
-            if row is None:
-                return f"resumed from checkpoint {ckpt_id} (no longer in the registry)"
-            if row.session_id in seen:
-                break
-            seen.add(row.session_id)
-            origin = c.execute(sa.select(sessions.c.resumed_from)
-                               .where(sessions.c.id == row.session_id)).scalar()
-            if origin is None:
-                if row.round != 0:
-                    break
-                return (f"resumed from session {row.session_id}, round 0 (the exported "
-                        "weights)")
-            start = c.execute(sa.select(checkpoints.c.round)
-                              .where(checkpoints.c.id == origin)).scalar()
-            if row.round not in (0, start):  # a round that session trained itself
-                break
-            ckpt_id = origin
-    return f"resumed from session {row.session_id}, round {row.round}"
+    origin = registry.resume_origin(ckpt_id)
+    if "missing" in origin:
+        return f"resumed from checkpoint {origin['missing']} (no longer in the registry)"
+    if origin["exported"]:
+        return f"resumed from session {origin['session_id']}, round 0 (the exported weights)"
+    return f"resumed from session {origin['session_id']}, round {origin['round']}"
 
 
 def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:
