@@ -3,6 +3,11 @@
 SQLAlchemy Core over embedded SQLite (WAL, so the API thread and every session process can
 write at once); the URL is configurable so a team can point it at PostgreSQL. Artifacts are
 copied under ``<data_dir>/registry/<name>/v<version>/`` and never change afterwards.
+
+The one place that runs SQL (``tests/test_architecture.py`` holds every other module to it):
+the HTTP routes, the token store, telemetry matching and the session views ask a method
+here. The tables are declared in ``xflwb.sessions.schema``; opening a registry brings an
+older database up to date (``xflwb.sessions.migrations``) and refuses a newer one.
 """
 
 from __future__ import annotations
