@@ -131,7 +131,7 @@ def run_arm(wb: Any, res: Any, strategy: str, rounds: int, epochs: int,
             options: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One session with a fresh fleet; the checkpoints' (seconds since training began,
     canonical arrays), the history and the arrivals."""
-    from xflwb.server.checkpoints import load_checkpoint
+    from xflwb.sessions.checkpoints import load_checkpoint
 
     s = wb.train(NAME, rounds=rounds, strategy=strategy, strategy_options=options,
                  min_clients=ANDROID + IOS, fraction_fit=1.0, fraction_evaluate=0.0,

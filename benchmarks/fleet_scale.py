@@ -369,7 +369,7 @@ def run_xflwb(wb: Any, workers: Workers, cache: str, n: int, rounds: int,
     """xflwb's session process serving ``n`` devices that follow the full FedKit flow."""
     import sqlalchemy as sa
 
-    from xflwb.server import registry as reg
+    from xflwb.sessions import registry as reg
 
     run = Run("xflwb", n, rounds)
     t0 = time.perf_counter()

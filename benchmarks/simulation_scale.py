@@ -382,8 +382,8 @@ def run_xflwb(res: Any, data_dir: Path, n: int, rounds: int, fraction: float,
     import sqlalchemy as sa
 
     import xflwb
-    from xflwb.server import registry as reg
-    from xflwb.server.session import DONE
+    from xflwb.sessions import registry as reg
+    from xflwb.sessions.status import DONE
 
     run = Run("xflwb", n, rounds)
     sampler = TreeSampler()

@@ -21,15 +21,15 @@ from hypothesis import strategies as st
 import xflwb
 from tests.wirephone import WirePhone
 from xflwb.bridge import manifest as manifest_mod
-from xflwb.server.checkpoints import (
+from xflwb.server.config import SessionConfig
+from xflwb.sessions.checkpoints import (
     Retention,
     load_checkpoint,
     prunable,
     prune_checkpoints,
     save_checkpoint,
 )
-from xflwb.server.config import SessionConfig
-from xflwb.server.registry import Registry, checkpoints
+from xflwb.sessions.registry import Registry, checkpoints
 from xflwb.simulation.config import SimulationConfig
 
 pytestmark = pytest.mark.timeout(300)

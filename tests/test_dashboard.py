@@ -188,7 +188,7 @@ def test_human_bytes_stays_within_rounding_of_the_value(n):
     assert np.isfinite(float(number))
 
 
-# -- why a session ended (xflwb.server.ending), everywhere -----------------------------------------
+# -- why a session ended (xflwb.sessions.ending), everywhere ---------------------------------------
 def _row(status: str, round: int = 8, rounds: int = 8, error: str | None = None,
          **config) -> dict:
     return {"id": 7, "model_name": "m", "status": status, "round": round, "error": error,
@@ -209,7 +209,7 @@ DP_CFG = {"privacy": {"noise_multiplier": 1.0, "clipping_norm": 1.0, "max_epsilo
 
 
 def test_end_reason_of_each_ending():
-    from xflwb.server.ending import end_reason
+    from xflwb.sessions.ending import end_reason
 
     assert end_reason(_row("running", 3)) is None
     assert end_reason(_row("starting", 0)) is None
@@ -250,7 +250,7 @@ class _Ended:
     the handle, they do not compute it)."""
 
     def __init__(self, info, history):
-        from xflwb.server.ending import end_reason
+        from xflwb.sessions.ending import end_reason
 
         self.end_reason = end_reason(info, history)
 

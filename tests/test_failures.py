@@ -25,8 +25,6 @@ from tests.conftest import toy_canonical as _canon
 from tests.conftest import toy_fit_res as _res
 from xflwb.devices.fleet import Fleet
 from xflwb.server.flower_legacy import Code, FitRes, Parameters, Status
-from xflwb.server.registry import Registry
-from xflwb.server.session import SessionTimeout
 from xflwb.server.strategy import (
     AllClientsFailed,
     ClientFailure,
@@ -34,6 +32,8 @@ from xflwb.server.strategy import (
     failure_reason,
     summarize,
 )
+from xflwb.sessions.handle import SessionTimeout
+from xflwb.sessions.registry import Registry
 from xflwb.widgets.dashboard import Dashboard, report
 
 pytestmark = pytest.mark.timeout(600)

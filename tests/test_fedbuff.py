@@ -22,7 +22,6 @@ from tests.conftest import toy_canonical as _canon
 from tests.conftest import toy_fit_res as _res
 from tests.wirephone import WirePhone
 from xflwb.bridge import params
-from xflwb.server.checkpoints import load_checkpoint
 from xflwb.server.config import SessionConfig
 from xflwb.server.fedbuff import (
     Arrival,
@@ -33,6 +32,7 @@ from xflwb.server.fedbuff import (
     staleness_rule,
 )
 from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.sessions.checkpoints import load_checkpoint
 from xflwb.simulation.config import SimulationConfig
 
 

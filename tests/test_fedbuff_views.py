@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 import xflwb
 from xflwb.admin import AdminClient
-from xflwb.server.registry import ARRIVAL_COLUMNS, Registry, RegistryError
+from xflwb.sessions.registry import ARRIVAL_COLUMNS, Registry, RegistryError
 from xflwb.style import PLATFORM_COLORS, plot_figure, staleness_figure
 from xflwb.widgets.dashboard import Dashboard, header_html, report
 
@@ -101,8 +101,9 @@ def test_arrivals_round_trip_in_insertion_order_per_session(wb):
 def test_an_older_registry_gains_the_arrivals_table_when_opened(tmp_path):
     Registry(tmp_path / "old").close()
     db = tmp_path / "old" / "xflwb.db"
-    with sqlite3.connect(db) as c:  # as an xflwb from before FedBuff left it
+    with sqlite3.connect(db) as c:  # as an xflwb from before FedBuff (and versions) left it
         c.execute("DROP TABLE arrivals")
+        c.execute("DROP TABLE schema_version")
     assert "arrivals" not in sa.inspect(sa.create_engine(f"sqlite:///{db}")).get_table_names()
     reg = Registry(tmp_path / "old")
     try:

@@ -20,7 +20,8 @@ import pytest
 
 import xflwb
 from tests.wirephone import WirePhone
-from xflwb.server.registry import SessionConflict
+from xflwb.sessions.handle import Session
+from xflwb.sessions.registry import SessionConflict
 
 pytestmark = pytest.mark.timeout(300)
 AUTH = {"Authorization": "Bearer secret"}
@@ -90,10 +91,10 @@ def test_concurrent_admin_and_python_starts_have_one_winner(tmp_path, export):
 
         results = _race(8, start)
         codes = [r.status_code for r in results if isinstance(r, httpx.Response)]
-        sessions = [r for r in results if isinstance(r, xflwb.server.session.Session)]
+        sessions = [r for r in results if isinstance(r, Session)]
         conflicts = [r for r in results if isinstance(r, SessionConflict)]
         others = [r for r in results
-                  if not isinstance(r, httpx.Response | xflwb.server.session.Session
+                  if not isinstance(r, httpx.Response | Session
                                     | SessionConflict)]
         assert others == []
         assert not [c for c in codes if c >= 500], codes
@@ -167,8 +168,8 @@ def test_train_while_clients_list_sessions_never_reports_a_crash(tmp_path, expor
 
 
 def test_a_starting_row_is_crashed_only_when_its_launcher_is_gone(tmp_path, export):
-    from xflwb.server.registry import Registry
-    from xflwb.server.session import SessionManager
+    from xflwb.sessions.manager import SessionManager
+    from xflwb.sessions.registry import Registry
 
     reg = Registry(tmp_path / "xfl")
     try:

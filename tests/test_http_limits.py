@@ -408,7 +408,7 @@ def test_one_address_creates_a_bounded_number_of_devices_without_tokens(tmp_path
 def test_an_older_registry_gains_the_device_token_binding(tmp_path):
     import sqlalchemy as sa
 
-    from xflwb.server.registry import Registry
+    from xflwb.sessions.registry import Registry
 
     (tmp_path / "xfl").mkdir()
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'xfl' / 'xflwb.db'}")

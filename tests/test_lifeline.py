@@ -20,7 +20,7 @@ import pytest
 import xflwb
 from xflwb import _lifeline
 from xflwb.devices.fleet import Fleet, exit_reason, last_error_line
-from xflwb.server.registry import Registry
+from xflwb.sessions.registry import Registry
 
 from .conftest import digits_cnn
 

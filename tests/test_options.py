@@ -27,8 +27,9 @@ from xflwb import _options, cli, magics
 from xflwb.admin import AdminClient
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import FleetOptions
-from xflwb.server.config import STRATEGIES, BackendOptions, SessionConfig, TLSOptions
+from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
 from xflwb.server.http.session_in import SessionIn
+from xflwb.sessions.options import STRATEGIES
 from xflwb.simulation.config import SimulationConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_docs_option_tables_are_generated_from_the_declarations():
 
 def test_strategy_names_match_flowers_classes():
     from xflwb.flower_legacy import SERVER_STRATEGIES
-    from xflwb.server.config import ASYNC_STRATEGIES
+    from xflwb.sessions.options import ASYNC_STRATEGIES
 
     # Flower's synchronous strategies, plus FedBuff's asynchronous loop (xflwb's own)
     assert set(STRATEGIES) == set(SERVER_STRATEGIES) | set(ASYNC_STRATEGIES)

@@ -29,6 +29,7 @@ import xflwb
 from tests.wirephone import WirePhone
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.server.security import MAX_TTL, TokenStore
+from xflwb.sessions.registry import Registry
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -336,7 +337,7 @@ def test_old_token_tables_gain_expiry_and_scope(tmp_path):
         c.execute(sa.text("INSERT INTO device_tokens (device, sha256, created) VALUES "
                           "('old-phone', :h, 1.0)"),
                   {"h": hashlib.sha256(b"old-token").hexdigest()})
-    store = TokenStore(engine)
+    store = TokenStore(Registry(tmp_path, f"sqlite:///{tmp_path / 'old.db'}"))
     assert store.verify("old-token", session=5)["device"] == "old-phone"
     assert store.list()[0]["expires"] is None and store.list()[0]["session"] is None
     with pytest.raises(ValueError, match="ttl must be"):

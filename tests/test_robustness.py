@@ -31,8 +31,8 @@ from tests.wirephone import WirePhone
 from xflwb.bridge import params
 from xflwb.federation.aggregate import aggregate_masked, aggregate_robust
 from xflwb.server.flower_legacy import ClientProxy
-from xflwb.server.session import DONE
 from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.sessions.status import DONE
 
 SHAPES = [tuple(p["shape"]) for p in MANIFEST["parameters"]]
 ANDROID = [True] * len(SHAPES)

@@ -303,9 +303,11 @@ _MEMORY_STORE: list[TokenStore] = []
 
 def _memory_store() -> TokenStore:
     if not _MEMORY_STORE:
-        import sqlalchemy as sa
+        import tempfile
 
-        _MEMORY_STORE.append(TokenStore(sa.create_engine("sqlite://")))
+        from xflwb.sessions.registry import Registry
+
+        _MEMORY_STORE.append(TokenStore(Registry(tempfile.mkdtemp(prefix="xfl-tokens-"))))
     return _MEMORY_STORE[0]
 
 
@@ -362,9 +364,9 @@ def test_token_magic_and_cli(ip, tmp_path, capsys):
     assert main(["token", "issue", "phone-a", "--data-dir", data]) == 0
     issued = capsys.readouterr().out
     token = issued.rsplit(" ", 1)[1].strip()
-    import sqlalchemy as sa
+    from xflwb.sessions.registry import Registry
 
-    store = TokenStore(sa.create_engine(f"sqlite:///{data}/xflwb.db"))
+    store = TokenStore(Registry(data))
     assert store.verify(token)["device"] == "phone-a"
     assert main(["token", "list", "--data-dir", data]) == 0
     listed = capsys.readouterr().out

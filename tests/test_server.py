@@ -356,7 +356,7 @@ def test_publish_is_immutable(wb, exports, tmp_path):
     assert wb.publish(exports["alpha"])["id"] == first["id"]  # same files: same record
     other = xflwb.export(_cnn(9), name="alpha", out_dir=tmp_path / "elsewhere")
     assert other.version == 1
-    with pytest.raises(xflwb.server.registry.RegistryError, match="immutable"):
+    with pytest.raises(xflwb.sessions.registry.RegistryError, match="immutable"):
         wb.publish(other)
 
 

@@ -13,7 +13,7 @@ import xflwb
 from tests.conftest import digits_cnn
 from xflwb.bridge import params, runtime
 from xflwb.devices import datasets
-from xflwb.server.registry import Registry
+from xflwb.sessions.registry import Registry
 from xflwb.simulation import SimulationConfig
 
 

@@ -19,7 +19,7 @@ from tests.conftest import run_python
 from tests.wirephone import WirePhone
 from xflwb import _options
 from xflwb.server.config import SessionConfig
-from xflwb.server.tracking import BACKENDS, normalize, store_uri
+from xflwb.sessions.tracking import BACKENDS, normalize, store_uri
 from xflwb.simulation.config import SimulationConfig
 
 pytestmark = pytest.mark.timeout(300)
@@ -196,7 +196,7 @@ def test_tensorboard_tracker_needs_no_tensorflow(tmp_path):
     code = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from xflwb.server.tracking import TensorBoard\n"
+        "from xflwb.sessions.tracking import TensorBoard\n"
         "t = TensorBoard()\n"
         f"t.open(Path({str(tmp_path)!r}), None, {{'rounds': 2, 'privacy': None}},"
         " {'id': 1, 'model_name': 'm'})\n"

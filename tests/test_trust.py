@@ -20,13 +20,13 @@ from hypothesis import strategies as st
 import xflwb
 from tests.wirephone import WirePhone
 from xflwb.bridge import manifest as manifest_mod
-from xflwb.server.registry import Registry, RegistryError
-from xflwb.server.session import (
+from xflwb.sessions.checkpoints import (
     CheckpointError,
     load_checkpoint,
     newest_valid_checkpoint,
     save_checkpoint,
 )
+from xflwb.sessions.registry import Registry, RegistryError
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -209,7 +209,7 @@ def test_corrupt_latest_checkpoint_falls_back_with_a_logged_reason(tmp_path, exp
         newest = registry.latest_checkpoint(NAME)
         _corrupt(kind, registry, newest, model, rounds[2])
         candidates = registry.checkpoints_newest_first(NAME, model["version"])
-        with caplog.at_level(logging.WARNING, logger="xflwb.server.session"):
+        with caplog.at_level(logging.WARNING, logger="xflwb.sessions.checkpoints"):
             row, arrays = newest_valid_checkpoint(candidates, model["manifest"], "trust v1")
         assert row["round"] == 1
         for got, want in zip(arrays, rounds[1], strict=True):
@@ -366,7 +366,7 @@ def test_publish_refuses_escaping_names_and_symlinked_artifacts(wb, export, tmp_
 
 
 def test_plain_name_rule():
-    from xflwb.server.registry import check_plain_name
+    from xflwb.sessions.registry import check_plain_name
 
     for ok in ("cnn", "digits_cnn", "a.b-c", "A" * 64):
         check_plain_name(ok, "name")

@@ -39,7 +39,7 @@ from xflwb.exporting import export
 from xflwb.server.config import SessionConfig
 from xflwb.server.fedbuff import FedBuff
 from xflwb.server.privacy import DP
-from xflwb.server.session import Session
+from xflwb.sessions.handle import Session
 from xflwb.simulation import simulate
 from xflwb.simulation.config import SimulationConfig
 from xflwb.simulation.secagg import SecAgg

@@ -19,7 +19,7 @@ from xflwb import _options
 from xflwb.errors import BackendError
 from xflwb.server.config import SessionConfig
 
-#: the statuses a session ends in (``xflwb.server.session.DONE``, as the API spells them)
+#: the statuses a session ends in (``xflwb.sessions.status.DONE``, as the API spells them)
 _DONE = ("finished", "failed", "stopped", "crashed")
 
 
@@ -124,7 +124,7 @@ class RemoteSession:
         """As ``Session.history``: a FedBuff session's also has ``version`` (= round)."""
         rows = self.client.request("GET", f"/sessions/{self.id}/metrics")
         df = pd.DataFrame(rows, columns=["round", "platform", "metric", "value"])
-        from xflwb.server.config import is_asynchronous
+        from xflwb.sessions.options import is_asynchronous
 
         if is_asynchronous(self._info.get("config") or {}):
             df["version"] = df["round"]
@@ -134,7 +134,7 @@ class RemoteSession:
     def arrivals(self) -> pd.DataFrame:
         """As ``Session.arrivals``: a FedBuff session's updates (applied or rejected) with
         their version, staleness and weight; empty for synchronous sessions."""
-        from xflwb.server.registry import ARRIVAL_COLUMNS
+        from xflwb.sessions.registry import ARRIVAL_COLUMNS
 
         rows = self.client.request("GET", f"/sessions/{self.id}/arrivals")
         return pd.DataFrame(rows, columns=list(ARRIVAL_COLUMNS))
@@ -162,7 +162,7 @@ class RemoteSession:
         return self._end_reason(self.info)
 
     def _end_reason(self, info: dict[str, Any]) -> str | None:
-        from xflwb.server.ending import end_reason, needs_history
+        from xflwb.sessions.ending import end_reason, needs_history
 
         return end_reason(info, self.history if needs_history(info) else None)
 

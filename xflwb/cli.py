@@ -140,13 +140,13 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """Issue, list or revoke device tokens in the registry a backend serves from."""
-    from xflwb.server.registry import NotFound, Registry
     from xflwb.server.security import TokenStore
+    from xflwb.sessions.registry import NotFound, Registry
 
     opts = BackendOptions(**given(args, BackendOptions))
     registry = Registry(opts.data_dir, opts.db_url)
     try:
-        store = TokenStore(registry.engine)
+        store = TokenStore(registry)
         if args.action == "issue":
             if not args.device:
                 print("xflwb token issue: error: name the device, e.g. xflwb token issue "
@@ -341,7 +341,7 @@ def server_status(args: argparse.Namespace) -> int:
     import json
 
     from xflwb.server.disk import disk_usage
-    from xflwb.server.registry import Registry
+    from xflwb.sessions.registry import Registry
 
     options = given(args, BackendOptions)
     data_dir = Path(options.get("data_dir", BackendOptions.data_dir))

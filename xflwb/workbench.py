@@ -25,9 +25,10 @@ from xflwb.errors import BackendError, InputError
 from xflwb.server.backend_lock import BackendLock
 from xflwb.server.backend_lock import BackendRunning as BackendRunning  # public: start raises
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
-from xflwb.server.registry import Registry
-from xflwb.server.session import DONE as DONE  # public: statuses a session ends in
-from xflwb.server.session import Session, SessionManager, started_from
+from xflwb.server.phone_sessions import PhoneSessionManager
+from xflwb.sessions.handle import Session, started_from
+from xflwb.sessions.registry import Registry
+from xflwb.sessions.status import DONE as DONE  # public: statuses a session ends in
 from xflwb.simulation.config import SimulationConfig
 
 #: the running workbenches of this process by data directory (weak: a dropped one goes)
@@ -105,7 +106,7 @@ class Workbench:
         self.session_defaults = dict(session_defaults or {})
         _refuse_start_fresh(self.session_defaults, "session_defaults")
         self.registry: Registry | None = None
-        self.sessions: SessionManager | None = None
+        self.sessions: PhoneSessionManager | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
@@ -147,7 +148,7 @@ class Workbench:
         from xflwb.server.http.timeouts import timed_protocol
 
         self.registry = Registry(self.data_dir, self.db_url)
-        self.sessions = SessionManager(self.registry, host=self.host, security={
+        self.sessions = PhoneSessionManager(self.registry, host=self.host, security={
             "tls": self.tls.as_list() if self.tls else None, "device_auth": self.device_auth})
         self.sessions.refresh()  # sessions of a previous kernel are not running any more
         app = create_app(AppState(self.registry, self.sessions, self.admin_token,
@@ -268,7 +269,7 @@ class Workbench:
         for fleet in self.fleets:
             if fleet.data_type == found["data_type"] and fleet.alive():
                 check_compatible(found["manifest"], fleet.dataset)
-        return self.sessions.start(name, **options)
+        return self.sessions.start_phone(name, **options)
 
     @_options.generated(SimulationConfig)
     def simulate(self, model: Any, *, wait: bool = True, timeout: float | None = None,
@@ -356,9 +357,9 @@ class Workbench:
         reg = self._reg()
         assert self.sessions is not None
         self.sessions.refresh()
-        from xflwb.server.handle import session_end_reason
+        from xflwb.sessions.handle import session_end_reason
 
-        # "end_reason": why a session ended (xflwb.server.ending), blank while it runs
+        # "end_reason": why a session ended (xflwb.sessions.ending), blank while it runs
         rows = [{"id": s["id"], "model": s["model_name"], "status": s["status"],
                  "round": s["round"], "rounds": s["config"]["rounds"],
                  "end_reason": session_end_reason(reg, s) or "",
@@ -378,7 +379,7 @@ class Workbench:
     def _tokens(self) -> Any:
         from xflwb.server.security import TokenStore
 
-        return TokenStore(self._reg().engine)
+        return TokenStore(self._reg())
 
     def issue_device_token(self, device: str, ttl: float | None = None,
                            session: Any = None) -> str:
@@ -389,8 +390,8 @@ class Workbench:
         ``ttl``: seconds until it expires (refused from then on; a live stream is cut
         within about a second). ``session``: a session (or its id) the token is valid for,
         alone: other sessions' gRPC ports and ``train/server`` for them refuse it."""
-        from xflwb.server.registry import NotFound
         from xflwb.server.security import check_session_scope
+        from xflwb.sessions.registry import NotFound
 
         scope = check_session_scope(session)
         if scope is not None:

@@ -1,1 +1,2 @@
-"""The bundled backend: registry, HTTP API, sessions, cross-platform strategy."""
+"""The phone backend: HTTP API, phone sessions (gRPC), device enrollment, TLS and tokens,
+cross-platform strategy; what it shares with simulations lives in ``xflwb.sessions``."""

@@ -79,7 +79,7 @@ def create_app(state: AppState) -> FastAPI:
                        floor=min(BODY_FLOOR, state.max_body_bytes or BODY_FLOOR))
 
     if state.tokens is None:
-        state.tokens = TokenStore(state.registry.engine)
+        state.tokens = TokenStore(state.registry)
     phone = [Depends(device_guard(state))]
     for router in (fedkit_router(state), static_router(state)):
         app.include_router(router, dependencies=phone)

@@ -6,8 +6,6 @@ train`` and the admin API's body are generated from ``SessionConfig`` (``xflwb._
 
 from __future__ import annotations
 
-import dataclasses
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,140 +14,14 @@ import numpy as np
 from xflwb import _options
 from xflwb._options import option
 from xflwb.errors import InputError
-from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
-from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 from xflwb.server.http.timeouts import BODY_TIMEOUT, HEADER_TIMEOUT, IDLE_TIMEOUT
+from xflwb.sessions.options import RoundOptions
 
 #: bounds of ``SessionConfig.max_message_bytes`` (gRPC's own ceiling is 2 GiB - 1)
 MIN_MESSAGE_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 2**31 - 1
 #: the derived limit is never below this (config and metrics travel in the same messages)
 FLOOR_MESSAGE_BYTES = 4 * 1024 * 1024
-#: checkpoints a session keeps by default (``keep_checkpoints``): enough to fall back past
-#: a few corrupt files, few enough that FedBuff's thousands of versions cannot fill a disk
-DEFAULT_KEEP_CHECKPOINTS = 5
-
-
-#: the strategies a session or simulation can run (``xflwb.flower_legacy.SERVER_STRATEGIES``
-#: maps them to Flower's classes; a test keeps the two equal), and FedBuff's asynchronous
-#: rounds (``xflwb.server.fedbuff``, phone sessions only). Spelled here so that building a
-#: parser does not import Flower.
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
-              "fedtrimmedavg", "krum", "fedbuff")
-#: the strategies without rounds: phones train asynchronously, versions replace rounds
-ASYNC_STRATEGIES = ("fedbuff",)
-
-
-def is_asynchronous(config: dict[str, Any]) -> bool:
-    """Whether a stored session config ran without rounds (its rounds are model versions)."""
-    return str(config.get("strategy", "")).lower() in ASYNC_STRATEGIES
-
-
-@dataclass
-class RoundOptions:
-    """How rounds run: the options phone sessions and simulations share, declared once."""
-
-    rounds: int = option(10, "federated rounds to run", ge=1, le=1_000_000)
-    strategy: str = option("fedavg", "Flower strategy aggregating the canonical updates",
-                           choices=STRATEGIES)
-    strategy_options: dict[str, Any] = option(
-        default_factory=dict, help="keyword arguments of the Flower strategy (e.g. "
-        '{"beta": 0.2} for fedtrimmedavg), or xflwb.FedBuff(...) / its dict for fedbuff')
-    min_clients: int | None = option(
-        None, "clients a round needs before it starts (none: 2, or the whole simulated fleet "
-        "if smaller)", ge=1, le=1_000_000)
-    fraction_fit: float = option(1.0, "fraction of the connected clients sampled to train "
-                                 "each round", gt=0, le=1)
-    fraction_evaluate: float | None = option(
-        None, "fraction sampled to evaluate each round (none: as fraction_fit)", ge=0, le=1)
-    local_epochs: int = option(1, "epochs each client trains per round", ge=1, le=100_000)
-    round_timeout: float = option(600.0, "seconds a round waits for its clients", gt=0,
-                                  le=30 * 86400)
-    max_examples: int | None = option(
-        DEFAULT_MAX_EXAMPLES, "one update counts for at most this many examples (larger "
-        "num_examples are capped and counted in the round's capped metric); none: no cap",
-        ge=1, le=2**63 - 1)
-    max_update_norm: float | None = option(
-        None, "reject updates farther than this (L2, canonical space, over the tensors the "
-        "client's platform trains) from the global model; none: no bound", gt=0)
-    #: relative bounds on by default (xflwb.federation.influence, docs/security.md): one phone
-    #: must not steer the model by lying about its examples or sending a huge update
-    max_weight_ratio: float | None = option(
-        DEFAULT_MAX_WEIGHT_RATIO, "one update counts for at most this multiple of the "
-        "(lower) median num_examples of its round (FedBuff: of the recent phones); capped "
-        "updates are counted in the capped metric; none: off", ge=1, le=1e9)
-    max_norm_ratio: float | None = option(
-        DEFAULT_MAX_NORM_RATIO, "reject updates farther (L2) from the model they trained "
-        "from than this multiple of the (lower) median of recent updates of the same "
-        "platform; applies to "
-        "fedavg, the server optimisers and fedbuff, not to robust rules, DP (which clips) "
-        "or secagg (which hides single updates); none: off", ge=1, le=1e9)
-    #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.server.privacy``)
-    privacy: dict[str, Any] | None = option(
-        None, "differential privacy: xflwb.DP(...) or its dict; none: off")
-    #: checkpoint retention (``xflwb.server.checkpoints.prune_checkpoints``)
-    keep_checkpoints: int | None = option(
-        DEFAULT_KEEP_CHECKPOINTS, "checkpoints a session keeps on disk: the last N written, "
-        "plus every keep_every-th round, its start and any a resume needs; none: keep all",
-        ge=1, le=1_000_000)
-    keep_every: int | None = option(
-        None, "also keep the checkpoint of every round (FedBuff: version) divisible by this; "
-        "none: no extra ones", ge=1, le=1_000_000)
-    #: ``xflwb.server.tracking``: written by the session process as rounds land
-    tracking: list[str] | str | None = option(
-        None, "also log per-round metrics and the options to 'tensorboard', 'mlflow' or "
-        "both (a list, or comma-separated); none: off", repeat=True, metavar="NAME")
-    tracking_dir: str | None = option(
-        None, "where tracked runs go (none: DATA_DIR/tracking): TensorBoard event files "
-        "in tensorboard/, the MLflow store in mlruns/", path=True, metavar="DIR")
-    tracking_uri: str | None = option(
-        None, "MLflow tracking URI (an http:// server, sqlite:///...); none: the local "
-        "store in tracking_dir", metavar="URI")
-
-    def _check_rounds(self) -> None:
-        """The shared checks (``__post_init__`` of each subclass calls this)."""
-        for name in ("keep_checkpoints", "keep_every"):
-            if getattr(self, name) == 0 and not isinstance(getattr(self, name), bool):
-                raise InputError(
-                    f"{name}=0 is not allowed: " + (
-                        "a session must keep at least its latest checkpoint to resume from; "
-                        "pass None to keep every checkpoint, or N >= 1 to keep the last N"
-                        if name == "keep_checkpoints" else
-                        "pass None for no extra checkpoints, or k >= 1 to keep every k-th "
-                        "round's"))
-        if isinstance(self.strategy, str):
-            self.strategy = self.strategy.lower()
-        from xflwb.server.fedbuff import FedBuff
-        from xflwb.server.privacy import privacy_dict
-
-        if isinstance(self.strategy_options, FedBuff):
-            self.strategy_options = dataclasses.asdict(self.strategy_options)
-
-        if self.privacy is not None and not isinstance(self.privacy, dict):
-            self.privacy = privacy_dict(self.privacy)  # a DP → its dict (checked below)
-        from xflwb.server.tracking import normalize
-
-        self.tracking = normalize(self.tracking)  # did you mean …; pip install … when missing
-        _options.check(self)
-        if self.tracking_dir is not None:  # the session process may run elsewhere (cwd)
-            self.tracking_dir = os.path.abspath(os.fspath(self.tracking_dir))
-        self.privacy = privacy_dict(self.privacy)
-        if self.privacy is not None and self.strategy in ROBUST_RULE_NAMES:
-            raise InputError(f"privacy (central DP) cannot be combined with strategy "
-                             f"{self.strategy!r}: it noises a mean; use fedavg or a server "
-                             "optimiser (fedadam, ...)")
-        if self.privacy is not None and self.strategy in ASYNC_STRATEGIES:
-            raise InputError(f"privacy (central DP) cannot be combined with strategy "
-                             f"{self.strategy!r}: its ε ledger composes rounds of sampled "
-                             "clients, which asynchronous training does not have; use "
-                             "fedavg or a server optimiser")
-        if self.strategy in ASYNC_STRATEGIES and self.fraction_fit != 1.0:
-            raise InputError(f"fraction_fit={self.fraction_fit:g} does not apply to strategy "
-                             f"{self.strategy!r}: every idle phone trains; bound the phones "
-                             "training at once with strategy_options max_concurrency")
-        if self.fraction_evaluate is None:
-            self.fraction_evaluate = self.fraction_fit
-        self.strategy_options = check_strategy_options(self.strategy, self.strategy_options)
 
 
 @_options.declared  # unknown keywords: did you mean
@@ -161,7 +33,7 @@ class SessionConfig(RoundOptions):
     #: resumes (FedKit's backend did)
     resume: bool = option(False, "start from the model's latest phone-session checkpoint "
                           "(default: the exported weights)")
-    #: a resumed session's ε is its model lineage's (``xflwb.server.lineage``)
+    #: a resumed session's ε is its model lineage's (``xflwb.sessions.lineage``)
     allow_privacy_gap: bool = option(
         False, "resume a model lineage across a change of differential privacy (a DP "
         "lineage without DP, or DP after rounds without it) instead of refusing; the "
@@ -191,28 +63,6 @@ class SessionConfig(RoundOptions):
         self.device_auth = check_device_auth(self.device_auth)
         if self.tls is not None:
             self.tls = tls_config(self.tls).as_list()  # type: ignore[union-attr]
-
-
-def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
-    """Flower's own constructor for ``strategy`` checks ``options`` before any process
-    starts (FedTrimmedAvg's ``beta`` in [0, 0.5), no option the class does not take); for
-    FedBuff, ``xflwb.FedBuff`` does. Returns the options to store (FedBuff's: every field,
-    defaults filled in)."""
-    from xflwb.server.flower_legacy import SERVER_STRATEGIES, ndarrays_to_parameters
-
-    if not isinstance(options, dict):
-        raise InputError(f"strategy_options must be a dict, got {type(options).__name__}")
-    if strategy in ASYNC_STRATEGIES:
-        from xflwb.server.fedbuff import fedbuff_options
-
-        return dataclasses.asdict(fedbuff_options(options))  # ValueError: did you mean …
-    try:
-        SERVER_STRATEGIES[strategy](
-            initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]), **options)
-    except (TypeError, ValueError) as exc:  # one line naming the option (OptionError)
-        raise _options.OptionError(f"strategy_options {options!r} do not fit strategy "
-                                   f"{strategy!r}: {exc}") from None
-    return options
 
 
 def message_limit(manifest: dict[str, Any], configured: int | None = None) -> int:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from xflwb.server.registry import Registry
+from xflwb.sessions.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -76,13 +76,8 @@ def _tree(path: Path, pattern: str = "*") -> tuple[int, int]:
 def _database_bytes(registry: Registry) -> int | None:
     """The SQLite database's bytes (with ``-wal`` and ``-shm``) when it lives in the data
     dir; None for a server database (PostgreSQL) or a file elsewhere."""
-    import sqlalchemy as sa
-
-    url = sa.engine.make_url(registry.db_url)
-    if not url.drivername.startswith("sqlite") or not url.database:
-        return None
-    db = Path(url.database).resolve()
-    if registry.data_dir not in db.parents:
+    db = registry.database_file()
+    if db is None or registry.data_dir not in db.parents:
         return None
     return sum(os.path.getsize(p) for p in (db, Path(f"{db}-wal"), Path(f"{db}-shm"))
                if p.is_file())

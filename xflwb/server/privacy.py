@@ -47,7 +47,7 @@ dp-accounting's RDP accountant (which supports that event under replace-one adja
 only). With adaptive clipping z is the configured multiplier: the updates' larger noise
 and the noised count together are that Gaussian mechanism (Andrew et al., §3). A resumed
 session's ledger starts from its model lineage's released rounds (``restore``;
-``xflwb.server.lineage`` finds them), so ε and ``max_epsilon`` are the lineage's.
+``xflwb.sessions.lineage`` finds them), so ε and ``max_epsilon`` are the lineage's.
 """
 
 from __future__ import annotations

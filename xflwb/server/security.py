@@ -6,9 +6,9 @@ API stays as FedKit's backend had it (anonymous, so existing apps work unchanged
 per-device token the operator issued. TLS covers both transports with one certificate:
 uvicorn serves HTTPS and Flower's legacy gRPC server takes ``certificates=``.
 
-Tokens are stored as SHA-256 digests in their own table of the registry database (the
-token itself is shown once, when issued), so the session processes, which share the
-database, check gRPC joins against the same list the HTTP API uses. A token may expire
+Tokens are stored as SHA-256 digests in their own table of the registry (the token itself
+is shown once, when issued; the registry runs the SQL), so the session processes, which
+share the database, check gRPC joins against the same list the HTTP API uses. A token may expire
 (``ttl``) and may be valid for one session only (``session``); a session process also
 watches the table to cut the live streams of revoked or expired tokens
 (``xflwb.server.device_streams``).
@@ -16,7 +16,6 @@ watches the table to cut the live streams of revoked or expired tokens
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import ipaddress
 import math
@@ -29,32 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
-
 from xflwb.errors import BackendError, InputError
+from xflwb.sessions.registry import MAX_DEVICE_NAME, Registry
 
 #: ``device_auth`` values: None (open, FedKit's behaviour) or "token"
 DEVICE_AUTH_MODES = (None, "token")
 #: where phones may put their token: ``Authorization: Bearer <token>`` or this header
 #: (on gRPC: the same names as metadata keys, lower case)
 TOKEN_HEADER = "x-device-token"
-MAX_DEVICE_NAME = 128
 #: the longest a token may live (``ttl`` in seconds): ten years
 MAX_TTL = 10 * 365 * 24 * 3600.0
-
-_meta = sa.MetaData()
-device_tokens = sa.Table(
-    "device_tokens", _meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("device", sa.String(MAX_DEVICE_NAME), nullable=False),
-    sa.Column("sha256", sa.String(64), nullable=False, unique=True),
-    sa.Column("created", sa.Float, nullable=False),
-    sa.Column("revoked", sa.Float, nullable=True),
-    #: epoch seconds after which the token is refused (``ttl``); null: never
-    sa.Column("expires", sa.Float, nullable=True),
-    #: the one session the token is valid for; null: every session
-    sa.Column("session_id", sa.Integer, nullable=True),
-)
 
 
 # -- TLS ----------------------------------------------------------------------------------------
@@ -305,13 +288,15 @@ def check_session_scope(session: Any) -> int | None:
     return int(value)
 
 
-def token_state(row: Any, now: float) -> str | None:
-    """Why a stored token row is no longer valid ("revoked …" / "expired …"), else None."""
-    if row.revoked is not None:
-        return (f"device token {row.id} of {row.device!r} was revoked at "
-                f"{_when(row.revoked)}")
-    if row.expires is not None and row.expires <= now:
-        return f"device token {row.id} of {row.device!r} expired at {_when(row.expires)}"
+def token_state(row: Mapping[str, Any], now: float) -> str | None:
+    """Why a stored token row (``Registry.device_token``) is no longer valid ("revoked …" /
+    "expired …"), else None."""
+    if row["revoked"] is not None:
+        return (f"device token {row['id']} of {row['device']!r} was revoked at "
+                f"{_when(row['revoked'])}")
+    if row["expires"] is not None and row["expires"] <= now:
+        return (f"device token {row['id']} of {row['device']!r} expired at "
+                f"{_when(row['expires'])}")
     return None
 
 
@@ -319,28 +304,16 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
-def _row(row: Any) -> dict[str, Any]:
-    return {"id": int(row.id), "device": row.device, "created": row.created,
-            "expires": row.expires, "session": row.session_id}
+def _row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"id": int(row["id"]), "device": row["device"], "created": row["created"],
+            "expires": row["expires"], "session": row["session_id"]}
 
 
 class TokenStore:
-    """Per-device tokens in the registry database (digests only)."""
+    """Per-device tokens in the registry (digests only): issuing, checking, revoking."""
 
-    def __init__(self, engine: sa.engine.Engine) -> None:
-        self.engine = engine
-        _meta.create_all(engine, checkfirst=True)
-        self._migrate()
-
-    def _migrate(self) -> None:
-        """A token table made by an older xflwb gets ``expires`` and ``session_id`` (null:
-        its tokens never expire and are valid for every session, as before)."""
-        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("device_tokens")}
-        for name, kind in (("expires", "FLOAT"), ("session_id", "INTEGER")):
-            if name not in cols:
-                # (another process may add it first)
-                with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
-                    c.execute(sa.text(f"ALTER TABLE device_tokens ADD COLUMN {name} {kind}"))
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
 
     def issue(self, device: str, ttl: float | None = None,
               session: int | None = None) -> dict[str, Any]:
@@ -354,14 +327,9 @@ class TokenStore:
                              f"characters, got {device!r}")
         ttl, session = check_ttl(ttl), check_session_scope(session)
         token = secrets.token_urlsafe(32)
-        now = time.time()
-        expires = None if ttl is None else now + ttl
-        with self.engine.begin() as c:
-            tid = c.execute(device_tokens.insert().values(
-                device=device.strip(), sha256=_digest(token), created=now, expires=expires,
-                session_id=session)).inserted_primary_key[0]
-        return {"id": int(tid), "device": device.strip(), "token": token, "created": now,
-                "expires": expires, "session": session}
+        expires = None if ttl is None else time.time() + ttl
+        row = self.registry.add_device_token(device.strip(), _digest(token), expires, session)
+        return {**row, "token": token}
 
     def check(self, token: str | None, session: int | None = None) -> dict[str, Any]:
         """The token's row (id, device, created, expires, session) when it is known, not
@@ -369,18 +337,16 @@ class TokenStore:
         model download); else ``TokenRefused`` with the reason."""
         if not token or len(token) > 512:
             raise TokenRefused(UNKNOWN_TOKEN)
-        with self.engine.connect() as c:
-            row = c.execute(device_tokens.select().where(
-                device_tokens.c.sha256 == _digest(token))).first()
+        row = self.registry.device_token(_digest(token))
         if row is None:
             raise TokenRefused(UNKNOWN_TOKEN)
         why = token_state(row, time.time())
         if why is not None:
             raise TokenRefused(f"{why}: ask the operator for a new one")
-        if session is not None and row.session_id is not None and row.session_id != session:
-            raise TokenRefused(f"device token {row.id} of {row.device!r} is valid only for "
-                               f"session {row.session_id}, not session {session}",
-                               scope=True)
+        scope = row["session_id"]
+        if session is not None and scope is not None and scope != session:
+            raise TokenRefused(f"device token {row['id']} of {row['device']!r} is valid only "
+                               f"for session {scope}, not session {session}", scope=True)
         return _row(row)
 
     def verify(self, token: str | None, session: int | None = None) -> dict[str, Any] | None:
@@ -393,47 +359,32 @@ class TokenStore:
     def revocation_mark(self) -> tuple[int, float]:
         """(revoked tokens, newest revocation time): changes whenever a token is revoked,
         so a session process polls this one cheap row instead of every live token."""
-        t = device_tokens
-        with self.engine.connect() as c:
-            n, newest = c.execute(sa.select(sa.func.count(t.c.id), sa.func.max(t.c.revoked))
-                                  .where(t.c.revoked.is_not(None))).one()
-        return int(n or 0), float(newest or 0.0)
+        return self.registry.device_token_revocations()
 
     def invalid(self, ids: Iterable[int]) -> dict[int, str]:
         """Of the token ids ``ids``, those revoked or expired now, each with the reason."""
         wanted = sorted({int(i) for i in ids})
         if not wanted:
             return {}
-        t, now, out = device_tokens, time.time(), {}
-        with self.engine.connect() as c:
-            for k in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
-                for row in c.execute(t.select().where(t.c.id.in_(wanted[k:k + 500]))):
-                    why = token_state(row, now)
-                    if why is not None:
-                        out[int(row.id)] = why
+        now, out = time.time(), {}
+        for row in self.registry.device_tokens_by_id(wanted):
+            why = token_state(row, now)
+            if why is not None:
+                out[int(row["id"])] = why
         return out
 
     def revoke(self, device_or_id: str | int) -> int:
         """Revoke one token (by id) or every token of a device (by name); how many. Live
         gRPC streams of a revoked token are cut within about a second (every session
         process polls ``revocation_mark``)."""
-        t = device_tokens
-        where = (t.c.id == int(device_or_id)) if isinstance(device_or_id, int) and not \
-            isinstance(device_or_id, bool) else (t.c.device == str(device_or_id))
-        with self.engine.begin() as c:
-            n = c.execute(t.update().where(where & t.c.revoked.is_(None))
-                          .values(revoked=time.time())).rowcount
-        return int(n or 0)
+        if isinstance(device_or_id, int) and not isinstance(device_or_id, bool):
+            return self.registry.revoke_device_tokens(token_id=device_or_id)
+        return self.registry.revoke_device_tokens(device=str(device_or_id))
 
     def list(self) -> list[dict[str, Any]]:
         """Every token ever issued (id, device, created, expires, session, revoked); never
         the token."""
-        t = device_tokens
-        with self.engine.connect() as c:
-            rows = c.execute(sa.select(t.c.id, t.c.device, t.c.created, t.c.expires,
-                                       t.c.session_id.label("session"), t.c.revoked)
-                             .order_by(t.c.id)).all()
-        return [dict(r._mapping) for r in rows]
+        return self.registry.list_device_tokens()
 
 
 def token_from_headers(headers: Mapping[str, str]) -> str | None:
@@ -511,7 +462,6 @@ __all__ = [
     "check_device_auth",
     "check_session_scope",
     "check_ttl",
-    "device_tokens",
     "fingerprint",
     "grpc_interceptor",
     "is_loopback",

@@ -1,7 +1,7 @@
 """A phone session's process: a Flower server listening on one gRPC port per platform.
 
 Run as ``python -m xflwb.server.session_process DATA_DIR DB_URL SESSION_ID`` by
-``SessionManager.start`` (``python -m xflwb.server.session`` still works). A process per
+``PhoneSessionManager.start_phone`` (``xflwb.server.phone_sessions``). A process per
 session because ``start_server`` installs signal handlers (main thread only) and, more
 importantly, so a crashing session can never take down the notebook kernel or its sibling
 sessions. It writes its state, metrics and per-round checkpoints to the registry (through
@@ -16,16 +16,12 @@ import sys
 from typing import Any
 
 from xflwb.bridge import manifest as manifest_mod
-from xflwb.server import lineage
-from xflwb.server.checkpoints import newest_valid_checkpoint
-from xflwb.server.config import (
-    ASYNC_STRATEGIES,
-    FLOOR_MESSAGE_BYTES,
-    SessionConfig,
-    message_limit,
-)
-from xflwb.server.process import SessionProcess
-from xflwb.server.registry import Registry
+from xflwb.server.config import FLOOR_MESSAGE_BYTES, SessionConfig, message_limit
+from xflwb.sessions import lineage
+from xflwb.sessions.checkpoints import newest_valid_checkpoint
+from xflwb.sessions.options import ASYNC_STRATEGIES
+from xflwb.sessions.process import SessionProcess
+from xflwb.sessions.registry import Registry
 
 
 def _free_port(host: str) -> int:
@@ -71,7 +67,7 @@ def _grpc_security(cfg: SessionConfig, registry: Registry, session_id: int
     tls = security.tls_config(cfg.tls) if cfg.tls else None
     interceptors, streams = None, None
     if cfg.device_auth == "token":
-        store = security.TokenStore(registry.engine)
+        store = security.TokenStore(registry)
         interceptors = [security.grpc_interceptor(store, session=session_id)]
         streams = DeviceStreams(store, session_id).start()
     return (tls.certificates() if tls else None), interceptors, streams

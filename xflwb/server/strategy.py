@@ -273,7 +273,7 @@ class RoundReport:
     #: round's record (no checkpoint, the round does not count)
     failed: str | None = None
     #: with DP, the round's ``PrivacyEvent`` when it released a model (persisted before
-    #: the model is: the lineage's ledger, ``xflwb.server.lineage``)
+    #: the model is: the lineage's ledger, ``xflwb.sessions.lineage``)
     privacy_event: Any = None
 
 

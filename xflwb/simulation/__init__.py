@@ -33,8 +33,8 @@ class _OwnManager:
 
     def __call__(self) -> Any:
         if self.manager is None:
-            from xflwb.server.manager import SessionManager
-            from xflwb.server.registry import Registry
+            from xflwb.sessions.manager import SessionManager
+            from xflwb.sessions.registry import Registry
 
             self.manager = SessionManager(Registry(self.data_dir, self.db_url))
         return self.manager
@@ -127,7 +127,7 @@ def simulate(name_or_export: Any, *, data_dir: str | os.PathLike[str] = "xfl-dat
     released once the simulation ended (``wait``, ``stop()``), by ``close()`` or when the
     handle is dropped.
     """
-    from xflwb.server.handle import Session
+    from xflwb.sessions.handle import Session
 
     own = _OwnManager(data_dir, db_url)
     try:

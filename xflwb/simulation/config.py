@@ -11,7 +11,7 @@ from xflwb import _options
 from xflwb._options import option
 from xflwb.bridge.params import PLATFORMS
 from xflwb.errors import InputError
-from xflwb.server.config import RoundOptions
+from xflwb.sessions.options import RoundOptions
 from xflwb.simulation import secagg as secagg_mod
 
 
@@ -78,7 +78,7 @@ class SimulationConfig(RoundOptions):
             with _secagg_input():
                 self.secagg = secagg_mod.normalized(self.secagg)
         self._check_rounds()
-        from xflwb.server.config import ASYNC_STRATEGIES
+        from xflwb.sessions.options import ASYNC_STRATEGIES
 
         if self.strategy in ASYNC_STRATEGIES:
             raise InputError(

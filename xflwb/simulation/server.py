@@ -21,7 +21,7 @@ from typing import Any
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge.params import PLATFORMS
 from xflwb.flower_legacy import SimpleClientManager
-from xflwb.server.process import SessionProcess
+from xflwb.sessions.process import SessionProcess
 from xflwb.simulation.config import SimulationConfig
 
 log = logging.getLogger("xflwb.simulation")

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from xflwb.server.http.inputs import _renderable
-from xflwb.server.registry import NotFound, RegistryError
+from xflwb.sessions.registry import NotFound, RegistryError
 
 
 def install_error_handlers(app: FastAPI) -> None:

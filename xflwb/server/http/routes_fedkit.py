@@ -12,7 +12,6 @@ from typing import Any, Literal
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from xflwb.server import registry as reg
 from xflwb.server.http.auth import check_session_scope
 from xflwb.server.http.inputs import Id, PathId, _In
 from xflwb.server.http.routes_static import file_path
@@ -22,8 +21,9 @@ from xflwb.server.http.state import (
     AppState,
     client_key,
 )
-from xflwb.server.registry import NotFound, SessionConflict
-from xflwb.server.session import resumes
+from xflwb.sessions import registry as reg
+from xflwb.sessions.handle import resumes
+from xflwb.sessions.registry import NotFound, SessionConflict
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ def fedkit_router(state: AppState) -> APIRouter:
                     opts = {**state.session_defaults,
                             "resume": state.session_defaults.get("resume", True) and not fresh}
                     try:
-                        session = state.sessions.start(model["name"], **opts)
+                        session = state.sessions.start_phone(model["name"], **opts)
                     except SessionConflict:  # another process started it meanwhile
                         active = registry.active_session_for(model["name"])
                     except NotFound:  # removed meanwhile (a RegistryError, not a failure)

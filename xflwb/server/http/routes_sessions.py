@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 from xflwb.server.http.inputs import PathId
 from xflwb.server.http.session_in import SessionIn
 from xflwb.server.http.state import AppState
-from xflwb.server.registry import RegistryError
-from xflwb.server.session import history_frame, started_from
+from xflwb.sessions.handle import history_frame, started_from
+from xflwb.sessions.registry import RegistryError
 
 
 class SessionOut(BaseModel):
@@ -85,7 +85,7 @@ def sessions_router(state: AppState) -> APIRouter:
         opts = body.model_dump()
         name = opts.pop("model")
         try:
-            session = state.sessions.start(name, **opts)
+            session = state.sessions.start_phone(name, **opts)
         except RegistryError:
             raise  # NotFound → 404, SessionConflict → 409 (the app's handlers)
         except ValueError as exc:

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xflwb.server.http.inputs import MAX_INT, PathId, _In
 from xflwb.server.http.state import AppState
-from xflwb.server.registry import NotFound
 from xflwb.server.security import MAX_DEVICE_NAME, MAX_TTL
+from xflwb.sessions.registry import NotFound
 
 
 class DeviceTokenIn(_In):

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xflwb.server.http.limits import BODY_FLOOR
-from xflwb.server.registry import Registry
-from xflwb.server.session import SessionManager
+from xflwb.server.phone_sessions import PhoneSessionManager
+from xflwb.sessions.registry import Registry
 
 #: telemetry per device token: a burst, then a sustained rate (a phone posts two per round)
 TELEMETRY_BURST = 60
@@ -68,7 +68,7 @@ def client_key(host: str | None) -> str:
 @dataclass
 class AppState:
     registry: Registry
-    sessions: SessionManager
+    sessions: PhoneSessionManager
     admin_token: str
     auto_start: bool = False
     session_defaults: dict[str, Any] = field(default_factory=dict)

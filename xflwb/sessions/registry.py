@@ -3,11 +3,15 @@
 SQLAlchemy Core over embedded SQLite (WAL, so the API thread and every session process can
 write at once); the URL is configurable so a team can point it at PostgreSQL. Artifacts are
 copied under ``<data_dir>/registry/<name>/v<version>/`` and never change afterwards.
+
+The one place that runs SQL (``tests/test_architecture.py`` holds every other module to it):
+the HTTP routes, the token store, telemetry matching and the session views ask a method
+here. The tables are declared in ``xflwb.sessions.schema``; opening a registry brings an
+older database up to date (``xflwb.sessions.migrations``) and refuses a newer one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,208 +21,41 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.errors import BackendError
-from xflwb.server.status import ACTIVE, DONE, SessionStatus
+from xflwb.sessions import migrations
+from xflwb.sessions.schema import (
+    ARRIVAL_COLUMNS,
+    ENGINES,
+    IS_SIMULATION,
+    MAX_DEVICE_NAME,
+    arrivals,
+    artifacts,
+    checkpoints,
+    client_failures,
+    device_tokens,
+    devices,
+    evaluations,
+    lineages,
+    metrics,
+    models,
+    privacy_events,
+    rejections,
+    sessions,
+    telemetry,
+)
+from xflwb.sessions.status import ACTIVE, DONE, SessionStatus
 
 log = logging.getLogger(__name__)
 
-#: the engines a session row runs on (``sessions.engine``): phones join only ``phone`` rows
-ENGINES = ("phone", "simulation")
-
-meta = sa.MetaData()
-models = sa.Table(
-    "models", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("name", sa.String(64), nullable=False),
-    sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("data_type", sa.String(128), nullable=False, index=True),
-    sa.Column("manifest", sa.Text, nullable=False),
-    sa.Column("directory", sa.Text, nullable=False),
-    sa.Column("created", sa.Float, nullable=False),
-    sa.UniqueConstraint("name", "version"),
-)
-artifacts = sa.Table(  # one row per (model version, platform): FedKit's platform model id
-    "artifacts", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("model_id", sa.ForeignKey("models.id"), nullable=False),
-    sa.Column("platform", sa.String(16), nullable=False),
-    sa.Column("file", sa.Text, nullable=False),
-    sa.Column("sha256", sa.String(64), nullable=False),
-    sa.Column("bytes", sa.Integer, nullable=False),
-    sa.UniqueConstraint("model_id", "platform"),
-)
-sessions = sa.Table(
-    "sessions", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("model_id", sa.ForeignKey("models.id"), nullable=False),
-    sa.Column("model_name", sa.String(64), nullable=False, index=True),
-    sa.Column("status", sa.String(16), nullable=False),
-    #: "phone" or "simulation" (``ENGINES``), set when the row is created
-    sa.Column("engine", sa.String(16), nullable=False, server_default="phone"),
-    sa.Column("config", sa.Text, nullable=False),
-    sa.Column("ports", sa.Text),  # JSON {"android": port, "ios": port}
-    sa.Column("pid", sa.Integer),
-    #: the process that inserted the row and launches its process: while a ``starting`` row
-    #: has no pid yet, it is only crashed when this launcher is gone (or after a deadline)
-    sa.Column("launcher_pid", sa.Integer),
-    sa.Column("round", sa.Integer, nullable=False, default=0),
-    sa.Column("resumed_from", sa.Integer),  # checkpoint id
-    sa.Column("error", sa.Text),
-    sa.Column("started", sa.Float, nullable=False),
-    sa.Column("ended", sa.Float),
-)
-def _per_round(name: str, *columns: sa.Column) -> sa.Table:
-    """A table of per-session, per-round, per-platform rows (metrics, rejections,
-    evaluations)."""
-    return sa.Table(
-        name, meta,
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
-        sa.Column("round", sa.Integer, nullable=False),
-        sa.Column("platform", sa.String(16), nullable=False),
-        *columns)
-
-
-metrics = _per_round(
-    "metrics",
-    sa.Column("metric", sa.String(64), nullable=False),
-    sa.Column("value", sa.Float),
-    sa.Column("time", sa.Float, nullable=False),
-)
-rejections = _per_round(
-    "rejections",
-    sa.Column("client", sa.String(64), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("time", sa.Float, nullable=False),
-)
-client_failures = sa.Table(  # a client's fit that failed (error or lost), with the reason
-    "client_failures", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("platform", sa.String(16), nullable=False),
-    sa.Column("client", sa.String(64), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("time", sa.Float, nullable=False),
-)
-checkpoints = sa.Table(
-    "checkpoints", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False),
-    sa.Column("model_name", sa.String(64), nullable=False, index=True),
-    sa.Column("model_version", sa.Integer, nullable=False),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("path", sa.Text, nullable=False),
-    sa.Column("time", sa.Float, nullable=False),
-    sa.Column("sha256", sa.String(64)),  # of the file's bytes; NULL in rows of older xflwb
-    #: when retention deleted the file (``xflwb.server.checkpoints.prune_checkpoints``);
-    #: NULL: on disk. The row stays, so round numbers, timings and ``started_from`` still read
-    sa.Column("pruned", sa.Float),
-)
-#: one row per update that reached a FedBuff session's server, applied or rejected (issue
-#: 15); ``ARRIVAL_COLUMNS`` is their order in ``Session.arrivals``
-arrivals = sa.Table(
-    "arrivals", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
-    sa.Column("version", sa.Integer, nullable=False),  # the version it went (would go) into
-    sa.Column("platform", sa.String(16), nullable=False),
-    sa.Column("client", sa.String(64), nullable=False),
-    sa.Column("base_version", sa.Integer, nullable=False),  # the version it trained from
-    sa.Column("staleness", sa.Integer, nullable=False),
-    sa.Column("weight", sa.Float, nullable=False),  # staleness weight; 0 when rejected
-    sa.Column("examples", sa.Integer, nullable=False),
-    sa.Column("fit_seconds", sa.Float),
-    sa.Column("seconds", sa.Float, nullable=False),  # since the session started
-    sa.Column("status", sa.String(16), nullable=False),  # applied | rejected
-    sa.Column("reason", sa.Text, nullable=False),  # "" when applied
-    sa.Column("time", sa.Float, nullable=False),
-)
-ARRIVAL_COLUMNS = ("version", "platform", "client", "base_version", "staleness", "weight",
-                   "examples", "fit_seconds", "seconds", "status", "reason")
-#: the ε ledger of a model lineage (issue 20): one row per round a session released a model,
-#: written before that model is (checkpoint, next round), so a crash can only over-count.
-#: Kept apart from checkpoints, which retention may delete. ``noise_multiplier`` 0 (population
-#: and sample 0): a round released without DP
-privacy_events = sa.Table(
-    "privacy_events", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), nullable=False, index=True),
-    sa.Column("round", sa.Integer, nullable=False),
-    sa.Column("population", sa.Integer, nullable=False),  # clients available to sample
-    sa.Column("sample_size", sa.Integer, nullable=False),  # sampled without replacement
-    sa.Column("noise_multiplier", sa.Float, nullable=False),
-    sa.Column("target_delta", sa.Float),  # the δ its session stated ε at
-    sa.Column("time", sa.Float, nullable=False),
-)
-#: which session a phone session continues (the one whose checkpoint it resumed; NULL:
-#: fresh), written when it starts: a session with a row has every released round in
-#: ``privacy_events``; one without (older xflwb) is walked through ``resumed_from``
-lineages = sa.Table(
-    "lineages", meta,
-    sa.Column("session_id", sa.ForeignKey("sessions.id"), primary_key=True),
-    sa.Column("parent_id", sa.Integer),
-    sa.Column("round", sa.Integer, nullable=False),  # the round it continues from
-    sa.Column("time", sa.Float, nullable=False),
-)
-#: sessions run on the Simulation Engine
-_SIMULATION = sessions.c.engine == "simulation"
-#: how rows written before the ``engine`` column existed said so: in their config JSON
-#: (SimulationConfig's ``engine`` field); used once, to fill the column in
-_SIMULATION_CONFIG = sessions.c.config.like('%"engine": "simulation"%')
-#: at most one active phone session per model, enforced by the database itself: two starts
-#: racing (threads, the API and a notebook, two processes) cannot both insert one
-ONE_ACTIVE_SESSION = sa.Index(
-    "one_active_session_per_model", sessions.c.model_name, unique=True,
-    sqlite_where=sa.and_(sessions.c.status.in_([str(s) for s in ACTIVE]), ~_SIMULATION),
-    postgresql_where=sa.and_(sessions.c.status.in_([str(s) for s in ACTIVE]), ~_SIMULATION))
-devices = sa.Table(
-    "devices", meta,
-    sa.Column("id", sa.Integer, primary_key=True),  # FedKit's device_id
-    sa.Column("platform", sa.String(16)),
-    sa.Column("first_seen", sa.Float, nullable=False),
-    sa.Column("last_seen", sa.Float, nullable=False),
-    sa.Column("last_session_id", sa.Integer),
-    # device_auth="token": the device token whose first telemetry carried this device_id
-    sa.Column("token_id", sa.Integer),
-)
-#: a device token speaks for one device id (the first it posts telemetry with)
-ONE_DEVICE_PER_TOKEN = sa.Index("one_device_per_token", devices.c.token_id, unique=True)
-telemetry = sa.Table(
-    "telemetry", meta,
-    sa.Column("id", sa.Integer, primary_key=True),
-    sa.Column("kind", sa.String(16), nullable=False),  # fit | evaluate
-    sa.Column("device_id", sa.Integer, nullable=False),
-    sa.Column("session_id", sa.Integer, nullable=False, index=True),
-    sa.Column("round", sa.Integer),
-    sa.Column("platform", sa.String(16)),
-    sa.Column("start", sa.BigInteger, nullable=False),
-    sa.Column("end", sa.BigInteger, nullable=False),
-    sa.Column("loss", sa.Float),
-    sa.Column("accuracy", sa.Float),
-    sa.Column("test_size", sa.Integer),
-    sa.Column("received", sa.Float, nullable=False),
-)
-
-
-evaluations = _per_round(  # per-client EvaluateRes, to attribute telemetry to a platform
-    "evaluations",
-    sa.Column("client", sa.String(64), nullable=False),
-    sa.Column("loss", sa.Float),
-    sa.Column("num_examples", sa.Integer, nullable=False),
-    sa.Column("telemetry_id", sa.Integer),
-)
-#: telemetry ↔ evaluation matching looks rows up by key (session, size, loss range), never
-#: scanning every unmatched row: flooding a session with telemetry costs lookups O(log n)
-TELEMETRY_MATCH = sa.Index("telemetry_match", telemetry.c.session_id, telemetry.c.kind,
-                           telemetry.c.platform, telemetry.c.test_size, telemetry.c.loss)
-EVALUATION_MATCH = sa.Index("evaluation_match", evaluations.c.session_id,
-                            evaluations.c.telemetry_id, evaluations.c.num_examples,
-                            evaluations.c.loss)
-
+__all__ = [
+    "ACTIVE", "ARRIVAL_COLUMNS", "ENGINES", "MAX_DEVICE_NAME", "TELEMETRY_GRACE",
+    "DeviceNotYours", "NotFound", "Registry", "RegistryError", "SchemaTooNew",
+    "SessionConflict", "TelemetryRefused", "check_plain_name", "checkpoints", "sessions",
+]
 
 class RegistryError(BackendError, ValueError):
     """A request the registry cannot honour; the message says why and what to do."""
@@ -239,6 +76,10 @@ class DeviceNotYours(TelemetryRefused):
 #: seconds after a session ends in which its last round's telemetry is still taken (phones
 #: post it right after answering, possibly just after the session finished)
 TELEMETRY_GRACE = 30.0
+
+
+class SchemaTooNew(RegistryError):
+    """The database was written by a newer xflwb (a schema this one does not know)."""
 
 
 class SessionConflict(RegistryError):
@@ -304,8 +145,7 @@ def _check_token_device(c: Any, dev: Any, device_id: int, token_id: int) -> None
     that is the token's device, or may become it: the token has none yet, and the row is
     new, unbound, or bound to a token revoked or expired since, or issued for the same device
     name (a phone re-enrolled, e.g. a virtual fleet spawned again after a kernel restart)."""
-    from xflwb.server.security import device_tokens as tokens
-
+    tokens = device_tokens
     mine = c.execute(sa.select(devices.c.id).where(devices.c.token_id == token_id)).scalar()
     if mine is not None and mine != device_id:
         raise DeviceNotYours(f"this device token speaks for device {mine} (bound by its "
@@ -325,6 +165,79 @@ def _check_token_device(c: Any, dev: Any, device_id: int, token_id: int) -> None
                              "phone sends its own device_id with its own token")
 
 
+# -- telemetry ↔ evaluation matching ------------------------------------------------------------
+# FedKit's telemetry carries no platform, and gRPC carries no device id; but a device reports
+# the same loss and test size in its EvaluateRes (platform known from the port) and in
+# ``telemetry/evaluate_ins``. Whichever of the two arrives second makes the match, looked up by
+# key through the ``TELEMETRY_MATCH`` / ``EVALUATION_MATCH`` indexes (never a scan of every
+# unmatched row), inside the transaction ``c`` that records it.
+def loss_range(loss: float) -> tuple[float, float]:
+    """The losses that count as "the same" (devices and JSON round floats differently)."""
+    tol = 1e-4 * max(1.0, abs(loss))
+    return loss - tol, loss + tol
+
+
+def _attribute(c: Any, tid: int, eid: int, device_id: int, platform: str, rnd: int) -> None:
+    """Record a match: the telemetry row gets the platform and round, the evaluation its
+    telemetry id, and a device not yet bound is bound to the platform (once, for good)."""
+    c.execute(telemetry.update().where(telemetry.c.id == tid).values(
+        platform=platform, round=rnd))
+    c.execute(evaluations.update().where(evaluations.c.id == eid).values(
+        telemetry_id=tid))
+    c.execute(devices.update().where(devices.c.id == device_id,
+                                     devices.c.platform.is_(None)).values(
+        platform=platform))
+
+
+def _match_telemetry(c: Any, tid: int, session_id: int, device_id: int, bound: str | None,
+                    loss: float | None, test_size: int | None) -> bool:
+    """Match a new evaluate telemetry row with an unmatched evaluation; refuse it
+    (``TelemetryRefused``) when it matches only evaluations of a platform other than the
+    one its device is ``bound`` to."""
+    if loss is None or test_size is None or not np.isfinite(loss):
+        return False
+    lo, hi = loss_range(float(loss))
+    q = (evaluations.select().where(
+        evaluations.c.session_id == session_id, evaluations.c.telemetry_id.is_(None),
+        evaluations.c.num_examples == int(test_size),
+        evaluations.c.loss.between(lo, hi)).order_by(evaluations.c.id).limit(8))
+    found = c.execute(q).all()
+    ok = [e for e in found if bound is None or e.platform == bound]
+    if not ok:
+        if found:
+            raise TelemetryRefused(
+                f"device {device_id} is a {bound} device (bound at its first evaluation),"
+                f" but this telemetry matches a {found[0].platform} evaluation: another "
+                "phone seems to use its device_id")
+        return False
+    _attribute(c, tid, ok[0].id, device_id, ok[0].platform, ok[0].round)
+    return True
+
+
+def _match_evaluation(c: Any, eid: int, session_id: int, rnd: int, platform: str,
+                     loss: float | None, n: int) -> bool:
+    """Match a new evaluation with unmatched evaluate telemetry of a device that is not
+    bound to another platform (telemetry of a device bound elsewhere stays unmatched)."""
+    if loss is None or not np.isfinite(loss):
+        return False
+    lo, hi = loss_range(float(loss))
+    q = (sa.select(telemetry.c.id, telemetry.c.device_id, devices.c.platform)
+         .join(devices, devices.c.id == telemetry.c.device_id, isouter=True)
+         .where(telemetry.c.session_id == session_id, telemetry.c.kind == "evaluate",
+                telemetry.c.platform.is_(None), telemetry.c.test_size == int(n),
+                telemetry.c.loss.between(lo, hi))
+         .order_by(telemetry.c.id).limit(8))
+    for t in c.execute(q).all():
+        if t.platform not in (None, platform):
+            log.warning("session %s: telemetry %s of device %s (a %s device) matches a "
+                        "%s evaluation: not attributed (a reused device_id?)",
+                        session_id, t.id, t.device_id, t.platform, platform)
+            continue
+        _attribute(c, t.id, eid, t.device_id, platform, rnd)
+        return True
+    return False
+
+
 class Registry:
     """All persistent state; safe to open from several processes at once."""
 
@@ -335,66 +248,15 @@ class Registry:
         self.checkpoint_dir = self.data_dir / "checkpoints"
         self.db_url = db_url or f"sqlite:///{self.data_dir / 'xflwb.db'}"
         self.engine = _engine(self.db_url)
-        meta.create_all(self.engine)  # also the tables an older registry lacks (arrivals)
-        self._migrate_sessions()
-        self._migrate_checkpoints_and_telemetry()
-        self._migrate_devices()
-
-    def _migrate_sessions(self) -> None:
-        """Bring a sessions table made by an older xflwb up to date (new columns, the
-        one-active-session index). A database that already holds two active sessions of one
-        model (made before the index existed) keeps working without the index."""
-        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("sessions")}
-        if "launcher_pid" not in cols:
-            # (another process may add it first)
-            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
-                c.execute(sa.text("ALTER TABLE sessions ADD COLUMN launcher_pid INTEGER"))
-        if "engine" not in cols:
-            self._add_engine_column()
-        try:
-            ONE_ACTIVE_SESSION.create(self.engine, checkfirst=True)
-        except sa.exc.OperationalError:  # made by another process meanwhile
-            pass
-        except sa.exc.IntegrityError:
-            log.warning("the registry %s has two active sessions of one model; stop one: "
-                        "starts are not protected against races until then", self.db_url)
-
-    def _add_engine_column(self) -> None:
-        """Add ``sessions.engine``, fill it in from the config JSON that used to tell
-        simulations apart, and rebuild the one-active-session index over the column (the
-        old one matched text in the config). Another process may be doing the same: the
-        loser's statements fail harmlessly or repeat the same values."""
-        with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
-            c.execute(sa.text("ALTER TABLE sessions ADD COLUMN engine VARCHAR(16) NOT NULL "
-                              "DEFAULT 'phone'"))
-        with self.engine.begin() as c:
-            c.execute(sessions.update().where(_SIMULATION_CONFIG).values(engine="simulation"))
-        with contextlib.suppress(sa.exc.OperationalError, sa.exc.ProgrammingError):
-            ONE_ACTIVE_SESSION.drop(self.engine, checkfirst=True)
-
-    def _migrate_checkpoints_and_telemetry(self) -> None:
-        """A registry made by an older xflwb: add the checkpoints' sha256 column and the
-        matching indexes (several processes may race here: the loser sees them made)."""
-        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("checkpoints")}
-        if "sha256" not in cols:
-            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
-                # (another process may have added it first)
-                c.execute(sa.text("ALTER TABLE checkpoints ADD COLUMN sha256 VARCHAR(64)"))
-        if "pruned" not in cols:  # checkpoint retention (issue 20)
-            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
-                c.execute(sa.text("ALTER TABLE checkpoints ADD COLUMN pruned FLOAT"))
-        for index in (TELEMETRY_MATCH, EVALUATION_MATCH):
-            with contextlib.suppress(sa.exc.OperationalError):  # made by another process
-                index.create(self.engine, checkfirst=True)
-
-    def _migrate_devices(self) -> None:
-        """A registry made by an older xflwb: add ``devices.token_id`` and its index."""
-        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("devices")}
-        if "token_id" not in cols:
-            with contextlib.suppress(sa.exc.OperationalError), self.engine.begin() as c:
-                c.execute(sa.text("ALTER TABLE devices ADD COLUMN token_id INTEGER"))
-        with contextlib.suppress(sa.exc.OperationalError):  # made by another process
-            ONE_DEVICE_PER_TOKEN.create(self.engine, checkfirst=True)
+        try:  # the schema a registry of any older xflwb had, brought up to date
+            migrations.migrate(self.engine)
+        except migrations.NewerSchema as exc:
+            self.engine.dispose()
+            raise SchemaTooNew(
+                f"the registry database {self.db_url} has schema version {exc.found}, "
+                f"written by a newer xflwb (this one knows up to version {exc.known}): "
+                "upgrade xflwb (pip install -U xflwb), or open another data_dir / db_url"
+            ) from None
 
     def close(self) -> None:
         """Close every connection this registry holds. It stays readable (a session handle
@@ -402,6 +264,15 @@ class Registry:
         its own and closes it again, so a closed registry never holds the database open."""
         old, self.engine = self.engine, _engine(self.db_url, pooled=False)
         old.dispose()  # the new engine first: a reader meanwhile never reopens the old pool
+
+    def database_file(self) -> Path | None:
+        """The SQLite database file (None for a server database such as PostgreSQL, or an
+        in-memory one)."""
+        url = sa.engine.make_url(self.db_url)
+        if not url.drivername.startswith("sqlite") or not url.database \
+                or url.database == ":memory:":
+            return None
+        return Path(url.database).resolve()
 
     # -- models ------------------------------------------------------------------------------
     def resolve(self, name_or_export: Any) -> str:
@@ -625,7 +496,7 @@ class Registry:
     @staticmethod
     def _active_query(model_name: str) -> sa.Select:
         return (sessions.select().where(sessions.c.model_name == model_name,
-                                        sessions.c.status.in_(ACTIVE), ~_SIMULATION)
+                                        sessions.c.status.in_(ACTIVE), ~IS_SIMULATION)
                 .order_by(sessions.c.id.desc()))
 
     def active_session_for(self, model_name: str) -> dict[str, Any] | None:
@@ -755,14 +626,14 @@ class Registry:
             q = q.where(checkpoints.c.session_id == session_id)
         else:  # a phone session resumes from phone sessions, never from a simulation
             q = q.where(checkpoints.c.session_id.not_in(
-                sa.select(sessions.c.id).where(_SIMULATION)))
+                sa.select(sessions.c.id).where(IS_SIMULATION)))
         q = q.order_by(checkpoints.c.id.desc())
         if limit is not None:
             q = q.limit(limit)
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(q).all()]
 
-    # -- the ε ledger of a lineage (xflwb.server.lineage) --------------------------------------
+    # -- the ε ledger of a lineage (xflwb.sessions.lineage) --------------------------------------
     def add_privacy_event(self, session_id: int, rnd: int, population: int,
                           sample_size: int, noise_multiplier: float,
                           target_delta: float | None = None) -> None:
@@ -798,6 +669,34 @@ class Registry:
             row = c.execute(sa.select(lineages.c.parent_id, lineages.c.round)
                             .where(lineages.c.session_id == session_id)).first()
         return None if row is None else dict(row._mapping)
+
+    def resume_origin(self, checkpoint_id: int) -> dict[str, Any]:
+        """Where the weights of checkpoint ``checkpoint_id`` (a session resumed from it)
+        came from, following resumes back while a checkpoint only holds weights its session
+        started from: ``{"session_id", "round"}`` of the session that trained them (round 0
+        of a session that did not resume: the exported weights, ``"exported": True``), or
+        ``{"missing": id}`` when a checkpoint on the way is no longer in the registry."""
+        ckpt_id, seen = checkpoint_id, set()
+        with self.engine.connect() as c:
+            while True:
+                row = c.execute(checkpoints.select().where(checkpoints.c.id == ckpt_id)
+                                ).first()
+                if row is None:
+                    return {"missing": ckpt_id}
+                if row.session_id in seen:
+                    break
+                seen.add(row.session_id)
+                origin = c.execute(sa.select(sessions.c.resumed_from)
+                                   .where(sessions.c.id == row.session_id)).scalar()
+                if origin is None:
+                    return {"session_id": row.session_id, "round": row.round,
+                            "exported": row.round == 0}
+                start = c.execute(sa.select(checkpoints.c.round)
+                                  .where(checkpoints.c.id == origin)).scalar()
+                if row.round not in (0, start):  # a round that session trained itself
+                    break
+                ckpt_id = origin
+        return {"session_id": row.session_id, "round": row.round, "exported": False}
 
     def resumed_from_ids(self) -> set[int]:
         """Every checkpoint a session resumed from (retention never deletes these:
@@ -835,6 +734,64 @@ class Registry:
                              .where(checkpoints.c.pruned.is_(None))).scalar()
             total = c.execute(sa.select(sa.func.count()).select_from(checkpoints)).scalar()
         return {"kept": int(kept or 0), "pruned": int((total or 0) - (kept or 0))}
+
+    # -- device tokens (xflwb.server.security.TokenStore says what they mean) -----------------
+    def add_device_token(self, device: str, sha256: str, expires: float | None,
+                         session_id: int | None) -> dict[str, Any]:
+        """Store a new token's digest; its row (id, device, created, expires, session)."""
+        now = time.time()
+        with self.engine.begin() as c:
+            tid = c.execute(device_tokens.insert().values(
+                device=device, sha256=sha256, created=now, expires=expires,
+                session_id=session_id)).inserted_primary_key[0]
+        return {"id": int(tid), "device": device, "created": now, "expires": expires,
+                "session": session_id}
+
+    def device_token(self, sha256: str) -> dict[str, Any] | None:
+        """The token row with this digest (id, device, created, revoked, expires,
+        session_id), or None."""
+        with self.engine.connect() as c:
+            row = c.execute(device_tokens.select().where(device_tokens.c.sha256 == sha256)
+                            ).first()
+        return None if row is None else dict(row._mapping)
+
+    def device_tokens_by_id(self, ids: list[int]) -> list[dict[str, Any]]:
+        """The token rows of ``ids`` (those that exist)."""
+        t, out = device_tokens, []
+        with self.engine.connect() as c:
+            for k in range(0, len(ids), 500):  # SQLite's bound-parameter limit
+                out += [dict(r._mapping) for r in c.execute(
+                    t.select().where(t.c.id.in_(ids[k:k + 500])))]
+        return out
+
+    def device_token_revocations(self) -> tuple[int, float]:
+        """(revoked tokens, newest revocation time): one cheap row that changes whenever a
+        token is revoked."""
+        t = device_tokens
+        with self.engine.connect() as c:
+            n, newest = c.execute(sa.select(sa.func.count(t.c.id), sa.func.max(t.c.revoked))
+                                  .where(t.c.revoked.is_not(None))).one()
+        return int(n or 0), float(newest or 0.0)
+
+    def revoke_device_tokens(self, token_id: int | None = None,
+                             device: str | None = None) -> int:
+        """Revoke the token ``token_id``, or every token of ``device``; how many were
+        still unrevoked."""
+        t = device_tokens
+        where = (t.c.id == int(token_id)) if token_id is not None else (t.c.device == device)
+        with self.engine.begin() as c:
+            n = c.execute(t.update().where(where & t.c.revoked.is_(None))
+                          .values(revoked=time.time())).rowcount
+        return int(n or 0)
+
+    def list_device_tokens(self) -> list[dict[str, Any]]:
+        """Every token row (id, device, created, expires, session, revoked), oldest first."""
+        t = device_tokens
+        with self.engine.connect() as c:
+            rows = c.execute(sa.select(t.c.id, t.c.device, t.c.created, t.c.expires,
+                                       t.c.session_id.label("session"), t.c.revoked)
+                             .order_by(t.c.id)).all()
+        return [dict(r._mapping) for r in rows]
 
     # -- devices and telemetry ---------------------------------------------------------------
     def device_known(self, device_id: int) -> bool:
@@ -911,9 +868,7 @@ class Registry:
                 accuracy=body.get("accuracy"), test_size=body.get("test_size"),
                 received=now)).inserted_primary_key[0]
             if kind == "evaluate":
-                from xflwb.server.telemetry import match_telemetry
-
-                match_telemetry(c, tid, sid, device_id,
+                _match_telemetry(c, tid, sid, device_id,
                                 dev.platform if dev is not None else None,
                                 body.get("loss"), body.get("test_size"))
             return tid
@@ -932,21 +887,19 @@ class Registry:
 
     # -- evaluation ↔ telemetry ---------------------------------------------------------------
     # Whichever of a device's EvaluateRes and its evaluate telemetry arrives second makes the
-    # match (xflwb.server.telemetry says how).
+    # match (``_match_telemetry`` / ``_match_evaluation`` above).
     def add_evaluations(self, session_id: int, rnd: int,
                         rows: list[tuple[str, str, float, int]]) -> None:
         """Record the round's per-client EvaluateRes ``(platform, client, loss,
         num_examples)``, each matched with telemetry already received."""
         if not rows:
             return
-        from xflwb.server.telemetry import match_evaluation
-
         with self.engine.begin() as c:
             for p, cid, loss, n in rows:
                 eid = c.execute(evaluations.insert().values(
                     session_id=session_id, round=rnd, platform=p, client=cid, loss=loss,
                     num_examples=n)).inserted_primary_key[0]
-                match_evaluation(c, eid, session_id, rnd, p, loss, n)
+                _match_evaluation(c, eid, session_id, rnd, p, loss, n)
 
     def accuracy_metrics(self, session_id: int) -> list[dict[str, Any]]:
         """Per round and platform: test-size-weighted accuracy reported by devices whose

@@ -15,8 +15,8 @@ from typing import Any
 
 import pandas as pd
 
-from xflwb.server.config import is_asynchronous
-from xflwb.server.status import SessionStatus
+from xflwb.sessions.options import is_asynchronous
+from xflwb.sessions.status import SessionStatus
 
 #: how much of a failure's reason a one-line view shows (the header shows it all)
 SHORT = 200

@@ -33,7 +33,7 @@ from typing import Any
 
 from xflwb.errors import PrivacyError
 from xflwb.server.privacy import Ledger, PrivacyEvent
-from xflwb.server.registry import NotFound, Registry
+from xflwb.sessions.registry import NotFound, Registry
 
 
 class PrivacyLineageError(PrivacyError, RuntimeError):

@@ -28,15 +28,15 @@ import numpy as np
 
 from xflwb import _lifeline
 from xflwb.federation.aggregate import pin_blas_threads
-from xflwb.server.checkpoints import (
+from xflwb.sessions.checkpoints import (
     CheckpointError,
     Retention,
     prune_checkpoints,
     save_checkpoint,
     sweep_pruned,
 )
-from xflwb.server.registry import Registry
-from xflwb.server.status import ACTIVE, SessionStatus
+from xflwb.sessions.registry import Registry
+from xflwb.sessions.status import ACTIVE, SessionStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
     so a DP session resuming this lineage knows its ε is infinite.
     ``retention``: which older checkpoints go once a round's is written (default: keep
     the last ``DEFAULT_KEEP``).
-    ``tracking``: an ``xflwb.server.tracking.Tracking`` that gets each round's metrics too."""
+    ``tracking``: an ``xflwb.sessions.tracking.Tracking`` that gets each round's metrics too."""
     retention = retention or Retention()
 
     def on_fit(report: Any, global_: list[np.ndarray]) -> None:
@@ -256,7 +256,7 @@ class SessionProcess:
         each round (``round_recorders``, numbered on from ``offset``) and its progress;
         ``options``: the engine's strategy options (fractions, min_clients, ...)."""
         from xflwb.server.strategy import CrossPlatformStrategy
-        from xflwb.server.tracking import Tracking
+        from xflwb.sessions.tracking import Tracking
 
         row = self._row or self.registry.get_session(self.session_id)
         tracking = Tracking.open(self.data_dir, row["config"], row)

@@ -1,7 +1,7 @@
 """Results where researchers keep them: TensorBoard event files and MLflow runs.
 
 A session or simulation with ``tracking=["tensorboard", "mlflow"]`` logs what its round
-recorders persist (``xflwb.server.process.round_recorders``: per-platform accuracy,
+recorders persist (``xflwb.sessions.process.round_recorders``: per-platform accuracy,
 eval_loss, clients, examples, bytes, rejected, ε, staleness, …) to each backend as it goes,
 tag ``<platform>/<metric>`` at step = round (FedBuff: model version), plus the session's
 options as hyperparameters. When the run ends, whatever the registry holds that was not
@@ -326,7 +326,7 @@ class Tracking:
         and end each run with the session's status. ``light`` (SIGTERM: the process exits
         right after): no HTML report. The lock is awaited a bounded time: SIGTERM's
         handler may interrupt the very thread that holds it."""
-        from xflwb.server.handle import history_frame
+        from xflwb.sessions.handle import history_frame
 
         if not self._lock.acquire(timeout=10):
             log.warning("tracking: runs not closed (a round was still being logged)")
@@ -384,8 +384,8 @@ def report_html(registry: Any, session_id: int) -> str:
     dashboard's own snapshot is a front-end view, which the hosts do not import.)"""
     import html
 
-    from xflwb.server.ending import end_reason
-    from xflwb.server.handle import history_frame
+    from xflwb.sessions.ending import end_reason
+    from xflwb.sessions.handle import history_frame
     from xflwb.style import figure_png, history_wide, img_html, plot_figure, table_html
 
     info = registry.get_session(session_id)

@@ -17,15 +17,15 @@ import numpy as np
 import pandas as pd
 
 from xflwb.errors import SessionFailure
-from xflwb.server.checkpoints import newest_valid_checkpoint
-from xflwb.server.config import is_asynchronous
-from xflwb.server.ending import end_reason, needs_history
-from xflwb.server.process import progress_path
-from xflwb.server.registry import ARRIVAL_COLUMNS, Registry, RegistryError
-from xflwb.server.status import DONE, SessionStatus
+from xflwb.sessions.checkpoints import newest_valid_checkpoint
+from xflwb.sessions.ending import end_reason, needs_history
+from xflwb.sessions.options import is_asynchronous
+from xflwb.sessions.process import progress_path
+from xflwb.sessions.registry import ARRIVAL_COLUMNS, Registry, RegistryError
+from xflwb.sessions.status import DONE, SessionStatus
 
 if TYPE_CHECKING:
-    from xflwb.server.manager import SessionManager
+    from xflwb.sessions.manager import SessionManager
 
 
 #: what an interrupted ``wait`` says (the session and its devices carry on)
@@ -85,7 +85,7 @@ class Session:
 
     @property
     def end_reason(self) -> str | None:
-        """Why the session ended, in words (``xflwb.server.ending.end_reason``): "finished
+        """Why the session ended, in words (``xflwb.sessions.ending.end_reason``): "finished
         all 8 rounds", "privacy budget spent at ε = … after round 6", "failed: …",
         "stopped by the user"; None while it runs."""
         return session_end_reason(self.registry, self.info)
@@ -255,10 +255,6 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
     A session's first checkpoint holds the weights it started from (round 0, or the round
     it resumed from), so a resume from it names where those came from. A resumed session
     numbers its rounds on from the round it resumed from."""
-    import sqlalchemy as sa
-
-    from xflwb.server.registry import checkpoints, sessions
-
     ckpt_id = info.get("resumed_from")
     if ckpt_id is None:
         if info["status"] == SessionStatus.STARTING:
@@ -266,28 +262,12 @@ def started_from(registry: Registry, info: dict[str, Any]) -> str:
         if resumes(info["config"]) and info["engine"] != "simulation":
             return "started fresh (nothing to resume)"
         return "started fresh"
-    seen: set[int] = set()
-    with registry.engine.connect() as c:
-        while True:
-            row = c.execute(checkpoints.select().where(checkpoints.c.id == ckpt_id)).first()
-            if row is None:
-                return f"resumed from checkpoint {ckpt_id} (no longer in the registry)"
-            if row.session_id in seen:
-                break
-            seen.add(row.session_id)
-            origin = c.execute(sa.select(sessions.c.resumed_from)
-                               .where(sessions.c.id == row.session_id)).scalar()
-            if origin is None:
-                if row.round != 0:
-                    break
-                return (f"resumed from session {row.session_id}, round 0 (the exported "
-                        "weights)")
-            start = c.execute(sa.select(checkpoints.c.round)
-                              .where(checkpoints.c.id == origin)).scalar()
-            if row.round not in (0, start):  # a round that session trained itself
-                break
-            ckpt_id = origin
-    return f"resumed from session {row.session_id}, round {row.round}"
+    origin = registry.resume_origin(ckpt_id)
+    if "missing" in origin:
+        return f"resumed from checkpoint {origin['missing']} (no longer in the registry)"
+    if origin["exported"]:
+        return f"resumed from session {origin['session_id']}, round 0 (the exported weights)"
+    return f"resumed from session {origin['session_id']}, round {origin['round']}"
 
 
 def history_frame(registry: Registry, session_id: int) -> pd.DataFrame:

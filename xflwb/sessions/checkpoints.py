@@ -21,8 +21,8 @@ import numpy as np
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge.params import load_npz, save_npz
 from xflwb.errors import SessionFailure
-from xflwb.server.config import DEFAULT_KEEP_CHECKPOINTS as DEFAULT_KEEP
-from xflwb.server.registry import Registry
+from xflwb.sessions.options import DEFAULT_KEEP_CHECKPOINTS as DEFAULT_KEEP
+from xflwb.sessions.registry import Registry
 
 log = logging.getLogger(__name__)
 

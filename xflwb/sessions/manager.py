@@ -1,8 +1,9 @@
 """The parent side of sessions: launch their processes, notice when one dies, stop them.
 
 ``SessionManager`` lives in the notebook kernel (or the HTTP API): it records a session row,
-runs ``python -m <module>`` on it (the phone session's ``xflwb.server.session_process``, or
-the module another engine names through ``start_engine``) and hands back a ``Session``.
+runs ``python -m <module>`` on it and hands back a ``Session``. The caller names the module
+(the phone session's, through ``xflwb.server.phone_sessions``; the simulation's, through
+``start_engine``): the manager sits below the engines and knows none of them.
 """
 
 from __future__ import annotations
@@ -15,21 +16,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from xflwb import _lifeline
 from xflwb.errors import SessionFailure
-from xflwb.server.config import SessionConfig
-from xflwb.server.handle import Session, SessionTimeout
-from xflwb.server.registry import Registry
-from xflwb.server.status import ACTIVE, SessionStatus
+from xflwb.sessions.handle import Session, SessionTimeout
+from xflwb.sessions.registry import Registry
+from xflwb.sessions.status import ACTIVE, SessionStatus
 
 log = logging.getLogger(__name__)
-
-#: the module a phone session's process runs (``python -m``)
-PHONE_SESSION_MODULE = "xflwb.server.session_process"
-
 
 @dataclass
 class _WatchedFleet:
@@ -60,34 +56,30 @@ def _fleet_died(fleet: Any) -> str | None:
 class SessionManager:
     """Starts session processes and notices when one dies."""
 
-    def __init__(self, registry: Registry, host: str = "127.0.0.1",
-                 security: dict[str, Any] | None = None) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.host = host
-        #: the workbench's ``tls`` / ``device_auth``, given to every phone session it starts
-        self.security = dict(security or {})
         self._procs: dict[int, subprocess.Popen] = {}
         self.log_dir = registry.data_dir / "logs"
         self._fleets: list[_WatchedFleet] = []
         self._lock = threading.RLock()
 
-    def start(self, model_name: str, wait_ready: float = 120.0, **options: Any) -> Session:
-        options.setdefault("host", self.host)
-        options.update(self.security)
-        cfg = SessionConfig(**options)
+    def start(self, model_name: str, config: dict[str, Any], module: str,
+              wait_ready: float = 120.0) -> Session:
+        """Record a phone session of the latest ``model_name`` with ``config`` (already
+        validated: stored as given) and run ``python -m module`` on it. At most one phone
+        session of a model is active: of racing starts exactly one wins, the others get
+        ``SessionConflict`` (HTTP 409) naming the winner."""
         model = self.registry.latest_model(model_name)
         self.refresh()  # a crashed session must not block the start
-        # one transaction + a unique index: of racing starts exactly one wins, the others
-        # get SessionConflict (HTTP 409) naming the winner
-        sid = self.registry.create_session(model, asdict(cfg), exclusive=True,
-                                           engine="phone")
-        return self._launch(sid, PHONE_SESSION_MODULE, wait_ready)
+        # one transaction + a unique index: of racing starts exactly one wins
+        sid = self.registry.create_session(model, config, exclusive=True, engine="phone")
+        return self._launch(sid, module, wait_ready)
 
     def start_engine(self, model: dict[str, Any], config: dict[str, Any], module: str,
                      wait_ready: float = 120.0, engine: str | None = None) -> Session:
         """Record a session of ``model`` (a registry row) with ``config`` and run
         ``python -m module`` on it. Another engine (``xflwb.simulation``) starts its
-        session process through this, so the server need not know the engines above it;
+        session process through this, so this room need not know the engines above it;
         the handle is a ``Session`` like any other, recorded in the same registry.
         ``engine``: the row's engine (default: the config's ``engine``, "simulation"
         when it names none; phones never join such a session)."""
