@@ -34,7 +34,8 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, *,
     """Poll ``predicate()`` until it returns something truthy, and return that value.
 
     Between polls it sleeps ``FIRST_PAUSE`` s, doubling up to ``max_pause`` (a quick event is
-    seen quickly, a slow one does not spin the CPU). An exception from ``predicate`` counts
+    seen quickly, a slow one does not spin the CPU; ``max_pause=0`` for a predicate that
+    blocks on its own, such as a read with a timeout). An exception from ``predicate`` counts
     as "not yet" and is retried (a server still starting refuses connections); to give up
     at once (the awaited thing can no longer happen), the predicate calls ``pytest.fail``,
     which is not an ``Exception`` and so goes straight through.
@@ -44,7 +45,7 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, *,
     pytest shows its traceback), and ``describe()`` when given (state worth seeing, such as
     a session's log tail)."""
     deadline = time.monotonic() + timeout
-    pause = FIRST_PAUSE
+    pause = min(FIRST_PAUSE, max_pause)
     last: object = None
     error: Exception | None = None
     while True:

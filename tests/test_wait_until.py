@@ -117,6 +117,12 @@ def test_pauses_back_off_to_max_pause_and_the_deadline_is_polled(clock):
     assert len(polls) == len(clock.pauses) + 1
 
 
+def test_max_pause_0_polls_back_to_back(clock):
+    polls = itertools.count(1)
+    assert wait_until(lambda: next(polls) == 5, 1, "poll 5", max_pause=0)
+    assert clock.pauses == [0, 0, 0, 0]
+
+
 def test_describe_adds_state_to_the_failure():
     with pytest.raises(AssertionError) as err:
         wait_until(lambda: False, 0, "round 2", describe=lambda: "session log: round 1 failed")
