@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import keras
 import numpy as np
@@ -432,23 +431,22 @@ def test_resume_after_the_session_process_was_killed_continues_from_the_last_ver
 
 
 def test_max_concurrency_bounds_the_phones_training_at_once(exports, tmp_path):
+    """Counted, not timed: with buffer_size 1 every applied update makes a version, so a fit
+    sent while another is out comes back stale. All three phones are idle when the first
+    fits go out (min_clients=3): without the bound two of them would arrive stale."""
     res = exports["bn"]
-    lock, active, most = threading.Lock(), [0], [0]
 
     def tracked(ts, rnd):
-        with lock:
-            active[0] += 1
-            most[0] = max(most[0], active[0])
-        time.sleep(0.05)  # long enough for another dispatched fit to overlap
-        with lock:
-            active[0] -= 1
         return [t + 0.1 for t in ts]
 
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
         wb.publish(res)
         s = wb.train("fb_bn", rounds=6, min_clients=3, round_timeout=60, strategy="fedbuff",
                      strategy_options={"buffer_size": 1, "max_concurrency": 1,
-                                       "evaluate_every": 0})
+                                       "evaluate_every": 0},
+                     # bounded influence off: its warm-up holds the first updates, so the
+                     # versions (the count this test reads) would not move with each one
+                     max_weight_ratio=None, max_norm_ratio=None)
         phones = [WirePhone(wb.url, "android", "bn-data", tracked, device_id=20 + i)
                   for i in range(3)]
         threads = [p.start() for p in phones]
@@ -456,7 +454,6 @@ def test_max_concurrency_bounds_the_phones_training_at_once(exports, tmp_path):
         for t in threads:
             t.join(60)
         arrivals = s.arrivals
-    assert most[0] == 1
     assert (arrivals.status == "applied").all() and list(arrivals.staleness) == [0] * 6
     assert arrivals.client.nunique() >= 2  # idle phones take turns, not one phone alone
 
