@@ -15,6 +15,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.support import wait_until
 from xflwb.bridge import params
 from xflwb.server.flower_legacy import ClientProxy, Code, FitRes, Parameters, Status
 
@@ -178,7 +179,6 @@ def shared_ray_head():
     import signal
     import socket
     import tempfile
-    import time
     from pathlib import Path
 
     def free_port() -> int:
@@ -202,14 +202,17 @@ def shared_ray_head():
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     pids: set[int] = {head.pid}
     try:
-        deadline = time.monotonic() + 300  # a loaded 2-core machine has taken 80 s
-        while not (record.exists() and record.read_text().strip()):  # written once it is up
+        def up() -> bool:
+            if record.exists() and record.read_text().strip():  # written once it is up
+                return True
             if head.poll() is not None:
                 pytest.fail(f"ray start --head exited with {head.returncode}: "
                             f"{log.read_text(errors='replace')[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("the shared Ray head did not come up in 300 s")
-            time.sleep(0.2)
+            return False
+
+        # a loaded 2-core machine has taken 80 s
+        wait_until(up, 300, "the shared Ray head to come up",
+                   describe=lambda: log.read_text(errors="replace")[-3000:])
         yield {"gcs": record.read_text().strip(),
                "client": f"ray://127.0.0.1:{ports['--ray-client-server-port']}"}
     finally:
@@ -220,9 +223,9 @@ def shared_ray_head():
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)  # the session this fixture created, only
             head.wait(timeout=60)
-        deadline = time.monotonic() + 30
-        while (left := _alive(pids)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(AssertionError):  # the assertion below names the survivors
+            wait_until(lambda: not _alive(pids), 30, "the shared Ray head's processes to end")
+        left = _alive(pids)
         for pid in left:  # clean up what this fixture started, by pid, then say so
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

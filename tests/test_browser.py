@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import wait_until
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "01-quickstart.ipynb"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -232,18 +234,15 @@ def lab(tmp_path_factory):
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + LAB_START_TIMEOUT
-        while True:
+        def answering() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"jupyter lab exited with {proc.returncode}:\n"
                             + log_path.read_text(errors="replace")[-4000:])
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                if _http(f"{base}/api/status?token={token}")[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("jupyter lab did not answer /api/status in time:\n"
-                            + log_path.read_text(errors="replace")[-4000:])
-            time.sleep(0.5)
+            return _http(f"{base}/api/status?token={token}")[0] == 200  # refusals: retried
+
+        wait_until(answering, LAB_START_TIMEOUT, "jupyter lab to answer /api/status",
+                   describe=lambda: log_path.read_text(errors="replace")[-4000:],
+                   max_pause=0.5)
         yield base, token
     finally:
         _stop_lab(proc, base, token)
@@ -306,14 +305,14 @@ RUN_STATE_JS = """() => {
 
 
 def _wait_kernel_idle(page) -> None:
-    deadline = time.monotonic() + KERNEL_IDLE_TIMEOUT
-    state = None
-    while time.monotonic() < deadline:
-        state = page.evaluate(KERNEL_STATE_JS)
-        if state["ready"] and state["kernel"] == "idle":
-            return
-        time.sleep(1)
-    pytest.fail(f"notebook/kernel not ready in {KERNEL_IDLE_TIMEOUT}s: {state}")
+    state: dict = {}
+
+    def idle() -> bool:
+        state.update(page.evaluate(KERNEL_STATE_JS))
+        return state["ready"] and state["kernel"] == "idle"
+
+    wait_until(idle, KERNEL_IDLE_TIMEOUT, "the notebook open with an idle kernel",
+               describe=lambda: state, max_pause=1)
 
 
 def _open_and_run_all(browser, url: str, name: str):
@@ -341,9 +340,10 @@ def _dump(page, tmp_path: Path, name: str) -> None:
 
 def _wait_run_all(page, tmp_path: Path, n_code: int) -> dict:
     """Poll until every code cell has run and the dashboard/report show everything."""
-    deadline = time.monotonic() + RUN_TIMEOUT
     t0, last, state, stalled_since = time.monotonic(), None, {}, None
-    while time.monotonic() < deadline:
+
+    def complete() -> dict | None:
+        nonlocal last, state, stalled_since
         state = page.evaluate(RUN_STATE_JS)
         brief = (state["kernel"], state["counts"], state["running"], state["widget"],
                  state["imgSrc"], sorted(set(state["tds"]) & {"android", "ios", "all"}),
@@ -369,12 +369,14 @@ def _wait_run_all(page, tmp_path: Path, n_code: int) -> dict:
                 and state["widget"] and state["imgSrc"]
                 and {"android", "ios", "all"} <= set(state["tds"])
                 and "finished" in state["header"] and state["report"] is not None)
-        if done:
-            return state
-        time.sleep(2)
-    _dump(page, tmp_path, "timeout.png")
-    pytest.fail(f"Run All Cells did not complete in {RUN_TIMEOUT}s; last state: "
-                f"{ {k: v for k, v in state.items() if k != 'report'} }")
+        return state if done else None
+
+    try:
+        return wait_until(complete, RUN_TIMEOUT, "Run All Cells to complete", max_pause=2,
+                          describe=lambda: {k: v for k, v in state.items() if k != "report"})
+    except AssertionError:
+        _dump(page, tmp_path, "timeout.png")
+        raise
 
 
 def test_quickstart_dashboard_renders_in_jupyterlab(lab, tmp_path):
@@ -465,18 +467,20 @@ def test_failing_magic_stops_run_all_and_a_dead_device_shows_in_the_dashboard(la
                 browser, f"{base}/lab/workspaces/failing/tree/{FAILING_NAME}?token={token}",
                 FAILING_NAME)
             failing = n_code - 2  # the %xfl_train of a model that does not exist
-            deadline = time.monotonic() + RUN_TIMEOUT
             state: dict = {}
-            while time.monotonic() < deadline:
-                state = page.evaluate(FAILING_STATE_JS)
-                settled = (state["kernel"] == "idle" and state["running"] == 0
-                           and state["counts"][failing] is not None)
-                if settled and "killed" in " ".join(state["tds"]):
-                    break
-                time.sleep(1)
-            else:
+
+            def settled() -> bool:
+                state.update(page.evaluate(FAILING_STATE_JS))
+                return (state["kernel"] == "idle" and state["running"] == 0
+                        and state["counts"][failing] is not None
+                        and "killed" in " ".join(state["tds"]))
+
+            try:
+                wait_until(settled, RUN_TIMEOUT, "the failing notebook to settle",
+                           describe=lambda: state, max_pause=1)
+            except AssertionError:
                 _dump(page, tmp_path, "failing-timeout.png")
-                pytest.fail(f"the failing notebook did not settle: {state}")
+                raise
 
             counts = state["counts"]
             # every cell up to the failing magic ran; Run All stopped there
@@ -558,12 +562,13 @@ def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_p
             page = _open_and_run_all(
                 browser, f"{base}/lab/workspaces/handbuilt/tree/{HANDBUILT_NAME}"
                 f"?token={token}", HANDBUILT_NAME)
-            deadline = time.monotonic() + RUN_TIMEOUT
             state: dict = {}
             seen: list[str] = []  # the progress labels the widget showed, in order
             settled: float | None = None  # when every cell had run
-            while time.monotonic() < deadline:
-                state = page.evaluate(HANDBUILT_STATE_JS, dash_cell)
+
+            def ended() -> bool:
+                nonlocal settled
+                state.update(page.evaluate(HANDBUILT_STATE_JS, dash_cell))
                 if state["progress"] and (not seen or seen[-1] != state["progress"]):
                     seen.append(state["progress"])
                     print(f"[browser test] hand-built dashboard: {state['progress']}")
@@ -573,7 +578,7 @@ def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_p
                 done = (state["kernel"] == "idle" and state["running"] == 0
                         and all(isinstance(c, int) and c > 0 for c in state["counts"]))
                 if done and "ended:" in state["header"]:
-                    break
+                    return True
                 # the last cell waited for the session's end: a live view follows within
                 # its polling interval, a frozen one never does
                 settled = (settled or time.monotonic()) if done else None
@@ -581,11 +586,15 @@ def test_a_hand_built_dashboard_updates_and_says_the_budget_was_spent(lab, tmp_p
                     _dump(page, tmp_path, "handbuilt-frozen.png")
                     pytest.fail(f"the session ended but the hand-built dashboard still "
                                 f"shows {state['progress']!r}: {state['header']!r}")
-                time.sleep(1)
-            else:
+                return False
+
+            try:
+                wait_until(ended, RUN_TIMEOUT, "the hand-built dashboard to reach the end",
+                           describe=lambda: f"{state}; progress labels seen: {seen}",
+                           max_pause=1)
+            except AssertionError:
                 _dump(page, tmp_path, "handbuilt-timeout.png")
-                pytest.fail(f"the hand-built dashboard did not reach the end: {state}; "
-                            f"progress labels seen: {seen}")
+                raise
             head = state["header"]
             # live: built at round 0 (the cell asserted it), it now shows the last round
             assert state["progress"] == "round 2/5", (state["progress"], seen)
@@ -656,45 +665,45 @@ def test_interrupting_the_wait_leaves_the_devices_training_and_the_session_finis
             page = _open_and_run_all(
                 browser, f"{base}/lab/workspaces/interrupt/tree/{INTERRUPT_NAME}"
                 f"?token={token}", INTERRUPT_NAME)
-            deadline = time.monotonic() + RUN_TIMEOUT
+            deadline = time.monotonic() + RUN_TIMEOUT  # for all three waits
             state: dict = {}
-            while time.monotonic() < deadline:  # every cell before the wait has run
-                state = page.evaluate(FAILING_STATE_JS)
-                if all(isinstance(c, int) for c in state["counts"][:waiting]):
-                    break
-                if state["kernel"] == "idle" and state["running"] == 0 and any(
-                        state["counts"]):  # Run All stopped before the wait
+
+            def until(ready, what: str) -> None:
+                """Poll the notebook's state until ``ready(state)``, within ``deadline``."""
+                def poll() -> bool:
+                    state.update(page.evaluate(FAILING_STATE_JS))
+                    return ready(state)
+
+                try:
+                    wait_until(poll, deadline - time.monotonic(), what,
+                               describe=lambda: state, max_pause=1)
+                except AssertionError:
+                    _dump(page, tmp_path, "interrupt-timeout.png")
+                    raise
+
+            def before_the_wait(st: dict) -> bool:
+                if all(isinstance(c, int) for c in st["counts"][:waiting]):
+                    return True
+                if st["kernel"] == "idle" and st["running"] == 0 and any(
+                        st["counts"]):  # Run All stopped before the wait
                     _dump(page, tmp_path, "interrupt-failed.png")
-                    pytest.fail(f"a cell before the wait failed: {state['errors']}")
-                time.sleep(1)
-            else:
-                _dump(page, tmp_path, "interrupt-timeout.png")
-                pytest.fail(f"the cells before the wait did not run: {state}")
+                    pytest.fail(f"a cell before the wait failed: {st['errors']}")
+                return False
+
+            until(before_the_wait, "the cells before the wait to run")
             time.sleep(1)  # let the kernel enter session.wait() (no output to watch for)
             page.evaluate("() => window.jupyterapp.commands.execute("
                           "'notebook:interrupt-kernel')")
-            while time.monotonic() < deadline:  # Run All stops at the interrupted cell
-                state = page.evaluate(FAILING_STATE_JS)
-                if (state["kernel"] == "idle" and state["running"] == 0
-                        and state["counts"][waiting] is not None):
-                    break
-                time.sleep(1)
-            else:
-                _dump(page, tmp_path, "interrupt-timeout.png")
-                pytest.fail(f"the interrupted wait did not end: {state}")
+            until(lambda st: (st["kernel"] == "idle" and st["running"] == 0  # Run All stops
+                              and st["counts"][waiting] is not None),  # at the interrupted cell
+                  "the interrupted wait to end")
             page.evaluate(f"""() => {{
                 const w = window.jupyterapp.shell.currentWidget;
                 w.content.activeCellIndex = {waiting + 1};
                 window.jupyterapp.commands.execute('notebook:run-all-below'); }}""")
-            while time.monotonic() < deadline:
-                state = page.evaluate(FAILING_STATE_JS)
-                if (state["kernel"] == "idle" and state["running"] == 0
-                        and state["counts"][-1] is not None):
-                    break
-                time.sleep(1)
-            else:
-                _dump(page, tmp_path, "interrupt-timeout.png")
-                pytest.fail(f"the cells after the interrupt did not run: {state}")
+            until(lambda st: (st["kernel"] == "idle" and st["running"] == 0
+                              and st["counts"][-1] is not None),
+                  "the cells after the interrupt to run")
             _dump(page, tmp_path, "interrupt.png")
         finally:
             browser.close()

@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 import xflwb
 import xflwb.devices.fleet
+from tests.support import wait_until
 from xflwb.bridge import runtime
 from xflwb.devices import datasets
 from xflwb.devices.partition import device_data
@@ -106,16 +106,12 @@ def test_killed_device_does_not_stall_and_dropped_device_rejoins(unseen, tmp_pat
                                  slowdown=[3.0, 1.0, 1.0, 1.0],
                                  drop_prob=[0.0, 0.0, 0.0, 0.5])
         victim = fleet.ids[0]
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:  # kill the slow Android phone in mid-fit
-            row = fleet.table.set_index("id").loc[victim]
-            if row.status == "training":
-                break
-            time.sleep(0.05)
+        wait_until(lambda: fleet.table.set_index("id").loc[victim].status == "training", 120,
+                   "the slow Android phone in mid-fit", max_pause=0.05,
+                   describe=lambda: fleet.table)
         fleet.kill(victim)
-        t0 = time.monotonic()
         assert session.wait(timeout=240) == "finished"
-        assert time.monotonic() - t0 < 4 * 60
+        assert session.round == 6  # no stall: every round ran (counted, not timed)
         table = fleet.wait(timeout=60).set_index("id")
         failures = session.history.query("metric == 'failures' and platform == 'all'")
     assert table.loc[victim, "status"] == "failed"

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import keras
 import pytest
@@ -23,6 +22,7 @@ from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
 from tests.conftest import Phone, digits_cnn
 from tests.conftest import toy_canonical as _canon
 from tests.conftest import toy_fit_res as _res
+from tests.support import wait_until
 from xflwb.devices.fleet import Fleet
 from xflwb.server.flower_legacy import Code, FitRes, Parameters, Status
 from xflwb.server.strategy import (
@@ -37,18 +37,6 @@ from xflwb.sessions.registry import Registry
 from xflwb.widgets.dashboard import Dashboard, report
 
 pytestmark = pytest.mark.timeout(600)
-
-
-def _until(predicate, what: str, timeout: float = 180.0):
-    """Poll ``predicate`` until it returns something truthy (a wait, not an assertion on
-    how long it took); fails naming ``what`` if it never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"gave up waiting for {what}")
 
 
 def _failed(platform: str, cid: str, message: str) -> tuple[Phone, FitRes]:
@@ -125,7 +113,8 @@ def test_phone_session_whose_every_device_fails_fails_with_their_errors(tmp_path
         gc.collect()
         session = wb.train("mlp64", rounds=2, min_clients=2, round_timeout=120)
         # nobody connected yet: the timeout says what the session waits for
-        _until(lambda: session.progress.get("phase") == "waiting", "the session to wait")
+        wait_until(lambda: session.progress.get("phase") == "waiting", 180,
+                   "the session to wait", describe=lambda: session.progress)
         with pytest.raises(SessionTimeout) as err:
             session.wait(timeout=0.2)
         assert isinstance(err.value, TimeoutError)  # existing `except TimeoutError` works
@@ -180,8 +169,10 @@ def test_a_fleet_whose_devices_all_die_fails_its_session(tmp_path):
         session = wb.train("dying", rounds=2, min_clients=2, round_timeout=120)
         fleet = wb.spawn_devices(android=1, ios=1, dataset="digits")
         try:
-            _until(lambda: session.progress.get("connected") == 1
-                   and "failed" in set(fleet.table.status), "android to join, ios to fail")
+            wait_until(lambda: session.progress.get("connected") == 1
+                       and "failed" in set(fleet.table.status), 180,
+                       "android to join, ios to fail",
+                       describe=lambda: (session.progress, fleet.table))
             with pytest.raises(SessionTimeout) as err:
                 session.wait(timeout=0.2)
             msg = str(err.value)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import queue
 import socket
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ import grpc
 import numpy as np
 
 from tests.conftest import SERVED_TOY_MANIFEST, toy_canonical
+from tests.support import wait_until
 from tests.wirephone import WirePhone
 from xflwb.bridge import params
 from xflwb.server import flower_legacy as fl
@@ -82,9 +82,8 @@ def test_grpc_server_registers_clients_per_platform_port():
             t = threading.Thread(target=_drain, args=(stream, errors), daemon=True)
             t.start()
             drains.append(t)
-        deadline = time.monotonic() + 10
-        while shared.num_available() < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: shared.num_available() >= 2, 10, "both phones to join",
+                   describe=lambda: errors)
         clients = shared.all().values()
         assert sorted(c.platform for c in clients) == ["android", "ios"]
         assert all(isinstance(c, fl.ClientProxy) for c in clients)

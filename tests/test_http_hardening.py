@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import keras
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 import xflwb
+from tests.support import wait_until
 from tests.wirephone import WirePhone
 from xflwb.sessions.handle import Session
 from xflwb.sessions.registry import SessionConflict
@@ -395,9 +395,8 @@ def test_an_oversized_fitres_is_refused_by_grpc_for_that_client_only(tmp_path, e
         honest_a = WirePhone(wb.url, "android", "hard-data", lambda ts, _r: ts, device_id=67)
         honest_b = WirePhone(wb.url, "ios", "hard-data", lambda ts, _r: ts, device_id=68)
         t_huge = huge.start()
-        deadline = time.monotonic() + 60
-        while s.progress.get("connected", 0) < 1 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: s.progress.get("connected", 0) >= 1, 60,
+                   "the oversized phone to connect", describe=lambda: huge.report.error)
         t_a = honest_a.start()  # round 1 starts with the oversized phone and this one
         t_huge.join(90)
         t_b = honest_b.start()  # evaluation needs two clients again

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xflwb
+from tests.support import wait_until
 from xflwb.server.http.json_depth import MAX_JSON_DEPTH, json_depth_exceeds
 
 pytestmark = pytest.mark.timeout(300)
@@ -157,40 +158,39 @@ def _closed(sock: socket.socket) -> bool:
         return True
 
 
-def _drip_until_closed(sock: socket.socket, data: bytes) -> tuple[bool, int]:
+def _drip_until_closed(sock: socket.socket, data: bytes,
+                       what: str = "the server to close a dripping connection") -> int:
     """Send ``data`` a byte at a time, one every half second, until the server closes the
-    connection or the deadline passes; whether it closed, and how many bytes went."""
-    deadline = time.monotonic() + DEADLINE
+    connection (fails if it has not by the deadline); how many bytes went."""
     sent = 0
-    while time.monotonic() < deadline:
+
+    def dripped_into_a_close() -> bool:
+        nonlocal sent
         try:
             sock.sendall(data[sent % len(data):][:1])
             sent += 1
         except OSError:
-            return True, sent
-        if _closed(sock):
-            return True, sent
-    return False, sent
-
-
-def _wait_closed(sock: socket.socket) -> bool:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if _closed(sock):
             return True
-    return False
+        return _closed(sock)
+
+    wait_until(dripped_into_a_close, DEADLINE, what, describe=lambda: f"{sent} bytes sent",
+               max_pause=0)  # _closed waits 0.5 s
+    return sent
+
+
+def _wait_closed(sock: socket.socket, what: str = "the server to close the connection") -> None:
+    wait_until(lambda: _closed(sock), DEADLINE, what, max_pause=0)  # _closed waits 0.5 s
 
 
 def test_a_slowloris_head_is_cut_off(strict):
     with _connect(strict) as sock:
         sock.sendall(b"POST /train/advertised HTTP/1.1\r\nHost: x\r\n")
-        closed, sent = _drip_until_closed(sock, b"X-Slow: " + b"a" * 200)
-    assert closed, f"the server still held the connection after {sent} header bytes"
+        _drip_until_closed(sock, b"X-Slow: " + b"a" * 200)
 
 
 def test_a_connection_that_sends_nothing_is_closed(strict):
     with _connect(strict) as sock:
-        assert _wait_closed(sock)
+        _wait_closed(sock)
 
 
 def test_an_idle_keep_alive_connection_is_closed_after_its_response(strict):
@@ -199,15 +199,15 @@ def test_an_idle_keep_alive_connection_is_closed_after_its_response(strict):
         sock.settimeout(DEADLINE)
         assert sock.recv(12) == b"HTTP/1.1 200"
         sock.settimeout(0.5)
-        assert _wait_closed(sock)
+        _wait_closed(sock)
 
 
 def test_a_slow_body_is_cut_off(strict):
     with _connect(strict) as sock:
         sock.sendall(b"POST /train/advertised HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
-        closed, sent = _drip_until_closed(sock, b" ")
-    assert closed and sent < 1000, f"the body was still read after {sent} bytes"
+        sent = _drip_until_closed(sock, b" ")
+    assert sent < 1000, f"the body was still read after {sent} bytes"
 
 
 def test_requests_are_served_while_40_slow_clients_hang_and_those_are_closed(strict):
@@ -225,7 +225,8 @@ def test_requests_are_served_while_40_slow_clients_hang_and_those_are_closed(str
                 time.sleep(0.2)
             sock.settimeout(DEADLINE)
             assert sock.recv(12) == b"HTTP/1.1 200"
-        assert [i for i, sock in enumerate(slow) if not _wait_closed(sock)] == []
+        for i, sock in enumerate(slow):
+            _wait_closed(sock, f"the server to close slow client {i}")
     finally:
         for sock in slow:
             sock.close()
@@ -259,10 +260,7 @@ def bare_server():
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + DEADLINE
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert server.started
+    wait_until(lambda: server.started, DEADLINE, "uvicorn to start", max_pause=0.02)
     try:
         yield sock.getsockname()[1]
     finally:
@@ -281,11 +279,10 @@ def test_the_h11_protocol_too_cuts_slow_heads_and_bodies_and_serves_the_rest(bar
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as sock:
             sock.settimeout(0.5)
             sock.sendall(head)
-            closed, sent = _drip_until_closed(sock, drip)
-            assert closed, (head, sent)
+            _drip_until_closed(sock, drip, f"the server to close a dripping {head[:4]!r}")
     with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE) as idle:
         idle.settimeout(0.5)
-        assert _wait_closed(idle)
+        _wait_closed(idle)
 
 
 # -- telemetry is the poster's, not the body's ------------------------------------------------
@@ -366,11 +363,9 @@ def test_a_token_speaks_for_one_device_and_is_rate_limited_as_one(tmp_path, expo
             _, t5 = _issue(http, "brief's next")
             assert http.post("/telemetry/fit_ins", json=_fit(sid, 300), headers=t5
                              ).status_code == 403
-            deadline = time.monotonic() + 60
-            while http.post("/telemetry/fit_ins", json=_fit(sid, 300),
-                            headers=brief).status_code != 401:
-                assert time.monotonic() < deadline, "the 5-s token never expired"
-                time.sleep(0.2)
+            wait_until(lambda: http.post("/telemetry/fit_ins", json=_fit(sid, 300),
+                                         headers=brief).status_code == 401, 60,
+                       "the 5-s token to expire (a 401)")
             assert http.post("/telemetry/fit_ins", json=_fit(sid, 300), headers=t5
                              ).status_code == 200
     finally:

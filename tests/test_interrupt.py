@@ -28,6 +28,7 @@ import xflwb
 from xflwb.server.backend_lock import RECORD_FILE, BackendRunning
 
 from .conftest import digits_cnn
+from .support import wait_until
 from .wirephone import WirePhone
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -55,13 +56,6 @@ def _zombies(pids: list[int]) -> list[int]:
     return out
 
 
-def _wait_reaped(pids: list[int]) -> list[int]:
-    deadline = time.monotonic() + REAPED_WITHIN
-    while (left := _zombies(pids)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
 def test_sessions_run_in_their_own_session_are_reaped_and_log_plain_text(export_dir,
                                                                          tmp_path):
     """Three sessions end on their own: none is left ``<defunct>`` (nobody waits for them:
@@ -81,7 +75,9 @@ def test_sessions_run_in_their_own_session_are_reaped_and_log_plain_text(export_
             thread.join(30)
             assert phone.report.error is None, phone.report.error
             pids.append(proc.pid)
-        assert _wait_reaped(pids) == []  # while the workbench still runs: no stop() reaped
+        # while the workbench still runs: no stop() reaped
+        wait_until(lambda: not _zombies(pids), REAPED_WITHIN, f"sessions {pids} reaped",
+                   describe=lambda: f"zombies: {_zombies(pids)}")
         log = (wb.sessions.log_dir / f"session-{s.id}.log").read_text()
     assert "INFO" in log, log[-2000:]  # Flower's handler wrote to it
     assert not ANSI.search(log), [ln for ln in log.splitlines() if "\x1b" in ln][:5]

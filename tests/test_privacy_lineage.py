@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import dp_accounting
 import keras
@@ -17,6 +16,7 @@ import pytest
 from dp_accounting import rdp
 
 import xflwb
+from tests.support import wait_until
 from tests.wirephone import WirePhone
 
 NAME, DATA = "dp_line", "line-data"
@@ -50,9 +50,8 @@ def _join(phones) -> None:
 
 
 def _wait_round(session, rnd: int, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while session.round < rnd and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: session.round >= rnd, timeout, f"round {rnd}",
+               describe=lambda: session.info)
     assert session.round == rnd, session.info
 
 
@@ -87,10 +86,8 @@ def test_kill_9_mid_round_then_resume_composes_the_lineage_and_max_epsilon_bound
         first = _phones(wb, 2, 1, hold=release)
         _wait_round(s1, 2)  # rounds 1 and 2 released; both phones now hold round 3's fit
         os.kill(s1.info["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while s1.status != "crashed" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert s1.status == "crashed"
+        wait_until(lambda: s1.status == "crashed", 10, "the killed session to read crashed",
+                   describe=lambda: s1.info)
         release.set()
         _join(first)
         s2 = wb.train(NAME, rounds=10, min_clients=2, round_timeout=60, privacy=dp,

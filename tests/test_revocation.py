@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import queue
 import threading
-import time
 
 import grpc
 import httpx
@@ -26,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xflwb
+from tests.support import wait_until
 from tests.wirephone import WirePhone
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.server.security import MAX_TTL, TokenStore
@@ -53,16 +53,6 @@ def wb(tmp_path_factory):
         w.publish(export)
         w.export_manifest = export.manifest
         yield w
-
-
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    """Poll ``predicate`` until it holds or ``timeout`` passes; its last value."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return bool(predicate())
-        time.sleep(0.05)
-    return True
 
 
 def _plus(c: float):
@@ -221,9 +211,11 @@ def test_update_in_flight_in_a_round_is_refused_when_its_token_is_revoked(wb):
         b = WirePhone(wb.url, "ios", DATA, held, num_examples=10, device_id=12,
                       encoding="npy", token=b_token)
         threads = [a.start(), b.start()]
-        sent = _wait(lambda: a.report.rounds_fit == 1, 60)
+        sent = wait_until(lambda: a.report.rounds_fit == 1, 60, "phone A's first update",
+                          describe=lambda: a.report.error)
         assert wb.revoke_device_token("phone-a") == 1
-        cut = _wait(lambda: not threads[0].is_alive(), 30)
+        cut = wait_until(lambda: not threads[0].is_alive(), 30,
+                         "the revoked phone's stream to be cut", describe=lambda: a.report.error)
         release.set()
         status = s.wait(timeout=120)
         threads[1].join(60)
@@ -270,7 +262,8 @@ def test_a_session_scoped_token_is_refused_by_other_sessions(wb):
     try:
         scoped = wb.issue_device_token("guest", session=s1)
         mine = Stream(s1.ports["ios"], scoped).start()
-        admitted = _wait(lambda: mine.first is not None or mine.ended.is_set(), 30)
+        admitted = wait_until(lambda: mine.first is not None or mine.ended.is_set(), 30,
+                              "the scoped token's stream to be answered")
         mine.close()
     finally:
         s1.stop()
@@ -312,8 +305,10 @@ def test_one_token_is_one_client_however_many_streams_it_opens(wb):
         barrier = threading.Barrier(8)
         streams = [Stream(s.ports[p], token, barrier).start()
                    for p in ["android", "ios"] * 4]
-        settled = _wait(lambda: sum(x.ended.is_set() for x in streams) >= 7
-                        and s.progress.get("connected") == 1, 60)
+        settled = wait_until(lambda: sum(x.ended.is_set() for x in streams) >= 7
+                             and s.progress.get("connected") == 1, 60,
+                             "7 of the 8 streams cut and one client connected",
+                             describe=lambda: (s.progress, [x.code for x in streams]))
         connected = s.progress.get("connected")
         ended = [x for x in streams if x.ended.is_set()]
         for x in streams:

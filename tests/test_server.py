@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import httpx
 import keras
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 import xflwb
+from tests.support import wait_until
 from tests.wirephone import WirePhone
 
 pytestmark = pytest.mark.timeout(300)
@@ -218,15 +218,11 @@ def test_crashed_session_resumes_from_checkpoint(wb, exports):
 
     phone = WirePhone(wb.url, "android", "alpha-data", held, device_id=51)
     thread = phone.start()
-    deadline = time.monotonic() + 60
-    while s.round < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: s.round >= 2, 60, "round 2", describe=lambda: s.info)
     assert s.round == 2
     os.kill(s.info["pid"], signal.SIGKILL)  # the session process dies without a word
-    deadline = time.monotonic() + 10
-    while s.status != "crashed" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert s.status == "crashed"
+    wait_until(lambda: s.status == "crashed", 10, "the killed session to read crashed",
+               describe=lambda: s.info)
     assert "exited unexpectedly" in s.info["error"]
     release.set()
     thread.join(60)

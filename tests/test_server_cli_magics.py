@@ -7,13 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import httpx
 import keras
 import pytest
 
 import xflwb
+from tests.support import wait_until
 from xflwb.magics import XflMagicError
 
 pytestmark = pytest.mark.timeout(300)
@@ -33,15 +33,13 @@ def test_cli_server_serves_and_stops_on_sigterm(export, tmp_path):
          str(tmp_path / "d"), "--admin-token", "tok", "--publish", str(export.directory)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        url = None
-        deadline = time.monotonic() + 60
         lines = []
-        while url is None and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if m := re.search(r"backend at (http://\S+)", line):
-                url = m.group(1)
-        assert url, lines
+
+        def backend_url() -> str | None:
+            lines.append(line := proc.stdout.readline())
+            return (m := re.search(r"backend at (http://\S+)", line)) and m.group(1)
+
+        url = wait_until(backend_url, 60, "the 'backend at' line", describe=lambda: lines)
         assert any("published tiny v1" in x for x in lines)
         ad = httpx.post(f"{url}/train/advertised", json={"data_type": "tiny-data"})
         assert ad.status_code == 200 and ad.json()["name"] == "tiny"
@@ -64,10 +62,9 @@ def test_cli_server_keeps_a_generated_admin_token_in_a_private_file(tmp_path):
          str(tmp_path / "d")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={k: v for k, v in os.environ.items() if k != "XFLWB_ADMIN_TOKEN"})
     try:
-        line, deadline = "", time.monotonic() + 60
-        while "backend at" not in line and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-        url = re.search(r"backend at (http\S+)", line).group(1)
+        found = wait_until(lambda: re.search(r"backend at (http\S+)", proc.stdout.readline()),
+                           60, "the 'backend at' line")
+        line, url = found.string, found.group(1)
         path = tmp_path / "d" / "admin_token"
         token = path.read_text().strip()
         ok = httpx.get(f"{url}/api/v1/models", headers={"Authorization": f"Bearer {token}"})
@@ -215,11 +212,14 @@ def test_cli_train_starts_a_session_through_the_admin_api_and_follows_it(export,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=env)
         try:
-            deadline = time.monotonic() + 120
-            while wb.session_table.empty:
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "xflwb train started no session"
-                time.sleep(0.2)
+            def started() -> bool:
+                if not wb.session_table.empty:
+                    return True
+                if proc.poll() is not None:  # gone: no session will come
+                    pytest.fail(f"xflwb train exited early: {proc.communicate()}")
+                return False
+
+            wait_until(started, 120, "xflwb train to start a session")
             phones = [WirePhone(wb.url, p, "tiny-data", _add, device_id=i)
                       for i, p in enumerate(("android", "ios"))]
             threads = [p.start() for p in phones]

@@ -11,6 +11,7 @@ import pytest
 
 import xflwb
 from tests.conftest import digits_cnn
+from tests.support import wait_until
 from xflwb.bridge import params, runtime
 from xflwb.devices import datasets
 from xflwb.sessions.registry import Registry
@@ -343,25 +344,30 @@ def test_ray_client_server_failure_is_asked_again(monkeypatch):
 def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):
     """On its own Ray (not ``shared_ray``): stopping must end the Ray the simulation started."""
     import os
-    import time
 
     sim = xflwb.simulate(export, android=2, ios=2, rounds=500, data_dir=tmp_path / "d",
                          wait=False)
-    deadline = time.monotonic() + 300
-    while sim.round < 1:
-        assert sim.status == "running" and time.monotonic() < deadline, sim.info["error"]
-        time.sleep(0.2)
+    def first_round() -> bool:
+        if sim.round >= 1:
+            return True
+        if sim.status != "running":  # ended: no round will come
+            pytest.fail(f"the simulation is {sim.status}: {sim.info['error']}")
+        return False
+
+    wait_until(first_round, 300, "the simulation's first round",
+               describe=lambda: sim.info["error"])
     pid = sim.info["pid"]
     sim.stop()
     assert sim.status == "stopped"
-    gone_by = time.monotonic() + 20  # nothing left of its process group (Ray) once reaped
-    while True:
+    def group_gone() -> bool:
         try:
             os.killpg(pid, 0)
         except ProcessLookupError:
-            break
-        assert time.monotonic() < gone_by, "processes of the stopped simulation survive"
-        time.sleep(0.5)
+            return True
+        return False
+
+    # nothing left of its process group (Ray) once reaped
+    wait_until(group_gone, 20, f"the stopped simulation's process group {pid} to end")
     # what it learnt so far is kept
     assert len(sim.global_parameters()) == 4 and sim.round >= 1
     assert "simulated android=2 ios=2" in repr(sim)
