@@ -289,6 +289,19 @@ def test_updates_landing_together_never_make_more_than_max_versions():
     assert [a.status for a in run.arrivals] == ["applied", "rejected", "rejected"]
 
 
+def test_updates_the_warm_up_releases_never_make_more_than_max_versions():
+    """K=1, max_versions=1, two held updates released together: the first makes the last
+    version, the second is late (found by the interleavings test below)."""
+    run = Run(Clients(a="android", b="android"), buffer_size=1, max_versions=1,
+              bounds=Cap(), min_clients=2)
+    run.back(run.fit("a"))
+    run.back(run.fit("b"))
+    assert run.driver.versions_made == 1 and len(run.versions) == 1
+    got = by_client(run.arrivals)
+    assert got["a"].status == "applied" and got["b"].status == "rejected"
+    assert "after the session's last version 1" in got["b"].reason
+
+
 def test_max_seconds_on_the_injected_clock():
     run = Run(buffer_size=1, max_seconds=10.0)
     run.clock.now = 9.99

@@ -324,10 +324,7 @@ class VersionDriver:
             bytes_up=int(returned.bytes_up), bytes_down=int(returned.bytes_down))
         if self.late:  # said, not silently dropped
             arrival.examples = int(returned.examples or 0)
-            arrival.status = "rejected"
-            arrival.reason = (f"arrived after the session's last version {self.version} "
-                              "(max_versions / max_seconds reached)")
-            self._record(arrival)
+            self._too_late(arrival)
             return
         try:
             if self.screen is not None:
@@ -349,7 +346,16 @@ class VersionDriver:
         self._errors.pop(job.client, None)
         self._errors_in_a_row.clear()
         for held, accepted in ready:
-            self._apply(held, accepted)
+            if self.late:  # the warm-up released more than the last version needed
+                self._too_late(held)
+            else:
+                self._apply(held, accepted)
+
+    def _too_late(self, arrival: Arrival) -> None:
+        arrival.status, arrival.weight = "rejected", 0.0
+        arrival.reason = (f"arrived after the session's last version {self.version} "
+                          "(max_versions / max_seconds reached)")
+        self._record(arrival)
 
     def fit_failed(self, job: Job, failure: Failure) -> None:
         """A fit raised. A lost connection costs nothing more; an error rests the client
