@@ -440,7 +440,8 @@ class VersionDriver:
             base = buffer.base(arrival.base_version, arrival.platform, arrival.client)
             n = arrival.examples
             if self.bounds is not None:
-                cap = weight_cap(self.claims.values(), self.bounds.max_weight_ratio)
+                claims = [int(c) for c in self.claims.values()]  # examples: whole
+                cap = weight_cap(claims, self.bounds.max_weight_ratio)
                 n, cut = self.bounds.bound(arrival.platform, arrival.client, update.tensors,
                                            n, base, cap, arrival.weight)
                 arrival.examples, arrival.capped = n, arrival.capped or cut

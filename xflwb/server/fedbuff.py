@@ -361,9 +361,9 @@ class AsyncLoop:
         for job in jobs:
             client = self._proxies[job.client]
             if job.kind == "evaluate":
-                ins = EvaluateIns(parameters=self._parameters(job.platform, client,
-                                                              job.version), config={})
-                fut = self._pool.submit(client.evaluate, ins, self.round_timeout,
+                asked = EvaluateIns(parameters=self._parameters(job.platform, client,
+                                                                job.version), config={})
+                fut = self._pool.submit(client.evaluate, asked, self.round_timeout,
                                         job.version)
                 self._jobs[fut] = _Job("evaluate", client, job.platform, job.version)
                 continue
