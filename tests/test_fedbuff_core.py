@@ -314,12 +314,15 @@ def test_max_seconds_on_the_injected_clock():
 
 
 def test_failures_after_the_stop_rule_are_not_counted():
-    run = Run(buffer_size=1, max_versions=1)
-    jobs = run.driver.next_jobs()
-    run.back(jobs[0])
-    run.driver.fit_failed(jobs[1], Failure("android", "b", "boom"))
+    """After the last version a failing fit neither rests its client nor counts towards
+    the all-fail rule (two errors in a row would end this session before it)."""
+    run = Run(Clients(a="android", b="android"), buffer_size=1, max_versions=1)
+    a, b = run.driver.next_jobs()
+    run.back(a)
+    for _ in range(5):
+        run.driver.fit_failed(b, Failure("android", "b", "boom"))
     run.driver.begin_wind_down()
-    assert run.driver._failures == [] and run.driver.running.keys() == {"c"}
+    assert [c for c, _ in run.driver.idle()] == ["a", "b"] and run.driver.running == {}
 
 
 # -- evaluation ---------------------------------------------------------------------------------
@@ -430,10 +433,14 @@ def test_a_failing_client_rests_2_4_30_seconds_on_the_clock():
         rests.append(run.clock.now - start)
         run.back(run.driver.running["a"])  # accepted: the count starts again
     assert rests == [2.0] * 6
-    for n in range(1, 7):
-        run.driver.fit_failed(run.driver.running.get("a") or run.fit("a"),
-                              Failure("android", "a", "boom"))
-        assert run.driver._resting["a"] == run.clock.now + min(30.0, 2.0 ** n)
+    (job,) = run.driver.next_jobs()
+    for n in range(1, 7):  # errors in a row: 2, 4, 8, 16, 30, 30 s
+        failed_at = run.clock.now
+        run.driver.fit_failed(job, Failure("android", "a", "boom"))
+        run.clock.now = failed_at + min(30.0, 2.0 ** n) - 0.5
+        assert run.driver.next_jobs() == []
+        run.clock.now += 0.5
+        (job,) = run.driver.next_jobs()
 
 
 def test_failures_since_the_last_version_are_reported_with_it():
