@@ -158,6 +158,19 @@ def test_clients_of_a_platform_not_served_or_busy_get_no_work():
     assert run.driver.next_jobs() == []  # "a" is busy
 
 
+def test_a_job_the_host_could_not_start_is_as_if_never_given():
+    run = Run(Clients(a="android", b="android"), buffer_size=1, fraction_evaluate=1.0)
+    a, b = run.driver.next_jobs()
+    run.driver.not_started(b)  # "b" left before its fit started
+    assert run.driver.fits_running == 1 and [c for c, _ in run.driver.idle()] == ["b"]
+    run.back(a)  # version 1: evaluated on both
+    (ev,) = run.driver.next_jobs()[:1]
+    run.driver.not_started(ev)
+    assert run.driver.evaluations[0].dispatched == 1  # "b" still has it
+    again = run.driver.next_jobs()
+    assert [j.kind for j in again] == ["evaluate"] and again[0].client == "a"
+
+
 # -- what becomes of an update --------------------------------------------------------------------
 def test_staleness_weights_the_delta_against_the_version_the_client_started_from():
     run = Run(staleness="polynomial:1", buffer_size=1)

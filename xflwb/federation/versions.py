@@ -305,6 +305,18 @@ class VersionDriver:
             started.append(job)
         return started
 
+    def not_started(self, job: Job) -> None:
+        """The host could not start ``job`` (its client left after the look that chose
+        it): as if it had never been given; an evaluation looks for another client."""
+        if self.running.get(job.client) != job:
+            return
+        del self.running[job.client]
+        if job.kind == "evaluate":
+            for ev in self._evals:
+                if ev.version == job.version and ev.dispatched:
+                    ev.dispatched -= 1
+                    break
+
     # -- what came back --------------------------------------------------------------------
     def _returned(self, job: Job) -> None:
         if self.running.get(job.client) == job:

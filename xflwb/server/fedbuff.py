@@ -325,8 +325,9 @@ class AsyncLoop:
             step = self.core.wind_down_step()
             self._dispatch(step.start)
             for cid in step.goodbye:
-                goodbyes.append(self._pool.submit(self._proxies[cid].reconnect,
-                                                  ReconnectIns(seconds=None), 5, None))
+                if cid in self._proxies:
+                    goodbyes.append(self._pool.submit(self._proxies[cid].reconnect,
+                                                      ReconnectIns(seconds=None), 5, None))
             if step.over or self.clock() >= deadline:
                 break
             self._step(fits=False)
@@ -359,7 +360,10 @@ class AsyncLoop:
     def _dispatch(self, jobs: list[Job]) -> None:
         """Start what the driver said on the phones it named, then report progress."""
         for job in jobs:
-            client = self._proxies[job.client]
+            client = self._proxies.get(job.client)
+            if client is None:  # it left between the driver's two looks at the phones
+                self.core.not_started(job)
+                continue
             if job.kind == "evaluate":
                 asked = EvaluateIns(parameters=self._parameters(job.platform, client,
                                                                 job.version), config={})
