@@ -227,7 +227,7 @@ def buffer_bytes(shapes: list[tuple[int, ...]], max_staleness: int,
     """(bytes held, peak bytes) by a ``VersionBuffer`` with ``max_staleness + 1`` versions
     and ``buffer_size - 1`` updates buffered, measured with tracemalloc (numpy reports its
     allocations to it)."""
-    from xflwb.server.fedbuff import Arrival, FedBuff, VersionBuffer
+    from xflwb.federation.fedbuff import Arrival, FedBuff, VersionBuffer
 
     opts = FedBuff(buffer_size=buffer_size, max_staleness=max_staleness)
     masks = {p: [True] * len(shapes) for p in ("android", "ios")}

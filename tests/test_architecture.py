@@ -97,14 +97,12 @@ FORBIDDEN_EXCEPT: dict[tuple[str, str], tuple[str, ...]] = {
 #: fails, so the list only shrinks). issue 13: to remove, every one.
 _FEDERATION = ("issue 22: to remove at merge; federation branch moves it "
                "(server/strategy.py → sessions/flower_strategy.py, privacy core → federation)")
-_FEDBUFF = "issue 22: to remove at merge; fedbuff branch moves it (server/fedbuff.py)"
 ALLOWED_DEBT: dict[tuple[str, str], str] = {
     ("xflwb.sessions.handle", "xflwb.server.strategy"): _FEDERATION,
     ("xflwb.sessions.manager", "xflwb.server.strategy"): _FEDERATION,
     ("xflwb.sessions.process", "xflwb.server.strategy"): _FEDERATION,
     ("xflwb.sessions.lineage", "xflwb.server.privacy"): _FEDERATION,
     ("xflwb.sessions.options", "xflwb.server.privacy"): _FEDERATION,
-    ("xflwb.sessions.options", "xflwb.server.fedbuff"): _FEDBUFF,
     ("xflwb.simulation.server", "xflwb.server.privacy"): _FEDERATION,
     ("xflwb.simulation.server", "xflwb.server.strategy"): _FEDERATION,
 }

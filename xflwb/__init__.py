@@ -36,8 +36,8 @@ from xflwb.errors import (
     XflwbError,
 )
 from xflwb.exporting import export
+from xflwb.federation.fedbuff import FedBuff
 from xflwb.server.config import SessionConfig
-from xflwb.server.fedbuff import FedBuff
 from xflwb.server.privacy import DP
 from xflwb.sessions.handle import Session
 from xflwb.simulation import simulate

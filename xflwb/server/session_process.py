@@ -179,7 +179,8 @@ def _run_fedbuff(proc: SessionProcess, cm: Any, strategy: Any, cfg: SessionConfi
                  offset: int) -> None:
     """FedBuff's asynchronous loop instead of Flower's rounds (``xflwb.server.fedbuff``);
     each arrival is recorded in ``session.arrivals``, each version like a round."""
-    from xflwb.server.fedbuff import AsyncLoop, fedbuff_options
+    from xflwb.federation.fedbuff import fedbuff_options
+    from xflwb.server.fedbuff import AsyncLoop
     from xflwb.server.strategy import AllClientsFailed
 
     registry = proc.registry

@@ -115,7 +115,7 @@ class RoundOptions:
                         "round's"))
         if isinstance(self.strategy, str):
             self.strategy = self.strategy.lower()
-        from xflwb.server.fedbuff import FedBuff
+        from xflwb.federation.fedbuff import FedBuff
         from xflwb.server.privacy import privacy_dict
 
         if isinstance(self.strategy_options, FedBuff):
@@ -158,7 +158,7 @@ def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise InputError(f"strategy_options must be a dict, got {type(options).__name__}")
     if strategy in ASYNC_STRATEGIES:
-        from xflwb.server.fedbuff import fedbuff_options
+        from xflwb.federation.fedbuff import fedbuff_options
 
         return dataclasses.asdict(fedbuff_options(options))  # ValueError: did you mean …
     try:
