@@ -21,6 +21,7 @@ from typing import Any
 # First, before anything can import TensorFlow: importing _quiet sets TF's C++ log level
 # (TF reads it once, at import; a level the user set is kept). See xflwb/_quiet.py.
 from xflwb import _quiet  # noqa: F401  (isort keeps it first: "xflwb" < "xflwb.bridge")
+from xflwb._models import demo_model
 from xflwb._options import OptionError, UnknownOptionError
 from xflwb.admin import AdminClient
 from xflwb.bridge.export import DropoutWarning, ExportResult
@@ -30,7 +31,6 @@ from xflwb.bridge.manifest import ManifestError
 from xflwb.bridge.optim import SGD, Adam
 from xflwb.bridge.parity import ParityError
 from xflwb.bridge.runtime import load as load_runtime
-from xflwb.demo import demo_model
 from xflwb.devices.datasets import load as load_dataset
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import Fleet
