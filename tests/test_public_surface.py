@@ -335,3 +335,23 @@ def test_annotations_resolve_where_they_were_written() -> None:
             hints = _options.type_hints(cls)
             assert {f.name for f in dataclasses.fields(cls)} <= set(hints), name
     assert "rounds: int = 10" in str(inspect.signature(xflwb.Workbench.train))
+
+
+def test_the_facade_functions_are_the_tested_implementations(tmp_path: Path) -> None:
+    """The names notebooks needed are the implementations their modules' tests cover,
+    reachable from ``xflwb``, and they work from there."""
+    from xflwb import demo, style
+    from xflwb.bridge import runtime
+    from xflwb.devices import datasets, partition
+    from xflwb.server import security
+
+    assert xflwb.load_runtime is runtime.load and xflwb.load_dataset is datasets.load
+    assert xflwb.partition_table is partition.partition_table
+    assert xflwb.make_dev_ca is security.make_dev_ca and xflwb.demo_model is demo.demo_model
+    assert xflwb.PLATFORM_COLORS is style.PLATFORM_COLORS
+    table = xflwb.partition_table("digits", "iid", 3, seed=0)
+    data = xflwb.load_dataset("digits", seed=0)
+    assert list(table.partition_id) == [0, 1, 2]
+    assert table[["train", "test"]].to_numpy().sum() == len(data.y_train) + len(data.y_test)
+    ca = xflwb.make_dev_ca(tmp_path / "tls", hosts=["127.0.0.1"])
+    assert (tmp_path / "tls" / "ca.pem").is_file() and ca is not None
