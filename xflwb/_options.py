@@ -162,9 +162,20 @@ def _resolve(annotation: Any) -> tuple[type, bool]:
     return annotation, False
 
 
+def type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints(cls)`` with names looked up where ``cls`` and its bases were
+    written: a public class's ``__module__`` is ``"xflwb"`` (``xflwb/__init__.py`` sets it),
+    where typing would otherwise look, and its annotations' names are not there."""
+    written_in: dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        init = inspect.unwrap(vars(base).get("__init__", object.__init__))  # past declared()
+        written_in.update(getattr(init, "__globals__", {}))
+    return typing.get_type_hints(cls, localns=written_in)
+
+
 def options(cls: type, *, front_only: bool = True) -> list[Opt]:
     """The declared options of the dataclass ``cls``, in declaration order."""
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     found = []
     for f in dataclasses.fields(cls):
         spec = f.metadata.get(_KEY)
@@ -379,7 +390,7 @@ def request_model(cls: type, model_name: str, base: type, *,
     description) on ``base``, plus ``extra`` fields (``name: (type, Field(...))``)."""
     import pydantic
 
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     skip = set(exclude)
     fields: dict[str, Any] = {}
     for o in options(cls):
@@ -415,7 +426,7 @@ def signature(func: Callable[..., Any], *classes: type,
     taken = {p.name for p in params} | set(exclude)
     added = []
     for cls in classes:
-        hints = typing.get_type_hints(cls)
+        hints = type_hints(cls)
         for o in options(cls):
             if o.name not in taken:
                 taken.add(o.name)

@@ -226,7 +226,10 @@ def parse_name(name: str) -> tuple[str, dict[str, Any]]:
 
 
 def load(name: str, **kwargs: Any) -> Dataset:
-    """A registered dataset by name; a ``:suffix`` sets its parameters (``synthetic:α,β``)."""
+    """A registered dataset by name (``xflwb.load_dataset``): the arrays the devices train on,
+    so a notebook sees the same data (``digits``, ``digits32``, ``activity``, ``synthetic``
+    offline; ``mnist`` downloads). A ``:suffix`` sets its parameters (``synthetic:α,β``);
+    keywords go to its loader (``seed=``; ``test_fraction=`` where it splits)."""
     base, params = parse_name(name)
     clash = params.keys() & kwargs.keys()
     if clash:
