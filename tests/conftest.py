@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from xflwb.bridge import params
-from xflwb.server.flower_legacy import ClientProxy, Code, FitRes, Parameters, Status
+from xflwb.flower_legacy import ClientProxy, Code, FitRes, Parameters, Status
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -24,10 +24,10 @@ from tests.conftest import Phone, digits_cnn
 from tests.conftest import toy_canonical as _canon
 from tests.conftest import toy_fit_res as _res
 from xflwb.devices.fleet import Fleet
-from xflwb.server.flower_legacy import Code, FitRes, Parameters, Status
+from xflwb.flower_legacy import Code, FitRes, Parameters, Status
 from xflwb.server.registry import Registry
 from xflwb.server.session import SessionTimeout
-from xflwb.server.strategy import (
+from xflwb.sessions.flower_strategy import (
     AllClientsFailed,
     ClientFailure,
     CrossPlatformStrategy,

@@ -185,8 +185,8 @@ def test_the_walk_needs_no_checkpoint_rows_and_counts_unrecorded_rounds_as_infin
     of an older xflwb (no ``lineages`` row, rounds but no events) makes ε unknown: ∞."""
     import sqlalchemy as sa
 
+    from xflwb.federation.dp import Ledger
     from xflwb.server import lineage
-    from xflwb.server.privacy import Ledger
     from xflwb.server.registry import Registry, checkpoints
 
     reg = Registry(tmp_path / "xfl")

@@ -30,9 +30,9 @@ from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
 from tests.wirephone import WirePhone
 from xflwb.bridge import params
 from xflwb.federation.aggregate import aggregate_masked, aggregate_robust
-from xflwb.server.flower_legacy import ClientProxy
+from xflwb.flower_legacy import ClientProxy
 from xflwb.server.session import DONE
-from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 
 SHAPES = [tuple(p["shape"]) for p in MANIFEST["parameters"]]
 ANDROID = [True] * len(SHAPES)
@@ -191,7 +191,7 @@ def test_any_exception_in_one_update_is_its_rejection():
 
 
 def test_evaluate_res_with_bad_numbers_costs_only_its_report():
-    from xflwb.server.flower_legacy import Code, EvaluateRes, Status
+    from xflwb.flower_legacy import Code, EvaluateRes, Status
 
     reports: list = []
     s = CrossPlatformStrategy(MANIFEST, canon(0), on_evaluate_round=reports.append)

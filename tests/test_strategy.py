@@ -11,7 +11,7 @@ from tests.conftest import Phone
 from tests.conftest import toy_canonical as _canon
 from tests.conftest import toy_fit_res as _res
 from xflwb.bridge import params
-from xflwb.server.flower_legacy import (
+from xflwb.flower_legacy import (
     Code,
     FedAdam,
     FitRes,
@@ -20,7 +20,7 @@ from xflwb.server.flower_legacy import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 
 
 def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():

@@ -26,9 +26,9 @@ from xflwb.bridge.parity import ParityError
 from xflwb.devices.device import DeviceOptions
 from xflwb.devices.fleet import Fleet
 from xflwb.exporting import export
+from xflwb.federation.dp import DP
 from xflwb.server.config import SessionConfig
 from xflwb.server.fedbuff import FedBuff
-from xflwb.server.privacy import DP
 from xflwb.server.session import Session
 from xflwb.simulation import simulate
 from xflwb.simulation.config import SimulationConfig

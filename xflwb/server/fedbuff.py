@@ -18,7 +18,7 @@ The pieces:
   ``StreamingFedAvg`` of weighted deltas: a tensor a platform does not train is masked out
   exactly as in a round), and ``arrive`` / ``make_version``.
 * ``AsyncLoop``: the loop on Flower's ``ClientManager`` / ``ClientProxy`` (through
-  ``xflwb.server.flower_legacy``) that dispatches fits and evaluations to idle phones from
+  ``xflwb.flower_legacy``) that dispatches fits and evaluations to idle phones from
   a thread pool and feeds ``VersionBuffer``. It reuses ``CrossPlatformStrategy`` for what a
   round does per client (decode, map, validate: ``_accept``), for encoding the model per
   platform and wire encoding, for evaluation and for recording (``on_fit_round``), so the
@@ -331,7 +331,7 @@ class AsyncLoop:
         ``Server.disconnect_all_clients``), so phones end cleanly instead of seeing their
         stream cut. At most ``round_timeout`` seconds; phones still busy then see their
         stream end when the session closes its ports."""
-        from xflwb.server.flower_legacy import ReconnectIns
+        from xflwb.flower_legacy import ReconnectIns
 
         deadline = self.clock() + self.round_timeout
         for arrival, _ in self._held.values():  # said, not silently dropped
@@ -392,8 +392,8 @@ class AsyncLoop:
         """The model ``version`` in the client's layout and encoding (once per version,
         platform and encoding)."""
         from xflwb.bridge import params
-        from xflwb.server.flower_legacy import Parameters
-        from xflwb.server.strategy import TENSOR_TYPES
+        from xflwb.federation.gate import TENSOR_TYPES
+        from xflwb.flower_legacy import Parameters
 
         codec = self.strategy.codec_of.get(client.cid, getattr(client, "codec", "raw"))
         key = (version, platform, codec)
@@ -407,8 +407,8 @@ class AsyncLoop:
         return self._cache[key]
 
     def _dispatch(self, fits: bool = True) -> None:
-        from xflwb.server.flower_legacy import EvaluateIns, FitIns
-        from xflwb.server.strategy import _Tracked
+        from xflwb.flower_legacy import EvaluateIns, FitIns
+        from xflwb.sessions.flower_strategy import Tracked as _Tracked
 
         idle = self._idle()
         fitting = sum(1 for j in self._jobs.values() if j.kind == "fit")
@@ -471,7 +471,8 @@ class AsyncLoop:
             self._arrived(job, res)
 
     def _failed(self, job: _Job, exc: BaseException) -> None:
-        from xflwb.server.strategy import AllClientsFailed, failure_reason, summarize
+        from xflwb.federation.report import AllClientsFailed, summarize
+        from xflwb.sessions.flower_strategy import failure_reason
 
         self._failures.append(exc)
         platform, cid, why, is_error = failure_reason(exc)
@@ -586,7 +587,8 @@ class AsyncLoop:
                 log.error("arrival not recorded (%s: %s)", type(exc).__name__, exc)
 
     def _make_version(self) -> None:
-        from xflwb.server.strategy import RoundReport, failure_reason, summarize
+        from xflwb.federation.report import RoundReport, summarize
+        from xflwb.sessions.flower_strategy import failure_reason
 
         t0 = time.perf_counter()
         state = self.state

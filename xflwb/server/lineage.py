@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from xflwb.server.privacy import Ledger, PrivacyEvent
+from xflwb.federation.dp import Ledger, PrivacyEvent
 from xflwb.server.registry import NotFound, Registry
 
 
