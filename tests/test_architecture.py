@@ -322,5 +322,5 @@ def test_a_transport_import_in_the_core_is_caught(tmp_path: Path,
     probe.parent.mkdir(parents=True)
     probe.write_text(source)
     monkeypatch.setitem(MODULES, "xflwb.federation.probe", probe)
-    with pytest.raises(AssertionError, match="xflwb.federation.probe:"):
+    with pytest.raises(AssertionError, match=r"xflwb\.federation\.probe:"):
         test_the_federation_core_imports_no_host_and_no_transport()
