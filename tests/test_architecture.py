@@ -56,8 +56,8 @@ SIBLINGS: dict[tuple[str, str], str] = {
     ("bridge", "style"): "the export report's tables look like the dashboard's",
     ("_options", "_argparse"): "an unknown keyword gets the parsers' \"did you mean\"",
     ("simulation", "devices"): "simulated clients train on the devices' datasets/partitions",
-    ("simulation", "server"): "the simulation is a server (strategy, registry, sessions) "
-                              "whose clients are simulated",
+    ("simulation", "server"): "the simulation is a server (registry, sessions) whose clients "
+                              "are simulated; its strategy is xflwb.sessions.flower_strategy",
     ("__main__", "cli"): "``python -m xflwb`` is the command line",
     ("cli", ""): "the command line calls the public API (xflwb.export, ...)",
     ("cli", "demo"): "``xflwb demo`` runs the demo",

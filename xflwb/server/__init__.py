@@ -1,1 +1,1 @@
-"""The bundled backend: registry, HTTP API, sessions, cross-platform strategy."""
+"""The bundled backend: registry, HTTP API, sessions, the phones' gRPC transport."""
