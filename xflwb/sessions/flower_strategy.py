@@ -49,11 +49,11 @@ from xflwb.flower_legacy import (
     Strategy,
     ndarrays_to_parameters,
 )
-from xflwb.sessions.violations import drain_violations
+from xflwb.sessions.violations import drain_violations as drain_reported
 
 __all__ = ["MAX_REASONS", "TENSOR_TYPES", "AllClientsFailed", "ClientFailure",
            "ClientRefused", "CrossPlatformStrategy", "RoundReport", "Tracked",
-           "failure_reason", "server_optimizer", "summarize"]
+           "failure_reason", "summarize"]
 
 log = logging.getLogger("xflwb.strategy")
 
@@ -184,17 +184,6 @@ class _FlowerEval:
     @property
     def metrics(self) -> Any:
         return self._res.metrics
-
-
-def server_optimizer(name: str, initial: list[np.ndarray], **options: Any) -> Strategy:
-    """Flower's strategy named ``name``, used only for its server-side update rule."""
-    from xflwb.federation.policies import POLICIES
-    from xflwb.federation.policies.base import flower_rule
-
-    key = name.lower()
-    if key not in POLICIES:
-        raise ValueError(f"unknown strategy {name!r}; use one of {sorted(POLICIES)}")
-    return flower_rule(key, initial, options)
 
 
 def _core_attr(name: str, doc: str) -> property:
@@ -336,7 +325,7 @@ class CrossPlatformStrategy(Strategy):
         """Protocol violations reported since the last round (duplicated or out-of-order
         messages, dropped by ``StrictFlowerServicer``) become rejections of this round."""
         if self._manager is not None:
-            Round.record_violations(report, per, drain_violations(self._manager))
+            Round.record_violations(report, per, drain_reported(self._manager))
 
     # -- compatibility spellings (FedBuff's loop; the lead re-points it after merging) -------
     @property
@@ -413,7 +402,7 @@ class CrossPlatformStrategy(Strategy):
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
-        violations = (drain_violations(self._manager) if self._manager is not None else [])
+        violations = drain_reported(self._manager) if self._manager is not None else []
         described = [Failure(*failure_reason(f)) for f in failures]
         self.core.aggregate_fit(server_round, [_FlowerFit(c, r) for c, r in results],
                                 described, violations)
