@@ -172,7 +172,7 @@ def stock_server(port: int, n: int, rounds: int, round_timeout: float,
         from flwr.server import ServerConfig, start_server
     logging.getLogger("flwr").setLevel(logging.ERROR)  # a page of INFO per round otherwise
 
-    from xflwb.server.flower_legacy import FedAvg, ndarrays_to_parameters
+    from xflwb.flower_legacy import FedAvg, ndarrays_to_parameters
 
     stamps: list[tuple[int, float, int, int]] = []
 

@@ -44,9 +44,9 @@ from flwr.proto import transport_pb2 as pb
 
 from xflwb.bridge import params
 from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO
+from xflwb.flower_legacy import ClientProxy
 from xflwb.server.fedbuff import AsyncLoop, FedBuff, _Job
-from xflwb.server.flower_legacy import ClientProxy
-from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 
 SHAPES = [(256, 64), (64,)]  # a 16k-parameter dense layer: big enough for directions
 MANIFEST: dict[str, Any] = {

@@ -98,8 +98,8 @@ def in_process(updates: int, seed: int) -> dict[str, Any]:
     from flwr.proto import transport_pb2 as pb
 
     from xflwb.bridge import params
-    from xflwb.server.flower_legacy import ClientProxy
-    from xflwb.server.strategy import CrossPlatformStrategy
+    from xflwb.flower_legacy import ClientProxy
+    from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 
     shapes = [(3, 3), (3,), (2, 7), (7,)]
     manifest = {"name": "m", "version": 1, "parameters": [

@@ -23,9 +23,9 @@ _BLOCK = re.compile(r"(<!-- options:(\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
 def sets() -> dict[str, type]:
     from xflwb.devices.device import DeviceOptions
     from xflwb.devices.fleet import FleetOptions
+    from xflwb.federation.dp import DP
     from xflwb.federation.fedbuff import FedBuff
     from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
-    from xflwb.server.privacy import DP
     from xflwb.simulation.config import SimulationConfig
     from xflwb.simulation.secagg import SecAgg
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.support import wait_until
 from xflwb.bridge import params
-from xflwb.server.flower_legacy import ClientProxy, Code, FitRes, Parameters, Status
+from xflwb.flower_legacy import ClientProxy, Code, FitRes, Parameters, Status
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -93,19 +93,18 @@ FORBIDDEN_EXCEPT: dict[tuple[str, str], tuple[str, ...]] = {
                               "xflwb.sessions.migrations"),
 }
 
+#: what the federation core may take from ``xflwb.flower_legacy``: Flower's strategy classes
+#: (their constructors check options; a server optimiser's update rule is their
+#: ``aggregate_fit``, called through ``server_update`` so that no ``FitRes`` is built in the
+#: core) and its aggregate functions. Never the transport (client proxies and managers, the
+#: legacy ``Server``, gRPC, messages).
+FEDERATION_FLOWER_NAMES = frozenset({
+    "SERVER_STRATEGIES", "ROBUST_RULES", "server_update", "ndarrays_to_parameters",
+    "parameters_to_ndarrays", "aggregate_median", "aggregate_trimmed_avg", "aggregate_krum",
+    "flower_aggregate", "dp_api"})
 #: Known arrows against the direction, not fixed yet. Each must still exist (a stale entry
-#: fails, so the list only shrinks). issue 13: to remove, every one.
-_FEDERATION = ("issue 22: to remove at merge; federation branch moves it "
-               "(server/strategy.py → sessions/flower_strategy.py, privacy core → federation)")
-ALLOWED_DEBT: dict[tuple[str, str], str] = {
-    ("xflwb.sessions.handle", "xflwb.server.strategy"): _FEDERATION,
-    ("xflwb.sessions.manager", "xflwb.server.strategy"): _FEDERATION,
-    ("xflwb.sessions.process", "xflwb.server.strategy"): _FEDERATION,
-    ("xflwb.sessions.lineage", "xflwb.server.privacy"): _FEDERATION,
-    ("xflwb.sessions.options", "xflwb.server.privacy"): _FEDERATION,
-    ("xflwb.simulation.server", "xflwb.server.privacy"): _FEDERATION,
-    ("xflwb.simulation.server", "xflwb.server.strategy"): _FEDERATION,
-}
+#: fails, so the list only shrinks). Empty: keep it so.
+ALLOWED_DEBT: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:
@@ -301,7 +300,7 @@ def test_allowed_debt_says_why_and_when() -> None:
 @pytest.mark.parametrize("source, expected", [
     ("from xflwb.widgets.report import x\n", "points up, from base to front-ends"),
     ("def f():\n    import xflwb.cli\n", "points up, from base to front-ends"),
-    ("from xflwb.server import flower_legacy\n", "points up, from base to engines"),
+    ("from xflwb.server import grpc_server\n", "points up, from base to engines"),
     ("X = 'xflwb.simulation.server'\n", "points up, from base to engines"),
     ("import sqlalchemy\n", "only the registry runs SQL"),
     ("from xflwb._quiet import _private\n", "a private name of another room"),
@@ -319,3 +318,63 @@ def test_an_upward_arrow_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     errors, _ = _violations()
     mine = [e for e in errors if "xflwb.bridge.probe" in e]
     assert len(mine) == 1 and expected in mine[0] and ":" in mine[0], errors
+
+
+def _federation_imports() -> list[tuple[str, int, str, list[str]]]:
+    """(module, line, imported module, names) for every import in ``xflwb.federation``."""
+    out = []
+    for module, path in MODULES.items():
+        if _room(module) != "federation":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                out += [(module, node.lineno, a.name, []) for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                out.append((module, node.lineno, node.module or "",
+                            [a.name for a in node.names]))
+    return out
+
+
+def test_the_federation_core_imports_no_host_and_no_transport() -> None:
+    """``xflwb.federation`` is what a round means, transport-free (issue 22): it imports
+    neither the hosts (server, simulation, sessions) nor gRPC nor Flower's transport.
+    Flower's update rules and aggregate functions are reached through
+    ``xflwb.flower_legacy`` only (never ``flwr`` directly), by the names in
+    ``FEDERATION_FLOWER_NAMES`` (an import of the whole module would let anything
+    through)."""
+    hosts = ("xflwb.server", "xflwb.simulation", "xflwb.sessions")
+    errors = []
+    for module, line, target, names in _federation_imports():
+        where = f"{module}:{line}: {target}"
+        if any(target == h or target.startswith(h + ".") for h in hosts):
+            errors.append(f"{where}: a host; the core is hosted, it does not host")
+        elif target.split(".")[0] in ("grpc", "ray"):
+            errors.append(f"{where}: a transport")
+        elif target.split(".")[0] == "flwr":
+            errors.append(f"{where}: Flower directly; go through xflwb.flower_legacy")
+        elif target == "xflwb.flower_legacy" and not names:
+            errors.append(f"{where}: the whole adapter; import the names it needs")
+        elif target == "xflwb.flower_legacy" and set(names) - FEDERATION_FLOWER_NAMES:
+            errors.append(f"{where}: {sorted(set(names) - FEDERATION_FLOWER_NAMES)} are "
+                          "Flower's transport, not its strategy rules")
+    assert not errors, "\n".join(errors)
+    assert any(t == "xflwb.flower_legacy" for _, _, t, _ in _federation_imports()), \
+        "the check sees the core's imports of xflwb.flower_legacy"
+
+
+@pytest.mark.parametrize("source", [
+    "from xflwb.flower_legacy import ClientProxy\n",
+    "import xflwb.flower_legacy\n",
+    "def f():\n    from flwr.server.client_manager import ClientManager\n",
+    "import grpc\n",
+    "from xflwb.sessions.flower_strategy import CrossPlatformStrategy\n",
+])
+def test_a_transport_import_in_the_core_is_caught(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  source: str) -> None:
+    probe = tmp_path / "xflwb" / "federation" / "probe.py"
+    probe.parent.mkdir(parents=True)
+    probe.write_text(source)
+    monkeypatch.setitem(MODULES, "xflwb.federation.probe", probe)
+    with pytest.raises(AssertionError, match=r"xflwb\.federation\.probe:"):
+        test_the_federation_core_imports_no_host_and_no_transport()

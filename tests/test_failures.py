@@ -24,8 +24,8 @@ from tests.conftest import toy_canonical as _canon
 from tests.conftest import toy_fit_res as _res
 from tests.support import wait_until
 from xflwb.devices.fleet import Fleet
-from xflwb.server.flower_legacy import Code, FitRes, Parameters, Status
-from xflwb.server.strategy import (
+from xflwb.flower_legacy import Code, FitRes, Parameters, Status
+from xflwb.sessions.flower_strategy import (
     AllClientsFailed,
     ClientFailure,
     CrossPlatformStrategy,

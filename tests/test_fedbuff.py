@@ -31,8 +31,8 @@ from xflwb.server.fedbuff import (
     fedbuff_options,
     staleness_rule,
 )
-from xflwb.server.strategy import CrossPlatformStrategy
 from xflwb.sessions.checkpoints import load_checkpoint
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 from xflwb.simulation.config import SimulationConfig
 
 
@@ -178,7 +178,7 @@ def test_any_bytes_a_phone_sends_cost_at_most_its_own_update(tensors, n, platfor
                                                              base_version):
     """Whatever a FitRes carries, the buffer either takes it or refuses it with a
     ValueError, and a refusal leaves the buffer and every version as they were."""
-    from xflwb.server.flower_legacy import Code, FitRes, Parameters, Status
+    from xflwb.flower_legacy import Code, FitRes, Parameters, Status
 
     v0 = _canon(0)
     strategy = _strategy(v0)
@@ -465,8 +465,8 @@ def test_updates_landing_in_one_poll_never_make_more_than_max_versions():
     from concurrent.futures import wait
 
     from tests.conftest import Phone
+    from xflwb.flower_legacy import SimpleClientManager
     from xflwb.server.fedbuff import AsyncLoop
-    from xflwb.server.flower_legacy import SimpleClientManager
 
     start = _canon(0)
     strategy = CrossPlatformStrategy(MANIFEST, start, min_clients=1, fraction_evaluate=0.0,

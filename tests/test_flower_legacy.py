@@ -17,9 +17,11 @@ import numpy as np
 from tests.conftest import SERVED_TOY_MANIFEST, toy_canonical
 from tests.support import wait_until
 from tests.wirephone import WirePhone
+from xflwb import flower_legacy as fl
 from xflwb.bridge import params
-from xflwb.server import flower_legacy as fl
-from xflwb.server.strategy import CrossPlatformStrategy, PlatformClientManager
+from xflwb.server.clients import PlatformClientManager
+from xflwb.server.grpc_server import start_grpc_server
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 
 
 def _port() -> int:
@@ -63,7 +65,7 @@ def test_grpc_server_registers_clients_per_platform_port():
     (no probe: ``probe_timeout=None`` registers on join)."""
     shared = fl.SimpleClientManager()
     ports = {"android": _port(), "ios": _port()}
-    servers = [fl.start_grpc_server(client_manager=PlatformClientManager(shared, p),
+    servers = [start_grpc_server(client_manager=PlatformClientManager(shared, p),
                                     server_address=f"127.0.0.1:{port}")
                for p, port in ports.items()]
     outbox: queue.Queue = queue.Queue()
@@ -122,7 +124,7 @@ def test_legacy_server_loop_runs_a_round_off_the_main_thread_over_the_wire():
     start = toy_canonical(0)
     shared = fl.SimpleClientManager()
     ports = {"android": _port(), "ios": _port()}
-    servers = [fl.start_grpc_server(
+    servers = [start_grpc_server(
         client_manager=PlatformClientManager(shared, p, probe_timeout=10),
         server_address=f"127.0.0.1:{port}") for p, port in ports.items()]
     fits = []

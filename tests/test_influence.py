@@ -27,7 +27,7 @@ from xflwb.bridge import params
 from xflwb.federation.influence import PeerWindow, lower_median, weight_cap
 from xflwb.server.config import SessionConfig
 from xflwb.server.fedbuff import Arrival, AsyncLoop, FedBuff, _Job
-from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 from xflwb.simulation.config import SimulationConfig
 
 START = canon(0)

@@ -16,7 +16,7 @@ def test_ios_runtime_and_session_code_do_not_import_tensorflow(tmp_path):
         "import sys, numpy as np\n"
         "from xflwb.bridge import runtime\n"
         "import xflwb.sessions.manager, xflwb.server.session_process\n"
-        "import xflwb.server.strategy, xflwb.devices.device\n"
+        "import xflwb.sessions.flower_strategy, xflwb.devices.device\n"
         f"rt = runtime.load({str(res.paths['manifest'])!r}, 'ios')\n"
         "rt.fit(np.ones((5, 4), np.float32), np.arange(5) % 3, epochs=1)\n"
         "heavy = [m for m in ('tensorflow', 'coremltools', 'keras') if m in sys.modules]\n"

@@ -22,8 +22,8 @@ from tests.conftest import toy_fit_res as _res
 from xflwb import _options
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge import params
-from xflwb.server.config import SessionConfig
-from xflwb.server.flower_legacy import (
+from xflwb.federation.dp import DP, CentralDP, PrivacyBudgetSpent
+from xflwb.flower_legacy import (
     Code,
     FitRes,
     Parameters,
@@ -31,8 +31,8 @@ from xflwb.server.flower_legacy import (
     Status,
     parameters_to_ndarrays,
 )
-from xflwb.server.privacy import DP, CentralDP, PrivacyBudgetSpent
-from xflwb.server.strategy import ClientFailure, CrossPlatformStrategy
+from xflwb.server.config import SessionConfig
+from xflwb.sessions.flower_strategy import ClientFailure, CrossPlatformStrategy
 
 L = keras.layers
 
@@ -166,8 +166,8 @@ def test_simulated_and_virtual_clients_clip_locally_and_report_the_bit(bn_export
 
     from xflwb.bridge import runtime
     from xflwb.devices.device import Device
+    from xflwb.flower_legacy import FitIns
     from xflwb.flower_legacy import transport_pb2 as pb
-    from xflwb.server.flower_legacy import FitIns
     from xflwb.simulation import client
 
     m = bn_export.manifest

@@ -182,7 +182,7 @@ def test_the_walk_needs_no_checkpoint_rows_and_counts_unrecorded_rounds_as_infin
     of an older xflwb (no ``lineages`` row, rounds but no events) makes ε unknown: ∞."""
     import sqlalchemy as sa
 
-    from xflwb.server.privacy import Ledger
+    from xflwb.federation.dp import Ledger
     from xflwb.sessions import lineage
     from xflwb.sessions.registry import Registry, checkpoints
 

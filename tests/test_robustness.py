@@ -30,8 +30,8 @@ from tests.conftest import SERVED_TOY_MANIFEST as MANIFEST
 from tests.wirephone import WirePhone
 from xflwb.bridge import params
 from xflwb.federation.aggregate import aggregate_masked, aggregate_robust
-from xflwb.server.flower_legacy import ClientProxy
-from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.flower_legacy import ClientProxy
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 from xflwb.sessions.status import DONE
 
 SHAPES = [tuple(p["shape"]) for p in MANIFEST["parameters"]]
@@ -191,7 +191,7 @@ def test_any_exception_in_one_update_is_its_rejection():
 
 
 def test_evaluate_res_with_bad_numbers_costs_only_its_report():
-    from xflwb.server.flower_legacy import Code, EvaluateRes, Status
+    from xflwb.flower_legacy import Code, EvaluateRes, Status
 
     reports: list = []
     s = CrossPlatformStrategy(MANIFEST, canon(0), on_evaluate_round=reports.append)

@@ -23,8 +23,8 @@ import xflwb
 from tests.conftest import digits_cnn
 from tests.wirephone import WirePhone
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.flower_legacy import transport_pb2_grpc as pbg
 from xflwb.magics import status_html
-from xflwb.server.flower_legacy import transport_pb2_grpc as pbg
 from xflwb.server.security import (
     TLSConfig,
     TokenStore,

@@ -120,7 +120,7 @@ def _spec(export, android=1, ios=1, partition="iid"):
 def test_sim_client_trains_the_real_artifacts_in_platform_layout(export):
     from flwr.app import RecordDict
 
-    from xflwb.server.flower_legacy import EvaluateIns, FitIns, Parameters
+    from xflwb.flower_legacy import EvaluateIns, FitIns, Parameters
     from xflwb.simulation import client
 
     spec = _spec(export)

@@ -11,7 +11,7 @@ from tests.conftest import Phone
 from tests.conftest import toy_canonical as _canon
 from tests.conftest import toy_fit_res as _res
 from xflwb.bridge import params
-from xflwb.server.flower_legacy import (
+from xflwb.flower_legacy import (
     Code,
     FedAdam,
     FitRes,
@@ -20,7 +20,7 @@ from xflwb.server.flower_legacy import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from xflwb.server.strategy import CrossPlatformStrategy
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy
 
 
 def test_frozen_ios_copy_does_not_dilute_and_codecs_are_remembered():
@@ -143,3 +143,27 @@ def test_any_reported_frozen_digest_costs_only_that_update(value):
         assert rejected == ["x"] and "frozen weights" in reports[0].rejections[0][2]
         for got, want in zip(s.global_, good, strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_adapter_exposes_the_core_by_public_names_and_the_old_ones_still_work():
+    """FedBuff's loop and the hosts use these until they are re-pointed at the core."""
+    from xflwb.federation.rounds import ClientRefused
+
+    s = CrossPlatformStrategy(MANIFEST, _canon(0), min_clients=1)
+    assert s.gate is s.core.gate and s.bounds is s.core.bounds and s._masks is s.masks
+    s.global_ = _canon(1)  # FedBuff assigns each version
+    assert s.core.global_ is s.global_
+    s.refuse = lambda cid: "device token 3 was revoked" if cid == "x" else None
+    with pytest.raises(ClientRefused, match="revoked"):
+        s.refused("x")
+    s._refused("y")
+    states: list = []
+    s.on_progress = states.append
+    s.progress(phase="fedbuff", round=1)
+    s._progress(phase="fedbuff", round=1)  # unchanged: not reported twice
+    assert states == [{"phase": "fedbuff", "round": 1}]
+    canonical, n, capped, codec = s._accept("android", _res(_canon(2), 5), base=_canon(0))
+    assert (n, capped, codec) == (5, False, "raw") and s.accept("ios", _res(
+        params.to_platform(_canon(2), MANIFEST, "ios"), 7))[1] == 7
+    assert s._bounded("android", "a", canonical, 50, cap=20) == (20, True)
+    assert s.max_norm_ratio == 10.0 and s.inner.__class__.__name__ == "FedAvg"

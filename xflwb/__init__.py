@@ -46,9 +46,9 @@ from xflwb.errors import (
     XflwbError,
 )
 from xflwb.exporting import export
+from xflwb.federation.dp import DP
 from xflwb.federation.fedbuff import FedBuff
 from xflwb.server.config import SessionConfig
-from xflwb.server.privacy import DP
 from xflwb.server.security import make_dev_ca
 from xflwb.sessions.handle import Session
 from xflwb.simulation import simulate

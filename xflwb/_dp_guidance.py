@@ -2,7 +2,7 @@
 and ``xflwb.report`` show it).
 
 The rule. Each round the server averages n clipped updates (each of L2 norm ≤ C) and adds
-Gaussian noise of std z·C/n per coordinate (``xflwb.server.privacy``). Over d parameters
+Gaussian noise of std z·C/n per coordinate (``xflwb.federation.dp``). Over d parameters
 the mean of the clipped updates has norm at most C, so its typical per-coordinate size is
 at most C/√d — reached only when every client's update is clipped to C and all point the
 same way. The noise's per-coordinate std is z·C/n. So

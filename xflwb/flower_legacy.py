@@ -2,8 +2,10 @@
 
 It sits at the bottom of the package (it imports nothing of xflwb) because both sides of
 the wire use it: the server (``xflwb.server``), the virtual phones (``xflwb.devices``) and
-the simulation (``xflwb.simulation``). ``xflwb.server.flower_legacy`` re-exports it and adds
-the server-only ``start_grpc_server`` (which needs ``xflwb.server.protocol``).
+the simulation (``xflwb.simulation``), and the federation core (``xflwb.federation``), which
+reaches Flower's strategy update rules and aggregate functions through it, never Flower's
+transport. The server adds ``start_grpc_server`` (``xflwb.server.grpc_server``: it needs the
+server's strict protocol).
 
 Phones (FedKit, Flower's mobile SDKs) speak the legacy bidirectional gRPC transport
 (``FlowerService.Join``); flwr 1.41 still ships it under ``flwr.server.superlink.fleet.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from types import SimpleNamespace
+from typing import Any
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -132,17 +135,77 @@ SERVER_STRATEGIES = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam,
 ROBUST_RULES = {"fedmedian": aggregate_median, "fedtrimmedavg": aggregate_trimmed_avg,
                 "krum": aggregate_krum}
 
+
+
+def dp_api() -> Any:
+    """Flower's DP helpers (``compute_stdv``, ``compute_adaptive_noise_params``): in
+    ``flwr.supercore`` since 1.2x, ``flwr.common`` before. The noise arithmetic of
+    ``xflwb.federation.dp``, imported on demand."""
+    try:
+        from flwr.supercore import differential_privacy
+    except ImportError:  # pragma: no cover - older Flower
+        from flwr.common import differential_privacy  # type: ignore[no-redef]
+    return differential_privacy
+
+
+def server_update(strategy: Strategy, server_round: int, average: list[Any],
+                  num_examples: int) -> list[Any]:
+    """``strategy``'s server-side update rule (FedAvgM, FedAdam, ...) applied to ``average``,
+    handed to it as the round's single result of ``num_examples`` examples: the
+    pseudo-gradient is the canonical masked mean's, exactly as Flower defines it. Here, so
+    that the federation core builds no ``FitRes`` of its own."""
+    fake = FitRes(status=Status(code=Code.OK, message=""),
+                  parameters=ndarrays_to_parameters(average), num_examples=int(num_examples),
+                  metrics={})
+    out, _ = strategy.aggregate_fit(server_round, [(None, fake)], [])  # type: ignore[list-item]
+    return parameters_to_ndarrays(out)
+
+
 __all__ = [
-    "GRPC_MAX_MESSAGE_LENGTH", "ROBUST_RULES", "SERVER_STRATEGIES", "ClientManager",
-    "ClientProxy", "Code", "EvaluateIns", "EvaluateRes", "FedAdagrad", "FedAdam", "FedAvg",
-    "FedAvgM", "FedMedian", "FedTrimmedAvg", "FedYogi", "FitIns", "FitRes",
-    "FlowerServiceServicer", "GetParametersIns", "GrpcBridge", "GrpcBridgeClosed",
+    "GRPC_MAX_MESSAGE_LENGTH",
+    "ROBUST_RULES",
+    "SERVER_STRATEGIES",
+    "ClientManager",
+    "ClientProxy",
+    "Code",
+    "EvaluateIns",
+    "EvaluateRes",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "FitIns",
+    "FitRes",
+    "FlowerServiceServicer",
+    "GetParametersIns",
+    "GrpcBridge",
+    "GrpcBridgeClosed",
     "GrpcClientProxy",
-    "InsWrapper", "Krum", "Parameters", "ReconnectIns", "ResWrapper", "Server",
+    "InsWrapper",
+    "Krum",
+    "Parameters",
+    "ReconnectIns",
+    "ResWrapper",
+    "Server",
     "SimpleClientManager",
-    "Status", "Strategy", "add_FlowerServiceServicer_to_server", "aggregate_krum",
-    "aggregate_median", "aggregate_trimmed_avg", "flower_aggregate",
-    "generic_create_grpc_server", "ndarrays_to_parameters", "parameters_to_ndarrays",
-    "register_client_proxy", "secagg_api", "simulation_api", "transport_pb2",
+    "Status",
+    "Strategy",
+    "add_FlowerServiceServicer_to_server",
+    "aggregate_krum",
+    "aggregate_median",
+    "aggregate_trimmed_avg",
+    "dp_api",
+    "flower_aggregate",
+    "generic_create_grpc_server",
+    "ndarrays_to_parameters",
+    "parameters_to_ndarrays",
+    "register_client_proxy",
+    "secagg_api",
+    "server_update",
+    "simulation_api",
+    "transport_pb2",
     "transport_pb2_grpc",
 ]

@@ -9,6 +9,11 @@ no sockets, no sleeps). See ``docs/architecture.md`` for the path of one update.
 
 from __future__ import annotations
 
+from xflwb.federation.bounds import Bounds
+from xflwb.federation.gate import UpdateGate
+from xflwb.federation.report import AllClientsFailed, RoundReport, summarize
+from xflwb.federation.rounds import ClientRefused, ClientSource, Round
 from xflwb.federation.update import Update
 
-__all__ = ["Update"]
+__all__ = ["AllClientsFailed", "Bounds", "ClientRefused", "ClientSource", "Round",
+           "RoundReport", "Update", "UpdateGate", "summarize"]

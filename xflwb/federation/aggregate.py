@@ -1,7 +1,7 @@
 """Masked, example-weighted FedAvg, streamed: the aggregation rule (DESIGN §4.5, §5).
 
 It sees canonical arrays only; decoding, platform mapping and per-platform masks belong to
-the cross-platform layer that wraps it (``xflwb.server.strategy``).
+the gate and the round around it (``xflwb.federation.gate``, ``xflwb.federation.rounds``).
 
 Why it is shaped this way:
 

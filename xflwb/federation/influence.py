@@ -31,6 +31,8 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from xflwb.errors import UpdateRejected
+
 __all__ = ["DEFAULT_MAX_NORM_RATIO", "DEFAULT_MAX_WEIGHT_RATIO", "WARM", "WINDOW",
            "PeerWindow", "UpdateTooLarge", "lower_median", "weight_cap"]
 
@@ -49,7 +51,7 @@ WINDOW = 256
 WARM = 3
 
 
-class UpdateTooLarge(ValueError):
+class UpdateTooLarge(UpdateRejected):
     """An update farther from its base model than its peers allow (a rejection)."""
 
 

@@ -44,7 +44,9 @@ from xflwb.federation.fedbuff import (
     fedbuff_options,
     staleness_rule,
 )
+from xflwb.federation.gate import TENSOR_TYPES
 from xflwb.federation.influence import PeerWindow
+from xflwb.federation.report import AllClientsFailed, RoundReport, summarize
 from xflwb.federation.update import Update
 from xflwb.federation.versions import (
     AllFitsFailed,
@@ -63,16 +65,8 @@ from xflwb.flower_legacy import (
     ReconnectIns,
 )
 
-# the strategy and its module: used by ``_StrategyPort`` only
-from xflwb.server.strategy import (
-    TENSOR_TYPES,
-    AllClientsFailed,
-    CrossPlatformStrategy,
-    RoundReport,
-    _Tracked,
-    failure_reason,
-    summarize,
-)
+# the session's strategy and its module: used by ``_StrategyPort`` only
+from xflwb.sessions.flower_strategy import CrossPlatformStrategy, Tracked, failure_reason
 
 # FedBuff's rules are spelled here too (``xflwb.server.fedbuff.FedBuff``, ...)
 __all__ = ["Arrival", "AsyncLoop", "FedBuff", "StaleUpdate", "VersionBuffer",
@@ -105,7 +99,7 @@ class _StrategyPort:
     @property
     def masks(self) -> dict[str, list[bool]]:
         """Per platform served: the canonical tensors it trains."""
-        return self.strategy._masks
+        return self.strategy.masks
 
     @property
     def min_clients(self) -> int:
@@ -123,36 +117,38 @@ class _StrategyPort:
     def screen(self, client: str) -> None:
         """``ClientRefused`` when the client's results may no longer count (a revoked
         device token)."""
-        self.strategy._refused(client)
+        self.strategy.refused(client)
 
     def accept(self, platform: str, client: str, result: Any,
                base: list[np.ndarray]) -> Update:
         """Decode, map and check one FitRes against ``base`` (the synchronous round's
         rules); the client's next model goes back in the encoding it used."""
-        canonical, n, capped, codec = self.strategy._accept(platform, result, base)
-        self.strategy.codec_of[client] = codec
-        return Update(platform, client, canonical, self.masks[platform], n, capped,
-                      codec=codec)
+        update = self.strategy.core.gate.accept(
+            platform, client, result.parameters.tensors, result.num_examples,
+            result.metrics, base)
+        self.strategy.codec_of[client] = update.codec
+        return update
 
     @property
     def max_weight_ratio(self) -> float | None:
-        return self.strategy.max_weight_ratio
+        return self.strategy.core.bounds.max_weight_ratio
 
     @property
     def judges_norms(self) -> bool:
-        return self.strategy.max_norm_ratio is not None
+        return self.strategy.core.bounds.max_norm_ratio is not None
 
     def observe_norm(self, platform: str, client: str, norm: float) -> None:
-        self.strategy.norms[platform].observe(client, norm)
+        self.strategy.core.bounds.norms[platform].observe(client, norm)
 
     def bound(self, platform: str, client: str, tensors: list[np.ndarray], examples: int,
               base: list[np.ndarray], cap: int | None, scale: float) -> tuple[int, bool]:
-        return self.strategy._bounded(platform, client, tensors, examples, base, cap, scale)
+        return self.strategy.core.bounds.bound(platform, client, tensors, examples, base, cap,
+                                               scale)
 
     # -- the wire --------------------------------------------------------------------------
     def attach(self, client_manager: ClientManager) -> None:
         """The session's client manager (protocol violations are drained from it)."""
-        self.strategy._manager = client_manager
+        self.strategy.attach(client_manager)
 
     def codec(self, client: ClientProxy) -> str:
         """The tensor encoding ``client`` reads (the one it last sent, else the probe's)."""
@@ -163,9 +159,9 @@ class _StrategyPort:
         return TENSOR_TYPES[codec]
 
     @staticmethod
-    def track(client: ClientProxy, platform: str) -> _Tracked:
+    def track(client: ClientProxy, platform: str) -> Tracked:
         """``client`` measuring its fit's seconds and bytes (its failure names it)."""
-        return _Tracked(client, platform)
+        return Tracked(client, platform)
 
     @staticmethod
     def describe(failure: BaseException) -> Failure:
@@ -182,7 +178,7 @@ class _StrategyPort:
 
     # -- reports ---------------------------------------------------------------------------
     def progress(self, **state: Any) -> None:
-        self.strategy._progress(**state)
+        self.strategy.progress(**state)
 
     def record_version(self, made: VersionMade) -> None:
         """A version as a round's report (rejections, failures, per-platform metrics and
@@ -194,7 +190,7 @@ class _StrategyPort:
         report.metrics += made.metrics
         report.failures = [(f.platform, f.client, f.reason) for f in made.failures]
         violations: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.strategy._violations(report, violations)  # duplicated / out-of-order messages
+        self.strategy.drain_violations(report, violations)  # duplicated / out-of-order messages
         report.metrics += [(p, "protocol_violations", v["protocol_violations"])
                            for p, v in violations.items()]
         report.metrics += made.totals
@@ -207,7 +203,7 @@ class _StrategyPort:
 
 @dataclass
 class _Job:
-    """A job in flight: the driver's ``Job`` with the proxy it runs on (a ``_Tracked``
+    """A job in flight: the driver's ``Job`` with the proxy it runs on (a ``Tracked``
     for fits)."""
 
     kind: str  # "fit" | "evaluate"

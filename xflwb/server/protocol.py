@@ -20,20 +20,19 @@ import logging
 import queue
 import threading
 import uuid
-import weakref
-from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 
-from xflwb.server.flower_legacy import (
+from xflwb.flower_legacy import (
     ClientManager,
     FlowerServiceServicer,
     GrpcBridge,
     GrpcClientProxy,
     ResWrapper,
 )
+from xflwb.sessions.violations import Violation, drain_violations, violation_log
 
 log = logging.getLogger("xflwb.protocol")
 
@@ -49,35 +48,8 @@ _NAMES = {"get_properties_res": "GetPropertiesRes", "get_parameters_res": "GetPa
 MAX_VIOLATIONS = 16
 _END = object()
 
-Violation = tuple[str, str, str]  # platform, client id, reason
-
-
-# -- where violations go: one log per shared client manager (one per session) ------------------
-_LOGS: weakref.WeakKeyDictionary[Any, deque[Violation]] = weakref.WeakKeyDictionary()
-_LOGS_LOCK = threading.Lock()
-
-
-def violation_log(manager: Any) -> deque[Violation]:
-    """The violations reported for clients of ``manager`` (the session's shared client
-    manager), oldest first; the strategy drains it into each round's rejections."""
-    with _LOGS_LOCK:
-        try:
-            found = _LOGS.get(manager)
-            if found is None:
-                found = _LOGS[manager] = deque(maxlen=10_000)
-        except TypeError:  # a manager that cannot be weakly referenced has no stream anyway
-            return deque()
-        return found
-
-
-def drain_violations(manager: Any) -> list[Violation]:
-    out = []
-    dq = violation_log(manager)
-    while True:
-        try:
-            out.append(dq.popleft())
-        except IndexError:
-            return out
+# where violations go: one log per shared client manager (one per session), drained by the
+# round adapter (``xflwb.sessions.violations``)
 
 
 class ClientProtocol:

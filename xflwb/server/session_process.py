@@ -36,8 +36,8 @@ def _start_grpc(cm: Any, platform: str, host: str, port: int | None,
                 certificates: tuple[bytes, bytes, bytes] | None = None,
                 interceptors: list[Any] | None = None,
                 streams: Any = None) -> tuple[Any, int]:
-    from xflwb.server.flower_legacy import start_grpc_server
-    from xflwb.server.strategy import PlatformClientManager
+    from xflwb.server.clients import PlatformClientManager
+    from xflwb.server.grpc_server import start_grpc_server
 
     last: Exception | None = None
     for _ in range(1 if port else 8):
@@ -86,9 +86,9 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
     proc.on_stop(lambda: _stop_servers(servers, grace=0))
     proc.on_exit(lambda: _stop_servers(servers, grace=1))
     with proc:
-        from xflwb.server.flower_legacy import Server, SimpleClientManager
-        from xflwb.server.privacy import PrivacyBudgetSpent
-        from xflwb.server.strategy import AllClientsFailed
+        from xflwb.federation.dp import PrivacyBudgetSpent
+        from xflwb.federation.report import AllClientsFailed
+        from xflwb.flower_legacy import Server, SimpleClientManager
 
         registry, xlog = proc.registry, proc.log
         cfg, model = proc.load(SessionConfig)
@@ -180,8 +180,8 @@ def _run_fedbuff(proc: SessionProcess, cm: Any, strategy: Any, cfg: SessionConfi
     """FedBuff's asynchronous loop instead of Flower's rounds (``xflwb.server.fedbuff``);
     each arrival is recorded in ``session.arrivals``, each version like a round."""
     from xflwb.federation.fedbuff import fedbuff_options
+    from xflwb.federation.report import AllClientsFailed
     from xflwb.server.fedbuff import AsyncLoop
-    from xflwb.server.strategy import AllClientsFailed
 
     registry = proc.registry
 

@@ -179,7 +179,7 @@ class Session:
         0 connected; last device errors: ...`` — for timeouts and the dashboard."""
         info = self.info
         errors = self.device_errors()
-        from xflwb.server.strategy import summarize
+        from xflwb.federation.report import summarize
 
         when = f" after {after:g} s" if after is not None else ""
         return (f"session {self.id} is still at round {info['round']}/"

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xflwb.errors import PrivacyError
-from xflwb.server.privacy import Ledger, PrivacyEvent
+from xflwb.federation.dp import Ledger, PrivacyEvent
 from xflwb.sessions.registry import NotFound, Registry
 
 

@@ -46,7 +46,7 @@ def _fleet_died(fleet: Any) -> str | None:
         return None
     if any(p.returncode in (0, -signal.SIGTERM) for p in procs.values()):
         return None
-    from xflwb.server.strategy import summarize
+    from xflwb.federation.report import summarize
 
     errors = [str(r.get("error") or r.get("status") or "?") for r in fleet.statuses()]
     return summarize(errors)

@@ -20,20 +20,19 @@ from xflwb._options import option
 from xflwb.errors import InputError
 from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES, ROBUST_RULE_NAMES
 from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
+from xflwb.federation.policies import SYNCHRONOUS
 
 #: checkpoints a session keeps by default (``keep_checkpoints``): enough to fall back past
 #: a few corrupt files, few enough that FedBuff's thousands of versions cannot fill a disk
 DEFAULT_KEEP_CHECKPOINTS = 5
 
 
-#: the strategies a session or simulation can run (``xflwb.flower_legacy.SERVER_STRATEGIES``
-#: maps them to Flower's classes; a test keeps the two equal), and FedBuff's asynchronous
-#: rounds (``xflwb.server.fedbuff``, phone sessions only). Spelled here so that building a
-#: parser does not import Flower.
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
-              "fedtrimmedavg", "krum", "fedbuff")
-#: the strategies without rounds: phones train asynchronously, versions replace rounds
+#: the strategies without rounds (FedBuff: ``xflwb.federation.versions``): versions replace
+#: rounds
 ASYNC_STRATEGIES = ("fedbuff",)
+#: every synchronous policy registered in ``xflwb.federation.policies.POLICIES`` (one module
+#: each; importing them imports no Flower, so building a parser stays light), then FedBuff
+STRATEGIES = (*SYNCHRONOUS, *ASYNC_STRATEGIES)
 
 
 def is_asynchronous(config: dict[str, Any]) -> bool:
@@ -80,7 +79,7 @@ class RoundOptions:
         "platform; applies to "
         "fedavg, the server optimisers and fedbuff, not to robust rules, DP (which clips) "
         "or secagg (which hides single updates); none: off", ge=1, le=1e9)
-    #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.server.privacy``)
+    #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.federation.dp``)
     privacy: dict[str, Any] | None = option(
         None, "differential privacy: xflwb.DP(...) or its dict; none: off")
     #: checkpoint retention (``xflwb.sessions.checkpoints.prune_checkpoints``)
@@ -115,8 +114,8 @@ class RoundOptions:
                         "round's"))
         if isinstance(self.strategy, str):
             self.strategy = self.strategy.lower()
+        from xflwb.federation.dp import privacy_dict
         from xflwb.federation.fedbuff import FedBuff
-        from xflwb.server.privacy import privacy_dict
 
         if isinstance(self.strategy_options, FedBuff):
             self.strategy_options = dataclasses.asdict(self.strategy_options)
@@ -153,7 +152,7 @@ def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
     starts (FedTrimmedAvg's ``beta`` in [0, 0.5), no option the class does not take); for
     FedBuff, ``xflwb.FedBuff`` does. Returns the options to store (FedBuff's: every field,
     defaults filled in)."""
-    from xflwb.flower_legacy import SERVER_STRATEGIES, ndarrays_to_parameters
+    from xflwb.federation.policies import build
 
     if not isinstance(options, dict):
         raise InputError(f"strategy_options must be a dict, got {type(options).__name__}")
@@ -161,9 +160,8 @@ def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
         from xflwb.federation.fedbuff import fedbuff_options
 
         return dataclasses.asdict(fedbuff_options(options))  # ValueError: did you mean …
-    try:
-        SERVER_STRATEGIES[strategy](
-            initial_parameters=ndarrays_to_parameters([np.zeros(1, np.float32)]), **options)
+    try:  # the policy's Flower class checks them as its constructor does
+        build(strategy, [np.zeros(1, np.float32)], options)
     except (TypeError, ValueError) as exc:  # one line naming the option (OptionError)
         raise _options.OptionError(f"strategy_options {options!r} do not fit strategy "
                                    f"{strategy!r}: {exc}") from None

@@ -255,7 +255,7 @@ class SessionProcess:
         """The ``CrossPlatformStrategy`` for ``model`` starting from ``initial``, recording
         each round (``round_recorders``, numbered on from ``offset``) and its progress;
         ``options``: the engine's strategy options (fractions, min_clients, ...)."""
-        from xflwb.server.strategy import CrossPlatformStrategy
+        from xflwb.sessions.flower_strategy import CrossPlatformStrategy
         from xflwb.sessions.tracking import Tracking
 
         row = self._row or self.registry.get_session(self.session_id)

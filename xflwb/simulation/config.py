@@ -101,10 +101,10 @@ class SimulationConfig(RoundOptions):
     def _check_secagg(self) -> None:
         """SecAgg+ hides each client's update: what needs one cannot run, and a round must
         be able to complete the protocol."""
-        from xflwb.flower_legacy import ROBUST_RULES
+        from xflwb.federation.policies import ROBUST
 
         assert self.secagg is not None and self.min_clients is not None
-        if self.strategy in ROBUST_RULES:
+        if self.strategy in ROBUST:
             raise InputError(f"strategy {self.strategy!r} needs every client's update, which "
                              "secagg hides; use fedavg or a server optimiser (fedadam, ...)")
         if self.max_update_norm is not None:

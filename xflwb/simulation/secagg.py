@@ -13,7 +13,7 @@ followed by one scalar per canonical tensor: 1 if it trained it, else 0
 ``num_examples / max_weight`` and the workflow divides the unmasked sum by the sum of those
 ratios, so the strategy receives ``A_k = Σ n_i m_ik x_ik / Σ n_i`` and
 ``B_k = Σ n_i m_ik / Σ n_i``; the masked average is ``A_k / B_k`` (frozen iOS tensors never
-dilute Android's), computed by ``CrossPlatformStrategy`` (``secure_sums``).
+dilute Android's), computed by the federation core (``xflwb.federation.policies.secure_sums``).
 
 Phones cannot take part: Flower's legacy gRPC transport cannot carry the protocol's stages
 and no phone SDK implements them.
@@ -161,7 +161,7 @@ def canonical_payload(canonical: Sequence[np.ndarray], trained: Sequence[bool]
     """What a client hands ``secaggplus_mod``: its canonical tensors, untrained ones as zeros,
     then one weight per canonical tensor (1.0 trained, 0.0 not), then a 1.0 for the client
     itself, so the server can divide the weighted sums by the weight each tensor really got
-    (``CrossPlatformStrategy._add_secure_sums``) and, under DP, count its clients."""
+    (``xflwb.federation.policies.secure_sums``) and, under DP, count its clients."""
     sums = [np.asarray(a, np.float32) if t else np.zeros(np.shape(a), np.float32)
             for a, t in zip(canonical, trained, strict=True)]
     return (sums + [np.array([1.0 if t else 0.0], np.float32) for t in trained]

@@ -130,9 +130,9 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
     with proc:
         import ray
 
+        from xflwb.federation.dp import PrivacyBudgetSpent
+        from xflwb.federation.report import AllClientsFailed
         from xflwb.flower_legacy import Server, secagg_api, simulation_api
-        from xflwb.server.privacy import PrivacyBudgetSpent
-        from xflwb.server.strategy import AllClientsFailed
         from xflwb.simulation import client as sim_client
         from xflwb.simulation import secagg
 

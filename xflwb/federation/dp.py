@@ -1,10 +1,11 @@
 """Central differential privacy in canonical space, with a per-round ε ledger.
 
 ``DP`` declares the options once (``xflwb._options``); ``RoundOptions.privacy`` carries its
-dict. ``CentralDP`` is the mechanism's state across rounds, which ``CrossPlatformStrategy``
-calls at four points of a round:
+dict. ``CentralDP`` is the mechanism's state across rounds; the ``Private`` policy wrapper
+(``xflwb.federation.policies.private``) and the round driver (``xflwb.federation.rounds``)
+call it at four points of a round:
 
-1. ``admit`` (configure_fit): refuse the round (``PrivacyBudgetSpent``) if composing it
+1. ``admit`` (when the round samples): refuse the round (``PrivacyBudgetSpent``) if composing it
    would take ε past ``max_epsilon``; otherwise note how the round samples;
 2. ``fit_config``: the current ``clipping_norm`` in the FitIns config, so clients that can
    clip do (Flower's mods read the same key);
@@ -46,8 +47,8 @@ Flower samples a fixed number of clients without replacement from those availabl
 dp-accounting's RDP accountant (which supports that event under replace-one adjacency
 only). With adaptive clipping z is the configured multiplier: the updates' larger noise
 and the noised count together are that Gaussian mechanism (Andrew et al., §3). A resumed
-session's ledger starts from its model lineage's released rounds (``restore``;
-``xflwb.sessions.lineage`` finds them), so ε and ``max_epsilon`` are the lineage's.
+session's ledger starts from its model lineage's released rounds (``restore``; the host's
+lineage module finds them in the registry), so ε and ``max_epsilon`` are the lineage's.
 """
 
 from __future__ import annotations
@@ -64,17 +65,20 @@ import numpy as np
 from xflwb import _options
 from xflwb._options import option
 from xflwb.bridge.params import clip_update, update_norm
+from xflwb.errors import PrivacyError
+
+__all__ = ["DP", "KEY_CLIPPING_NORM", "KEY_NORM_BIT", "CentralDP", "Ledger",
+           "PrivacyBudgetSpent", "PrivacyEvent", "privacy_dict", "reported_bit"]
 
 log = logging.getLogger("xflwb.privacy")
 
 
 def _flower_dp() -> Any:
-    """Flower's DP helpers (``flwr.supercore`` since 1.2x, ``flwr.common`` before)."""
-    try:
-        from flwr.supercore import differential_privacy
-    except ImportError:  # pragma: no cover - older Flower
-        from flwr.common import differential_privacy  # type: ignore[no-redef]
-    return differential_privacy
+    """Flower's DP helpers (``xflwb.flower_legacy.dp_api``)."""
+    from xflwb.flower_legacy import dp_api
+
+    return dp_api()
+
 
 #: the FitIns config key and FitRes metric key Flower's DP mods use
 KEY_CLIPPING_NORM = "clipping_norm"
@@ -160,10 +164,10 @@ def privacy_dict(value: Any) -> dict[str, Any] | None:
         raise _options.OptionError(f"privacy: {exc}") from None
 
 
-class PrivacyBudgetSpent(Exception):
-    """Raised by ``configure_fit``: one more round would take ε past ``max_epsilon``. The
-    session ends ``finished``; ``metrics`` (recorded at round ``round``, the last one run)
-    say why."""
+class PrivacyBudgetSpent(PrivacyError):
+    """Raised when a round samples (``CentralDP.admit``): one more round would take ε past
+    ``max_epsilon``. The session ends ``finished``; ``metrics`` (recorded at round
+    ``round``, the last one run) say why."""
 
     def __init__(self, round: int, epsilon: float, next_epsilon: float,
                  max_epsilon: float) -> None:

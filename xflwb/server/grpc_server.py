@@ -1,9 +1,9 @@
-"""Flower's legacy pieces as the server uses them: ``xflwb.flower_legacy`` plus the gRPC server.
+"""The phones' gRPC server: Flower's legacy ``start_grpc_server`` with the strict protocol.
 
-The adapter itself lives in ``xflwb.flower_legacy`` (the bottom of the package), so the
-virtual phones can speak the legacy transport without importing the server. This module
-keeps the old import path working and adds ``start_grpc_server``, the one piece that needs
-the server's strict protocol (``xflwb.server.protocol``).
+Flower's legacy pieces themselves live in ``xflwb.flower_legacy`` (the bottom of the
+package), so the virtual phones and the federation core use them without importing the
+server; this is the one piece that needs the server's strict protocol
+(``xflwb.server.protocol``).
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from xflwb.flower_legacy import *  # noqa: F403  (the compatibility re-export)
 from xflwb.flower_legacy import (
     GRPC_MAX_MESSAGE_LENGTH,
     ClientManager,
     add_FlowerServiceServicer_to_server,
     generic_create_grpc_server,
 )
-from xflwb.flower_legacy import __all__ as _LEGACY_NAMES
 
 
 def start_grpc_server(client_manager: ClientManager, server_address: str,
@@ -46,4 +44,4 @@ def start_grpc_server(client_manager: ClientManager, server_address: str,
     return server
 
 
-__all__ = [*_LEGACY_NAMES, "start_grpc_server"]
+__all__ = ["start_grpc_server"]

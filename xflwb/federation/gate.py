@@ -1,0 +1,205 @@
+"""``UpdateGate``: the one place a wire format is read or written.
+
+Every client payload passes here on its way in (bytes → decoded tensors → the platform's
+layout mapped to canonical space → validated → an ``Update``), and every model passes here
+on its way out (canonical → the platform's layout → the client's encoding). Nothing after
+the gate sees bytes, a platform's layout or an encoding; nothing before it sees canonical
+arrays. So a new wire format (a compression codec) plugs in here and nowhere else.
+
+What the gate refuses costs only that client: each refusal is an ``UpdateRejected``
+subclass whose message names the problem. A ``KeyError`` is never the client's: client
+data is never a key, only a manifest lookup raises one, so it propagates as the fault of
+the export (or of xflwb) it is, and the caller fails the round instead of rejecting an
+honest phone.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from xflwb.bridge import params
+from xflwb.errors import InputError, UpdateRejected
+from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES, update_norm
+from xflwb.federation.update import Update
+
+__all__ = ["CODECS", "TENSOR_TYPES", "BadExampleCount", "FrozenMismatch", "MalformedManifest",
+           "MalformedUpdate", "NonFiniteUpdate", "UnknownPlatform", "UpdateGate",
+           "UpdateNormExceeded"]
+
+#: the tensor encodings clients read and write, with the ``Parameters.tensor_type`` each is
+#: announced as ("ND" is FedKit's raw float32; Flower's SDKs read ``.npy``)
+TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
+CODECS = tuple(TENSOR_TYPES)
+#: encoded models kept per gate (one per platform × codec of the current global model)
+_CACHE_SIZE = 8
+
+
+class MalformedManifest(InputError):
+    """The manifest cannot map the model to one of its platforms (an export bug): found at
+    session start, never taken for a client's bad update."""
+
+
+class MalformedUpdate(UpdateRejected):
+    """The payload cannot be decoded, or does not fit the platform's layout (tensor count,
+    sizes, dtype)."""
+
+
+class UnknownPlatform(UpdateRejected):
+    """The client joined as a platform the model was not exported for."""
+
+
+class FrozenMismatch(UpdateRejected):
+    """The update was computed on an artifact with other frozen weights."""
+
+
+class BadExampleCount(UpdateRejected):
+    """``num_examples`` is not a positive integer."""
+
+
+class NonFiniteUpdate(UpdateRejected):
+    """The update holds NaN or inf (in float32)."""
+
+
+class UpdateNormExceeded(UpdateRejected):
+    """The update is farther from its base than ``max_update_norm`` (rejected, not
+    clipped)."""
+
+
+class UpdateGate:
+    """Decode, map and validate client payloads; encode models per platform and codec.
+
+    ``manifest`` may be replaced while sessions run (tests corrupt it on purpose); the
+    trained masks are computed once, at construction, after ``check_manifest``.
+    ``check_finite``: check each trained tensor for NaN/inf here; off by default because the
+    streamed average (``StreamingFedAvg``) checks in its own pass, and only policies that
+    keep raw updates (robust rules) need it from the gate.
+    """
+
+    def __init__(self, manifest: dict[str, Any], *,
+                 max_examples: int | None = DEFAULT_MAX_EXAMPLES,
+                 max_update_norm: float | None = None, check_finite: bool = False) -> None:
+        self.manifest = manifest
+        #: one update counts for at most this many examples (capped, counted as "capped")
+        self.max_examples = None if max_examples is None else int(max_examples)
+        #: updates whose canonical L2 distance to their base exceeds this are rejected
+        #: (not clipped: a clipped attack still moves the model by the bound)
+        self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
+        self.check_finite = bool(check_finite)
+        self.masks: dict[str, list[bool]] = {}
+        self.frozen: str | None = (manifest.get("frozen") or {}).get("sha256")
+        self._cache: dict[tuple[int, str, str], list[bytes]] = {}
+        self._cache_model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def platforms(self) -> list[str]:
+        return list(self.manifest["platforms"])
+
+    def check_manifest(self, model: Sequence[np.ndarray]) -> None:
+        """Map ``model`` to every platform and back, so a broken manifest (our export's
+        fault) fails here, at session start, and is never taken for a client's bad update
+        in a round; fills ``masks``."""
+        for platform in self.manifest["platforms"]:
+            try:
+                params.from_platform(params.to_platform(list(model), self.manifest, platform),
+                                     self.manifest, platform, base=list(model))
+                self.masks[platform] = params.trained_mask(self.manifest, platform)
+            except (KeyError, IndexError, TypeError) as exc:
+                raise MalformedManifest(
+                    f"manifest of model {self.manifest.get('name')!r} is malformed for "
+                    f"platform {platform!r} ({type(exc).__name__}: {exc}); re-export the "
+                    "model with xflwb.export") from exc
+
+    def examples(self, value: Any) -> tuple[int, bool]:
+        """(examples an update counts for, whether ``max_examples`` capped them), or
+        ``BadExampleCount``."""
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise BadExampleCount(f"num_examples must be a positive integer, got {value!r}")
+        n = int(value)
+        if n <= 0:
+            raise BadExampleCount(f"num_examples must be positive, got {n}")
+        if self.max_examples is not None and n > self.max_examples:
+            return self.max_examples, True
+        return n, False
+
+    def accept(self, platform: str, client: str, tensors: Sequence[bytes], num_examples: Any,
+               metrics: dict[str, Any] | None, base: Sequence[np.ndarray],
+               base_version: int = 0) -> Update:
+        """One client's payload as an ``Update`` over ``base`` (the model it trained from:
+        tensors its platform does not hold are filled from it), or an ``UpdateRejected``
+        naming the problem. A ``KeyError`` is a manifest fault and propagates."""
+        base = list(base)
+        frozen = (metrics or {}).get("frozen_sha256")
+        if frozen is not None and self.frozen and frozen != self.frozen:
+            raise FrozenMismatch(
+                f"update computed on an artifact with different frozen weights "
+                f"(frozen_sha256 {str(frozen)[:12]}…, this session's model has "
+                f"{str(self.frozen)[:12]}…): the phone must download this session's model")
+        if platform not in self.masks:
+            raise UnknownPlatform(f"client joined as platform {platform!r}, which model "
+                                  f"'{self.manifest['name']}' was not exported for")
+        n, capped = self.examples(num_examples)
+        try:  # client bytes only: whatever decoding raises is the payload's fault
+            arrays, codec = params.decode_tensors(
+                [t if isinstance(t, bytes) else bytes(memoryview(t)) for t in tensors])
+        except Exception as exc:
+            raise MalformedUpdate(str(exc) or type(exc).__name__) from exc
+        try:  # tensors a platform does not hold are masked out: base fills them
+            canonical = params.from_platform(arrays, self.manifest, platform, base=base)
+        except KeyError:
+            raise
+        except ValueError as exc:
+            raise MalformedUpdate(str(exc)) from exc
+        mask = self.masks[platform]
+        if self.check_finite:
+            for k, (a, t) in enumerate(zip(canonical, mask, strict=True)):
+                if t and not np.isfinite(a).all():
+                    raise NonFiniteUpdate(f"parameter {k} contains NaN or inf (in float32)")
+        if self.max_update_norm is not None:
+            norm = update_norm(canonical, base, mask)
+            if not np.isfinite(norm):
+                raise NonFiniteUpdate("update contains NaN or inf (in float32)")
+            if norm > self.max_update_norm:
+                raise UpdateNormExceeded(
+                    f"update norm {norm:.4g} exceeds max_update_norm "
+                    f"{self.max_update_norm:g} (L2 distance to the global model over the "
+                    f"tensors {platform} trains, canonical space); rejected, not clipped")
+        return Update(platform=platform, client=str(client), tensors=canonical,
+                      trained=list(mask), examples=n, capped=capped,
+                      base_version=int(base_version), codec=codec,
+                      metrics=dict(metrics or {}))
+
+    def decode_sums(self, tensors: Sequence[bytes]) -> list[np.ndarray]:
+        """SecAgg+'s unmasked aggregate (``.npy`` of any float precision, as Flower's
+        workflow writes it): decoded as Flower decodes it, precision kept for the division
+        (``xflwb.federation.policies.secure_sums``)."""
+        out = []
+        for t in tensors:
+            with io.BytesIO(bytes(t)) as buf:
+                out.append(np.load(buf, allow_pickle=False))
+        return out
+
+    def encode(self, model: Sequence[np.ndarray], platform: str, codec: str) -> list[bytes]:
+        """``model`` in ``platform``'s layout and ``codec``, cached per model object (a
+        round encodes once per platform and codec, not once per client)."""
+        if codec not in TENSOR_TYPES:
+            raise ValueError(f"unknown codec {codec!r}; use one of {sorted(TENSOR_TYPES)}")
+        key = (id(model), platform, codec)
+        with self._lock:
+            if self._cache_model is not model:  # a new model: the old encodings are stale
+                self._cache.clear()
+                self._cache_model = model
+            hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        out = params.encode_tensors(params.to_platform(list(model), self.manifest, platform),
+                                    codec)
+        with self._lock:
+            if self._cache_model is model and len(self._cache) < _CACHE_SIZE:
+                self._cache[key] = out
+        return out
