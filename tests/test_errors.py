@@ -34,13 +34,6 @@ INTERNAL: dict[str, str] = {
                "every layer's Refused into one ExportError (test below)",
 }
 
-#: TODO-federation: classes in modules the federation branch moves/rewrites; it rebases
-#: them (UpdateRejected, PrivacyError, SessionFailure, ...) and empties this set
-TODO_FEDERATION: set[str] = {
-    "AllClientsFailed", "ClientRefused", "ClientFailure", "StaleUpdate", "UpdateTooLarge",
-    "PrivacyBudgetSpent", "SecAggHalted", "SimulatedDropout",
-}
-
 #: the builtin base each class had before the tree, which callers may catch
 BUILTINS: dict[str, type[BaseException]] = {
     "OptionError": ValueError,
@@ -107,12 +100,12 @@ FOUND = _xflwb_exceptions()
 
 def test_the_walk_sees_the_known_classes():
     """The walk is no vacuous pass: it finds the classes the tables name."""
-    for name in {*PRIVATE, *INTERNAL, *TODO_FEDERATION, *BUILTINS, *CATEGORY}:
+    for name in {*PRIVATE, *INTERNAL, *BUILTINS, *CATEGORY}:
         assert name in FOUND, f"{name} is gone: update the tables of this test"
 
 
 def test_every_xflwb_error_derives_from_the_root():
-    left_out = {*PRIVATE, *INTERNAL, *TODO_FEDERATION}
+    left_out = {*PRIVATE, *INTERNAL}
     stray = sorted(f"{cls.__module__}.{cls.__qualname__}" for name, cls in FOUND.items()
                    if name not in left_out and not issubclass(cls, errors.XflwbError))
     assert not stray, f"not under xflwb.XflwbError: {stray}"

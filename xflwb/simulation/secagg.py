@@ -31,15 +31,16 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.errors import DeviceFailure, SessionFailure
 from xflwb.flower_legacy import secagg_api
 
 
-class SecAggHalted(RuntimeError):
+class SecAggHalted(SessionFailure):
     """Flower's workflow stopped a round (fewer live clients than the threshold, or a stage
     failed): the session fails with this instead of silently running fewer rounds."""
 
 
-class SimulatedDropout(RuntimeError):
+class SimulatedDropout(DeviceFailure):
     """A ``drop_prob`` dropout under SecAgg+: the client must fail its message (a non-OK
     ``FitRes`` would be masked as if it were an update)."""
 
