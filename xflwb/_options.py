@@ -19,6 +19,7 @@ their own parser classes, without our "did you mean" manners (``xflwb._argparse`
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import difflib
 import functools
@@ -268,11 +269,43 @@ def check_value(o: Opt, v: Any) -> Any:
     return v
 
 
+#: how many times each option class (by name) was validated in this process: options are
+#: validated once per start, on the way in (tests/test_validated_once.py reads it)
+validations: collections.Counter[str] = collections.Counter()
+
+
 def check(obj: Any) -> None:
     """Validate every declared field of the dataclass instance ``obj`` (its
     ``__post_init__`` calls this, then checks what spans several fields)."""
+    validations[type(obj).__name__] += 1
     for o in options(type(obj), front_only=False):
         check_value(o, getattr(obj, o.name))
+
+
+def restore(cls: type[Any], stored: dict[str, Any]) -> Any:
+    """An instance of the option dataclass ``cls`` from the JSON xflwb itself stored after
+    validating it (a session row's config), WITHOUT validating again: its values are
+    already the checked, normalised ones. A key ``cls`` does not declare (written by a
+    newer xflwb) is refused with an :class:`OptionError` naming it; a stored config that
+    lacks fields (written by an older xflwb) is built with ``cls(**stored)``, which fills
+    and checks them."""
+    if not isinstance(stored, dict):
+        raise OptionError(f"a stored {cls.__name__} must be a JSON object, got "
+                          f"{type(stored).__name__}")
+    fields = dataclasses.fields(cls)
+    declared_names = {f.name for f in fields}
+    extra = sorted(k for k in stored if k not in declared_names)
+    if extra:
+        raise OptionError(
+            f"the stored {cls.__name__} has option(s) {', '.join(map(repr, extra))} this "
+            f"xflwb does not know: it was written by a newer xflwb; upgrade xflwb here "
+            f"(pip install -U xflwb) or start the session again with this one")
+    if any(f.name not in stored for f in fields if f.init):
+        return cls(**stored)  # an older xflwb's config: its new fields filled and checked
+    obj = object.__new__(cls)
+    for f in fields:
+        object.__setattr__(obj, f.name, stored[f.name])
+    return obj
 
 
 def unknown(cls: type | Iterable[type], given: Iterable[str], where: str) -> None:

@@ -113,6 +113,8 @@ class RemoteSession:
         self._info = self.client.request("GET", f"/sessions/{self.id}")
         return self._info
 
+    #: the session's options as the backend stored them (``SessionOut.config``)
+    config = property(lambda self: self._info["config"])
     model = property(lambda self: self._info["model_name"])
     ports = property(lambda self: self._info["ports"])
     started_from = property(lambda self: self._info["started_from"])

@@ -282,7 +282,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, RuntimeError) as exc:
         print(f"xflwb simulate: error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, RuntimeError) else 2
-    return _follow(session, SimulationConfig(**options).rounds, args, "simulate", "simulation")
+    # the rounds as the session stores them (its config validated once, by simulate)
+    return _follow(session, int(session.info["config"]["rounds"]), args, "simulate",
+                   "simulation")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -297,12 +299,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     token = (given(args, BackendOptions).get("admin_token")
              or os.environ.get("XFLWB_ADMIN_TOKEN"))
     try:
-        cfg = SessionConfig(**options)  # bad options: refused here, nothing sent
         if not token:
             raise ValueError("the admin API needs its token: --admin-token TOKEN or "
                              "$XFLWB_ADMIN_TOKEN (xflwb server prints it at start)")
         client = AdminClient(args.url, token, ca_file=args.ca_file)
-        session = client.train(args.model, **options)
+        session = client.train(args.model, **options)  # bad options: refused, nothing sent
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"xflwb train: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
@@ -310,7 +311,8 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{session.ports}", flush=True)
     if not args.wait:
         return 0
-    return _follow(session, cfg.rounds, args, "train", "session")
+    # the rounds as the backend stored them (validated there, and before sending)
+    return _follow(session, int(session.config["rounds"]), args, "train", "session")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from xflwb.errors import BackendError, InputError
 from xflwb.server.backend_lock import BackendLock
 from xflwb.server.backend_lock import BackendRunning as BackendRunning  # public: start raises
 from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
-from xflwb.server.phone_sessions import PhoneSessionManager
+from xflwb.server.phone_sessions import PhoneSessionManager, phone_config
 from xflwb.sessions.handle import Session, started_from
 from xflwb.sessions.registry import Registry
 from xflwb.sessions.status import DONE as DONE  # public: statuses a session ends in
@@ -148,8 +148,8 @@ class Workbench:
         from xflwb.server.http.timeouts import timed_protocol
 
         self.registry = Registry(self.data_dir, self.db_url)
-        self.sessions = PhoneSessionManager(self.registry, host=self.host, security={
-            "tls": self.tls.as_list() if self.tls else None, "device_auth": self.device_auth})
+        self.sessions = PhoneSessionManager(self.registry, host=self.host,
+                                            security=self._security())
         self.sessions.refresh()  # sessions of a previous kernel are not running any more
         app = create_app(AppState(self.registry, self.sessions, self.admin_token,
                                   self.auto_start, self.session_defaults,
@@ -223,6 +223,12 @@ class Workbench:
         return f"Workbench({where}, data_dir='{self.data_dir}')"
 
     # -- models and sessions -----------------------------------------------------------------
+    def _security(self) -> dict[str, Any]:
+        """The ``tls`` / ``device_auth`` options every phone session of this workbench
+        gets (``phone_config``)."""
+        return {"tls": self.tls.as_list() if self.tls else None,
+                "device_auth": self.device_auth}
+
     def _reg(self) -> Registry:
         if self.registry is None:
             self.start()
@@ -261,7 +267,8 @@ class Workbench:
                 "transport, which cannot carry SecAgg+'s stages; use "
                 "wb.simulate(..., secagg=...)")
         _options.unknown(SessionConfig, options, "wb.train")
-        SessionConfig(**options)  # bad options publish nothing
+        # validated once, here: bad options publish nothing; the manager stores this one
+        cfg = phone_config(options, self.host, self._security())
         reg = self._reg()
         assert self.sessions is not None
         name = reg.resolve(model)
@@ -269,7 +276,7 @@ class Workbench:
         for fleet in self.fleets:
             if fleet.data_type == found["data_type"] and fleet.alive():
                 check_compatible(found["manifest"], fleet.dataset)
-        return self.sessions.start_phone(name, **options)
+        return self.sessions.start_config(name, cfg)
 
     @_options.generated(SimulationConfig)
     def simulate(self, model: Any, *, wait: bool = True, timeout: float | None = None,

@@ -8,7 +8,6 @@ workbench's bind address, TLS files and device enrollment, validates the options
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 from xflwb.server.config import SessionConfig
@@ -34,7 +33,21 @@ class PhoneSessionManager(SessionManager):
                     **options: Any) -> Session:
         """Start a phone session of the latest ``model_name`` with ``SessionConfig``
         ``options`` (checked before any row is written)."""
-        options.setdefault("host", self.host)
-        options.update(self.security)
-        cfg = SessionConfig(**options)
-        return self.start(model_name, asdict(cfg), PHONE_SESSION_MODULE, wait_ready)
+        return self.start_config(model_name, phone_config(options, self.host, self.security),
+                                 wait_ready)
+
+    def start_config(self, model_name: str, cfg: SessionConfig,
+                     wait_ready: float = 120.0) -> Session:
+        """Start a phone session of the latest ``model_name`` with the validated ``cfg``
+        (``phone_config``: the workbench's own bind address and security in it), stored
+        as it is: no second validation."""
+        return self.start(model_name, cfg, PHONE_SESSION_MODULE, wait_ready)
+
+
+def phone_config(options: dict[str, Any], host: str,
+                 security: dict[str, Any] | None = None) -> SessionConfig:
+    """The ``SessionConfig`` of a phone session from a user's ``options``, with the
+    backend's bind address (unless given) and its ``security`` (``tls``,
+    ``device_auth``: the workbench's, never a session's): the one validation of a phone
+    session's options on this side of the HTTP boundary."""
+    return SessionConfig(**{"host": host, **options, **(security or {})})

@@ -19,7 +19,7 @@ from xflwb.bridge import manifest as manifest_mod
 from xflwb.server.config import FLOOR_MESSAGE_BYTES, SessionConfig, message_limit
 from xflwb.sessions import lineage
 from xflwb.sessions.checkpoints import newest_valid_checkpoint
-from xflwb.sessions.options import ASYNC_STRATEGIES
+from xflwb.sessions.options import is_asynchronous
 from xflwb.sessions.process import SessionProcess
 from xflwb.sessions.registry import Registry
 
@@ -137,17 +137,8 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
             servers.append(srv)
             ports[platform] = port
 
-        asynchronous = cfg.strategy in ASYNC_STRATEGIES
-        strategy = proc.strategy(
-            model, initial, offset,
-            # FedBuff's loop reuses the strategy's per-client steps; its options are its own
-            strategy="fedavg" if asynchronous else cfg.strategy,
-            strategy_options={} if asynchronous else cfg.strategy_options,
-            fraction_fit=cfg.fraction_fit,
-            fraction_evaluate=cfg.fraction_evaluate, min_clients=cfg.min_clients,
-            local_epochs=cfg.local_epochs, max_examples=cfg.max_examples,
-            max_update_norm=cfg.max_update_norm, privacy=cfg.privacy,
-            max_weight_ratio=cfg.max_weight_ratio, max_norm_ratio=cfg.max_norm_ratio)
+        asynchronous = is_asynchronous(cfg)
+        strategy = proc.strategy(model, initial, cfg, offset)
         try:
             lineage.start(registry, session_id, offset, privacy_plan, strategy.dp, xlog)
         except lineage.PrivacyLineageError as exc:

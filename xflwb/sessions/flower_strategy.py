@@ -27,13 +27,10 @@ from typing import Any
 import numpy as np
 
 from xflwb.errors import DeviceFailure
-from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES
 from xflwb.federation.bounds import Bounds
 from xflwb.federation.dp import CentralDP
 from xflwb.federation.gate import TENSOR_TYPES, UpdateGate
 from xflwb.federation.influence import (
-    DEFAULT_MAX_NORM_RATIO,
-    DEFAULT_MAX_WEIGHT_RATIO,
     PeerWindow,
 )
 from xflwb.federation.report import MAX_REASONS, AllClientsFailed, RoundReport, summarize
@@ -197,28 +194,19 @@ class CrossPlatformStrategy(Strategy):
     side of ``xflwb.federation.rounds.Round``."""
 
     def __init__(self, manifest: dict[str, Any], initial: list[np.ndarray], *,
-                 strategy: str = "fedavg", strategy_options: dict[str, Any] | None = None,
-                 fraction_fit: float = 1.0, fraction_evaluate: float = 1.0,
-                 min_clients: int = 2, local_epochs: int = 1,
-                 max_examples: int | None = DEFAULT_MAX_EXAMPLES,
-                 max_update_norm: float | None = None,
-                 max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
-                 max_norm_ratio: float | None = DEFAULT_MAX_NORM_RATIO,
-                 secure_sums: bool = False,
-                 privacy: dict[str, Any] | None = None,
                  on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 **options: Any) -> None:
+        """``options``: the core's (``Round.build`` and ``Round``: strategy,
+        strategy_options, fraction_fit, min_clients, max_examples, privacy, secure_sums,
+        ...), as a session's ``RoundOptions.strategy_arguments()`` gives them; the core's
+        defaults apply to the ones not given."""
         super().__init__()
         #: the federation core this adapter drives (gate, policy, bounds, global model)
-        self.core = Round.build(
-            manifest, initial, strategy=strategy, strategy_options=strategy_options,
-            max_examples=max_examples, max_update_norm=max_update_norm,
-            max_weight_ratio=max_weight_ratio, max_norm_ratio=max_norm_ratio,
-            secure_sums=secure_sums, privacy=privacy, min_clients=min_clients,
-            fraction_fit=fraction_fit, fraction_evaluate=fraction_evaluate,
-            local_epochs=local_epochs, on_fit_round=on_fit_round,
-            on_evaluate_round=on_evaluate_round, on_progress=on_progress)
+        self.core = Round.build(manifest, initial, on_fit_round=on_fit_round,
+                                on_evaluate_round=on_evaluate_round, on_progress=on_progress,
+                                **options)
         #: the session's client manager, seen at configure time (FedBuff's loop sets it)
         self._manager: ClientManager | None = None
 

@@ -63,28 +63,31 @@ class SessionManager:
         self._fleets: list[_WatchedFleet] = []
         self._lock = threading.RLock()
 
-    def start(self, model_name: str, config: dict[str, Any], module: str,
+    def start(self, model_name: str, config: Any, module: str,
               wait_ready: float = 120.0) -> Session:
-        """Record a phone session of the latest ``model_name`` with ``config`` (already
-        validated: stored as given) and run ``python -m module`` on it. At most one phone
-        session of a model is active: of racing starts exactly one wins, the others get
-        ``SessionConflict`` (HTTP 409) naming the winner."""
+        """Record a phone session of the latest ``model_name`` with ``config`` (its
+        validated options dataclass: stored as given) and run ``python -m module`` on it.
+        At most one phone session of a model is active: of racing starts exactly one wins,
+        the others get ``SessionConflict`` (HTTP 409) naming the winner."""
         model = self.registry.latest_model(model_name)
         self.refresh()  # a crashed session must not block the start
         # one transaction + a unique index: of racing starts exactly one wins
         sid = self.registry.create_session(model, config, exclusive=True, engine="phone")
         return self._launch(sid, module, wait_ready)
 
-    def start_engine(self, model: dict[str, Any], config: dict[str, Any], module: str,
+    def start_engine(self, model: dict[str, Any], config: Any, module: str,
                      wait_ready: float = 120.0, engine: str | None = None) -> Session:
-        """Record a session of ``model`` (a registry row) with ``config`` and run
+        """Record a session of ``model`` (a registry row) with ``config`` (its validated
+        options dataclass) and run
         ``python -m module`` on it. Another engine (``xflwb.simulation``) starts its
         session process through this, so this room need not know the engines above it;
         the handle is a ``Session`` like any other, recorded in the same registry.
         ``engine``: the row's engine (default: the config's ``engine``, "simulation"
         when it names none; phones never join such a session)."""
         sid = self.registry.create_session(
-            model, config, engine=engine or str(config.get("engine", "simulation")))
+            model, config, engine=engine or str(
+                (config.get("engine") if isinstance(config, dict)
+                 else getattr(config, "engine", None)) or "simulation"))
         return self._launch(sid, module, wait_ready)
 
     def _launch(self, sid: int, module: str, wait_ready: float) -> Session:

@@ -9,9 +9,11 @@ of whether a stored config ran without rounds (FedBuff), for every view.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,9 +37,28 @@ ASYNC_STRATEGIES = ("fedbuff",)
 STRATEGIES = (*SYNCHRONOUS, *ASYNC_STRATEGIES)
 
 
-def is_asynchronous(config: dict[str, Any]) -> bool:
-    """Whether a stored session config ran without rounds (its rounds are model versions)."""
-    return str(config.get("strategy", "")).lower() in ASYNC_STRATEGIES
+def is_asynchronous(config: Any) -> bool:
+    """Whether a session config (a ``RoundOptions``, its stored dict, or a strategy name)
+    runs without rounds (its rounds are model versions): the one test, for every engine
+    and view."""
+    strategy = (config if isinstance(config, str) else config.get("strategy", "")
+                if isinstance(config, dict) else getattr(config, "strategy", ""))
+    return str(strategy).lower() in ASYNC_STRATEGIES
+
+
+@functools.cache
+def core_parameters() -> frozenset[str]:
+    """The keyword options the federation core takes (``Round.build`` and ``Round``): a
+    ``RoundOptions`` field of the same name reaches the core without a keyword list
+    (``RoundOptions.strategy_arguments``)."""
+    from xflwb.federation.rounds import Round
+
+    params = [*inspect.signature(Round.build).parameters.values(),
+              *inspect.signature(Round.__init__).parameters.values()]
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY)
+
+
+_Options = TypeVar("_Options", bound="RoundOptions")
 
 
 @dataclass
@@ -101,6 +122,28 @@ class RoundOptions:
         None, "MLflow tracking URI (an http:// server, sqlite:///...); none: the local "
         "store in tracking_dir", metavar="URI")
 
+    def strategy_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of the session's ``CrossPlatformStrategy`` (the federation
+        core's ``Round.build``): every field whose name the core takes
+        (``core_parameters``), so a new round option is its field here plus its use in the
+        core. FedBuff's loop reuses the synchronous per-client steps (plain fedavg); its
+        own options go to its loop, not here. Engine-specific extras (``secure_sums``)
+        are the caller's."""
+        args = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name in core_parameters()}
+        if is_asynchronous(self):
+            args.update(strategy="fedavg", strategy_options={})
+        return args
+
+    @classmethod
+    def from_stored(cls: type[_Options], stored: dict[str, Any]) -> _Options:
+        """The options a session row stores (``Registry.create_session`` wrote this
+        dataclass's JSON after it was validated), rebuilt WITHOUT validating again
+        (``xflwb._options.restore``): options are validated once, on the way in. Keys
+        this xflwb does not declare (a row from a newer xflwb) are refused with an
+        ``OptionError`` naming them."""
+        return _options.restore(cls, stored)
+
     def _check_rounds(self) -> None:
         """The shared checks (``__post_init__`` of each subclass calls this)."""
         for name in ("keep_checkpoints", "keep_every"):
@@ -133,12 +176,12 @@ class RoundOptions:
             raise InputError(f"privacy (central DP) cannot be combined with strategy "
                              f"{self.strategy!r}: it noises a mean; use fedavg or a server "
                              "optimiser (fedadam, ...)")
-        if self.privacy is not None and self.strategy in ASYNC_STRATEGIES:
+        if self.privacy is not None and is_asynchronous(self):
             raise InputError(f"privacy (central DP) cannot be combined with strategy "
                              f"{self.strategy!r}: its ε ledger composes rounds of sampled "
                              "clients, which asynchronous training does not have; use "
                              "fedavg or a server optimiser")
-        if self.strategy in ASYNC_STRATEGIES and self.fraction_fit != 1.0:
+        if is_asynchronous(self) and self.fraction_fit != 1.0:
             raise InputError(f"fraction_fit={self.fraction_fit:g} does not apply to strategy "
                              f"{self.strategy!r}: every idle phone trains; bound the phones "
                              "training at once with strategy_options max_concurrency")
@@ -156,7 +199,7 @@ def check_strategy_options(strategy: str, options: Any) -> dict[str, Any]:
 
     if not isinstance(options, dict):
         raise InputError(f"strategy_options must be a dict, got {type(options).__name__}")
-    if strategy in ASYNC_STRATEGIES:
+    if is_asynchronous(strategy):
         from xflwb.federation.fedbuff import fedbuff_options
 
         return dataclasses.asdict(fedbuff_options(options))  # ValueError: did you mean …

@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -35,10 +35,13 @@ from xflwb.sessions.checkpoints import (
     save_checkpoint,
     sweep_pruned,
 )
+from xflwb.sessions.options import RoundOptions
 from xflwb.sessions.registry import Registry
 from xflwb.sessions.status import ACTIVE, SessionStatus
 
 log = logging.getLogger(__name__)
+
+_Options = TypeVar("_Options", bound=RoundOptions)
 
 
 def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
@@ -222,11 +225,12 @@ class SessionProcess:
             self.registry.close()
 
     # -- the row -------------------------------------------------------------------------
-    def load(self, config_type: Callable[..., Any]) -> tuple[Any, dict[str, Any]]:
-        """The session's config (``config_type(**stored config)``, which validates it) and
-        its model's registry row."""
+    def load(self, config_type: type[_Options]) -> tuple[_Options, dict[str, Any]]:
+        """The session's config and its model's registry row. The config is rebuilt with
+        ``config_type.from_stored`` (not validated again: its starter validated it before
+        the registry stored it)."""
         row = self.registry.get_session(self.session_id)
-        config = config_type(**row["config"])
+        config = config_type.from_stored(row["config"])
         self.retention = Retention.of(config)
         self._row = row
         return config, self.registry.get_model(row["model_id"])
@@ -250,11 +254,13 @@ class SessionProcess:
         self.set_status(SessionStatus.FAILED, error=reason)
 
     # -- training ------------------------------------------------------------------------
-    def strategy(self, model: dict[str, Any], initial: list[np.ndarray], offset: int = 0,
-                 **options: Any) -> Any:
-        """The ``CrossPlatformStrategy`` for ``model`` starting from ``initial``, recording
-        each round (``round_recorders``, numbered on from ``offset``) and its progress;
-        ``options``: the engine's strategy options (fractions, min_clients, ...)."""
+    def strategy(self, model: dict[str, Any], initial: list[np.ndarray],
+                 cfg: RoundOptions, offset: int = 0, **extra: Any) -> Any:
+        """The ``CrossPlatformStrategy`` for ``model`` starting from ``initial`` with the
+        session's loaded options ``cfg`` (``RoundOptions.strategy_arguments``: one place
+        maps options to the core), recording each round (``round_recorders``, numbered on
+        from ``offset``) and its progress; ``extra``: the engine's own arguments that are
+        no option (``secure_sums`` of a SecAgg+ simulation)."""
         from xflwb.sessions.flower_strategy import CrossPlatformStrategy
         from xflwb.sessions.tracking import Tracking
 
@@ -264,11 +270,12 @@ class SessionProcess:
             self.on_exit(lambda: tracking.close(self.registry, self.session_id))
             self.on_stop(lambda: tracking.close(self.registry, self.session_id, light=True))
         on_fit, on_eval = round_recorders(self.registry, self.session_id, model, offset,
-                                          private=options.get("privacy") is not None,
+                                          private=cfg.privacy is not None,
                                           retention=self.retention, tracking=tracking)
         return CrossPlatformStrategy(
             model["manifest"], initial, on_fit_round=on_fit, on_evaluate_round=on_eval,
-            on_progress=progress_writer(self.data_dir, self.session_id), **options)
+            on_progress=progress_writer(self.data_dir, self.session_id),
+            **cfg.strategy_arguments(), **extra)
 
     def save_start(self, model: dict[str, Any], rnd: int, arrays: list[np.ndarray],
                    strict: bool = False) -> None:

@@ -12,6 +12,7 @@ older database up to date (``xflwb.sessions.migrations``) and refuses a newer on
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -421,14 +422,19 @@ class Registry:
         return self._model_row(row), self.get_artifact(row.artifact_id)
 
     # -- sessions ----------------------------------------------------------------------------
-    def create_session(self, model: dict[str, Any], config: dict[str, Any],
+    def create_session(self, model: dict[str, Any], config: Any,
                        exclusive: bool = False, engine: str | None = None) -> int:
         """Insert a ``starting`` session launched by this process.
 
+        ``config``: the session's validated options (a ``RoundOptions`` dataclass: stored
+        as its JSON, the one place options become JSON; the session process rebuilds it
+        with ``from_stored``), or such a dict.
         ``engine``: "phone" or "simulation" (default: the config's ``engine``, else
         "phone"). ``exclusive`` (phone sessions): the check for the model's active session
         and the insert are one transaction, and the unique partial index refuses a racing
         second insert; the loser gets ``SessionConflict`` naming the winner."""
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            config = dataclasses.asdict(config)
         engine = engine or str(config.get("engine", "phone"))
         if engine not in ENGINES:
             raise RegistryError(f"unknown session engine {engine!r}; one of {ENGINES}")

@@ -69,14 +69,13 @@ def start_on(manager: Any, model_name: str, cfg: SimulationConfig,
     """Run the published ``model_name`` on Flower's Simulation Engine as a session of the
     ``SessionManager`` ``manager`` (its process runs ``xflwb.simulation.server``); the
     model is checked against ``cfg`` before any process starts."""
-    from dataclasses import asdict
-
     from xflwb.devices.datasets import check_compatible
 
     model = manager.registry.latest_model(model_name)
     cfg.check_platforms(model["manifest"])
     check_compatible(model["manifest"], cfg.dataset)  # before any process starts
-    return manager.start_engine(model, asdict(cfg), "xflwb.simulation.server", wait_ready)
+    # stored as it is (its JSON): the one validation was the caller's SimulationConfig
+    return manager.start_engine(model, cfg, "xflwb.simulation.server", wait_ready)
 
 
 def start(get_manager: Callable[[], Any], name_or_export: Any, *, wait: bool,

@@ -78,9 +78,9 @@ class SimulationConfig(RoundOptions):
             with _secagg_input():
                 self.secagg = secagg_mod.normalized(self.secagg)
         self._check_rounds()
-        from xflwb.sessions.options import ASYNC_STRATEGIES
+        from xflwb.sessions.options import is_asynchronous
 
-        if self.strategy in ASYNC_STRATEGIES:
+        if is_asynchronous(self):
             raise InputError(
                 f"strategy {self.strategy!r} (asynchronous rounds) runs in phone sessions, "
                 "not on the Simulation Engine, whose rounds are synchronous: use "

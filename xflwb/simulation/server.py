@@ -160,13 +160,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
                                largest, cfg.secagg)
         sim_client._partitions.cache_clear()  # the workers need the data, this process not
 
-        strategy = proc.strategy(
-            model, initial, strategy=cfg.strategy, strategy_options=cfg.strategy_options,
-            fraction_fit=cfg.fraction_fit, fraction_evaluate=float(cfg.fraction_evaluate or 0),
-            min_clients=int(cfg.min_clients or 1), local_epochs=cfg.local_epochs,
-            max_examples=cfg.max_examples, max_update_norm=cfg.max_update_norm,
-            max_weight_ratio=cfg.max_weight_ratio, max_norm_ratio=cfg.max_norm_ratio,
-            secure_sums=cfg.secagg is not None, privacy=cfg.privacy)
+        strategy = proc.strategy(model, initial, cfg, secure_sums=cfg.secagg is not None)
         proc.save_start(model, 0, initial, strict=True)
         # set when every client of a round failed: Flower logs the ServerApp's exception
         # and ends the run; the reason (the clients', not a traceback) is kept here

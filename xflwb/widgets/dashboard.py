@@ -15,6 +15,7 @@ applied updates (``session.arrivals``).
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import threading
@@ -23,6 +24,8 @@ from typing import Any
 import pandas as pd
 
 from xflwb._dp_guidance import noise_warning
+from xflwb.federation.fedbuff import FedBuff
+from xflwb.sessions.options import is_asynchronous
 from xflwb.style import (
     PLATFORM_COLORS,
     cell_text,
@@ -130,15 +133,16 @@ def _section(title: str, body: str) -> str:
 
 
 def fedbuff_plan(info: dict[str, Any]) -> dict[str, int] | None:
-    """A FedBuff session's ``buffer_size`` and planned ``versions`` (its options' defaults
-    filled in, as the contract gives them), or None for a synchronous session."""
+    """A FedBuff session's ``buffer_size`` and planned ``versions`` (its options' defaults,
+    ``xflwb.FedBuff``'s own, filled in), or None for a synchronous session."""
     cfg = info.get("config") or {}
-    if str(cfg.get("strategy", "")).lower() != "fedbuff":
+    if not is_asynchronous(cfg):
         return None
     opts = cfg.get("strategy_options")
-    opts = opts if isinstance(opts, dict) else {}
-    return {"buffer_size": int(opts.get("buffer_size") or 4),
-            "versions": int(opts.get("max_versions") or cfg["rounds"])}
+    given = opts if isinstance(opts, dict) else {}
+    plan = {f.name: f.default for f in dataclasses.fields(FedBuff)} | given
+    return {"buffer_size": int(plan["buffer_size"]),
+            "versions": int(plan["max_versions"] or cfg["rounds"])}
 
 
 def _steps(info: dict[str, Any]) -> tuple[str, int]:
