@@ -213,7 +213,7 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
         parts.append(html.escape(started))
     privacy = (info.get("config") or {}).get("privacy")
     if privacy:  # the ledger so far: what a reviewer asks first
-        eps = history.query("metric == 'epsilon'")["value"] if len(history) else []
+        eps: Any = history.query("metric == 'epsilon'")["value"] if len(history) else []
         spent = f"ε = {float(eps.iloc[-1]):.3g}" if len(eps) else "ε = 0"
         cap = privacy.get("max_epsilon")
         parts.append(f"DP: {spent} at δ = {privacy.get('target_delta', 1e-5):g}"
@@ -357,7 +357,7 @@ class Dashboard:
         info = self.session.info
         hist = self.session.history
         devices = device_table(self.fleet) if self.fleet is not None else None
-        status = info["status"]
+        status: str = info["status"]
         self.header.value = header_html(self.session, info, hist, devices)
         done = min(int(info["round"]), self.progress.max)
         self.progress.value = done
