@@ -20,8 +20,6 @@ import warnings
 from types import SimpleNamespace
 from typing import Any
 
-from xflwb.errors import SessionFailure
-
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from flwr.common import (
@@ -162,7 +160,7 @@ def server_update(strategy: Strategy, server_round: int, average: list[Any],
                   metrics={})
     out, _ = strategy.aggregate_fit(server_round, [(None, fake)], [])  # type: ignore[list-item]
     if out is None:  # Flower's strategies return None only for a round without results
-        raise SessionFailure(f"{type(strategy).__name__}.aggregate_fit returned no parameters")
+        raise RuntimeError(f"{type(strategy).__name__}.aggregate_fit returned no parameters")
     return parameters_to_ndarrays(out)
 
 
