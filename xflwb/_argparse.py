@@ -120,12 +120,13 @@ class Parser(argparse.ArgumentParser):
         for action in self._actions:
             if isinstance(action, argparse._SubParsersAction) and action.dest not in (
                     None, argparse.SUPPRESS):
-                sub = action.choices.get(getattr(ns, action.dest, None))  # type: ignore[union-attr]
+                chosen: str | None = getattr(ns, action.dest, None)
+                sub = None if chosen is None else action.choices.get(chosen)
                 if sub is not None:
                     return sub._chosen(ns) if isinstance(sub, Parser) else sub
         return self
 
-    def error(self, message: str) -> Any:  # type: ignore[override]
+    def error(self, message: str) -> Any:
         message = explain(self, message)
         if self.raise_errors:
             raise self.error_class(f"{self.format_usage().strip()}\n{self.prog}: error: "

@@ -40,8 +40,9 @@ def format_table(df: pd.DataFrame, decimals: int = 4, index: bool = False) -> st
     """``df.to_string`` with counts as ``4`` / ``1438`` and measurements with ``decimals``."""
     if index:
         df = df.reset_index()
-    return integers_as_integers(df).to_string(
+    table: str = integers_as_integers(df).to_string(  # pandas is untyped here
         index=False, float_format=lambda v: f"{v:.{decimals}f}")
+    return table
 
 
 def wait(session: Any, rounds: int, timeout: float | None = None, progress: bool = True,
@@ -53,7 +54,8 @@ def wait(session: Any, rounds: int, timeout: float | None = None, progress: bool
     dashboard does.
     """
     if not progress:
-        return session.wait(timeout=timeout)
+        status: str = session.wait(timeout=timeout)
+        return status
     from tqdm.auto import tqdm
 
     bar = tqdm(total=rounds, desc="round", unit="round", file=sys.stderr, dynamic_ncols=True)
@@ -81,7 +83,8 @@ def wait(session: Any, rounds: int, timeout: float | None = None, progress: bool
     thread = threading.Thread(target=loop, name="xflwb-progress", daemon=True)
     thread.start()
     try:
-        return session.wait(timeout=timeout)
+        status = session.wait(timeout=timeout)
+        return status
     finally:
         done.set()
         thread.join()

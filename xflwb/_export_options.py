@@ -49,6 +49,7 @@ def export_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The parsed export options as ``xflwb.export`` keywords."""
     from xflwb.bridge.optim import SGD, Adam
 
+    opt: SGD | Adam
     if args.optimizer == "sgd":
         opt = SGD(learning_rate=0.01 if args.learning_rate is None else args.learning_rate,
                   momentum=args.momentum or 0.0)

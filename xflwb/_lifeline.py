@@ -80,8 +80,9 @@ def reap(proc: Any, every: float = 0.5) -> None:
                         _reaper["thread"] = None
                         return
 
-        _reaper["thread"] = threading.Thread(target=loop, name="xflwb-reaper", daemon=True)
-        _reaper["thread"].start()
+        thread = threading.Thread(target=loop, name="xflwb-reaper", daemon=True)
+        _reaper["thread"] = thread
+        thread.start()
 
 
 def parent_gone() -> bool:
@@ -112,7 +113,7 @@ def _parent_dead() -> bool:
     if parent is None:
         return False
     if _state["direct"]:  # reparented (to init or a subreaper): no pid-reuse ambiguity
-        return os.getppid() != parent
+        return bool(os.getppid() != parent)
     return not pid_alive(parent)
 
 
@@ -148,7 +149,7 @@ def _arm_pdeathsig() -> bool:
 
         libc = ctypes.CDLL(None, use_errno=True)
         signal.signal(_PDEATH_SIGNAL, _on_pdeath)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(_PDEATH_SIGNAL), 0, 0, 0) == 0
+        return bool(libc.prctl(_PR_SET_PDEATHSIG, int(_PDEATH_SIGNAL), 0, 0, 0) == 0)
     except (OSError, AttributeError, ValueError):  # no libc prctl, or not the main thread
         return False
 

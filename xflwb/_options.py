@@ -30,12 +30,16 @@ import os
 import types
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from xflwb.errors import InputError
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 _KEY = "xflwb"
 _NONE_WORDS = ("none", "null")
+_T = TypeVar("_T", bound="DataclassInstance")  # a dataclass type (``declared``)
 
 
 class OptionError(InputError):
@@ -74,7 +78,7 @@ def boundary(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def declared(cls: type) -> type:
+def declared(cls: type[_T]) -> type[_T]:
     """Class decorator (above ``@dataclass``): ``cls(**kw)`` refuses a keyword it does not
     declare with "did you mean" (:func:`unknown`) instead of the bare ``TypeError`` of the
     dataclass ``__init__``, and raises its option errors from the caller's line."""
@@ -91,7 +95,7 @@ def declared(cls: type) -> type:
         except OptionError as exc:
             raise exc.with_traceback(None) from None
 
-    cls.__init__ = __init__  # type: ignore[misc]
+    cls.__init__ = __init__  # type: ignore[method-assign]  # the point: a checked __init__
     return cls
 
 
@@ -227,7 +231,8 @@ def describe(o: Opt) -> str:
         else:
             what = noun
     else:
-        what = {str: "a string", dict: "a dict", list: "a list"}.get(o.kind, o.kind.__name__)
+        kinds: dict[type, str] = {str: "a string", dict: "a dict", list: "a list"}
+        what = kinds.get(o.kind, o.kind.__name__)
     return what + (" or None" if o.nullable else "")
 
 
@@ -282,7 +287,7 @@ def check(obj: Any) -> None:
         check_value(o, getattr(obj, o.name))
 
 
-def restore(cls: type[Any], stored: dict[str, Any]) -> Any:
+def restore(cls: type[_T], stored: dict[str, Any]) -> _T:
     """An instance of the option dataclass ``cls`` from the JSON xflwb itself stored after
     validating it (a session row's config), WITHOUT validating again: its values are
     already the checked, normalised ones. A key ``cls`` does not declare (written by a

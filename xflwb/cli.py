@@ -262,9 +262,9 @@ def _follow(session: Any, rounds: int, args: argparse.Namespace, command: str,
     last = hist[hist["round"] == hist["round"].max()]
     wide = last.pivot_table(index="platform", columns="metric", values="value")
     keep = [c for c in ("clients", "examples", "eval_loss", "accuracy") if c in wide.columns]
-    why = getattr(session, "end_reason", None)  # "finished all 8 rounds", "privacy budget…"
+    reason: str | None = getattr(session, "end_reason", None)  # "finished all 8 rounds", …
     print(f"{what} {session.id}: {session.status}, round {session.round}"
-          + (f" ({why})" if why else ""))
+          + (f" ({reason})" if reason else ""))
     print(_console.format_table(wide[keep], index=True))
     if out is not None:
         print(f"history in {out}")

@@ -48,7 +48,8 @@ def run(notebook: str | Path, out_dir: str | Path, parameters: Mapping[str, Any]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = dict(parameters or {})
-    keys = list((grid or {}).keys())
+    grid = grid or {}
+    keys = list(grid.keys())
     combos = list(itertools.product(*[list(grid[k]) for k in keys])) if keys else [()]
     frames = []
     for i, combo in enumerate(combos):

@@ -13,9 +13,10 @@ from typing import Any
 from xflwb.bridge.export import ExportResult, build_export, issue
 from xflwb.bridge.export import export as bridge_export
 from xflwb.bridge.health import ExportWarning
+from xflwb.bridge.manifest import Manifest
 
 
-def data_type_warning(manifest: dict[str, Any]) -> str | None:
+def data_type_warning(manifest: Manifest) -> str | None:
     """Why the registered dataset ``manifest["data_type"]`` names cannot train this model
     (shape, dtype or classes), else None (also for a data type that is no dataset)."""
     from xflwb.devices.datasets import IncompatibleData, check_compatible, parse_name

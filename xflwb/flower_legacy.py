@@ -31,6 +31,7 @@ with warnings.catch_warnings():
         GetParametersIns,
         Parameters,
         ReconnectIns,
+        Scalar,
         Status,
         ndarrays_to_parameters,
         parameters_to_ndarrays,
@@ -158,6 +159,8 @@ def server_update(strategy: Strategy, server_round: int, average: list[Any],
                   parameters=ndarrays_to_parameters(average), num_examples=int(num_examples),
                   metrics={})
     out, _ = strategy.aggregate_fit(server_round, [(None, fake)], [])  # type: ignore[list-item]
+    if out is None:  # Flower's strategies return None only for a round without results
+        raise RuntimeError(f"{type(strategy).__name__}.aggregate_fit returned no parameters")
     return parameters_to_ndarrays(out)
 
 
@@ -189,6 +192,7 @@ __all__ = [
     "Parameters",
     "ReconnectIns",
     "ResWrapper",
+    "Scalar",
     "Server",
     "SimpleClientManager",
     "Status",

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
 from xflwb._argparse import Parser, explain
@@ -74,7 +75,8 @@ class _Parser(Parser):
         kwargs.setdefault("add_help", False)
         super().__init__(*args, raise_errors=True, **kwargs)
 
-    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         ns, extras = self.parse_known_args(args, namespace)
         if extras:  # argparse would join them with blanks; show each one unambiguously
             self.error(f"unrecognized arguments: {' '.join(map(_shown, extras))}")
@@ -160,6 +162,8 @@ def find_model(namespace: dict[str, Any], before: dict[str, int], cell: str = ""
 @magics_class
 class XflMagics(Magics):
     """``%%xfl_export NAME [options]``: export the model the cell defines."""
+
+    shell: InteractiveShell  # IPython sets it when it registers the magics
 
     @cell_magic
     def xfl_export(self, line: str, cell: str) -> Any:
@@ -259,7 +263,8 @@ def state_of(shell: Any) -> ShellState:
     magics = shell.magics_manager.registry.get(XflServerMagics.__name__)
     if magics is None:
         raise LookupError("xflwb's magics are not loaded in this shell: %load_ext xflwb")
-    return magics.state
+    state: ShellState = magics.state
+    return state
 
 
 @magics_class
@@ -268,6 +273,8 @@ class XflServerMagics(Magics):
 
     One instance per IPython shell (``register``), holding that shell's ``ShellState``:
     two shells in one process never share a backend through the magics."""
+
+    shell: InteractiveShell  # IPython sets it when it registers the magics
 
     def __init__(self, shell: Any = None, state: ShellState | None = None) -> None:
         super().__init__(shell)

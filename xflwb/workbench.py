@@ -43,7 +43,8 @@ def reachable_host(host: str) -> str:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.connect(("10.255.255.255", 1))
-            return s.getsockname()[0]
+            address: str = s.getsockname()[0]
+            return address
     except OSError:
         return "127.0.0.1"
 
@@ -168,12 +169,14 @@ class Workbench:
         self._sock = sock
         # log_config=None: never reconfigure the kernel's logging (dictConfig would close
         # other libraries' handlers, e.g. absl's, and with them sys.stderr)
-        tls = ({"ssl_certfile": str(self.tls.cert), "ssl_keyfile": str(self.tls.key)}
-               if self.tls is not None else {})
+        cert = str(self.tls.cert) if self.tls is not None else None
+        key = str(self.tls.key) if self.tls is not None else None
         header, body, idle = self.http_timeouts
         config = uvicorn.Config(app, log_config=None, log_level="warning", lifespan="off",
-                                http=timed_protocol(header, body), timeout_keep_alive=idle,
-                                **tls)
+                                http=timed_protocol(header, body),
+                                # uvicorn annotates int; it hands the seconds to call_later
+                                timeout_keep_alive=idle,  # type: ignore[arg-type]
+                                ssl_certfile=cert, ssl_keyfile=key)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]},
                                         name="xflwb-http", daemon=True)
@@ -291,8 +294,9 @@ class Workbench:
             self._reg()
             return self.sessions
 
-        return simulation.start(manager, model, wait=wait, timeout=timeout,
-                                progress=progress, **options)
+        session: Session = simulation.start(manager, model, wait=wait, timeout=timeout,
+                                            progress=progress, **options)
+        return session
 
     def session(self, session_id: int) -> Session:
         self._reg()
@@ -413,7 +417,8 @@ class Workbench:
         """Revoke a token by id, or every token of a device by name; returns how many.
         A revoked phone is refused at its next HTTP request; its live gRPC streams are cut
         within about a second and any update it has in flight is refused (recorded)."""
-        return self._tokens().revoke(device_or_id)
+        revoked: int = self._tokens().revoke(device_or_id)
+        return revoked
 
     @property
     def device_tokens(self) -> pd.DataFrame:

@@ -8,12 +8,13 @@ A small registry (name → loader) so fleets, the CLI and notebooks pick data by
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.errors import InputError
 
 
@@ -23,10 +24,10 @@ class Dataset:
     series, (N, features) vectors), integer class labels."""
 
     name: str
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    x_train: AnyArray
+    y_train: AnyArray
+    x_test: AnyArray
+    y_test: AnyArray
     classes: int
 
     @property
@@ -34,7 +35,7 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def _split(name: str, x: np.ndarray, y: np.ndarray, classes: int, test_fraction: float,
+def _split(name: str, x: AnyArray, y: AnyArray, classes: int, test_fraction: float,
            seed: int) -> Dataset:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(x))
@@ -122,7 +123,7 @@ def activity(n: int = 3000, test_fraction: float = 0.2, seed: int = 0, *,
 
 def synthetic_federated(num_devices: int, alpha: float = 1.0, beta: float = 1.0, seed: int = 0,
                         *, dim: int = 60, classes: int = 10, min_samples: int = 50,
-                        max_samples: int = 500) -> list[tuple[np.ndarray, np.ndarray]]:
+                        max_samples: int = 500) -> list[tuple[AnyArray, AnyArray]]:
     """Synthetic(α, β) of FedProx (Li et al., 2020): per-device models *and* input shift.
 
     Device k draws u_k ~ N(0, α), B_k ~ N(0, β); W_k ~ N(u_k, 1) (classes × dim),
@@ -267,7 +268,7 @@ def _shape(shape: tuple[int, ...]) -> str:
     return f"({shape[0]},)" if len(shape) == 1 else f"({', '.join(map(str, shape))})"
 
 
-def check_compatible(manifest: dict[str, Any] | None, dataset: str,
+def check_compatible(manifest: Mapping[str, Any] | None, dataset: str,
                      partition: str | None = None) -> DataSpec:
     """Refuse, in the calling process, what would make every device or client fail later.
 

@@ -18,16 +18,15 @@ import random
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
-
 from xflwb import _options
 from xflwb._options import option
+from xflwb.bridge.arrays import AnyArray, Array
 from xflwb.errors import DeviceFailure, InputError
 
 log = logging.getLogger("xflwb.device")
@@ -105,8 +104,8 @@ class Device:
     """One virtual phone of ``platform`` holding its own train/test data."""
 
     def __init__(self, backend_url: str, platform: str, data_type: str,
-                 x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
-                 y_test: np.ndarray, device_id: int = 1, cache_dir: str | Path = ".xfl-cache",
+                 x_train: AnyArray, y_train: AnyArray, x_test: AnyArray,
+                 y_test: AnyArray, device_id: int = 1, cache_dir: str | Path = ".xfl-cache",
                  options: DeviceOptions | None = None,
                  on_status: Callable[[DeviceStatus], None] | None = None) -> None:
         if platform not in FLAGS:
@@ -139,11 +138,12 @@ class Device:
         self._stop.set()
 
     # -- HTTP ----------------------------------------------------------------------------
-    def _post(self, path: str, body: dict[str, Any]) -> Any:
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         r = self._http.post(f"{self.url}/{path}", json=body)
         if r.status_code != 200:
             raise DeviceError(f"POST {path} → {r.status_code}: {r.text[:300]}")
-        return r.json()
+        answer: dict[str, Any] = r.json()  # every device route answers a JSON object
+        return answer
 
     def prepare(self) -> dict[str, Any]:
         """Advertise, fetch manifest and model (verified), load the runtime."""
@@ -243,7 +243,7 @@ class Device:
         from xflwb.flower_legacy import transport_pb2_grpc as pbg
 
         host = urlparse(self.url).hostname
-        out: queue.Queue = queue.Queue()
+        out: queue.Queue[Any] = queue.Queue()  # ClientMessages, then None to end
         options = [("grpc.max_send_message_length", -1),
                    ("grpc.max_receive_message_length", -1)]
         target = f"{host}:{server['port']}"
@@ -256,7 +256,7 @@ class Device:
         metadata = ([("authorization", f"Bearer {self.options.token}")]
                     if self.options.token else None)
 
-        def requests():
+        def requests() -> Iterator[Any]:
             while (msg := out.get()) is not None:
                 yield msg
 
@@ -297,7 +297,7 @@ class Device:
             out.put(None)
             channel.close()
 
-    def _report_fit_error(self, pb: Any, out: queue.Queue, stream: Any, channel: Any,
+    def _report_fit_error(self, pb: Any, out: queue.Queue[Any], stream: Any, channel: Any,
                           exc: Exception, grace: float = 30.0) -> None:
         """Answer the FitIns with a failed FitRes carrying the error before leaving, so the
         session can say why its clients fail (a bare disconnect tells it nothing).
@@ -322,13 +322,13 @@ class Device:
         finally:
             timer.cancel()
 
-    def _decode(self, parameters: Any) -> list[np.ndarray]:
+    def _decode(self, parameters: Any) -> list[Array]:
         from xflwb.bridge import params
 
         arrays, _ = params.decode_tensors(list(parameters.tensors))
         return arrays
 
-    def _encode(self, pb: Any, arrays: list[np.ndarray]) -> Any:
+    def _encode(self, pb: Any, arrays: list[Array]) -> Any:
         from xflwb.bridge import params
 
         tensors = params.encode_tensors(arrays, self.options.encoding)

@@ -152,7 +152,7 @@ class Fleet:
             raise InputError(f"tokens lists {len(tokens)} tokens for {n} devices")
         self._tokens = list(tokens) if tokens is not None else None
         self.ids = list(range(first_device_id, first_device_id + n))
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
         #: written into every status file of this run; the table ignores any other file
         self.run_id = run_id or new_run_id()
         self._log_start: dict[int, int] = {}  # where this run's output begins in each log

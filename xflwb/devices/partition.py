@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.errors import InputError
 
 from . import datasets as xdatasets
 
-Split = Callable[..., list[np.ndarray]]
+Split = Callable[..., list[AnyArray]]
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
 # ------------------------------------------------------------------------ splitters
 
 
-def _hf_dataset(labels: np.ndarray, seed: int) -> Any:
+def _hf_dataset(labels: AnyArray, seed: int) -> Any:
     """Rows ``(label, idx)`` in a seeded random order.
 
     In memory (``Dataset.from_dict``): no download, no hub, no cache directory.
@@ -112,7 +113,7 @@ def _hf_dataset(labels: np.ndarray, seed: int) -> Any:
     return hf.Dataset.from_dict({"label": labels[order], "idx": order})
 
 
-def _indices(partitioner: Any, num_partitions: int) -> list[np.ndarray]:
+def _indices(partitioner: Any, num_partitions: int) -> list[AnyArray]:
     with warnings.catch_warnings():
         # pyarrow >= 25 deprecates an option `datasets.Dataset.sort` still passes.
         warnings.filterwarnings("ignore", message=".*null_placement.*", category=FutureWarning)
@@ -122,7 +123,7 @@ def _indices(partitioner: Any, num_partitions: int) -> list[np.ndarray]:
                            [:]["idx"], dtype=np.int64) for i in range(num_partitions)]
 
 
-def _iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]:
+def _iid(labels: AnyArray, num_partitions: int, seed: int) -> list[AnyArray]:
     from flwr_datasets.partitioner import IidPartitioner
 
     p = IidPartitioner(num_partitions)
@@ -130,8 +131,8 @@ def _iid(labels: np.ndarray, num_partitions: int, seed: int) -> list[np.ndarray]
     return _indices(p, num_partitions)
 
 
-def _dirichlet(labels: np.ndarray, num_partitions: int, seed: int,
-               alpha: float) -> list[np.ndarray]:
+def _dirichlet(labels: AnyArray, num_partitions: int, seed: int,
+               alpha: float) -> list[AnyArray]:
     from flwr_datasets.partitioner import DirichletPartitioner
 
     n = len(labels)
@@ -154,8 +155,8 @@ def _dirichlet(labels: np.ndarray, num_partitions: int, seed: int,
         return _dirichlet_numpy(labels, num_partitions, seed, alpha, min_size)
 
 
-def _dirichlet_numpy(labels: np.ndarray, num_partitions: int, seed: int, alpha: float,
-                     min_size: int) -> list[np.ndarray]:
+def _dirichlet_numpy(labels: AnyArray, num_partitions: int, seed: int, alpha: float,
+                     min_size: int) -> list[AnyArray]:
     """Per-class Dirichlet split (as flwr-datasets does), then a repair to ``min_size``."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
@@ -180,7 +181,7 @@ def _dirichlet_numpy(labels: np.ndarray, num_partitions: int, seed: int, alpha: 
     return [rng.permutation(np.flatnonzero(owner == i)) for i in range(num_partitions)]
 
 
-def _shards(labels: np.ndarray, num_partitions: int, seed: int, k: int) -> list[np.ndarray]:
+def _shards(labels: AnyArray, num_partitions: int, seed: int, k: int) -> list[AnyArray]:
     """McMahan et al. (2017): sort by label, cut ``num_partitions * k`` shards, deal k each.
 
     Shards are equal-sized (``n // (num_partitions*k)``), so up to ``num_partitions*k - 1``
@@ -216,8 +217,8 @@ def _check_num_partitions(num_partitions: int, n: int | None = None) -> None:
                          "every device needs at least one sample")
 
 
-def partition_indices(labels: np.ndarray, num_partitions: int, spec: str,
-                      seed: int = 0) -> list[np.ndarray]:
+def partition_indices(labels: AnyArray, num_partitions: int, spec: str,
+                      seed: int = 0) -> list[AnyArray]:
     """Original row indices for each of ``num_partitions`` devices under ``spec``.
 
     Partitions are disjoint and deterministic for a seed; ``iid`` and ``dirichlet`` use
@@ -238,15 +239,15 @@ def partition_indices(labels: np.ndarray, num_partitions: int, spec: str,
 class DeviceData:
     """One simulated device's own data, already split into its local train and test sets."""
 
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    x_train: AnyArray
+    y_train: AnyArray
+    x_test: AnyArray
+    y_test: AnyArray
     partition_id: int
     num_partitions: int
 
 
-def _pool(dataset: str) -> tuple[np.ndarray, np.ndarray, int]:
+def _pool(dataset: str) -> tuple[AnyArray, AnyArray, int]:
     """All samples of a dataset (its global train/test split is meaningless per device)."""
     d = xdatasets.load(dataset)
     return (np.concatenate([d.x_train, d.x_test]), np.concatenate([d.y_train, d.y_test]),
@@ -254,7 +255,7 @@ def _pool(dataset: str) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def dataset_partitions(dataset: str, partition: str, num_partitions: int,
-                       seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], int]:
+                       seed: int) -> tuple[list[tuple[AnyArray, AnyArray]], int]:
     """``(x, y)`` for every device, and the number of classes.
 
     Synthetic(α, β) data is federated by construction (each device draws its own model
@@ -281,7 +282,7 @@ def dataset_partitions(dataset: str, partition: str, num_partitions: int,
 
 
 def _local_split(n: int, test_fraction: float, seed: int,
-                 partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+                 partition_id: int) -> tuple[AnyArray, AnyArray]:
     """Seeded (train, test) positions; at least one test row when there are ≥ 2 rows."""
     order = np.random.default_rng([seed, partition_id]).permutation(n)
     n_test = round(n * test_fraction)
@@ -313,7 +314,7 @@ def device_data(dataset: str, partition: str, num_partitions: int, partition_id:
     return local_data(x, y, partition_id, num_partitions, seed, test_fraction)
 
 
-def local_data(x: np.ndarray, y: np.ndarray, partition_id: int, num_partitions: int,
+def local_data(x: AnyArray, y: AnyArray, partition_id: int, num_partitions: int,
                seed: int = 0, test_fraction: float = 0.2) -> DeviceData:
     """A device's train/test split of its partition ``(x, y)`` (seeded by ``seed`` and
     ``partition_id``); ``device_data`` and simulated clients split the same way."""

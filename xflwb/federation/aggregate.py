@@ -22,9 +22,11 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
 import numpy as np
 
+from xflwb.bridge.arrays import AnyArray
 from xflwb.bridge.params import update_norm
 
 __all__ = ["DEFAULT_MAX_EXAMPLES", "ROBUST_RULE_NAMES", "StreamingFedAvg", "aggregate_masked",
@@ -67,10 +69,10 @@ def pin_blas_threads() -> None:
     threadpool_limits(1, user_api="blas")
     _blas_slice = 1 << 62
 
-_Axpy = Callable[[np.ndarray, np.ndarray, float], None]
+_Axpy = Callable[[AnyArray, AnyArray, float], None]
 
 
-def _numpy_axpy(x: np.ndarray, y: np.ndarray, w: float) -> None:
+def _numpy_axpy(x: AnyArray, y: AnyArray, w: float) -> None:
     """``y += w·x`` on float32 vectors with numpy ufuncs (two passes, a slice of scratch)."""
     scratch = np.empty(min(_CHUNK, x.size), np.float32)
     for lo in range(0, x.size, _CHUNK):
@@ -97,7 +99,7 @@ def _find_axpy() -> _Axpy:
     except ImportError:  # pragma: no cover - scipy ships with scikit-learn
         return _numpy_axpy
 
-    def blas_axpy(x: np.ndarray, y: np.ndarray, w: float) -> None:
+    def blas_axpy(x: AnyArray, y: AnyArray, w: float) -> None:
         step = _blas_slice
         for lo in range(0, x.size, step):
             n = min(step, x.size - lo)
@@ -109,18 +111,21 @@ def _find_axpy() -> _Axpy:
     return blas_axpy if in_place else _numpy_axpy
 
 
-def _square_norm(flat: np.ndarray) -> np.floating:
+def _square_norm(flat: AnyArray) -> np.floating[Any]:
     """``flat·flat`` in float32, in one read and on the calling thread.
 
     BLAS ``sdot`` is 3× numpy's einsum on cached data, but long vectors run on OpenBLAS's
     threads unless ``pin_blas_threads`` ran; slicing it costs more in calls than it saves,
     so an unpinned process keeps einsum (never threaded)."""
+    square: np.floating[Any]  # numpy's stubs type einsum and a 1-D dot as Any
     if _blas_slice == _SLICE_THREADED:
-        return np.einsum("i,i->", flat, flat)
-    return np.dot(flat, flat)
+        square = np.einsum("i,i->", flat, flat)
+    else:
+        square = np.dot(flat, flat)
+    return square
 
 
-def _check_finite(k: int, a: np.ndarray) -> bool:
+def _check_finite(k: int, a: AnyArray) -> bool:
     """Raise if ``a`` holds NaN or ±inf; return whether ``w·a`` sums safely in float32.
 
     ``a·a`` is non-finite whenever an element is (NaN and inf propagate, squares never
@@ -151,14 +156,14 @@ class StreamingFedAvg:
     the number of clients; ``result`` frees each block sum before allocating its output.
     """
 
-    def __init__(self, previous_global: Sequence[np.ndarray]) -> None:
+    def __init__(self, previous_global: Sequence[AnyArray]) -> None:
         self._previous = [np.asarray(p) for p in previous_global]
         self._shapes = [p.shape for p in self._previous]
         n = len(self._previous)
         # allocated on first trained contribution: frozen-everywhere parameters (Core ML's
         # non-updatable layers) cost nothing
-        self._sums: list[np.ndarray | None] = [None] * n  # float64, flat
-        self._blocks: list[np.ndarray | None] = [None] * n  # float32, flat
+        self._sums: list[AnyArray | None] = [None] * n  # float64, flat
+        self._blocks: list[AnyArray | None] = [None] * n  # float32, flat
         self._in_block = [0] * n  # updates in each block sum since it was last folded
         self._weights = [0] * n  # exact: Python ints
         self._count = 0
@@ -181,7 +186,7 @@ class StreamingFedAvg:
         with self._lock:
             return list(self._weights)
 
-    def add(self, arrays: Sequence[np.ndarray], num_examples: int,
+    def add(self, arrays: Sequence[AnyArray], num_examples: int,
             trained: Sequence[bool] | None = None) -> None:
         """Fold one client's update into the running sums, or raise ``ValueError``.
 
@@ -203,8 +208,8 @@ class StreamingFedAvg:
                         self._blocks[k] = np.empty(flat.size, np.float32)
                     np.multiply(flat, np.float32(weight), out=self._blocks[k])
                     self._in_block[k] = 1
-                else:
-                    axpy(flat, self._blocks[k], float(weight))
+                else:  # in_block > 0: the block sum exists
+                    axpy(flat, cast(AnyArray, self._blocks[k]), float(weight))
                     self._in_block[k] += 1
                 if self._in_block[k] >= _BLOCK:
                     self._fold(k)
@@ -212,9 +217,9 @@ class StreamingFedAvg:
             self._count += 1
             self._examples += weight
 
-    def _validate(self, arrays: Sequence[np.ndarray], num_examples: int,
+    def _validate(self, arrays: Sequence[AnyArray], num_examples: int,
                   trained: Sequence[bool] | None,
-                  ) -> tuple[list[tuple[np.ndarray, bool]], int, list[bool]]:
+                  ) -> tuple[list[tuple[AnyArray, bool]], int, list[bool]]:
         n = len(self._shapes)
         if (isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer)
                 or num_examples <= 0):
@@ -249,13 +254,14 @@ class StreamingFedAvg:
         block = self._blocks[k]
         if self._in_block[k] == 0 or block is None:
             return
-        if self._sums[k] is None:
+        sums = self._sums[k]
+        if sums is None:
             self._sums[k] = block.astype(np.float64)
         else:
-            np.add(self._sums[k], block, out=self._sums[k])
+            np.add(sums, block, out=sums)
         self._in_block[k] = 0
 
-    def _add_float64(self, k: int, flat: np.ndarray, weight: int) -> None:
+    def _add_float64(self, k: int, flat: AnyArray, weight: int) -> None:
         """``sum += weight·flat`` straight in float64, for values too large for float32."""
         total = self._sums[k]
         if total is None:
@@ -268,7 +274,7 @@ class StreamingFedAvg:
             buf *= weight
             np.add(total[lo:hi], buf, out=total[lo:hi])
 
-    def result(self) -> list[np.ndarray]:
+    def result(self) -> list[AnyArray]:
         """The current average as new float32 arrays; repeatable, does not consume state."""
         out = []
         with self._lock:
@@ -288,9 +294,9 @@ class StreamingFedAvg:
 
 
 def aggregate_masked(
-    previous: Sequence[np.ndarray],
-    updates: Iterable[tuple[Sequence[np.ndarray], int, Sequence[bool] | None]],
-) -> list[np.ndarray]:
+    previous: Sequence[AnyArray],
+    updates: Iterable[tuple[Sequence[AnyArray], int, Sequence[bool] | None]],
+) -> list[AnyArray]:
     """One-shot form: ``(arrays, num_examples, trained)`` updates in, new global model out.
 
     Raises ``ValueError`` on the first bad update; use ``StreamingFedAvg`` directly to skip
@@ -302,10 +308,10 @@ def aggregate_masked(
     return agg.result()
 
 
-def aggregate_robust(previous: Sequence[np.ndarray],
-                     updates: Sequence[tuple[Sequence[np.ndarray], int, Sequence[bool]]],
+def aggregate_robust(previous: Sequence[AnyArray],
+                     updates: Sequence[tuple[Sequence[AnyArray], int, Sequence[bool]]],
                      rule: str, *, beta: float = 0.2, num_malicious_clients: int = 0,
-                     num_clients_to_keep: int = 0) -> list[np.ndarray]:
+                     num_clients_to_keep: int = 0) -> list[AnyArray]:
     """A robust rule of Flower's applied with the masked rule: ``(arrays, num_examples,
     trained)`` updates in, new global model out.
 

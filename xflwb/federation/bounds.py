@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from xflwb.bridge.arrays import Array
 from xflwb.federation.aggregate import update_norm
 from xflwb.federation.gate import NonFiniteUpdate
 from xflwb.federation.influence import WARM, PeerWindow, weight_cap
@@ -50,13 +51,13 @@ class Bounds:
         return (self.max_norm_ratio is not None and platform in self.masks
                 and len(self.norms[platform]) < WARM)
 
-    def observe(self, update: Update, base: Sequence[np.ndarray]) -> None:
+    def observe(self, update: Update, base: Sequence[Array]) -> None:
         """Remember ``update``'s norm among its platform's peers, judging nothing."""
         norm = update_norm(update.tensors, list(base), self.masks[update.platform])
         self.norms[update.platform].observe(update.client, norm)
 
-    def bound(self, platform: str, client: str, tensors: Sequence[np.ndarray], n: int,
-              base: Sequence[np.ndarray], cap: int | None = None,
+    def bound(self, platform: str, client: str, tensors: Sequence[Array], n: int,
+              base: Sequence[Array], cap: int | None = None,
               scale: float = 1.0) -> tuple[int, bool]:
         """(examples the update counts for, whether ``cap`` cut them), or
         ``UpdateTooLarge`` when its norm exceeds ``max_norm_ratio`` × the median of recent
@@ -75,7 +76,7 @@ class Bounds:
             return cap, True
         return n, False
 
-    def apply(self, update: Update, base: Sequence[np.ndarray], cap: int | None = None,
+    def apply(self, update: Update, base: Sequence[Array], cap: int | None = None,
               scale: float = 1.0) -> Update:
         """``bound`` on an ``Update``: its ``examples`` cut to ``cap`` (``capped`` set)."""
         n, cut = self.bound(update.platform, update.client, update.tensors, update.examples,

@@ -64,6 +64,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.bridge.arrays import Array
 from xflwb.bridge.params import clip_update, update_norm
 from xflwb.errors import PrivacyError
 
@@ -349,9 +350,9 @@ class CentralDP:
         self._bits = []
         self._overruled = 0
 
-    def clip(self, canonical: Sequence[np.ndarray], global_: Sequence[np.ndarray],
+    def clip(self, canonical: Sequence[Array], global_: Sequence[Array],
              trained: Sequence[bool], metrics: dict[str, Any] | None = None
-             ) -> tuple[list[np.ndarray], float]:
+             ) -> tuple[list[Array], float]:
         """(``canonical`` with its delta to ``global_`` clipped to the round's norm over the
         ``trained`` tensors, the client's norm bit: 1 when not clipped); ``counted`` it
         once the update is in.
@@ -373,7 +374,7 @@ class CentralDP:
         return clipped, bit
 
     @staticmethod
-    def _slack(canonical: Sequence[np.ndarray], trained: Sequence[bool], c: float) -> float:
+    def _slack(canonical: Sequence[Array], trained: Sequence[bool], c: float) -> float:
         """How far below C a locally clipped update's norm can land: C·1e-5 plus float32
         rounding of the clipped model (2^-24 of each weight, ×4)."""
         zeros = [np.zeros((), np.float64)] * len(canonical)
@@ -384,7 +385,7 @@ class CentralDP:
         """An update clipped by ``clip`` entered the sums: its bit joins the count."""
         self._bits.append(bit)
 
-    def add_noise(self, mean: list[np.ndarray], counts: Sequence[int]) -> float:
+    def add_noise(self, mean: list[Array], counts: Sequence[int]) -> float:
         """Noise the masked mean of the clipped updates in place: tensor k, averaged over
         ``counts[k]`` clients, gets N(0, z·C) on its sum, i.e. std z·C/c_k on its mean
         (Flower's ``compute_stdv``); tensors nobody trained hold no client's data and stay.

@@ -27,6 +27,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.bridge.arrays import Array
 from xflwb.errors import UpdateRejected
 from xflwb.federation.aggregate import StreamingFedAvg
 
@@ -143,13 +144,13 @@ class VersionBuffer:
     (the injected ``accept`` of ``xflwb.federation.versions``), so a bad update never
     reaches ``add``."""
 
-    def __init__(self, initial: list[np.ndarray], version: int, options: FedBuff,
+    def __init__(self, initial: list[Array], version: int, options: FedBuff,
                  masks: dict[str, list[bool]]) -> None:
         self.options = options
         self.weight_of = staleness_rule(options.staleness)
         self.version = int(version)
         #: version → canonical float32 model; the newest ``max_staleness + 1``
-        self.versions: OrderedDict[int, list[np.ndarray]] = OrderedDict()
+        self.versions: OrderedDict[int, list[Array]] = OrderedDict()
         self.versions[self.version] = [np.asarray(a, np.float32) for a in initial]
         self.masks = masks
         self._zeros = [np.zeros(a.shape, np.float32) for a in initial]
@@ -157,10 +158,10 @@ class VersionBuffer:
         self.pending: list[Arrival] = []  # applied arrivals in the current buffer
 
     @property
-    def current(self) -> list[np.ndarray]:
+    def current(self) -> list[Array]:
         return self.versions[self.version]
 
-    def base(self, version: int, platform: str, client: str) -> list[np.ndarray]:
+    def base(self, version: int, platform: str, client: str) -> list[Array]:
         """The model ``version`` (raises ``StaleUpdate`` when it is too old)."""
         staleness = self.version - version
         if staleness > self.options.max_staleness or version not in self.versions:
@@ -170,7 +171,7 @@ class VersionBuffer:
                 f"max_staleness {self.options.max_staleness}); rejected")
         return self.versions[version]
 
-    def add(self, arrival: Arrival, canonical: list[np.ndarray], examples: int) -> None:
+    def add(self, arrival: Arrival, canonical: list[Array], examples: int) -> None:
         """Buffer one accepted update: its delta to its base version, scaled by its
         staleness weight, weighted by its examples, over the tensors its platform trains."""
         base = self.versions[arrival.base_version]
@@ -186,7 +187,7 @@ class VersionBuffer:
     def full(self) -> bool:
         return self.buffer.count >= self.options.buffer_size
 
-    def make_version(self) -> tuple[list[np.ndarray], list[Arrival]]:
+    def make_version(self) -> tuple[list[Array], list[Arrival]]:
         """Apply the buffer: ``new = current + server_lr · Σ n·s·Δ / Σ n`` per tensor (over
         the updates whose platform trains it; untouched tensors keep their value). Returns
         the new model and the arrivals it holds; raises ``FloatingPointError`` (and keeps

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import params
+from xflwb.bridge.arrays import Array
+from xflwb.bridge.manifest import Manifest
 from xflwb.errors import InputError, UpdateRejected
 from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES, update_norm
 from xflwb.federation.update import Update
@@ -80,7 +82,7 @@ class UpdateGate:
     keep raw updates (robust rules) need it from the gate.
     """
 
-    def __init__(self, manifest: dict[str, Any], *,
+    def __init__(self, manifest: Manifest, *,
                  max_examples: int | None = DEFAULT_MAX_EXAMPLES,
                  max_update_norm: float | None = None, check_finite: bool = False) -> None:
         self.manifest = manifest
@@ -91,7 +93,8 @@ class UpdateGate:
         self.max_update_norm = None if max_update_norm is None else float(max_update_norm)
         self.check_finite = bool(check_finite)
         self.masks: dict[str, list[bool]] = {}
-        self.frozen: str | None = (manifest.get("frozen") or {}).get("sha256")
+        frozen = manifest.get("frozen")
+        self.frozen: str | None = frozen.get("sha256") if frozen else None
         self._cache: dict[tuple[int, str, str], list[bytes]] = {}
         self._cache_model: Any = None
         self._lock = threading.Lock()
@@ -100,7 +103,7 @@ class UpdateGate:
     def platforms(self) -> list[str]:
         return list(self.manifest["platforms"])
 
-    def check_manifest(self, model: Sequence[np.ndarray]) -> None:
+    def check_manifest(self, model: Sequence[Array]) -> None:
         """Map ``model`` to every platform and back, so a broken manifest (our export's
         fault) fails here, at session start, and is never taken for a client's bad update
         in a round; fills ``masks``."""
@@ -128,7 +131,7 @@ class UpdateGate:
         return n, False
 
     def accept(self, platform: str, client: str, tensors: Sequence[bytes], num_examples: Any,
-               metrics: dict[str, Any] | None, base: Sequence[np.ndarray],
+               metrics: dict[str, Any] | None, base: Sequence[Array],
                base_version: int = 0) -> Update:
         """One client's payload as an ``Update`` over ``base`` (the model it trained from:
         tensors its platform does not hold are filled from it), or an ``UpdateRejected``
@@ -174,7 +177,7 @@ class UpdateGate:
                       base_version=int(base_version), codec=codec,
                       metrics=dict(metrics or {}))
 
-    def decode_sums(self, tensors: Sequence[bytes]) -> list[np.ndarray]:
+    def decode_sums(self, tensors: Sequence[bytes]) -> list[Array]:
         """SecAgg+'s unmasked aggregate (``.npy`` of any float precision, as Flower's
         workflow writes it): decoded as Flower decodes it, precision kept for the division
         (``xflwb.federation.policies.secure_sums``)."""
@@ -184,7 +187,7 @@ class UpdateGate:
                 out.append(np.load(buf, allow_pickle=False))
         return out
 
-    def encode(self, model: Sequence[np.ndarray], platform: str, codec: str) -> list[bytes]:
+    def encode(self, model: Sequence[Array], platform: str, codec: str) -> list[bytes]:
         """``model`` in ``platform``'s layout and ``codec``, cached per model object (a
         round encodes once per platform and codec, not once per client)."""
         if codec not in TENSOR_TYPES:

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from xflwb.bridge.arrays import Array
+from xflwb.bridge.manifest import Manifest
 from xflwb.errors import SessionFailure, UpdateRejected
 from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES
 from xflwb.federation.bounds import Bounds
@@ -78,12 +80,17 @@ class FitPayload(Protocol):
 
     platform: str
     client: str
-    tensors: Sequence[bytes]
-    num_examples: Any
-    metrics: dict[str, Any] | None
     fit_seconds: float
     bytes_up: int
     bytes_down: int
+
+    # read-only: a host may compute these when the core reads them
+    @property
+    def tensors(self) -> Sequence[bytes]: ...
+    @property
+    def num_examples(self) -> Any: ...
+    @property
+    def metrics(self) -> dict[str, Any] | None: ...
 
 
 @dataclass
@@ -154,12 +161,12 @@ class Round:
     """
 
     def __init__(self, gate: UpdateGate, policy: Any, bounds: Bounds,
-                 initial: Sequence[np.ndarray], *, min_clients: int = 2,
+                 initial: Sequence[Array], *, min_clients: int = 2,
                  fraction_fit: float = 1.0, fraction_evaluate: float = 1.0,
                  local_epochs: int = 1, secure_sums: bool = False,
                  clock: Callable[[], float] = time.perf_counter,
                  refuse: Callable[[str], str | None] | None = None,
-                 on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
+                 on_fit_round: Callable[[RoundReport, list[Array]], None] | None = None,
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.gate, self.policy, self.bounds = gate, policy, bounds
@@ -179,7 +186,7 @@ class Round:
         self._last_progress: dict[str, Any] = {}
 
     @classmethod
-    def build(cls, manifest: dict[str, Any], initial: Sequence[np.ndarray], *,
+    def build(cls, manifest: Manifest, initial: Sequence[Array], *,
               strategy: str = "fedavg", strategy_options: dict[str, Any] | None = None,
               max_examples: int | None = DEFAULT_MAX_EXAMPLES,
               max_update_norm: float | None = None,
@@ -208,7 +215,7 @@ class Round:
         return getattr(self.policy, "dp", None)
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         return self.gate.manifest
 
     # -- before a round ----------------------------------------------------------------------
@@ -255,7 +262,7 @@ class Round:
         if why:
             raise ClientRefused(why)
 
-    def accept(self, result: FitPayload, base: Sequence[np.ndarray] | None = None,
+    def accept(self, result: FitPayload, base: Sequence[Array] | None = None,
                base_version: int = 0) -> Update:
         """``result`` through the gate, over ``base`` (default: the global model)."""
         return self.gate.accept(result.platform, result.client, result.tensors,
@@ -453,9 +460,9 @@ class Round:
                 for key in (platform, "all"):
                     accs[key][0] += float(acc) * n
                     accs[key][1] += n
-        for platform, (s, n) in sums.items():
-            report.metrics += [(platform, "eval_loss", s / n if n else None),
-                               (platform, "eval_examples", n)]
+        for platform, (s, total) in sums.items():
+            report.metrics += [(platform, "eval_loss", s / total if total else None),
+                               (platform, "eval_examples", total)]
         s_all = sum(v[0] for v in sums.values())
         n_all = sum(v[1] for v in sums.values())
         loss_all = s_all / n_all if n_all else None

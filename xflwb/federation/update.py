@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import Array
+
 
 @dataclass
 class Update:
@@ -29,7 +31,7 @@ class Update:
 
     platform: str
     client: str
-    tensors: list[np.ndarray]
+    tensors: list[Array]
     trained: list[bool]
     examples: int
     capped: bool = False
@@ -40,7 +42,7 @@ class Update:
     bytes_up: int = 0
     bytes_down: int = 0
 
-    def delta(self, base: list[np.ndarray]) -> list[np.ndarray]:
+    def delta(self, base: list[Array]) -> list[Array]:
         """``tensors − base`` (float32), zero where the platform trains nothing."""
         return [np.subtract(t, b, dtype=np.float32) if m else np.zeros(b.shape, np.float32)
                 for t, b, m in zip(self.tensors, base, self.trained, strict=True)]

@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from xflwb.bridge.arrays import Array
 from xflwb.errors import SessionFailure
 from xflwb.federation.aggregate import update_norm
 from xflwb.federation.fedbuff import Arrival, FedBuff, StaleUpdate, VersionBuffer
@@ -61,7 +62,7 @@ class Accept(Protocol):
     ``KeyError`` means a manifest lookup failed (our fault, not the client's) and stops."""
 
     def __call__(self, platform: str, client: str, result: Any,
-                 base: list[np.ndarray]) -> Update: ...
+                 base: list[Array]) -> Update: ...
 
 
 class Bounds(Protocol):
@@ -81,8 +82,8 @@ class Bounds(Protocol):
         """Remember ``client``'s latest (staleness-weighted) norm before it is judged."""
         ...
 
-    def bound(self, platform: str, client: str, tensors: list[np.ndarray], examples: int,
-              base: list[np.ndarray], cap: int | None, scale: float) -> tuple[int, bool]:
+    def bound(self, platform: str, client: str, tensors: list[Array], examples: int,
+              base: list[Array], cap: int | None, scale: float) -> tuple[int, bool]:
         """(examples it counts for, whether ``cap`` cut them); raises to reject it."""
         ...
 
@@ -139,7 +140,7 @@ class VersionMade:
 
     number: int  # versions made in this session (a round's number)
     version: int  # the model's version now
-    model: list[np.ndarray] | None  # None: the step was not finite, the model stays
+    model: list[Array] | None  # None: the step was not finite, the model stays
     applied: list[Arrival]
     rejected: list[Arrival]  # since the last version
     failures: list[Failure]  # since the last version
@@ -178,7 +179,7 @@ class VersionDriver:
     ``screen(client)`` raises to refuse a client's results before they are looked at.
     ``summarize`` turns failure reasons into one line."""
 
-    def __init__(self, initial: list[np.ndarray], options: FedBuff, *,
+    def __init__(self, initial: list[Array], options: FedBuff, *,
                  masks: Mapping[str, list[bool]], accept: Accept, clients: ClientSource,
                  clock: Callable[[], float], max_versions: int, first_version: int = 0,
                  bounds: Bounds | None = None, min_clients: int = 1,
@@ -418,7 +419,7 @@ class VersionDriver:
             except Exception as exc:  # recording never stops training
                 log.error("arrival not recorded (%s: %s)", type(exc).__name__, exc)
 
-    def _admit(self, arrival: Arrival, update: Update, base: list[np.ndarray]
+    def _admit(self, arrival: Arrival, update: Update, base: list[Array]
                ) -> list[tuple[Arrival, Update]]:
         """The accepted updates to apply now: this one, or, during the warm-up, none (it
         is held, replacing an older held one of the same client) until ``warm`` distinct
@@ -470,7 +471,7 @@ class VersionDriver:
         t0 = time.perf_counter()
         buffer = self.buffer
         error = None
-        new: list[np.ndarray] | None
+        new: list[Array] | None
         try:
             new, applied = buffer.make_version()
         except FloatingPointError as exc:

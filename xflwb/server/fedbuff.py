@@ -33,9 +33,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from xflwb.bridge import params
+from xflwb.bridge.arrays import Array
+from xflwb.bridge.manifest import Manifest
 from xflwb.federation.fedbuff import (
     Arrival,
     FedBuff,
@@ -85,15 +85,16 @@ class _StrategyPort:
 
     # -- what the session set --------------------------------------------------------------
     @property
-    def model(self) -> list[np.ndarray]:
+    def model(self) -> list[Array]:
         """The global model (canonical); follows the newest version."""
-        return self.strategy.global_
+        model: list[Array] = self.strategy.global_
+        return model
 
-    def set_model(self, model: list[np.ndarray]) -> None:
+    def set_model(self, model: list[Array]) -> None:
         self.strategy.global_ = model
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         return self.strategy.manifest
 
     @property
@@ -103,15 +104,18 @@ class _StrategyPort:
 
     @property
     def min_clients(self) -> int:
-        return self.strategy.min_clients
+        n: int = self.strategy.min_clients
+        return n
 
     @property
     def local_epochs(self) -> int:
-        return self.strategy.local_epochs
+        epochs: int = self.strategy.local_epochs
+        return epochs
 
     @property
     def fraction_evaluate(self) -> float:
-        return self.strategy.fraction_evaluate
+        fraction: float = self.strategy.fraction_evaluate
+        return fraction
 
     # -- one update ------------------------------------------------------------------------
     def screen(self, client: str) -> None:
@@ -120,7 +124,7 @@ class _StrategyPort:
         self.strategy.refused(client)
 
     def accept(self, platform: str, client: str, result: Any,
-               base: list[np.ndarray]) -> Update:
+               base: list[Array]) -> Update:
         """Decode, map and check one FitRes against ``base`` (the synchronous round's
         rules); the client's next model goes back in the encoding it used."""
         update = self.strategy.core.gate.accept(
@@ -140,8 +144,8 @@ class _StrategyPort:
     def observe_norm(self, platform: str, client: str, norm: float) -> None:
         self.strategy.core.bounds.norms[platform].observe(client, norm)
 
-    def bound(self, platform: str, client: str, tensors: list[np.ndarray], examples: int,
-              base: list[np.ndarray], cap: int | None, scale: float) -> tuple[int, bool]:
+    def bound(self, platform: str, client: str, tensors: list[Array], examples: int,
+              base: list[Array], cap: int | None, scale: float) -> tuple[int, bool]:
         return self.strategy.core.bounds.bound(platform, client, tensors, examples, base, cap,
                                                scale)
 
@@ -152,7 +156,8 @@ class _StrategyPort:
 
     def codec(self, client: ClientProxy) -> str:
         """The tensor encoding ``client`` reads (the one it last sent, else the probe's)."""
-        return self.strategy.codec_of.get(client.cid, getattr(client, "codec", "raw"))
+        codec: str = self.strategy.codec_of.get(client.cid, getattr(client, "codec", "raw"))
+        return codec
 
     @staticmethod
     def tensor_type(codec: str) -> str:
@@ -363,8 +368,8 @@ class AsyncLoop:
             if job.kind == "evaluate":
                 asked = EvaluateIns(parameters=self._parameters(job.platform, client,
                                                                 job.version), config={})
-                fut = self._pool.submit(client.evaluate, asked, self.round_timeout,
-                                        job.version)
+                fut: Future[Any] = self._pool.submit(client.evaluate, asked,
+                                                     self.round_timeout, job.version)
                 self._jobs[fut] = _Job("evaluate", client, job.platform, job.version)
                 continue
             # FedKit reads local_epochs as a sint64 Scalar: a Python int serialises to it

@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from xflwb.errors import BackendError, InputError
 from xflwb.sessions.registry import MAX_DEVICE_NAME, Registry
@@ -152,7 +152,7 @@ def make_dev_ca(directory: str | os.PathLike[str],
     def load(path: Path) -> Any:
         return x509.load_pem_x509_certificate(path.read_bytes())
 
-    def pem_key(k: Any) -> bytes:
+    def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
         return k.private_bytes(serialization.Encoding.PEM,
                                serialization.PrivateFormat.PKCS8,
                                serialization.NoEncryption())
@@ -174,7 +174,9 @@ def make_dev_ca(directory: str | os.PathLike[str],
     until = now + dt.timedelta(days=int(days))
     if ca_ok:
         ca = load(out.ca_file)
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_key = cast(ec.EllipticCurvePrivateKey,  # the EC key this function wrote before
+                      serialization.load_pem_private_key(ca_key_path.read_bytes(),
+                                                         password=None))
         ca_name = ca.subject
     else:
         ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -412,7 +414,7 @@ def grpc_interceptor(store: TokenStore, session: int | None = None) -> Any:
 
         return grpc.stream_stream_rpc_method_handler(deny)
 
-    class DeviceTokenInterceptor(grpc.ServerInterceptor):
+    class DeviceTokenInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]  # grpc: no stubs
         def intercept_service(self, continuation: Any, details: Any) -> Any:
             metadata = {k: v for k, v in (details.invocation_metadata or ())
                         if isinstance(v, str)}

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.bridge.arrays import Array
 from xflwb.bridge.params import load_npz, save_npz
 from xflwb.errors import SessionFailure
 from xflwb.sessions.options import DEFAULT_KEEP_CHECKPOINTS as DEFAULT_KEEP
@@ -32,11 +33,11 @@ class CheckpointError(SessionFailure):
 
 
 def save_checkpoint(registry: Registry, session_id: int, model: dict[str, Any], rnd: int,
-                    arrays: list[np.ndarray]) -> Path:
+                    arrays: list[Array]) -> Path:
     """Write the global model of round ``rnd`` and record it with the sha256 of its bytes
     (checked when it is loaded). Raises ``OSError`` (disk full, read-only folder) or a
     registry error; ``round_recorders`` logs those and training goes on."""
-    folder = registry.checkpoint_dir / model["name"] / f"session-{session_id}"
+    folder: Path = registry.checkpoint_dir / model["name"] / f"session-{session_id}"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"round-{rnd:05d}.npz"
     tmp = folder / f".round-{rnd:05d}.tmp.npz"
@@ -53,7 +54,7 @@ def save_checkpoint(registry: Registry, session_id: int, model: dict[str, Any], 
 
 
 def load_checkpoint(path: str | Path, sha256: str | None = None,
-                    manifest: dict[str, Any] | None = None) -> list[np.ndarray]:
+                    manifest: dict[str, Any] | None = None) -> list[Array]:
     """The arrays of a checkpoint file, verified: its sha256 (when recorded), a readable
     ``.npz`` of real float arrays, finite values, and (given the ``manifest``) the model's
     tensor count and shapes. ``CheckpointError`` says what is wrong with which file."""
@@ -90,7 +91,7 @@ def load_checkpoint(path: str | Path, sha256: str | None = None,
 
 
 def newest_valid_checkpoint(candidates: list[dict[str, Any]], manifest: dict[str, Any],
-                            what: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+                            what: str) -> tuple[dict[str, Any], list[Array]]:
     """The first checkpoint of ``candidates`` (newest first) that verifies, logging why
     each newer one was skipped; ``CheckpointError`` naming every file when none does."""
     problems: list[str] = []

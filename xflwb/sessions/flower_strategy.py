@@ -24,8 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
+from xflwb.bridge.arrays import Array
+from xflwb.bridge.manifest import Manifest
 from xflwb.errors import DeviceFailure
 from xflwb.federation.bounds import Bounds
 from xflwb.federation.dp import CentralDP
@@ -106,7 +106,8 @@ class Tracked(ClientProxy):
     def __init__(self, inner: ClientProxy, platform: str) -> None:
         super().__init__(inner.cid)
         self.inner = inner
-        self.node_id = getattr(inner, "node_id", None)  # Flower's workflows address by it
+        # Flower's workflows address by it (Flower types it int; legacy gRPC proxies lack it)
+        self.node_id = getattr(inner, "node_id", None)  # type: ignore[assignment]
         self.platform = platform
         self.seconds = 0.0
         self.bytes_down = 0
@@ -193,8 +194,8 @@ class CrossPlatformStrategy(Strategy):
     """A Flower strategy serving Android and iOS clients of one exported model: Flower's
     side of ``xflwb.federation.rounds.Round``."""
 
-    def __init__(self, manifest: dict[str, Any], initial: list[np.ndarray], *,
-                 on_fit_round: Callable[[RoundReport, list[np.ndarray]], None] | None = None,
+    def __init__(self, manifest: Manifest, initial: list[Array], *,
+                 on_fit_round: Callable[[RoundReport, list[Array]], None] | None = None,
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None,
                  **options: Any) -> None:
@@ -230,11 +231,11 @@ class CrossPlatformStrategy(Strategy):
         return self.core.policy
 
     @property
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self) -> Manifest:
         return self.core.gate.manifest
 
     @manifest.setter
-    def manifest(self, value: dict[str, Any]) -> None:
+    def manifest(self, value: Manifest) -> None:
         self.core.gate.manifest = value
 
     @property
@@ -296,8 +297,8 @@ class CrossPlatformStrategy(Strategy):
         """``ClientRefused`` when ``refuse`` says ``cid``'s results may not count."""
         self.core.refused(cid)
 
-    def accept(self, platform: str, res: FitRes, base: list[np.ndarray] | None = None
-               ) -> tuple[list[np.ndarray], int, bool, str]:
+    def accept(self, platform: str, res: FitRes, base: list[Array] | None = None
+               ) -> tuple[list[Array], int, bool, str]:
         """Decode, map to canonical space and check one client's FitRes: (canonical
         arrays, examples it counts for, capped?, its encoding). Raises on anything wrong;
         a KeyError is a manifest fault (ours), every other exception that client's
@@ -331,15 +332,15 @@ class CrossPlatformStrategy(Strategy):
     def _refused(self, cid: str) -> None:
         self.refused(cid)
 
-    def _accept(self, platform: str, res: FitRes, base: list[np.ndarray] | None = None
-                ) -> tuple[list[np.ndarray], int, bool, str]:
+    def _accept(self, platform: str, res: FitRes, base: list[Array] | None = None
+                ) -> tuple[list[Array], int, bool, str]:
         return self.accept(platform, res, base)
 
     def _examples(self, value: Any) -> tuple[int, bool]:
         return self.core.gate.examples(value)
 
-    def _bounded(self, platform: str, cid: str, canonical: list[np.ndarray], n: int,
-                 base: list[np.ndarray] | None = None, cap: int | None = None,
+    def _bounded(self, platform: str, cid: str, canonical: list[Array], n: int,
+                 base: list[Array] | None = None, cap: int | None = None,
                  scale: float = 1.0) -> tuple[int, bool]:
         return self.core.bounds.bound(platform, cid, canonical, n,
                                       self.core.global_ if base is None else base, cap, scale)
@@ -373,10 +374,10 @@ class CrossPlatformStrategy(Strategy):
                  phase: str) -> list[tuple[ClientProxy, str, Parameters]]:
         """Sampled clients with their platform and the global model in their layout and
         encoding (encoded once per platform and encoding, not once per client)."""
-        out = []
+        out: list[tuple[ClientProxy, str, Parameters]] = []
         for client in self._sample(client_manager, fraction, server_round, phase):
             platform = getattr(client, "platform", None)
-            if platform in self.manifest["platforms"]:
+            if platform is not None and platform in self.manifest["platforms"]:
                 codec = self.core.codec(client.cid, getattr(client, "codec", "raw"))
                 enc = Parameters(tensors=self.core.encode(platform, codec),
                                  tensor_type=TENSOR_TYPES[codec])

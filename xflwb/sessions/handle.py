@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from xflwb.bridge.arrays import Array
 from xflwb.errors import SessionFailure
 from xflwb.sessions.checkpoints import newest_valid_checkpoint
 from xflwb.sessions.ending import end_reason, needs_history
@@ -67,11 +68,13 @@ class Session:
 
     @property
     def status(self) -> str:
-        return self.info["status"]
+        status: str = self.info["status"]
+        return status
 
     @property
     def ports(self) -> dict[str, int]:
-        return self.info["ports"]
+        ports: dict[str, int] = self.info["ports"]
+        return ports
 
     @property
     def round(self) -> int:
@@ -145,8 +148,9 @@ class Session:
     def doing(self, info: dict[str, Any] | None = None) -> str:
         """What the session is doing or waiting for, in words."""
         info = info or self.info
-        if info["status"] in DONE:
-            return info["status"]
+        status: str = info["status"]
+        if status in DONE:
+            return status
         if info["status"] == SessionStatus.STARTING:
             return "its process is starting"
         p = self.progress
@@ -208,7 +212,7 @@ class Session:
         synchronous sessions."""
         return arrivals_frame(self.registry.get_arrivals(self.id))
 
-    def global_parameters(self) -> list[np.ndarray]:
+    def global_parameters(self) -> list[Array]:
         """The latest canonical global model of this session."""
         info = self.registry.get_session(self.id)
         candidates = self.registry.checkpoints_newest_first(info["model_name"],

@@ -58,7 +58,7 @@ class SessionManager:
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self._procs: dict[int, subprocess.Popen] = {}
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
         self.log_dir = registry.data_dir / "logs"
         self._fleets: list[_WatchedFleet] = []
         self._lock = threading.RLock()

@@ -24,9 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import numpy as np
-
 from xflwb import _lifeline
+from xflwb.bridge.arrays import Array
 from xflwb.federation.aggregate import pin_blas_threads
 from xflwb.sessions.checkpoints import (
     CheckpointError,
@@ -47,7 +46,7 @@ _Options = TypeVar("_Options", bound=RoundOptions)
 def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
                     offset: int = 0, private: bool = False,
                     retention: Retention | None = None, tracking: Any = None
-                    ) -> tuple[Callable[[Any, list[np.ndarray]], None], Callable[[Any], None]]:
+                    ) -> tuple[Callable[[Any, list[Array]], None], Callable[[Any], None]]:
     """The strategy's per-round callbacks that persist metrics, rejections, evaluations and
     a checkpoint; shared by phone sessions and simulations so both record the same way.
 
@@ -61,7 +60,7 @@ def round_recorders(registry: Registry, session_id: int, model: dict[str, Any],
     ``tracking``: an ``xflwb.sessions.tracking.Tracking`` that gets each round's metrics too."""
     retention = retention or Retention()
 
-    def on_fit(report: Any, global_: list[np.ndarray]) -> None:
+    def on_fit(report: Any, global_: list[Array]) -> None:
         rnd = report.round + offset
         # first: the lineage's ledger holds the round before its model is released (the
         # checkpoint below, the next round's FitIns), so a crash can only over-count
@@ -254,7 +253,7 @@ class SessionProcess:
         self.set_status(SessionStatus.FAILED, error=reason)
 
     # -- training ------------------------------------------------------------------------
-    def strategy(self, model: dict[str, Any], initial: list[np.ndarray],
+    def strategy(self, model: dict[str, Any], initial: list[Array],
                  cfg: RoundOptions, offset: int = 0, **extra: Any) -> Any:
         """The ``CrossPlatformStrategy`` for ``model`` starting from ``initial`` with the
         session's loaded options ``cfg`` (``RoundOptions.strategy_arguments``: one place
@@ -277,7 +276,7 @@ class SessionProcess:
             on_progress=progress_writer(self.data_dir, self.session_id),
             **cfg.strategy_arguments(), **extra)
 
-    def save_start(self, model: dict[str, Any], rnd: int, arrays: list[np.ndarray],
+    def save_start(self, model: dict[str, Any], rnd: int, arrays: list[Array],
                    strict: bool = False) -> None:
         """Checkpoint the weights the session starts from, at the round it continues from
         (0 when fresh). Unless ``strict``, a failed write (disk full, read-only folder) is

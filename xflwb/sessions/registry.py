@@ -20,7 +20,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import sqlalchemy as sa
@@ -161,9 +161,18 @@ def _check_token_device(c: Any, dev: Any, device_id: int, token_id: int) -> None
     # an expired token is as gone as a revoked one: its phone's next token may claim the row
     live = owner is not None and owner.revoked is None and (
         owner.expires is None or owner.expires > time.time())
-    if live and (poster is None or poster.device != owner.device):
+    if live and owner is not None and (poster is None or poster.device != owner.device):
         raise DeviceNotYours(f"device {device_id} belongs to another device token: each "
                              "phone sends its own device_id with its own token")
+
+
+def _inserted_id(result: sa.CursorResult[Any]) -> int:
+    """The id of the one row ``result`` inserted (SQLAlchemy types the key Optional: it is
+    None only for statements that insert nothing)."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise RegistryError("the insert returned no primary key")
+    return int(key[0])
 
 
 # -- telemetry ↔ evaluation matching ------------------------------------------------------------
@@ -242,7 +251,7 @@ def _match_evaluation(c: Any, eid: int, session_id: int, rnd: int, platform: str
 class Registry:
     """All persistent state; safe to open from several processes at once."""
 
-    def __init__(self, data_dir: str | Path, db_url: str | None = None) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], db_url: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.artifact_dir = self.data_dir / "registry"  # not "artifacts": users export there
@@ -330,10 +339,9 @@ class Registry:
         tmp.rename(dest)
         public = {k: v for k, v in m.items() if not k.startswith("_")}
         with self.engine.begin() as c:
-            mid = c.execute(models.insert().values(
+            mid = _inserted_id(c.execute(models.insert().values(
                 name=m["name"], version=m["version"], data_type=m["data_type"],
-                manifest=json.dumps(public), directory=str(dest), created=time.time())
-            ).inserted_primary_key[0]
+                manifest=json.dumps(public), directory=str(dest), created=time.time())))
             for plat, entry in m["platforms"].items():
                 c.execute(artifacts.insert().values(
                     model_id=mid, platform=plat, file=entry["file"], sha256=entry["sha256"],
@@ -403,7 +411,8 @@ class Registry:
             rows = c.execute(artifacts.select().where(artifacts.c.model_id == model_id)).all()
         return {r.platform: dict(r._mapping) for r in rows}
 
-    def advertised(self, data_type: str, platform: str) -> tuple[dict, dict] | None:
+    def advertised(self, data_type: str, platform: str
+                   ) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The model a phone of ``platform`` with ``data_type`` should train.
 
         A model with a running session wins (phones join the live experiment); otherwise
@@ -448,13 +457,13 @@ class Registry:
                     row = c.execute(self._active_query(model["name"])).first()
                     if row is not None:
                         raise SessionConflict(model["name"], row.id, row.status)
-                return c.execute(sessions.insert().values(**values)).inserted_primary_key[0]
+                return _inserted_id(c.execute(sessions.insert().values(**values)))
         except sa.exc.IntegrityError:
             if not exclusive:
                 raise
             active = self.active_session_for(model["name"])
-            raise SessionConflict(model["name"], active and active["id"],
-                                  active and active["status"]) from None
+            raise SessionConflict(model["name"], active["id"] if active else None,
+                                  active["status"] if active else None) from None
 
     def mark_crashed(self, session_id: int, error: str, without_pid: bool = False) -> bool:
         """Mark an active session crashed; a no-op (False) when it ended meanwhile, or, with
@@ -500,7 +509,7 @@ class Registry:
             return [self._session_row(r) for r in c.execute(q).all()]
 
     @staticmethod
-    def _active_query(model_name: str) -> sa.Select:
+    def _active_query(model_name: str) -> sa.Select[Any]:
         return (sessions.select().where(sessions.c.model_name == model_name,
                                         sessions.c.status.in_(ACTIVE), ~IS_SIMULATION)
                 .order_by(sessions.c.id.desc()))
@@ -596,10 +605,10 @@ class Registry:
                        path: Path, sha256: str | None = None) -> int:
         """Record a written checkpoint; ``sha256`` of its bytes is checked when loaded."""
         with self.engine.begin() as c:
-            return c.execute(checkpoints.insert().values(
+            return _inserted_id(c.execute(checkpoints.insert().values(
                 session_id=session_id, model_name=model["name"],
                 model_version=model["version"], round=rnd, path=str(path), time=time.time(),
-                sha256=sha256)).inserted_primary_key[0]
+                sha256=sha256)))
 
     def get_checkpoint(self, checkpoint_id: int) -> dict[str, Any] | None:
         with self.engine.connect() as c:
@@ -747,9 +756,9 @@ class Registry:
         """Store a new token's digest; its row (id, device, created, expires, session)."""
         now = time.time()
         with self.engine.begin() as c:
-            tid = c.execute(device_tokens.insert().values(
+            tid = _inserted_id(c.execute(device_tokens.insert().values(
                 device=device, sha256=sha256, created=now, expires=expires,
-                session_id=session_id)).inserted_primary_key[0]
+                session_id=session_id)))
         return {"id": int(tid), "device": device, "created": now, "expires": expires,
                 "session": session_id}
 
@@ -775,8 +784,9 @@ class Registry:
         token is revoked."""
         t = device_tokens
         with self.engine.connect() as c:
-            n, newest = c.execute(sa.select(sa.func.count(t.c.id), sa.func.max(t.c.revoked))
-                                  .where(t.c.revoked.is_not(None))).one()
+            n, newest = cast(tuple[int | None, float | None],  # SQLAlchemy types it object
+                             c.execute(sa.select(sa.func.count(t.c.id), sa.func.max(t.c.revoked))
+                                       .where(t.c.revoked.is_not(None))).one())
         return int(n or 0), float(newest or 0.0)
 
     def revoke_device_tokens(self, token_id: int | None = None,
@@ -868,11 +878,11 @@ class Registry:
                 bound = {"token_id": token_id} if token_id is not None else {}
                 c.execute(devices.update().where(devices.c.id == device_id).values(
                     last_seen=now, last_session_id=sid, **bound))
-            tid = c.execute(telemetry.insert().values(
+            tid = _inserted_id(c.execute(telemetry.insert().values(
                 kind=kind, device_id=device_id, session_id=sid, round=rnd, platform=None,
                 start=body["start"], end=body["end"], loss=body.get("loss"),
                 accuracy=body.get("accuracy"), test_size=body.get("test_size"),
-                received=now)).inserted_primary_key[0]
+                received=now)))
             if kind == "evaluate":
                 _match_telemetry(c, tid, sid, device_id,
                                 dev.platform if dev is not None else None,
@@ -902,9 +912,9 @@ class Registry:
             return
         with self.engine.begin() as c:
             for p, cid, loss, n in rows:
-                eid = c.execute(evaluations.insert().values(
+                eid = _inserted_id(c.execute(evaluations.insert().values(
                     session_id=session_id, round=rnd, platform=p, client=cid, loss=loss,
-                    num_examples=n)).inserted_primary_key[0]
+                    num_examples=n)))
                 _match_evaluation(c, eid, session_id, rnd, p, loss, n)
 
     def accuracy_metrics(self, session_id: int) -> list[dict[str, Any]]:

@@ -8,6 +8,8 @@ an older xflwb is brought up to date when it is opened.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 from xflwb.sessions.status import ACTIVE
@@ -57,7 +59,7 @@ sessions = sa.Table(
     sa.Column("started", sa.Float, nullable=False),
     sa.Column("ended", sa.Float),
 )
-def _per_round(name: str, *columns: sa.Column) -> sa.Table:
+def _per_round(name: str, *columns: sa.Column[Any]) -> sa.Table:
     """A table of per-session, per-round, per-platform rows (metrics, rejections,
     evaluations)."""
     return sa.Table(

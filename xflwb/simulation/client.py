@@ -23,11 +23,14 @@ from typing import Any
 import numpy as np
 
 from xflwb.bridge import params
+from xflwb.bridge.arrays import AnyArray, Array
+from xflwb.bridge.manifest import Manifest
 from xflwb.flower_legacy import (
     Code,
     EvaluateRes,
     FitRes,
     Parameters,
+    Scalar,
     Status,
     simulation_api,
 )
@@ -63,7 +66,7 @@ class ClientSpec:
         return platform_of(partition_id, self.android)
 
 
-def make_bundle(manifest: dict[str, Any], platforms: list[str]) -> tuple[dict[str, bytes], str]:
+def make_bundle(manifest: Manifest, platforms: list[str]) -> tuple[dict[str, bytes], str]:
     """Manifest + the artifacts the fleet needs, as bytes: Ray workers may run on other
     machines that cannot see the registry's files."""
     from xflwb.bridge import manifest as manifest_mod
@@ -112,7 +115,7 @@ def _partitions(dataset: str, partition: str, num_partitions: int, seed: int) ->
     return split(dataset, partition, num_partitions, seed)[0]
 
 
-def client_data(spec: ClientSpec, partition_id: int) -> tuple[np.ndarray, ...]:
+def client_data(spec: ClientSpec, partition_id: int) -> tuple[AnyArray, ...]:
     """(x_train, y_train, x_test, y_test) exactly as ``device_data`` gives a virtual phone,
     with the whole-dataset partitioning done once per worker instead of once per client."""
     from xflwb.devices.partition import local_data
@@ -189,11 +192,11 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         return FitRes(status=Status(code=Code.OK, message=""), parameters=out,
                       num_examples=len(x), metrics=metrics)
 
-    def _clipped(self, rt: Any, ins: Any, metrics: dict[str, Any]) -> list[np.ndarray]:
+    def _clipped(self, rt: Any, ins: Any, metrics: dict[str, Any]) -> list[Array]:
         """The trained tensors; under central DP (``clipping_norm`` in the config) with the
         delta clipped in canonical space as the server would, and the norm bit reported
         (1.0: not clipped)."""
-        trained = rt.get_parameters()
+        trained: list[Array] = rt.get_parameters()
         if "clipping_norm" not in ins.config:
             return trained
         norm_cap = float(ins.config["clipping_norm"])
@@ -230,7 +233,7 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
                                num_examples=0, metrics={})
         rt, _ = self._load(ins.parameters)
         loss, acc = rt.evaluate(xt, yt)
-        metrics = {"accuracy": float(acc)} if np.isfinite(acc) else {}
+        metrics: dict[str, Scalar] = {"accuracy": float(acc)} if np.isfinite(acc) else {}
         return EvaluateRes(status=Status(code=Code.OK, message=""), loss=float(loss),
                            num_examples=len(xt), metrics=metrics)
 

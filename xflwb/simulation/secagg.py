@@ -31,6 +31,7 @@ import numpy as np
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.bridge.arrays import AnyArray
 from xflwb.errors import DeviceFailure, SessionFailure
 from xflwb.flower_legacy import secagg_api
 
@@ -157,8 +158,8 @@ def check_fleet(secagg: dict[str, Any], sampled: int) -> None:
                          f"{sampled}; lower it or raise num_shares")
 
 
-def canonical_payload(canonical: Sequence[np.ndarray], trained: Sequence[bool]
-                      ) -> list[np.ndarray]:
+def canonical_payload(canonical: Sequence[AnyArray], trained: Sequence[bool]
+                      ) -> list[AnyArray]:
     """What a client hands ``secaggplus_mod``: its canonical tensors, untrained ones as zeros,
     then one weight per canonical tensor (1.0 trained, 0.0 not), then a 1.0 for the client
     itself, so the server can divide the weighted sums by the weight each tensor really got
@@ -171,19 +172,20 @@ def canonical_payload(canonical: Sequence[np.ndarray], trained: Sequence[bool]
 
 def mod_ratio(num_examples: int, secagg: dict[str, Any]) -> float:
     """The factor ``secaggplus_mod`` multiplies a client's vector by (quantised, as it is)."""
-    q = secagg["quantization_range"]
-    return round(num_examples / secagg["max_weight"] * q) / q
+    q: float = secagg["quantization_range"]
+    max_weight: float = secagg["max_weight"]
+    return round(num_examples / max_weight * q) / q
 
 
-def uniform(payload: Sequence[np.ndarray], num_examples: int, secagg: dict[str, Any]
-            ) -> list[np.ndarray]:
+def uniform(payload: Sequence[AnyArray], num_examples: int, secagg: dict[str, Any]
+            ) -> list[AnyArray]:
     """Under central DP each clipped update counts once (its sensitivity is the clipping
     norm), not by examples: the payload is divided by the factor the mod multiplies it by."""
     ratio = mod_ratio(num_examples, secagg)
     return [np.asarray(a, np.float64) / ratio for a in payload]
 
 
-def check_range(payload: Sequence[np.ndarray], num_examples: int, secagg: dict[str, Any]
+def check_range(payload: Sequence[AnyArray], num_examples: int, secagg: dict[str, Any]
                 ) -> None:
     """Refuse (this client's fit fails, naming the fix) a vector SecAgg+ would clip."""
     if num_examples > secagg["max_weight"]:

@@ -169,7 +169,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
 
         server_app = api.ServerApp()
 
-        @server_app.main()
+        @server_app.main()  # type: ignore[untyped-decorator]  # Flower's is unannotated
         def _main(grid: Any, context: Any) -> None:
             platform_of = ask_platforms(api, grid, cfg.num_clients)
             counts = {p: sum(v == p for v in platform_of.values()) for p in PLATFORMS}

@@ -140,7 +140,7 @@ def fedbuff_plan(info: dict[str, Any]) -> dict[str, int] | None:
         return None
     opts = cfg.get("strategy_options")
     given = opts if isinstance(opts, dict) else {}
-    plan = {f.name: f.default for f in dataclasses.fields(FedBuff)} | given
+    plan: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(FedBuff)} | given
     return {"buffer_size": int(plan["buffer_size"]),
             "versions": int(plan["max_versions"] or cfg["rounds"])}
 
@@ -217,7 +217,7 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
         parts.append(html.escape(started))
     privacy = (info.get("config") or {}).get("privacy")
     if privacy:  # the ledger so far: what a reviewer asks first
-        eps = history.query("metric == 'epsilon'")["value"] if len(history) else []
+        eps: Any = history.query("metric == 'epsilon'")["value"] if len(history) else []
         spent = f"ε = {float(eps.iloc[-1]):.3g}" if len(eps) else "ε = 0"
         cap = privacy.get("max_epsilon")
         parts.append(f"DP: {spent} at δ = {privacy.get('target_delta', 1e-5):g}"
@@ -361,7 +361,7 @@ class Dashboard:
         info = self.session.info
         hist = self.session.history
         devices = device_table(self.fleet) if self.fleet is not None else None
-        status = info["status"]
+        status: str = info["status"]
         self.header.value = header_html(self.session, info, hist, devices)
         done = min(int(info["round"]), self.progress.max)
         self.progress.value = done

@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
-
+from xflwb.bridge.arrays import Array
 from xflwb.federation.policies.base import Metric, Policy
 from xflwb.federation.policies.fedavg import FedAvg
 from xflwb.federation.policies.optimizers import FedAdagrad, FedAdam, FedAvgM, FedYogi
@@ -37,7 +36,7 @@ SYNCHRONOUS = tuple(POLICIES)
 ROBUST = tuple(name for name, cls in POLICIES.items() if not cls.allows_dp)
 
 
-def build(name: str, initial: Sequence[np.ndarray], options: dict[str, Any] | None = None,
+def build(name: str, initial: Sequence[Array], options: dict[str, Any] | None = None,
           privacy: Any = None) -> Any:
     """The policy ``name`` over ``initial`` with ``options`` (checked by Flower's class of
     that name), wrapped in ``Private`` when ``privacy`` (a ``DP``, its dict or a

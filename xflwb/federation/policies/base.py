@@ -20,8 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-
+from xflwb.bridge.arrays import Array
 from xflwb.federation.update import Update
 
 __all__ = ["Metric", "Policy", "flower_rule"]
@@ -42,11 +41,11 @@ class Policy(Protocol):
     #: the DP mechanism when the policy is private (its ledger, its last privacy event)
     dp: Any
 
-    def begin(self, global_: list[np.ndarray], round: int) -> None: ...
+    def begin(self, global_: list[Array], round: int) -> None: ...
 
     def add(self, update: Update) -> None: ...
 
-    def result(self) -> list[np.ndarray] | None: ...
+    def result(self) -> list[Array] | None: ...
 
     def end(self, failures: int) -> list[Metric]: ...
 
@@ -55,7 +54,7 @@ class Policy(Protocol):
         ...
 
 
-def flower_rule(name: str, initial: list[np.ndarray], options: dict[str, Any]) -> Any:
+def flower_rule(name: str, initial: list[Array], options: dict[str, Any]) -> Any:
     """Flower's strategy ``name`` (``xflwb.flower_legacy.SERVER_STRATEGIES``) built from
     ``initial`` and ``options``: its constructor checks the options (FedTrimmedAvg's
     ``beta`` range, Krum's counts), and a server optimiser's update rule is its

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import Array
 from xflwb.federation.aggregate import StreamingFedAvg
 from xflwb.federation.policies.base import Metric, flower_rule
 from xflwb.federation.update import Update
@@ -29,7 +30,7 @@ class FedAvg:
     allows_dp = True
     dp: Any = None
 
-    def __init__(self, global_: Sequence[np.ndarray], **options: Any) -> None:
+    def __init__(self, global_: Sequence[Array], **options: Any) -> None:
         self.global_ = [np.asarray(a, np.float32) for a in global_]
         #: Flower's class of the same name: its constructor checked ``options`` (and a
         #: server optimiser's update rule is its ``aggregate_fit``)
@@ -42,7 +43,7 @@ class FedAvg:
     def describe(self) -> str:
         return type(self.flower).__name__
 
-    def begin(self, global_: list[np.ndarray], round: int) -> None:
+    def begin(self, global_: list[Array], round: int) -> None:
         self.global_ = global_
         self.round = int(round)
         self._agg = StreamingFedAvg(global_)
@@ -54,7 +55,7 @@ class FedAvg:
                       update.trained)
         self.examples += int(update.examples)
 
-    def add_sum(self, tensors: Sequence[np.ndarray], weight: int, trained: Sequence[bool],
+    def add_sum(self, tensors: Sequence[Array], weight: int, trained: Sequence[bool],
                 examples: int = 0) -> None:
         """A contribution aggregated elsewhere (SecAgg+'s unmasked sums), trusted as it is:
         ``weight`` per trained tensor, ``examples`` the clients behind it."""
@@ -71,15 +72,15 @@ class FedAvg:
         """The weight behind each tensor's mean (0: nobody trained it)."""
         return self._agg.examples_per_parameter
 
-    def mean(self) -> list[np.ndarray] | None:
+    def mean(self) -> list[Array] | None:
         """The round's masked mean, or None when nothing was added."""
         return self._agg.result() if self._agg.count else None
 
-    def step(self, mean: list[np.ndarray]) -> list[np.ndarray]:
+    def step(self, mean: list[Array]) -> list[Array]:
         """The server-side update from the round's mean: FedAvg takes the mean."""
         return mean
 
-    def result(self) -> list[np.ndarray] | None:
+    def result(self) -> list[Array] | None:
         mean = self.mean()
         return None if mean is None else self.step(mean)
 

@@ -9,8 +9,7 @@ that Flower object across rounds). The rule is reached through ``xflwb.flower_le
 
 from __future__ import annotations
 
-import numpy as np
-
+from xflwb.bridge.arrays import Array
 from xflwb.federation.policies.fedavg import FedAvg
 
 __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer"]
@@ -19,7 +18,7 @@ __all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedYogi", "ServerOptimizer"]
 class ServerOptimizer(FedAvg):
     """The masked mean, then Flower's server-side update rule of ``name``."""
 
-    def step(self, mean: list[np.ndarray]) -> list[np.ndarray]:
+    def step(self, mean: list[Array]) -> list[Array]:
         from xflwb.flower_legacy import server_update
 
         return server_update(self.flower, self.round, mean, max(1, self.examples))

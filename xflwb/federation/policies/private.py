@@ -15,8 +15,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
+from xflwb.bridge.arrays import Array
 from xflwb.errors import InputError
 from xflwb.federation.dp import CentralDP
 from xflwb.federation.policies.base import Metric
@@ -40,14 +39,14 @@ class Private:
         self.inner = inner
         self.name = inner.name
         self.dp = dp if isinstance(dp, CentralDP) else CentralDP(dp)
-        self.global_: list[np.ndarray] = list(getattr(inner, "global_", []))
+        self.global_: list[Array] = list(getattr(inner, "global_", []))
         self._released = False
         self._noise_std = 0.0
 
     def describe(self) -> str:
         return str(self.inner.describe())
 
-    def begin(self, global_: list[np.ndarray], round: int) -> None:
+    def begin(self, global_: list[Array], round: int) -> None:
         self.global_ = global_
         self.dp.begin()
         self.inner.begin(global_, round)
@@ -61,7 +60,7 @@ class Private:
         self.inner.add(dataclasses.replace(update, tensors=clipped), weight=1)
         self.dp.counted(bit)
 
-    def add_sum(self, tensors: Sequence[np.ndarray], weight: int, trained: Sequence[bool],
+    def add_sum(self, tensors: Sequence[Array], weight: int, trained: Sequence[bool],
                 examples: int = 0) -> None:
         """Sums the clients clipped themselves (SecAgg+): added as they are."""
         self.inner.add_sum(tensors, weight, trained, examples)
@@ -72,13 +71,14 @@ class Private:
         for bit in bits:
             self.dp.counted(1.0 if bit is None else bit)
 
-    def result(self) -> list[np.ndarray] | None:
+    def result(self) -> list[Array] | None:
         mean = self.inner.mean()
         if mean is None:
             return None
         self._released = True  # the noised mean, before any server optimiser
         self._noise_std = self.dp.add_noise(mean, self.inner.weights)
-        return self.inner.step(mean)
+        stepped: list[Array] = self.inner.step(mean)
+        return stepped
 
     def end(self, failures: int) -> list[Metric]:
         """Compose the round into the ledger (if it released a model): epsilon, noise_std,

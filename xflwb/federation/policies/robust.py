@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import Array
 from xflwb.federation.aggregate import aggregate_robust
 from xflwb.federation.policies.base import Metric, flower_rule
 from xflwb.federation.update import Update
@@ -31,16 +32,16 @@ class RobustRule:
     allows_dp = False
     dp: Any = None
 
-    def __init__(self, global_: Sequence[np.ndarray], **options: Any) -> None:
+    def __init__(self, global_: Sequence[Array], **options: Any) -> None:
         self.global_ = [np.asarray(a, np.float32) for a in global_]
         self.flower = flower_rule(self.name, self.global_, options)
         self.round = 0
-        self._kept: list[tuple[list[np.ndarray], int, list[bool]]] = []
+        self._kept: list[tuple[list[Array], int, list[bool]]] = []
 
     def describe(self) -> str:
         return type(self.flower).__name__
 
-    def begin(self, global_: list[np.ndarray], round: int) -> None:
+    def begin(self, global_: list[Array], round: int) -> None:
         self.global_ = global_
         self.round = int(round)
         self._kept = []
@@ -48,7 +49,7 @@ class RobustRule:
     def add(self, update: Update) -> None:
         self._kept.append((update.tensors, int(update.examples), list(update.trained)))
 
-    def result(self) -> list[np.ndarray] | None:
+    def result(self) -> list[Array] | None:
         if not self._kept:
             return None
         kept, self._kept = self._kept, []  # the round's updates are freed with it

@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 
+from xflwb.bridge.arrays import Array
+
 __all__ = ["add_secure_sums"]
 
 
-def add_secure_sums(policy: Any, arrays: Sequence[np.ndarray], global_: Sequence[np.ndarray],
+def add_secure_sums(policy: Any, arrays: Sequence[Array], global_: Sequence[Array],
                     counts: Sequence[int], bits: Sequence[float | None] = ()) -> None:
     """Decode the unmasked ``arrays`` (sums, per-tensor weights, the count) of a round whose
     clients declared ``counts`` examples into ``policy`` (a mean, or ``Private`` over one:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -41,9 +41,9 @@ def device_guard(state: AppState) -> Callable[[Request], None]:
 def check_session_scope(request: Request, session_id: int | None) -> None:
     """403 when the request's device token is valid for one session only and
     ``session_id`` (the session the phone would join; None: none running) is not it."""
-    token = getattr(request.state, "device_token", None)
+    token: dict[str, Any] | None = getattr(request.state, "device_token", None)
     scope = token.get("session") if token else None
-    if scope is not None and scope != session_id:
+    if token is not None and scope is not None and scope != session_id:
         where = f"session {session_id}" if session_id is not None else "a new session"
         raise HTTPException(403, f"device token {token['id']} of {token['device']!r} is "
                                  f"valid only for session {scope}, not {where}; ask the "

@@ -11,10 +11,10 @@ linear in the body's size; the body size itself is bounded by ``BodyLimit`` outs
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.types import Message, Receive, Scope, Send
 
 #: the deepest nesting of arrays and objects a request body may have (routes use ≤ 4)
 MAX_JSON_DEPTH = 32
@@ -69,8 +69,7 @@ class JsonDepthLimit:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict]],
-                       send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] != "http" or scope["method"] not in _BODY_METHODS
                 or not _is_json(scope.get("headers", []))):
             await self.app(scope, receive, send)
@@ -79,7 +78,7 @@ class JsonDepthLimit:
         while True:
             message = await receive()
             if message["type"] != "http.request":  # the client left: pass that on
-                replay: list[dict] = [message]
+                replay: list[Message] = [message]
                 break
             parts.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -95,7 +94,7 @@ class JsonDepthLimit:
             await response(scope, receive, send)
             return
 
-        async def replayed() -> dict:
+        async def replayed() -> Message:
             return replay.pop(0) if replay else await receive()
 
         await self.app(scope, replayed, send)

@@ -3,11 +3,12 @@ read (by its Content-Length, or by counting a chunked body as it arrives)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Message, Receive, Scope, Send
 
 #: bodies up to this size are always read; a larger one is measured against ``body_limit``
 BODY_FLOOR = 1024 * 1024
@@ -32,8 +33,7 @@ class BodyLimit:
         self.limit = limit
         self.floor = floor  # bodies up to this size pass without looking the limit up
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict]],
-                       send: Callable[[dict], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -47,7 +47,7 @@ class BodyLimit:
         seen = 0
         started = False
 
-        async def counted() -> dict:
+        async def counted() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -56,7 +56,7 @@ class BodyLimit:
                     raise _TooLarge(limit)
             return message
 
-        async def watched(message: dict) -> None:
+        async def watched(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -69,7 +69,7 @@ class BodyLimit:
             await self._refuse(send, exc.limit)
 
     @staticmethod
-    async def _refuse(send: Callable[[dict], Awaitable[None]], limit: int) -> None:
+    async def _refuse(send: Send, limit: int) -> None:
         body = JSONResponse({"detail": _TooLarge(limit).detail}, status_code=413).body
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"),

@@ -9,8 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from xflwb.server.http.inputs import MAX_INT, PathId, _In
 from xflwb.server.http.state import AppState
-from xflwb.server.security import MAX_DEVICE_NAME, MAX_TTL
-from xflwb.sessions.registry import NotFound
+from xflwb.server.security import MAX_TTL
+from xflwb.sessions.registry import MAX_DEVICE_NAME, NotFound
 
 
 class DeviceTokenIn(_In):
@@ -63,13 +63,16 @@ def tokens_router(state: AppState) -> APIRouter:
                                          "session-scoped token names an existing "
                                          "session)") from None
         try:
-            return state.tokens.issue(body.device, ttl=body.ttl, session=body.session)
+            issued: dict[str, Any] = state.tokens.issue(body.device, ttl=body.ttl,
+                                                        session=body.session)
+            return issued
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
 
     @r.get("/devices/tokens", response_model=list[TokenOut])
     def list_device_tokens() -> list[dict[str, Any]]:
-        return state.tokens.list()
+        listed: list[dict[str, Any]] = state.tokens.list()
+        return listed
 
     @r.delete("/devices/tokens/{token_id}", response_model=RevokedOut)
     def revoke_device_token(token_id: PathId) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -25,6 +25,10 @@ class _SessionBody(_In):
         return data
 
 
-SessionIn = _options.request_model(
-    SessionConfig, "SessionIn", _SessionBody,
-    extra={"model": (str, Field(max_length=64, description="a published model name"))})
+if TYPE_CHECKING:  # the model is generated at run time; its static face is the base
+    class SessionIn(_SessionBody):
+        model: str
+else:
+    SessionIn = _options.request_model(
+        SessionConfig, "SessionIn", _SessionBody,
+        extra={"model": (str, Field(max_length=64, description="a published model name"))})

@@ -42,7 +42,7 @@ def timed_protocol(header_timeout: float = HEADER_TIMEOUT, body_timeout: float =
     """
     parent: Any = base or _auto_protocol()
 
-    class TimedProtocol(parent):  # type: ignore[misc, valid-type]
+    class TimedProtocol(parent):  # type: ignore[misc]  # parent is chosen at run time
         _xfl_timer: asyncio.TimerHandle | None = None
         _xfl_cycle: Any = None  # the request whose head was seen last
         _xfl_phase = "head"  # head | body | app (the app has the whole request)
@@ -67,7 +67,7 @@ def timed_protocol(header_timeout: float = HEADER_TIMEOUT, body_timeout: float =
             """Move the deadline along with the request: a new head ends the head phase, a
             complete body the body phase; a finished response starts waiting for the next
             head (the head deadline is never restarted by the bytes of a slow head)."""
-            cycle = getattr(self, "cycle", None)
+            cycle: Any = getattr(self, "cycle", None)  # uvicorn's RequestResponseCycle
             if self.transport is None or self.transport.is_closing():
                 self._xfl_cancel()
             elif cycle is not None and cycle is not self._xfl_cycle \
