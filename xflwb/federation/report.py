@@ -15,7 +15,7 @@ from typing import Any
 
 from xflwb.errors import SessionFailure
 
-__all__ = ["MAX_REASONS", "AllClientsFailed", "RoundReport", "summarize"]
+__all__ = ["MAX_REASONS", "AllClientsFailed", "Failure", "RoundReport", "summarize"]
 
 #: how many distinct failure reasons a session's error quotes (the rest are counted)
 MAX_REASONS = 3
@@ -25,6 +25,18 @@ class AllClientsFailed(SessionFailure):
     """Every client selected for a round failed, at least one with an error (not a lost
     connection): the next round would fail the same way, so the session fails with the
     clients' reasons instead of waiting for clients that will not come."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A client whose fit failed, as its host describes it: ``is_error`` False for a lost
+    connection or a timeout (a phone may come back), True for an error (the next round
+    would fail the same way). Both drivers (``rounds``, ``versions``) take it."""
+
+    platform: str
+    client: str
+    reason: str
+    is_error: bool = True
 
 
 @dataclass

@@ -35,7 +35,7 @@ from xflwb.federation.dp import reported_bit
 from xflwb.federation.gate import UpdateGate
 from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 from xflwb.federation.policies import add_secure_sums, build
-from xflwb.federation.report import AllClientsFailed, RoundReport, summarize
+from xflwb.federation.report import AllClientsFailed, Failure, RoundReport, summarize
 from xflwb.federation.update import Update
 
 __all__ = ["ClientRefused", "ClientSource", "Evaluation", "Failure", "FitJob", "FitPayload",
@@ -105,17 +105,6 @@ class FitResult:
     fit_seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
-
-
-@dataclass
-class Failure:
-    """A client whose fit failed: ``is_error`` False for a lost connection or a timeout (a
-    phone may come back), True for an error (the next round would fail the same way)."""
-
-    platform: str
-    client: str
-    reason: str
-    is_error: bool = True
 
 
 @dataclass

@@ -37,6 +37,7 @@ from xflwb.errors import SessionFailure
 from xflwb.federation.aggregate import update_norm
 from xflwb.federation.fedbuff import Arrival, FedBuff, StaleUpdate, VersionBuffer
 from xflwb.federation.influence import WARM, PeerWindow, weight_cap
+from xflwb.federation.report import Failure
 from xflwb.federation.update import Update
 
 __all__ = ["Accept", "AllFitsFailed", "Bounds", "ClientSource", "Evaluation", "Failure",
@@ -106,17 +107,6 @@ class Returned:
     fit_seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A failed fit as the host describes it: ``is_error`` false for a lost connection or a
-    timeout (the client may come back), true for an error (it would fail again)."""
-
-    platform: str
-    client: str
-    reason: str
-    is_error: bool = True
 
 
 @dataclass
