@@ -1,0 +1,96 @@
+"""``xflwb.Compression``: which codec carries updates up and models down, and what each client
+gets after negotiation.
+
+The session chooses (``Compression(up="int8", down="fp16")``); each client declares what it
+can do (``xflwb.federation.codecs.capabilities``: FedKit phones and stock Flower clients
+declare nothing). A client gets the session's codec in a direction only if it declared that
+codec's name, else float32 in its own encoding, so compression never breaks a phone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from xflwb import _options
+from xflwb._options import option
+from xflwb.federation.codecs import FLOAT32, Codec, parse
+
+__all__ = ["Compression", "Negotiated", "compression_dict", "negotiate"]
+
+
+@_options.declared  # unknown keywords: did you mean
+@dataclass
+class Compression:
+    """Codecs of the two directions (``"float32"``: none): ``up`` carries each client's
+    update ("fp16", "int8", "topk:0.01", "rotate+int8"), ``down`` the global model sent to it
+    ("fp16", "int8"). Clients that did not declare a codec keep float32."""
+
+    up: str = option(FLOAT32, 'codec of client updates: "float32" (none), "fp16", "int8", '
+                     '"int8:block=N", "topk:F" (keep a fraction F, with error feedback) or '
+                     '"rotate+int8"')
+    down: str = option(FLOAT32, 'codec of the model sent to clients: "float32" (none), '
+                       '"fp16" or "int8"')
+
+    def __post_init__(self) -> None:
+        _options.check(self)
+        up, down = parse(self.up, "up"), parse(self.down, "down")  # InputError naming it
+        self.up = up.spec if up is not None else FLOAT32
+        self.down = down.spec if down is not None else FLOAT32
+
+    @property
+    def enabled(self) -> bool:
+        return (self.up, self.down) != (FLOAT32, FLOAT32)
+
+
+def compression_dict(value: Any) -> dict[str, str] | None:
+    """``RoundOptions.compression`` normalised: a ``Compression``, its dict or a spec string
+    (``"int8"``: up only; ``"up=int8,down=fp16"``) → ``{"up": spec, "down": spec}`` with
+    canonical specs, ``None`` when nothing is compressed; ``OptionError`` naming it."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if "=" in text:
+            try:
+                value = dict(part.split("=", 1) for part in text.split(",") if part.strip())
+            except ValueError:
+                raise _options.OptionError(
+                    f"compression {text!r}: write 'up=int8,down=fp16'") from None
+            value = {k.strip(): v.strip() for k, v in value.items()}
+        else:
+            value = {"up": text}
+    if isinstance(value, dict):
+        try:
+            value = Compression(**value)
+        except (TypeError, ValueError) as exc:
+            raise _options.OptionError(f"compression: {exc}") from None
+    if not isinstance(value, Compression):
+        raise _options.OptionError(
+            f"compression must be xflwb.Compression(up=..., down=...), its dict, a spec "
+            f"string such as 'up=int8,down=fp16', or None; got {value!r}")
+    return dataclasses.asdict(value) if value.enabled else None
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """What one client gets: ``up`` / ``down`` codecs, ``None`` for float32."""
+
+    up: Codec | None = None
+    down: Codec | None = None
+
+
+FLOAT32_ONLY = Negotiated()
+
+
+def negotiate(compression: dict[str, str] | None, capabilities: Iterable[str]) -> Negotiated:
+    """The session's codecs restricted to what the client declared (names, e.g. {"int8"})."""
+    if not compression:
+        return FLOAT32_ONLY
+    can = frozenset(capabilities)
+    up, down = parse(compression.get("up", FLOAT32), "up"), parse(
+        compression.get("down", FLOAT32), "down")
+    return Negotiated(up=up if up is not None and up.name in can else None,
+                      down=down if down is not None and down.name in can else None)
