@@ -27,6 +27,7 @@ runtimes (TFF's ``tensor_encoding`` needs TensorFlow graphs and is no longer dev
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from xflwb.bridge.arrays import AnyArray, Array
 from xflwb.errors import InputError
@@ -81,17 +83,21 @@ class Codec:
         """One tensor → bytes. ``rng``: stochastic rounding where the codec has it (unbiased:
         E[decode(encode(x))] = x); ``None`` rounds to nearest (deterministic: a down-link
         model the server can reproduce)."""
-        flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
+        with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: inf
+            flat = np.ascontiguousarray(array, dtype=np.float32).reshape(-1)
         if flat.size > _MAX_COUNT:
             raise ValueError(f"tensor of {flat.size} elements is too large for codec "
                              f"{self.spec!r} (at most {_MAX_COUNT})")
         if not np.isfinite(flat).all():
-            raise ValueError(f"tensor contains NaN or inf; codec {self.spec!r} refuses it")
+            raise ValueError(f"tensor contains NaN or inf (or values beyond float32's range); "
+                             f"codec {self.spec!r} refuses it")
         return _HEADER.pack(_MAGIC, _VERSION, self.ident, flat.size) + self._encode(flat, rng)
 
     def decode(self, data: bytes | memoryview, size: int) -> Array:
         """Bytes → a flat float32 tensor of ``size`` elements (the platform layout's), or
         ``ValueError`` naming what is wrong with the bytes."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"a {self.spec} payload is bytes, got {type(data).__name__}")
         data = bytes(data)
         if len(data) < _HEADER.size:
             raise ValueError(f"{len(data)} bytes is shorter than a {self.spec} header")
@@ -114,7 +120,8 @@ class Codec:
 
     def bound(self, array: AnyArray) -> float:
         """The largest L2 norm of ``decode(encode(array)) - array`` this codec allows (with
-        stochastic or nearest rounding); tested with hypothesis."""
+        stochastic or nearest rounding, any seed): a documented contract (each class's
+        docstring says how it is derived), tested with hypothesis."""
         raise NotImplementedError
 
     def _encode(self, flat: Array, rng: np.random.Generator | None) -> bytes:
@@ -139,8 +146,11 @@ def _exact(body: memoryview, nbytes: int, what: str) -> None:
 
 
 class Fp16(Codec):
-    """IEEE half precision: 2 bytes per value, relative error ≤ 2⁻¹¹ (absolute ≤ 2⁻²⁵ near
-    zero); values beyond ±65504 are refused, not turned into inf."""
+    """IEEE half precision: 2 bytes per value (2× smaller than float32).
+
+    Bound: each value's error is at most max(|x| · 2⁻¹¹, 2⁻²⁵) (half a float16 ulp; 2⁻²⁵ is
+    half the subnormal spacing), so ``bound(x)`` is the L2 norm of those. Values beyond
+    ±65504 are refused, not turned into inf. No randomness: ``rng`` is ignored."""
 
     name = "fp16"
     ident = 1
@@ -160,40 +170,99 @@ class Fp16(Codec):
         return float(np.linalg.norm(np.maximum(a * 2.0**-11, 2.0**-25)))
 
 
-def _scales(blocks: Array) -> Array:
-    """Per-block scale: max |x| / 127 (1 where a block is all zeros: nothing to scale)."""
-    peak = np.abs(blocks).max(axis=1)
-    return np.where(peak > 0, peak / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+#: smallest block scale: 1/scale stays a finite float32 (a block of subnormals or zeros)
+_MIN_SCALE = np.float32(2.0**-126)
+
+
+def _max_scale() -> np.float32:
+    """The largest scale s with 127·s finite in float32 (a block peaking near float32's max
+    must decode to finite values)."""
+    s = np.float32(np.finfo(np.float32).max) / np.float32(127)
+    with np.errstate(over="ignore"):
+        while not np.isfinite(np.float32(127) * s):
+            s = np.nextafter(s, np.float32(0))
+    return np.float32(s)
+
+
+_MAX_SCALE = _max_scale()
+#: slack over one scale per value: float32 rounding of x/scale, of the noise sum, of q·scale
+_INT8_SLACK = 1 + 2.0**-10
+#: the float32 bit pattern of 128.0; + k (k < 2¹⁶) is 128 + k·2⁻¹⁶ exactly
+_BITS_128 = np.uint32(0x43000000)
+
+
+def _quantise_rows(rows: Array, noise: Array | None, q: npt.NDArray[np.int8]) -> Array:
+    """int8 codes of each row (a block) into ``q`` (same shape); returns the row scales.
+
+    Each row is scaled by ``inv`` ≤ 127/peak (so |x·inv| ≤ 127 exactly), then floor(x·inv +
+    128 + u) is cast to uint8 and shifted to int8 by flipping the top bit: one float pass
+    for the scale, one for the noise, one cast. ``noise`` (float32 128 + u, u ∈ [0, 1)) is
+    stochastic rounding (unbiased); ``None`` adds 128.5, i.e. rounds to nearest."""
+    peak = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(len(rows), np.float32)
+    scales = np.clip(peak / np.float32(127), _MIN_SCALE, _MAX_SCALE).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):  # 127/0 or 127/subnormal: inf
+        inv = np.minimum(np.float32(127) / peak, np.float32(1) / scales)
+    inv = np.nextafter(inv, np.float32(0)).astype(np.float32)  # never above 127/peak
+    t = np.multiply(rows, inv[:, None], dtype=np.float32)
+    if noise is None:
+        t += np.float32(128.5)
+    else:
+        t += noise
+    # t ∈ [1, 256): the cast truncates, which is floor here
+    codes = t.astype(np.uint8)
+    np.bitwise_xor(codes, np.uint8(0x80), out=codes)  # v - 128 as a signed byte
+    q[...] = codes.view(np.int8)
+    return scales
 
 
 def _quantise(flat: Array, block: int, rng: np.random.Generator | None) -> bytes:
-    """int8 body: per-block float32 scales, then one signed byte per value."""
+    """int8 body: per-block float32 scales, then one signed byte per value. Whole blocks are
+    views of ``flat`` (no padded copy); a last partial block is quantised on its own."""
     n = flat.size
-    nblocks = -(-n // block)
-    padded = np.zeros(nblocks * block, np.float32)
-    padded[:n] = flat
-    blocks = padded.reshape(nblocks, block)
-    scales = _scales(blocks)
-    scaled = blocks * (np.float32(1.0) / scales)[:, None]
-    if rng is None:
-        q = np.rint(scaled)
-    else:  # stochastic rounding: floor(x + u), u ~ U[0, 1): unbiased
-        scaled += rng.random(scaled.shape, dtype=np.float32)
-        q = np.floor(scaled)
-    np.clip(q, -127, 127, out=q)
-    return scales.astype("<f4").tobytes() + q.astype(np.int8).reshape(-1)[:n].tobytes()
+    full = n // block
+    m = full * block
+    noise: Array | None = None
+    if rng is not None:  # 16 random bits per value → 128 + k·2⁻¹⁶ as float32, bit-exactly
+        k = np.frombuffer(rng.bytes(2 * n), dtype="<u2")
+        noise = np.add(k, _BITS_128, dtype=np.uint32).view(np.float32)
+    q = np.empty(n, np.int8)
+    parts = []
+    if full:
+        parts.append(_quantise_rows(flat[:m].reshape(full, block),
+                                    None if noise is None else noise[:m].reshape(full, block),
+                                    q[:m].reshape(full, block)))
+    if m < n:
+        parts.append(_quantise_rows(flat[m:].reshape(1, n - m),
+                                    None if noise is None else noise[m:].reshape(1, n - m),
+                                    q[m:].reshape(1, n - m)))
+    scales = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return scales.astype("<f4").tobytes() + q.tobytes()
 
 
 def _dequantise(body: memoryview, count: int, block: int, what: str) -> Array:
     nblocks = -(-count // block)
     _exact(body, 4 * nblocks + count, what)
-    scales = np.frombuffer(body, dtype="<f4", count=nblocks)
+    scales = np.frombuffer(body, dtype="<f4", count=nblocks).astype(np.float32)
     if not (np.isfinite(scales).all() and (scales > 0).all()):
         raise ValueError(f"{what}: block scales must be finite and positive")
-    q = np.zeros(nblocks * block, np.float32)
-    q[:count] = np.frombuffer(body, dtype=np.int8, offset=4 * nblocks)
-    out: Array = (q.reshape(nblocks, block) * scales.astype(np.float32)[:, None]).reshape(-1)
-    return out[:count]
+    q = np.frombuffer(body, dtype=np.int8, offset=4 * nblocks)
+    out = np.empty(count, np.float32)
+    full = count // block
+    m = full * block
+    with np.errstate(over="ignore"):  # a forged scale overflows: refused as inf by decode
+        if full:
+            np.multiply(q[:m].reshape(full, block), scales[:full, None],
+                        out=out[:m].reshape(full, block))
+        if m < count:
+            np.multiply(q[m:], scales[full], out=out[m:])
+    return out
+
+
+def _int8_error(peaks: npt.NDArray[np.float64], sizes: npt.NDArray[np.int64]) -> float:
+    """L2 bound of blockwise int8 with these block peaks and sizes: at most one scale
+    (max(peak/127, 2⁻¹²⁶)) per value, plus float32 rounding slack."""
+    per = np.maximum(peaks / 127.0, float(_MIN_SCALE)) * _INT8_SLACK
+    return float(np.sqrt((sizes * per**2).sum()))
 
 
 def _check_block(block: int) -> int:
@@ -205,8 +274,12 @@ def _check_block(block: int) -> int:
 @dataclass(frozen=True, eq=False, repr=False)
 class Int8(Codec):
     """8-bit linear quantisation with one float32 scale per ``block`` values (max |x| / 127):
-    about 3.9× smaller than float32 with the default block of 256. Error per value ≤ its
-    block's scale (stochastic rounding, unbiased) or half of it (nearest)."""
+    about 3.9× smaller than float32 with the default block of 256.
+
+    Bound: each value's error is below its block's scale s = max(peak / 127, 2⁻¹²⁶) (times
+    1 + 2⁻¹⁰ for float32 rounding) with stochastic rounding (``rng``: unbiased, E[decode] =
+    x), and half of that rounding to nearest (``rng=None``); ``bound(x)`` is the L2 norm of
+    one s per value (valid for both)."""
 
     block: int = 256
     name: ClassVar[str] = "int8"
@@ -227,27 +300,35 @@ class Int8(Codec):
         return _dequantise(body, count, self.block, self.spec)
 
     def bound(self, array: AnyArray) -> float:
-        flat = np.asarray(array, np.float32).reshape(-1)
+        flat = np.abs(np.asarray(array, np.float32).reshape(-1))
         n = flat.size
         if not n:
             return 0.0
-        nblocks = -(-n // self.block)
-        padded = np.zeros(nblocks * self.block, np.float32)
-        padded[:n] = flat
-        peak = np.abs(padded.reshape(nblocks, self.block)).max(axis=1).astype(np.float64)
-        sizes = np.full(nblocks, self.block)
-        sizes[-1] = n - self.block * (nblocks - 1)
-        # one scale (peak/127) per value, plus float32 rounding of the scaled values
-        per = peak / 127.0 * (1 + 2.0**-20) + peak * 2.0**-22
-        return float(np.sqrt((sizes * per**2).sum()))
+        b = self.block
+        full = n // b
+        peaks = [flat[:full * b].reshape(full, b).max(axis=1)] if full else []
+        if full * b < n:
+            peaks.append(flat[full * b:].max(keepdims=True))
+        sizes = np.full(len(np.concatenate(peaks)), b, dtype=np.int64)
+        sizes[-1] = n - b * (len(sizes) - 1)
+        return _int8_error(np.concatenate(peaks).astype(np.float64), sizes)
+
+
+def _fraction_text(f: float) -> str:
+    """Shortest text that reads back as exactly ``f`` (``0.01``, not ``0.010000000``)."""
+    short = f"{f:g}"
+    return short if float(short) == f else repr(f)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class TopK(Codec):
-    """The ``fraction`` largest-magnitude values (at least one) as (uint32 index, float32
-    value) pairs: 8 bytes per kept value, so ``topk:0.01`` is ~50× smaller than float32. The
-    error is what was not kept (exactly); the client's :class:`ErrorFeedback` sends it later.
-    Up-link only: the top entries of a model's weights are not a model."""
+    """The ``fraction`` largest-magnitude values (at least one; ⌈fraction · n⌉) as (uint32
+    index, float32 value) pairs: 8 bytes per kept value, so ``topk:0.01`` is ~50× smaller
+    than float32. Up-link only: the top entries of a model's weights are not a model.
+
+    Bound: exact — the error is the values not kept, ``bound(x)`` the L2 norm of the n - k
+    smallest magnitudes; the kept ones travel bit-exactly. The client's
+    :class:`ErrorFeedback` sends the rest later."""
 
     fraction: float = 0.01
     name: ClassVar[str] = "topk"
@@ -257,16 +338,20 @@ class TopK(Codec):
 
     def __post_init__(self) -> None:
         f = self.fraction
-        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 < f <= 1:
+        if (isinstance(f, bool) or not isinstance(f, int | float) or not math.isfinite(f)
+                or not 0 < f <= 1):
             raise InputError(f"topk fraction must be in (0, 1], got {f!r} (e.g. topk:0.01 "
                              "keeps 1 %)")
+        object.__setattr__(self, "fraction", float(f))
 
     @property
     def spec(self) -> str:
-        return f"topk:{self.fraction:g}"
+        return f"topk:{_fraction_text(self.fraction)}"
 
     def kept(self, n: int) -> int:
-        return min(n, max(1, math.ceil(self.fraction * n))) if n else 0
+        """How many values of a tensor of ``n`` are sent."""
+        # round away float noise first: 0.01 · 300 is 3.0000000000000004, and keeps 3
+        return min(n, max(1, math.ceil(round(self.fraction * n, 6)))) if n else 0
 
     def _encode(self, flat: Array, rng: np.random.Generator | None) -> bytes:
         k = self.kept(flat.size)
@@ -284,35 +369,70 @@ class TopK(Codec):
         _exact(body, 4 + 8 * k, self.spec)
         idx = np.frombuffer(body, dtype="<u4", count=k, offset=4)
         if k and (int(idx.max()) >= count or (k > 1 and not (np.diff(idx) > 0).all())):
-            raise ValueError(f"{self.spec}: indices must be increasing and below {count}")
+            raise ValueError(f"{self.spec}: indices must be increasing (no duplicates) and "
+                             f"below {count}")
         out = np.zeros(count, np.float32)
         out[idx] = np.frombuffer(body, dtype="<f4", count=k, offset=4 + 4 * k)
         return out
 
     def bound(self, array: AnyArray) -> float:
-        flat = np.abs(np.asarray(array, np.float64).reshape(-1))
+        flat = np.abs(np.asarray(array, np.float32).reshape(-1)).astype(np.float64)
         k = self.kept(flat.size)
         if k >= flat.size:
             return 0.0
         rest = np.partition(flat, flat.size - k)[:flat.size - k]
-        return float(np.linalg.norm(rest))
+        return float(np.linalg.norm(rest)) * (1 + 2.0**-30)  # float64 summation order
+
+
+#: largest Hadamard factor applied as one matrix product (32: a 1024 block is 32 ⊗ 32)
+_FACTOR_BITS = 5
+
+
+@functools.lru_cache(maxsize=64)
+def _sylvester(bits: int, scale: float) -> Array:
+    """``scale`` · H(2^bits) (Sylvester's ±1 matrix, symmetric), float32, read-only."""
+    i = np.arange(1 << bits)
+    parity = np.bitwise_count(i[:, None] & i[None, :]) & 1
+    h = np.where(parity == 1, -scale, scale).astype(np.float32)
+    h.setflags(write=False)
+    return h
+
+
+def _factors(d: int) -> list[int]:
+    """log2(d) split into near-equal parts of at most ``_FACTOR_BITS`` bits."""
+    k = d.bit_length() - 1
+    parts = -(-k // _FACTOR_BITS)
+    return [k // parts + (1 if j < k % parts else 0) for j in range(parts)] if k else []
 
 
 def _hadamard(x: Array) -> Array:
-    """Orthonormal Walsh–Hadamard transform of each row of ``x`` (row length a power of two):
-    log2(d) vectorised butterfly stages; its own inverse."""
+    """Orthonormal Walsh–Hadamard transform of each row of ``x`` (row length d a power of two;
+    its own inverse). H(d) = H(f₁) ⊗ H(f₂) ⊗ …, so it is one small matrix product per factor
+    (f ≤ 32) along that axis of the row seen as an f₁ × f₂ × … array: BLAS does the
+    butterflies, with no per-stage temporaries. The 1/√d is folded into the last factor."""
     rows, d = x.shape
-    h = 1
-    y = x.copy()
-    while h < d:
-        v = y.reshape(rows, d // (2 * h), 2, h)
-        a = v[:, :, 0, :] + v[:, :, 1, :]
-        b = v[:, :, 0, :] - v[:, :, 1, :]
-        v[:, :, 0, :] = a
-        v[:, :, 1, :] = b
-        h *= 2
-    y *= np.float32(1.0 / math.sqrt(d))
-    return y
+    bits = _factors(d)
+    if not bits:
+        return x.copy()
+    y = x
+    pre, post = rows, d
+    for j, b in enumerate(bits):
+        f = 1 << b
+        post //= f
+        last = j == len(bits) - 1
+        h = _sylvester(b, 1.0 / math.sqrt(d) if last else 1.0)
+        # the last axis: one (rows·d/f × f) · (f × f) product; a leading axis: H · (f ×
+        # post) for each of the ``pre`` slabs
+        y = (np.matmul(y.reshape(-1, f), h) if post == 1
+             else np.matmul(h, y.reshape(pre, f, post)))
+        pre *= f
+    return np.ascontiguousarray(y, dtype=np.float32).reshape(rows, d)
+
+
+def _rotation_slack(d: int) -> float:
+    """Relative float32 error of one rotation of width d: each factor's product sums f
+    terms (at most γ_f · √f relative in L2), plus the folded 1/√d."""
+    return float(sum(((1 << b) ** 1.5 + 4) * 2.0**-24 for b in _factors(d)) * 1.01)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -320,8 +440,13 @@ class RotateInt8(Codec):
     """A seeded random rotation (sign flips, then a Walsh–Hadamard transform over blocks of
     ``block`` values, a power of two), then int8 with one scale per block, as TFF's
     ``EncodedSumFactory`` does: the rotation spreads an outlier over its block, so the scale
-    fits the typical value, not the largest. The seed travels in the payload. Rotation is
-    orthonormal, so the L2 error equals int8's in the rotated space."""
+    fits the typical value, not the largest. The seed travels in the payload (0 when
+    ``rng`` is None: deterministic).
+
+    Bound: whatever the signs, a rotated value is at most ‖x_b‖₁/√d (x_b: its block, d the
+    block width), so int8's d errors of at most one scale each total ‖x_b‖₁/127 per block;
+    the rotation is orthonormal, so that is the error back in x's space too. ``bound(x)``
+    is the L2 norm over blocks (plus float32 rounding of the rotations)."""
 
     block: int = 1024
     name: ClassVar[str] = "rotate+int8"
@@ -343,7 +468,10 @@ class RotateInt8(Codec):
 
     def _signs(self, seed: int, size: int) -> Array:
         bits = np.random.default_rng(seed).integers(0, 2, size, dtype=np.int8)
-        return (bits.astype(np.float32) * 2 - 1)
+        signs: Array = bits.astype(np.float32)
+        signs *= 2
+        signs -= 1
+        return signs
 
     def _encode(self, flat: Array, rng: np.random.Generator | None) -> bytes:
         n = flat.size
@@ -351,8 +479,8 @@ class RotateInt8(Codec):
         nblocks = -(-n // d) if n else 0
         seed = int(rng.integers(0, 2**32)) if rng is not None else 0
         padded = np.zeros(nblocks * d, np.float32)
-        padded[:n] = flat
-        rotated = _hadamard((padded * self._signs(seed, padded.size)).reshape(nblocks, d))
+        np.multiply(flat, self._signs(seed, n), out=padded[:n])  # the padding stays 0
+        rotated = _hadamard(padded.reshape(nblocks, d))
         return struct.pack("<I", seed) + _quantise(rotated.reshape(-1), d, rng)
 
     def _decode(self, body: memoryview, count: int) -> Array:
@@ -362,9 +490,10 @@ class RotateInt8(Codec):
         d = self._width(count)
         nblocks = -(-count // d) if count else 0
         rotated = _dequantise(body[4:], nblocks * d, d, self.spec)
-        back = _hadamard(rotated.reshape(nblocks, d)).reshape(-1)
-        out: Array = (back * self._signs(seed, nblocks * d))[:count]
-        return out
+        with np.errstate(over="ignore", invalid="ignore"):  # forged scales: inf, refused
+            back = _hadamard(rotated.reshape(nblocks, d)).reshape(-1)[:count]
+            back *= self._signs(seed, count)
+        return back
 
     def bound(self, array: AnyArray) -> float:
         flat = np.asarray(array, np.float32).reshape(-1)
@@ -375,13 +504,12 @@ class RotateInt8(Codec):
         nblocks = -(-n // d)
         padded = np.zeros(nblocks * d, np.float64)
         padded[:n] = flat
-        # any rotation keeps each block's L2 norm, so its peak in rotated space is at most
-        # that norm: int8's per-value error (peak/127) over d values, plus float32 rounding
-        # of the butterflies (log2 d stages)
-        norms = np.linalg.norm(padded.reshape(nblocks, d), axis=1)
-        per = norms / 127.0 * math.sqrt(d)
-        stages = max(1, int(math.log2(d)))
-        return float(np.sqrt((per**2).sum()) + np.linalg.norm(norms) * 2.0**-20 * stages)
+        blocks = padded.reshape(nblocks, d)
+        slack = _rotation_slack(d)
+        peaks = np.abs(blocks).sum(axis=1) / math.sqrt(d) * (1 + slack)
+        quant = _int8_error(peaks, np.full(nblocks, d, dtype=np.int64))
+        # the inverse rotation's own rounding, of a vector of norm ≤ ‖x‖ + quant
+        return quant * (1 + slack) + 2 * slack * float(np.linalg.norm(blocks))
 
 
 #: codec name → its class; a spec is ``name`` or ``name:arg`` / ``name:key=value``
@@ -409,9 +537,10 @@ def parse(spec: Any, direction: str | None = None) -> Codec | None:
         name, _, arg = text.partition(":")
         cls = CODECS.get(name)
         if cls is None:
-            raise InputError(f"unknown codec {spec!r}{did_you_mean(name, CODECS)}; choose "
-                             f"{FLOAT32!r} or one of {sorted(CODECS)} (topk takes a "
-                             "fraction: 'topk:0.01')")
+            hint = did_you_mean(name, [FLOAT32, *CODECS]).strip()
+            raise InputError(f"unknown codec {spec!r}" + (f": {hint}" if hint else ".")
+                             + f" Choose {FLOAT32!r} or one of {sorted(CODECS)} (topk takes "
+                             "a fraction: 'topk:0.01').")
         kwargs: dict[str, Any] = {}
         if arg:
             m = _ARG.match(arg)
@@ -443,8 +572,10 @@ def encode_arrays(arrays: Sequence[AnyArray], codec: Codec, *,
     if codec.delta:
         if reference is None:
             raise ValueError(f"codec {codec.spec!r} sends differences: pass the reference")
-        return [codec.encode(np.subtract(a, r, dtype=np.float32), rng)
-                for a, r in zip(arrays, reference, strict=True)]
+        with np.errstate(over="ignore", invalid="ignore"):  # inf: refused by encode
+            diffs = [np.subtract(a, r, dtype=np.float32)
+                     for a, r in zip(arrays, reference, strict=True)]
+        return [codec.encode(d, rng) for d in diffs]
     return [codec.encode(a, rng) for a in arrays]
 
 
@@ -465,7 +596,8 @@ def decode_arrays(blobs: Sequence[bytes], codec: Codec, shapes: Sequence[tuple[i
         arr = flat.reshape(shape)
         if codec.delta:
             assert reference is not None
-            arr = np.add(np.asarray(reference[k], np.float32), arr, dtype=np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # refused just below
+                arr = np.add(np.asarray(reference[k], np.float32), arr, dtype=np.float32)
             if not np.isfinite(arr).all():
                 raise ValueError(f"tensor {k}: {codec.spec} update overflows float32")
         out.append(arr)
