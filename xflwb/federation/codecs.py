@@ -96,6 +96,24 @@ class Codec:
     def decode(self, data: bytes | memoryview, size: int) -> Array:
         """Bytes → a flat float32 tensor of ``size`` elements (the platform layout's), or
         ``ValueError`` naming what is wrong with the bytes."""
+        out = self._decode(self._body(data, size), size)
+        if not np.isfinite(out).all():
+            raise ValueError(f"{self.spec} payload decodes to NaN or inf")
+        return out
+
+    def decode_added(self, data: bytes | memoryview, reference: AnyArray) -> Array:
+        """``reference`` (flat, the model the client received) + the decoded difference, in
+        one pass where the codec can (int8 adds block by block while they are in cache);
+        ``ValueError`` if the bytes are bad or the sum is not finite."""
+        ref = np.asarray(reference, np.float32).reshape(-1)
+        out = self._decode_added(self._body(data, ref.size), ref.size, ref)
+        if not np.isfinite(out).all():
+            raise ValueError(f"{self.spec} update is NaN or inf once added to the model the "
+                             "client received (a forged scale, or it overflows float32)")
+        return out
+
+    def _body(self, data: bytes | memoryview, size: int) -> memoryview:
+        """The payload after a header checked against this codec and ``size``."""
         if not isinstance(data, bytes | bytearray | memoryview):
             raise ValueError(f"a {self.spec} payload is bytes, got {type(data).__name__}")
         data = bytes(data)
@@ -113,9 +131,12 @@ class Codec:
         if count != size:
             raise ValueError(f"payload declares {count} elements, the platform's layout has "
                              f"{size}")
-        out = self._decode(memoryview(data)[_HEADER.size:], count)
-        if not np.isfinite(out).all():
-            raise ValueError(f"{self.spec} payload decodes to NaN or inf")
+        return memoryview(data)[_HEADER.size:]
+
+    def _decode_added(self, body: memoryview, count: int, reference: Array) -> Array:
+        out = self._decode(body, count)  # a fresh array: added in place
+        with np.errstate(over="ignore", invalid="ignore"):  # inf is refused by the caller
+            np.add(out, reference, out=out)
         return out
 
     def bound(self, array: AnyArray) -> float:
@@ -239,7 +260,13 @@ def _quantise(flat: Array, block: int, rng: np.random.Generator | None) -> bytes
     return scales.astype("<f4").tobytes() + q.tobytes()
 
 
-def _dequantise(body: memoryview, count: int, block: int, what: str) -> Array:
+#: values dequantised (and added to the reference) per step: 128 KiB of float32 stays in cache
+_CHUNK = 1 << 15
+
+
+def _dequantise(body: memoryview, count: int, block: int, what: str,
+                reference: Array | None = None) -> Array:
+    """int8 body → float32 values (+ ``reference``), a cache-sized run of blocks at a time."""
     nblocks = -(-count // block)
     _exact(body, 4 * nblocks + count, what)
     scales = np.frombuffer(body, dtype="<f4", count=nblocks).astype(np.float32)
@@ -248,13 +275,20 @@ def _dequantise(body: memoryview, count: int, block: int, what: str) -> Array:
     q = np.frombuffer(body, dtype=np.int8, offset=4 * nblocks)
     out = np.empty(count, np.float32)
     full = count // block
-    m = full * block
-    with np.errstate(over="ignore"):  # a forged scale overflows: refused as inf by decode
-        if full:
-            np.multiply(q[:m].reshape(full, block), scales[:full, None],
-                        out=out[:m].reshape(full, block))
+    step = max(1, _CHUNK // block)
+    with np.errstate(over="ignore", invalid="ignore"):  # forged scales: inf, refused later
+        for b0 in range(0, full, step):
+            b1 = min(full, b0 + step)
+            lo, hi = b0 * block, b1 * block
+            o = out[lo:hi].reshape(b1 - b0, block)
+            np.multiply(q[lo:hi].reshape(b1 - b0, block), scales[b0:b1, None], out=o)
+            if reference is not None:
+                np.add(o, reference[lo:hi].reshape(b1 - b0, block), out=o)
+        m = full * block
         if m < count:
             np.multiply(q[m:], scales[full], out=out[m:])
+            if reference is not None:
+                np.add(out[m:], reference[m:], out=out[m:])
     return out
 
 
@@ -298,6 +332,9 @@ class Int8(Codec):
 
     def _decode(self, body: memoryview, count: int) -> Array:
         return _dequantise(body, count, self.block, self.spec)
+
+    def _decode_added(self, body: memoryview, count: int, reference: Array) -> Array:
+        return _dequantise(body, count, self.block, self.spec, reference)
 
     def bound(self, array: AnyArray) -> float:
         flat = np.abs(np.asarray(array, np.float32).reshape(-1))
@@ -368,7 +405,8 @@ class TopK(Codec):
             raise ValueError(f"{self.spec}: {k} kept values for a tensor of {count}")
         _exact(body, 4 + 8 * k, self.spec)
         idx = np.frombuffer(body, dtype="<u4", count=k, offset=4)
-        if k and (int(idx.max()) >= count or (k > 1 and not (np.diff(idx) > 0).all())):
+        # strictly increasing (no np.diff: it wraps around on unsigned indices)
+        if k and (int(idx.max()) >= count or (k > 1 and not (idx[1:] > idx[:-1]).all())):
             raise ValueError(f"{self.spec}: indices must be increasing (no duplicates) and "
                              f"below {count}")
         out = np.zeros(count, np.float32)
@@ -409,18 +447,18 @@ def _hadamard(x: Array) -> Array:
     """Orthonormal Walsh–Hadamard transform of each row of ``x`` (row length d a power of two;
     its own inverse). H(d) = H(f₁) ⊗ H(f₂) ⊗ …, so it is one small matrix product per factor
     (f ≤ 32) along that axis of the row seen as an f₁ × f₂ × … array: BLAS does the
-    butterflies, with no per-stage temporaries. The 1/√d is folded into the last factor."""
+    butterflies, with no per-stage temporaries. Each factor is orthonormal (1/√f folded in),
+    so no intermediate grows beyond what the result holds."""
     rows, d = x.shape
     bits = _factors(d)
     if not bits:
         return x.copy()
     y = x
     pre, post = rows, d
-    for j, b in enumerate(bits):
+    for b in bits:
         f = 1 << b
         post //= f
-        last = j == len(bits) - 1
-        h = _sylvester(b, 1.0 / math.sqrt(d) if last else 1.0)
+        h = _sylvester(b, 1.0 / math.sqrt(f))
         # the last axis: one (rows·d/f × f) · (f × f) product; a leading axis: H · (f ×
         # post) for each of the ``pre`` slabs
         y = (np.matmul(y.reshape(-1, f), h) if post == 1
@@ -431,7 +469,7 @@ def _hadamard(x: Array) -> Array:
 
 def _rotation_slack(d: int) -> float:
     """Relative float32 error of one rotation of width d: each factor's product sums f
-    terms (at most γ_f · √f relative in L2), plus the folded 1/√d."""
+    terms (at most γ_f · √f relative in L2), plus its inexact 1/√f."""
     return float(sum(((1 << b) ** 1.5 + 4) * 2.0**-24 for b in _factors(d)) * 1.01)
 
 
@@ -446,7 +484,9 @@ class RotateInt8(Codec):
     Bound: whatever the signs, a rotated value is at most ‖x_b‖₁/√d (x_b: its block, d the
     block width), so int8's d errors of at most one scale each total ‖x_b‖₁/127 per block;
     the rotation is orthonormal, so that is the error back in x's space too. ``bound(x)``
-    is the L2 norm over blocks (plus float32 rounding of the rotations)."""
+    is the L2 norm over blocks (plus float32 rounding of the rotations). A tensor whose
+    rotation could overflow float32 (|x| above 3.4·10³⁸ / (√d (1 + √d/127)), about 8·10³⁶
+    for the default block) is refused: use int8 for it."""
 
     block: int = 1024
     name: ClassVar[str] = "rotate+int8"
@@ -466,6 +506,13 @@ class RotateInt8(Codec):
         """Rotation width: the block, or the next power of two for a smaller tensor."""
         return min(self.block, 1 << max(0, (n - 1).bit_length()))
 
+    @staticmethod
+    def _largest(d: int) -> float:
+        """The largest |x| whose rotation (≤ √d·|x|) and decoded value (≤ the block's norm
+        plus the bound, ‖x_b‖(1 + √d/127)) stay finite in float32."""
+        root = math.sqrt(d)
+        return float(np.finfo(np.float32).max) / (root * (1 + root / 127) * 1.01)
+
     def _signs(self, seed: int, size: int) -> Array:
         bits = np.random.default_rng(seed).integers(0, 2, size, dtype=np.int8)
         signs: Array = bits.astype(np.float32)
@@ -478,6 +525,10 @@ class RotateInt8(Codec):
         d = self._width(n)
         nblocks = -(-n // d) if n else 0
         seed = int(rng.integers(0, 2**32)) if rng is not None else 0
+        peak = float(np.abs(flat).max()) if n else 0.0
+        if peak > self._largest(d):
+            raise ValueError(f"{self.spec}: values this large (|x| up to {peak:.3g}) overflow "
+                             f"float32 once rotated and quantised; use int8")
         padded = np.zeros(nblocks * d, np.float32)
         np.multiply(flat, self._signs(seed, n), out=padded[:n])  # the padding stays 0
         rotated = _hadamard(padded.reshape(nblocks, d))
@@ -587,20 +638,23 @@ def decode_arrays(blobs: Sequence[bytes], codec: Codec, shapes: Sequence[tuple[i
         raise ValueError(f"{len(blobs)} tensors, the platform's layout has {len(shapes)}")
     if codec.delta and reference is None:
         raise ValueError(f"codec {codec.spec!r} sends differences: pass the reference")
+    if reference is not None and len(reference) != len(shapes):
+        raise ValueError(f"{len(reference)} reference tensors for {len(shapes)} tensors")
     out = []
     for k, (blob, shape) in enumerate(zip(blobs, shapes, strict=True)):
         try:
-            flat = codec.decode(blob, math.prod(shape))
+            if codec.delta:
+                assert reference is not None
+                ref = np.asarray(reference[k], np.float32)
+                if ref.size != math.prod(shape):
+                    raise ValueError(f"reference has {ref.size} elements, the layout "
+                                     f"{math.prod(shape)}")
+                flat = codec.decode_added(blob, ref)
+            else:
+                flat = codec.decode(blob, math.prod(shape))
         except ValueError as exc:
             raise ValueError(f"tensor {k}: {exc}") from None
-        arr = flat.reshape(shape)
-        if codec.delta:
-            assert reference is not None
-            with np.errstate(over="ignore", invalid="ignore"):  # refused just below
-                arr = np.add(np.asarray(reference[k], np.float32), arr, dtype=np.float32)
-            if not np.isfinite(arr).all():
-                raise ValueError(f"tensor {k}: {codec.spec} update overflows float32")
-        out.append(arr)
+        out.append(flat.reshape(shape))
     return out
 
 
