@@ -73,6 +73,8 @@ class Codec:
     delta: ClassVar[bool] = False
     #: "up" (updates), "down" (models) or both; top-k only makes sense for differences
     directions: ClassVar[tuple[str, ...]] = ("up", "down")
+    #: ``_encode`` refuses NaN/inf itself (from the peaks it computes anyway): no extra pass
+    _checks_finite: ClassVar[bool] = False
 
     @property
     def spec(self) -> str:
@@ -88,9 +90,8 @@ class Codec:
         if flat.size > _MAX_COUNT:
             raise ValueError(f"tensor of {flat.size} elements is too large for codec "
                              f"{self.spec!r} (at most {_MAX_COUNT})")
-        if not np.isfinite(flat).all():
-            raise ValueError(f"tensor contains NaN or inf (or values beyond float32's range); "
-                             f"codec {self.spec!r} refuses it")
+        if not self._checks_finite and not np.isfinite(flat).all():
+            raise _not_finite(self.spec)
         return _HEADER.pack(_MAGIC, _VERSION, self.ident, flat.size) + self._encode(flat, rng)
 
     def decode(self, data: bytes | memoryview, size: int) -> Array:
@@ -161,6 +162,11 @@ class Codec:
         return f"codec({self.spec!r})"
 
 
+def _not_finite(spec: str) -> ValueError:
+    return ValueError(f"tensor contains NaN or inf (or values beyond float32's range); "
+                      f"codec {spec!r} refuses it")
+
+
 def _exact(body: memoryview, nbytes: int, what: str) -> None:
     if len(body) != nbytes:
         raise ValueError(f"{what}: {len(body)} payload bytes, expected {nbytes}")
@@ -175,9 +181,13 @@ class Fp16(Codec):
 
     name = "fp16"
     ident = 1
+    _checks_finite = True
 
     def _encode(self, flat: Array, rng: np.random.Generator | None) -> bytes:
-        if flat.size and float(np.abs(flat).max()) > 65504.0:
+        peak = float(np.abs(flat).max()) if flat.size else 0.0
+        if not math.isfinite(peak):
+            raise _not_finite(self.spec)
+        if peak > 65504.0:
             raise ValueError("tensor has values beyond float16's range (±65504); use int8, "
                              "which scales per block")
         return flat.astype("<f2").tobytes()
@@ -212,7 +222,8 @@ _INT8_SLACK = 1 + 2.0**-10
 _BITS_128 = np.uint32(0x43000000)
 
 
-def _quantise_rows(rows: Array, noise: Array | None, q: npt.NDArray[np.int8]) -> Array:
+def _quantise_rows(rows: Array, noise: Array | None, q: npt.NDArray[np.int8],
+                   what: str) -> Array:
     """int8 codes of each row (a block) into ``q`` (same shape); returns the row scales.
 
     Each row is scaled by ``inv`` ≤ 127/peak (so |x·inv| ≤ 127 exactly), then floor(x·inv +
@@ -220,6 +231,8 @@ def _quantise_rows(rows: Array, noise: Array | None, q: npt.NDArray[np.int8]) ->
     for the scale, one for the noise, one cast. ``noise`` (float32 128 + u, u ∈ [0, 1)) is
     stochastic rounding (unbiased); ``None`` adds 128.5, i.e. rounds to nearest."""
     peak = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(len(rows), np.float32)
+    if not np.isfinite(peak).all():  # max propagates NaN; |inf| is inf
+        raise _not_finite(what)
     scales = np.clip(peak / np.float32(127), _MIN_SCALE, _MAX_SCALE).astype(np.float32)
     with np.errstate(divide="ignore", over="ignore"):  # 127/0 or 127/subnormal: inf
         inv = np.minimum(np.float32(127) / peak, np.float32(1) / scales)
@@ -229,14 +242,15 @@ def _quantise_rows(rows: Array, noise: Array | None, q: npt.NDArray[np.int8]) ->
         t += np.float32(128.5)
     else:
         t += noise
-    # t ∈ [1, 256): the cast truncates, which is floor here
-    codes = t.astype(np.uint8)
-    np.bitwise_xor(codes, np.uint8(0x80), out=codes)  # v - 128 as a signed byte
-    q[...] = codes.view(np.int8)
+    # t ∈ [1, 256): the cast truncates, which is floor here; v - 128 as a signed byte is
+    # v with its top bit flipped
+    codes = q.view(np.uint8)
+    np.copyto(codes, t, casting="unsafe")
+    np.bitwise_xor(codes, np.uint8(0x80), out=codes)
     return scales
 
 
-def _quantise(flat: Array, block: int, rng: np.random.Generator | None) -> bytes:
+def _quantise(flat: Array, block: int, rng: np.random.Generator | None, what: str) -> bytes:
     """int8 body: per-block float32 scales, then one signed byte per value. Whole blocks are
     views of ``flat`` (no padded copy); a last partial block is quantised on its own."""
     n = flat.size
@@ -251,11 +265,11 @@ def _quantise(flat: Array, block: int, rng: np.random.Generator | None) -> bytes
     if full:
         parts.append(_quantise_rows(flat[:m].reshape(full, block),
                                     None if noise is None else noise[:m].reshape(full, block),
-                                    q[:m].reshape(full, block)))
+                                    q[:m].reshape(full, block), what))
     if m < n:
         parts.append(_quantise_rows(flat[m:].reshape(1, n - m),
                                     None if noise is None else noise[m:].reshape(1, n - m),
-                                    q[m:].reshape(1, n - m)))
+                                    q[m:].reshape(1, n - m), what))
     scales = np.concatenate(parts) if parts else np.zeros(0, np.float32)
     return scales.astype("<f4").tobytes() + q.tobytes()
 
@@ -319,6 +333,7 @@ class Int8(Codec):
     name: ClassVar[str] = "int8"
     ident: ClassVar[int] = 2
     delta: ClassVar[bool] = True
+    _checks_finite: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_block(self.block)
@@ -328,7 +343,7 @@ class Int8(Codec):
         return "int8" if self.block == 256 else f"int8:block={self.block}"
 
     def _encode(self, flat: Array, rng: np.random.Generator | None) -> bytes:
-        return _quantise(flat, self.block, rng)
+        return _quantise(flat, self.block, rng, self.spec)
 
     def _decode(self, body: memoryview, count: int) -> Array:
         return _dequantise(body, count, self.block, self.spec)
@@ -492,6 +507,7 @@ class RotateInt8(Codec):
     name: ClassVar[str] = "rotate+int8"
     ident: ClassVar[int] = 4
     delta: ClassVar[bool] = True
+    _checks_finite: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_block(self.block)
@@ -526,13 +542,15 @@ class RotateInt8(Codec):
         nblocks = -(-n // d) if n else 0
         seed = int(rng.integers(0, 2**32)) if rng is not None else 0
         peak = float(np.abs(flat).max()) if n else 0.0
+        if not math.isfinite(peak):
+            raise _not_finite(self.spec)
         if peak > self._largest(d):
             raise ValueError(f"{self.spec}: values this large (|x| up to {peak:.3g}) overflow "
                              f"float32 once rotated and quantised; use int8")
         padded = np.zeros(nblocks * d, np.float32)
         np.multiply(flat, self._signs(seed, n), out=padded[:n])  # the padding stays 0
         rotated = _hadamard(padded.reshape(nblocks, d))
-        return struct.pack("<I", seed) + _quantise(rotated.reshape(-1), d, rng)
+        return struct.pack("<I", seed) + _quantise(rotated.reshape(-1), d, rng, self.spec)
 
     def _decode(self, body: memoryview, count: int) -> Array:
         if len(body) < 4:
