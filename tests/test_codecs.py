@@ -464,3 +464,61 @@ def test_decode_added_is_the_reference_plus_the_decoded_difference(spec, n, seed
     with pytest.raises(ValueError, match="the platform's layout has"):
         codec.decode_added(blob, np.zeros(n + 1, np.float32))
 
+
+
+# -- the wire format, against independent references ----------------------------------------
+
+def _header(ident: int, n: int) -> bytes:
+    return struct.pack("<4sBBxxI", b"\x93XFL", 1, ident, n)
+
+
+def test_wire_format_is_pinned():
+    """Hand-built payloads decode as the format says (a kernel change must keep them)."""
+    int8 = _header(2, 5) + struct.pack("<2f", 0.5, 2.0) + bytes([0x81, 0, 3, 127, 0xFF])
+    np.testing.assert_array_equal(Int8(block=4).decode(int8, 5), [-63.5, 0, 1.5, 63.5, -2.0])
+    fp16 = _header(1, 2) + np.float16([1.5, -2.0]).astype("<f2").tobytes()
+    np.testing.assert_array_equal(parse("fp16").decode(fp16, 2), [1.5, -2.0])
+    topk = _header(3, 4) + struct.pack("<I2I2f", 2, 0, 3, 1.25, -4.0)
+    np.testing.assert_array_equal(TopK(0.5).decode(topk, 4), [1.25, 0, 0, -4.0])
+    # and the encoder writes exactly these fields (nearest rounding, int8 block 4)
+    blob = Int8(block=4).encode(np.float32([-63.5, 0, 1.5, 63.5, -2.0]))
+    assert blob[:12] == _header(2, 5)
+    scales = np.frombuffer(blob, "<f4", count=2, offset=12)
+    np.testing.assert_allclose(scales, [63.5 / 127, 2.0 / 127], rtol=1e-6)
+    assert np.frombuffer(blob, np.int8, offset=20).tolist() == [-127, 0, 3, 127, -127]
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 8, 32, 64, 128, 1024, 2048, 4096])
+def test_hadamard_matches_sylvester_and_is_its_own_inverse(d):
+    from scipy.linalg import hadamard
+
+    x = np.random.default_rng(d).standard_normal((3, d)).astype(np.float32)
+    want = x.astype(np.float64) @ hadamard(d).T / math.sqrt(d)
+    got = codecs._hadamard(x)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * math.sqrt(d))
+    np.testing.assert_allclose(codecs._hadamard(got), x, rtol=0, atol=1e-5 * math.sqrt(d))
+
+
+@pytest.mark.parametrize(("n", "block"), [(5, 1024), (1000, 256), (3000, 1024)])
+def test_rotate_int8_payload_is_the_documented_transform(n, block):
+    """Independent decode: signs from numpy's PCG64(seed), Sylvester Hadamard of each block
+    (orthonormal), int8 codes times block scales, inverse rotation, padding dropped."""
+    from scipy.linalg import hadamard
+
+    codec = RotateInt8(block)
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    blob = codec.encode(x, np.random.default_rng(9))
+    (seed,) = struct.unpack_from("<I", blob, 12)
+    d = min(block, 1 << (n - 1).bit_length())
+    nb = -(-n // d)
+    scales = np.frombuffer(blob, "<f4", count=nb, offset=16).astype(np.float64)
+    q = np.frombuffer(blob, np.int8, offset=16 + 4 * nb).astype(np.float64).reshape(nb, d)
+    h = hadamard(d) / math.sqrt(d)
+    signs = np.random.default_rng(seed).integers(0, 2, nb * d, dtype=np.int8) * 2.0 - 1
+    want = ((q * scales[:, None]) @ h).reshape(-1)[:n] * signs[:n]
+    np.testing.assert_allclose(codec.decode(blob, n), want, rtol=0, atol=1e-5)
+    # the codes are the rotated input, scaled by its block peak over 127, rounded
+    padded = np.zeros(nb * d)
+    padded[:n] = x * signs[:n]
+    rotated = (padded.reshape(nb, d) @ h) / scales[:, None]
+    assert np.abs(rotated - q).max() < 1.0 + 1e-3
