@@ -75,6 +75,9 @@ class Codec:
     directions: ClassVar[tuple[str, ...]] = ("up", "down")
     #: ``_encode`` refuses NaN/inf itself (from the peaks it computes anyway): no extra pass
     _checks_finite: ClassVar[bool] = False
+    #: ``_decode`` / ``_decode_added`` refuse NaN/inf themselves (while the values are in
+    #: cache)
+    _decodes_finite: ClassVar[bool] = False
 
     @property
     def spec(self) -> str:
@@ -98,7 +101,7 @@ class Codec:
         """Bytes → a flat float32 tensor of ``size`` elements (the platform layout's), or
         ``ValueError`` naming what is wrong with the bytes."""
         out = self._decode(self._body(data, size), size)
-        if not np.isfinite(out).all():
+        if not self._decodes_finite and not np.isfinite(out).all():
             raise ValueError(f"{self.spec} payload decodes to NaN or inf")
         return out
 
@@ -108,9 +111,8 @@ class Codec:
         ``ValueError`` if the bytes are bad or the sum is not finite."""
         ref = np.asarray(reference, np.float32).reshape(-1)
         out = self._decode_added(self._body(data, ref.size), ref.size, ref)
-        if not np.isfinite(out).all():
-            raise ValueError(f"{self.spec} update is NaN or inf once added to the model the "
-                             "client received (a forged scale, or it overflows float32)")
+        if not self._decodes_finite and not np.isfinite(out).all():
+            raise _not_finite_sum(self.spec)
         return out
 
     def _body(self, data: bytes | memoryview, size: int) -> memoryview:
@@ -165,6 +167,11 @@ class Codec:
 def _not_finite(spec: str) -> ValueError:
     return ValueError(f"tensor contains NaN or inf (or values beyond float32's range); "
                       f"codec {spec!r} refuses it")
+
+
+def _not_finite_sum(spec: str) -> ValueError:
+    return ValueError(f"{spec} update is NaN or inf once added to the model the client "
+                      "received (a forged scale, or it overflows float32)")
 
 
 def _exact(body: memoryview, nbytes: int, what: str) -> None:
@@ -280,7 +287,8 @@ _CHUNK = 1 << 15
 
 def _dequantise(body: memoryview, count: int, block: int, what: str,
                 reference: Array | None = None) -> Array:
-    """int8 body → float32 values (+ ``reference``), a cache-sized run of blocks at a time."""
+    """int8 body → float32 values (+ ``reference``), a cache-sized run of blocks at a time,
+    each checked finite while in cache (``ValueError``)."""
     nblocks = -(-count // block)
     _exact(body, 4 * nblocks + count, what)
     scales = np.frombuffer(body, dtype="<f4", count=nblocks).astype(np.float32)
@@ -290,7 +298,11 @@ def _dequantise(body: memoryview, count: int, block: int, what: str,
     out = np.empty(count, np.float32)
     full = count // block
     step = max(1, _CHUNK // block)
-    with np.errstate(over="ignore", invalid="ignore"):  # forged scales: inf, refused later
+    finite = True
+    with np.errstate(over="ignore", invalid="ignore"):  # forged scales: inf, refused below
+        # without a reference, |q · scale| ≤ 128 · the largest scale bounds every value
+        check = reference is not None or bool(
+            nblocks and not np.isfinite(np.float32(128) * scales.max()))
         for b0 in range(0, full, step):
             b1 = min(full, b0 + step)
             lo, hi = b0 * block, b1 * block
@@ -298,11 +310,18 @@ def _dequantise(body: memoryview, count: int, block: int, what: str,
             np.multiply(q[lo:hi].reshape(b1 - b0, block), scales[b0:b1, None], out=o)
             if reference is not None:
                 np.add(o, reference[lo:hi].reshape(b1 - b0, block), out=o)
+            if check:
+                finite = finite and bool(np.isfinite(o).all())
         m = full * block
         if m < count:
             np.multiply(q[m:], scales[full], out=out[m:])
             if reference is not None:
                 np.add(out[m:], reference[m:], out=out[m:])
+            if check:
+                finite = finite and bool(np.isfinite(out[m:]).all())
+    if not finite:
+        raise (_not_finite_sum(what) if reference is not None
+               else ValueError(f"{what} payload decodes to NaN or inf"))
     return out
 
 
@@ -334,6 +353,7 @@ class Int8(Codec):
     ident: ClassVar[int] = 2
     delta: ClassVar[bool] = True
     _checks_finite: ClassVar[bool] = True
+    _decodes_finite: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_block(self.block)
