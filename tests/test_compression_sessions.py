@@ -470,3 +470,59 @@ def test_device_codecs_option_is_checked():
     assert declared_codecs("int8, fp16,int8") == ("int8", "fp16")
     with pytest.raises(InputError, match="did you mean 'int8'"):
         DeviceOptions(codecs="int9")
+
+
+# -- end to end: real virtual devices over real gRPC --------------------------------------------
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    import xflwb
+    from tests.conftest import digits_cnn
+
+    return xflwb.export(digits_cnn(4), name="compressed_cnn", data_type="digits",
+                        out_dir=tmp_path_factory.mktemp("exp"))
+
+
+def _int8_bytes(sizes: list[int]) -> int:
+    """One update's wire bytes in int8 (block 256): header, a float32 scale per block, a
+    byte per value, per tensor."""
+    return sum(12 + 4 * -(-n // 256) + n for n in sizes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_android_sends_int8_and_ios_float32_in_one_round_and_stock_phones_still_train(
+        exported, tmp_path):
+    """Compression up=int8, down=fp16; two Android phones declaring every codec, an iOS
+    phone declaring nothing in raw float32 (FedKit-style) and one in .npy (stock Flower
+    style): every phone trains both rounds, nothing is rejected, and the history's bytes
+    per platform are int8's and fp16's exact sizes for Android, float32 for iOS."""
+    import xflwb
+    from xflwb.federation.compression import Compression
+
+    with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
+        wb.publish(exported)
+        session = wb.train("compressed_cnn", rounds=2, min_clients=4, round_timeout=120,
+                           compression=Compression(up="int8", down="fp16"))
+        fleet = wb.spawn_devices(android=2, ios=2, dataset="digits", partition="iid", seed=0,
+                                 codecs=["all", "all", "none", "none"],
+                                 encoding=["raw", "raw", "raw", "npy"])
+        assert session.wait(timeout=400) == "finished"
+        table = fleet.wait(timeout=60)
+        hist = session.history
+    assert list(table.status) == ["finished"] * 4, table
+    assert list(table.rounds_done) == [2] * 4
+    wide = hist.pivot_table(index=["round", "platform"], columns="metric", values="value")
+    droid, ios = wide.xs("android", level="platform"), wide.xs("ios", level="platform")
+    assert (droid["clients"] == 2).all() and (ios["clients"] == 2).all()
+    assert (droid["rejected"] == 0).all() and (ios["rejected"] == 0).all()
+    sizes = {p: [math.prod(s) for s in params.platform_shapes(exported.manifest, p)]
+             for p in PLATFORMS}
+    f32 = {p: 4 * sum(sizes[p]) for p in PLATFORMS}
+    assert (droid["bytes_up"] == 2 * _int8_bytes(sizes["android"])).all()
+    assert (droid["bytes_down"] == 2 * sum(12 + 2 * n for n in sizes["android"])).all()
+    assert (droid["bytes_up_float32"] == 2 * f32["android"]).all()
+    assert (droid["bytes_up_float32"] / droid["bytes_up"] > 3).all()  # int8's saving
+    # iOS: raw float32 (exactly the reference) plus .npy (the same and its headers)
+    assert (ios["bytes_up_float32"] == 2 * f32["ios"]).all()
+    assert (ios["bytes_up"] > ios["bytes_up_float32"]).all()
+    assert (ios["bytes_up"] < 1.2 * ios["bytes_up_float32"]).all()
