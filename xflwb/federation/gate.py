@@ -50,9 +50,10 @@ TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
 CODECS = tuple(TENSOR_TYPES)
 #: encoded models kept per gate (one per platform × codec of the current global model)
 _CACHE_SIZE = 8
-#: received models (base × platform × down codec) kept for delta decoding: FedBuff's
-#: updates arrive on up to max_staleness + 1 versions
-_RECEIVED_SIZE = 24
+#: received models (base × platform × down codec) kept for delta decoding, each a model
+#: copy held in memory: a round's two platforms, and FedBuff's newest versions (a miss on an
+#: older one costs one more encode and decode, not a rejection)
+_RECEIVED_SIZE = 4
 
 
 def tensor_type_of(codec: str | Codec) -> str:
