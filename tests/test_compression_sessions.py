@@ -526,3 +526,61 @@ def test_android_sends_int8_and_ios_float32_in_one_round_and_stock_phones_still_
     assert (ios["bytes_up_float32"] == 2 * f32["ios"]).all()
     assert (ios["bytes_up"] > ios["bytes_up_float32"]).all()
     assert (ios["bytes_up"] < 1.2 * ios["bytes_up_float32"]).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_the_virtual_phone_is_the_reference_client_of_every_direction(exported, platform):
+    """The device's own answers, on its real runtime (TFLite / Core ML executor): it
+    declares its codecs, decodes an fp16 model, answers top-k with error feedback kept
+    across rounds, and the gate accepts what it sent; declaring none, it answers float32."""
+    from xflwb.bridge import runtime
+    from xflwb.bridge.manifest import initial_parameters
+    from xflwb.devices import datasets
+    from xflwb.devices.device import Device, DeviceOptions
+    from xflwb.flower_legacy import transport_pb2 as pb
+
+    d = datasets.load("digits")
+    manifest = exported.manifest
+    start = [np.asarray(a, np.float32) for a in initial_parameters(manifest)]
+    g = UpdateGate(manifest)
+    g.check_manifest(start)
+    fp16, topk = parse("fp16", "down"), parse("topk:0.1", "up")
+
+    def phone(declared: str) -> Device:
+        dev = Device("http://127.0.0.1:1", platform, "digits", d.x_train[:64], d.y_train[:64],
+                     d.x_test[:32], d.y_test[:32], options=DeviceOptions(codecs=declared))
+        dev.runtime, dev.manifest = runtime.load(manifest, platform), dict(manifest)
+        dev.status.session_id = 1
+        return dev
+
+    def fit_ins(config: dict[str, Any]) -> Any:
+        return pb.ServerMessage(fit_ins=pb.ServerMessage.FitIns(
+            parameters=pb.Parameters(tensors=g.encode(start, platform, fp16),
+                                     tensor_type=codecs.tensor_type(fp16)),
+            config={"local_epochs": pb.Scalar(sint64=1), **config}))
+
+    dev = phone("all")
+    probe = dev._answer(pb, "get_parameters_ins", pb.ServerMessage())
+    assert codecs.capabilities(probe.get_parameters_res.parameters.tensor_type) == set(
+        codecs.CODECS)
+    residuals = []
+    for _ in range(2):
+        res = dev._answer(pb, "fit_ins", fit_ins({KEY_UP: pb.Scalar(string="topk:0.1")}))
+        assert res.fit_res.metrics[KEY_CODEC].string == "topk:0.1"
+        u = g.accept(platform, "d", list(res.fit_res.parameters.tensors), 64,
+                     {KEY_CODEC: "topk:0.1"}, start, up=topk, down=fp16)
+        assert u.compression == "topk:0.1" and all(np.isfinite(a).all() for a in u.tensors)
+        residuals.append(dev._feedback[1].residual)
+    # what top-k kept back is carried to the next round (the feedback object persists)
+    assert any(float(np.abs(r).max()) > 0 for r in residuals[1])
+    ev = dev._answer(pb, "evaluate_ins", pb.ServerMessage(evaluate_ins=pb.ServerMessage.
+                     EvaluateIns(parameters=fit_ins({}).fit_ins.parameters)))
+    assert np.isfinite(ev.evaluate_res.loss)
+    stock = phone("none")
+    probe = stock._answer(pb, "get_parameters_ins", pb.ServerMessage())
+    assert probe.get_parameters_res.parameters.tensor_type == "ND"
+    res = stock._answer(pb, "fit_ins", fit_ins({KEY_UP: pb.Scalar(string="int8")}))
+    assert KEY_CODEC not in res.fit_res.metrics
+    assert g.accept(platform, "s", list(res.fit_res.parameters.tensors), 64, {}, start,
+                    up=parse("int8")).compression == "float32"
