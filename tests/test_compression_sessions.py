@@ -571,9 +571,10 @@ def test_the_virtual_phone_is_the_reference_client_of_every_direction(exported, 
         u = g.accept(platform, "d", list(res.fit_res.parameters.tensors), 64,
                      {KEY_CODEC: "topk:0.1"}, start, up=topk, down=fp16)
         assert u.compression == "topk:0.1" and all(np.isfinite(a).all() for a in u.tensors)
-        residuals.append(dev._feedback[1].residual)
-    # what top-k kept back is carried to the next round (the feedback object persists)
-    assert any(float(np.abs(r).max()) > 0 for r in residuals[1])
+        residuals.append(dev._feedback[1])
+    # what top-k kept back is carried to the next round of the session
+    assert residuals[0] is residuals[1]
+    assert any(float(np.abs(r).max()) > 0 for r in residuals[1].residual)
     ev = dev._answer(pb, "evaluate_ins", pb.ServerMessage(evaluate_ins=pb.ServerMessage.
                      EvaluateIns(parameters=fit_ins({}).fit_ins.parameters)))
     assert np.isfinite(ev.evaluate_res.loss)
