@@ -37,7 +37,7 @@ from xflwb.bridge.manifest import Manifest
 from xflwb.errors import InputError, SessionFailure, UpdateRejected
 from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES
 from xflwb.federation.bounds import Bounds
-from xflwb.federation.codecs import CODECS, KEY_UP
+from xflwb.federation.codecs import CODECS, KEY_UP, Codec
 from xflwb.federation.compression import FLOAT32_ONLY, Negotiated, compression_dict, negotiate
 from xflwb.federation.dp import reported_bit
 from xflwb.federation.gate import UpdateGate, tensor_type_of
@@ -263,7 +263,7 @@ class Round:
         """The encoding ``client`` reads: the one it last sent, else ``default``."""
         return self.codec_of.get(client, default)
 
-    def encode(self, platform: str, codec: str | Any) -> list[bytes]:
+    def encode(self, platform: str, codec: str | Codec) -> list[bytes]:
         """The global model in ``platform``'s layout and ``codec`` (raw / npy, or a down-link
         ``Codec``; cached by the gate)."""
         return self.gate.encode(self.global_, platform, codec)
