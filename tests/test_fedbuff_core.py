@@ -185,6 +185,21 @@ def test_staleness_weights_the_delta_against_the_version_the_client_started_from
         np.testing.assert_allclose(t, 3.0)
 
 
+def test_a_version_reports_the_wire_bytes_and_what_float32_would_have_cost():
+    run = Run(buffer_size=2)
+    a, c = run.fit("a"), run.fit("c")
+    run.driver.fit_returned(a, ([b + 1 for b in START], 10), Returned(
+        examples=10, bytes_up=30, bytes_down=60, bytes_up_float32=100, bytes_down_float32=100))
+    run.driver.fit_returned(c, (START, 10), Returned(
+        examples=10, bytes_up=80, bytes_down=80, bytes_up_float32=80, bytes_down_float32=80))
+    (made,) = run.versions
+    m = {(p, k): v for p, k, v in made.metrics}
+    assert (m[("android", "bytes_up")], m[("android", "bytes_up_float32")]) == (30, 100)
+    assert (m[("android", "bytes_down")], m[("android", "bytes_down_float32")]) == (60, 100)
+    assert (m[("all", "bytes_up")], m[("all", "bytes_up_float32")]) == (110, 180)
+    assert "bytes_up_float32" not in run.arrivals[0].row()  # the registry's row is unchanged
+
+
 def test_beyond_max_staleness_is_rejected_with_the_reason_and_the_model_stays():
     run = Run(max_staleness=1, buffer_size=1)
     c = run.fit("c")

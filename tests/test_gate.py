@@ -206,3 +206,21 @@ def test_fuzz_any_payload_is_refused_cleanly_or_accepted_valid(tensors, platform
 def test_fuzz_random_bytes_never_raise_anything_but_a_rejection(blob, count):
     with pytest.raises(UpdateRejected):
         gate().accept("android", "x", [blob] * count, 3, {}, toy_canonical(0))
+
+
+def test_a_compressed_model_goes_down_deterministically_and_is_cached_per_codec():
+    from xflwb.federation.codecs import parse
+    from xflwb.federation.gate import tensor_type_of
+
+    model = toy_canonical(2)
+    g = gate()
+    fp16, int8 = parse("fp16", "down"), parse("int8", "down")
+    down = g.encode(model, "ios", int8)
+    assert g.encode(model, "ios", int8) is down  # cached beside raw / npy
+    assert g.encode(model, "ios", int8, cache=False) == down  # nearest rounding: reproducible
+    assert g.encode(model, "ios", fp16) != down
+    assert [tensor_type_of(c) for c in ("raw", "npy", fp16)] == ["ND", "ndarray", "xfl:fp16"]
+    assert g.float32_bytes("ios") == 4 * sum(
+        int(np.prod(s)) for s in params.platform_shapes(MANIFEST, "ios"))
+    with pytest.raises(ValueError, match="cannot carry a model down"):
+        g.encode(model, "ios", parse("topk:0.1"))

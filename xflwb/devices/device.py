@@ -6,6 +6,14 @@ occupied) → Flower legacy gRPC ``Join`` → answer GetParameters / Fit / Evalu
 Reconnect → telemetry. Android devices run the ``.tflite`` in the TFLite interpreter, iOS
 devices the ``.mlmodel`` in the Core ML executor; tensors travel in the platform's layout,
 as raw float32 (FedKit) or ``.npy`` (Flower's iOS SDK).
+
+Compression (``xflwb.federation.codecs``): a virtual phone is the reference client of every
+codec. It declares the codecs of ``DeviceOptions.codecs`` in its GetParameters answer
+(``codecs="none"``: it declares nothing, as a FedKit phone or a stock Flower client, and
+gets float32 both ways), decodes a compressed model by its ``tensor_type``, and encodes its
+update in the codec the FitIns asks for (``KEY_UP``): a delta codec's difference to the
+model it received, after DP's clipping, with error feedback kept across the session's
+rounds.
 """
 
 from __future__ import annotations
@@ -65,6 +73,9 @@ class DeviceOptions:
     network_delay: float = option(0.0, "seconds added before each answer", ge=0)
     encoding: str = option("raw", "tensor encoding: raw float32 (FedKit) or npy (Flower's "
                            "iOS SDK)", choices=("raw", "npy"))
+    codecs: str = option("all", 'compression codecs the device declares: "all", "none" (a '
+                         'stock FedKit / Flower phone: float32 both ways) or a comma-separated '
+                         'list of fp16, int8, topk, rotate+int8')
     max_wait: float = option(300.0, "seconds to wait for a session before giving up", gt=0)
     #: PEM file of the CA to trust for an https backend and its gRPC ports (a dev CA from
     #: ``make_dev_ca``); None: the system's roots
@@ -77,9 +88,30 @@ class DeviceOptions:
 
     def __post_init__(self) -> None:
         _options.check(self)
+        declared_codecs(self.codecs)  # InputError naming an unknown codec
         if self.ca_file is not None and not Path(self.ca_file).is_file():
             raise InputError(f"ca_file {self.ca_file!r} does not exist (the PEM CA the "
                              "backend's certificate was signed with)")
+
+
+def declared_codecs(value: Any) -> tuple[str, ...]:
+    """``DeviceOptions.codecs`` → the codec names a device declares ("all": every codec;
+    "none" or empty: none); ``InputError`` naming an unknown one."""
+    from xflwb._options import did_you_mean
+    from xflwb.federation.codecs import CODECS
+
+    if not isinstance(value, str):
+        raise InputError(f"codecs must be a string such as 'all', 'none' or 'int8,fp16', got "
+                         f"{value!r}")
+    text = value.strip().lower()
+    if text == "all":
+        return tuple(CODECS)
+    names = [n.strip() for n in text.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in CODECS:
+            raise InputError(f"codecs: unknown codec {name!r}{did_you_mean(name, CODECS)}; "
+                             f"declare 'all', 'none' or some of {', '.join(CODECS)}")
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass
@@ -125,6 +157,9 @@ class Device:
         self.runtime: Any = None
         self.manifest: dict[str, Any] | None = None
         self._http: Any = None
+        self.codecs = declared_codecs(self.options.codecs)
+        #: error feedback of a lossy up-link: (session id, codec spec) → what it kept back
+        self._feedback: tuple[Any, Any] | None = None
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _set(self, **values: Any) -> None:
@@ -323,23 +358,78 @@ class Device:
             timer.cancel()
 
     def _decode(self, parameters: Any) -> list[Array]:
-        from xflwb.bridge import params
+        """A model from the server: float32 (raw / .npy), or compressed with the down-link
+        codec its ``tensor_type`` names (absolute values, this platform's layout)."""
+        import math
 
-        arrays, _ = params.decode_tensors(list(parameters.tensors))
-        return arrays
+        from xflwb.bridge import params
+        from xflwb.federation.codecs import codec_from_tensor_type
+
+        codec = codec_from_tensor_type(parameters.tensor_type)
+        if codec is None:
+            arrays, _ = params.decode_tensors(list(parameters.tensors))
+            return arrays
+        shapes = params.platform_shapes(self.runtime.manifest, self.platform)
+        if len(parameters.tensors) != len(shapes):
+            raise DeviceError(f"{codec.spec} model has {len(parameters.tensors)} tensors, "
+                              f"this {self.platform} model holds {len(shapes)}")
+        return [codec.decode(b, math.prod(s)).reshape(s)
+                for b, s in zip(parameters.tensors, shapes, strict=True)]
+
+    def _native(self) -> str:
+        return "ND" if self.options.encoding == "raw" else "ndarray"
 
     def _encode(self, pb: Any, arrays: list[Array]) -> Any:
         from xflwb.bridge import params
 
         tensors = params.encode_tensors(arrays, self.options.encoding)
-        return pb.Parameters(tensors=tensors,
-                             tensor_type="ND" if self.options.encoding == "raw" else "ndarray")
+        return pb.Parameters(tensors=tensors, tensor_type=self._native())
+
+    def _asked_codec(self, cfg: Any) -> Any:
+        """The up-link codec the FitIns asks for (``KEY_UP``), if this device declared it;
+        else None: float32, as a phone that never heard of compression answers."""
+        from xflwb.federation.codecs import KEY_UP, parse
+
+        if KEY_UP not in cfg or not self.codecs:
+            return None
+        try:
+            codec = parse(cfg[KEY_UP].string, "up")
+        except InputError as exc:
+            log.warning("device %s: asked for %s; sending float32", self.status.device_id, exc)
+            return None
+        return codec if codec is not None and codec.name in self.codecs else None
+
+    def _compressed(self, pb: Any, codec: Any, update: list[Array], received: list[Array]
+                    ) -> Any:
+        """``update`` in ``codec``: a delta codec sends its difference to ``received`` (the
+        model this device decoded) through error feedback kept across the session's rounds;
+        stochastic rounding seeded by the device's seed, id and round."""
+        import numpy as np
+
+        from xflwb.federation.codecs import ErrorFeedback, encode_arrays, tensor_type
+
+        rng = np.random.default_rng([self.options.seed, self.status.device_id,
+                                     self.status.rounds_done])
+        if codec.delta:
+            key = (self.status.session_id, codec.spec)
+            if self._feedback is None or self._feedback[0] != key:
+                self._feedback = (key, ErrorFeedback())
+            delta = [np.subtract(u, r, dtype=np.float32)
+                     for u, r in zip(update, received, strict=True)]
+            tensors = self._feedback[1].encode(delta, codec, rng)
+        else:
+            tensors = encode_arrays(update, codec, rng=rng)
+        return pb.Parameters(tensors=tensors, tensor_type=tensor_type(codec))
 
     def _answer(self, pb: Any, kind: str, msg: Any) -> Any:
         rt = self.runtime
-        if kind == "get_parameters_ins":
+        if kind == "get_parameters_ins":  # also declares the codecs (none: as stock phones)
+            from xflwb.federation.codecs import announce
+
+            answer = self._encode(pb, rt.get_parameters())
+            answer.tensor_type = announce(self._native(), self.codecs)
             return pb.ClientMessage(get_parameters_res=pb.ClientMessage.GetParametersRes(
-                parameters=self._encode(pb, rt.get_parameters())))
+                parameters=answer))
         if kind == "fit_ins":
             self._fit_start = int(time.time() * 1000)
             received = self._decode(msg.fit_ins.parameters)
@@ -370,9 +460,16 @@ class Device:
                 update, norm = params.clip_platform_update(update, received, rt.manifest,
                                                            self.platform, cap)
                 metrics["norm_bit"] = pb.Scalar(double=1.0 if norm <= cap else 0.0)
+            codec = self._asked_codec(cfg)  # clipped first, then encoded
+            if codec is None:
+                parameters = self._encode(pb, update)
+            else:
+                from xflwb.federation.codecs import KEY_CODEC
+
+                parameters = self._compressed(pb, codec, update, received)
+                metrics[KEY_CODEC] = pb.Scalar(string=codec.spec)
             return pb.ClientMessage(fit_res=pb.ClientMessage.FitRes(
-                parameters=self._encode(pb, update),
-                num_examples=len(self.x_train), metrics=metrics))
+                parameters=parameters, num_examples=len(self.x_train), metrics=metrics))
         if kind == "evaluate_ins":
             self._eval_start = int(time.time() * 1000)
             rt.set_parameters(self._decode(msg.evaluate_ins.parameters))

@@ -124,11 +124,15 @@ class Arrival:
     bytes_up: int = 0
     bytes_down: int = 0
     capped: bool = False
+    #: what the update and its model would have cost as float32 (compression's reference)
+    bytes_up_float32: int = 0
+    bytes_down_float32: int = 0
 
     def row(self) -> dict[str, Any]:
         """The registry's row (``Registry.add_arrivals``)."""
         d = dataclasses.asdict(self)
-        for k in ("bytes_up", "bytes_down", "capped"):
+        for k in ("bytes_up", "bytes_down", "capped", "bytes_up_float32",
+                  "bytes_down_float32"):
             d.pop(k)
         return d
 

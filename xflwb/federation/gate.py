@@ -6,6 +6,13 @@ on its way out (canonical → the platform's layout → the client's encoding). 
 the gate sees bytes, a platform's layout or an encoding; nothing before it sees canonical
 arrays. So a new wire format (a compression codec) plugs in here and nowhere else.
 
+Compression (``xflwb.federation.codecs``): a client whose update's metrics name a codec
+(``KEY_CODEC``) is decoded with it, only if it is the codec the server asked that client for;
+a delta codec's update is added to the exact model the client received (``received``: the
+base as its down-link codec delivered it), and only then mapped and validated, so
+validation, clipping and aggregation never see a codec. A model goes down compressed with
+``encode(model, platform, codec)`` (deterministic rounding: ``received`` reproduces it).
+
 What the gate refuses costs only that client: each refusal is an ``UpdateRejected``
 subclass whose message names the problem. A ``KeyError`` is never the client's: client
 data is never a key, only a manifest lookup raises one, so it propagates as the fault of
@@ -16,7 +23,9 @@ honest phone.
 from __future__ import annotations
 
 import io
+import math
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,12 +35,14 @@ from xflwb.bridge import params
 from xflwb.bridge.arrays import Array
 from xflwb.bridge.manifest import Manifest
 from xflwb.errors import InputError, UpdateRejected
+from xflwb.federation import codecs as wire
 from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES, update_norm
+from xflwb.federation.codecs import FLOAT32, KEY_CODEC, Codec
 from xflwb.federation.update import Update
 
 __all__ = ["CODECS", "TENSOR_TYPES", "BadExampleCount", "FrozenMismatch", "MalformedManifest",
            "MalformedUpdate", "NonFiniteUpdate", "UnknownPlatform", "UpdateGate",
-           "UpdateNormExceeded"]
+           "UpdateNormExceeded", "tensor_type_of"]
 
 #: the tensor encodings clients read and write, with the ``Parameters.tensor_type`` each is
 #: announced as ("ND" is FedKit's raw float32; Flower's SDKs read ``.npy``)
@@ -39,6 +50,16 @@ TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
 CODECS = tuple(TENSOR_TYPES)
 #: encoded models kept per gate (one per platform × codec of the current global model)
 _CACHE_SIZE = 8
+#: received models (base × platform × down codec) kept for delta decoding, each a model
+#: copy held in memory: a round's two platforms, and FedBuff's newest versions (a miss on an
+#: older one costs one more encode and decode, not a rejection)
+_RECEIVED_SIZE = 4
+
+
+def tensor_type_of(codec: str | Codec) -> str:
+    """The ``Parameters.tensor_type`` of a model sent in ``codec``: "ND" (raw), "ndarray"
+    (npy) or "xfl:<spec>" for a compression codec."""
+    return wire.tensor_type(codec) if isinstance(codec, Codec) else TENSOR_TYPES[codec]
 
 
 class MalformedManifest(InputError):
@@ -97,6 +118,10 @@ class UpdateGate:
         self.frozen: str | None = frozen.get("sha256") if frozen else None
         self._cache: dict[tuple[int, str, str], list[bytes]] = {}
         self._cache_model: Any = None
+        #: (id(base), platform, down spec) → (base, the model in platform layout as the
+        #: client decoded it); the base is held so its id cannot be reused while cached
+        self._received: OrderedDict[tuple[int, str, str], tuple[Any, list[Array]]] = (
+            OrderedDict())
         self._lock = threading.Lock()
 
     @property
@@ -132,10 +157,17 @@ class UpdateGate:
 
     def accept(self, platform: str, client: str, tensors: Sequence[bytes], num_examples: Any,
                metrics: dict[str, Any] | None, base: Sequence[Array],
-               base_version: int = 0) -> Update:
+               base_version: int = 0, *, up: Codec | None = None,
+               down: Codec | None = None) -> Update:
         """One client's payload as an ``Update`` over ``base`` (the model it trained from:
         tensors its platform does not hold are filled from it), or an ``UpdateRejected``
-        naming the problem. A ``KeyError`` is a manifest fault and propagates."""
+        naming the problem. A ``KeyError`` is a manifest fault and propagates.
+
+        ``up`` / ``down``: the codecs the server asked this client for (None: float32). An
+        update whose metrics name a codec (``KEY_CODEC``) must name ``up``; a delta codec's
+        is added to what ``down`` delivered of ``base`` (``received``). A client may always
+        answer in float32 (no ``KEY_CODEC``)."""
+        model = base  # the object the down-link was encoded from (``received``'s cache key)
         base = list(base)
         frozen = (metrics or {}).get("frozen_sha256")
         if frozen is not None and self.frozen and frozen != self.frozen:
@@ -147,11 +179,21 @@ class UpdateGate:
             raise UnknownPlatform(f"client joined as platform {platform!r}, which model "
                                   f"'{self.manifest['name']}' was not exported for")
         n, capped = self.examples(num_examples)
+        sent = self._sent_codec(metrics, up)
+        codec = "raw"  # a compressed update's native encoding is not seen: raw stands in
         try:  # client bytes only: whatever decoding raises is the payload's fault
-            arrays, codec = params.decode_tensors(
-                [t if isinstance(t, bytes) else bytes(memoryview(t)) for t in tensors])
+            blobs = [t if isinstance(t, bytes) else bytes(memoryview(t)) for t in tensors]
+            if sent is None:
+                arrays, codec = params.decode_tensors(blobs)
         except Exception as exc:
             raise MalformedUpdate(str(exc) or type(exc).__name__) from exc
+        if sent is not None:
+            shapes = params.platform_shapes(self.manifest, platform)
+            reference = self.received(model, platform, down) if sent.delta else None
+            try:  # client bytes only, again
+                arrays = wire.decode_arrays(blobs, sent, shapes, reference=reference)
+            except Exception as exc:
+                raise MalformedUpdate(f"{sent.spec} update: {exc}") from exc
         try:  # tensors a platform does not hold are masked out: base fills them
             canonical = params.from_platform(arrays, self.manifest, platform, base=base)
         except KeyError:
@@ -175,7 +217,50 @@ class UpdateGate:
         return Update(platform=platform, client=str(client), tensors=canonical,
                       trained=list(mask), examples=n, capped=capped,
                       base_version=int(base_version), codec=codec,
-                      metrics=dict(metrics or {}))
+                      metrics=dict(metrics or {}),
+                      compression=sent.spec if sent is not None else FLOAT32,
+                      float32_bytes=self.float32_bytes(platform))
+
+    @staticmethod
+    def _sent_codec(metrics: dict[str, Any] | None, up: Codec | None) -> Codec | None:
+        """The codec an update says it is encoded with (``KEY_CODEC``), None for float32;
+        ``MalformedUpdate`` when it is not the one the server asked for."""
+        said = (metrics or {}).get(KEY_CODEC)
+        if said is None or said == FLOAT32:
+            return None
+        asked = up.spec if up is not None else FLOAT32
+        if not isinstance(said, str) or said != asked:
+            raise MalformedUpdate(
+                f"update is encoded with codec {said!r} ({KEY_CODEC}), the server asked this "
+                f"client for {asked!r}; a client sends the codec it was asked for or float32")
+        return up
+
+    def float32_bytes(self, platform: str) -> int:
+        """What one model or update of ``platform`` costs as float32: 4 bytes per element of
+        its layout (the compression ratio's reference)."""
+        return 4 * sum(math.prod(s) for s in params.platform_shapes(self.manifest, platform))
+
+    def received(self, model: Sequence[Array], platform: str, down: Codec | None
+                 ) -> list[Array]:
+        """``model`` in ``platform``'s layout as a client decodes it when it was sent with
+        ``down`` (None: float32, exact): the reference a delta codec's update is added to.
+        Cached per model object, platform and codec (the down-link is deterministic)."""
+        if down is None:
+            return params.to_platform(list(model), self.manifest, platform)
+        key = (id(model), platform, down.spec)
+        with self._lock:
+            hit = self._received.get(key)
+            if hit is not None and hit[0] is model:
+                self._received.move_to_end(key)
+                return hit[1]
+        shapes = params.platform_shapes(self.manifest, platform)
+        out = [down.decode(b, math.prod(s)).reshape(s)
+               for b, s in zip(self._encode(model, platform, down), shapes, strict=True)]
+        with self._lock:
+            self._received[key] = (model, out)
+            while len(self._received) > _RECEIVED_SIZE:
+                self._received.popitem(last=False)
+        return out
 
     def decode_sums(self, tensors: Sequence[bytes]) -> list[Array]:
         """SecAgg+'s unmasked aggregate (``.npy`` of any float precision, as Flower's
@@ -187,12 +272,20 @@ class UpdateGate:
                 out.append(np.load(buf, allow_pickle=False))
         return out
 
-    def encode(self, model: Sequence[Array], platform: str, codec: str) -> list[bytes]:
-        """``model`` in ``platform``'s layout and ``codec``, cached per model object (a
-        round encodes once per platform and codec, not once per client)."""
-        if codec not in TENSOR_TYPES:
+    def encode(self, model: Sequence[Array], platform: str, codec: str | Codec, *,
+               cache: bool = True) -> list[bytes]:
+        """``model`` in ``platform``'s layout and ``codec`` (raw, npy, or a down-link
+        compression codec: absolute values, deterministic rounding), cached per model
+        object (a round encodes once per platform and codec, not once per client).
+        ``cache=False``: a model other than the round's (FedBuff's versions)."""
+        if isinstance(codec, Codec):
+            if "down" not in codec.directions:
+                raise ValueError(f"codec {codec.spec!r} cannot carry a model down")
+        elif codec not in TENSOR_TYPES:
             raise ValueError(f"unknown codec {codec!r}; use one of {sorted(TENSOR_TYPES)}")
-        key = (id(model), platform, codec)
+        if not cache:
+            return self._encode(model, platform, codec)
+        key = (id(model), platform, tensor_type_of(codec))
         with self._lock:
             if self._cache_model is not model:  # a new model: the old encodings are stale
                 self._cache.clear()
@@ -200,9 +293,15 @@ class UpdateGate:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
-        out = params.encode_tensors(params.to_platform(list(model), self.manifest, platform),
-                                    codec)
+        out = self._encode(model, platform, codec)
         with self._lock:
             if self._cache_model is model and len(self._cache) < _CACHE_SIZE:
                 self._cache[key] = out
         return out
+
+    def _encode(self, model: Sequence[Array], platform: str, codec: str | Codec
+                ) -> list[bytes]:
+        arrays = params.to_platform(list(model), self.manifest, platform)
+        if isinstance(codec, Codec):  # a whole model: absolute values, nearest rounding
+            return [codec.encode(a) for a in arrays]
+        return params.encode_tensors(arrays, codec)

@@ -13,6 +13,12 @@ of two ways:
 Either way the same code decides what a round means: a rejected update costs only its
 client, a manifest fault fails the round, a tensor one platform does not train never
 dilutes one that did, DP clips and noises, the ledger advances.
+
+Compression (``compression``: ``{"up": spec, "down": spec}``): each client gets the
+session's codecs it declared (``negotiate``; a host passes what the client announced, and
+simulations, whose clients are all xflwb's, say ``capable_by_default=True``). ``downlink``
+encodes its model and the fit's extra config and remembers what was asked, so ``accept``
+decodes its update against exactly what it received.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import numpy as np
 
 from xflwb.bridge.arrays import Array
 from xflwb.bridge.manifest import Manifest
-from xflwb.errors import SessionFailure, UpdateRejected
+from xflwb.errors import InputError, SessionFailure, UpdateRejected
 from xflwb.federation.aggregate import DEFAULT_MAX_EXAMPLES
 from xflwb.federation.bounds import Bounds
+from xflwb.federation.codecs import CODECS, KEY_UP, Codec
+from xflwb.federation.compression import FLOAT32_ONLY, Negotiated, compression_dict, negotiate
 from xflwb.federation.dp import reported_bit
-from xflwb.federation.gate import UpdateGate
+from xflwb.federation.gate import UpdateGate, tensor_type_of
 from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 from xflwb.federation.policies import add_secure_sums, build
 from xflwb.federation.report import AllClientsFailed, Failure, RoundReport, summarize
@@ -57,21 +65,24 @@ class ManifestFault(SessionFailure):
 
 @dataclass
 class Target:
-    """A sampled client: who, on which platform, reading which tensor encoding."""
+    """A sampled client: who, on which platform, reading which tensor encoding, declaring
+    which compression codecs (None: it said nothing; see ``Round.negotiate``)."""
 
     client: str
     platform: str
     codec: str = "raw"
+    codecs: frozenset[str] | None = None
 
 
 @dataclass
 class FitJob:
     """What one sampled client is asked to fit: the global model in its layout and
-    encoding, and the round's config."""
+    encoding (``tensor_type`` says which), and the round's config."""
 
     target: Target
     tensors: list[bytes]
     config: dict[str, Any]
+    tensor_type: str = "ND"
 
 
 class FitPayload(Protocol):
@@ -147,6 +158,9 @@ class Round:
     ``clock``: seconds, monotonic (``aggregate_seconds``); ``refuse``: client id → why its
     results may not count, or None (device tokens); the callbacks receive each round's
     ``RoundReport`` (``on_fit_round`` also the new global model) and progress states.
+    ``compression``: the session's codecs (``RoundOptions.compression``; None: float32);
+    ``capable_by_default``: a client that declared nothing is taken as capable of every
+    codec (simulations: every client is xflwb's own; phones are never assumed capable).
     """
 
     def __init__(self, gate: UpdateGate, policy: Any, bounds: Bounds,
@@ -157,7 +171,9 @@ class Round:
                  refuse: Callable[[str], str | None] | None = None,
                  on_fit_round: Callable[[RoundReport, list[Array]], None] | None = None,
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
-                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 compression: dict[str, str] | None = None,
+                 capable_by_default: bool = False) -> None:
         self.gate, self.policy, self.bounds = gate, policy, bounds
         self.global_ = [np.asarray(a, np.float32) for a in initial]
         self.min_clients = max(1, int(min_clients))
@@ -173,6 +189,13 @@ class Round:
         self.on_progress = on_progress
         self.codec_of: dict[str, str] = {}  # client → the encoding it used
         self._last_progress: dict[str, Any] = {}
+        self.compression = compression_dict(compression)
+        if self.compression is not None and self.secure_sums:
+            raise InputError("SecAgg+ masks quantised vectors already; compression cannot be "
+                             "combined with it: drop compression or secagg")
+        self.capable_by_default = bool(capable_by_default)
+        #: client → the codecs its current fit was asked for (``accept`` decodes with them)
+        self.asked: dict[str, Negotiated] = {}
 
     @classmethod
     def build(cls, manifest: Manifest, initial: Sequence[Array], *,
@@ -240,9 +263,33 @@ class Round:
         """The encoding ``client`` reads: the one it last sent, else ``default``."""
         return self.codec_of.get(client, default)
 
-    def encode(self, platform: str, codec: str) -> list[bytes]:
-        """The global model in ``platform``'s layout and ``codec`` (cached by the gate)."""
+    def encode(self, platform: str, codec: str | Codec) -> list[bytes]:
+        """The global model in ``platform``'s layout and ``codec`` (raw / npy, or a down-link
+        ``Codec``; cached by the gate)."""
         return self.gate.encode(self.global_, platform, codec)
+
+    def negotiate(self, declared: Iterable[str] | None) -> Negotiated:
+        """What a client that declared ``declared`` (codec names; None: nothing said) gets:
+        the session's codecs it can do, else float32 (``compression.negotiate``)."""
+        if declared is None:
+            declared = CODECS if self.capable_by_default else ()
+        return negotiate(self.compression, declared)
+
+    def downlink(self, client: str, platform: str, native: str,
+                 declared: Iterable[str] | None, *, fit: bool
+                 ) -> tuple[list[bytes], str, dict[str, Any]]:
+        """(the global model for ``client`` — its negotiated down codec, else its own
+        encoding ``native`` or the one it last sent —, its ``tensor_type``, the config
+        keys its fit adds: ``KEY_UP`` when its up-link is compressed). ``fit``: remember
+        what was asked, for ``accept``."""
+        n = self.negotiate(declared)
+        codec = n.down if n.down is not None else self.codec(client, native)
+        extra: dict[str, Any] = {}
+        if fit:
+            self.asked[client] = n
+            if n.up is not None:
+                extra[KEY_UP] = n.up.spec
+        return self.encode(platform, codec), tensor_type_of(codec), extra
 
     # -- one update ----------------------------------------------------------------------
     def refused(self, client: str) -> None:
@@ -253,10 +300,13 @@ class Round:
 
     def accept(self, result: FitPayload, base: Sequence[Array] | None = None,
                base_version: int = 0) -> Update:
-        """``result`` through the gate, over ``base`` (default: the global model)."""
+        """``result`` through the gate, over ``base`` (default: the global model), decoded
+        with the codecs its client was asked for."""
+        asked = self.asked.get(str(result.client), FLOAT32_ONLY)
         return self.gate.accept(result.platform, result.client, result.tensors,
                                 result.num_examples, result.metrics,
-                                self.global_ if base is None else base, base_version)
+                                self.global_ if base is None else base, base_version,
+                                up=asked.up, down=asked.down)
 
     def _cap(self, results: Sequence[FitPayload]) -> int | None:
         """Before a round's updates are added: the weight cap from the round's claims (read
@@ -337,6 +387,10 @@ class Round:
             stats = per[platform]
             stats["bytes_up"] += r.bytes_up
             stats["bytes_down"] += r.bytes_down
+            if platform in self.gate.masks:  # what float32 would have cost both ways
+                f32 = self.gate.float32_bytes(platform)
+                stats["bytes_up_float32"] += f32
+                stats["bytes_down_float32"] += f32
             try:
                 self.refused(r.client)
                 update = self.accept(r, base)
@@ -361,7 +415,8 @@ class Round:
                             "(max_examples / max_weight_ratio × the round's median)",
                             server_round, platform, r.client, r.num_examples, update.examples)
                 stats["capped"] += 1
-            self.codec_of[r.client] = update.codec
+            if update.compression == "float32":  # a compressed one shows no native encoding
+                self.codec_of[r.client] = update.codec
             stats["clients"] += 1
             stats["examples"] += update.examples
             stats["fit_seconds"] += r.fit_seconds
@@ -385,12 +440,15 @@ class Round:
                 (platform, "bytes_up", stats["bytes_up"]),
                 (platform, "bytes_per_update", stats["bytes_up"] / n if n else None),
                 (platform, "bytes_down", stats["bytes_down"]),
+                (platform, "bytes_up_float32", stats.get("bytes_up_float32", 0.0)),
+                (platform, "bytes_down_float32", stats.get("bytes_down_float32", 0.0)),
                 (platform, "rejected", stats.get("rejected", 0.0))]
             # recorded only when they happen (a round without them looks as it always did)
             report.metrics += [(platform, k, stats[k]) for k in ("capped", "protocol_violations")
                                if stats.get(k)]
         totals = {k: sum(s.get(k, 0.0) for s in per.values())
-                  for k in ("clients", "examples", "bytes_up", "bytes_down", "rejected")}
+                  for k in ("clients", "examples", "bytes_up", "bytes_down", "bytes_up_float32",
+                            "bytes_down_float32", "rejected")}
         report.metrics += [("all", k, v) for k, v in totals.items()]
         report.metrics.append(("all", "failures", float(len(failures))))
         report.metrics += self.policy.end(len(failures))  # DP: epsilon, noise_std, ...
@@ -475,8 +533,14 @@ class Round:
         targets = source.sample(min(n, available))
         self.progress(phase=phase, round=server_round, connected=available,
                       needed=self.min_clients, selected=len(targets))
-        return [FitJob(t, self.encode(t.platform, self.codec(t.client, t.codec)), config)
-                for t in targets if t.platform in self.manifest["platforms"]]
+        jobs = []
+        for t in targets:
+            if t.platform not in self.manifest["platforms"]:
+                continue
+            tensors, tensor_type, extra = self.downlink(t.client, t.platform, t.codec,
+                                                        t.codecs, fit=phase == "fit")
+            jobs.append(FitJob(t, tensors, {**config, **extra}, tensor_type))
+        return jobs
 
     def run(self, server_round: int, source: ClientSource) -> RoundReport | None:
         """One whole round over ``source``: sample, fit, aggregate, then evaluate the new

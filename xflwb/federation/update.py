@@ -26,7 +26,10 @@ class Update:
     counts for after ``max_examples`` (``capped`` says it was cut). ``base_version`` is the
     global model version the client trained from (FedBuff's staleness; a round's number
     in synchronous rounds). ``codec`` is the wire encoding it arrived in, so the next model
-    goes back in the same one.
+    goes back in the same one ("raw" for a compressed update, whose native encoding is not
+    seen: hosts keep the probe's). ``compression`` is the up-link codec's spec ("float32":
+    none); ``float32_bytes`` what the update would have cost as float32 (4 × the elements of
+    its platform's layout), the compression ratio's reference.
     """
 
     platform: str
@@ -41,6 +44,8 @@ class Update:
     fit_seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    compression: str = "float32"
+    float32_bytes: int = 0
 
     def delta(self, base: list[Array]) -> list[Array]:
         """``tensors − base`` (float32), zero where the platform trains nothing."""

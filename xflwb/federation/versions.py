@@ -107,6 +107,10 @@ class Returned:
     fit_seconds: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    #: what the update and the model sent would have cost as float32 (both 4 × elements
+    #: of the platform's layout): the compression ratio's reference
+    bytes_up_float32: int = 0
+    bytes_down_float32: int = 0
 
 
 @dataclass
@@ -324,7 +328,9 @@ class VersionDriver:
             base_version=job.version, staleness=staleness, weight=0.0, examples=0,
             fit_seconds=float(returned.fit_seconds),
             seconds=self.clock() - self._start, status="applied",
-            bytes_up=int(returned.bytes_up), bytes_down=int(returned.bytes_down))
+            bytes_up=int(returned.bytes_up), bytes_down=int(returned.bytes_down),
+            bytes_up_float32=int(returned.bytes_up_float32),
+            bytes_down_float32=int(returned.bytes_down_float32))
         if self.late:  # said, not silently dropped
             arrival.examples = int(returned.examples or 0)
             self._too_late(arrival)
@@ -584,6 +590,9 @@ def _arrival_metrics(arrivals: list[Arrival]) -> list[tuple[str, str, float | No
             (platform, "bytes_up", up),
             (platform, "bytes_per_update", up / len(group) if group else None),
             (platform, "bytes_down", float(sum(a.bytes_down for a in group))),
+            (platform, "bytes_up_float32", float(sum(a.bytes_up_float32 for a in group))),
+            (platform, "bytes_down_float32",
+             float(sum(a.bytes_down_float32 for a in group))),
             (platform, "rejected", float(len(group) - n)),
             (platform, "staleness_mean", float(np.mean([a.staleness for a in ok])) if ok
              else None),

@@ -1,5 +1,6 @@
-"""The phones' client managers: the platform of the gRPC port a phone joined on, and the
-tensor encoding it reads, asked before it is offered to a round.
+"""The phones' client managers: the platform of the gRPC port a phone joined on, the tensor
+encoding it reads and the compression codecs it declares, asked before it is offered to a
+round.
 
 Phone-specific (a GetParameters probe over the legacy gRPC stream), so it lives with the
 server, not in the round adapter (``xflwb.sessions.flower_strategy``) simulations share.
@@ -12,6 +13,7 @@ import threading
 from typing import Any
 
 from xflwb.bridge import params
+from xflwb.federation import codecs
 from xflwb.flower_legacy import ClientManager, ClientProxy, GetParametersIns
 
 __all__ = ["PlatformClientManager", "wire_codec"]
@@ -44,7 +46,10 @@ class PlatformClientManager(ClientManager):
     parameters (GetParameters, which FedKit and every Flower SDK answer) and offered to the
     strategy only once the reply said which tensor encoding it reads: a stock Flower client
     cannot read raw float32, a FedKit phone cannot read ``.npy``, and the server must not
-    guess before the first FitIns. A client that leaves or stays silent is never offered."""
+    guess before the first FitIns. The same answer's ``tensor_type`` may declare compression
+    codecs (``codecs.announce``), stored as ``client.codecs``: FedKit phones and stock Flower
+    clients declare none and get float32 as before. A client that leaves or stays silent is
+    never offered."""
 
     def __init__(self, shared: ClientManager, platform: str,
                  probe_timeout: float | None = None) -> None:
@@ -71,6 +76,8 @@ class PlatformClientManager(ClientManager):
             res = client.get_parameters(GetParametersIns(config={}),
                                         timeout=self.probe_timeout, group_id=None)
             codec = client.codec = wire_codec(res)  # type: ignore[attr-defined]
+            client.codecs = codecs.capabilities(  # type: ignore[attr-defined]
+                getattr(getattr(res, "parameters", None), "tensor_type", ""))
         except Exception as exc:  # it left, timed out or broke: it never trains
             log.info("%s client %s did not answer GetParameters at join (%s: %s)",
                      self.platform, client.cid, type(exc).__name__, exc)
@@ -79,8 +86,10 @@ class PlatformClientManager(ClientManager):
             gone = client.cid in self._gone
             self._gone.discard(client.cid)
             if codec is not None and not gone:
-                log.info("%s client %s joined; it reads %s tensors", self.platform,
-                         client.cid, codec)
+                log.info("%s client %s joined; it reads %s tensors%s", self.platform,
+                         client.cid, codec,
+                         f", declares codecs {sorted(client.codecs)}"  # type: ignore[attr-defined]
+                         if getattr(client, "codecs", None) else "")
                 self.shared.register(client)
 
     def unregister(self, client: ClientProxy) -> None:

@@ -5,7 +5,9 @@ the current model at once; each update that comes back is mapped to canonical sp
 its delta taken against the version *that phone started from*; every ``buffer_size``
 accepted updates the server applies their staleness-weighted mean delta and makes a new
 model version. Phones see only FitIns / FitRes, as in a round, so FedKit and Flower-SDK
-phones work unchanged.
+phones work unchanged. Compression is negotiated per phone as in a round (the session's
+``Round.negotiate``): a phone's model goes down in its down-link codec and its update is
+decoded against the version it started from as that codec delivered it.
 
 What FedBuff *means* is transport-free, in ``xflwb.federation``: the options, staleness
 rules and ``VersionBuffer`` (``xflwb.federation.fedbuff``, re-exported here) and the
@@ -33,9 +35,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from xflwb.bridge import params
 from xflwb.bridge.arrays import Array
 from xflwb.bridge.manifest import Manifest
+from xflwb.federation.codecs import KEY_UP, Codec
+from xflwb.federation.compression import FLOAT32_ONLY, Negotiated
 from xflwb.federation.fedbuff import (
     Arrival,
     FedBuff,
@@ -44,7 +47,7 @@ from xflwb.federation.fedbuff import (
     fedbuff_options,
     staleness_rule,
 )
-from xflwb.federation.gate import TENSOR_TYPES
+from xflwb.federation.gate import tensor_type_of
 from xflwb.federation.influence import PeerWindow
 from xflwb.federation.report import AllClientsFailed, RoundReport, summarize
 from xflwb.federation.update import Update
@@ -82,6 +85,8 @@ class _StrategyPort:
 
     def __init__(self, strategy: CrossPlatformStrategy) -> None:
         self.strategy = strategy
+        #: client → the codecs its running fit was asked for (one job per client at once)
+        self.asked: dict[str, Negotiated] = {}
 
     # -- what the session set --------------------------------------------------------------
     @property
@@ -125,12 +130,15 @@ class _StrategyPort:
 
     def accept(self, platform: str, client: str, result: Any,
                base: list[Array]) -> Update:
-        """Decode, map and check one FitRes against ``base`` (the synchronous round's
-        rules); the client's next model goes back in the encoding it used."""
+        """Decode, map and check one FitRes against ``base`` (the version it started from;
+        the synchronous round's rules), with the codecs its fit was asked for; the client's
+        next model goes back in the encoding it used."""
+        asked = self.asked.get(client, FLOAT32_ONLY)
         update = self.strategy.core.gate.accept(
             platform, client, result.parameters.tensors, result.num_examples,
-            result.metrics, base)
-        self.strategy.codec_of[client] = update.codec
+            result.metrics, base, up=asked.up, down=asked.down)
+        if update.compression == "float32":
+            self.strategy.codec_of[client] = update.codec
         return update
 
     @property
@@ -159,9 +167,25 @@ class _StrategyPort:
         codec: str = self.strategy.codec_of.get(client.cid, getattr(client, "codec", "raw"))
         return codec
 
+    def negotiate(self, client: ClientProxy) -> Negotiated:
+        """The session's codecs ``client`` declared at its probe (none: float32)."""
+        return self.strategy.core.negotiate(getattr(client, "codecs", None))
+
+    def down(self, client: ClientProxy) -> str | Codec:
+        """What ``client``'s model goes down in: its down-link codec, else its encoding."""
+        down = self.negotiate(client).down
+        return down if down is not None else self.codec(client)
+
+    def encode(self, model: list[Array], platform: str, codec: str | Codec) -> list[bytes]:
+        """A version in ``platform``'s layout and ``codec`` (the session's gate)."""
+        return self.strategy.core.gate.encode(model, platform, codec, cache=False)
+
+    def float32_bytes(self, platform: str) -> int:
+        return self.strategy.core.gate.float32_bytes(platform)
+
     @staticmethod
-    def tensor_type(codec: str) -> str:
-        return TENSOR_TYPES[codec]
+    def tensor_type(codec: str | Codec) -> str:
+        return tensor_type_of(codec)
 
     @staticmethod
     def track(client: ClientProxy, platform: str) -> Tracked:
@@ -344,18 +368,16 @@ class AsyncLoop:
 
     # -- starting jobs ---------------------------------------------------------------------
     def _parameters(self, platform: str, client: ClientProxy, version: int) -> Parameters:
-        """The model ``version`` in the client's layout and encoding (once per version,
-        platform and encoding)."""
-        codec = self.port.codec(client)
-        key = (version, platform, codec)
+        """The model ``version`` in the client's layout and encoding or down-link codec
+        (once per version, platform and encoding)."""
+        codec = self.port.down(client)
+        tensor_type = self.port.tensor_type(codec)
+        key = (version, platform, tensor_type)
         if key not in self._cache:
             for old in [k for k in self._cache if k[0] < self.state.version]:
                 del self._cache[old]
-            tensors = params.encode_tensors(
-                params.to_platform(self.state.versions[version], self.port.manifest,
-                                   platform), codec)
-            self._cache[key] = Parameters(tensors=tensors,
-                                          tensor_type=self.port.tensor_type(codec))
+            tensors = self.port.encode(self.state.versions[version], platform, codec)
+            self._cache[key] = Parameters(tensors=tensors, tensor_type=tensor_type)
         return self._cache[key]
 
     def _dispatch(self, jobs: list[Job]) -> None:
@@ -374,6 +396,9 @@ class AsyncLoop:
                 continue
             # FedKit reads local_epochs as a sint64 Scalar: a Python int serialises to it
             config: dict[str, Any] = {"local_epochs": self.port.local_epochs}
+            negotiated = self.port.asked[job.client] = self.port.negotiate(client)
+            if negotiated.up is not None:
+                config[KEY_UP] = negotiated.up.spec
             tracked = self.port.track(client, job.platform)
             ins = FitIns(parameters=self._parameters(job.platform, client, job.version),
                          config=config)
@@ -403,11 +428,13 @@ class AsyncLoop:
             except AllFitsFailed as exc:
                 raise self.port.all_failed(exc) from exc
         else:
+            f32 = self.port.float32_bytes(job.platform)
             self.core.fit_returned(done, res, Returned(
                 examples=_claimed(res),
                 fit_seconds=float(getattr(job.client, "seconds", 0.0)),
                 bytes_up=int(getattr(job.client, "bytes_up", 0)),
-                bytes_down=int(getattr(job.client, "bytes_down", 0))))
+                bytes_down=int(getattr(job.client, "bytes_down", 0)),
+                bytes_up_float32=f32, bytes_down_float32=f32))
 
     def _record_arrival(self, arrival: Arrival) -> None:
         if self.on_arrival is not None:

@@ -201,8 +201,9 @@ class CrossPlatformStrategy(Strategy):
                  **options: Any) -> None:
         """``options``: the core's (``Round.build`` and ``Round``: strategy,
         strategy_options, fraction_fit, min_clients, max_examples, privacy, secure_sums,
-        ...), as a session's ``RoundOptions.strategy_arguments()`` gives them; the core's
-        defaults apply to the ones not given."""
+        compression, capable_by_default, ...), as a session's
+        ``RoundOptions.strategy_arguments()`` gives them; the core's defaults apply to the
+        ones not given."""
         super().__init__()
         #: the federation core this adapter drives (gate, policy, bounds, global model)
         self.core = Round.build(manifest, initial, on_fit_round=on_fit_round,
@@ -371,17 +372,20 @@ class CrossPlatformStrategy(Strategy):
         return clients
 
     def _targets(self, client_manager: ClientManager, fraction: float, server_round: int,
-                 phase: str) -> list[tuple[ClientProxy, str, Parameters]]:
-        """Sampled clients with their platform and the global model in their layout and
-        encoding (encoded once per platform and encoding, not once per client)."""
-        out: list[tuple[ClientProxy, str, Parameters]] = []
+                 phase: str) -> list[tuple[ClientProxy, str, Parameters, dict[str, Any]]]:
+        """Sampled clients with their platform, the global model in their layout and
+        encoding or negotiated down-link codec (encoded once per platform and encoding, not
+        once per client), and the config keys their fit adds (``KEY_UP``). What a client
+        declared is its probe's ``codecs`` (``xflwb.server.clients``); none: float32."""
+        out: list[tuple[ClientProxy, str, Parameters, dict[str, Any]]] = []
         for client in self._sample(client_manager, fraction, server_round, phase):
             platform = getattr(client, "platform", None)
             if platform is not None and platform in self.manifest["platforms"]:
-                codec = self.core.codec(client.cid, getattr(client, "codec", "raw"))
-                enc = Parameters(tensors=self.core.encode(platform, codec),
-                                 tensor_type=TENSOR_TYPES[codec])
-                out.append((client, platform, enc))
+                tensors, tensor_type, extra = self.core.downlink(
+                    client.cid, platform, getattr(client, "codec", "raw"),
+                    getattr(client, "codecs", None), fit=phase == "fit")
+                out.append((client, platform,
+                            Parameters(tensors=tensors, tensor_type=tensor_type), extra))
         return out
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -391,8 +395,8 @@ class CrossPlatformStrategy(Strategy):
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         targets = self._targets(client_manager, self.core.fraction_fit, server_round, "fit")
         config = self.core.fit_config()
-        return [(Tracked(client, platform), FitIns(parameters=enc, config=config))
-                for client, platform, enc in targets]
+        return [(Tracked(client, platform), FitIns(parameters=enc, config={**config, **extra}))
+                for client, platform, enc, extra in targets]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
@@ -408,7 +412,7 @@ class CrossPlatformStrategy(Strategy):
         if self.core.fraction_evaluate <= 0:
             return []
         return [(client, EvaluateIns(parameters=enc, config={}))
-                for client, platform, enc in self._targets(client_manager,
+                for client, platform, enc, _ in self._targets(client_manager,
                                                            self.core.fraction_evaluate,
                                                            server_round, "evaluate")]
 
