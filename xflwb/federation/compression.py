@@ -10,6 +10,7 @@ codec's name, else float32 in its own encoding, so compression never breaks a ph
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,10 @@ from xflwb._options import option
 from xflwb.federation.codecs import FLOAT32, Codec, parse
 
 __all__ = ["Compression", "Negotiated", "compression_dict", "negotiate"]
+
+#: a spec string of the "key=codec,…" form: a word (no ":"), then "=" (typos such as
+#: "upp=int8" are refused by name by ``Compression``)
+_DIRECTIONS = re.compile(r"^\s*\w*\s*=")
 
 
 @_options.declared  # unknown keywords: did you mean
@@ -53,13 +58,19 @@ def compression_dict(value: Any) -> dict[str, str] | None:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if "=" in text:
-            try:
-                value = dict(part.split("=", 1) for part in text.split(",") if part.strip())
-            except ValueError:
+        # "up=…,down=…" (a direction before the first "="), else one codec spec for the
+        # up-link, whose own argument may hold "=" ("int8:block=64")
+        if _DIRECTIONS.match(text):
+            parts = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if any(len(p) != 2 for p in parts):
                 raise _options.OptionError(
-                    f"compression {text!r}: write 'up=int8,down=fp16'") from None
-            value = {k.strip(): v.strip() for k, v in value.items()}
+                    f"compression {text!r}: write 'up=int8,down=fp16'")
+            value = {}
+            for key, spec in parts:
+                if key.strip() in value:
+                    raise _options.OptionError(
+                        f"compression {text!r} gives {key.strip()!r} twice")
+                value[key.strip()] = spec.strip()
         else:
             value = {"up": text}
     if isinstance(value, dict):
