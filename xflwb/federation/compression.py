@@ -17,6 +17,7 @@ from typing import Any
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.errors import InputError
 from xflwb.federation.codecs import FLOAT32, Codec, parse
 
 __all__ = ["Compression", "Negotiated", "compression_dict", "negotiate"]
@@ -41,7 +42,10 @@ class Compression:
 
     def __post_init__(self) -> None:
         _options.check(self)
-        up, down = parse(self.up, "up"), parse(self.down, "down")  # InputError naming it
+        try:  # one line naming the spec, raised from the caller's line (declared)
+            up, down = parse(self.up, "up"), parse(self.down, "down")
+        except InputError as exc:
+            raise _options.OptionError(str(exc)) from None
         self.up = up.spec if up is not None else FLOAT32
         self.down = down.spec if down is not None else FLOAT32
 
