@@ -32,13 +32,15 @@ _DIRECTIONS = re.compile(r"^\s*\w*\s*=")
 class Compression:
     """Codecs of the two directions (``"float32"``: none): ``up`` carries each client's
     update ("fp16", "int8", "topk:0.01", "rotate+int8"), ``down`` the global model sent to it
-    ("fp16", "int8"). Clients that did not declare a codec keep float32."""
+    ("fp16", "int8", "rotate+int8"). Clients that did not declare a codec keep float32
+    (docs/compression.md)."""
 
     up: str = option(FLOAT32, 'codec of client updates: "float32" (none), "fp16", "int8", '
                      '"int8:block=N", "topk:F" (keep a fraction F, with error feedback) or '
                      '"rotate+int8"')
     down: str = option(FLOAT32, 'codec of the model sent to clients: "float32" (none), '
-                       '"fp16" or "int8"')
+                       '"fp16", "int8", "int8:block=N" or "rotate+int8" (a model is sent '
+                       'whole: no topk)')
 
     def __post_init__(self) -> None:
         _options.check(self)
