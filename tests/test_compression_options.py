@@ -235,12 +235,51 @@ def test_the_magics_refuse_a_bad_codec_in_one_line(ip, tmp_path):
 # -- the admin API (a real backend on loopback) -----------------------------------------------
 @pytest.fixture(scope="module")
 def backend(tmp_path_factory):
+    """A backend on loopback with one tiny model (both platforms) published as ``tiny``."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(3, activation="softmax")])
+    export = xflwb.export(model, name="tiny", data_type="tiny-data",
+                          out_dir=tmp_path_factory.mktemp("compression-export"))
     wb = xflwb.Workbench(data_dir=tmp_path_factory.mktemp("compression") / "xfl", port=0,
                          admin_token="secret").start()
     try:
+        wb.publish(export)
         yield wb
     finally:
         wb.stop()
+
+
+def _stop(wb: xflwb.Workbench, session_id: int) -> None:
+    r = httpx.post(f"{wb.url}/api/v1/sessions/{session_id}/stop", headers=AUTH, timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+
+
+def test_a_session_started_over_http_or_the_command_stores_the_dict(backend, capsys):
+    """The real start path: the admin body's spec string, and ``xflwb train`` (which sends
+    the dict AdminClient normalised), each stored once, as the session process reads it."""
+    r = httpx.post(f"{backend.url}/api/v1/sessions",
+                   json={"model": "tiny", "compression": "up=topk:0.05,down=fp16"},
+                   headers=AUTH, timeout=150)
+    assert r.status_code == 201, r.text
+    first = r.json()["id"]
+    row = backend.registry.get_session(first)
+    assert row["config"]["compression"] == {"up": "topk:0.05", "down": "fp16"}
+    assert row["status"] in ("starting", "running")  # the session process took the row
+    assert SessionConfig.from_stored(row["config"]).compression == {"up": "topk:0.05",
+                                                                     "down": "fp16"}
+    _stop(backend, first)
+
+    code = cli.main(["train", "tiny", "--compression", "int8:block=64", "--url", backend.url,
+                     "--admin-token", "secret"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("session "), out
+    second = int(out.split()[1])
+    assert second != first
+    assert backend.registry.get_session(second)["config"]["compression"] == {
+        "up": "int8:block=64", "down": FLOAT32}
+    _stop(backend, second)
 
 
 def test_the_admin_body_documents_the_object_or_the_spec_string(backend):
