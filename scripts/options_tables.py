@@ -4,8 +4,9 @@
     python scripts/options_tables.py --check    # exit 1 if any is stale (the tests do this)
 
 A table sits between ``<!-- options:NAME -->`` and ``<!-- /options -->`` in any of
-``PAGES`` (docs/options.md holds them all; README.md is still processed so a marker
-added there is never left stale); NAME is a key of :func:`sets`.
+``PAGES`` (docs/options.md holds the front-ends' sets; a feature's page holds the set of
+its option, e.g. ``DP`` in docs/privacy.md; README.md is processed too so a marker added
+there is never left stale); NAME is a key of :func:`sets`.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-#: the pages whose marked tables are generated
-PAGES = (ROOT / "docs" / "options.md", ROOT / "README.md")
+#: the pages whose marked tables are generated: the README and every page of docs/
+PAGES = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 _BLOCK = re.compile(r"(<!-- options:(\w+) -->\n)(.*?)(<!-- /options -->)", re.S)
 
 
 def sets() -> dict[str, type]:
     from xflwb.devices.device import DeviceOptions
     from xflwb.devices.fleet import FleetOptions
+    from xflwb.federation.compression import Compression
     from xflwb.federation.dp import DP
     from xflwb.federation.fedbuff import FedBuff
     from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
@@ -31,7 +33,7 @@ def sets() -> dict[str, type]:
 
     return {c.__name__: c for c in (SessionConfig, SimulationConfig, BackendOptions,
                                     TLSOptions, FleetOptions, DeviceOptions, DP, SecAgg,
-                                    FedBuff)}
+                                    FedBuff, Compression)}
 
 
 def render(text: str, page: str = "README.md") -> str:

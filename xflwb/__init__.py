@@ -2,8 +2,9 @@
 
 Public API: ``export``, ``SGD``, ``Adam``, ``Workbench``, ``simulate``, ``Dashboard``,
 ``report``, the IPython extension hook, and the types they return (``ExportResult``,
-``Session``, ``Fleet``) or take (``SessionConfig``, ``SimulationConfig``, ``DeviceOptions``:
-each option set declared once), and ``AdminClient`` for a backend in another process.
+``Session``, ``Fleet``) or take (``SessionConfig``, ``SimulationConfig``, ``DeviceOptions``,
+``DP``, ``FedBuff``, ``SecAgg``, ``Compression``: each option set declared once), and
+``AdminClient`` for a backend in another process.
 What notebooks need around them: ``load_dataset`` (the offline datasets), ``demo_model``
 (the demo CNN), ``partition_table`` (how a dataset splits across devices), ``load_runtime``
 (run an export as a phone would), ``make_dev_ca`` (development TLS) and
@@ -46,6 +47,7 @@ from xflwb.errors import (
     XflwbError,
 )
 from xflwb.exporting import export
+from xflwb.federation.compression import Compression
 from xflwb.federation.dp import DP
 from xflwb.federation.fedbuff import FedBuff
 from xflwb.server.config import SessionConfig
@@ -75,6 +77,7 @@ __all__ = [
     "Adam",
     "AdminClient",
     "BackendError",
+    "Compression",
     "Dashboard",
     "DeviceFailure",
     "DeviceOptions",

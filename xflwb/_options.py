@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 _KEY = "xflwb"
 _NONE_WORDS = ("none", "null")
+#: longest spec string a ``text`` option takes over HTTP (``"up=rotate+int8,down=fp16"``
+#: is 25 characters)
+_TEXT_MAX = 256
 _T = TypeVar("_T", bound="DataclassInstance")  # a dataclass type (``declared``)
 
 
@@ -114,6 +117,10 @@ class Spec:
     metavar: str | None = None
     path: bool = False  # a str option that also takes a ``pathlib.Path``
     repeat: bool = False  # a list option given once per item on a command line
+    #: a dict option also written as a spec string (``"up=int8,down=fp16"``), which the
+    #: dataclass parses: command lines pass the text as typed (JSON if it starts with "{"),
+    #: the admin body takes the string or the object
+    text: bool = False
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *,
@@ -121,12 +128,13 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *,
            choices: Iterable[Any] | None = None, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None,
            front: bool = True, aliases: Iterable[str] = (), metavar: str | None = None,
-           path: bool = False, repeat: bool = False, repr: bool = True) -> Any:
+           path: bool = False, repeat: bool = False, text: bool = False,
+           repr: bool = True) -> Any:
     """A dataclass field with its help, bounds and visibility (``front=False``: set by the
     program, never by a user: no CLI option, no HTTP field)."""
     spec = Spec(help=help, choices=tuple(choices) if choices is not None else None, ge=ge,
                 gt=gt, le=le, lt=lt, front=front, aliases=tuple(aliases), metavar=metavar,
-                path=path, repeat=repeat)
+                path=path, repeat=repeat, text=text)
     kw: dict[str, Any] = {"metadata": {_KEY: spec}, "repr": repr}
     if default_factory is not dataclasses.MISSING:
         kw["default_factory"] = default_factory
@@ -233,6 +241,8 @@ def describe(o: Opt) -> str:
     else:
         kinds: dict[type, str] = {str: "a string", dict: "a dict", list: "a list"}
         what = kinds.get(o.kind, o.kind.__name__)
+        if s.text:
+            what += ", a spec string"
     return what + (" or None" if o.nullable else "")
 
 
@@ -349,6 +359,8 @@ def _cli_type(o: Opt, per_item: bool = False) -> Callable[[str], Any]:
             return [parse(part) for part in text.split(",")]
         if o.nullable and text.lower() in _NONE_WORDS:
             return None
+        if o.spec.text and not text.lstrip().startswith("{"):
+            return text  # a spec string: the dataclass parses it, with its own errors
         if o.kind in (dict, list):
             value = json.loads(text)
             if not isinstance(value, o.kind):
@@ -356,7 +368,8 @@ def _cli_type(o: Opt, per_item: bool = False) -> Callable[[str], Any]:
             return value
         return o.kind(text)
 
-    parse.__name__ = "JSON" if o.kind in (dict, list) else o.kind.__name__
+    parse.__name__ = ("SPEC or JSON" if o.spec.text else "JSON" if o.kind in (dict, list)
+                      else o.kind.__name__)
     return parse
 
 
@@ -438,6 +451,9 @@ def request_model(cls: type, model_name: str, base: type, *,
         if o.spec.choices is not None:
             lit = typing.Literal[tuple(o.spec.choices)]  # type: ignore[valid-type]
             annotation = lit | None if o.nullable else lit
+        elif o.spec.text:  # the object, or its spec string (the dataclass parses both)
+            spec_text = typing.Annotated[str, pydantic.StringConstraints(max_length=_TEXT_MAX)]
+            annotation = annotation | spec_text
         kw: dict[str, Any] = {"description": o.spec.help or None}
         for bound in ("ge", "gt", "le", "lt"):
             value = getattr(o.spec, bound)

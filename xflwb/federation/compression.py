@@ -10,15 +10,21 @@ codec's name, else float32 in its own encoding, so compression never breaks a ph
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from xflwb import _options
 from xflwb._options import option
+from xflwb.errors import InputError
 from xflwb.federation.codecs import FLOAT32, Codec, parse
 
 __all__ = ["Compression", "Negotiated", "compression_dict", "negotiate"]
+
+#: a spec string of the "key=codec,…" form: a word (no ":"), then "=" (typos such as
+#: "upp=int8" are refused by name by ``Compression``)
+_DIRECTIONS = re.compile(r"^\s*\w*\s*=")
 
 
 @_options.declared  # unknown keywords: did you mean
@@ -26,17 +32,22 @@ __all__ = ["Compression", "Negotiated", "compression_dict", "negotiate"]
 class Compression:
     """Codecs of the two directions (``"float32"``: none): ``up`` carries each client's
     update ("fp16", "int8", "topk:0.01", "rotate+int8"), ``down`` the global model sent to it
-    ("fp16", "int8"). Clients that did not declare a codec keep float32."""
+    ("fp16", "int8", "rotate+int8"). Clients that did not declare a codec keep float32
+    (docs/compression.md)."""
 
     up: str = option(FLOAT32, 'codec of client updates: "float32" (none), "fp16", "int8", '
                      '"int8:block=N", "topk:F" (keep a fraction F, with error feedback) or '
                      '"rotate+int8"')
     down: str = option(FLOAT32, 'codec of the model sent to clients: "float32" (none), '
-                       '"fp16" or "int8"')
+                       '"fp16", "int8", "int8:block=N" or "rotate+int8" (a model is sent '
+                       'whole: no topk)')
 
     def __post_init__(self) -> None:
         _options.check(self)
-        up, down = parse(self.up, "up"), parse(self.down, "down")  # InputError naming it
+        try:  # one line naming the spec, raised from the caller's line (declared)
+            up, down = parse(self.up, "up"), parse(self.down, "down")
+        except InputError as exc:
+            raise _options.OptionError(str(exc)) from None
         self.up = up.spec if up is not None else FLOAT32
         self.down = down.spec if down is not None else FLOAT32
 
@@ -53,13 +64,19 @@ def compression_dict(value: Any) -> dict[str, str] | None:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if "=" in text:
-            try:
-                value = dict(part.split("=", 1) for part in text.split(",") if part.strip())
-            except ValueError:
+        # "up=…,down=…" (a direction before the first "="), else one codec spec for the
+        # up-link, whose own argument may hold "=" ("int8:block=64")
+        if _DIRECTIONS.match(text):
+            parts = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if any(len(p) != 2 for p in parts):
                 raise _options.OptionError(
-                    f"compression {text!r}: write 'up=int8,down=fp16'") from None
-            value = {k.strip(): v.strip() for k, v in value.items()}
+                    f"compression {text!r}: write 'up=int8,down=fp16'")
+            value = {}
+            for key, spec in parts:
+                if key.strip() in value:
+                    raise _options.OptionError(
+                        f"compression {text!r} gives {key.strip()!r} twice")
+                value[key.strip()] = spec.strip()
         else:
             value = {"up": text}
     if isinstance(value, dict):

@@ -103,9 +103,13 @@ class RoundOptions:
     #: stored as the dict of all ``xflwb.DP`` fields (``xflwb.federation.dp``)
     privacy: dict[str, Any] | None = option(
         None, "differential privacy: xflwb.DP(...) or its dict; none: off")
+    #: stored as ``{"up": spec, "down": spec}`` with canonical specs, None when nothing is
+    #: compressed (``xflwb.federation.compression``); each client gets a codec only if it
+    #: declared it, the others keep float32
     compression: dict[str, Any] | None = option(
-        None, 'codecs of updates and models: xflwb.Compression(up="int8", down="fp16") or '
-        "its dict; clients that did not declare a codec keep float32; none: off")
+        None, 'codecs of updates (up) and of the model sent (down) for clients that declare '
+        'them: xflwb.Compression(up="int8", down="fp16"), its dict, "up=int8,down=fp16" or '
+        '"int8" (up only); none: float32 both ways', text=True, metavar="SPEC")
     #: checkpoint retention (``xflwb.sessions.checkpoints.prune_checkpoints``)
     keep_checkpoints: int | None = option(
         DEFAULT_KEEP_CHECKPOINTS, "checkpoints a session keeps on disk: the last N written, "
@@ -169,9 +173,11 @@ class RoundOptions:
         if self.privacy is not None and not isinstance(self.privacy, dict):
             self.privacy = privacy_dict(self.privacy)  # a DP → its dict (checked below)
         from xflwb.federation.compression import compression_dict
+
+        # a Compression, its dict or a spec string → {"up", "down"} or None (did you mean)
+        self.compression = compression_dict(self.compression)
         from xflwb.sessions.tracking import normalize
 
-        self.compression = compression_dict(self.compression)
         self.tracking = normalize(self.tracking)  # did you mean …; pip install … when missing
         _options.check(self)
         if self.tracking_dir is not None:  # the session process may run elsewhere (cwd)

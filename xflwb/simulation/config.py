@@ -104,6 +104,11 @@ class SimulationConfig(RoundOptions):
         from xflwb.federation.policies import ROBUST
 
         assert self.secagg is not None and self.min_clients is not None
+        if self.compression is not None:
+            shown = ",".join(f"{k}={v}" for k, v in self.compression.items())
+            raise InputError(
+                "SecAgg+ masks quantised vectors already; compression "
+                f"{shown!r} cannot be combined with it: use compression=None or secagg=None")
         if self.strategy in ROBUST:
             raise InputError(f"strategy {self.strategy!r} needs every client's update, which "
                              "secagg hides; use fedavg or a server optimiser (fedadam, ...)")
