@@ -124,7 +124,7 @@ def test_a_compressed_downlink_is_the_model_the_client_trains_and_evaluates(
 @given(blob=st.binary(max_size=64), down=st.sampled_from(["fp16", "int8"]))
 def test_a_corrupt_downlink_fails_the_client_naming_the_tensor(spec, export, blob, down):
     platform = "android"
-    good, codec = _down(_model(export, platform), down)
+    good, _ = _down(_model(export, platform), down)
     tensors = [blob, *good.tensors[1:]]
     with pytest.raises(ValueError, match=rf"down-link tensor 0 \({down}\)"):
         _client(spec, platform).evaluate(EvaluateIns(
@@ -133,7 +133,7 @@ def test_a_corrupt_downlink_fails_the_client_naming_the_tensor(spec, export, blo
 
 def test_a_downlink_codec_that_cannot_carry_a_model_is_refused(spec, export):
     model = _model(export, "android")
-    with pytest.raises(InputError, match="topk:0.01.*cannot carry the down-link"):
+    with pytest.raises(InputError, match=r"topk:0\.01.*cannot carry the down-link"):
         _fit(_client(spec, "android"), Parameters(tensors=params.encode_tensors(model),
                                                   tensor_type="xfl:topk:0.01"))
     with pytest.raises(InputError, match="unknown codec 'int4'"):
