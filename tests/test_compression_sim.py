@@ -21,7 +21,13 @@ from tests.conftest import digits_cnn
 from xflwb.bridge import params
 from xflwb.errors import InputError
 from xflwb.federation import codecs
-from xflwb.flower_legacy import EvaluateIns, FitIns, Parameters
+from xflwb.flower_legacy import (
+    ClientProxy,
+    EvaluateIns,
+    FitIns,
+    Parameters,
+    SimpleClientManager,
+)
 
 PLATFORMS = ("android", "ios")
 UP_SPECS = ("fp16", "int8", "int8:block=64", "topk:0.05", "rotate+int8")
@@ -268,6 +274,73 @@ def test_without_an_up_codec_the_payload_is_todays(export, spec, platform, nativ
         assert res.parameters.tensor_type == {"raw": "ND", "npy": "ndarray"}[native]
         assert codecs.KEY_CODEC not in res.metrics
         assert not res.parameters.tensors[0].startswith(b"\x93XFL")
+
+
+# -- the simulation's strategy and simulated clients, in process (no Ray) -------------------
+class _InProcess(ClientProxy):
+    """A simulated client reached in process: the message a Ray worker would get, minus
+    Ray (the transport is not what is tested here)."""
+
+    def __init__(self, cid, platform, client):
+        super().__init__(cid)
+        self.platform, self.client = platform, client
+
+    def fit(self, ins, timeout, group_id):
+        return self.client.fit(ins)
+
+    def evaluate(self, ins, timeout, group_id):
+        return self.client.evaluate(ins)
+
+    def get_properties(self, *a):  # pragma: no cover - never called
+        raise NotImplementedError
+
+    get_parameters = reconnect = get_properties
+
+
+@pytest.mark.parametrize(("up", "down"), [("int8", "fp16"), ("topk:0.05", "int8"),
+                                          ("rotate+int8", "float32"), ("fp16", "fp16")])
+def test_the_simulation_strategy_compresses_for_every_simulated_client(export, spec, up,
+                                                                       down):
+    """The strategy a simulation builds (its options plus ``compression_arguments``) asks
+    every simulated client for the session's codecs without probing it, and the gate
+    accepts what the clients answer: nobody rejected, the model moves, fewer bytes."""
+    from xflwb.sessions.flower_strategy import CrossPlatformStrategy
+    from xflwb.simulation import SimulationConfig
+    from xflwb.simulation.server import compression_arguments
+
+    cfg = SimulationConfig(android=1, ios=1,
+                           compression=xflwb.Compression(up=up, down=down))
+    assert compression_arguments(cfg) == {"capable_by_default": True}
+    assert compression_arguments(SimulationConfig(android=1, ios=1)) == {}
+    initial = [np.asarray(a, np.float32)
+               for a in xflwb.bridge.manifest.initial_parameters(export.manifest)]
+    reports = []
+    strategy = CrossPlatformStrategy(export.manifest, initial,
+                                     on_fit_round=lambda report, _: reports.append(report),
+                                     **cfg.strategy_arguments(), **compression_arguments(cfg))
+    manager = SimpleClientManager()
+    for pid, platform in enumerate(PLATFORMS):
+        manager.register(_InProcess(str(pid), platform, _client(spec, platform)))
+    up_codec, down_codec = codecs.parse(up, "up"), codecs.parse(down, "down")
+    for rnd in (1, 2):  # the second round sends top-k's residual along
+        asked = strategy.configure_fit(rnd, None, manager)
+        assert len(asked) == 2
+        for _, ins in asked:
+            assert ins.config[codecs.KEY_UP] == up_codec.spec
+            assert ins.parameters.tensor_type == (
+                "ND" if down_codec is None else codecs.tensor_type(down_codec))
+        results = [(proxy, proxy.fit(ins, None, None)) for proxy, ins in asked]
+        assert all(res.metrics[codecs.KEY_CODEC] == up_codec.spec for _, res in results)
+        strategy.aggregate_fit(rnd, results, [])
+        report = reports[-1]
+        assert not report.rejections and not report.failures and report.failed is None
+        got = {(p, k): v for p, k, v in report.metrics}
+        for platform in PLATFORMS:
+            assert got[(platform, "clients")] == 1
+            assert got[(platform, "bytes_up")] < got[(platform, "bytes_up_float32")]
+            if down_codec is not None:
+                assert got[(platform, "bytes_down")] < got[(platform, "bytes_down_float32")]
+    assert any(not np.allclose(g, i) for g, i in zip(strategy.global_, initial, strict=True))
 
 
 # -- the Simulation Engine (needs the round core's compression: run after the merge) -------

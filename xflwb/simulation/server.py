@@ -65,17 +65,12 @@ def ask_platforms(api: Any, grid: Any, expected: int, timeout: float = 600.0
 
 
 def compression_arguments(cfg: SimulationConfig) -> dict[str, Any]:
-    """The strategy's compression keywords beyond the session's options: every simulated
-    client is xflwb's own ``SimClient``, which decodes and encodes every codec, so none is
-    probed for its capabilities (phones are: they may be FedKit or stock Flower clients).
-    Nothing when the session compresses nothing: the rounds are exactly the float32 ones."""
-    compression = getattr(cfg, "compression", None)
-    if not compression:
-        return {}
-    args: dict[str, Any] = {"capable_by_default": True}
-    if "compression" not in cfg.strategy_arguments():  # an option the core does not take
-        args["compression"] = compression
-    return args
+    """The strategy's keywords beyond the session's options (``compression`` is one of
+    those: ``RoundOptions.strategy_arguments``): every simulated client is xflwb's own
+    ``SimClient``, which decodes and encodes every codec, so each is taken as capable of
+    all of them without being probed (phones are probed: they may be FedKit or stock Flower
+    clients). Nothing when the session compresses nothing."""
+    return {"capable_by_default": True} if getattr(cfg, "compression", None) else {}
 
 
 def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
