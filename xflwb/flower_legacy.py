@@ -82,7 +82,7 @@ def simulation_api() -> SimpleNamespace:
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        from flwr.app import ConfigRecord
+        from flwr.app import ArrayRecord, ConfigRecord
         from flwr.client import Client, ClientApp
         from flwr.common import (
             GetPropertiesIns,
@@ -97,7 +97,8 @@ def simulation_api() -> SimpleNamespace:
         from flwr.simulation import run_simulation
 
     return SimpleNamespace(
-        Client=Client, ClientApp=ClientApp, ConfigRecord=ConfigRecord, ServerApp=ServerApp,
+        ArrayRecord=ArrayRecord, Client=Client, ClientApp=ClientApp, ConfigRecord=ConfigRecord,
+        ServerApp=ServerApp,
         ServerConfig=ServerConfig,
         GetPropertiesIns=GetPropertiesIns, GetPropertiesRes=GetPropertiesRes, Message=Message,
         GET_PROPERTIES=MessageTypeLegacy.GET_PROPERTIES, compat=compat,

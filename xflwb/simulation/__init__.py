@@ -111,7 +111,9 @@ def simulate(name_or_export: Any, *, data_dir: str | os.PathLike[str] = "xfl-dat
     the ``.mlmodel`` in xflwb's Core ML executor, each on its partition of ``dataset``.
     Each round samples ``fraction_fit`` of the fleet (at least ``min_clients``) and
     evaluates ``fraction_evaluate``. A sampled client drops out of a fit with probability
-    ``drop_prob`` (seeded; counted in the round's ``failures``).
+    ``drop_prob`` (seeded; counted in the round's ``failures``). ``compression``
+    (``xflwb.Compression(up="int8", down="fp16")``) applies to every simulated client: they
+    are xflwb's own and speak every codec, so none is negotiated down to float32.
 
     ``ray_address`` (``"auto"``, ``"ray://host:10001"``) attaches to a running Ray cluster
     whose nodes have xflwb installed; the artifacts travel through Ray's object store.

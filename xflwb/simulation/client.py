@@ -6,6 +6,11 @@ parameters in its platform's layout and encoding, train with ``xflwb.bridge.runt
 encoding. Ray reuses a worker process for many clients, so each worker keeps its runtimes
 and the dataset partitions in module-level caches: one artifact load per worker and
 platform, not one per client per round.
+
+Simulated clients are xflwb's reference clients for compression (``xflwb.federation.codecs``):
+they decode any compressed down-link (``Parameters.tensor_type`` ``"xfl:<spec>"``) and encode
+their update in whatever codec the server asks for (FitIns config ``KEY_UP``), delta codecs
+with error feedback whose residual lives in the node's ``Context.state``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -25,6 +31,8 @@ import numpy as np
 from xflwb.bridge import params
 from xflwb.bridge.arrays import AnyArray, Array
 from xflwb.bridge.manifest import Manifest
+from xflwb.federation import codecs
+from xflwb.federation.gate import TENSOR_TYPES
 from xflwb.flower_legacy import (
     Code,
     EvaluateRes,
@@ -41,7 +49,14 @@ from xflwb.simulation.config import platform_of
 _RUNTIMES: dict[tuple[str, str], Any] = {}
 #: bundle sha → directory holding the unpacked manifest and artifacts
 _BUNDLES: dict[str, Path] = {}
-TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
+#: the node state's record holding the error-feedback residual of a lossy up-link: what the
+#: codec did not send last time, sent with the next update (platform layout, in order)
+RESIDUAL = "xfl_residual"
+#: the float32 encoding a simulated client answers in when its model came compressed (the
+#: server's own default for a client it has not heard from)
+NATIVE = "raw"
+#: folded into the up-link rounding seed, so it never repeats the dropout draw's stream
+_UP_STREAM = 0x7866
 
 
 @dataclass(frozen=True)
@@ -152,11 +167,26 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         self.state.config_records["xflwb"] = _API.ConfigRecord(
             {"rounds_done": done, "attempts": attempts})
 
-    def _load(self, parameters: Any) -> tuple[Any, str]:
+    def _load(self, parameters: Any) -> tuple[Any, str, list[Array]]:
+        """Set the received model on this worker's runtime: (runtime, the float32 encoding to
+        answer in, the received model in platform layout and shapes). A compressed
+        down-link (``tensor_type`` ``"xfl:<spec>"``) carries the absolute model."""
         rt = runtime_for(self.spec, self.platform)
-        arrays, codec = params.decode_tensors(list(parameters.tensors))
-        rt.set_parameters(arrays)
-        return rt, codec
+        shapes = params.platform_shapes(rt.manifest, self.platform)
+        down = codecs.codec_from_tensor_type(parameters.tensor_type)
+        blobs = list(parameters.tensors)
+        if down is None:
+            flat, native = params.decode_tensors(blobs)
+            if len(flat) != len(shapes):
+                raise ValueError(f"the server sent {len(flat)} tensors, the {self.platform} "
+                                 f"model holds {len(shapes)}")
+            received = [np.asarray(a, np.float32).reshape(s) for a, s in
+                        zip(flat, shapes, strict=True)]
+        else:
+            native = NATIVE
+            received = _decode_model(blobs, down, shapes)
+        rt.set_parameters(received)
+        return rt, native, received
 
     def fit(self, ins: Any) -> Any:
         done, attempts = self._counters()
@@ -174,40 +204,71 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
                               parameters=Parameters(tensors=[], tensor_type=""),
                               num_examples=0, metrics={})
         x, y, _, _ = client_data(self.spec, self.pid)
-        rt, codec = self._load(ins.parameters)
+        up = codecs.parse(ins.config[codecs.KEY_UP], "up") if codecs.KEY_UP in ins.config \
+            else None  # asked for a codec it does not know: the fit fails, naming it
+        rt, native, received = self._load(ins.parameters)
         epochs = int(ins.config.get("local_epochs", 1))
         # the same per-round seed a virtual phone uses: seed + rounds it has trained
         losses = rt.fit(x, y, epochs=epochs, seed=self.spec.seed + done)
         self._set_counters(done + 1, attempts + 1)
         metrics: dict[str, Any] = {"loss": float(losses[-1])}
         if self.spec.secagg is not None:
-            out = self._secure_payload(rt, ins, metrics, len(x))
+            out = self._secure_payload(rt, ins, received, metrics, len(x))
+        elif up is None:
+            out = Parameters(tensors=params.encode_tensors(
+                self._clipped(rt, ins, received, metrics), native),
+                tensor_type=TENSOR_TYPES[native])
         else:
-            out = Parameters(tensors=params.encode_tensors(self._clipped(rt, ins, metrics),
-                                                           codec),
-                             tensor_type=TENSOR_TYPES[codec])
+            trained = self._clipped(rt, ins, received, metrics)
+            rng = np.random.default_rng([self.spec.seed, self.pid, attempts, _UP_STREAM])
+            out = Parameters(tensors=self._compressed(up, trained, received, rng),
+                             tensor_type=codecs.tensor_type(up))
+            metrics[codecs.KEY_CODEC] = up.spec
         frozen = rt.manifest.get("frozen", {}).get("sha256")
         if frozen:  # which frozen backbone this update was computed on
             metrics["frozen_sha256"] = frozen
         return FitRes(status=Status(code=Code.OK, message=""), parameters=out,
                       num_examples=len(x), metrics=metrics)
 
-    def _clipped(self, rt: Any, ins: Any, metrics: dict[str, Any]) -> list[Array]:
+    def _clipped(self, rt: Any, ins: Any, received: list[Array],
+                 metrics: dict[str, Any]) -> list[Array]:
         """The trained tensors; under central DP (``clipping_norm`` in the config) with the
-        delta clipped in canonical space as the server would, and the norm bit reported
-        (1.0: not clipped)."""
+        delta to ``received`` clipped in canonical space as the server would, and the norm
+        bit reported (1.0: not clipped)."""
         trained: list[Array] = rt.get_parameters()
         if "clipping_norm" not in ins.config:
             return trained
         norm_cap = float(ins.config["clipping_norm"])
-        received, _ = params.decode_tensors(list(ins.parameters.tensors))
         trained, norm = params.clip_platform_update(trained, received, rt.manifest,
                                                     self.platform, norm_cap)
         metrics["norm_bit"] = 1.0 if norm <= norm_cap else 0.0
         return trained
 
-    def _secure_payload(self, rt: Any, ins: Any, metrics: dict[str, Any],
-                        num_examples: int) -> Any:
+    def _compressed(self, codec: codecs.Codec, trained: list[Array], received: list[Array],
+                    rng: np.random.Generator) -> list[bytes]:
+        """The update in ``codec``: a delta codec sends ``trained - received`` plus what it
+        did not send last time (error feedback, the residual kept in the node's state);
+        fp16 sends the trained tensors themselves."""
+        trained = [np.asarray(t, np.float32).reshape(r.shape)
+                   for t, r in zip(trained, received, strict=True)]
+        if not codec.delta:
+            return [codec.encode(t, rng) for t in trained]
+        feedback = codecs.ErrorFeedback(self.residual())
+        blobs = feedback.encode([t - r for t, r in zip(trained, received, strict=True)],
+                                codec, rng)
+        assert feedback.residual is not None
+        self.state.array_records[RESIDUAL] = _API.ArrayRecord(feedback.residual)
+        return blobs
+
+    def residual(self) -> list[Array] | None:
+        """What this client's lossy up-link has not sent yet (platform layout), or None."""
+        rec = self.state.array_records.get(RESIDUAL)
+        if rec is None:
+            return None
+        return [np.asarray(a, np.float32) for a in rec.to_numpy_ndarrays()]
+
+    def _secure_payload(self, rt: Any, ins: Any, received: list[Array],
+                        metrics: dict[str, Any], num_examples: int) -> Any:
         """The update in the canonical layout plus its per-tensor weights, as ``.npy``
         tensors (what ``secaggplus_mod`` reads), for SecAgg+ to mask. Under central DP it
         is clipped here (the server cannot clip a masked update: Flower's fl-dp-sa) and
@@ -217,8 +278,8 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         # what the platform does not hold is sent as zeros: zeros fill it (the bundle has
         # no initial parameters to fill it with)
         zeros = [np.zeros(p["shape"], np.float32) for p in m["parameters"]]
-        canonical = params.from_platform(self._clipped(rt, ins, metrics), m, self.platform,
-                                         base=zeros)
+        canonical = params.from_platform(self._clipped(rt, ins, received, metrics), m,
+                                         self.platform, base=zeros)
         payload = secagg.canonical_payload(canonical, params.trained_mask(m, self.platform))
         if "clipping_norm" in ins.config:
             payload = secagg.uniform(payload, num_examples, self.spec.secagg)
@@ -231,11 +292,27 @@ class SimClient(_API.Client):  # type: ignore[misc, name-defined]
         if len(xt) == 0:
             return EvaluateRes(status=Status(code=Code.OK, message=""), loss=0.0,
                                num_examples=0, metrics={})
-        rt, _ = self._load(ins.parameters)
+        rt, _, _ = self._load(ins.parameters)
         loss, acc = rt.evaluate(xt, yt)
         metrics: dict[str, Scalar] = {"accuracy": float(acc)} if np.isfinite(acc) else {}
         return EvaluateRes(status=Status(code=Code.OK, message=""), loss=float(loss),
                            num_examples=len(xt), metrics=metrics)
+
+
+def _decode_model(blobs: list[bytes], codec: codecs.Codec,
+                  shapes: list[tuple[int, ...]]) -> list[Array]:
+    """A compressed down-link: each tensor is the absolute model (never a delta, whatever
+    ``codec.delta`` says of up-links), in the platform's shapes."""
+    if len(blobs) != len(shapes):
+        raise ValueError(f"the server sent {len(blobs)} tensors, the platform's model holds "
+                         f"{len(shapes)}")
+    out = []
+    for k, (blob, shape) in enumerate(zip(blobs, shapes, strict=True)):
+        try:
+            out.append(codec.decode(blob, math.prod(shape)).reshape(shape))
+        except ValueError as exc:
+            raise ValueError(f"down-link tensor {k} ({codec.spec}): {exc}") from None
+    return out
 
 
 def client_fn(spec: ClientSpec, context: Any) -> Any:

@@ -64,6 +64,15 @@ def ask_platforms(api: Any, grid: Any, expected: int, timeout: float = 600.0
     return platform_of
 
 
+def compression_arguments(cfg: SimulationConfig) -> dict[str, Any]:
+    """The strategy's keywords beyond the session's options (``compression`` is one of
+    those: ``RoundOptions.strategy_arguments``): every simulated client is xflwb's own
+    ``SimClient``, which decodes and encodes every codec, so each is taken as capable of
+    all of them without being probed (phones are probed: they may be FedKit or stock Flower
+    clients). Nothing when the session compresses nothing."""
+    return {"capable_by_default": True} if getattr(cfg, "compression", None) else {}
+
+
 def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
     """Start (or attach to) Ray ourselves, before Flower would, so the artifact bundle can
     be put in the object store; returns the backend config for Flower."""
@@ -160,7 +169,8 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
                                largest, cfg.secagg)
         sim_client._partitions.cache_clear()  # the workers need the data, this process not
 
-        strategy = proc.strategy(model, initial, cfg, secure_sums=cfg.secagg is not None)
+        strategy = proc.strategy(model, initial, cfg, secure_sums=cfg.secagg is not None,
+                                 **compression_arguments(cfg))
         proc.save_start(model, 0, initial, strict=True)
         # set when every client of a round failed: Flower logs the ServerApp's exception
         # and ends the run; the reason (the clients', not a traceback) is kept here
