@@ -364,3 +364,63 @@ def test_the_header_line_is_html_escaped():
     head = header_html(object(), info, _sync_history())
     assert "&lt;b&gt;int8&lt;/b&gt;" in head and "<b>int8</b>" not in head
     assert re.search(r"class='xflwb-compression'><b>compression vs float32:</b> android", head)
+
+
+def test_a_session_that_compresses_nothing_gets_no_ratio_line_but_its_ratio_columns():
+    """With float32 both ways (the float32 metrics recorded, no codec chosen) the header
+    stays as it was; the tables still say 1.0× (float32)."""
+    plain = {p: {"clients": 1.0, "up": 4128.0, "down": 4000.0, "up32": 4000.0,
+                 "down32": 4000.0} for p in PLATFORMS}
+    hist = _frame([_round_metrics(plain) + _evals(1)])
+    assert style.compression_line(style.compression_summary(hist)) == ""
+    assert style.compression_html(hist, {"compression": None}) == ""
+    assert set(style.traffic_table(hist)["up vs float32"]) == {"1.0× (float32)"}
+    # a codec chosen but negotiated by nobody: said, since the researcher asked for it
+    line = style.compression_line(style.compression_summary(
+        hist, {"compression": {"up": "int8", "down": "float32"}}))
+    assert line.startswith("android — up: 1.0× (float32), down: 1.0× (float32)")
+
+
+# -- an experiment grid's comparison -------------------------------------------------------------
+def test_the_experiment_comparison_puts_uplink_bytes_and_ratio_beside_accuracy():
+    """``xflwb experiment run --grid compression=...``: the combined results (each run's
+    history, long format, with the grid's column) plot each combination's uplink bytes
+    per platform beside its final accuracy, labelled with the ratio against float32."""
+    import matplotlib.pyplot as plt
+
+    from xflwb.experiment import comparison_figure
+
+    plain = {p: {"clients": 2.0, "up": 8256.0, "down": 8256.0, "up32": 8000.0,
+                 "down32": 8000.0} for p in PLATFORMS}
+    runs = []
+    for i, (codec, per) in enumerate((("float32", plain), ("int8", INT8_ANDROID))):
+        df = _frame([_round_metrics(per) + _evals(r) for r in (1, 2)])
+        runs.append(df.assign(compression=codec, run=i))
+    combined = pd.concat(runs, ignore_index=True)
+    fig = comparison_figure(combined, ["compression"])
+    try:
+        acc, up = fig.axes
+        assert acc.get_ylabel() == "final accuracy"
+        assert "float32" in up.get_title()
+        heights = {c.get_label(): [p.get_height() for p in c.patches] for c in up.containers}
+        assert heights["android"] == [2 * 8256.0, 2 * 2060.0]  # float32 run, int8 run
+        assert heights["ios"] == [2 * 8256.0, 2 * 8256.0]
+        labels = {c.get_label(): t for c, t in zip(up.containers, [
+            [x.get_text() for x in up.texts[i * 2:(i + 1) * 2]] for i in range(3)],
+            strict=False)}
+        assert labels["android"] == ["1.0×", "3.9×"] and labels["ios"] == ["1.0×", "1.0×"]
+    finally:
+        plt.close(fig)
+    old = comparison_figure(combined[~combined["metric"].str.endswith("_float32")],
+                            ["compression"])
+    try:
+        assert len(old.axes) == 2 and not old.axes[1].texts  # bytes, no ratio labels
+        assert old.axes[1].get_title() == "uplink bytes per platform"
+    finally:
+        plt.close(old)
+    no_bytes = comparison_figure(combined[~combined["metric"].str.startswith("bytes")],
+                                 ["compression"])
+    try:
+        assert len(no_bytes.axes) == 1  # as before issue 23
+    finally:
+        plt.close(no_bytes)

@@ -381,8 +381,17 @@ def ratio_text(ratio: Any, codec: str | None = None) -> str:
 def compression_line(summary: pd.DataFrame) -> str:
     """``compression_summary`` as one line of text: ``"android — up: 3.9× smaller (int8),
     down: 2.0× smaller (fp16) · ios — up: 1.0× (float32), ..."``; "all" only beside two or
-    more platforms; blank without the float32 metrics (an older history)."""
-    if summary.empty or not any(f"ratio_{d}" in summary.columns for d in DIRECTIONS):
+    more platforms. Blank without the float32 metrics (an older history), and for a session
+    that compresses nothing (no codec chosen, every ratio 1.0×: nothing to say)."""
+    ratios = [f"ratio_{d}" for d in DIRECTIONS if f"ratio_{d}" in summary.columns]
+    if summary.empty or not ratios:
+        return ""
+    named = [c for d in DIRECTIONS for c in summary.get(f"codec_{d}", [])
+             if c and c != "float32"]
+    import numpy as np
+
+    values = summary[ratios].to_numpy(dtype=float)
+    if not named and not (np.abs(values - 1.0) > FLOAT32_TOLERANCE).any():
         return ""
     platforms = [p for p in summary["platform"] if p != "all"]
     parts = []
