@@ -199,19 +199,26 @@ def test_the_bytes_panel_draws_cumulative_bytes_and_the_float32_cost_per_platfor
         assert down.get_ylabel().startswith("bytes sent to clients")
         assert up.get_xlabel() == "round"
         lines = {ln.get_label(): ln for ln in up.lines}
-        assert set(lines) == {"android", "ios", "all", "android as float32",
-                              "ios as float32", "all as float32"}
+        assert set(lines) == {"android", "ios", "all", "_android as float32",
+                              "_ios as float32", "_all as float32", style.FLOAT32_LEGEND}
         assert list(lines["android"].get_ydata()) == [2060.0, 4120.0, 6180.0]
-        assert list(lines["android as float32"].get_ydata()) == [8000.0, 16000.0, 24000.0]
-        assert lines["android as float32"].get_linestyle() == ":"
+        assert list(lines["_android as float32"].get_ydata()) == [8000.0, 16000.0, 24000.0]
+        assert list(lines["_all as float32"].get_ydata()) == [16000.0, 32000.0, 48000.0]
         for plat in ("android", "ios", "all"):
             assert lines[plat].get_color() == style.PLATFORM_COLORS[plat]
+            assert lines[f"_{plat} as float32"].get_color() == style.PLATFORM_COLORS[plat]
+            assert lines[f"_{plat} as float32"].get_linestyle() == ":"
         assert list(lines["all"].get_xdata()) == [1, 2, 3]
+        legend = [t.get_text() for t in up.get_legend().get_texts()]
+        assert legend == ["android", "ios", "all", style.FLOAT32_LEGEND]
+        assert down.get_legend() is None  # one legend: the colours are the same
     finally:
         plt.close(fig)
     old = style.traffic_figure(_sync_history(float32=False))
     try:
         assert {ln.get_label() for ln in old.axes[0].lines} == {"android", "ios", "all"}
+        assert style.FLOAT32_LEGEND not in [t.get_text()
+                                            for t in old.axes[0].get_legend().get_texts()]
     finally:
         plt.close(old)
     empty = style.traffic_figure(pd.DataFrame(columns=HISTORY))

@@ -250,6 +250,7 @@ def staleness_figure(arrivals: pd.DataFrame, title: str = "", placeholder: str =
 DIRECTIONS = ("up", "down")
 #: a ratio this close to 1 is float32 (a .npy header costs a few bytes per tensor)
 FLOAT32_TOLERANCE = 0.05
+FLOAT32_LEGEND = "dotted: as float32"
 BYTES_LABELS = {"up": "bytes sent by clients (updates), cumulative",
                 "down": "bytes sent to clients (models), cumulative"}
 
@@ -419,19 +420,25 @@ def traffic_figure(history: pd.DataFrame, placeholder: str = "") -> Any:
     xlabel = VERSION_LABEL if "version" in history.columns else ROUND_LABEL
     fig, axes = panels(len(DIRECTIONS))
     platforms = _platform_order(traffic.index.get_level_values("platform"))
-    for d, ax in zip(DIRECTIONS, axes, strict=True):
+    for i, (d, ax) in enumerate(zip(DIRECTIONS, axes, strict=True)):
         whole_ticks(ax.xaxis)
+        dotted = False
         for plat in platforms:
             rows = traffic.xs(plat, level="platform")
             ax.plot(rows.index, rows[f"cum_bytes_{d}"], marker="o", label=plat,
                     color=color(plat))
             f32 = f"cum_bytes_{d}_float32"
-            if f32 in rows.columns and rows[f32].notna().any():
+            if f32 in rows.columns and rows[f32].notna().any():  # "_": not in the legend
                 ax.plot(rows.index, rows[f32], linestyle=":", color=color(plat),
-                        label=f"{plat} as float32")
+                        label=f"_{plat} as float32")
+                dotted = True
+        if dotted:  # one legend entry for every dotted line
+            ax.plot([], [], linestyle=":", color="#666666", label=FLOAT32_LEGEND)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
         ax.set_ylim(bottom=0)
         finish_axes(ax, xlabel, BYTES_LABELS[d])
+        if i and ax.get_legend() is not None:  # the colours are the first panel's
+            ax.get_legend().remove()
     fig.tight_layout()
     return fig
 
