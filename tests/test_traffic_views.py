@@ -133,7 +133,7 @@ def test_the_ratio_per_platform_and_direction_is_float32_over_actual(rounds, all
 def test_ratio_text_says_smaller_larger_or_float32():
     assert style.ratio_text(3.88, "int8") == "3.9× smaller (int8)"
     assert style.ratio_text(2.0, "fp16") == "2.0× smaller (fp16)"
-    assert style.ratio_text(4000 / 4128, "int8") == "1.0× (float32)"  # not negotiated
+    assert style.ratio_text(4000 / 4128, "int8") == "1.0× (no saving)"  # not negotiated
     assert style.ratio_text(0.5, "topk:0.9") == "2.0× larger (topk:0.9)"
     assert style.ratio_text(3.88) == "3.9× smaller"
     for unknown in (None, float("nan"), float("inf"), 0.0, "x"):
@@ -149,11 +149,11 @@ def test_the_codec_names_come_from_the_session_options_or_the_history():
     assert style.compression_codecs(named) == {"up": "rotate+int8", "down": None}
     line = style.compression_line(style.compression_summary(hist, cfg))
     assert line == ("android — up: 3.9× smaller (int8), down: 2.0× smaller (fp16) · "
-                    "ios — up: 1.0× (float32), down: 2.0× smaller (fp16) · "
+                    "ios — up: 1.0× (no saving), down: 2.0× smaller (fp16) · "
                     "all — up: 1.6× smaller (int8), down: 2.0× smaller (fp16)")
     # without names: the ratios alone
     assert style.compression_line(style.compression_summary(hist)).startswith(
-        "android — up: 3.9× smaller, down: 2.0× smaller · ios — up: 1.0× (float32)")
+        "android — up: 3.9× smaller, down: 2.0× smaller · ios — up: 1.0× (no saving)")
 
 
 # -- tables ----------------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ def test_a_fedbuff_session_shows_bytes_and_ratio_per_version(wb):
     assert summary.at["ios", "ratio_up"] == pytest.approx(4000 / 4128)
     html = report(session)._repr_html_()
     assert "android — up: 50.0× smaller (topk:0.01), down: 4.0× smaller (int8)" in html
-    assert "ios — up: 1.0× (float32), down: 1.0× (float32)" in html
+    assert "ios — up: 1.0× (no saving), down: 1.0× (no saving)" in html
     assert "last version per platform (version 3)" in html and "<td class='num'>50.0×</td>" \
         in html
     fig = style.traffic_figure(hist)
@@ -375,17 +375,17 @@ def test_the_header_line_is_html_escaped():
 
 def test_a_session_that_compresses_nothing_gets_no_ratio_line_but_its_ratio_columns():
     """With float32 both ways (the float32 metrics recorded, no codec chosen) the header
-    stays as it was; the tables still say 1.0× (float32)."""
+    stays as it was; the tables still say 1.0× (no saving)."""
     plain = {p: {"clients": 1.0, "up": 4128.0, "down": 4000.0, "up32": 4000.0,
                  "down32": 4000.0} for p in PLATFORMS}
     hist = _frame([_round_metrics(plain) + _evals(1)])
     assert style.compression_line(style.compression_summary(hist)) == ""
     assert style.compression_html(hist, {"compression": None}) == ""
-    assert set(style.traffic_table(hist)["up vs float32"]) == {"1.0× (float32)"}
+    assert set(style.traffic_table(hist)["up vs float32"]) == {"1.0× (no saving)"}
     # a codec chosen but negotiated by nobody: said, since the researcher asked for it
     line = style.compression_line(style.compression_summary(
         hist, {"compression": {"up": "int8", "down": "float32"}}))
-    assert line.startswith("android — up: 1.0× (float32), down: 1.0× (float32)")
+    assert line.startswith("android — up: 1.0× (no saving), down: 1.0× (no saving)")
 
 
 # -- an experiment grid's comparison -------------------------------------------------------------

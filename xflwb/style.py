@@ -365,7 +365,8 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def ratio_text(ratio: Any, codec: str | None = None) -> str:
     """A compression ratio (float32 ÷ actual) as a researcher reads it: ``"3.9× smaller
-    (int8)"``, ``"1.0× (float32)"`` (clients that did not negotiate the codec), ``"1.3×
+    (int8)"``, ``"1.0× (no saving)"`` (within 5 % of float32: typically clients that did
+    not negotiate the codec; the size alone cannot tell which codec travelled), ``"1.3×
     larger (topk:0.5)"``; blank when unknown."""
     try:
         r = float(ratio)
@@ -374,14 +375,14 @@ def ratio_text(ratio: Any, codec: str | None = None) -> str:
     if not math.isfinite(r) or r <= 0:
         return ""
     if abs(r - 1.0) <= FLOAT32_TOLERANCE:
-        return "1.0× (float32)"
+        return "1.0× (no saving)"
     named = f" ({codec})" if codec and codec != "float32" else ""
     return f"{r:.1f}× smaller{named}" if r > 1 else f"{1 / r:.1f}× larger{named}"
 
 
 def compression_line(summary: pd.DataFrame) -> str:
     """``compression_summary`` as one line of text: ``"android — up: 3.9× smaller (int8),
-    down: 2.0× smaller (fp16) · ios — up: 1.0× (float32), ..."``; "all" only beside two or
+    down: 2.0× smaller (fp16) · ios — up: 1.0× (no saving), ..."``; "all" only beside two or
     more platforms. Blank without the float32 metrics (an older history), and for a session
     that compresses nothing (no codec chosen, every ratio 1.0×: nothing to say)."""
     ratios = [f"ratio_{d}" for d in DIRECTIONS if f"ratio_{d}" in summary.columns]
