@@ -232,6 +232,10 @@ def test_cli_train_starts_a_session_through_the_admin_api_and_follows_it(export,
         assert proc.returncode == 0, stderr[-2000:]
         assert re.search(r"session \d+ of tiny: started fresh", stdout)
         assert "finished, round 2" in stdout
+        # the bytes each way per platform (no compression asked: no ratio line)
+        assert re.search(r"bytes on the wire \(totals\):\n *platform +bytes up +bytes down"
+                         r".*\n *android +[\d.]+ [kM]?B +[\d.]+ [kM]?B", stdout), stdout
+        assert "compression vs float32" not in stdout
         session = wb.session(int(wb.session_table.id.iloc[0]))
         assert session.info["config"]["local_epochs"] == 3  # the options arrived
         hist = __import__("pandas").read_csv(out)

@@ -266,9 +266,26 @@ def _follow(session: Any, rounds: int, args: argparse.Namespace, command: str,
     print(f"{what} {session.id}: {session.status}, round {session.round}"
           + (f" ({reason})" if reason else ""))
     print(_console.format_table(wide[keep], index=True))
+    _print_traffic(hist, session.info.get("config"))
     if out is not None:
         print(f"history in {out}")
     return 0
+
+
+def _print_traffic(history: Any, config: dict[str, Any] | None) -> None:
+    """The session's bytes per platform and direction, and (when the history records what
+    float32 would have cost) the compression ratio: what ``xflwb.report`` shows."""
+    from xflwb import _console
+    from xflwb.style import compression_line, compression_summary, traffic_table
+
+    table = traffic_table(history, config)
+    if table.empty:
+        return
+    print("bytes on the wire (totals):")
+    print(_console.format_table(table))
+    line = compression_line(compression_summary(history, config))
+    if line:
+        print(f"compression vs float32: {line}")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ import pandas as pd
 from xflwb._console import format_table, wait
 from xflwb._models import activity_model, demo_model
 from xflwb.bridge.params import PLATFORMS
-from xflwb.style import color, plot_figure
+from xflwb.style import color, plot_figure, traffic_table
 
 #: ``run_federated(model=...)`` / ``xflwb demo --model``: (builder, dataset = data type).
 MODELS: dict[str, tuple[Any, str]] = {
@@ -159,6 +159,10 @@ def run_federated(out: str | Path = "demo-output", rounds: int = 10, android: in
     last = per_platform[per_platform["round"] == per_platform["round"].max()]
     say("\nper platform, last round:")
     say(format_table(last[["round", "platform", *cols]]))
+    traffic = traffic_table(history)
+    if not traffic.empty:  # what each platform sent and received (and, compressed, the ratio)
+        say("\nbytes on the wire (totals):")
+        say(format_table(traffic))
     both_every_round = bool(
         (wide.xs("android", level="platform")["clients"] > 0).all()
         and (wide.xs("ios", level="platform")["clients"] > 0).all())

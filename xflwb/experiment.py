@@ -86,23 +86,58 @@ def run(notebook: str | Path, out_dir: str | Path, parameters: Mapping[str, Any]
 
 
 def _comparison_plot(df: pd.DataFrame, keys: list[str], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(df, keys)
+    if fig is None:
+        return
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _totals(df: pd.DataFrame, keys: list[str], metric: str) -> pd.DataFrame:
+    """``metric`` summed over each run's rounds, per grid combination and platform."""
+    rows = df[df["metric"] == metric]
+    return rows.pivot_table(index=keys, columns="platform", values="value", aggfunc="sum")
+
+
+def comparison_figure(df: pd.DataFrame, keys: list[str]) -> Any:
+    """The grid's comparison (None without results): the final accuracy (else eval loss)
+    per platform and combination; with bytes in the results, beside it each combination's
+    uplink bytes per platform, labelled with the compression ratio (float32 ÷ actual) when
+    the results record what float32 would have cost (issue 23)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from xflwb.style import PLATFORM_COLORS  # the dashboard's colour per platform
+
     metric = "accuracy" if "accuracy" in set(df.get("metric", [])) else "eval_loss"
     sub = df[df["metric"] == metric]
     if sub.empty:
-        return
+        return None
     last = sub[sub["round"] == sub.groupby("run")["round"].transform("max")]
     table = last.pivot_table(index=keys, columns="platform", values="value")
-    from xflwb.style import PLATFORM_COLORS  # the dashboard's colour per platform
-
-    ax = table.plot.bar(figsize=(7, 3.5),
-                        color=[PLATFORM_COLORS.get(str(c), "#888888") for c in table.columns])
+    up = _totals(df, keys, "bytes_up")
+    fig, axes = plt.subplots(1, 2 if len(up) else 1, figsize=(11 if len(up) else 7, 3.5),
+                             squeeze=False)
+    ax = axes[0][0]
+    table.plot.bar(ax=ax, color=[PLATFORM_COLORS.get(str(c), "#888888") for c in table.columns])
     ax.set_ylabel(f"final {metric}")
     ax.set_title(f"final {metric} per platform")
-    plt.tight_layout()
-    plt.savefig(path, dpi=100)
-    plt.close("all")
+    if len(up):
+        ax = axes[0][1]
+        up.plot.bar(ax=ax, color=[PLATFORM_COLORS.get(str(c), "#888888") for c in up.columns])
+        ax.set_ylabel("uplink bytes (all rounds)")
+        f32 = _totals(df, keys, "bytes_up_float32")
+        if len(f32):
+            ratio = (f32 / up.where(up > 0)).reindex_like(up)
+            ax.set_title("uplink bytes per platform (× smaller than float32)")
+            for container, plat in zip(ax.containers, up.columns, strict=True):
+                ax.bar_label(container, labels=["" if pd.isna(r) else f"{r:.1f}×"
+                                                for r in ratio[plat]], fontsize=8)
+        else:
+            ax.set_title("uplink bytes per platform")
+    fig.tight_layout()
+    return fig

@@ -245,6 +245,249 @@ def staleness_figure(arrivals: pd.DataFrame, title: str = "", placeholder: str =
     return fig
 
 
+# -- bytes on the wire (issue 23) ------------------------------------------------------------
+#: the directions a round's bytes travel: "up" (clients' updates), "down" (models sent)
+DIRECTIONS = ("up", "down")
+#: a ratio this close to 1 is float32 (a .npy header costs a few bytes per tensor)
+FLOAT32_TOLERANCE = 0.05
+FLOAT32_LEGEND = "dotted: as float32"
+BYTES_LABELS = {"up": "bytes sent by clients (updates), cumulative",
+                "down": "bytes sent to clients (models), cumulative"}
+
+
+def human_bytes(n: Any) -> str:
+    """``18150`` → ``"18.1 kB"``; decimal units (kB = 1000 B), as the sizes phones show."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return ""
+    value = float(n)
+    if abs(value) < 1000:
+        return f"{int(value)} B"
+    for unit in ("kB", "MB", "GB"):
+        value /= 1000
+        if abs(value) < 999.95 or unit == "GB":  # 999,999 B is "1.0 MB", not "1000.0 kB"
+            return f"{value:.1f} {unit}"
+    return f"{value:.1f} GB"  # pragma: no cover - the loop returns at GB
+
+
+def traffic_frame(history: pd.DataFrame) -> pd.DataFrame:
+    """The history's bytes, one row per round (FedBuff: version) and platform: ``bytes_up``,
+    ``bytes_down`` and their running totals ``cum_bytes_up`` / ``cum_bytes_down``. Where the
+    history records what float32 would have cost (``bytes_up_float32`` /
+    ``bytes_down_float32``, issue 23) also those, ``ratio_up`` / ``ratio_down`` = float32 ÷
+    actual bytes of the round, and ``cum_ratio_*`` over the rounds so far (only rounds
+    that carry both count, so an older history's rounds never dilute a ratio). An older
+    history without the float32 metrics gets bytes only; none without bytes at all."""
+    wide = history_wide(history)
+    if wide.empty or not any(f"bytes_{d}" in wide.columns for d in DIRECTIONS):
+        return wide.iloc[0:0, 0:0]
+    out = wide[[c for c in wide.columns if c.startswith("bytes_") and c != "bytes_per_update"]
+               ].astype(float)
+    platforms = out.index.get_level_values("platform")
+    for d in DIRECTIONS:
+        actual, f32 = f"bytes_{d}", f"bytes_{d}_float32"
+        if actual not in out.columns:
+            out[actual] = float("nan")
+        out[f"cum_{actual}"] = out[actual].fillna(0.0).groupby(level="platform").cumsum()
+        if f32 not in out.columns:
+            continue
+        if "all" in platforms:  # the round's total, when the history only has platforms'
+            others = out.loc[platforms != "all", f32].groupby(level="round").sum(min_count=1)
+            rounds = out.index.get_level_values("round")
+            missing = (platforms == "all") & out[f32].isna().to_numpy()
+            out.loc[missing, f32] = others.reindex(rounds[missing]).to_numpy()
+        known = out[f32].notna() & out[actual].notna()
+        out[f"ratio_{d}"] = (out[f32] / out[actual]).where(known & (out[actual] > 0))
+        num = out[f32].where(known, 0.0).groupby(level="platform").cumsum()
+        den = out[actual].where(known, 0.0).groupby(level="platform").cumsum()
+        seen = known.astype(float).groupby(level="platform").cummax() > 0
+        out[f"cum_{f32}"] = num.where(seen)
+        out[f"cum_ratio_{d}"] = (num / den).where(den > 0)
+    return out
+
+
+def compression_codecs(history: pd.DataFrame | None = None,
+                       config: dict[str, Any] | None = None) -> dict[str, str | None]:
+    """The session's codec per direction, for labels only: ``config["compression"]`` (the
+    session's ``xflwb.Compression``), else the history's ``compression_up`` /
+    ``compression_down`` column (its last value), else None. Clients that did not declare a
+    codec still send float32: the ratio, not this name, says what travelled."""
+    chosen = (config or {}).get("compression") or {}
+    out: dict[str, str | None] = {}
+    for d in DIRECTIONS:
+        spec = chosen.get(d) if isinstance(chosen, dict) else None
+        col = f"compression_{d}"
+        if not spec and history is not None and col in history.columns:
+            names = history[col].dropna()
+            spec = str(names.iloc[-1]) if len(names) else None
+        out[d] = str(spec) if spec else None
+    return out
+
+
+def _platform_order(names: Any) -> list[str]:
+    found = [str(p) for p in dict.fromkeys(names)]
+    known = [p for p in ("android", "ios") if p in found]
+    return known + sorted(set(found) - {"android", "ios", "all"}) + (
+        ["all"] if "all" in found else [])
+
+
+def compression_summary(history: pd.DataFrame, config: dict[str, Any] | None = None
+                        ) -> pd.DataFrame:
+    """One row per platform (android, ios, ..., all) over the session so far: total
+    ``bytes_up`` / ``bytes_down``; with the float32 metrics also ``bytes_*_float32`` and
+    ``ratio_up`` / ``ratio_down`` (float32 ÷ actual, NaN where nothing was sent); the
+    session's codec names ``codec_up`` / ``codec_down`` when known. Empty without bytes."""
+    traffic = traffic_frame(history)
+    if traffic.empty:
+        return _frame([])
+    last = traffic.groupby(level="platform", sort=False).tail(1).reset_index("round",
+                                                                             drop=True)
+    rows = []
+    codecs = compression_codecs(history, config)
+    for plat in _platform_order(last.index):
+        row: dict[str, Any] = {"platform": plat}
+        for d in DIRECTIONS:
+            row[f"bytes_{d}"] = last.at[plat, f"cum_bytes_{d}"]
+        for d in DIRECTIONS:
+            if f"cum_ratio_{d}" in last.columns:
+                row[f"bytes_{d}_float32"] = last.at[plat, f"cum_bytes_{d}_float32"]
+                row[f"ratio_{d}"] = last.at[plat, f"cum_ratio_{d}"]
+                row[f"codec_{d}"] = codecs[d]
+        rows.append(row)
+    return _frame(rows)
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """A frame of ``rows`` (pandas imported here: ``xflwb.style`` loads without it)."""
+    import pandas as pd
+
+    return pd.DataFrame(rows)
+
+
+def ratio_text(ratio: Any, codec: str | None = None) -> str:
+    """A compression ratio (float32 ÷ actual) as a researcher reads it: ``"3.9× smaller
+    (int8)"``, ``"1.0× (no saving)"`` (within 5 % of float32: typically clients that did
+    not negotiate the codec; the size alone cannot tell which codec travelled), ``"1.3×
+    larger (topk:0.5)"``; blank when unknown."""
+    try:
+        r = float(ratio)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(r) or r <= 0:
+        return ""
+    if abs(r - 1.0) <= FLOAT32_TOLERANCE:
+        return "1.0× (no saving)"
+    named = f" ({codec})" if codec and codec != "float32" else ""
+    return f"{r:.1f}× smaller{named}" if r > 1 else f"{1 / r:.1f}× larger{named}"
+
+
+def compression_line(summary: pd.DataFrame) -> str:
+    """``compression_summary`` as one line of text: ``"android — up: 3.9× smaller (int8),
+    down: 2.0× smaller (fp16) · ios — up: 1.0× (no saving), ..."``; "all" only beside two or
+    more platforms. Blank without the float32 metrics (an older history), and for a session
+    that compresses nothing (no codec chosen, every ratio 1.0×: nothing to say)."""
+    ratios = [f"ratio_{d}" for d in DIRECTIONS if f"ratio_{d}" in summary.columns]
+    if summary.empty or not ratios:
+        return ""
+    named = [c for d in DIRECTIONS for c in summary.get(f"codec_{d}", [])
+             if c and c != "float32"]
+    import numpy as np
+
+    values = summary[ratios].to_numpy(dtype=float)
+    if not named and not (np.abs(values - 1.0) > FLOAT32_TOLERANCE).any():
+        return ""
+    platforms = [p for p in summary["platform"] if p != "all"]
+    parts = []
+    for row in summary.to_dict("records"):
+        if row["platform"] == "all" and len(platforms) < 2:
+            continue
+        said = [f"{d}: {text}" for d in DIRECTIONS
+                if (text := ratio_text(row.get(f"ratio_{d}"), row.get(f"codec_{d}")))]
+        if said:
+            parts.append(f"{row['platform']} — {', '.join(said)}")
+    return " · ".join(parts)
+
+
+def traffic_figure(history: pd.DataFrame, placeholder: str = "") -> Any:
+    """Cumulative bytes per platform and round (FedBuff: version), one panel per direction
+    (up: clients' updates; down: models sent), each platform in its colour; where the
+    history has the float32 metrics, what float32 would have cost as a dotted line of the
+    same colour: the gap between the two is the compression. A sentence before any bytes."""
+    from matplotlib.ticker import FuncFormatter
+
+    traffic = traffic_frame(history)
+    if traffic.empty:
+        return _text_figure(placeholder or "no round has finished yet: the bytes per "
+                            "platform appear here after round 1")
+    xlabel = VERSION_LABEL if "version" in history.columns else ROUND_LABEL
+    fig, axes = panels(len(DIRECTIONS))
+    platforms = _platform_order(traffic.index.get_level_values("platform"))
+    for i, (d, ax) in enumerate(zip(DIRECTIONS, axes, strict=True)):
+        whole_ticks(ax.xaxis)
+        dotted = False
+        for plat in platforms:
+            rows = traffic.xs(plat, level="platform")
+            ax.plot(rows.index, rows[f"cum_bytes_{d}"], marker="o", label=plat,
+                    color=color(plat))
+            f32 = f"cum_bytes_{d}_float32"
+            if f32 in rows.columns and rows[f32].notna().any():  # "_": not in the legend
+                ax.plot(rows.index, rows[f32], linestyle=":", color=color(plat),
+                        label=f"_{plat} as float32")
+                dotted = True
+        if dotted:  # one legend entry for every dotted line
+            ax.plot([], [], linestyle=":", color="#666666", label=FLOAT32_LEGEND)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: human_bytes(v)))
+        ax.set_ylim(bottom=0)
+        finish_axes(ax, xlabel, BYTES_LABELS[d])
+        if i and ax.get_legend() is not None:  # the colours are the first panel's
+            ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+def traffic_table(history: pd.DataFrame, config: dict[str, Any] | None = None
+                  ) -> pd.DataFrame:
+    """``compression_summary`` as a table a researcher reads: bytes in kB/MB, ratios as
+    ``"3.9× smaller (int8)"`` (ratio columns only with the float32 metrics)."""
+    summary = compression_summary(history, config)
+    if summary.empty:
+        return summary
+    out = _frame([])
+    out["platform"] = summary["platform"]
+    names = {"bytes_up": "bytes up", "bytes_down": "bytes down",
+             "bytes_up_float32": "up as float32", "bytes_down_float32": "down as float32"}
+    for col, name in names.items():
+        if col in summary.columns:
+            out[name] = summary[col].map(human_bytes)
+    for d in DIRECTIONS:
+        if f"ratio_{d}" in summary.columns:
+            out[f"{d} vs float32"] = [ratio_text(r, c) for r, c in
+                                      zip(summary[f"ratio_{d}"], summary[f"codec_{d}"],
+                                          strict=True)]
+    return out
+
+
+def compression_html(history: pd.DataFrame, config: dict[str, Any] | None = None) -> str:
+    """``compression_line`` as a line of HTML (class ``xflwb-compression``), or nothing
+    (no float32 metrics: an older history, or no round yet)."""
+    line = compression_line(compression_summary(history, config))
+    return (f"<div class='xflwb-compression'><b>compression vs float32:</b> "
+            f"{html.escape(line)}</div>" if line else "")
+
+
+def traffic_html(history: pd.DataFrame, config: dict[str, Any] | None = None,
+                 line: bool = True) -> str:
+    """The bytes panel of the dashboard and the reports: the compression line (``line``;
+    the dashboard shows it in its header instead), the totals per platform and the
+    cumulative plot (embedded PNG); nothing before any bytes."""
+    table = traffic_table(history, config)
+    if table.empty:
+        return ""
+    said = compression_html(history, config) if line else ""
+    return (f"<div class='xflwb-traffic'><h5 style='margin:8px 0 2px'>bytes on the wire "
+            f"(totals so far)</h5>{said}{table_html(table)}"
+            f"{img_html(figure_png(traffic_figure(history)), 'xflwb-traffic-plot')}</div>")
+
+
 # -- tables ------------------------------------------------------------------------------------
 #: the table look, scoped to its class: a ``<style>`` travels with every table because a
 #: widget's HTML gets none of the notebook's table CSS (cells ran together: "finished 0")
@@ -255,7 +498,7 @@ TABLE_CSS = (
     "table.xflwb-table th{background:#f6f8fa;font-weight:600}"
     "table.xflwb-table .num{text-align:right;font-variant-numeric:tabular-nums}</style>")
 #: a number as a table shows it: 12, -0.5, 1.2e-05, 18.1 kB, 0.53 s, 5%
-_NUMERIC = re.compile(r"[-+]?(\d[\d_,]*)?(\.\d+)?(e[-+]?\d+)?( ?([kMG]?B|s|%))?")
+_NUMERIC = re.compile(r"[-+]?(\d[\d_,]*)?(\.\d+)?(e[-+]?\d+)?( ?([kMG]?B|s|%|×))?")
 
 
 def cell_text(v: Any) -> str:

@@ -1,13 +1,14 @@
-"""The live dashboard: per-platform loss/accuracy curves, round progress, bytes, failures,
-rejections, devices. It observes a session (and optionally a fleet) and computes nothing of
-its own: every number comes from ``session.history`` / ``session.failures`` /
+"""The live dashboard: per-platform loss/accuracy curves, round progress, bytes (with the
+compression ratio against float32: header line, round table, a cumulative bytes panel),
+failures, rejections, devices. It observes a session (and optionally a fleet) and computes
+nothing of its own: every number comes from ``session.history`` / ``session.failures`` /
 ``fleet.table``.
 
 Updates run on a background thread and only assign widget values (HTML, Image,
 IntProgress): no ``Output`` widget capture from threads, which is what breaks in
 ipywidgets issues 3260 / 4020. The header, progress, failures and device table refresh
-every ``interval`` seconds; the plot and round table only when the history changes (a
-PNG costs ~0.1 s). ``report(session)`` renders the same content as static HTML + PNG, so
+every ``interval`` seconds; the plots and tables of rounds and bytes only when the history
+changes (a PNG costs ~0.1 s). ``report(session)`` renders the same content as static HTML + PNG, so
 headless runs (papermill, nbconvert, nbval) keep the final plot and table. A FedBuff
 session counts model versions instead of rounds and adds the staleness histogram of its
 applied updates (``session.arrivals``).
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import math
 import threading
 from typing import Any
 
@@ -29,13 +29,17 @@ from xflwb.sessions.options import is_asynchronous
 from xflwb.style import (
     PLATFORM_COLORS,
     cell_text,
+    compression_html,
     figure_png,
     history_wide,
+    human_bytes,
     img_html,
     plot_figure,
     png_css_width,
     staleness_figure,
     table_html,
+    traffic_frame,
+    traffic_html,
 )
 
 PLATFORMS = ("android", "ios", "all")
@@ -46,20 +50,6 @@ RECENT = 10
 
 
 # -- formatting --------------------------------------------------------------------------
-def human_bytes(n: Any) -> str:
-    """``18150`` → ``"18.1 kB"``; decimal units (kB = 1000 B), as the sizes phones show."""
-    if n is None or (isinstance(n, float) and math.isnan(n)):
-        return ""
-    value = float(n)
-    if abs(value) < 1000:
-        return f"{int(value)} B"
-    for unit in ("kB", "MB", "GB"):
-        value /= 1000
-        if abs(value) < 999.95 or unit == "GB":  # 999,999 B is "1.0 MB", not "1000.0 kB"
-            return f"{value:.1f} {unit}"
-    return f"{value:.1f} GB"  # pragma: no cover - the loop returns at GB
-
-
 def _number(v: Any) -> str:
     """Counts as integers, other numbers to 4 significant digits, missing as blank."""
     return cell_text(v)
@@ -87,14 +77,20 @@ def staleness_png(arrivals: pd.DataFrame) -> bytes:
 
 
 def round_table(history: pd.DataFrame) -> pd.DataFrame:
-    """Last round per platform: clients, failures, examples, loss, accuracy, bytes,
-    rejected, fit seconds (raw numbers; ``round_table_html`` formats them)."""
+    """Last round per platform: clients, failures, examples, loss, accuracy, bytes, the
+    round's compression ratios (float32 ÷ actual, when the history has them), rejected, fit
+    seconds (raw numbers; ``round_table_html`` formats them)."""
     wide = history_wide(history)
     if wide.empty:
         return pd.DataFrame()
     last = wide.index.get_level_values("round").max()
+    traffic = traffic_frame(history)  # the ratios: only with the float32 metrics (issue 23)
+    for d in ("up", "down"):
+        if f"ratio_{d}" in traffic.columns:
+            wide[f"ratio_{d}"] = traffic[f"ratio_{d}"].reindex(wide.index)
     cols = [c for c in ("clients", "failures", "examples", "eval_loss", "accuracy",
-                        "bytes_up", "bytes_down", "rejected", "fit_seconds")
+                        "bytes_up", "bytes_down", "ratio_up", "ratio_down", "rejected",
+                        "fit_seconds")
             if c in wide.columns]
     return wide.xs(last, level="round")[cols].reset_index()
 
@@ -115,6 +111,9 @@ def round_table_html(history: pd.DataFrame) -> str:
     for col in df.columns[1:]:
         if col.startswith("bytes"):
             out[col.replace("_", " ")] = df[col].map(human_bytes)
+        elif col.startswith("ratio_"):  # float32 ÷ actual bytes of the round
+            out[f"{col[6:]} vs float32"] = df[col].map(
+                lambda v: "" if pd.isna(v) else f"{v:.1f}×")
         elif col == "fit_seconds":
             out["fit s"] = df[col].map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
         else:
@@ -201,7 +200,8 @@ def dp_warning_html(session: Any, info: dict[str, Any], history: pd.DataFrame) -
 def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
                 devices: pd.DataFrame | None = None) -> str:
     """Session, model, status, round k/N, where, failure counts, what it waits for or why
-    it ended (the session handle's ``end_reason``), and the DP noise warning."""
+    it ended (the session handle's ``end_reason``), the compression ratio per platform and
+    direction (when the history has the float32 metrics), and the DP noise warning."""
     status = info["status"]
     step, total = _steps(info)
     fb = fedbuff_plan(info)
@@ -247,7 +247,8 @@ def header_html(session: Any, info: dict[str, Any], history: pd.DataFrame,
         doing = getattr(session, "doing", None)
         if callable(doing):
             head += f"<div>{html.escape(doing(info))}</div>"
-    return head + dp_warning_html(session, info, history)
+    return head + compression_html(history, info.get("config")) + dp_warning_html(
+        session, info, history)
 
 
 def failures_html(session: Any) -> str:
@@ -286,6 +287,7 @@ def snapshot_html(session: Any, fleet: Any = None) -> str:
         img_html(png),
         staleness_html(session) if step == "version" else "",
         _section(_last_title(step, last), round_table_html(hist)),
+        traffic_html(hist, info.get("config"), line=False),
         failures_html(session),
     ]
     if len(rej):
@@ -306,8 +308,9 @@ class Report:
 
 
 def report(session: Any, fleet: Any = None) -> Report:
-    """The session's curves, last-round table, failed fits, rejections and devices (with
-    each device's error) as static HTML."""
+    """The session's curves, last-round table, bytes on the wire (with the compression
+    ratios), failed fits, rejections and devices (with each device's error) as static
+    HTML."""
     return Report(session, fleet)
 
 
@@ -335,6 +338,8 @@ class Dashboard:
         #: FedBuff only: the staleness histogram (a synchronous session has no arrivals)
         self.staleness = w.Image(format="png") if self.step == "version" else None
         self.table = w.HTML()
+        #: bytes on the wire: totals per platform and the cumulative plot (issue 23)
+        self.traffic = w.HTML()
         self.failures = w.HTML()
         self.devices = w.HTML()
         self.rejected = w.HTML()
@@ -347,7 +352,7 @@ class Dashboard:
             self.axis.observe(self._redraw, names="value")
         plots = ([self.axis] if self.axis is not None else []) + [self.plot] + (
             [self.staleness] if self.staleness is not None else [])
-        self.widget = w.VBox([self.header, self.progress, *plots, self.table,
+        self.widget = w.VBox([self.header, self.progress, *plots, self.table, self.traffic,
                               self.failures, self.rejected, self.devices])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -377,6 +382,7 @@ class Dashboard:
             self.plot.width = str(png_css_width(self.plot.value))  # sharp: 2 px per px
             self.table.value = _section(_last_title(self.step, _last_round(hist)),
                                         round_table_html(hist))
+            self.traffic.value = traffic_html(hist, info.get("config"), line=False)
             self._plotted = key
         if self.staleness is not None:
             arrivals = self.session.arrivals
