@@ -83,8 +83,8 @@ def test_every_spelling_is_stored_as_one_dict(cls, kw):
 
 
 @pytest.mark.parametrize("value, match", [
-    ("int9", r"compression: unknown codec 'int9' did you mean 'int8'\?"),
-    ("up=fp61", r"unknown codec 'fp61' did you mean 'fp16'\?"),
+    ("int9", r"compression: unknown codec 'int9': did you mean 'int8'\?"),
+    ("up=fp61", r"unknown codec 'fp61': did you mean 'fp16'\?"),
     ("down=topk:0.01", r"codec 'topk:0\.01' cannot carry the down-link: a model is sent "
                        "whole; use fp16 or int8 down"),
     (xflwb.Compression, "compression must be xflwb.Compression"),
@@ -226,7 +226,7 @@ def test_the_magics_refuse_a_bad_codec_in_one_line(ip, tmp_path):
     from xflwb.magics import XflMagicError
 
     with pytest.raises(XflMagicError, match=r"^%xfl_simulate: compression: unknown codec "
-                                            r"'int9' did you mean 'int8'\?") as err:
+                                            r"'int9': did you mean 'int8'\?") as err:
         ip.run_line_magic("xfl_simulate", f"m --android 2 --compression int9 --data-dir "
                                           f"{tmp_path / 'd'}")
     assert "\n" not in str(err.value) and not (tmp_path / "d").exists()

@@ -147,7 +147,9 @@ def test_mlflow_run_holds_the_history_params_and_artifacts(tracked):
     assert local.read_bytes() == tracked["checkpoint"].read_bytes()
     report = Path(client.download_artifacts(run["run_id"], "report.html",
                                             str(tracked["dir"] / "dl")))
-    assert "data:image/png;base64," in report.read_text()
+    text = report.read_text()
+    assert "data:image/png;base64," in text
+    assert "xflwb-traffic" in text  # the bytes on the wire panel, as on the dashboard
 
 
 # -- the option ---------------------------------------------------------------------------

@@ -306,7 +306,8 @@ def _arrival(version: int, platform: str, client: str, up: int, down: int,
                    base_version=version - 1, staleness=0, weight=1.0, examples=30,
                    fit_seconds=0.5, seconds=1.5 * version, status=status,
                    reason="" if status == "applied" else "update norm above the bound",
-                   bytes_up=up, bytes_down=down)
+                   bytes_up=up, bytes_down=down, bytes_up_float32=FLOAT32_BYTES,
+                   bytes_down_float32=FLOAT32_BYTES)
 
 
 #: float32 would have cost 4000 B each way per update (1000 parameters)
@@ -314,17 +315,9 @@ FLOAT32_BYTES = 4000
 
 
 def _version_metrics(arrivals: list[Arrival]) -> list[tuple[str, str, float | None]]:
-    """A FedBuff version's metrics as the loop makes them (``_arrival_metrics``), with what
-    float32 would have cost per platform and for all arrivals: added here as issue 23's
-    history carries it, unless the loop already records it."""
-    metrics = _arrival_metrics(arrivals)
-    if not any(m == "bytes_up_float32" for _p, m, _v in metrics):
-        groups = {p: [a for a in arrivals if a.platform == p] for p in {a.platform
-                                                                       for a in arrivals}}
-        groups["all"] = arrivals
-        metrics += [(p, f"bytes_{d}_float32", float(FLOAT32_BYTES * len(g)))
-                    for p, g in groups.items() for d in DIRS]
-    return metrics
+    """A FedBuff version's metrics as the loop makes them (``_arrival_metrics``: bytes and
+    what float32 would have cost, per platform and for all arrivals)."""
+    return _arrival_metrics(arrivals)
 
 
 FEDBUFF = {"rounds": 10, "strategy": "fedbuff",

@@ -380,13 +380,21 @@ def artifacts_of(registry: Any, info: dict[str, Any], tmp: Path, report: bool = 
 def report_html(registry: Any, session_id: int) -> str:
     """The run's HTML report, built in the session process from the registry (matplotlib,
     no TensorFlow): why it ended, the per-platform loss / accuracy (and ε) plot and the
-    per-round table, drawn by ``xflwb.style`` as the dashboard draws them. (The
+    bytes on the wire (with the compression ratio) and the per-round table, drawn by
+    ``xflwb.style`` as the dashboard draws them. (The
     dashboard's own snapshot is a front-end view, which the hosts do not import.)"""
     import html
 
     from xflwb.sessions.ending import end_reason
     from xflwb.sessions.handle import history_frame
-    from xflwb.style import figure_png, history_wide, img_html, plot_figure, table_html
+    from xflwb.style import (
+        figure_png,
+        history_wide,
+        img_html,
+        plot_figure,
+        table_html,
+        traffic_html,
+    )
 
     info = registry.get_session(session_id)
     history = history_frame(registry, session_id)
@@ -399,4 +407,5 @@ def report_html(registry: Any, session_id: int) -> str:
             f"{title}</title></head><body><h2>{title}</h2>"
             f"<p>{html.escape(str(info.get('model_name', '')))} · "
             f"{html.escape(str(info.get('status', '')))} · {html.escape(why)}</p>"
-            f"{img_html(png)}{table_html(wide)}</body></html>")
+            f"{img_html(png)}{traffic_html(history, info.get('config'))}{table_html(wide)}"
+            "</body></html>")
