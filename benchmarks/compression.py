@@ -207,8 +207,8 @@ def accuracy(res: Any, session: Any) -> float:
     return float(keras_rt.evaluate(ds.x_test, ds.y_test)[1])
 
 
-def fleet_arm(wb: Any, res: Any, up: str, rounds: int) -> dict[str, float]:
-    s = wb.train(NAME, rounds=rounds, min_clients=8, fraction_fit=1.0,
+def fleet_arm(wb: Any, res: Any, up: str, rounds: int, epochs: int) -> dict[str, float]:
+    s = wb.train(NAME, rounds=rounds, min_clients=8, fraction_fit=1.0, local_epochs=epochs,
                  fraction_evaluate=0.0, round_timeout=300, **compression_for(up))
     fleet = wb.spawn_devices(android=4, ios=4, dataset=DATASET, partition=PARTITION,
                              seed=SEED)
@@ -223,12 +223,13 @@ def fleet_arm(wb: Any, res: Any, up: str, rounds: int) -> dict[str, float]:
 
 
 def sim_arm(res: Any, up: str, rounds: int, clients: int, fraction: float, data_dir: Path,
-            ray_address: str) -> dict[str, float]:
+            ray_address: str, epochs: int) -> dict[str, float]:
     import xflwb
 
     s = xflwb.simulate(res, android=clients // 2, ios=clients - clients // 2,
                        dataset=DATASET, partition=PARTITION, rounds=rounds,
                        fraction_fit=fraction, fraction_evaluate=0.0, seed=SEED,
+                       local_epochs=epochs,
                        ray_address=ray_address, data_dir=data_dir, round_timeout=3600,
                        progress=False, **compression_for(up))
     return summary(res, s)
@@ -264,7 +265,8 @@ def report(label: str, rows: dict[str, dict[str, float]]) -> None:
               f"{'met' if ratio <= 1.3 else 'missed'}")
 
 
-def part_b(rounds: int, clients: int, fraction: float, arms: list[str]) -> None:
+def part_b(rounds: int, clients: int, fraction: float, arms: list[str], epochs: int = 1,
+           only: str | None = None) -> None:
     import xflwb
     from xflwb.demo import demo_model
 
@@ -276,18 +278,22 @@ def part_b(rounds: int, clients: int, fraction: float, arms: list[str]) -> None:
     print(f"Part B: training, Dirichlet(0.5) {DATASET}, demo CNN, {rounds} rounds; "
           f"accuracy of the final model on the test split; load average "
           f"{os.getloadavg()[0]:.2f} at the start")
-    fleet_rows: dict[str, dict[str, float]] = {}
-    with xflwb.Workbench(data_dir=tmp / "xfl", port=0) as wb:
-        wb.publish(res)
-        for arm in arms:
-            fleet_rows[arm] = fleet_arm(wb, res, arm, rounds)
-    report("4 Android + 4 iOS virtual phones, every phone every round", fleet_rows)
+    print(f"  local epochs per round: {epochs}")
+    if only != "sim":
+        fleet_rows: dict[str, dict[str, float]] = {}
+        with xflwb.Workbench(data_dir=tmp / "xfl", port=0) as wb:
+            wb.publish(res)
+            for arm in arms:
+                fleet_rows[arm] = fleet_arm(wb, res, arm, rounds, epochs)
+        report("4 Android + 4 iOS virtual phones, every phone every round", fleet_rows)
+    if only == "fleet":
+        return
     head, address = start_ray(tmp)
     sim_rows: dict[str, dict[str, float]] = {}
     try:
         for k, arm in enumerate(arms):
             sim_rows[arm] = sim_arm(res, arm, rounds, clients, fraction, tmp / f"sim{k}",
-                                    address)
+                                    address, epochs)
     finally:
         head.send_signal(signal.SIGTERM)
         try:
@@ -313,6 +319,9 @@ def main() -> int:
     ap.add_argument("--arms", default=",".join(ARMS),
                     help="part B's up-link codecs, comma-separated (float32 first: the "
                     "ratios are against it)")
+    ap.add_argument("--local-epochs", type=int, default=1, help="part B: epochs per fit")
+    ap.add_argument("--only", choices=["fleet", "sim"], default=None,
+                    help="part B: run only the phones or only the simulation")
     args = ap.parse_args()
     if args.smoke:
         part_a(20_000, 3, 4)
@@ -323,7 +332,7 @@ def main() -> int:
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         if arms[:1] != ["float32"]:
             ap.error("--arms must start with float32 (the ratios are against it)")
-        part_b(args.rounds, args.clients, args.fraction, arms)
+        part_b(args.rounds, args.clients, args.fraction, arms, args.local_epochs, args.only)
     return 0
 
 

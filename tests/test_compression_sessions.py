@@ -108,24 +108,37 @@ def test_the_gate_decodes_each_codec_within_its_bound(up, down, platform):
     assert u.compression == up_codec.spec and u.examples == 7
     assert u.float32_bytes == 4 * elements(platform)
     got = params.to_platform(u.tensors, MANIFEST, platform)
-    for g_, t, r in zip(got, trained, received, strict=True):
+    exact = params.to_platform(base, MANIFEST, platform)
+    for g_, t, r, e in zip(got, trained, received, exact, strict=True):
         ref = np.subtract(t, r) if up_codec.delta else t
-        assert float(np.linalg.norm(g_ - t)) <= up_codec.bound(ref) * 1.001 + 1e-5
+        want = e + (t - r)  # the client's change, applied to the exact base
+        assert float(np.linalg.norm(g_ - want)) <= up_codec.bound(ref) * 1.001 + 1e-5
     assert u.trained == params.trained_mask(MANIFEST, platform)
 
 
-def test_a_delta_is_added_to_the_model_the_client_received_not_the_global_one():
+@pytest.mark.parametrize("up", ["int8", "topk:1", None])
+def test_the_change_is_applied_to_the_exact_base_so_down_link_rounding_never_accumulates(up):
     """int8 down (coarse blocks) moves what the phone holds by far more than its tiny
-    update: decoding against the global model instead would be off by that much."""
+    update. The update is the phone's change to what it received, applied to the exact
+    global model: adding the received model instead would put the down-link's rounding
+    into the global model every round (a random walk swamping small updates), and
+    subtracting the global model instead of the received one would count that rounding as
+    the phone's change. Holds for delta codecs and for an absolute float32 update (fp16's
+    own rounding is as large as the down-link's: the bound test covers it)."""
     base = toy_canonical(0)
     g = gate()
-    down, up = parse("int8:block=64", "down"), parse("int8", "up")
+    down, up_codec = parse("int8:block=64", "down"), parse(up, "up") if up else None
     received = receive(g.encode(base, "android", down), codecs.tensor_type(down), "android")
-    lossy = max(float(np.abs(r - b).max()) for r, b in zip(received, base, strict=True))
+    lossy = max(float(np.abs(r - b).max()) for r, b in
+                zip(received, params.to_platform(base, MANIFEST, "android"), strict=True))
     trained = nudged(received, 1e-4)
-    blobs, metrics = send(trained, received, up)
-    u = g.accept("android", "a", blobs, 3, metrics, base, up=up, down=down)
-    err = max(float(np.abs(a - t).max()) for a, t in zip(u.tensors, trained, strict=True))
+    blobs, metrics = send(trained, received, up_codec)
+    u = g.accept("android", "a", blobs, 3, metrics, base, up=up_codec, down=down)
+    change = [np.subtract(t, r) for t, r in zip(trained, received, strict=True)]
+    want = [e + c for e, c in zip(params.to_platform(base, MANIFEST, "android"), change,
+                                  strict=True)]
+    got = params.to_platform(u.tensors, MANIFEST, "android")
+    err = max(float(np.abs(a - w).max()) for a, w in zip(got, want, strict=True))
     assert lossy > 1e-3 > 100 * err  # the server reproduced the received model exactly
     assert g.received(base, "android", down) is g.received(base, "android", down)  # cached
 
@@ -368,6 +381,7 @@ def test_fedbuff_decodes_a_stale_delta_against_the_version_it_started_from():
     v1_made, slow_back = threading.Event(), threading.Event()
     seen: dict[str, list[Any]] = {"fast": [], "slow": []}
     trained: dict[str, list[Array]] = {}
+    got: dict[str, list[Array]] = {}  # what each phone received first
 
     def fit(cid: str, ins: Any) -> FitRes:
         seen[cid].append(ins)
@@ -379,6 +393,7 @@ def test_fedbuff_decodes_a_stale_delta_against_the_version_it_started_from():
                            "android")
         model = nudged(received, 0.05, seed=len(seen[cid]) + (7 if cid == "slow" else 0))
         trained.setdefault(cid, model)
+        got.setdefault(cid, received)
         blobs, metrics = send(model, received, parse(ins.config[KEY_UP], "up"))
         return FitRes(Status(Code.OK, ""), Parameters(blobs, "xfl:int8"), 10, metrics)
 
@@ -408,8 +423,8 @@ def test_fedbuff_decodes_a_stale_delta_against_the_version_it_started_from():
     v0, v1, v2 = versions[0], versions[1], versions[2]
     w = 1 / math.sqrt(2)  # polynomial:0.5 at staleness 1
     off = []
-    for k in range(len(v0)):  # the phone's model minus the version it started from
-        np.testing.assert_allclose(v2[k], v1[k] + w * (trained["slow"][k] - v0[k]),
+    for k in range(len(v0)):  # the phone's change to the version it started from
+        np.testing.assert_allclose(v2[k], v1[k] + w * (trained["slow"][k] - got["slow"][k]),
                                    atol=2e-3)
         wrong = v1[k] + w * (trained["slow"][k] - v1[k])  # against the newest version
         off.append(float(np.abs(v2[k] - wrong).max()))

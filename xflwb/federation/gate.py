@@ -7,10 +7,12 @@ the gate sees bytes, a platform's layout or an encoding; nothing before it sees 
 arrays. So a new wire format (a compression codec) plugs in here and nowhere else.
 
 Compression (``xflwb.federation.codecs``): a client whose update's metrics name a codec
-(``KEY_CODEC``) is decoded with it, only if it is the codec the server asked that client for;
-a delta codec's update is added to the exact model the client received (``received``: the
-base as its down-link codec delivered it), and only then mapped and validated, so
-validation, clipping and aggregation never see a codec. A model goes down compressed with
+(``KEY_CODEC``) is decoded with it, only if it is the codec the server asked that client for.
+What the client sends is its *change* to the model it received (a delta codec says so; an
+absolute update under a lossy down-link is re-based: minus ``received``, the base as its
+down-link codec delivered it), applied to the exact base, and only then mapped and
+validated, so validation, clipping and aggregation never see a codec and the down-link's
+rounding never accumulates in the global model. A model goes down compressed with
 ``encode(model, platform, codec)`` (deterministic rounding: ``received`` reproduces it).
 
 What the gate refuses costs only that client: each refusal is an ``UpdateRejected``
@@ -164,9 +166,9 @@ class UpdateGate:
         naming the problem. A ``KeyError`` is a manifest fault and propagates.
 
         ``up`` / ``down``: the codecs the server asked this client for (None: float32). An
-        update whose metrics name a codec (``KEY_CODEC``) must name ``up``; a delta codec's
-        is added to what ``down`` delivered of ``base`` (``received``). A client may always
-        answer in float32 (no ``KEY_CODEC``)."""
+        update whose metrics name a codec (``KEY_CODEC``) must name ``up``; its change to
+        what ``down`` delivered of ``base`` (``received``) is applied to ``base`` itself. A
+        client may always answer in float32 (no ``KEY_CODEC``)."""
         model = base  # the object the down-link was encoded from (``received``'s cache key)
         base = list(base)
         frozen = (metrics or {}).get("frozen_sha256")
@@ -187,13 +189,30 @@ class UpdateGate:
                 arrays, codec = params.decode_tensors(blobs)
         except Exception as exc:
             raise MalformedUpdate(str(exc) or type(exc).__name__) from exc
+        # the update is the client's change applied to the EXACT base: a lossy down-link
+        # moved the model the client trained from (``received``), and re-basing keeps that
+        # rounding out of the global model (else it would be added again every round, a
+        # random walk that swamps small updates)
+        exact = (params.to_platform(base, self.manifest, platform)
+                 if (sent is not None and sent.delta) or down is not None else None)
         if sent is not None:
             shapes = params.platform_shapes(self.manifest, platform)
-            reference = self.received(model, platform, down) if sent.delta else None
             try:  # client bytes only, again
-                arrays = wire.decode_arrays(blobs, sent, shapes, reference=reference)
+                arrays = wire.decode_arrays(blobs, sent, shapes,
+                                            reference=exact if sent.delta else None)
             except Exception as exc:
                 raise MalformedUpdate(f"{sent.spec} update: {exc}") from exc
+        if down is not None and (sent is None or not sent.delta):
+            assert exact is not None
+            received = self.received(model, platform, down)
+            try:  # absolute values: minus what the client received, plus the exact base
+                with np.errstate(over="ignore", invalid="ignore"):
+                    arrays = [np.add(e, np.subtract(np.reshape(a, r.shape), r,
+                                                    dtype=np.float32), dtype=np.float32)
+                              for a, r, e in zip(arrays, received, exact, strict=True)]
+            except ValueError as exc:  # a tensor count or size the layout does not have
+                raise MalformedUpdate(f"update does not fit the {platform} layout: "
+                                      f"{exc}") from exc
         try:  # tensors a platform does not hold are masked out: base fills them
             canonical = params.from_platform(arrays, self.manifest, platform, base=base)
         except KeyError:
