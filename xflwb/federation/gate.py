@@ -52,10 +52,11 @@ TENSOR_TYPES = {"raw": "ND", "npy": "ndarray"}
 CODECS = tuple(TENSOR_TYPES)
 #: encoded models kept per gate (one per platform × codec of the current global model)
 _CACHE_SIZE = 8
-#: received models (base × platform × down codec) kept for delta decoding, each a model
-#: copy held in memory: a round's two platforms, and FedBuff's newest versions (a miss on an
-#: older one costs one more encode and decode, not a rejection)
-_RECEIVED_SIZE = 4
+#: received models (base × platform × down codec, float32 for the exact layout) kept for
+#: decoding, each a model copy held in memory: a round's two platforms, exact and as sent,
+#: and FedBuff's newest versions (a miss on an older one costs one more encode and decode,
+#: not a rejection)
+_RECEIVED_SIZE = 6
 
 
 def tensor_type_of(codec: str | Codec) -> str:
@@ -193,7 +194,7 @@ class UpdateGate:
         # moved the model the client trained from (``received``), and re-basing keeps that
         # rounding out of the global model (else it would be added again every round, a
         # random walk that swamps small updates)
-        exact = (params.to_platform(base, self.manifest, platform)
+        exact = (self.received(model, platform, None)
                  if (sent is not None and sent.delta) or down is not None else None)
         if sent is not None:
             shapes = params.platform_shapes(self.manifest, platform)
@@ -264,17 +265,18 @@ class UpdateGate:
         """``model`` in ``platform``'s layout as a client decodes it when it was sent with
         ``down`` (None: float32, exact): the reference a delta codec's update is added to.
         Cached per model object, platform and codec (the down-link is deterministic)."""
-        if down is None:
-            return params.to_platform(list(model), self.manifest, platform)
-        key = (id(model), platform, down.spec)
+        key = (id(model), platform, down.spec if down is not None else FLOAT32)
         with self._lock:
             hit = self._received.get(key)
             if hit is not None and hit[0] is model:
                 self._received.move_to_end(key)
                 return hit[1]
-        shapes = params.platform_shapes(self.manifest, platform)
-        out = [down.decode(b, math.prod(s)).reshape(s)
-               for b, s in zip(self._encode(model, platform, down), shapes, strict=True)]
+        if down is None:  # the exact layout (every compressed update of a round needs it)
+            out = params.to_platform(list(model), self.manifest, platform)
+        else:
+            shapes = params.platform_shapes(self.manifest, platform)
+            out = [down.decode(b, math.prod(s)).reshape(s) for b, s in
+                   zip(self._encode(model, platform, down), shapes, strict=True)]
         with self._lock:
             self._received[key] = (model, out)
             while len(self._received) > _RECEIVED_SIZE:
