@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_sessions_run_in_their_own_session_are_reaped_and_log_plain_text(export_
 
 
 _DRIVER = textwrap.dedent("""
-    import json, sys, time
+    import json, signal, sys, time
     import psutil
     import xflwb
     data_dir, export_dir = sys.argv[1], sys.argv[2]
@@ -106,7 +107,9 @@ _DRIVER = textwrap.dedent("""
         s.wait(timeout=300)
         out["interrupted"] = None
     except KeyboardInterrupt as exc:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # one Stop is enough: later ones ignored
         out["interrupted"] = str(exc)
+        print("XFL-INTERRUPTED", flush=True)
     out["status_after_interrupt"] = s.status
     out["final"] = s.wait(timeout=300)
     out["round"] = s.round
@@ -135,8 +138,14 @@ def test_sigint_to_the_kernels_process_group_only_stops_the_wait(export_dir, tmp
         ready = json.loads(line.split(" ", 1)[1])
         for pid in [ready["session_pid"], *ready["device_pids"]]:
             assert os.getpgid(pid) != driver.pid  # not in the group the interrupt reaches
-        time.sleep(0.5)  # let the driver enter s.wait() (it prints just before)
-        os.killpg(driver.pid, signal.SIGINT)
+        # JupyterLab's Stop, pressed again if nothing happened: on a loaded machine one
+        # SIGINT was once followed by no KeyboardInterrupt in the driver (seen twice in CI,
+        # cause unknown); the wait must still be what stops, never the session
+        for _press in range(5):
+            time.sleep(0.5)  # let the driver enter s.wait() (it prints just before)
+            os.killpg(driver.pid, signal.SIGINT)
+            if select.select([driver.stdout], [], [], 10)[0]:
+                break
         out, err = driver.communicate(timeout=400)
     finally:
         if driver.poll() is None:

@@ -366,15 +366,19 @@ def test_the_header_line_is_html_escaped():
     assert re.search(r"class='xflwb-compression'><b>compression vs float32:</b> android", head)
 
 
-def test_a_session_that_compresses_nothing_gets_no_ratio_line_but_its_ratio_columns():
+def test_a_session_that_compresses_nothing_shows_its_bytes_alone():
     """With float32 both ways (the float32 metrics recorded, no codec chosen) the header
-    stays as it was; the tables still say 1.0× (no saving)."""
+    stays as it was and the table shows bytes, no float32 twin or ratio columns."""
     plain = {p: {"clients": 1.0, "up": 4128.0, "down": 4000.0, "up32": 4000.0,
                  "down32": 4000.0} for p in PLATFORMS}
     hist = _frame([_round_metrics(plain) + _evals(1)])
     assert style.compression_line(style.compression_summary(hist)) == ""
     assert style.compression_html(hist, {"compression": None}) == ""
-    assert set(style.traffic_table(hist)["up vs float32"]) == {"1.0× (no saving)"}
+    table = style.traffic_table(hist)
+    assert list(table.columns) == ["platform", "bytes up", "bytes down"]
+    # a codec chosen but negotiated by nobody: compared, since the researcher asked for it
+    asked = {"compression": {"up": "int8", "down": "float32"}}
+    assert set(style.traffic_table(hist, asked)["up vs float32"]) == {"1.0× (no saving)"}
     # a codec chosen but negotiated by nobody: said, since the researcher asked for it
     line = style.compression_line(style.compression_summary(
         hist, {"compression": {"up": "int8", "down": "float32"}}))

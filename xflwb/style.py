@@ -447,18 +447,21 @@ def traffic_figure(history: pd.DataFrame, placeholder: str = "") -> Any:
 def traffic_table(history: pd.DataFrame, config: dict[str, Any] | None = None
                   ) -> pd.DataFrame:
     """``compression_summary`` as a table a researcher reads: bytes in kB/MB, ratios as
-    ``"3.9× smaller (int8)"`` (ratio columns only with the float32 metrics)."""
+    ``"3.9× smaller (int8)"`` (float32 and ratio columns only with the float32 metrics,
+    and only when something is compressed: a float32 session shows its bytes alone)."""
     summary = compression_summary(history, config)
     if summary.empty:
         return summary
+    compared = bool(compression_line(summary))
     out = _frame([])
     out["platform"] = summary["platform"]
-    names = {"bytes_up": "bytes up", "bytes_down": "bytes down",
-             "bytes_up_float32": "up as float32", "bytes_down_float32": "down as float32"}
+    names = {"bytes_up": "bytes up", "bytes_down": "bytes down"}
+    if compared:
+        names.update(bytes_up_float32="up as float32", bytes_down_float32="down as float32")
     for col, name in names.items():
         if col in summary.columns:
             out[name] = summary[col].map(human_bytes)
-    for d in DIRECTIONS:
+    for d in DIRECTIONS if compared else ():
         if f"ratio_{d}" in summary.columns:
             out[f"{d} vs float32"] = [ratio_text(r, c) for r, c in
                                       zip(summary[f"ratio_{d}"], summary[f"codec_{d}"],
