@@ -102,6 +102,14 @@ _DRIVER = textwrap.dedent("""
         time.sleep(0.2)
     out = {"session_pid": wb.sessions._procs[s.id].pid,
            "device_pids": [p.pid for p in fleet.procs.values()]}
+    # what ipykernel does: SIGINT raises KeyboardInterrupt; counted, so a press that never
+    # becomes a KeyboardInterrupt in the wait shows in the result (diagnosis of a CI flake)
+    out["sigints"] = 0
+
+    def _interrupt(signum, frame):
+        out["sigints"] += 1
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, _interrupt)
     print("XFL-READY " + json.dumps(out), flush=True)
     try:
         s.wait(timeout=300)
