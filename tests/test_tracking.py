@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import xflwb
 from tests.conftest import run_python
+from tests.support import wait_until
 from tests.wirephone import WirePhone
 from xflwb import _options
 from xflwb.server.config import SessionConfig
@@ -123,7 +124,10 @@ def test_mlflow_run_holds_the_history_params_and_artifacts(tracked):
     uri = store_uri(tracked["dir"] / "tracking")
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    try:
+    try:  # the session process ends its run as it exits, a moment after "finished"
+        wait_until(lambda: (lambda r: len(r) == 1 and r.iloc[0]["status"] == "FINISHED")(
+                       mlflow.search_runs(experiment_names=["tracked"])),
+                   60, "the MLflow run marked FINISHED")
         runs = mlflow.search_runs(experiment_names=["tracked"])
     finally:
         mlflow.set_tracking_uri(before)
