@@ -40,7 +40,6 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -295,11 +294,9 @@ def part_b(rounds: int, clients: int, fraction: float, arms: list[str], epochs: 
             sim_rows[arm] = sim_arm(res, arm, rounds, clients, fraction, tmp / f"sim{k}",
                                     address, epochs)
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        from privacy import stop_ray  # the house helper (on sys.path: start_ray)
+
+        stop_ray(head)
     report(f"{clients}-client simulation, {fraction:.0%} of the clients per round", sim_rows)
     print(f"  load average {os.getloadavg()[0]:.2f} at the end")
 

@@ -39,6 +39,15 @@ import xflwb
 from xflwb.demo import demo_model
 
 
+def stop_ray(head: subprocess.Popen[bytes]) -> None:
+    """Stop the Ray head this script started (SIGTERM, then kill after 60 s)."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+
+
 def start_ray(tmp: Path) -> tuple[subprocess.Popen, str]:
     """One Ray head in its own session (stopped by this script alone, never Ray's CLI)."""
     import socket
@@ -162,11 +171,7 @@ def main() -> int:
                   f"   accuracy {p['accuracy']:.3f} / "
                   f"{s['accuracy']:.3f}" + ("   (goal ≤ 3×)" if n == 100 else ""))
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            head.kill()
+        stop_ray(head)
     return 0
 
 
