@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from xflwb.bridge import manifest as manifest_mod
@@ -27,24 +28,39 @@ from xflwb.simulation.config import SimulationConfig
 log = logging.getLogger("xflwb.simulation")
 
 
+@dataclass(frozen=True)
+class Node:
+    """A simulated node as its ClientApp described itself: its platform and partition."""
+
+    platform: str
+    partition: int
+
+
 class NodeClientManager(SimpleClientManager):
     """Tags each simulated node with its platform, as ``PlatformClientManager`` does for
-    phones by port (a Grid proxy carries neither port nor platform)."""
+    phones by port (a Grid proxy carries neither port nor platform), and names it by its
+    partition id: Flower's node ids are random per run, a partition id is the same client
+    in every run of a seed (sampling, aggregation order and ``client_metrics`` follow it).
+    Messages still go to the node id (``GridClientProxy.node_id``)."""
 
-    def __init__(self, platform_of: dict[int, str]) -> None:
+    def __init__(self, nodes: dict[int, Node]) -> None:
         super().__init__()
-        self.platform_of = platform_of
+        self.nodes = nodes
 
     def register(self, client: Any) -> bool:
-        client.platform = self.platform_of.get(int(client.node_id), "unknown")
+        node = self.nodes.get(int(client.node_id))
+        client.platform = node.platform if node is not None else "unknown"
+        if node is not None:
+            client.partition = node.partition
+            client.cid = str(node.partition)
         return super().register(client)
 
 
 def ask_platforms(api: Any, grid: Any, expected: int, timeout: float = 600.0
-                  ) -> dict[int, str]:
-    """Wait for every node, then ask them all at once for their platform (one batch of
-    ``get_properties`` messages; the ClientApp answers from its partition id, without
-    loading a model)."""
+                  ) -> dict[int, Node]:
+    """Wait for every node, then ask them all at once for their platform and partition (one
+    batch of ``get_properties`` messages; the ClientApp answers from its partition id,
+    without loading a model): node id → ``Node``."""
     deadline = time.monotonic() + timeout
     while len(nodes := list(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
@@ -53,15 +69,16 @@ def ask_platforms(api: Any, grid: Any, expected: int, timeout: float = 600.0
     content = api.compat.getpropertiesins_to_recorddict(api.GetPropertiesIns(config={}))
     msgs = [api.Message(content=content, dst_node_id=nid, message_type=api.GET_PROPERTIES)
             for nid in nodes]
-    platform_of: dict[int, str] = {}
+    found: dict[int, Node] = {}
     for reply in grid.send_and_receive(msgs, timeout=timeout):
         if reply.has_error():
             raise RuntimeError(f"a simulated client failed to start: {reply.error.reason}")
         props = api.compat.recorddict_to_getpropertiesres(reply.content).properties
-        platform_of[int(reply.metadata.src_node_id)] = str(props["platform"])
-    if len(platform_of) != len(nodes):
-        raise RuntimeError(f"{len(nodes) - len(platform_of)} simulated clients did not answer")
-    return platform_of
+        found[int(reply.metadata.src_node_id)] = Node(str(props["platform"]),
+                                                      int(props["partition_id"]))
+    if len(found) != len(nodes):
+        raise RuntimeError(f"{len(nodes) - len(found)} simulated clients did not answer")
+    return found
 
 
 def compression_arguments(cfg: SimulationConfig) -> dict[str, Any]:
@@ -181,10 +198,10 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
 
         @server_app.main()  # type: ignore[untyped-decorator]  # Flower's is unannotated
         def _main(grid: Any, context: Any) -> None:
-            platform_of = ask_platforms(api, grid, cfg.num_clients)
-            counts = {p: sum(v == p for v in platform_of.values()) for p in PLATFORMS}
-            xlog.info("simulation %s: %s nodes up (%s)", session_id, len(platform_of), counts)
-            cm = NodeClientManager(platform_of)
+            nodes = ask_platforms(api, grid, cfg.num_clients)
+            counts = {p: sum(v.platform == p for v in nodes.values()) for p in PLATFORMS}
+            xlog.info("simulation %s: %s nodes up (%s)", session_id, len(nodes), counts)
+            cm = NodeClientManager(nodes)
             try:
                 if cfg.secagg is not None:  # Flower's SecAgg+ fit rounds over our strategy
                     secagg.run_rounds(grid, context, strategy, cm, cfg.rounds,
