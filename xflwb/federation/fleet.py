@@ -2,7 +2,7 @@
 how long a fit takes it. Transport-free: what ``xflwb.federation.profiles`` samples and the
 virtual-clock hosts (synchronous rounds and FedBuff on the Simulation Engine) read.
 
-* ``Fleet``: per client (index ``0..n-1``, a simulation's partition id) its platform, compute
+* ``Capacities``: per client (index ``0..n-1``, a simulation's partition id) its platform, compute
   slowdown, up/down bandwidth and latency, and per platform the measured per-example cost of
   training and evaluating on this machine's runtime; ``fit_seconds`` / ``evaluate_seconds``
   are download + compute + upload, vectorised over clients.
@@ -28,7 +28,7 @@ import numpy.typing as npt
 
 from xflwb.errors import InputError
 
-__all__ = ["AlwaysAvailable", "Availability", "Fleet", "NoClientAvailable", "VirtualClock",
+__all__ = ["AlwaysAvailable", "Availability", "Capacities", "NoClientAvailable", "VirtualClock",
            "Windows", "fit_outcomes"]
 
 Floats = npt.NDArray[np.float64]
@@ -41,7 +41,7 @@ class NoClientAvailable(InputError):
 
 
 @dataclass(frozen=True)
-class Fleet:
+class Capacities:
     """Each client's capacities (arrays of length ``n``) and the measured per-example costs.
 
     ``slowdown`` multiplies the cost measured on this machine (a phone 4× slower than the
@@ -65,11 +65,11 @@ class Fleet:
         for name in ("slowdown", "uplink", "downlink", "latency"):
             arr = np.asarray(getattr(self, name), np.float64)
             if arr.shape != (n,):
-                raise ValueError(f"Fleet.{name} has shape {arr.shape}, expected ({n},)")
+                raise ValueError(f"Capacities.{name} has shape {arr.shape}, expected ({n},)")
             if not (np.isfinite(arr).all() and (arr >= 0).all()):
-                raise ValueError(f"Fleet.{name} must be finite and >= 0")
+                raise ValueError(f"Capacities.{name} must be finite and >= 0")
             if name in ("uplink", "downlink", "slowdown") and (arr <= 0).any():
-                raise ValueError(f"Fleet.{name} must be > 0")
+                raise ValueError(f"Capacities.{name} must be > 0")
             object.__setattr__(self, name, arr)
         for costs in (self.train_cost, self.evaluate_cost):
             missing = set(self.platform) - set(costs)
