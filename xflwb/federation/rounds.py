@@ -173,7 +173,8 @@ class Round:
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None,
                  compression: dict[str, str] | None = None,
-                 capable_by_default: bool = False) -> None:
+                 capable_by_default: bool = False, over_select: float = 0.0,
+                 deadline: float | None = None) -> None:
         self.gate, self.policy, self.bounds = gate, policy, bounds
         self.global_ = [np.asarray(a, np.float32) for a in initial]
         self.min_clients = max(1, int(min_clients))
@@ -194,6 +195,10 @@ class Round:
             raise InputError("SecAgg+ masks quantised vectors already; compression cannot be "
                              "combined with it: drop compression or secagg")
         self.capable_by_default = bool(capable_by_default)
+        #: the production round rules: select ceil(n·(1 + over_select)), keep the first n
+        #: that report within ``deadline`` seconds (the host's clock: simulated or wall)
+        self.over_select = float(over_select)
+        self.deadline = None if deadline is None else float(deadline)
         #: client → the codecs its current fit was asked for (``accept`` decodes with them)
         self.asked: dict[str, Negotiated] = {}
 
@@ -367,11 +372,14 @@ class Round:
             report.rejections.append(("all", "server", why))
 
     def aggregate_fit(self, server_round: int, results: Sequence[FitPayload],
-                      failures: Sequence[Failure], violations: Iterable[Violation] = ()
+                      failures: Sequence[Failure], violations: Iterable[Violation] = (),
+                      extra_metrics: Iterable[tuple[str, str, float | None]] = ()
                       ) -> RoundReport:
         """Gate, bound and aggregate a round's results into the next global model; record
         it (``on_fit_round``) and return its report, or raise ``AllClientsFailed`` (after
-        recording) when every selected client failed with an error."""
+        recording) when every selected client failed with an error. ``extra_metrics``: the
+        host's own (the virtual clock's ``sim_seconds``, stragglers, ...), recorded with
+        the round."""
         t_start = self.clock()
         report = RoundReport(server_round)
         per: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
@@ -469,6 +477,7 @@ class Round:
             report.failed = (f"{who} selected for round {server_round} failed"
                              f"{f' ({lost} lost their connection)' if lost else ''}: "
                              f"{summarize(errors)}")
+        report.metrics += list(extra_metrics)
         # server-side cost of the round's aggregation (decode, validate, average, optimiser)
         report.metrics.append(("all", "aggregate_seconds", self.clock() - t_start))
         if self.on_fit_round is not None:

@@ -19,10 +19,12 @@ underscore spellings (``_accept``, ``_bounded``, ``_refused``, ``_progress``,
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
-from collections.abc import Callable
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from xflwb.bridge.arrays import Array
 from xflwb.bridge.manifest import Manifest
@@ -49,8 +51,8 @@ from xflwb.flower_legacy import (
 from xflwb.sessions.violations import drain_violations as drain_reported
 
 __all__ = ["MAX_REASONS", "TENSOR_TYPES", "AllClientsFailed", "ClientFailure",
-           "ClientRefused", "CrossPlatformStrategy", "RoundReport", "Tracked",
-           "failure_reason", "summarize"]
+           "ClientRefused", "CrossPlatformStrategy", "MissedDeadline", "RoundReport",
+           "Scheduler", "Tracked", "failure_reason", "summarize"]
 
 log = logging.getLogger("xflwb.strategy")
 
@@ -62,6 +64,15 @@ class ClientFailure(DeviceFailure):
     def __init__(self, platform: str, cid: str, cause: BaseException) -> None:
         super().__init__(f"{platform} client {cid}: {type(cause).__name__}: {cause}")
         self.platform, self.cid, self.cause = platform, cid, cause
+
+
+class MissedDeadline(ClientFailure):
+    """A phone's fit not back within the session's ``deadline``: a straggler of its
+    platform, not an error (counted in the round's ``stragglers``)."""
+
+
+#: the reason a straggler is recorded with
+STRAGGLER = "missed the deadline (straggler)"
 
 
 def _exception_reason(exc: BaseException) -> tuple[str, bool]:
@@ -93,6 +104,8 @@ def failure_reason(failure: Any) -> tuple[str, str, str, bool]:
         transient = reason.startswith("dropped out")  # simulated dropouts (drop_prob)
         return (getattr(client, "platform", "unknown"), str(getattr(client, "cid", "?")),
                 reason, not transient)
+    if isinstance(failure, MissedDeadline):
+        return failure.platform, failure.cid, STRAGGLER, False
     if isinstance(failure, ClientFailure):
         reason, is_error = _exception_reason(failure.cause)
         return failure.platform, failure.cid, reason, is_error
@@ -103,8 +116,11 @@ def failure_reason(failure: Any) -> tuple[str, str, str, bool]:
 class Tracked(ClientProxy):
     """Delegates to a real client proxy, measuring fit time and bytes each way."""
 
-    def __init__(self, inner: ClientProxy, platform: str) -> None:
+    def __init__(self, inner: ClientProxy, platform: str,
+                 deadline: float | None = None) -> None:
         super().__init__(inner.cid)
+        #: wall seconds the fit may take (phones' ``deadline``): the wait is cut there
+        self.deadline = deadline
         self.inner = inner
         # Flower's workflows address by it (Flower types it int; legacy gRPC proxies lack it)
         self.node_id = getattr(inner, "node_id", None)  # type: ignore[assignment]
@@ -121,10 +137,17 @@ class Tracked(ClientProxy):
 
     def fit(self, ins: FitIns, timeout: float | None, group_id: int | None) -> FitRes:
         self.bytes_down = sum(len(t) for t in ins.parameters.tensors)
+        if self.deadline is not None:
+            timeout = self.deadline if timeout is None else min(timeout, self.deadline)
         t0 = time.perf_counter()
         try:
             res = self.inner.fit(ins, timeout, group_id)
         except Exception as exc:
+            late = (self.deadline is not None
+                    and time.perf_counter() - t0 >= self.deadline * 0.999
+                    and _exception_reason(exc)[1] is False)  # timed out / cut at the deadline
+            if late:
+                raise MissedDeadline(self.platform, self.cid, exc) from exc
             raise ClientFailure(self.platform, self.cid, exc) from exc
         self.seconds = time.perf_counter() - t0
         self.bytes_up = sum(len(t) for t in res.parameters.tensors)
@@ -184,6 +207,30 @@ class _FlowerEval:
         return self._res.metrics
 
 
+Metric = tuple[str, str, float | None]
+
+
+class Scheduler(Protocol):
+    """Who a round samples and in which order its results count, when the host decides it
+    (the Simulation Engine: seeded sampling, the virtual clock's round rules); without one,
+    Flower's client manager samples (phones)."""
+
+    def sample(self, server_round: int, phase: str, fraction: float,
+               client_manager: ClientManager, core: Round) -> list[ClientProxy]:
+        """The clients of round ``server_round``'s ``phase`` ("fit" or "evaluate"); a fit
+        calls ``core.admit`` first."""
+        ...
+
+    def order(self, server_round: int, results: Sequence[tuple[ClientProxy, FitRes]]
+              ) -> list[tuple[ClientProxy, FitRes]]:
+        """The round's results in the order they are aggregated."""
+        ...
+
+    def metrics(self, server_round: int) -> list[Metric]:
+        """What the round adds to its report (``sim_seconds``, stragglers, ...)."""
+        ...
+
+
 def _core_attr(name: str, doc: str) -> property:
     """An attribute of the core ``Round`` (read and written through the adapter)."""
     return property(lambda self: getattr(self.core, name),
@@ -198,13 +245,18 @@ class CrossPlatformStrategy(Strategy):
                  on_fit_round: Callable[[RoundReport, list[Array]], None] | None = None,
                  on_evaluate_round: Callable[[RoundReport], None] | None = None,
                  on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 **options: Any) -> None:
+                 scheduler: Scheduler | None = None, **options: Any) -> None:
         """``options``: the core's (``Round.build`` and ``Round``: strategy,
         strategy_options, fraction_fit, min_clients, max_examples, privacy, secure_sums,
-        compression, capable_by_default, ...), as a session's
+        compression, capable_by_default, over_select, deadline, ...), as a session's
         ``RoundOptions.strategy_arguments()`` gives them; the core's defaults apply to the
-        ones not given."""
+        ones not given. ``scheduler``: who samples (a simulation's; may also be set later);
+        None: the client manager, with the core's ``over_select`` and ``deadline`` applied
+        to the phones' wall clock."""
         super().__init__()
+        self.scheduler = scheduler
+        #: phones: round → the updates it needs (over-selection samples more)
+        self._want: dict[int, int] = {}
         #: the federation core this adapter drives (gate, policy, bounds, global model)
         self.core = Round.build(manifest, initial, on_fit_round=on_fit_round,
                                 on_evaluate_round=on_evaluate_round, on_progress=on_progress,
@@ -354,6 +406,8 @@ class CrossPlatformStrategy(Strategy):
                 phase: str) -> list[ClientProxy]:
         self._manager = client_manager
         core = self.core
+        if self.scheduler is not None:
+            return self.scheduler.sample(server_round, phase, fraction, client_manager, core)
         # wait for the minimum first, so the fraction applies to everyone then connected;
         # in 1 s steps, reporting how many are connected while waiting
         if client_manager.num_available() < core.min_clients:
@@ -364,8 +418,11 @@ class CrossPlatformStrategy(Strategy):
                           connected=client_manager.num_available(), needed=core.min_clients)
         available = client_manager.num_available()
         n = core.sample_size(available, fraction)
-        if phase == "fit":  # raises PrivacyBudgetSpent before anyone trains
-            core.admit(server_round, available, n)
+        if phase == "fit":
+            # over-selection: ceil(n·(1 + over_select)) phones, the first n to report count
+            self._want[server_round] = min(n, available)
+            n = min(available, math.ceil(n * (1.0 + core.over_select) - 1e-9))
+            core.admit(server_round, available, n)  # PrivacyBudgetSpent before any training
         clients = client_manager.sample(num_clients=n, min_num_clients=core.min_clients)
         core.progress(phase=phase, round=server_round, connected=available,
                       needed=core.min_clients, selected=len(clients))
@@ -394,17 +451,64 @@ class CrossPlatformStrategy(Strategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         targets = self._targets(client_manager, self.core.fraction_fit, server_round, "fit")
+        if not targets and self.scheduler is not None:
+            # nobody to train (every selected client straggles or drops out): Flower skips
+            # the fit, so the round (its counts and clock) is recorded here, model unchanged
+            self.core.aggregate_fit(server_round, [], [], [],
+                                    self.scheduler.metrics(server_round))
+            return []
         config = self.core.fit_config()
-        return [(Tracked(client, platform), FitIns(parameters=enc, config={**config, **extra}))
+        # phones: the deadline cuts each fit's wait (the simulation's is simulated time)
+        deadline = self.core.deadline if self.scheduler is None else None
+        return [(Tracked(client, platform, deadline),
+                 FitIns(parameters=enc, config={**config, **extra}))
                 for client, platform, enc, extra in targets]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
                       failures: list[Any]) -> tuple[Parameters | None, dict[str, Any]]:
         violations = drain_reported(self._manager) if self._manager is not None else []
+        if self.scheduler is not None:
+            results = self.scheduler.order(server_round, results)
+            extra = self.scheduler.metrics(server_round)
+        else:
+            results, failures, extra = self._phone_rules(server_round, results, failures)
         described = [Failure(*failure_reason(f)) for f in failures]
+        if self.scheduler is not None:  # the order Flower's threads finished in is not data
+            described.sort(key=lambda f: (f.platform, len(f.client), f.client, f.reason))
         self.core.aggregate_fit(server_round, [_FlowerFit(c, r) for c, r in results],
-                                described, violations)
+                                described, violations, extra)
         return ndarrays_to_parameters(self.core.global_), {}
+
+    def _phone_rules(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                     failures: list[Any]
+                     ) -> tuple[list[tuple[ClientProxy, FitRes]], list[Any], list[Metric]]:
+        """Phones under ``over_select`` / ``deadline``: the results in order of measured fit
+        time, the first n kept, the later ones and the fits cut at the deadline counted per
+        platform as stragglers (not failures). Flower's legacy ``Server`` waits for every
+        fit it started (up to the deadline), so over-selection saves no wall time here: it
+        makes the round's n less sensitive to slow phones, not shorter."""
+        want = self._want.pop(server_round, None)
+        core = self.core
+        if core.deadline is None and not core.over_select:
+            return results, failures, []
+        ordered = sorted(results, key=lambda cr: (float(getattr(cr[0], "seconds", 0.0)),
+                                                  str(cr[0].cid)))
+        keep = ordered if want is None else ordered[:want]
+        late = [getattr(c, "platform", "unknown") for c, _ in ordered[len(keep):]]
+        late += [f.platform for f in failures if isinstance(f, MissedDeadline)]
+        rest = [f for f in failures if not isinstance(f, MissedDeadline)]
+        selected = Counter(getattr(c, "platform", "unknown") for c, _ in results)
+        selected.update(failure_reason(f)[0] for f in failures)
+        stragglers = Counter(late)
+        platforms = sorted(set(selected) | set(stragglers))
+        extra: list[Metric] = [(p, "selected", float(selected[p])) for p in platforms]
+        extra += [(p, "stragglers", float(stragglers[p])) for p in platforms]
+        extra += [("all", "selected", float(sum(selected.values()))),
+                  ("all", "stragglers", float(len(late)))]
+        if late:
+            log.info("round %s: %s straggler(s) not aggregated (deadline %s s, over_select "
+                     "%s)", server_round, len(late), core.deadline, core.over_select)
+        return keep, rest, extra
 
     def configure_evaluate(self, server_round: int, parameters: Parameters,
                            client_manager: ClientManager) -> list[tuple[ClientProxy,

@@ -81,6 +81,15 @@ class RoundOptions:
     local_epochs: int = option(1, "epochs each client trains per round", ge=1, le=100_000)
     round_timeout: float = option(600.0, "seconds a round waits for its clients", gt=0,
                                   le=30 * 86400)
+    #: production round rules (``xflwb.federation.schedule``; phones: the wait and the fits
+    #: kept, ``xflwb.sessions.flower_strategy``)
+    over_select: float = option(
+        0.0, "select this fraction more clients than a round needs (0.3: 30 % more) and keep "
+        "the first to report; the rest count as stragglers", ge=0, le=10)
+    deadline: float | None = option(
+        None, "seconds a selected client has to report (simulated seconds in a simulation, "
+        "wall seconds on phones); later reports count as stragglers; none: no deadline",
+        gt=0, le=30 * 86400)
     max_examples: int | None = option(
         DEFAULT_MAX_EXAMPLES, "one update counts for at most this many examples (larger "
         "num_examples are capped and counted in the round's capped metric); none: no cap",
@@ -192,6 +201,11 @@ class RoundOptions:
                              f"{self.strategy!r}: its ε ledger composes rounds of sampled "
                              "clients, which asynchronous training does not have; use "
                              "fedavg or a server optimiser")
+        if is_asynchronous(self) and (self.over_select or self.deadline is not None):
+            raise InputError(f"over_select and deadline are rules of synchronous rounds; "
+                             f"strategy {self.strategy!r} has none: every idle phone trains "
+                             "and a late update is weighed by its staleness (drop them, or "
+                             "bound staleness with strategy_options max_staleness)")
         if is_asynchronous(self) and self.fraction_fit != 1.0:
             raise InputError(f"fraction_fit={self.fraction_fit:g} does not apply to strategy "
                              f"{self.strategy!r}: every idle phone trains; bound the phones "

@@ -43,9 +43,10 @@ class NodeClientManager(SimpleClientManager):
     in every run of a seed (sampling, aggregation order and ``client_metrics`` follow it).
     Messages still go to the node id (``GridClientProxy.node_id``)."""
 
-    def __init__(self, nodes: dict[int, Node]) -> None:
+    def __init__(self, nodes: dict[int, Node], seed: int = 0) -> None:
         super().__init__()
         self.nodes = nodes
+        self.seed = int(seed)
 
     def register(self, client: Any) -> bool:
         node = self.nodes.get(int(client.node_id))
@@ -54,6 +55,24 @@ class NodeClientManager(SimpleClientManager):
             client.partition = node.partition
             client.cid = str(node.partition)
         return super().register(client)
+
+    def sample(self, num_clients: int, min_num_clients: int | None = None,
+               criterion: Any = None, *, server_round: int = 0, phase: int = 0) -> list[Any]:
+        """``num_clients`` of the registered clients, drawn with
+        ``np.random.default_rng([seed, server_round, phase])`` over their cids sorted
+        numerically (partition ids): the same clients for the same seed in every run
+        (Flower's ``random.sample`` over a dict of random node ids is not)."""
+        import numpy as np
+
+        self.wait_for(num_clients if min_num_clients is None else min_num_clients)
+        cids = sorted(self.clients, key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
+        if criterion is not None:
+            cids = [c for c in cids if criterion.select(self.clients[c])]
+        if num_clients > len(cids):
+            return []
+        rng = np.random.default_rng([self.seed, int(server_round), int(phase)])
+        picked = np.sort(rng.choice(len(cids), size=num_clients, replace=False))
+        return [self.clients[cids[i]] for i in picked]
 
 
 def ask_platforms(api: Any, grid: Any, expected: int, timeout: float = 600.0
@@ -160,7 +179,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         from xflwb.federation.report import AllClientsFailed
         from xflwb.flower_legacy import Server, secagg_api, simulation_api
         from xflwb.simulation import client as sim_client
-        from xflwb.simulation import secagg
+        from xflwb.simulation import secagg, sync
 
         registry, xlog = proc.registry, proc.log
         api = simulation_api()
@@ -188,6 +207,10 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
 
         strategy = proc.strategy(model, initial, cfg, secure_sums=cfg.secagg is not None,
                                  **compression_arguments(cfg))
+        # seeded sampling, or the virtual clock's round rules (profiles, deadline,
+        # over_select): the fleet is built and a hopeless deadline refused before training
+        strategy.scheduler = sync.scheduler_for(cfg, strategy.core, spec, data_dir)
+        sim_client._partitions.cache_clear()
         proc.save_start(model, 0, initial, strict=True)
         # set when every client of a round failed: Flower logs the ServerApp's exception
         # and ends the run; the reason (the clients', not a traceback) is kept here
@@ -201,7 +224,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             nodes = ask_platforms(api, grid, cfg.num_clients)
             counts = {p: sum(v.platform == p for v in nodes.values()) for p in PLATFORMS}
             xlog.info("simulation %s: %s nodes up (%s)", session_id, len(nodes), counts)
-            cm = NodeClientManager(nodes)
+            cm = NodeClientManager(nodes, seed=cfg.seed)
             try:
                 if cfg.secagg is not None:  # Flower's SecAgg+ fit rounds over our strategy
                     secagg.run_rounds(grid, context, strategy, cm, cfg.rounds,
