@@ -523,6 +523,8 @@ class CrossPlatformStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int,
                            results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
+        if self.scheduler is not None:  # a deterministic order (float sums depend on it)
+            results = self.scheduler.order(server_round, results)  # type: ignore[arg-type]
         loss, _ = self.core.aggregate_evaluate(
             server_round, [_FlowerEval(c, r) for c, r in results])  # type: ignore[misc]
         return loss, {}
