@@ -591,8 +591,8 @@ def _clients(path: str, rows: list[tuple[int, list[str]]], col: int, width: int,
     bad = (values != np.round(values)) | (values < 0) | (values >= n)
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
-        raise TraceError(f"{path}, row {rows[k][0]}: client {rows[k][1][col]!r} is not in the "
-                         f"fleet; clients are partition ids 0..{n - 1} (an integer)")
+        raise TraceError(f"{path}, row {rows[k][0]}: client {rows[k][1][col]!r} is not a client "
+                         f"of the fleet; write a partition id, an integer in 0..{n - 1}")
     return values.astype(np.int64)
 
 
