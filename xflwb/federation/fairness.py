@@ -96,7 +96,7 @@ def fairness_by_round(rounds: Sequence[int] | npt.NDArray[Any],
     order = np.argsort(rnd, kind="stable")
     rnd, acc, plat = rnd[order], acc[order], plat[order]
     numbers, starts = np.unique(rnd, return_index=True)
-    ends = [*starts[1:], rnd.size]
+    ends = np.append(starts[1:], rnd.size)[:starts.size]  # (no rounds: none)
     return [{"round": int(n), "platform": p, "metric": m, "value": v}
             for n, a, b in zip(numbers, starts, ends, strict=True)
             for p, m, v in fairness_metrics(plat[a:b], acc[a:b])]
