@@ -88,7 +88,7 @@ def test_the_spread_equals_a_numpy_reference(rows):
 def test_the_worst_decile_is_the_ceiling_of_a_tenth_counted_exactly():
     assert [worst_count(m) for m in (0, 1, 9, 10, 11, 20, 30, 31, 1000)] == \
            [0, 1, 1, 1, 2, 2, 3, 4, 100]
-    # 30 clients: the worst 3 (0.1 × 30 in floats is 3.0000000000000004, whose ceiling is 4)
+    # 30 clients: the worst 3, not 4
     acc = np.arange(30) / 29
     worst = as_dict(fairness_metrics(["android"] * 30, acc))[("android", "accuracy_worst10")]
     assert worst == pytest.approx(np.mean(acc[:3]))

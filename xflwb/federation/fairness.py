@@ -9,7 +9,7 @@ and over every client (platform ``"all"``):
   accuracies, numpy's default (linear interpolation between the closest ranks:
   ``np.percentile(a, q)``); every client counts once, whatever its number of examples;
 * ``accuracy_worst10``: the mean accuracy of the worst decile — the ``k = ceil(m / 10)``
-  clients with the lowest accuracy, of the ``m`` that reported one (computed exactly in
+  clients with the lowest accuracy, of the ``m`` that reported one (counted in
   integers: 10 clients → the worst 1, 11 → the worst 2, 1 → that client itself; ties at the
   boundary are interchangeable, the mean is the same whichever is taken);
 * ``eval_clients``: ``m``, the number of clients these are computed over.
@@ -42,8 +42,8 @@ FAIRNESS_METRICS = (*PERCENTILES.values(), "accuracy_worst10", "eval_clients")
 
 
 def worst_count(m: int) -> int:
-    """How many clients the worst decile of ``m`` holds: ``ceil(m / 10)``, exactly (a float
-    ``ceil(0.1 * 30)`` would give 4), and at least 1 when ``m`` ≥ 1."""
+    """How many clients the worst decile of ``m`` holds: ``ceil(m / 10)`` (in integers, no
+    float rounding to reason about), at least 1 when ``m`` ≥ 1."""
     return (int(m) + 9) // 10
 
 
