@@ -187,7 +187,7 @@ class SyncScheduler:
     round's ``n`` from the count of available clients (the core's ``sample_size``)."""
 
     def __init__(self, caps: Capacities, availability: Availability, *, seed: int,
-                 examples: Floats | Sequence[float], epochs: int,
+                 examples: Floats | Ints | Sequence[float], epochs: int,
                  bytes_down: Mapping[str, float], bytes_up: Mapping[str, float],
                  over_select: float = 0.0, deadline: float | None = None,
                  min_clients: int = 1, clock: VirtualClock | None = None) -> None:

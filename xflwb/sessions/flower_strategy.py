@@ -161,6 +161,11 @@ class Tracked(ClientProxy):
         return self.inner.reconnect(ins, timeout, group_id)
 
 
+def _cid_key(cid: str) -> tuple[int, int | str]:
+    """Simulated clients' cids are partition ids: sorted numerically."""
+    return (0, int(cid)) if str(cid).isdigit() else (1, str(cid))
+
+
 class _FlowerFit:
     """A ``FitRes`` as the core reads it (``FitPayload``): attributes are read lazily, inside
     the core's per-client guard, so a malformed result costs only its client."""
@@ -524,7 +529,7 @@ class CrossPlatformStrategy(Strategy):
                            results: list[tuple[ClientProxy, EvaluateRes]],
                            failures: list[Any]) -> tuple[float | None, dict[str, Any]]:
         if self.scheduler is not None:  # a deterministic order (float sums depend on it)
-            results = self.scheduler.order(server_round, results)  # type: ignore[arg-type]
+            results = sorted(results, key=lambda cr: _cid_key(cr[0].cid))
         loss, _ = self.core.aggregate_evaluate(
             server_round, [_FlowerEval(c, r) for c, r in results])  # type: ignore[misc]
         return loss, {}

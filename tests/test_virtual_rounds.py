@@ -1,0 +1,109 @@
+"""Synchronous rounds on the Simulation Engine: deterministic for a seed (with and without
+the virtual clock), and the virtual clock's round rules — a deadline drops the slow tail and
+counts it per platform, ``sim_seconds`` advances round by round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import xflwb
+from xflwb.simulation import SimulationConfig
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+#: measured on this machine's clock, not part of what a seed determines
+WALL_CLOCK = {"fit_seconds", "aggregate_seconds"}
+SEED = 11
+DEADLINE = 200.0
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                              keras.layers.Dense(10, activation="softmax")])
+    return xflwb.export(model, name="vclock_dense", data_type="digits",
+                        out_dir=tmp_path_factory.mktemp("exp"),
+                        optimizer=xflwb.SGD(learning_rate=0.05))
+
+
+def ios_three_times_slower(export, data_dir: Path, android: int, ios: int) -> dict:
+    """A profile where a training example takes an Android client 1 simulated second and
+    an iOS client 3 (the measured per-platform costs, the ones the simulation reads from
+    the same cache, divided out), with transfers and latency negligible."""
+    from xflwb.simulation.client import ClientSpec
+    from xflwb.simulation.virtual import virtual_fleet
+
+    cfg = SimulationConfig(android=android, ios=ios, seed=SEED)
+    spec = ClientSpec(bundle=None, bundle_sha="test", android=android, ios=ios,
+                      dataset="digits", partition="iid", seed=SEED, test_fraction=0.2)
+    costs = virtual_fleet(cfg, Path(export.directory), spec, str(data_dir)).costs
+    fast = {"uplink": "const:1e12", "downlink": "const:1e12", "latency": "const:0"}
+    profile = {f"{p}_{k}": v for p in ("android", "ios") for k, v in fast.items()}
+    profile["android_slowdown"] = f"const:{1.0 / costs['android']['train']!r}"
+    profile["ios_slowdown"] = f"const:{3.0 / costs['ios']['train']!r}"
+    return profile
+
+
+def comparable(history) -> list[tuple]:
+    rows = history[~history.metric.isin(WALL_CLOCK)]
+    return [tuple(r) for r in rows[["round", "platform", "metric", "value"]].itertuples(
+        index=False)]
+
+
+@pytest.fixture(scope="module")
+def runs(export, tmp_path_factory, shared_ray):
+    """Two seeded runs without the virtual clock, two with an iOS-3×-slower profile and a
+    deadline (each pair in one data directory: the cost cache is shared, as in real use)."""
+    plain_dir = tmp_path_factory.mktemp("plain")
+    virt_dir = tmp_path_factory.mktemp("virtual")
+    common = {"dataset": "digits", "partition": "iid", "seed": SEED, "progress": False,
+              "ray_address": shared_ray, "timeout": 900}
+    plain = [xflwb.simulate(export, data_dir=plain_dir, android=3, ios=3, rounds=2,
+                            fraction_fit=0.5, **common) for _ in range(2)]
+    profile = ios_three_times_slower(export, virt_dir, 6, 6)
+    virtual = [xflwb.simulate(export, data_dir=virt_dir, android=6, ios=6, rounds=3,
+                              profiles=profile, deadline=DEADLINE, **common)
+               for _ in range(2)]
+    return {"plain": plain, "virtual": virtual}
+
+
+@pytest.mark.parametrize("kind", ["plain", "virtual"])
+def test_the_same_seed_gives_the_same_history_and_model(runs, kind):
+    a, b = runs[kind]
+    assert a.status == b.status == "finished"
+    ha, hb = comparable(a.history), comparable(b.history)
+    assert len(ha) > 20 and ha == hb
+    for x, y in zip(a.global_parameters(), b.global_parameters(), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_without_profiles_there_is_no_virtual_clock(runs):
+    h = runs["plain"][0].history
+    assert not h.metric.isin(["sim_seconds", "stragglers", "selected"]).any()
+    # fraction_fit 0.5 of 6: three clients trained each round
+    clients = h.query("metric == 'clients' and platform == 'all'")["value"].tolist()
+    assert clients == [3.0, 3.0]
+
+
+def test_the_deadline_drops_the_slow_ios_tail_and_counts_it(runs):
+    h = runs["virtual"][0].history
+    per = h.set_index(["round", "platform", "metric"])["value"]
+    for rnd in (1, 2, 3):
+        # every client available and selected; iOS (3× slower: ~360 s a fit) misses the
+        # 200 s deadline, Android (~120 s) makes it
+        assert per[(rnd, "all", "available")] == per[(rnd, "all", "selected")] == 12
+        assert per[(rnd, "ios", "stragglers")] == 6 and per[(rnd, "android", "stragglers")] == 0
+        assert per[(rnd, "android", "clients")] == 6
+        assert (rnd, "ios", "clients") not in per.index or per[(rnd, "ios", "clients")] == 0
+        assert per[(rnd, "all", "dropouts")] == 0 and per[(rnd, "all", "failures")] == 0
+        # fewer than n kept: the round lasts until the deadline
+        assert per[(rnd, "all", "round_sim_seconds")] == DEADLINE
+    sim = h.query("metric == 'sim_seconds'").sort_values("round")["value"].tolist()
+    assert sim == [DEADLINE, 2 * DEADLINE, 3 * DEADLINE]
+    # evaluation samples the clients available at the round's end: all of them
+    assert per[(3, "all", "eval_examples")] > 0
