@@ -154,3 +154,62 @@ def test_scheduler_moves_the_clock_round_by_round_and_is_seeded() -> None:
     assert first == run()
     ends = [now for _, now, _ in first]
     assert ends[0] > 0 and ends[0] < ends[1] < ends[2]
+
+
+# -- the options --------------------------------------------------------------------------
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"over_select": -0.1}, r"over_select must be a number in \[0, 10\]"),
+    ({"over_select": 11}, r"over_select must be a number in \[0, 10\]"),
+    ({"deadline": 0}, "deadline must be a positive number"),
+    ({"deadline": float("nan")}, "deadline must be a positive number"),
+    ({"strategy": "fedbuff", "deadline": 5.0}, "rules of synchronous rounds"),
+    ({"strategy": "fedbuff", "over_select": 0.3}, "rules of synchronous rounds"),
+])
+def test_round_rule_options_are_checked(kwargs, match):
+    from xflwb._options import OptionError
+    from xflwb.server.config import SessionConfig
+
+    with pytest.raises((OptionError, ValueError), match=match):
+        SessionConfig(**kwargs)
+
+
+def test_round_rule_options_reach_the_core():
+    from xflwb.server.config import SessionConfig
+
+    args = SessionConfig(over_select=0.5, deadline=30).strategy_arguments()
+    assert args["over_select"] == 0.5 and args["deadline"] == 30
+
+
+# -- phones: over-selection keeps the first n by measured fit time ---------------------------
+def test_phone_over_selection_keeps_the_fastest_n_and_counts_the_rest():
+    from tests.conftest import SERVED_TOY_MANIFEST, Phone, toy_canonical, toy_fit_res
+    from xflwb.bridge import params
+    from xflwb.flower_legacy import SimpleClientManager
+    from xflwb.sessions.flower_strategy import CrossPlatformStrategy, Tracked
+
+    reports = []
+    s = CrossPlatformStrategy(SERVED_TOY_MANIFEST, toy_canonical(0), min_clients=2,
+                              fraction_fit=0.5, over_select=1.0, max_weight_ratio=None,
+                              on_fit_round=lambda r, g: reports.append(r))
+    manager = SimpleClientManager()
+    phones = [Phone("a1", "android"), Phone("a2", "android"), Phone("i1", "ios"),
+              Phone("i2", "ios")]
+    for p in phones:
+        manager.register(p)
+    ins = s.configure_fit(1, None, manager)  # n = 2 of 4, over-selected: all 4
+    assert len(ins) == 4
+    seconds = {"a1": 3.0, "a2": 9.0, "i1": 1.0, "i2": 7.0}  # measured fit times
+    results = []
+    for proxy, _ in ins:
+        assert isinstance(proxy, Tracked)
+        proxy.seconds = seconds[proxy.cid]
+        arrays = toy_canonical(len(results) + 1)
+        if proxy.platform == "ios":
+            arrays = params.to_platform(arrays, SERVED_TOY_MANIFEST, "ios")
+        results.append((proxy, toy_fit_res(arrays, 10)))
+    s.aggregate_fit(1, results, [])
+    m = {(p, k): v for p, k, v in reports[0].metrics}
+    assert m[("all", "clients")] == 2  # i1 (1 s) and a1 (3 s)
+    assert m[("ios", "clients")] == 1 and m[("android", "clients")] == 1
+    assert m[("android", "stragglers")] == 1 and m[("ios", "stragglers")] == 1
+    assert m[("all", "selected")] == 4 and m[("all", "failures")] == 0
