@@ -107,3 +107,12 @@ def test_the_deadline_drops_the_slow_ios_tail_and_counts_it(runs):
     assert sim == [DEADLINE, 2 * DEADLINE, 3 * DEADLINE]
     # evaluation samples the clients available at the round's end: all of them
     assert per[(3, "all", "eval_examples")] > 0
+
+
+def test_a_deadline_no_client_can_meet_is_refused_before_training(export, tmp_path,
+                                                                   shared_ray):
+    from xflwb.errors import XflwbError
+
+    with pytest.raises(XflwbError, match=r"no client can report in time.*fastest"):
+        xflwb.simulate(export, data_dir=tmp_path / "d", android=2, ios=2, rounds=1,
+                       deadline=1e-6, progress=False, ray_address=shared_ray, timeout=600)
