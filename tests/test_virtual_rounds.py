@@ -116,3 +116,24 @@ def test_a_deadline_no_client_can_meet_is_refused_before_training(export, tmp_pa
     with pytest.raises(XflwbError, match=r"no client can report in time.*fastest"):
         xflwb.simulate(export, data_dir=tmp_path / "d", android=2, ios=2, rounds=1,
                        deadline=1e-6, progress=False, ray_address=shared_ray, timeout=600)
+
+
+def test_dropouts_are_counted_and_a_fleet_left_empty_ends_the_run(export, tmp_path,
+                                                                  shared_ray):
+    """iOS clients 2 and 3 are available for the first second only: they drop out of round
+    1's fits (at least 2 s: a 1 s latency each way); round 2 needs 3 clients, which never
+    come again."""
+    trace = tmp_path / "trace.csv"
+    trace.write_text("client,available_from,available_to\n0,0,1000000\n1,0,1000000\n"
+                     "2,0,1\n3,0,1\n")
+    profile = {"availability": str(trace), "android_latency": "const:1",
+               "ios_latency": "const:1"}
+    sim = xflwb.simulate(export, data_dir=tmp_path / "d", android=2, ios=2, rounds=2,
+                         min_clients=3, profiles=profile, seed=SEED, wait=False,
+                         progress=False, ray_address=shared_ray)
+    assert sim.wait(timeout=600) == "failed"
+    assert "never 3 client(s)" in sim.info["error"]
+    per = sim.history.query("round == 1").set_index(["platform", "metric"])["value"]
+    assert per[("ios", "dropouts")] == 2 and per[("android", "dropouts")] == 0
+    assert per[("all", "selected")] == 4 and per[("all", "clients")] == 2
+    assert per[("all", "failures")] == 0  # a drop-out is counted as one, not as a failure

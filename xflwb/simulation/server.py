@@ -176,6 +176,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         import ray
 
         from xflwb.federation.dp import PrivacyBudgetSpent
+        from xflwb.federation.fleet import NoClientAvailable
         from xflwb.federation.report import AllClientsFailed
         from xflwb.flower_legacy import Server, secagg_api, simulation_api
         from xflwb.simulation import client as sim_client
@@ -235,8 +236,10 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
                 api.start_grid(grid=grid, server=server,
                                config=api.ServerConfig(num_rounds=cfg.rounds,
                                                        round_timeout=cfg.round_timeout))
-            except (AllClientsFailed, secagg.SecAggHalted) as exc:
-                all_failed.append(exc)  # ends the run without Flower's error traceback
+            except (AllClientsFailed, secagg.SecAggHalted, NoClientAvailable) as exc:
+                # ends the run without Flower's error traceback (NoClientAvailable: the
+                # virtual clock's fleet has nobody left, e.g. past the end of its trace)
+                all_failed.append(exc)
             except PrivacyBudgetSpent as exc:  # max_epsilon reached: a normal end
                 budget_spent.append(exc)
 
