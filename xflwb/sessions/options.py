@@ -84,8 +84,8 @@ class RoundOptions:
     #: production round rules (``xflwb.federation.schedule``; phones: the wait and the fits
     #: kept, ``xflwb.sessions.flower_strategy``)
     over_select: float = option(
-        0.0, "select this fraction more clients than a round needs (0.3: 30 % more) and keep "
-        "the first to report; the rest count as stragglers", ge=0, le=10)
+        0.0, "select this fraction more clients than a round needs (0.3: 30 percent more) "
+        "and keep the first to report; the rest count as stragglers", ge=0, le=10)
     deadline: float | None = option(
         None, "seconds a selected client has to report (simulated seconds in a simulation, "
         "wall seconds on phones); later reports count as stragglers; none: no deadline",
