@@ -229,6 +229,8 @@ def test_the_ecdf_of_client_accuracies_equals_numpy(acc):
     last, shown = style.last_client_accuracies(cm)
     rated = ~np.isnan(values)
     assert last == (2 if rated.any() else 1)
+    assert (shown["round"] == last).all() and shown["accuracy"].notna().all()
+    assert len(shown) == (rated.sum() if rated.any() else 1)
     fig = style.fairness_figure(_old_history(), cm)
     try:
         ax = fig.axes[0]
@@ -247,7 +249,8 @@ def test_the_ecdf_of_client_accuracies_equals_numpy(acc):
             assert line.get_label() == f"{plat} ({len(ref)})"
         xs, ys = style.ecdf(values)
         np.testing.assert_array_equal(xs, np.sort(values[rated]))
-        assert ax.get_xlabel().endswith("(round 2)")
+        np.testing.assert_allclose(ys, np.arange(1, rated.sum() + 1) / rated.sum())
+        assert ax.get_xlabel().endswith(", round 2)")
     finally:
         plt.close(fig)
 
@@ -257,7 +260,7 @@ def test_the_percentile_lines_per_platform_follow_the_history():
     fig = style.fairness_figure(hist, _clients())
     try:
         ecdf_ax, *plat_axes = fig.axes
-        assert ecdf_ax.get_xlabel() == f"{style.CLIENT_ACCURACY_LABEL} (round 2)"
+        assert ecdf_ax.get_xlabel() == "client accuracy (held-out data, round 2)"
         assert [a.get_title() for a in plat_axes] == [
             "android: accuracy across clients", "ios: accuracy across clients",
             "all: accuracy across clients"]
@@ -269,6 +272,9 @@ def test_the_percentile_lines_per_platform_follow_the_history():
         assert list(android["median"].get_xdata()) == [1, 2, 3]
         assert plat_axes[0].collections  # the p10–p90 band
         assert plat_axes[1].get_legend() is None  # one legend of the line styles
+        assert [t.get_text() for t in plat_axes[0].get_legend().get_texts()] == [
+            "p90", "median", "p10", "worst 10 %"]
+        assert len({a.get_ylim() for a in plat_axes}) == 1  # one accuracy scale
     finally:
         plt.close(fig)
     table = style.fairness_table(hist).set_index("platform")
@@ -428,3 +434,25 @@ def test_the_tracked_report_has_the_new_sections_only_with_their_data(wb):
     old = report_html(wb.registry, _session(wb, SIMULATION, [_old_round(r) for r in (1, 2)]))
     assert "participation" not in old and "xflwb-fairness" not in old
     assert not re.search(r">(NaN|None|nan)<", html + old)
+
+
+def test_the_new_figures_keep_one_font_size_and_one_panel_size():
+    """The look of every other plot (tests/test_plots.py): one font size, panels of one
+    size, never wider than two panels."""
+    from matplotlib.text import Text
+
+    figures = {"against simulated time": style.plot_figure(_sim_history(), x="sim"),
+               "fairness": style.fairness_figure(_sim_history(), _clients())}
+    sizes = []
+    for name, fig in figures.items():
+        fig.canvas.draw()
+        fonts = {t.get_fontsize() for t in fig.findobj(Text) if t.get_text().strip()
+                 and t.get_visible()}
+        assert fonts == {style.FONT_SIZE}, (name, fonts)
+        w, h = fig.get_size_inches()
+        assert w <= 2 * style.PANEL_INCHES[0] + 1e-9, (name, w)
+        sizes += [(ax.get_position().width * w, ax.get_position().height * h)
+                  for ax in fig.axes]
+        plt.close(fig)
+    widths, heights = zip(*sizes, strict=True)
+    assert max(widths) / min(widths) < 1.25 and max(heights) / min(heights) < 1.25, sizes

@@ -702,7 +702,7 @@ def participation_html(history: pd.DataFrame, step: str = "round") -> str:
 QUANTILES: dict[str, tuple[str, str]] = {
     "accuracy_p90": ("p90", ":"), "accuracy_p50": ("median", "-"),
     "accuracy_p10": ("p10", "--"), "accuracy_worst10": ("worst 10 %", "-.")}
-CLIENT_ACCURACY_LABEL = "client accuracy on its held-out data"
+CLIENT_ACCURACY_LABEL = "client accuracy (held-out data)"
 
 
 def ecdf(values: Any) -> tuple[Any, Any]:
@@ -762,7 +762,8 @@ def fairness_figure(history: pd.DataFrame, client_metrics: pd.DataFrame | None =
             xs, ys = ecdf(acc)
             ax.step(xs, ys, where="post", label=f"{plat} ({len(xs)})", color=color(plat))
         ax.set_ylim(0, 1.02)
-        finish_axes(ax, f"{CLIENT_ACCURACY_LABEL} ({step} {last})", "share of clients ≤ x")
+        finish_axes(ax, f"{CLIENT_ACCURACY_LABEL[:-1]}, {step} {last})",
+                    "share of clients ≤ x")
     for i, (plat, ax) in enumerate(zip(plats, axes, strict=True)):
         part = quant.xs(plat, level="platform")
         whole_ticks(ax.xaxis)
@@ -779,6 +780,17 @@ def fairness_figure(history: pd.DataFrame, client_metrics: pd.DataFrame | None =
         finish_axes(ax, step, CLIENT_ACCURACY_LABEL)
         if i and ax.get_legend() is not None:  # the line styles are the first panel's
             ax.get_legend().remove()
+        elif ax.get_legend() is not None:  # in grey: it explains styles, not colours
+            from matplotlib.lines import Line2D
+
+            ax.legend(handles=[Line2D([], [], color="#666666", linestyle=ls, label=label)
+                               for metric, (label, ls) in QUANTILES.items()
+                               if metric in part.columns], fontsize=FONT_SIZE)
+    if plats:  # one accuracy scale: platforms compare at a glance
+        low = min(ax.get_ylim()[0] for ax in axes)
+        high = max(ax.get_ylim()[1] for ax in axes)
+        for ax in axes:
+            ax.set_ylim(low, high)
     fig.tight_layout()
     return fig
 
