@@ -208,6 +208,7 @@ def test_the_last_round_table_counts_participation_only_where_recorded():
     cols = round_table(_sim_history()).set_index("platform")
     assert cols.at["ios", "selected"] == 4 and cols.at["android", "stragglers"] == 2
     assert cols.at["android", "available"] == 50
+    assert cols.at["all", "selected"] == 10 and cols.at["all", "available"] == 75  # the sum
     old = round_table(_old_history())
     assert not {"selected", "stragglers", "dropouts", "available"} & set(old.columns)
 
@@ -456,3 +457,26 @@ def test_the_new_figures_keep_one_font_size_and_one_panel_size():
         plt.close(fig)
     widths, heights = zip(*sizes, strict=True)
     assert max(widths) / min(widths) < 1.25 and max(heights) / min(heights) < 1.25, sizes
+
+
+def test_a_fedbuff_simulation_offers_simulated_time_beside_versions_and_wall_time(wb):
+    config = {**SIMULATION, "strategy": "fedbuff",
+              "strategy_options": {"buffer_size": 2, "max_versions": 3}}
+    versions = [[("all", "seconds", 0.5 * v), ("all", "sim_seconds", 40.0 * v),
+                 ("android", "dropouts", 1.0), ("all", "clients", 2.0), *_evals(v)]
+                for v in (1, 2, 3)]
+    session = wb.session(_session(wb, config, versions))
+    dash = Dashboard(session)
+    assert [v for _label, v in dash.axis.options] == ["version", "seconds", "sim"]
+    assert dash.axis.value == "sim" and dash.axis.layout.display is None
+    assert dash.plot.value == plot_png(session.history, x="sim")
+    fig = style.plot_figure(session.history, x="sim")
+    try:  # 2 minutes in all: seconds, with the model versions on top
+        assert fig.axes[1].get_xlabel() == "simulated time (s)"
+        assert fig.axes[1].child_axes[0].get_xlabel() == "model version"
+    finally:
+        plt.close(fig)
+    assert "<th class='num'>versions</th>" in dash.participation.value
+    html = report(session)._repr_html_()
+    assert style.img_html(plot_png(session.history, x="sim")) in html
+    assert "last version per platform" in html

@@ -699,7 +699,7 @@ def participation_html(history: pd.DataFrame, step: str = "round") -> str:
 
 #: the history's per-platform accuracy percentiles over the clients that evaluated
 #: (metric → legend label, line style), drawn best to worst
-QUANTILES: dict[str, tuple[str, str]] = {
+QUANTILES: dict[str, tuple[str, Any]] = {
     "accuracy_p90": ("p90", ":"), "accuracy_p50": ("median", "-"),
     "accuracy_p10": ("p10", "--"), "accuracy_worst10": ("worst 10 %", "-.")}
 CLIENT_ACCURACY_LABEL = "client accuracy (held-out data)"

@@ -38,6 +38,7 @@ from xflwb.style import (
     history_wide,
     human_bytes,
     img_html,
+    participation_frame,
     participation_html,
     plot_figure,
     png_css_width,
@@ -83,9 +84,11 @@ def staleness_png(arrivals: pd.DataFrame) -> bytes:
 
 
 def round_table(history: pd.DataFrame) -> pd.DataFrame:
-    """Last round per platform: clients, failures, examples, loss, accuracy, bytes, the
-    round's compression ratios (float32 ÷ actual, when the history has them), rejected, fit
-    seconds (raw numbers; ``round_table_html`` formats them)."""
+    """Last round per platform: clients, the virtual clock's selected / stragglers /
+    dropouts / available (a simulation's; "all" sums the platforms), failures, examples,
+    loss, accuracy, bytes, the round's compression ratios (float32 ÷ actual, when the
+    history has them), rejected, fit seconds (raw numbers; ``round_table_html`` formats
+    them)."""
     wide = history_wide(history)
     if wide.empty:
         return pd.DataFrame()
@@ -94,6 +97,10 @@ def round_table(history: pd.DataFrame) -> pd.DataFrame:
     for d in ("up", "down"):
         if f"ratio_{d}" in traffic.columns:
             wide[f"ratio_{d}"] = traffic[f"ratio_{d}"].reindex(wide.index)
+    counted = participation_frame(history)  # "all": the platforms' sum when not recorded
+    for col in ("selected", "stragglers", "dropouts", "available"):
+        if col in counted.columns:
+            wide[col] = counted[col].reindex(wide.index)
     cols = [c for c in ("clients", "selected", "stragglers", "dropouts", "available",
                         "failures", "examples", "eval_loss", "accuracy",
                         "bytes_up", "bytes_down", "ratio_up", "ratio_down", "rejected",
