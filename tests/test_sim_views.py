@@ -480,3 +480,18 @@ def test_a_fedbuff_simulation_offers_simulated_time_beside_versions_and_wall_tim
     html = report(session)._repr_html_()
     assert style.img_html(plot_png(session.history, x="sim")) in html
     assert "last version per platform" in html
+
+
+@settings(max_examples=40, deadline=None)
+@given(acc=st.lists(st.floats(0, 1), min_size=1, max_size=12),
+       step=st.lists(st.floats(0.1, 5000), min_size=12, max_size=12),
+       target=st.floats(0, 1))
+def test_time_to_accuracy_is_the_clock_at_the_first_round_that_reached_it(acc, step, target):
+    clock = np.cumsum(step[:len(acc)])
+    hist = _frame([[("all", "sim_seconds", float(t)), ("all", "accuracy", a),
+                    ("ios", "accuracy", 0.0)] for t, a in zip(clock, acc, strict=True)])
+    reached = np.flatnonzero(np.array(acc) >= target)
+    want = float(clock[reached[0]]) if len(reached) else None
+    assert style.time_to_accuracy(hist, target) == want
+    assert style.time_to_accuracy(hist, 0.5, "ios") is None  # never reached
+    assert style.time_to_accuracy(_old_history(), 0.0) is None  # no simulated time

@@ -187,6 +187,22 @@ def default_x(history: pd.DataFrame) -> str:
     return "version" if "version" in history.columns else "round"
 
 
+def time_to_accuracy(history: pd.DataFrame, target: float, platform: str = "all"
+                     ) -> float | None:
+    """Simulated seconds until ``platform``'s accuracy first reached ``target``: the
+    virtual clock at the end of the first round (version) whose accuracy is at least
+    ``target``; None when it never did or the history has no simulated time. What the
+    time-to-accuracy comparisons (sync with a deadline vs FedBuff) rank runs by."""
+    times = sim_seconds(history)
+    if not times:
+        return None
+    acc = history[(history["metric"] == "accuracy") & (history["platform"] == platform)]
+    acc = acc.dropna(subset=["value"]).sort_values("round", kind="stable")
+    reached = [int(r) for r, v in zip(acc["round"], acc["value"], strict=True)
+               if v >= target and int(r) in times]
+    return times[reached[0]] if reached else None
+
+
 def _extrapolated(v: Any, xp: Any, fp: Any) -> Any:
     """``np.interp``, continued beyond both ends along the end segments: the axes' margins
     lie outside the data, and a clamped map would squeeze the top axis out of line."""
