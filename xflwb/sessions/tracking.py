@@ -424,16 +424,12 @@ def client_metrics_of(registry: Any, session_id: int) -> Any:
     """The session's per-client evaluations as a frame (round, platform, client, examples,
     loss, accuracy) when the registry keeps them, else None: the report then shows the
     accuracy percentiles without the ECDF."""
-    import pandas as pd
+    from xflwb.sessions.handle import client_metrics_frame
 
-    read = getattr(registry, "client_metrics", None)
-    if not callable(read):
-        return None
     try:
-        rows = read(session_id)
+        frame = client_metrics_frame(registry, session_id)
     except Exception as exc:  # the report must not fail on one panel
         log.warning("tracking: per-client evaluations unreadable (%s: %s)",
                     type(exc).__name__, exc)
         return None
-    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     return frame if len(frame) else None
