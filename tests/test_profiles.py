@@ -14,6 +14,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xflwb
 from xflwb import _options, cli, magics
@@ -91,6 +93,8 @@ def test_command_lines_take_profiles_as_a_spec_or_json(factory):
     ({"android_slowdown": "uniform:3,1"}, r"needs A <= B"),
     ({"android_slowdown": "pareto:1,0"}, r"ALPHA must be > 0"),
     ({"android_slowdown": "lognormal:a,b"}, r"is not a list of numbers"),
+    ({"android_slowdown": "pareto:1,0.05"}, r"draws values up to about 1e319, too large"),
+    ({"ios_uplink": "lognormal:1e290,5"}, r"too large to simulate"),
     ({"availability": "diurnl"}, r"no file 'diurnl'; did you mean 'diurnal'\?"),
     ({"availability": "/no/such/trace.csv"}, r"availability: no file '/no/such/trace.csv'"),
     ({"devices": "/no/such/devices.csv"}, r"devices: no file"),
@@ -263,3 +267,42 @@ def test_the_stored_config_keeps_canonical_values_and_pickles():
     assert math.isclose(back.profiles["available_fraction"], 0.2)
     prof = xflwb.DeviceProfiles(ios_slowdown="uniform:1,2")
     assert pickle.loads(pickle.dumps(prof)) == prof
+
+
+# -- untrusted option values -------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda k, a: f"{k}:{a}", st.sampled_from(["const", "uniform", "lognormal",
+                                                         "pareto", "lognorm", "normal"]),
+              st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                 st.integers(-10, 10)), max_size=3).map(
+                  lambda v: ",".join(map(str, v))))))
+def test_any_distribution_text_is_parsed_or_refused_by_name(text):
+    try:
+        dist = P.distribution(text, "ios_uplink")
+    except xflwb.OptionError as exc:
+        assert str(exc).startswith("ios_uplink")
+        return
+    # accepted: the canonical spelling means the same, and draws are positive and finite
+    assert P.distribution(dist.spec, "ios_uplink") == dist
+    draws = dist.sample(np.random.default_rng(0), 100)
+    assert (draws > 0).all() and np.isfinite(draws).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=80))
+def test_any_profiles_text_builds_a_profile_or_an_option_error(text):
+    try:
+        full = P.profiles_dict(text)
+    except xflwb.OptionError:
+        return
+    assert full is not None and P.profiles_dict(full) == full
+
+
+def test_the_command_refuses_a_bad_profile_before_starting(tmp_path, capsys):
+    code = cli.main(["simulate", "m", "--android", "2", "--profiles", "andriod_uplink=3",
+                     "--data-dir", str(tmp_path / "sim")])
+    err = capsys.readouterr().err
+    assert code == 2 and "did you mean 'android_uplink'?" in err
+    assert not (tmp_path / "sim").exists()
