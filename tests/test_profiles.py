@@ -306,3 +306,31 @@ def test_the_command_refuses_a_bad_profile_before_starting(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "did you mean 'android_uplink'?" in err
     assert not (tmp_path / "sim").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(start=st.integers(0, 23), hours=st.integers(1, 24), share=st.floats(0.01, 1.0),
+       zones=st.lists(st.sampled_from([-11, -8, -5, -3.5, 0, 1, 5.5, 8, 9, 13]), min_size=1,
+                      max_size=5),
+       sessions=st.sampled_from(["const:30", "lognormal:45,0.8", "uniform:5,90",
+                                 "pareto:10,1.2"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_diurnal_calibration_holds_for_any_window_and_mix(start, hours, share, zones,
+                                                              sessions, seed):
+    """Whatever the window, time-zone mix and session lengths, the windows total the
+    asked share of the fleet's day, lie inside each client's local window, and repeat."""
+    n = 300
+    window = f"{start}-{(start + hours) % 24}"
+    fraction = share * hours / 24  # reachable inside the window
+    av = P.diurnal(n, seed, fraction=fraction, timezones=",".join(map(str, zones)),
+                   window=window, session_minutes=sessions)
+    assert float((av.end - av.start).sum()) == pytest.approx(fraction * P.DAY * n, rel=1e-6)
+    assert av.start.min() >= 0 and av.end.max() <= P.DAY
+    offsets = np.array(zones, float)
+    mid = (av.start + av.end) / 2 / 3600
+    inside = np.zeros(len(mid), bool)
+    for off in offsets:  # each window is inside the window of one of the offsets
+        local = np.mod(mid + off - start, 24)
+        inside |= local <= hours
+    assert inside.all()
+    assert np.array_equal(av.available(1000.0), av.available(1000.0 + 3 * P.DAY))
