@@ -334,3 +334,18 @@ def test_the_diurnal_calibration_holds_for_any_window_and_mix(start, hours, shar
         inside |= local <= hours
     assert inside.all()
     assert np.array_equal(av.available(1000.0), av.available(1000.0 + 3 * P.DAY))
+
+
+def test_a_stored_profile_is_not_validated_again():
+    """The simulation process reads the stored dict (validated once, on the way in)."""
+    before = _options.validations["DeviceProfiles"]
+    cfg = SimulationConfig(android=40, ios=10, profiles={"availability": "diurnal"})
+    assert _options.validations["DeviceProfiles"] == before + 1
+    before += 1
+    P.sample_capacities(cfg.profiles, _plats(40, 10), COSTS, EVAL, seed=0)
+    P.availability(cfg.profiles, 50, seed=0)
+    assert _options.validations["DeviceProfiles"] == before
+    P.sample_capacities({"ios_slowdown": "2"}, _plats(1, 1), COSTS, EVAL, seed=0)
+    assert _options.validations["DeviceProfiles"] == before + 1  # a partial one is checked
+    with pytest.raises(xflwb.OptionError, match=r"'warp' this xflwb does not know"):
+        P.availability({**cfg.profiles, "warp": 1}, 50, seed=0)

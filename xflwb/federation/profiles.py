@@ -367,10 +367,12 @@ def _parse_text(text: str) -> dict[str, Any]:
 
 
 def _profiles(profiles: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored profile dict (all fields) or a partial one, checked and completed."""
-    full = profiles_dict(dict(profiles))
-    assert full is not None
-    return full
+    """A stored profile (the dict of all fields ``profiles_dict`` made: trusted, as a
+    stored config is, not validated again) or a partial one (completed and checked)."""
+    try:
+        return dataclasses.asdict(_options.restore(DeviceProfiles, dict(profiles)))
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"profiles: {exc}") from None
 
 
 def check(profiles: Mapping[str, Any] | None, n: int, seed: int) -> None:
