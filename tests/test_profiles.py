@@ -14,6 +14,8 @@ import pickle
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import xflwb
 from xflwb import _options, cli, magics
@@ -91,6 +93,8 @@ def test_command_lines_take_profiles_as_a_spec_or_json(factory):
     ({"android_slowdown": "uniform:3,1"}, r"needs A <= B"),
     ({"android_slowdown": "pareto:1,0"}, r"ALPHA must be > 0"),
     ({"android_slowdown": "lognormal:a,b"}, r"is not a list of numbers"),
+    ({"android_slowdown": "pareto:1,0.05"}, r"draws values up to about 1e319, too large"),
+    ({"ios_uplink": "lognormal:1e290,5"}, r"too large to simulate"),
     ({"availability": "diurnl"}, r"no file 'diurnl'; did you mean 'diurnal'\?"),
     ({"availability": "/no/such/trace.csv"}, r"availability: no file '/no/such/trace.csv'"),
     ({"devices": "/no/such/devices.csv"}, r"devices: no file"),
@@ -263,3 +267,85 @@ def test_the_stored_config_keeps_canonical_values_and_pickles():
     assert math.isclose(back.profiles["available_fraction"], 0.2)
     prof = xflwb.DeviceProfiles(ios_slowdown="uniform:1,2")
     assert pickle.loads(pickle.dumps(prof)) == prof
+
+
+# -- untrusted option values -------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(text=st.one_of(
+    st.text(max_size=40),
+    st.builds(lambda k, a: f"{k}:{a}", st.sampled_from(["const", "uniform", "lognormal",
+                                                         "pareto", "lognorm", "normal"]),
+              st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True),
+                                 st.integers(-10, 10)), max_size=3).map(
+                  lambda v: ",".join(map(str, v))))))
+def test_any_distribution_text_is_parsed_or_refused_by_name(text):
+    try:
+        dist = P.distribution(text, "ios_uplink")
+    except xflwb.OptionError as exc:
+        assert str(exc).startswith("ios_uplink")
+        return
+    # accepted: the canonical spelling means the same, and draws are positive and finite
+    assert P.distribution(dist.spec, "ios_uplink") == dist
+    draws = dist.sample(np.random.default_rng(0), 100)
+    assert (draws > 0).all() and np.isfinite(draws).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=80))
+def test_any_profiles_text_builds_a_profile_or_an_option_error(text):
+    try:
+        full = P.profiles_dict(text)
+    except xflwb.OptionError:
+        return
+    assert full is not None and P.profiles_dict(full) == full
+
+
+def test_the_command_refuses_a_bad_profile_before_starting(tmp_path, capsys):
+    code = cli.main(["simulate", "m", "--android", "2", "--profiles", "andriod_uplink=3",
+                     "--data-dir", str(tmp_path / "sim")])
+    err = capsys.readouterr().err
+    assert code == 2 and "did you mean 'android_uplink'?" in err
+    assert not (tmp_path / "sim").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(start=st.integers(0, 23), hours=st.integers(1, 24), share=st.floats(0.01, 1.0),
+       zones=st.lists(st.sampled_from([-11, -8, -5, -3.5, 0, 1, 5.5, 8, 9, 13]), min_size=1,
+                      max_size=5),
+       sessions=st.sampled_from(["const:30", "lognormal:45,0.8", "uniform:5,90",
+                                 "pareto:10,1.2"]),
+       seed=st.integers(0, 2**32 - 1))
+def test_the_diurnal_calibration_holds_for_any_window_and_mix(start, hours, share, zones,
+                                                              sessions, seed):
+    """Whatever the window, time-zone mix and session lengths, the windows total the
+    asked share of the fleet's day, lie inside each client's local window, and repeat."""
+    n = 300
+    window = f"{start}-{(start + hours) % 24}"
+    fraction = share * hours / 24  # reachable inside the window
+    av = P.diurnal(n, seed, fraction=fraction, timezones=",".join(map(str, zones)),
+                   window=window, session_minutes=sessions)
+    assert float((av.end - av.start).sum()) == pytest.approx(fraction * P.DAY * n, rel=1e-6)
+    assert av.start.min() >= 0 and av.end.max() <= P.DAY
+    offsets = np.array(zones, float)
+    mid = (av.start + av.end) / 2 / 3600
+    inside = np.zeros(len(mid), bool)
+    for off in offsets:  # each window is inside the window of one of the offsets
+        local = np.mod(mid + off - start, 24)
+        inside |= local <= hours
+    assert inside.all()
+    assert np.array_equal(av.available(1000.0), av.available(1000.0 + 3 * P.DAY))
+
+
+def test_a_stored_profile_is_not_validated_again():
+    """The simulation process reads the stored dict (validated once, on the way in)."""
+    before = _options.validations["DeviceProfiles"]
+    cfg = SimulationConfig(android=40, ios=10, profiles={"availability": "diurnal"})
+    assert _options.validations["DeviceProfiles"] == before + 1
+    before += 1
+    P.sample_capacities(cfg.profiles, _plats(40, 10), COSTS, EVAL, seed=0)
+    P.availability(cfg.profiles, 50, seed=0)
+    assert _options.validations["DeviceProfiles"] == before
+    P.sample_capacities({"ios_slowdown": "2"}, _plats(1, 1), COSTS, EVAL, seed=0)
+    assert _options.validations["DeviceProfiles"] == before + 1  # a partial one is checked
+    with pytest.raises(xflwb.OptionError, match=r"'warp' this xflwb does not know"):
+        P.availability({**cfg.profiles, "warp": 1}, 50, seed=0)

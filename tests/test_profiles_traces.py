@@ -64,7 +64,7 @@ def test_a_valid_availability_trace_parses_exactly(tmp_path, case, order, column
     assert not av.available(last).any() and av.next_change(last) == math.inf
 
 
-def test_a_trace_file_end_to_end(tmp_path):
+def test_a_trace_file_end_to_end(tmp_path, monkeypatch):
     path = _write(tmp_path / "a.csv", HEADER, [["0", "0", "100"], ["0", "100", "250"],
                                                ["2", "50", "60"], ["1", "0", "10"]])
     av = P.availability({"availability": path}, 3, seed=0)
@@ -74,6 +74,10 @@ def test_a_trace_file_end_to_end(tmp_path):
     assert av.next_change(10) == 50 and not av.available(300).any()
     cfg = SimulationConfig(android=2, ios=1, profiles={"availability": path})
     assert cfg.profiles is not None and cfg.profiles["availability"] == path
+    # a Path, or a path relative to here: stored absolute (the simulation runs elsewhere)
+    assert xflwb.DeviceProfiles(availability=Path(path)).availability == path
+    monkeypatch.chdir(tmp_path)
+    assert xflwb.DeviceProfiles(devices="a.csv").devices == path
 
 
 # -- availability traces: broken ones -----------------------------------------------------------

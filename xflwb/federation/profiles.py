@@ -90,7 +90,7 @@ class Distribution:
 
     @property
     def spec(self) -> str:
-        return f"{self.kind}:{','.join(f'{p:.12g}' for p in self.params)}"
+        return f"{self.kind}:{','.join(_number(p) for p in self.params)}"
 
     def sample(self, rng: np.random.Generator, size: int) -> Floats:
         """``size`` draws (vectorised)."""
@@ -119,10 +119,24 @@ class Distribution:
         return math.inf if p[1] <= 1 else p[1] * p[0] / (p[1] - 1)
 
     @property
-    def low(self) -> float:
-        """The smallest value it can draw."""
+    def log10_max(self) -> float:
+        """log10 of the largest value it can draw (lognormal: 8 σ above the median; Pareto:
+        at the smallest uniform numpy draws, 2^-53)."""
         p = self.params
-        return 0.0 if self.kind == "lognormal" and p[1] > 0 else p[0]
+        scale = p[-1] if self.kind == "uniform" else p[0]
+        if scale <= 0:
+            return -math.inf
+        top = math.log10(scale)
+        if self.kind == "lognormal":
+            top += 8 * p[1] / math.log(10)
+        elif self.kind == "pareto":
+            top += 53 / p[1] * math.log10(2)
+        return top
+
+
+def _number(x: float) -> str:
+    """The shortest spelling that reads back as ``x`` (``1250000``, ``0.1``, ``1e+20``)."""
+    return str(int(x)) if x.is_integer() and abs(x) < 1e16 else repr(x)
 
 
 _ARITY = {"const": 1, "uniform": 2, "lognormal": 2, "pareto": 2}
@@ -163,7 +177,12 @@ def distribution(spec: Any, name: str, *, positive: bool = True) -> Distribution
     if kind == "pareto" and values[1] <= 0:
         raise OptionError(f"{name}: {spec!r}: pareto ALPHA must be > 0 (heavier tails "
                           "are smaller; 1.5 is heavy, 3 is light)")
-    return Distribution(kind, values)
+    dist = Distribution(kind, values)
+    if dist.log10_max > 300:
+        raise OptionError(f"{name}: {spec!r} draws values up to about 1e{dist.log10_max:.0f}, "
+                          "too large to simulate; use a smaller SIGMA, a larger ALPHA or a "
+                          "smaller scale")
+    return dist
 
 
 def _window(spec: Any) -> tuple[float, float]:
@@ -258,7 +277,7 @@ class DeviceProfiles:
         session = distribution(self.session_minutes, "session_minutes")
         self.session_minutes = session.spec
         _window(self.window)
-        self.timezones = ",".join(f"{t:g}" for t in _timezones(self.timezones))
+        self.timezones = ",".join(_number(float(t)) for t in _timezones(self.timezones))
         self.availability = os.fspath(self.availability)
         if self.availability.strip().lower() in ("always", "diurnal"):
             self.availability = self.availability.strip().lower()
@@ -348,10 +367,12 @@ def _parse_text(text: str) -> dict[str, Any]:
 
 
 def _profiles(profiles: Mapping[str, Any]) -> dict[str, Any]:
-    """A stored profile dict (all fields) or a partial one, checked and completed."""
-    full = profiles_dict(dict(profiles))
-    assert full is not None
-    return full
+    """A stored profile (the dict of all fields ``profiles_dict`` made: trusted, as a
+    stored config is, not validated again) or a partial one (completed and checked)."""
+    try:
+        return dataclasses.asdict(_options.restore(DeviceProfiles, dict(profiles)))
+    except (TypeError, ValueError) as exc:
+        raise OptionError(f"profiles: {exc}") from None
 
 
 def check(profiles: Mapping[str, Any] | None, n: int, seed: int) -> None:
