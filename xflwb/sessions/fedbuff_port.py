@@ -141,7 +141,9 @@ class StrategyPort:
         return Tracked(client, platform)
 
     @staticmethod
-    def describe(failure: BaseException) -> Failure:
+    def describe(failure: BaseException | tuple[Any, Any]) -> Failure:
+        """A failed fit as the driver records it: an exception, or (client, a FitRes with a
+        non-OK status)."""
         platform, cid, why, is_error = failure_reason(failure)
         return Failure(platform, cid, why, is_error)
 
