@@ -52,7 +52,7 @@ from xflwb.flower_legacy import ClientProxy, Code, EvaluateIns, FitIns, Paramete
 from xflwb.sessions.fedbuff_port import StrategyPort
 
 __all__ = ["AvailableClients", "Done", "Event", "EventQueue", "GridRunner", "Runner",
-           "VirtualLoop", "run_fedbuff"]
+           "VirtualLoop", "run_fedbuff", "serve"]
 
 log = logging.getLogger("xflwb.fedbuff")
 
@@ -420,9 +420,11 @@ def run_fedbuff(strategy: Any, proxies: Mapping[str, ClientProxy], options: FedB
                 train_examples: Sequence[int] | npt.NDArray[Any],
                 test_examples: Sequence[int] | npt.NDArray[Any], max_versions: int,
                 round_timeout: float = 600.0, max_workers: int = 256,
-                on_arrival: Callable[[Arrival], None] | None = None) -> VirtualLoop:
+                on_arrival: Callable[[Arrival], None] | None = None,
+                after_version: Callable[[], None] | None = None) -> VirtualLoop:
     """FedBuff over the simulation's client proxies (client id = partition id) with the
     session's ``CrossPlatformStrategy``; returns the loop once it has wound down.
+    ``after_version`` runs once each version is recorded (the arrivals' flush).
     ``AllFitsFailed`` becomes the strategy's ``AllClientsFailed``."""
     from xflwb.federation.versions import AllFitsFailed
 
@@ -433,6 +435,8 @@ def run_fedbuff(strategy: Any, proxies: Mapping[str, ClientProxy], options: FedB
         if made.model is not None:
             port.set_model(made.model)
         port.record_version(made)
+        if after_version is not None:
+            after_version()
 
     runner = GridRunner(port, proxies, lambda v: holder[0].core.buffer.versions[v],
                         round_timeout=round_timeout, max_workers=max_workers)
@@ -452,4 +456,53 @@ def run_fedbuff(strategy: Any, proxies: Mapping[str, ClientProxy], options: FedB
         raise port.all_failed(exc) from exc
     finally:
         runner.close()
+    return loop
+
+
+def serve(proc: Any, grid: Any, cm: Any, strategy: Any, cfg: Any, manifest: Mapping[str, Any],
+          spec: Any) -> VirtualLoop:
+    """The simulation process's FedBuff (``xflwb.simulation.server`` when ``strategy`` is
+    asynchronous): the fleet's capacities and availability (``virtual_fleet``), a Grid
+    client proxy per node named by its partition id (``cm``: the ``NodeClientManager``),
+    arrivals written to ``session.arrivals`` a version at a time."""
+    from pathlib import Path
+
+    from xflwb.federation.fedbuff import fedbuff_options
+    from xflwb.flower_legacy import simulation_api
+    from xflwb.simulation.virtual import virtual_fleet
+
+    api = simulation_api()
+    for node_id in cm.nodes:
+        cm.register(api.GridClientProxy(node_id=node_id, grid=grid, run_id=grid.run.run_id))
+    proxies = dict(cm.all())
+    fleet = virtual_fleet(cfg, Path(manifest["_dir"]), spec, proc.data_dir)
+    options = fedbuff_options(cfg.strategy_options)
+    rows: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if rows:
+            proc.registry.add_arrivals(proc.session_id, list(rows))
+            rows.clear()
+
+    def on_arrival(arrival: Arrival) -> None:
+        rows.append(arrival.row())
+        if len(rows) >= 512:
+            flush()
+
+    proc.log.info("FedBuff on the virtual clock: %d clients, buffer_size %d, up to %d "
+                  "versions%s", len(fleet.caps), options.buffer_size,
+                  int(options.max_versions or cfg.rounds),
+                  "" if options.max_seconds is None
+                  else f" or {options.max_seconds:g} simulated seconds")
+    try:
+        loop = run_fedbuff(strategy, proxies, options, caps=fleet.caps,
+                           availability=fleet.availability,
+                           train_examples=fleet.train_examples,
+                           test_examples=fleet.test_examples, max_versions=cfg.rounds,
+                           round_timeout=cfg.round_timeout, max_workers=cfg.max_workers,
+                           on_arrival=on_arrival, after_version=flush)
+    finally:
+        flush()
+    proc.log.info("FedBuff: %d versions in %.0f simulated seconds", loop.core.versions_made,
+                  loop.clock.now)
     return loop

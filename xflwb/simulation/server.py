@@ -22,6 +22,7 @@ from typing import Any
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge.params import PLATFORMS
 from xflwb.flower_legacy import SimpleClientManager
+from xflwb.sessions.options import is_asynchronous
 from xflwb.sessions.process import SessionProcess
 from xflwb.simulation.config import SimulationConfig
 
@@ -157,10 +158,11 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         import ray
 
         from xflwb.federation.dp import PrivacyBudgetSpent
+        from xflwb.federation.fleet import NoClientAvailable
         from xflwb.federation.report import AllClientsFailed
         from xflwb.flower_legacy import Server, secagg_api, simulation_api
         from xflwb.simulation import client as sim_client
-        from xflwb.simulation import secagg
+        from xflwb.simulation import fedbuff, secagg
 
         registry, xlog = proc.registry, proc.log
         api = simulation_api()
@@ -193,6 +195,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         # and ends the run; the reason (the clients', not a traceback) is kept here
         all_failed: list[Exception] = []
         budget_spent: list[PrivacyBudgetSpent] = []  # privacy max_epsilon ended the run
+        versions_done: list[bool] = []  # FedBuff reached its stop rule
 
         server_app = api.ServerApp()
 
@@ -203,6 +206,10 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             xlog.info("simulation %s: %s nodes up (%s)", session_id, len(nodes), counts)
             cm = NodeClientManager(nodes)
             try:
+                if is_asynchronous(cfg):  # FedBuff, on the virtual clock
+                    fedbuff.serve(proc, grid, cm, strategy, cfg, m, spec)
+                    versions_done.append(True)
+                    return
                 if cfg.secagg is not None:  # Flower's SecAgg+ fit rounds over our strategy
                     secagg.run_rounds(grid, context, strategy, cm, cfg.rounds,
                                       cfg.round_timeout, cfg.secagg)
@@ -212,7 +219,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
                 api.start_grid(grid=grid, server=server,
                                config=api.ServerConfig(num_rounds=cfg.rounds,
                                                        round_timeout=cfg.round_timeout))
-            except (AllClientsFailed, secagg.SecAggHalted) as exc:
+            except (AllClientsFailed, secagg.SecAggHalted, NoClientAvailable) as exc:
                 all_failed.append(exc)  # ends the run without Flower's error traceback
             except PrivacyBudgetSpent as exc:  # max_epsilon reached: a normal end
                 budget_spent.append(exc)
@@ -229,6 +236,12 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         if budget_spent:
             xlog.info("simulation %s: %s", session_id, budget_spent[0])
             registry.add_metrics(session_id, budget_spent[0].round, budget_spent[0].metrics)
+            proc.finish()
+            return
+        if is_asynchronous(cfg):  # ends at max_versions or max_seconds (simulated)
+            if not versions_done:
+                raise RuntimeError("the FedBuff simulation ended before its stop rule; see "
+                                   "the log above")
             proc.finish()
             return
         info = registry.get_session(session_id)
