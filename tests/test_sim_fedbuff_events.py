@@ -16,10 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from xflwb.federation.fedbuff import Arrival, FedBuff
-from xflwb.federation.fleet import AlwaysAvailable, Capacities, NoClientAvailable, Windows
+from xflwb.federation.fleet import (
+    AlwaysAvailable,
+    Capacities,
+    NoClientAvailable,
+    VirtualClock,
+    Windows,
+)
 from xflwb.federation.update import Update
-from xflwb.federation.versions import Job, Returned, VersionMade
-from xflwb.simulation.fedbuff import DROPOUT, Done, EventQueue, VirtualLoop
+from xflwb.federation.versions import Failure, Job, Returned, VersionMade
+from xflwb.simulation.fedbuff import DROPOUT, AvailableClients, Done, EventQueue, VirtualLoop
 
 MASKS = {"android": [True, True], "ios": [False, True]}
 START = [np.zeros(2, np.float32), np.zeros(3, np.float32)]
@@ -32,11 +38,12 @@ def accept(platform: str, client: str, result: Any, base: list[np.ndarray]) -> U
 
 
 def caps(slowdown: list[float], platforms: list[str] | None = None,
-         latency: float = 0.0) -> Capacities:
-    """1 s per example and epoch on every platform, × slowdown; bandwidth is free."""
+         latency: float = 0.0, uplink: float = 1e15, downlink: float = 1e15) -> Capacities:
+    """1 s per example and epoch on every platform, × slowdown; bandwidth is free unless
+    given (bytes/s)."""
     n = len(slowdown)
     return Capacities(tuple(platforms or ["android"] * n), np.asarray(slowdown, float),
-                      np.full(n, 1e15), np.full(n, 1e15), np.full(n, latency),
+                      np.full(n, uplink), np.full(n, downlink), np.full(n, latency),
                       {"android": 1.0, "ios": 1.0}, {"android": 0.1, "ios": 0.1})
 
 
@@ -47,9 +54,11 @@ class Runner:
     def __init__(self) -> None:
         self.loop: VirtualLoop | None = None
         self.started: list[tuple[float, Job]] = []
+        self.bytes = (0, 0)  # (model down, update up)
+        self.errors = 0  # the first fits to fail with an error
 
     def sizes(self, job: Job) -> tuple[int, int]:
-        return 0, 0
+        return self.bytes
 
     def start(self, job: Job) -> Job:
         assert self.loop is not None
@@ -60,6 +69,9 @@ class Runner:
         assert self.loop is not None and handle is job
         if job.kind == "evaluate":
             return Done(result=job.client)
+        if self.errors:
+            self.errors -= 1
+            return Done(failure=Failure(job.platform, job.client, "ValueError: bad", True))
         base = self.loop.core.buffer.versions[job.version]
         return Done(result=([b + 1 for b in base], 10), returned=Returned(examples=10))
 
@@ -147,6 +159,17 @@ def test_nobody_idle_and_nothing_running_jumps_to_the_next_availability_change()
     assert sim.metric(sim.versions[0], "android", "dropouts") == 1.0
 
 
+def test_resting_clients_are_woken_when_their_rest_ends():
+    # both first fits fail with an error at 10 s: both rest 2 s and nobody else can work
+    sim = Sim(caps([1.0, 1.0]), buffer_size=3, max_versions=1)
+    sim.runner.errors = 2
+    sim.loop.run()
+    assert [t for t, _ in sim.runner.started] == [0.0, 0.0, 12.0, 12.0, 22.0, 22.0]
+    assert sim.metric(sim.versions[0], "all", "sim_seconds") == 32.0
+    assert sim.metric(sim.versions[0], "all", "failures") == 2.0
+    assert sim.metric(sim.versions[0], "all", "dropouts") == 0.0
+
+
 def test_daily_windows_repeat():
     # available 1 h a day from 22:00; a fit takes 10 s
     day = 86400.0
@@ -196,9 +219,33 @@ def test_evaluations_take_simulated_time_and_see_the_version():
 
 
 def test_latency_and_bytes_count_in_a_fit():
-    sim = Sim(caps([1.0], latency=2.5), buffer_size=1, max_versions=1)
+    # 10 s of compute, 2 × 2.5 s latency, 1,000 bytes down at 100 B/s, 500 up at 50 B/s
+    sim = Sim(caps([1.0], latency=2.5, uplink=50.0, downlink=100.0), buffer_size=1,
+              max_versions=1)
+    sim.runner.bytes = (1000, 500)
     sim.loop.run()
-    assert sim.arrivals[0].seconds == 10.0 + 2 * 2.5
+    assert sim.arrivals[0].seconds == 10.0 + 2 * 2.5 + 10.0 + 10.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(0, 90), st.floats(1, 50)),
+                max_size=8),
+       st.lists(st.floats(0, 400), min_size=1, max_size=12), st.booleans())
+def test_the_available_clients_follow_the_windows(rows, times, daily):
+    """The cached answer equals the availability's at every time the clock reaches."""
+    rows = [(c, s, s + d) for c, s, d in rows]
+    kept: list[tuple[int, float, float]] = []
+    for c, s, e in sorted(rows):  # windows of one client must not overlap
+        if not any(k[0] == c and s < k[2] and k[1] < e for k in kept):
+            kept.append((c, s, e))
+    windows = Windows(4, [k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept],
+                      period=150.0 if daily else None)
+    clock = VirtualClock()
+    clients = AvailableClients(windows, ["android", "ios", "ios", "android"], clock)
+    for t in sorted(times):
+        clock.advance_to(t)
+        expected = {str(i) for i in np.flatnonzero(windows.available(t))}
+        assert set(clients.connected()) == expected
 
 
 @settings(max_examples=25, deadline=None)

@@ -64,21 +64,24 @@ PROGRESS_EVERY = 0.5
 
 class AvailableClients:
     """The driver's ``ClientSource`` on a virtual clock: the clients available now (client
-    id = partition id as a string → its platform), recomputed only when the clock moved."""
+    id = partition id as a string → its platform). Recomputed only when the clock reaches
+    the next availability change: between two changes the fleet's availability is fixed."""
 
     def __init__(self, availability: Availability, platforms: Sequence[str],
                  clock: VirtualClock) -> None:
         self.availability = availability
         self.platforms = np.asarray(platforms, dtype=object)
         self.clock = clock
-        self._at: float | None = None
+        self._since = math.inf  # the current answer holds on [_since, _until)
+        self._until = -math.inf
         self._now: dict[str, str | None] = {}
 
     def connected(self) -> Mapping[str, str | None]:
-        if self._at != self.clock.now:
-            on = np.flatnonzero(self.availability.available(self.clock.now))
+        now = self.clock.now
+        if not self._since <= now < self._until:
+            on = np.flatnonzero(self.availability.available(now))
             self._now = {str(int(i)): str(self.platforms[i]) for i in on}
-            self._at = self.clock.now
+            self._since, self._until = now, self.availability.next_change(now)
         return self._now
 
 
