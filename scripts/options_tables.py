@@ -27,13 +27,14 @@ def sets() -> dict[str, type]:
     from xflwb.federation.compression import Compression
     from xflwb.federation.dp import DP
     from xflwb.federation.fedbuff import FedBuff
+    from xflwb.federation.profiles import DeviceProfiles
     from xflwb.server.config import BackendOptions, SessionConfig, TLSOptions
     from xflwb.simulation.config import SimulationConfig
     from xflwb.simulation.secagg import SecAgg
 
     return {c.__name__: c for c in (SessionConfig, SimulationConfig, BackendOptions,
                                     TLSOptions, FleetOptions, DeviceOptions, DP, SecAgg,
-                                    FedBuff, Compression)}
+                                    FedBuff, Compression, DeviceProfiles)}
 
 
 def render(text: str, page: str = "README.md") -> str:

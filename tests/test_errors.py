@@ -65,6 +65,8 @@ CATEGORY: dict[str, type[errors.XflwbError]] = {
     "MagicUsageError": errors.InputError,
     "ManifestError": errors.InputError,
     "IncompatibleData": errors.InputError,
+    "TraceError": errors.InputError,
+    "NoClientAvailable": errors.InputError,
     "ExportError": errors.ExportFailure,
     "CoreMLRuleError": errors.ExportFailure,
     "ParityError": errors.ExportFailure,

@@ -276,7 +276,9 @@ def test_dashboard_and_report_count_versions_and_show_the_staleness(wb):
     sync_dash = Dashboard(sync)
     assert sync_dash.staleness is None and sync_dash.progress.description == "round 1/3"
     assert sync_dash.axis is None
-    assert len(sync_dash.widget.children) == 8  # header, progress, plot, 4 tables, bytes
+    # header, progress, plot, fairness, 4 tables, participation, bytes (issue 24: the
+    # fairness and participation panels are empty without their metrics)
+    assert len(sync_dash.widget.children) == 10
 
 
 def test_the_header_counts_toward_max_versions_with_the_buffer_size():

@@ -225,7 +225,8 @@ def test_device_knobs_take_one_value_or_one_per_device():
 
 # -- "did you mean", in one line ----------------------------------------------------------------
 #: every declared option set a user constructs, by its public name
-OPTION_SETS = [xflwb.DP, xflwb.FedBuff, xflwb.SecAgg, DeviceOptions, FleetOptions,
+OPTION_SETS = [xflwb.DP, xflwb.FedBuff, xflwb.SecAgg, xflwb.DeviceProfiles, DeviceOptions,
+               FleetOptions,
                SessionConfig, SimulationConfig, BackendOptions, TLSOptions]
 
 

@@ -284,7 +284,8 @@ def _instances() -> list[Any]:
             xflwb.FedBuff(buffer_size=3), xflwb.SGD(0.05, momentum=0.9), xflwb.Adam(),
             xflwb.DeviceOptions(slowdown=2.0), xflwb.SessionConfig(rounds=3),
             xflwb.SimulationConfig(android=2, ios=1), xflwb.ExportError("no such layer"),
-            xflwb.Compression(up="int8", down="fp16")]
+            xflwb.Compression(up="int8", down="fp16"),
+            xflwb.DeviceProfiles(availability="diurnal")]
 
 
 def test_public_classes_pickle_by_their_public_name() -> None:

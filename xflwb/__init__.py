@@ -3,8 +3,8 @@
 Public API: ``export``, ``SGD``, ``Adam``, ``Workbench``, ``simulate``, ``Dashboard``,
 ``report``, the IPython extension hook, and the types they return (``ExportResult``,
 ``Session``, ``Fleet``) or take (``SessionConfig``, ``SimulationConfig``, ``DeviceOptions``,
-``DP``, ``FedBuff``, ``SecAgg``, ``Compression``: each option set declared once), and
-``AdminClient`` for a backend in another process.
+``DP``, ``FedBuff``, ``SecAgg``, ``Compression``, ``DeviceProfiles``: each option set
+declared once), and ``AdminClient`` for a backend in another process.
 What notebooks need around them: ``load_dataset`` (the offline datasets), ``demo_model``
 (the demo CNN), ``partition_table`` (how a dataset splits across devices), ``load_runtime``
 (run an export as a phone would), ``make_dev_ca`` (development TLS) and
@@ -50,6 +50,7 @@ from xflwb.exporting import export
 from xflwb.federation.compression import Compression
 from xflwb.federation.dp import DP
 from xflwb.federation.fedbuff import FedBuff
+from xflwb.federation.profiles import DeviceProfiles
 from xflwb.server.config import SessionConfig
 from xflwb.server.security import make_dev_ca
 from xflwb.sessions.handle import Session
@@ -81,6 +82,7 @@ __all__ = [
     "Dashboard",
     "DeviceFailure",
     "DeviceOptions",
+    "DeviceProfiles",
     "DropoutWarning",
     "ExportError",
     "ExportFailure",

@@ -105,7 +105,9 @@ def comparison_figure(df: pd.DataFrame, keys: list[str]) -> Any:
     """The grid's comparison (None without results): the final accuracy (else eval loss)
     per platform and combination; with bytes in the results, beside it each combination's
     uplink bytes per platform, labelled with the compression ratio (float32 ÷ actual) when
-    the results record what float32 would have cost (issue 23)."""
+    the results record what float32 would have cost (issue 23); with simulated time in the
+    results (a simulation's ``all``/``sim_seconds``), each combination's accuracy (else
+    eval loss) of all platforms against simulated time: time to accuracy (issue 24)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,8 +122,9 @@ def comparison_figure(df: pd.DataFrame, keys: list[str]) -> Any:
     last = sub[sub["round"] == sub.groupby("run")["round"].transform("max")]
     table = last.pivot_table(index=keys, columns="platform", values="value")
     up = _totals(df, keys, "bytes_up")
-    fig, axes = plt.subplots(1, 2 if len(up) else 1, figsize=(11 if len(up) else 7, 3.5),
-                             squeeze=False)
+    timed = sim_curves(df, keys, metric)
+    n = 1 + bool(len(up)) + bool(timed)
+    fig, axes = plt.subplots(1, n, figsize=(7 + 4 * (n - 1), 3.5), squeeze=False)
     ax = axes[0][0]
     table.plot.bar(ax=ax, color=[PLATFORM_COLORS.get(str(c), "#888888") for c in table.columns])
     ax.set_ylabel(f"final {metric}")
@@ -139,5 +142,44 @@ def comparison_figure(df: pd.DataFrame, keys: list[str]) -> Any:
                                                 for r in ratio[plat]], fontsize=8)
         else:
             ax.set_title("uplink bytes per platform")
+    if timed:
+        _sim_panel(axes[0][-1], timed, metric)
     fig.tight_layout()
     return fig
+
+
+def sim_curves(df: pd.DataFrame, keys: list[str], metric: str
+               ) -> dict[str, tuple[list[float], list[float]]]:
+    """Per grid combination ("k=v, ..."): the simulated seconds at each round's end and
+    ``metric`` of platform ``all`` at that round (rounds with both); empty when the results
+    carry no simulated time (phone sessions, older simulations)."""
+    if "sim_seconds" not in set(df.get("metric", [])):
+        return {}
+    rows = df[df["platform"] == "all"]
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for combo, part in rows.groupby(keys, sort=False):
+        values = combo if isinstance(combo, tuple) else (combo,)
+        label = ", ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
+        wide = part.pivot_table(index=["run", "round"], columns="metric", values="value",
+                                aggfunc="last")
+        if "sim_seconds" not in wide.columns or metric not in wide.columns:
+            continue
+        both = wide[["sim_seconds", metric]].dropna()
+        if len(both):
+            out[label] = (both["sim_seconds"].tolist(), both[metric].tolist())
+    return out
+
+
+def _sim_panel(ax: Any, curves: dict[str, tuple[list[float], list[float]]],
+               metric: str) -> None:
+    """Each combination's ``metric`` against simulated time, in the unit that reads best."""
+    from xflwb.style import sim_label, sim_unit
+
+    longest = max(max(t) for t, _v in curves.values())
+    scale = sim_unit(longest)[0]
+    for label, (t, v) in curves.items():
+        ax.plot([s / scale for s in t], v, marker=".", label=label)
+    ax.set_xlabel(sim_label(longest))
+    ax.set_ylabel(f"{metric} (all platforms)")
+    ax.set_title(f"{metric} against simulated time")
+    ax.legend(fontsize=8)

@@ -34,8 +34,9 @@ VERSION_LABEL = "model version"  # FedBuff: each aggregation makes a version
 SECONDS_LABEL = "wall time (s)"
 STALENESS_LABEL = "staleness (versions behind)"
 #: what ``plot_figure`` can put on its x axis, with the axis label
+SIM_LABEL = "simulated time ({unit})"  # the virtual clock of a simulation (issue 24)
 X_AXES: dict[str, str] = {"round": ROUND_LABEL, "version": VERSION_LABEL,
-                          "seconds": SECONDS_LABEL}
+                          "seconds": SECONDS_LABEL, "sim": SIM_LABEL}
 ACCURACY_LABEL = "accuracy on devices' held-out data"
 LOSS_LABEL = "loss on devices' held-out data"
 EPSILON_LABEL = "privacy spent ε (the model lineage's, at the session's δ)"
@@ -151,49 +152,139 @@ def _wall_seconds(wide: pd.DataFrame) -> dict[int, float]:
             for k, v in wide.xs("all", level="platform")["seconds"].dropna().items()}
 
 
+def sim_seconds(history: pd.DataFrame) -> dict[int, float]:
+    """Round (version) → the simulated seconds on the virtual clock at its end (the
+    ``all``/``sim_seconds`` metric of a simulation), for the rounds that have it; empty for
+    phone sessions and older simulations."""
+    if history.empty or "sim_seconds" not in set(history["metric"]):
+        return {}
+    rows = history[(history["metric"] == "sim_seconds") & (history["platform"] == "all")]
+    rows = rows.dropna(subset=["value"]).drop_duplicates("round", keep="last")
+    return {int(r): float(v) for r, v in zip(rows["round"], rows["value"], strict=True)}
+
+
+def sim_unit(seconds: float) -> tuple[float, str]:
+    """The unit simulated time reads best in: (seconds per unit, its name) — hours beyond
+    two hours, minutes beyond two minutes, else seconds."""
+    if seconds > 7200:
+        return 3600.0, "h"
+    if seconds > 120:
+        return 60.0, "min"
+    return 1.0, "s"
+
+
+def sim_label(seconds: float) -> str:
+    """The simulated-time axis label in the unit :func:`sim_unit` picks for ``seconds``."""
+    return SIM_LABEL.format(unit=sim_unit(seconds)[1])
+
+
+def default_x(history: pd.DataFrame) -> str:
+    """What a static view plots against: simulated time when the history has it (a
+    simulation's virtual clock: the time a fleet of phones would take), else the model
+    version (FedBuff) or the round."""
+    if sim_seconds(history):
+        return "sim"
+    return "version" if "version" in history.columns else "round"
+
+
+def time_to_accuracy(history: pd.DataFrame, target: float, platform: str = "all"
+                     ) -> float | None:
+    """Simulated seconds until ``platform``'s accuracy first reached ``target``: the
+    virtual clock at the end of the first round (version) whose accuracy is at least
+    ``target``; None when it never did or the history has no simulated time. What the
+    time-to-accuracy comparisons (sync with a deadline vs FedBuff) rank runs by."""
+    times = sim_seconds(history)
+    if not times:
+        return None
+    acc = history[(history["metric"] == "accuracy") & (history["platform"] == platform)]
+    acc = acc.dropna(subset=["value"]).sort_values("round", kind="stable")
+    reached = [int(r) for r, v in zip(acc["round"], acc["value"], strict=True)
+               if v >= target and int(r) in times]
+    return times[reached[0]] if reached else None
+
+
+def _extrapolated(v: Any, xp: Any, fp: Any) -> Any:
+    """``np.interp``, continued beyond both ends along the end segments: the axes' margins
+    lie outside the data, and a clamped map would squeeze the top axis out of line."""
+    import numpy as np
+
+    v = np.asarray(v, dtype=float)
+    out = np.interp(v, xp, fp)
+    lo = (fp[1] - fp[0]) / (xp[1] - xp[0])
+    hi = (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    return np.where(v < xp[0], fp[0] + (v - xp[0]) * lo,
+                    np.where(v > xp[-1], fp[-1] + (v - xp[-1]) * hi, out))
+
+
+def _step_axis(ax: Any, times: dict[int, float], scale: float, label: str) -> None:
+    """A top axis of rounds (versions) over a simulated-time panel: which round ended
+    when, read off the same plot (only where time strictly increases with the round)."""
+    import numpy as np
+
+    steps = np.array(sorted(times), dtype=float)
+    at = np.array([times[int(r)] / scale for r in steps])
+    if len(steps) < 2 or not (np.diff(at) > 0).all():
+        return
+    top = ax.secondary_xaxis("top", functions=(lambda t: _extrapolated(t, at, steps),
+                                               lambda r: _extrapolated(r, steps, at)))
+    whole_ticks(top.xaxis)
+    top.set_xlabel(label, fontsize=FONT_SIZE)
+    top.tick_params(labelsize=FONT_SIZE)
+
+
 def plot_figure(history: pd.DataFrame, title: str = "", placeholder: str = "",
                 x: str | None = None, max_epsilon: float | None = None) -> Any:
     """Loss and accuracy per round and platform: the one round plot of the dashboard,
     ``xflwb.report`` and the demo (the caller closes it); before the first round's metrics,
     a picture of ``placeholder`` text instead of empty axes.
 
-    ``x``: "round", "version" (FedBuff's model versions) or "seconds" (the wall time each
-    version was made, for comparing a FedBuff run with a synchronous one); default
-    "version" when the history has a ``version`` column, else "round". ``max_epsilon``: a
-    DP session's budget, drawn as a line on its ε panel."""
+    ``x``: "round", "version" (FedBuff's model versions), "seconds" (the wall time each
+    version was made, for comparing a FedBuff run with a synchronous one) or "sim" (a
+    simulation's simulated time, in hours, minutes or seconds as fits, with the rounds on
+    a top axis); default "version" when the history has a ``version`` column, else
+    "round". ``max_epsilon``: a DP session's budget, drawn as a line on its ε panel."""
     x = x or ("version" if "version" in history.columns else "round")
     if x not in X_AXES:
         raise ValueError(f"x={x!r}: use one of {sorted(X_AXES)}")
+    step = "version" if "version" in history.columns else "round"
     wide = history_wide(history)
     metrics = [m for m in ("eval_loss", "accuracy") if m in wide.columns]
     if not metrics or wide[metrics].dropna(how="all").empty:
-        unit = "version" if x == "version" else "round"
-        verb = "has been made" if x == "version" else "has finished"
+        unit = "version" if x == "version" or (x == "sim" and step == "version") else "round"
+        verb = "has been made" if unit == "version" else "has finished"
         return _text_figure(placeholder or f"no {unit} {verb} yet: loss and accuracy per "
                             f"platform appear here after {unit} 1")
-    seconds = _wall_seconds(wide) if x == "seconds" else {}
+    seconds = (_wall_seconds(wide) if x == "seconds" else
+               sim_seconds(history) if x == "sim" else {})
+    scale, xlabel = 1.0, X_AXES[x]
+    if x == "sim":
+        scale = sim_unit(max(seconds.values(), default=0.0))[0]
+        xlabel = sim_label(max(seconds.values(), default=0.0))
     # a differentially private run also shows its ε ledger, one point per round
     shown = ["eval_loss", "accuracy"] + (["epsilon"] if "epsilon" in wide.columns
                                           and wide["epsilon"].notna().any() else [])
     fig, axes = panels(len(shown))
     labels = {"eval_loss": LOSS_LABEL, "accuracy": ACCURACY_LABEL, "epsilon": EPSILON_LABEL}
     for metric, ax in zip(shown, axes, strict=True):
-        if x != "seconds":
+        if x not in ("seconds", "sim"):
             whole_ticks(ax.xaxis)  # rounds and versions are whole
         if metric in wide.columns:
             for plat in ("android", "ios", "all"):
                 if plat in wide.index.get_level_values("platform"):
                     s = wide.xs(plat, level="platform")[metric].dropna()
-                    if x == "seconds":  # rounds without a wall time are not placed
+                    if seconds or x in ("seconds", "sim"):  # rounds without a time: unplaced
                         s = s[[int(r) in seconds for r in s.index]]
-                        s.index = [seconds[int(r)] for r in s.index]
+                        s.index = [seconds[int(r)] / scale for r in s.index]
                     if len(s):
                         ax.plot(s.index, s.values, marker="o", label=plat, color=color(plat))
-        finish_axes(ax, X_AXES[x], labels[metric])
+        finish_axes(ax, xlabel, labels[metric])
+        if x == "sim" and ax.lines:
+            _step_axis(ax, seconds, scale, X_AXES[step])
         if not ax.lines:
-            ax.text(0.5, 0.5, "no wall time recorded" if x == "seconds" and not seconds
-                    else "not reported yet", ha="center", va="center",
-                    transform=ax.transAxes, color="#666666", fontsize=FONT_SIZE)
+            none = {"seconds": "no wall time recorded", "sim": "no simulated time recorded"}
+            ax.text(0.5, 0.5, none[x] if x in none and not seconds else "not reported yet",
+                    ha="center", va="center", transform=ax.transAxes, color="#666666",
+                    fontsize=FONT_SIZE)
     if max_epsilon and "epsilon" in shown:
         budget_line(axes[shown.index("epsilon")], max_epsilon)
     if title:
@@ -545,3 +636,214 @@ def table_html(df: pd.DataFrame, fmt: Any = cell_text, escape: bool = True) -> s
                                     for j, text in enumerate(row)) + "</tr>" for row in cells)
     return (f"{TABLE_CSS}<table class='xflwb-table'><thead><tr>{head}</tr></thead>"
             f"<tbody>{body}</tbody></table>")
+
+
+# -- participation and fairness (issue 24) ---------------------------------------------------
+#: per round and platform, what the virtual clock's round rules count: eligible clients
+#: (``available``), chosen (``selected``, over-selection included), aggregated
+#: (``clients``: kept), and the rest (``stragglers``: past the deadline or after enough
+#: reported; ``dropouts``: became unavailable mid-fit)
+PARTICIPATION = ("available", "selected", "clients", "stragglers", "dropouts")
+#: what only the virtual clock records: without any of them nothing is shown
+_PARTICIPATION_SIGNS = ("available", "selected", "stragglers", "dropouts")
+
+
+def participation_frame(history: pd.DataFrame) -> pd.DataFrame:
+    """The participation counts one row per round (FedBuff: version) and platform, the
+    :data:`PARTICIPATION` columns the history has; "all" is the platforms' sum where the
+    history does not record it. Empty without any virtual-clock count (a phone session, an
+    older simulation)."""
+    wide = history_wide(history)
+    if wide.empty or not any(c in wide.columns for c in _PARTICIPATION_SIGNS):
+        return wide.iloc[0:0, 0:0]
+    out = wide[[c for c in PARTICIPATION if c in wide.columns]].astype(float)
+    platforms = out.index.get_level_values("platform")
+    rounds = out.index.get_level_values("round")
+    others = out[platforms != "all"].groupby(level="round").sum(min_count=1)
+    missing_all = sorted(set(rounds) - set(rounds[platforms == "all"]))
+    if missing_all and (platforms != "all").any():  # no "all" row at all for some rounds
+        import pandas as pd
+
+        extra = others.reindex(missing_all)
+        extra.index = pd.MultiIndex.from_arrays(
+            [extra.index, ["all"] * len(extra)], names=["round", "platform"])
+        out = pd.concat([out, extra]).sort_index()
+        platforms = out.index.get_level_values("platform")
+        rounds = out.index.get_level_values("round")
+    for col in out.columns:  # an "all" row without this count: the platforms' sum
+        gap = (platforms == "all") & out[col].isna().to_numpy()
+        out.loc[gap, col] = others[col].reindex(rounds[gap]).to_numpy()
+    return out
+
+
+def participation_table(history: pd.DataFrame) -> pd.DataFrame:
+    """Participation per platform over the session so far: rounds (versions) counted,
+    ``selected``, ``kept`` (aggregated), ``stragglers``, ``dropouts`` (totals), ``kept
+    share`` (kept ÷ selected) and ``available`` (mean eligible per round); the columns the
+    history has. Empty without virtual-clock counts."""
+    frame = participation_frame(history)
+    if frame.empty:
+        return _frame([])
+    rows = []
+    for plat in _platform_order(frame.index.get_level_values("platform")):
+        part = frame.xs(plat, level="platform")
+        row: dict[str, Any] = {"platform": plat, "rounds": len(part)}
+        for col, name in (("selected", "selected"), ("clients", "kept"),
+                          ("stragglers", "stragglers"), ("dropouts", "dropouts")):
+            if col in part.columns:
+                row[name] = part[col].sum(min_count=1)
+        if "selected" in part.columns and "clients" in part.columns:
+            sel, kept = part["selected"].sum(), part["clients"].sum()
+            row["kept share"] = f"{kept / sel:.0%}" if sel > 0 else None
+        if "available" in part.columns:
+            row["available (mean per round)"] = part["available"].mean()
+        rows.append(row)
+    return _frame(rows)
+
+
+def participation_html(history: pd.DataFrame, step: str = "round") -> str:
+    """The participation panel (class ``xflwb-participation``): :func:`participation_table`
+    under its heading; nothing without virtual-clock counts (old sessions render as
+    before)."""
+    table = participation_table(history)
+    if table.empty:
+        return ""
+    table = table.rename(columns={"rounds": f"{step}s"})
+    return (f"<div class='xflwb-participation'><h5 style='margin:8px 0 2px'>participation "
+            f"per platform (totals so far)</h5>{table_html(table)}</div>")
+
+
+#: the history's per-platform accuracy percentiles over the clients that evaluated
+#: (metric → legend label, line style), drawn best to worst
+QUANTILES: dict[str, tuple[str, Any]] = {
+    "accuracy_p90": ("p90", ":"), "accuracy_p50": ("median", "-"),
+    "accuracy_p10": ("p10", "--"), "accuracy_worst10": ("worst 10 %", "-.")}
+CLIENT_ACCURACY_LABEL = "client accuracy (held-out data)"
+
+
+def ecdf(values: Any) -> tuple[Any, Any]:
+    """The empirical CDF of ``values`` (NaN dropped): sorted values and the share of
+    values at or below each, ``i / n``."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    v = np.sort(v[~np.isnan(v)])
+    return v, np.arange(1, len(v) + 1) / len(v) if len(v) else np.zeros(0)
+
+
+def last_client_accuracies(client_metrics: pd.DataFrame | None
+                           ) -> tuple[int | None, pd.DataFrame]:
+    """The last round (FedBuff: version) in which a client reported an accuracy, and that
+    round's rows that have one (clients without an accuracy are skipped)."""
+    if client_metrics is None or len(client_metrics) == 0 or not {
+            "round", "platform", "accuracy"} <= set(client_metrics.columns):
+        return None, (client_metrics.iloc[0:0] if client_metrics is not None else _frame([]))
+    rated = client_metrics[client_metrics["accuracy"].notna()]
+    if rated.empty:
+        return None, rated
+    last = int(rated["round"].max())
+    return last, rated[rated["round"] == last]
+
+
+def _quantile_frame(history: pd.DataFrame) -> pd.DataFrame:
+    wide = history_wide(history)
+    cols = [c for c in (*QUANTILES, "eval_clients") if c in wide.columns]
+    if wide.empty or not any(c in QUANTILES for c in cols):
+        return wide.iloc[0:0, 0:0]
+    return wide[cols].astype(float).dropna(how="all")
+
+
+def fairness_figure(history: pd.DataFrame, client_metrics: pd.DataFrame | None = None
+                    ) -> Any:
+    """Accuracy across clients, not only the weighted mean (the caller closes it; None
+    without data): the ECDF of the last evaluated round's client accuracies per platform
+    (from ``session.client_metrics``), then per platform the p90 / median / p10 / worst-10 %
+    accuracy over rounds (the history's ``accuracy_p10`` ...), p10–p90 shaded."""
+    last, rows = last_client_accuracies(client_metrics)
+    quant = _quantile_frame(history)
+    plats = (_platform_order(quant.index.get_level_values("platform"))
+             if not quant.empty else [])
+    n = (last is not None) + len(plats)
+    if not n:
+        return None
+    step = VERSION_LABEL if "version" in history.columns else ROUND_LABEL
+    fig, axes = panels(n)
+    if last is not None:
+        ax = axes.pop(0)
+        found = _platform_order(rows["platform"])
+        shown = found + (["all"] if len(found) > 1 and "all" not in found else [])
+        for plat in shown:
+            acc = rows["accuracy"] if plat == "all" else rows.loc[rows["platform"] == plat,
+                                                                   "accuracy"]
+            xs, ys = ecdf(acc)
+            ax.step(xs, ys, where="post", label=f"{plat} ({len(xs)})", color=color(plat))
+        ax.set_ylim(0, 1.02)
+        finish_axes(ax, f"{CLIENT_ACCURACY_LABEL[:-1]}, {step} {last})",
+                    "share of clients ≤ x")
+    for i, (plat, ax) in enumerate(zip(plats, axes, strict=True)):
+        part = quant.xs(plat, level="platform")
+        whole_ticks(ax.xaxis)
+        for metric, (label, style_) in QUANTILES.items():
+            if metric in part.columns and part[metric].notna().any():
+                s = part[metric].dropna()
+                ax.plot(s.index, s.values, linestyle=style_, marker=".", color=color(plat),
+                        label=label)
+        if {"accuracy_p10", "accuracy_p90"} <= set(part.columns):
+            band = part[["accuracy_p10", "accuracy_p90"]].dropna()
+            ax.fill_between(band.index, band["accuracy_p10"], band["accuracy_p90"],
+                            color=color(plat) or "#888888", alpha=0.15, linewidth=0)
+        ax.set_title(f"{plat}: accuracy across clients", fontsize=FONT_SIZE)
+        finish_axes(ax, step, CLIENT_ACCURACY_LABEL)
+        if i and ax.get_legend() is not None:  # the line styles are the first panel's
+            ax.get_legend().remove()
+        elif ax.get_legend() is not None:  # in grey: it explains styles, not colours
+            from matplotlib.lines import Line2D
+
+            ax.legend(handles=[Line2D([], [], color="#666666", linestyle=ls, label=label)
+                               for metric, (label, ls) in QUANTILES.items()
+                               if metric in part.columns], fontsize=FONT_SIZE)
+    if plats:  # one accuracy scale: platforms compare at a glance
+        low = min(ax.get_ylim()[0] for ax in axes)
+        high = max(ax.get_ylim()[1] for ax in axes)
+        for ax in axes:
+            ax.set_ylim(low, high)
+    fig.tight_layout()
+    return fig
+
+
+def fairness_table(history: pd.DataFrame) -> pd.DataFrame:
+    """The last evaluated round's accuracy across clients per platform: clients evaluated,
+    worst 10 %, p10, median, p90 (the columns the history has); empty without them."""
+    quant = _quantile_frame(history)
+    if quant.empty:
+        return _frame([])
+    rows = []
+    for plat in _platform_order(quant.index.get_level_values("platform")):
+        part = quant.xs(plat, level="platform").dropna(
+            how="all", subset=[c for c in QUANTILES if c in quant.columns])
+        if part.empty:
+            continue
+        last = part.iloc[-1]
+        row: dict[str, Any] = {"platform": plat, "round": int(part.index[-1])}
+        if "eval_clients" in part.columns:
+            row["clients evaluated"] = last["eval_clients"]
+        for metric in ("accuracy_worst10", "accuracy_p10", "accuracy_p50", "accuracy_p90"):
+            if metric in part.columns:
+                row[QUANTILES[metric][0]] = last[metric]
+        rows.append(row)
+    return _frame(rows)
+
+
+def fairness_html(history: pd.DataFrame, client_metrics: pd.DataFrame | None = None) -> str:
+    """The fairness panel (class ``xflwb-fairness``): the last evaluated round's percentiles
+    per platform and :func:`fairness_figure` (embedded PNG); nothing without per-client
+    evaluations (old sessions render as before)."""
+    fig = fairness_figure(history, client_metrics)
+    if fig is None:
+        return ""
+    table = fairness_table(history)
+    if "version" in history.columns and not table.empty:
+        table = table.rename(columns={"round": "version"})
+    said = table_html(table) if not table.empty else ""
+    return (f"<div class='xflwb-fairness'><h5 style='margin:8px 0 2px'>accuracy across "
+            f"clients</h5>{said}{img_html(figure_png(fig), 'xflwb-fairness-plot')}</div>")

@@ -46,7 +46,9 @@ class RoundReport:
     round: int
     metrics: list[tuple[str, str, float | None]] = field(default_factory=list)
     rejections: list[tuple[str, str, str]] = field(default_factory=list)  # platform, cid, why
-    evaluations: list[tuple[str, str, float, int]] = field(default_factory=list)
+    #: platform, cid, loss, examples, accuracy (None: the client reported none)
+    evaluations: list[tuple[str, str, float, int, float | None]] = field(
+        default_factory=list)
     failures: list[tuple[str, str, str]] = field(default_factory=list)  # platform, cid, why
     #: set when every selected client failed with an error: the session fails after this
     #: round's record (no checkpoint, the round does not count)

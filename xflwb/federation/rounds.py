@@ -40,6 +40,7 @@ from xflwb.federation.bounds import Bounds
 from xflwb.federation.codecs import CODECS, KEY_UP, Codec
 from xflwb.federation.compression import FLOAT32_ONLY, Negotiated, compression_dict, negotiate
 from xflwb.federation.dp import reported_bit
+from xflwb.federation.fairness import fairness_metrics
 from xflwb.federation.gate import UpdateGate, tensor_type_of
 from xflwb.federation.influence import DEFAULT_MAX_NORM_RATIO, DEFAULT_MAX_WEIGHT_RATIO
 from xflwb.federation.policies import add_secure_sums, build
@@ -150,6 +151,15 @@ class ClientSource(Protocol):
                  ) -> tuple[Sequence[Evaluation], Sequence[Failure]]:
         """Evaluate every job (``tensors``: the model to evaluate)."""
         ...
+
+
+def _accuracy(value: Any) -> float | None:
+    """A client's reported accuracy when it is one (a finite number in [0, 1]), else
+    None."""
+    if (isinstance(value, int | float) and not isinstance(value, bool)
+            and bool(np.isfinite(value)) and 0.0 <= value <= 1.0):
+        return float(value)
+    return None
 
 
 class Round:
@@ -480,7 +490,10 @@ class Round:
     def aggregate_evaluate(self, server_round: int, results: Sequence[Evaluation]
                            ) -> tuple[float | None, RoundReport]:
         """The round's example-weighted loss (and accuracy where clients report it), per
-        platform and overall; a bad evaluation costs only its own report."""
+        platform and overall, and the spread of the clients' accuracies (``fairness``:
+        p10 / p50 / p90, the worst decile's mean, ``eval_clients``); a bad evaluation costs
+        only its own report. Each client's evaluation goes into ``report.evaluations``
+        with its accuracy (None: it reported none)."""
         report = RoundReport(server_round)
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         # accuracy only where the client put it in its metrics (simulated clients); FedKit
@@ -498,14 +511,14 @@ class Round:
                             reason)
                 report.rejections.append((platform, r.client, reason))
                 continue
-            report.evaluations.append((platform, r.client, loss, n))
             if n > 0 and np.isfinite(loss * n):
                 sums[platform][0] += loss * n
                 sums[platform][1] += n
-            if (n > 0 and isinstance(acc, int | float) and not isinstance(acc, bool)
-                    and np.isfinite(acc) and 0.0 <= acc <= 1.0):
+            accuracy = _accuracy(acc) if n > 0 else None
+            report.evaluations.append((platform, r.client, loss, n, accuracy))
+            if accuracy is not None:
                 for key in (platform, "all"):
-                    accs[key][0] += float(acc) * n
+                    accs[key][0] += accuracy * n
                     accs[key][1] += n
         for platform, (s, total) in sums.items():
             report.metrics += [(platform, "eval_loss", s / total if total else None),
@@ -515,6 +528,8 @@ class Round:
         loss_all = s_all / n_all if n_all else None
         report.metrics += [("all", "eval_loss", loss_all), ("all", "eval_examples", n_all)]
         report.metrics += [(key, "accuracy", s / n) for key, (s, n) in accs.items() if n]
+        report.metrics += fairness_metrics([e[0] for e in report.evaluations],
+                                           [e[4] for e in report.evaluations])
         if self.on_evaluate_round is not None:
             self.on_evaluate_round(report)
         return loss_all, report

@@ -140,6 +140,19 @@ def _token_expiry_and_scope(engine: sa.Engine) -> None:
     _add_column(engine, "device_tokens", "session_id INTEGER")
 
 
+def _client_accuracy(engine: sa.Engine) -> None:
+    """``evaluations.accuracy`` (issue 24: every client's evaluation kept), filled in for
+    the evaluations already matched with telemetry; the others stay NULL."""
+    _add_column(engine, "evaluations", "accuracy FLOAT")
+    e, t = s.evaluations, s.telemetry
+    telemetry_accuracy = (sa.select(t.c.accuracy)
+                          .where(t.c.id == e.c.telemetry_id, t.c.accuracy.between(0.0, 1.0))
+                          .scalar_subquery())
+    with engine.begin() as c:
+        c.execute(e.update().where(e.c.telemetry_id.is_not(None), e.c.accuracy.is_(None))
+                  .values(accuracy=telemetry_accuracy))
+
+
 #: every step, in order; ``SCHEMA_VERSION`` is the last one's
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "the base tables", _base_tables),
@@ -151,6 +164,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "privacy_events and lineages (the ε ledger)", _privacy_ledger),
     Migration(7, "devices.token_id (one device per token)", _token_devices),
     Migration(8, "device_tokens.expires and session_id", _token_expiry_and_scope),
+    Migration(9, "evaluations.accuracy (every client's accuracy)", _client_accuracy),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

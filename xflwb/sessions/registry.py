@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -189,11 +190,16 @@ def loss_range(loss: float) -> tuple[float, float]:
 
 def _attribute(c: Any, tid: int, eid: int, device_id: int, platform: str, rnd: int) -> None:
     """Record a match: the telemetry row gets the platform and round, the evaluation its
-    telemetry id, and a device not yet bound is bound to the platform (once, for good)."""
+    telemetry id and (unless the client reported one itself) the telemetry's accuracy when
+    it is one (in [0, 1]), and a device not yet bound is bound to the platform (once, for
+    good)."""
     c.execute(telemetry.update().where(telemetry.c.id == tid).values(
         platform=platform, round=rnd))
+    reported = (sa.select(telemetry.c.accuracy)
+                .where(telemetry.c.id == tid, telemetry.c.accuracy.between(0.0, 1.0))
+                .scalar_subquery())
     c.execute(evaluations.update().where(evaluations.c.id == eid).values(
-        telemetry_id=tid))
+        telemetry_id=tid, accuracy=sa.func.coalesce(evaluations.c.accuracy, reported)))
     c.execute(devices.update().where(devices.c.id == device_id,
                                      devices.c.platform.is_(None)).values(
         platform=platform))
@@ -905,17 +911,32 @@ class Registry:
     # Whichever of a device's EvaluateRes and its evaluate telemetry arrives second makes the
     # match (``_match_telemetry`` / ``_match_evaluation`` above).
     def add_evaluations(self, session_id: int, rnd: int,
-                        rows: list[tuple[str, str, float, int]]) -> None:
+                        rows: Sequence[tuple[Any, ...]]) -> None:
         """Record the round's per-client EvaluateRes ``(platform, client, loss,
-        num_examples)``, each matched with telemetry already received."""
+        num_examples[, accuracy])`` (accuracy None or absent: the client reported none, its
+        matched telemetry may bring it), each matched with telemetry already received."""
         if not rows:
             return
         with self.engine.begin() as c:
-            for p, cid, loss, n in rows:
+            for p, cid, loss, n, *rest in rows:
+                acc = rest[0] if rest else None
                 eid = _inserted_id(c.execute(evaluations.insert().values(
                     session_id=session_id, round=rnd, platform=p, client=cid, loss=loss,
-                    num_examples=n)))
+                    num_examples=n,
+                    accuracy=None if acc is None or not np.isfinite(acc) else float(acc))))
                 _match_evaluation(c, eid, session_id, rnd, p, loss, n)
+
+    def client_evaluations(self, session_id: int) -> list[tuple[Any, ...]]:
+        """Every client evaluation of a session, ``(round, platform, client, num_examples,
+        loss, accuracy)`` in round order (then as recorded): one query over the
+        ``session_id`` index, one row per client evaluation (a session of R rounds
+        evaluating E clients each has R × E)."""
+        e = evaluations
+        q = (sa.select(e.c.round, e.c.platform, e.c.client, e.c.num_examples, e.c.loss,
+                       e.c.accuracy)
+             .where(e.c.session_id == int(session_id)).order_by(e.c.round, e.c.id))
+        with self.engine.connect() as c:
+            return [tuple(r) for r in c.execute(q).all()]
 
     def accuracy_metrics(self, session_id: int) -> list[dict[str, Any]]:
         """Per round and platform: test-size-weighted accuracy reported by devices whose

@@ -193,12 +193,17 @@ telemetry = sa.Table(
 )
 
 
-evaluations = _per_round(  # per-client EvaluateRes, to attribute telemetry to a platform
+#: per-client EvaluateRes: every client's evaluation (``Session.client_metrics``), and what
+#: attributes telemetry to a platform
+evaluations = _per_round(
     "evaluations",
     sa.Column("client", sa.String(64), nullable=False),
     sa.Column("loss", sa.Float),
     sa.Column("num_examples", sa.Integer, nullable=False),
     sa.Column("telemetry_id", sa.Integer),
+    #: the accuracy the client reported in its metrics (simulated clients), else its matched
+    #: evaluate telemetry's (FedKit phones); NULL: none (yet), or a row of an older xflwb
+    sa.Column("accuracy", sa.Float),
 )
 #: telemetry ↔ evaluation matching looks rows up by key (session, size, loss range), never
 #: scanning every unmatched row: flooding a session with telemetry costs lookups O(log n)

@@ -381,16 +381,21 @@ def report_html(registry: Any, session_id: int) -> str:
     """The run's HTML report, built in the session process from the registry (matplotlib,
     no TensorFlow): why it ended, the per-platform loss / accuracy (and ε) plot and the
     bytes on the wire (with the compression ratio) and the per-round table, drawn by
-    ``xflwb.style`` as the dashboard draws them. (The
-    dashboard's own snapshot is a front-end view, which the hosts do not import.)"""
+    ``xflwb.style`` as the dashboard draws them; a simulation on the virtual clock also
+    plots against simulated time and shows participation per platform, and per-client
+    evaluations show accuracy across clients. (The dashboard's own snapshot is a
+    front-end view, which the hosts do not import.)"""
     import html
 
     from xflwb.sessions.ending import end_reason
     from xflwb.sessions.handle import history_frame
     from xflwb.style import (
+        default_x,
+        fairness_html,
         figure_png,
         history_wide,
         img_html,
+        participation_html,
         plot_figure,
         table_html,
         traffic_html,
@@ -399,7 +404,9 @@ def report_html(registry: Any, session_id: int) -> str:
     info = registry.get_session(session_id)
     history = history_frame(registry, session_id)
     privacy = (info.get("config") or {}).get("privacy") or {}
-    png = figure_png(plot_figure(history, max_epsilon=privacy.get("max_epsilon")))
+    png = figure_png(plot_figure(history, x=default_x(history),
+                                 max_epsilon=privacy.get("max_epsilon")))
+    step = "version" if "version" in history.columns else "round"
     wide = history_wide(history).reset_index() if len(history) else history
     why = end_reason(info, history) or str(info.get("status", ""))
     title = html.escape(run_name(info))
@@ -407,5 +414,22 @@ def report_html(registry: Any, session_id: int) -> str:
             f"{title}</title></head><body><h2>{title}</h2>"
             f"<p>{html.escape(str(info.get('model_name', '')))} · "
             f"{html.escape(str(info.get('status', '')))} · {html.escape(why)}</p>"
-            f"{img_html(png)}{traffic_html(history, info.get('config'))}{table_html(wide)}"
+            f"{img_html(png)}{fairness_html(history, client_metrics_of(registry, session_id))}"
+            f"{participation_html(history, step)}{traffic_html(history, info.get('config'))}"
+            f"{table_html(wide)}"
             "</body></html>")
+
+
+def client_metrics_of(registry: Any, session_id: int) -> Any:
+    """The session's per-client evaluations as a frame (round, platform, client, examples,
+    loss, accuracy) when the registry keeps them, else None: the report then shows the
+    accuracy percentiles without the ECDF."""
+    from xflwb.sessions.handle import client_metrics_frame
+
+    try:
+        frame = client_metrics_frame(registry, session_id)
+    except Exception as exc:  # the report must not fail on one panel
+        log.warning("tracking: per-client evaluations unreadable (%s: %s)",
+                    type(exc).__name__, exc)
+        return None
+    return frame if len(frame) else None

@@ -64,6 +64,13 @@ class SimulationConfig(RoundOptions):
     secagg: dict[str, Any] | None = option(
         None, "secure aggregation (Flower's SecAgg+) of the fit rounds: xflwb.SecAgg(...) or "
         "a dict of its fields ({}: its defaults); none: plain aggregation")
+    #: stored as the dict of all ``DeviceProfiles`` fields (``xflwb.federation.profiles``);
+    #: None: the ideal fleet (no slowdown, always available) on the virtual clock
+    profiles: dict[str, Any] | None = option(
+        None, "what the simulated phones are like (compute, bandwidth, latency, "
+        "availability): xflwb.DeviceProfiles(...), its dict ({}: its defaults) or "
+        "'availability=diurnal,android_slowdown=lognormal:4,0.6'; none: an ideal fleet, "
+        "always available", text=True, metavar="SPEC")
     #: server threads with a message in flight (Flower's default of 6 would leave the
     #: actors idle while replies are polled)
     max_workers: int = option(256, "server threads with a message in flight", ge=1,
@@ -73,7 +80,10 @@ class SimulationConfig(RoundOptions):
 
     def __post_init__(self) -> None:
         from xflwb.devices import datasets, partition
+        from xflwb.federation import profiles as profiles_mod
 
+        # a DeviceProfiles, its dict or a spec string → the dict of all fields (did you mean)
+        self.profiles = profiles_mod.profiles_dict(self.profiles)
         if self.secagg is not None:
             with _secagg_input():
                 self.secagg = secagg_mod.normalized(self.secagg)
@@ -95,6 +105,8 @@ class SimulationConfig(RoundOptions):
                              f"got {self.min_clients!r}")
         partition.parse(self.partition)  # clear errors now, not in every Ray worker
         datasets.parse_name(self.dataset)
+        # trace files against this fleet, somebody available at the start: now, not later
+        profiles_mod.check(self.profiles, self.num_clients, self.seed)
         if self.secagg is not None:
             self._check_secagg()
 

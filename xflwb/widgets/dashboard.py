@@ -1,8 +1,10 @@
 """The live dashboard: per-platform loss/accuracy curves, round progress, bytes (with the
 compression ratio against float32: header line, round table, a cumulative bytes panel),
-failures, rejections, devices. It observes a session (and optionally a fleet) and computes
-nothing of its own: every number comes from ``session.history`` / ``session.failures`` /
-``fleet.table``.
+failures, rejections, devices; for a simulation on the virtual clock also the curves
+against simulated time, participation per platform (selected, kept, stragglers, drop-outs)
+and accuracy across clients (an ECDF and percentiles over rounds). It observes a session
+(and optionally a fleet) and computes nothing of its own: every number comes from
+``session.history`` / ``session.failures`` / ``session.client_metrics`` / ``fleet.table``.
 
 Updates run on a background thread and only assign widget values (HTML, Image,
 IntProgress): no ``Output`` widget capture from threads, which is what breaks in
@@ -30,12 +32,17 @@ from xflwb.style import (
     PLATFORM_COLORS,
     cell_text,
     compression_html,
+    default_x,
+    fairness_html,
     figure_png,
     history_wide,
     human_bytes,
     img_html,
+    participation_frame,
+    participation_html,
     plot_figure,
     png_css_width,
+    sim_seconds,
     staleness_figure,
     table_html,
     traffic_frame,
@@ -77,9 +84,11 @@ def staleness_png(arrivals: pd.DataFrame) -> bytes:
 
 
 def round_table(history: pd.DataFrame) -> pd.DataFrame:
-    """Last round per platform: clients, failures, examples, loss, accuracy, bytes, the
-    round's compression ratios (float32 ÷ actual, when the history has them), rejected, fit
-    seconds (raw numbers; ``round_table_html`` formats them)."""
+    """Last round per platform: clients, the virtual clock's selected / stragglers /
+    dropouts / available (a simulation's; "all" sums the platforms), failures, examples,
+    loss, accuracy, bytes, the round's compression ratios (float32 ÷ actual, when the
+    history has them), rejected, fit seconds (raw numbers; ``round_table_html`` formats
+    them)."""
     wide = history_wide(history)
     if wide.empty:
         return pd.DataFrame()
@@ -88,7 +97,12 @@ def round_table(history: pd.DataFrame) -> pd.DataFrame:
     for d in ("up", "down"):
         if f"ratio_{d}" in traffic.columns:
             wide[f"ratio_{d}"] = traffic[f"ratio_{d}"].reindex(wide.index)
-    cols = [c for c in ("clients", "failures", "examples", "eval_loss", "accuracy",
+    counted = participation_frame(history)  # "all": the platforms' sum when not recorded
+    for col in ("selected", "stragglers", "dropouts", "available"):
+        if col in counted.columns:
+            wide[col] = counted[col].reindex(wide.index)
+    cols = [c for c in ("clients", "selected", "stragglers", "dropouts", "available",
+                        "failures", "examples", "eval_loss", "accuracy",
                         "bytes_up", "bytes_down", "ratio_up", "ratio_down", "rejected",
                         "fit_seconds")
             if c in wide.columns]
@@ -105,7 +119,8 @@ def round_table_html(history: pd.DataFrame) -> str:
     if df.empty:
         return _table_html(df)
     out = pd.DataFrame({"platform": df["platform"]})
-    for col in ("clients", "failures", "rejected"):  # a platform without any: no row
+    for col in ("clients", "selected", "stragglers", "dropouts", "failures",
+                "rejected"):  # a platform without any: no row
         if col in df.columns:
             df[col] = df[col].fillna(0)
     for col in df.columns[1:]:
@@ -175,6 +190,24 @@ def device_table(fleet: Any) -> pd.DataFrame:
     if "error" in df.columns:
         df["error"] = df["error"].fillna("")
     return df
+
+
+def client_metrics(session: Any) -> pd.DataFrame | None:
+    """The session's per-client evaluations (``session.client_metrics``: round, platform,
+    client, examples, loss, accuracy), or None where the handle has none (an older handle,
+    a session without evaluations): the fairness panel then shows the percentiles alone."""
+    try:
+        frame = getattr(session, "client_metrics", None)
+        if callable(frame):
+            frame = frame()
+    except Exception:  # a view must not fail on a lookup only the fairness panel needs
+        return None
+    return frame if isinstance(frame, pd.DataFrame) and len(frame) else None
+
+
+def is_simulation(info: dict[str, Any]) -> bool:
+    """A session on the Simulation Engine (its history may carry simulated time)."""
+    return "simulation" in (info.get("engine"), (info.get("config") or {}).get("engine"))
 
 
 def _parameters(session: Any) -> int | None:
@@ -273,12 +306,14 @@ def staleness_html(session: Any) -> str:
 
 def snapshot_html(session: Any, fleet: Any = None) -> str:
     """Static HTML of the dashboard (plot embedded as PNG; FedBuff: against the model
-    version, with the staleness histogram)."""
+    version, with the staleness histogram; a simulation with a virtual clock: against
+    simulated time, with participation per platform)."""
     info = session.info
     hist = session.history
     devices = device_table(fleet) if fleet is not None else None
     step, _total = _steps(info)
-    png = plot_png(hist, x=step, max_epsilon=max_epsilon(info))
+    x = "sim" if default_x(hist) == "sim" else step
+    png = plot_png(hist, x=x, max_epsilon=max_epsilon(info))
     rej = session.rejections
     last = _last_round(hist)
     parts = [
@@ -286,7 +321,9 @@ def snapshot_html(session: Any, fleet: Any = None) -> str:
          f"{header_html(session, info, hist, devices)}</div>"),
         img_html(png),
         staleness_html(session) if step == "version" else "",
+        fairness_html(hist, client_metrics(session)),
         _section(_last_title(step, last), round_table_html(hist)),
+        participation_html(hist, step),
         traffic_html(hist, info.get("config"), line=False),
         failures_html(session),
     ]
@@ -308,9 +345,10 @@ class Report:
 
 
 def report(session: Any, fleet: Any = None) -> Report:
-    """The session's curves, last-round table, bytes on the wire (with the compression
-    ratios), failed fits, rejections and devices (with each device's error) as static
-    HTML."""
+    """The session's curves (a simulation's against simulated time), accuracy across
+    clients, last-round table, participation per platform, bytes on the wire (with the
+    compression ratios), failed fits, rejections and devices (with each device's error)
+    as static HTML; panels without data are left out."""
     return Report(session, fleet)
 
 
@@ -343,17 +381,27 @@ class Dashboard:
         self.failures = w.HTML()
         self.devices = w.HTML()
         self.rejected = w.HTML()
-        #: FedBuff only: plot against the model version or the wall time
-        self.axis = (w.ToggleButtons(options=[("model version", "version"),
-                                              ("wall time", "seconds")], value="version",
+        #: accuracy across clients: the ECDF and percentiles (issue 24; empty without them)
+        self.fairness = w.HTML()
+        #: participation per platform on the virtual clock (issue 24; empty without it)
+        self.participation = w.HTML()
+        #: FedBuff: plot against the model version or the wall time; a simulation also
+        #: (or, synchronous: only then shown) against simulated time once it is recorded
+        options = ([("model version", "version"), ("wall time", "seconds")]
+                   if self.step == "version" else [("round", "round")])
+        self._simulated = is_simulation(session.info)
+        self.axis = (w.ToggleButtons(options=options, value=options[0][1],
                                      description="x axis")
-                     if self.step == "version" else None)
+                     if self.step == "version" or self._simulated else None)
         if self.axis is not None:
+            if self.step != "version":  # one choice is none: shown with simulated time
+                self.axis.layout.display = "none"
             self.axis.observe(self._redraw, names="value")
         plots = ([self.axis] if self.axis is not None else []) + [self.plot] + (
             [self.staleness] if self.staleness is not None else [])
-        self.widget = w.VBox([self.header, self.progress, *plots, self.table, self.traffic,
-                              self.failures, self.rejected, self.devices])
+        self.widget = w.VBox([self.header, self.progress, *plots, self.fairness, self.table,
+                              self.participation, self.traffic, self.failures,
+                              self.rejected, self.devices])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._plotted: tuple[int, int] | None = None  # (round, history rows) last drawn
@@ -377,11 +425,14 @@ class Dashboard:
             self.progress.bar_style = "danger"
         key = (int(info["round"]), len(hist))
         if key != self._plotted:
+            self._offer_sim(hist)
             self.plot.value = plot_png(hist, x=self.axis.value if self.axis else self.step,
                                        max_epsilon=max_epsilon(info))
             self.plot.width = str(png_css_width(self.plot.value))  # sharp: 2 px per px
+            self.fairness.value = fairness_html(hist, client_metrics(self.session))
             self.table.value = _section(_last_title(self.step, _last_round(hist)),
                                         round_table_html(hist))
+            self.participation.value = participation_html(hist, self.step)
             self.traffic.value = traffic_html(hist, info.get("config"), line=False)
             self._plotted = key
         if self.staleness is not None:
@@ -397,6 +448,20 @@ class Dashboard:
         if devices is not None:
             self.devices.value = _section("devices", _table_html(devices))
         return status
+
+    def _offer_sim(self, hist: pd.DataFrame) -> None:
+        """A simulation's first simulated time: offer it on the x axis toggle (shown now,
+        for a synchronous one) and plot against it (once: a later choice is the user's)."""
+        if (self.axis is None or not self._simulated
+                or "sim" in [v for _label, v in self.axis.options] or not sim_seconds(hist)):
+            return
+        self.axis.unobserve(self._redraw, names="value")
+        try:
+            self.axis.options = [*self.axis.options, ("simulated time", "sim")]
+            self.axis.value = "sim"
+            self.axis.layout.display = None
+        finally:
+            self.axis.observe(self._redraw, names="value")
 
     def _redraw(self, _change: Any = None) -> None:
         """The x axis changed: draw the plot again at once."""
