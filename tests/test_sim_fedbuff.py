@@ -15,6 +15,16 @@ from tests.conftest import digits_cnn
 WALL_CLOCK = {"aggregate_seconds"}
 
 
+def compute_bound(android: str, ios: str) -> xflwb.DeviceProfiles:
+    """Phones whose fits take their compute alone (slowdowns drawn from ``android`` /
+    ``ios``; no latency, links too fast to count): what the tests measure is speed."""
+    links = "const:1e12"
+    return xflwb.DeviceProfiles(android_slowdown=android, ios_slowdown=ios,
+                                android_latency="const:0", ios_latency="const:0",
+                                android_uplink=links, ios_uplink=links,
+                                android_downlink=links, ios_downlink=links)
+
+
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     return xflwb.export(digits_cnn(21), name="simbuff_cnn", data_type="digits",
@@ -26,8 +36,7 @@ def export(tmp_path_factory):
 def slow_tail(export, tmp_path_factory, shared_ray):
     """100 Android + 100 iOS phones: lognormal speeds (σ = 0.8: the slowest are 10×–20×
     slower than the fastest), iPhones 3× slower at the median."""
-    profiles = xflwb.DeviceProfiles(android_slowdown="lognormal:1,0.8",
-                                    ios_slowdown="lognormal:3,0.8")
+    profiles = compute_bound("lognormal:1,0.8", "lognormal:3,0.8")
     return xflwb.simulate(
         export, data_dir=tmp_path_factory.mktemp("tail"), android=100, ios=100, rounds=12,
         strategy="fedbuff", strategy_options=xflwb.FedBuff(buffer_size=10, evaluate_every=6),
@@ -68,20 +77,21 @@ def test_slower_iphones_are_staler(slow_tail):
     assert counts["android"] > counts["ios"]
 
 
-def _run(export, data_dir, ray_address):
+def _run(model, data_dir, ray_address):
     return xflwb.simulate(
-        export, data_dir=data_dir, android=6, ios=6, rounds=4, strategy="fedbuff",
+        model, data_dir=data_dir, android=6, ios=6, rounds=4, strategy="fedbuff",
         strategy_options=xflwb.FedBuff(buffer_size=3, max_concurrency=8, evaluate_every=2),
-        fraction_evaluate=0.5,
-        profiles=xflwb.DeviceProfiles(android_slowdown="lognormal:1,1",
-                                      ios_slowdown="lognormal:2,1"),
+        fraction_evaluate=0.5, profiles=compute_bound("lognormal:1,1", "lognormal:2,1"),
         seed=7, partition="dirichlet:0.5", ray_address=ray_address, progress=False,
         timeout=900)
 
 
 @pytest.fixture(scope="module")
 def twice(export, tmp_path_factory, shared_ray):
-    return [_run(export, tmp_path_factory.mktemp(f"same{k}"), shared_ray) for k in (0, 1)]
+    """Two runs in one data directory: the second reads the per-example costs the first
+    measured (DATA_DIR/costs), as every later run of an export does."""
+    data = tmp_path_factory.mktemp("same")
+    return [_run(export, data, shared_ray), _run("simbuff_cnn", data, shared_ray)]
 
 
 def test_the_same_seed_gives_the_same_run(twice):
