@@ -1,7 +1,7 @@
 """FedBuff on the Simulation Engine (Ray), on the virtual clock: a 200-phone fleet with a
 slow tail keeps making versions; a fleet whose iPhones are 3× slower shows it in their
-staleness; the same seed gives the same history, arrivals and model. Three runs in all, each
-shared by several assertions."""
+staleness; the same seed gives the same history, arrivals and model (with compressed
+links and drop_prob's drop-outs). Three runs in all, each shared by several assertions."""
 
 from __future__ import annotations
 
@@ -82,8 +82,8 @@ def _run(model, data_dir, ray_address):
         model, data_dir=data_dir, android=6, ios=6, rounds=4, strategy="fedbuff",
         strategy_options=xflwb.FedBuff(buffer_size=3, max_concurrency=8, evaluate_every=2),
         fraction_evaluate=0.5, profiles=compute_bound("lognormal:1,1", "lognormal:2,1"),
-        seed=7, partition="dirichlet:0.5", ray_address=ray_address, progress=False,
-        timeout=900)
+        compression="up=int8,down=fp16", drop_prob=0.2, seed=7, partition="dirichlet:0.5",
+        ray_address=ray_address, progress=False, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,9 @@ def test_the_same_seed_gives_the_same_run(twice):
     for x, y in zip(a.global_parameters(), b.global_parameters(), strict=True):
         np.testing.assert_array_equal(x, y)
     assert a.arrivals["staleness"].max() >= 1  # asynchronous indeed
+    # drop_prob's drop-outs are failures (seeded per client and attempt: the same ones)
+    assert ha.query("metric == 'failures' and platform == 'all'")["value"].sum() >= 1
+    # int8 updates: about a quarter of float32's bytes, in every version
+    sent = ha.query("platform == 'all'").pivot_table(index="round", columns="metric",
+                                                     values="value")
+    assert (sent["bytes_up"] < sent["bytes_up_float32"] / 2).all()

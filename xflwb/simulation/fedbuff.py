@@ -374,25 +374,28 @@ class GridRunner:
         up = self.port.negotiate(self.proxies[job.client]).up
         return down, self._update_bytes(job.platform, up)
 
-    def start(self, job: Job) -> Future[Any]:
+    def _fit(self, job: Job) -> tuple[Future[Any], Any]:
         client = self.proxies[job.client]
         parameters = self._parameters(job)
-        if job.kind == "evaluate":
-            return self._pool.submit(client.evaluate, EvaluateIns(parameters=parameters,
-                                                                  config={}),
-                                     self.round_timeout, job.version)
         config: dict[str, Any] = {"local_epochs": self.port.local_epochs}
         negotiated = self.port.asked[job.client] = self.port.negotiate(client)
         if negotiated.up is not None:
             config[KEY_UP] = negotiated.up.spec
-        tracked = self.port.track(client, job.platform)
-        fut = self._pool.submit(tracked.fit, FitIns(parameters=parameters, config=config),
-                                self.round_timeout, job.version)
-        fut.tracked = tracked  # type: ignore[attr-defined]  # measured bytes, read in finish
-        return fut
+        tracked = self.port.track(client, job.platform)  # measures the bytes each way
+        return self._pool.submit(tracked.fit, FitIns(parameters=parameters, config=config),
+                                 self.round_timeout, job.version), tracked
+
+    def start(self, job: Job) -> tuple[Future[Any], Any]:
+        """The job's message on its way: (its future, the ``Tracked`` proxy of a fit)."""
+        if job.kind == "evaluate":
+            client = self.proxies[job.client]
+            ins = EvaluateIns(parameters=self._parameters(job), config={})
+            return self._pool.submit(client.evaluate, ins, self.round_timeout,
+                                     job.version), None
+        return self._fit(job)
 
     def finish(self, handle: Any, job: Job) -> Done:
-        fut: Future[Any] = handle
+        fut, tracked = handle
         try:
             res = fut.result()
         except Exception as exc:
@@ -401,7 +404,6 @@ class GridRunner:
             return Done(failure=self.port.describe(exc))
         if job.kind == "evaluate":
             return Done(result=(self.proxies[job.client], res))
-        tracked = fut.tracked  # type: ignore[attr-defined]
         if getattr(getattr(res, "status", None), "code", Code.OK) != Code.OK:
             return Done(failure=self.port.describe((tracked, res)))  # drop_prob's drop-out
         f32 = self.port.float32_bytes(job.platform)
