@@ -1,8 +1,8 @@
 """FedBuff on the Simulation Engine, on a virtual clock.
 
 Phones run FedBuff on the wall clock (``xflwb.server.fedbuff``); a simulated fleet runs it on
-simulated seconds, so 10,000 phones of very different speeds, each available only part of
-the day, take minutes instead of days. The decisions are the very ``VersionDriver``
+simulated seconds, so phones of very different speeds, each available only part of the
+day, are simulated without waiting out their hours. The decisions are the very ``VersionDriver``
 (``xflwb.federation.versions``) and the per-update rules the very ``StrategyPort``
 (``xflwb.sessions.fedbuff_port``) phone sessions use; only time is simulated:
 
