@@ -77,21 +77,26 @@ def test_slower_iphones_are_staler(slow_tail):
     assert counts["android"] > counts["ios"]
 
 
-def _run(model, data_dir, ray_address):
-    return xflwb.simulate(
-        model, data_dir=data_dir, android=6, ios=6, rounds=4, strategy="fedbuff",
+def _run(simulate, model, ray_address, **where):
+    return simulate(
+        model, android=6, ios=6, rounds=4, strategy="fedbuff",
         strategy_options=xflwb.FedBuff(buffer_size=3, max_concurrency=8, evaluate_every=2),
         fraction_evaluate=0.5, profiles=compute_bound("lognormal:1,1", "lognormal:2,1"),
         compression="up=int8,down=fp16", drop_prob=0.2, seed=7, partition="dirichlet:0.5",
-        ray_address=ray_address, progress=False, timeout=900)
+        ray_address=ray_address, progress=False, timeout=900, **where)
 
 
 @pytest.fixture(scope="module")
 def twice(export, tmp_path_factory, shared_ray):
-    """Two runs in one data directory: the second reads the per-example costs the first
-    measured (DATA_DIR/costs), as every later run of an export does."""
+    """Two runs in one data directory, ``xflwb.simulate``'s and a workbench's: the second
+    reads the per-example costs the first measured (DATA_DIR/costs), as every later run of
+    an export does."""
     data = tmp_path_factory.mktemp("same")
-    return [_run(export, data, shared_ray), _run("simbuff_cnn", data, shared_ray)]
+    first = _run(xflwb.simulate, export, shared_ray, data_dir=data)
+    with xflwb.Workbench(data_dir=data, port=0) as wb:
+        second = _run(wb.simulate, "simbuff_cnn", shared_ray)
+        assert list(wb.session_table.status) == ["finished", "finished"]
+    return [first, second]
 
 
 def test_the_same_seed_gives_the_same_run(twice):
