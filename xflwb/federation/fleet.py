@@ -187,6 +187,14 @@ class Windows:
                              f"[{s[k + 1]:g}, {e[k + 1]:g}) overlap")
         self.client, self.start, self.end, self.period = c, s, e, period
         self._bounds = np.unique(np.concatenate([s, e]))
+        #: per window reaching the period's end: how long it goes on into the client's
+        #: window starting at 0 (inf: all period long, it never ends), else NaN
+        self._carry = np.full(len(c), np.nan)
+        if period is not None and len(c):
+            first = np.searchsorted(c, c)  # each client's first (earliest) window
+            wraps = (e == period) & (s[first] == 0)
+            self._carry[wraps] = np.where(e[first][wraps] == period, math.inf,
+                                          e[first][wraps])
 
     def _phase(self, t: float) -> tuple[float, float]:
         """(time within the period, the period's start) — (t, 0) without a period."""
@@ -209,15 +217,8 @@ class Windows:
         out = np.full(self.n, float(t))
         rows = self._open(tt)
         ends = self.end[rows] + base
-        if self.period is not None:
-            # a window reaching the period's end continues in the client's window from 0
-            from_zero = {int(c): float(e) for c, s, e in zip(self.client, self.start,
-                                                               self.end, strict=True) if s == 0}
-            for k, row in enumerate(rows):
-                if self.end[row] == self.period and int(self.client[row]) in from_zero:
-                    nxt = from_zero[int(self.client[row])]
-                    # available all period long: it never ends
-                    ends[k] = math.inf if nxt == self.period else ends[k] + nxt
+        if self.period is not None:  # a night across the period's end goes on
+            ends = np.where(np.isnan(self._carry[rows]), ends, ends + self._carry[rows])
         out[self.client[rows]] = ends
         return out
 
