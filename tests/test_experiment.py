@@ -57,21 +57,15 @@ def test_a_failing_notebook_cell_fails_the_run_with_its_exception(tmp_path):
     assert "engine must be 'devices' or 'simulation', got 'cloud'" in failed.value.evalue
 
 
-def test_the_experiment_runs_fedbuff_on_devices_and_refuses_it_on_the_simulation_engine(
-        tmp_path):
+def test_the_experiment_runs_fedbuff_on_devices(tmp_path):
     """``-p strategy fedbuff``: asynchronous versions on the process fleet (the results
-    carry the version column); the Simulation Engine refuses it before anything starts."""
+    carry the version column)."""
     df = experiment.run(NOTEBOOK, tmp_path, {"rounds": 3, "n_android": 1, "n_ios": 1,
                                              "strategy": "fedbuff",
                                              "strategy_options": {"buffer_size": 1}})
     assert {"android", "ios"} <= set(df.platform)
     assert (df["version"] == df["round"]).all() and df["version"].max() == 3
     assert df.query("metric == 'staleness_max'")["value"].notna().any()
-    with pytest.raises(PapermillExecutionError) as refused:
-        experiment.run(NOTEBOOK, tmp_path / "sim", {"rounds": 1, "engine": "simulation",
-                                                    "strategy": "fedbuff"})
-    assert refused.value.ename == "InputError"  # an xflwb.InputError, a ValueError
-    assert "not on the Simulation Engine" in refused.value.evalue
 
 
 def test_privacy_utility_experiment_writes_the_accuracy_epsilon_curve(tmp_path, shared_ray):

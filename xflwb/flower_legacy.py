@@ -94,6 +94,7 @@ def simulation_api() -> SimpleNamespace:
         from flwr.compat.common import recorddict_compat as compat
         from flwr.server import ServerApp, ServerConfig
         from flwr.server.compat.app import start_grid
+        from flwr.server.compat.grid_client_proxy import GridClientProxy
         from flwr.simulation import run_simulation
 
     return SimpleNamespace(
@@ -103,7 +104,7 @@ def simulation_api() -> SimpleNamespace:
         GetPropertiesIns=GetPropertiesIns, GetPropertiesRes=GetPropertiesRes, Message=Message,
         GET_PROPERTIES=MessageTypeLegacy.GET_PROPERTIES, compat=compat,
         ndarrays_to_parameters=ndarrays_to_parameters, start_grid=start_grid,
-        run_simulation=run_simulation)
+        GridClientProxy=GridClientProxy, run_simulation=run_simulation)
 
 
 def secagg_api() -> SimpleNamespace:

@@ -58,7 +58,8 @@ class FedBuff:
         None, "stop after this many new versions (none: the session's rounds)", ge=1,
         le=1_000_000)
     max_seconds: float | None = option(
-        None, "stop after this many seconds of training (none: no time limit)", gt=0)
+        None, "stop after this many seconds of training (simulated seconds on the "
+        "Simulation Engine; none: no time limit)", gt=0)
     evaluate_every: int = option(
         1, "evaluate every this many versions on idle phones (0: never)", ge=0,
         le=1_000_000)

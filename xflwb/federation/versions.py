@@ -24,6 +24,7 @@ Errors are decided here too: the last max(``buffer_size``, connected clients,
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Mapping
@@ -122,6 +123,8 @@ class Evaluation:
     dispatched: int = 0
     results: list[Any] = field(default_factory=list)
     failures: list[Any] = field(default_factory=list)
+    #: the clients it was given to (each evaluates a version once)
+    clients: set[str] = field(default_factory=set)
 
     @property
     def returned(self) -> int:
@@ -288,8 +291,9 @@ class VersionDriver:
         fits = fits and not self.stopping
         for cid, platform in self.idle():
             ev = self._open_evaluation()
-            if ev is not None:
+            if ev is not None and cid not in ev.clients:
                 ev.dispatched += 1
+                ev.clients.add(cid)
                 job = Job("evaluate", cid, platform, ev.version)
             elif not fits or (limit is not None and fitting >= limit):
                 continue
@@ -299,6 +303,12 @@ class VersionDriver:
             self.running[cid] = job
             started.append(job)
         return started
+
+    def next_rest_end(self) -> float:
+        """When the first resting client (its last fits failed with errors) may be given
+        work again; ``inf`` when nobody rests. A virtual-clock host jumps no further."""
+        now = self.clock()
+        return min((t for t in self._resting.values() if t > now), default=math.inf)
 
     def not_started(self, job: Job) -> None:
         """The host could not start ``job`` (its client left after the look that chose
@@ -310,6 +320,7 @@ class VersionDriver:
             for ev in self._evals:
                 if ev.version == job.version and ev.dispatched:
                     ev.dispatched -= 1
+                    ev.clients.discard(job.client)
                     break
 
     # -- what came back --------------------------------------------------------------------
@@ -554,7 +565,7 @@ class VersionDriver:
         evaluation is pending, is told goodbye once; over when nothing runs or is pending."""
         if self._evals and not any(j.kind == "fit" for j in self.running.values()):
             ev = self._evals[-1]  # nobody else will become free: close with these
-            if not self.idle():
+            if not [cid for cid, _ in self.idle() if cid not in ev.clients]:
                 ev.target = ev.dispatched
         start = self.next_jobs(fits=False)
         goodbye = []

@@ -90,12 +90,12 @@ class SimulationConfig(RoundOptions):
         self._check_rounds()
         from xflwb.sessions.options import is_asynchronous
 
-        if is_asynchronous(self):
+        if is_asynchronous(self) and self.secagg is not None:
             raise InputError(
-                f"strategy {self.strategy!r} (asynchronous rounds) runs in phone sessions, "
-                "not on the Simulation Engine, whose rounds are synchronous: use "
-                "wb.train(model, strategy='fedbuff') with wb.spawn_devices(..., "
-                "slowdown=[...]) for virtual phones, or a synchronous strategy here")
+                f"strategy {self.strategy!r} applies each update as it arrives, which "
+                "SecAgg+ hides (it reveals only the sum of a round's clients): use "
+                "secagg=None with fedbuff, or a synchronous strategy (fedavg, ...) with "
+                "secagg")
         if self.num_clients < 1:
             raise InputError("a simulation needs clients: pass android=N and/or ios=M")
         if self.min_clients is None:

@@ -22,6 +22,7 @@ from typing import Any
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge.params import PLATFORMS
 from xflwb.flower_legacy import SimpleClientManager
+from xflwb.sessions.options import is_asynchronous
 from xflwb.sessions.process import SessionProcess
 from xflwb.simulation.config import SimulationConfig
 
@@ -180,7 +181,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         from xflwb.federation.report import AllClientsFailed
         from xflwb.flower_legacy import Server, secagg_api, simulation_api
         from xflwb.simulation import client as sim_client
-        from xflwb.simulation import secagg, sync
+        from xflwb.simulation import fedbuff, secagg, sync
 
         registry, xlog = proc.registry, proc.log
         api = simulation_api()
@@ -210,13 +211,15 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
                                  **compression_arguments(cfg))
         # seeded sampling, or the virtual clock's round rules (profiles, deadline,
         # over_select): the fleet is built and a hopeless deadline refused before training
-        strategy.scheduler = sync.scheduler_for(cfg, strategy.core, spec, data_dir)
-        sim_client._partitions.cache_clear()
+        if not is_asynchronous(cfg):  # FedBuff's host runs its own clock
+            strategy.scheduler = sync.scheduler_for(cfg, strategy.core, spec, data_dir)
+            sim_client._partitions.cache_clear()
         proc.save_start(model, 0, initial, strict=True)
         # set when every client of a round failed: Flower logs the ServerApp's exception
         # and ends the run; the reason (the clients', not a traceback) is kept here
         all_failed: list[Exception] = []
         budget_spent: list[PrivacyBudgetSpent] = []  # privacy max_epsilon ended the run
+        versions_done: list[bool] = []  # FedBuff reached its stop rule
 
         server_app = api.ServerApp()
 
@@ -227,6 +230,10 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
             xlog.info("simulation %s: %s nodes up (%s)", session_id, len(nodes), counts)
             cm = NodeClientManager(nodes, seed=cfg.seed)
             try:
+                if is_asynchronous(cfg):  # FedBuff, on the virtual clock
+                    fedbuff.serve(proc, grid, cm, strategy, cfg, m, spec)
+                    versions_done.append(True)
+                    return
                 if cfg.secagg is not None:  # Flower's SecAgg+ fit rounds over our strategy
                     secagg.run_rounds(grid, context, strategy, cm, cfg.rounds,
                                       cfg.round_timeout, cfg.secagg)
@@ -255,6 +262,12 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         if budget_spent:
             xlog.info("simulation %s: %s", session_id, budget_spent[0])
             registry.add_metrics(session_id, budget_spent[0].round, budget_spent[0].metrics)
+            proc.finish()
+            return
+        if is_asynchronous(cfg):  # ends at max_versions or max_seconds (simulated)
+            if not versions_done:
+                raise RuntimeError("the FedBuff simulation ended before its stop rule; see "
+                                   "the log above")
             proc.finish()
             return
         info = registry.get_session(session_id)
