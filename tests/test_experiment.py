@@ -90,3 +90,20 @@ def test_privacy_utility_experiment_writes_the_accuracy_epsilon_curve(tmp_path, 
                                             .iloc[0])
     assert (tmp_path / "privacy_utility-clipping_norm=1.0-results-privacy_utility.png"
             ).stat().st_size > 0
+
+
+def test_time_to_accuracy_experiment_compares_a_deadline_with_fedbuff(tmp_path, shared_ray):
+    """experiments/time_to_accuracy.ipynb, tiny: both arms on a profiled fleet, simulated
+    time in the results, the participation counts of the deadline arm, the plot."""
+    nb = ROOT / "experiments" / "time_to_accuracy.ipynb"
+    df = experiment.run(nb, tmp_path, {
+        "n_android": 4, "n_ios": 4, "rounds": 2, "versions": 2, "fraction_fit": 0.5,
+        "buffer_size": 2, "max_concurrency": 4, "deadline": 3600.0,
+        "ios_slowdowns": ["lognormal:7.5,0.4"], "availability": "always",
+        "ray_address": shared_ray})
+    assert {"sync + deadline", "fedbuff"} <= set(df["arm"])
+    sim = df.query("metric == 'sim_seconds' and platform == 'all'")
+    assert set(sim["arm"]) == {"sync + deadline", "fedbuff"} and (sim["value"] > 0).all()
+    sync = df.query("arm == 'sync + deadline' and platform != 'all'")
+    assert {"selected", "stragglers", "dropouts"} <= set(sync["metric"])
+    assert list(tmp_path.glob("*.png"))
