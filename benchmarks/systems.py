@@ -120,13 +120,14 @@ def part_tta(res: Any, tmp: Path, address: str, a: argparse.Namespace) -> None:
     print(f"tta: {a.clients} clients ({a.dataset}, {PARTITION}), heavy-tailed profile, "
           f"{HEAVY['available_fraction']:.0%} available (diurnal); target "
           f"{a.target:.0%}")
-    print(f"  {'arm':18s} {'rounds':>7s} {'sim h':>8s} {'h to target':>12s} "
+    print(f"  {'arm':18s} {'rounds':>7s} {'sim s':>9s} {'s to target':>12s} "
           f"{'final acc':>9s} {'wall s':>8s}")
     walls = {"sync + deadline": t_sync, "fedbuff": t_buff}
     for arm, curve in curves.items():
         last = curve[-1]
-        print(f"  {arm:18s} {last[0]:>7d} {last[1] / 3600:>8.2f} "
-              f"{hours_to(curve, a.target):>12.2f} {last[2]:>9.3f} {walls[arm]:>8.0f}")
+        print(f"  {arm:18s} {last[0]:>7d} {last[1]:>9.1f} "
+              f"{3600 * hours_to(curve, a.target):>12.1f} {last[2]:>9.3f} "
+              f"{walls[arm]:>8.0f}")
     s, b = (hours_to(curves[k], a.target) for k in curves)
     gap = 100 * abs(curves["fedbuff"][-1][2] - curves["sync + deadline"][-1][2])
     print(f"  goal FedBuff ≥ 2× sooner: {s / b if np.isfinite(b) and b else float('nan'):.2f}× "
@@ -220,7 +221,9 @@ def part_determinism(res: Any, tmp: Path, address: str, a: argparse.Namespace) -
     import xflwb
 
     profile = xflwb.DeviceProfiles(**HEAVY)
-    runs = [simulate(res, tmp / f"det-{k}", address, clients=a.small, dataset=a.dataset,
+    # one data directory: its cost cache holds the per-example costs measured by the first
+    # run, so both runs use the same (a run is deterministic for its seed and costs)
+    runs = [simulate(res, tmp / "det", address, clients=a.small, dataset=a.dataset,
                      rounds=a.clock_rounds, fraction_fit=a.fraction, over_select=0.3,
                      deadline=a.deadline, profiles=profile, seed=7) for k in range(2)]
     same_history = comparable(runs[0]).equals(comparable(runs[1]))
