@@ -5,14 +5,16 @@
     python benchmarks/systems.py --smoke          # tiny sizes, every part, about a minute
 
 * **tta — time to accuracy.** ``--clients`` simulated clients (half Android, half iOS),
-  Dirichlet(0.5) ``--dataset``, the demo CNN, a heavy-tailed profile (Pareto compute
-  slowdowns, the default bandwidths) and diurnal availability (``available_fraction`` 0.2).
-  Synchronous FedAvg (``fraction_fit`` of the available clients, ``over_select=0.3``,
-  a ``deadline`` in simulated seconds) against FedBuff (``buffer_size``,
-  ``max_concurrency``) on the same fleet and seed. Every round's / version's global model
-  is kept (``keep_checkpoints=None``) and evaluated centrally in Keras on the dataset's test
-  split; printed: simulated hours until ``--target`` accuracy and the final accuracy of
-  each. Goal: FedBuff ≥ 2× sooner, final accuracy within 1 point.
+  Dirichlet(0.5) ``--dataset``, a phone-sized CNN (~300k parameters, 1.2 MB: its upload
+  takes seconds), a heavy-tailed profile (Pareto compute slowdowns, lognormal uplinks with
+  σ = 1.2) and diurnal availability (``available_fraction`` 0.2). Synchronous FedAvg
+  (``fraction_fit`` of the available clients, ``over_select=0.3``, a ``deadline`` in
+  simulated seconds) for ``--rounds`` rounds, then FedBuff (``buffer_size``,
+  ``max_concurrency``) for the same simulated time, on the same fleet and seed. Every
+  ``--every``-th round's / version's global model is kept and evaluated centrally in Keras
+  on the dataset's test split; printed: simulated seconds until 50/70/80/90 % and
+  ``--target`` accuracy, and the final accuracy of each. Goal: FedBuff ≥ 2× sooner, final
+  accuracy within 1 point.
 * **clock — the virtual clock's cost.** The same synchronous simulation without profiles
   and with an always-available profile (no deadline, no over-selection: the same clients
   train), alternating pairs, the median wall-time ratio and every pair. Goal ≤ 1.2×.
@@ -49,12 +51,31 @@ from privacy import start_ray, stop_ray
 
 NAME = "systems_bench"
 PARTITION = "dirichlet:0.5"
-#: heavy-tailed compute (Pareto, α = 1.2: a few phones 10–100× the median) and 20 % of the
-#: fleet available at a time (a diurnal mix of time zones)
+#: heavy-tailed compute (Pareto, α = 1.2: a few phones 10–100× the median) and uplinks
+#: (lognormal σ = 1.2: one phone in twenty ~7× slower than the median), 20 % of the fleet
+#: available at a time (a diurnal mix of time zones)
 HEAVY = {"android_slowdown": "pareto:3,1.2", "ios_slowdown": "pareto:2,1.2",
+         "android_uplink": "lognormal:150000,1.2", "ios_uplink": "lognormal:250000,1.2",
          "availability": "diurnal", "available_fraction": 0.2}
 #: metrics measured on this machine's wall clock: they differ run to run by nature
 WALL = ("fit_seconds", "aggregate_seconds")
+
+
+def phone_model() -> Any:
+    """The demo CNN widened to ~300k parameters (1.2 MB as float32): a model whose upload
+    takes seconds on a phone's uplink, so the profile's slow tail shows (the 4.5k-parameter
+    demo CNN would be all latency)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu", name="conv"),
+        keras.layers.MaxPooling2D(name="pool"),
+        keras.layers.Flatten(name="flatten"),
+        keras.layers.Dense(512, activation="relu", name="hidden"),
+        keras.layers.Dense(10, activation="softmax", name="probs"),
+    ], name="systems_cnn")
 
 
 def simulate(res: Any, data_dir: Path, address: str, *, clients: int, seed: int = 0,
@@ -104,16 +125,20 @@ def part_tta(res: Any, tmp: Path, address: str, a: argparse.Namespace) -> None:
 
     profile = xflwb.DeviceProfiles(**HEAVY)
     common = dict(clients=a.clients, dataset=a.dataset, profiles=profile,
-                  keep_checkpoints=None, fraction_evaluate=0.0, local_epochs=a.epochs)
+                  keep_checkpoints=2, keep_every=a.every, fraction_evaluate=0.0,
+                  local_epochs=a.epochs)
     t0 = time.perf_counter()
     sync = simulate(res, tmp / "sync", address, rounds=a.rounds, fraction_fit=a.fraction,
                     over_select=0.3, deadline=a.deadline, **common)
     t_sync = time.perf_counter() - t0
+    horizon = max(all_metric(sync, "sim_seconds").values())
     t0 = time.perf_counter()
-    buff = simulate(res, tmp / "fedbuff", address, rounds=a.versions, strategy="fedbuff",
+    # FedBuff for the same simulated time as the synchronous arm took
+    buff = simulate(res, tmp / "fedbuff", address, rounds=1_000_000, strategy="fedbuff",
                     strategy_options=xflwb.FedBuff(buffer_size=a.buffer,
                                                    max_concurrency=a.concurrency,
-                                                   evaluate_every=0), **common)
+                                                   max_seconds=horizon, evaluate_every=0),
+                    **common)
     t_buff = time.perf_counter() - t0
     curves = {"sync + deadline": central_curve(res, sync, a.dataset),
               "fedbuff": central_curve(res, buff, a.dataset)}
@@ -124,10 +149,17 @@ def part_tta(res: Any, tmp: Path, address: str, a: argparse.Namespace) -> None:
           f"{'final acc':>9s} {'wall s':>8s}")
     walls = {"sync + deadline": t_sync, "fedbuff": t_buff}
     for arm, curve in curves.items():
+        marks = ", ".join(f"{t:.0%}: {3600 * hours_to(curve, t):.0f} s"
+                          for t in (0.5, 0.7, 0.8, 0.9))
+        print(f"  {arm}: simulated seconds to {marks}")
+    for arm, curve in curves.items():
         last = curve[-1]
         print(f"  {arm:18s} {last[0]:>7d} {last[1]:>9.1f} "
               f"{3600 * hours_to(curve, a.target):>12.1f} {last[2]:>9.3f} "
               f"{walls[arm]:>8.0f}")
+    if a.plot:
+        plot_curves(curves, a.target, a.plot)
+        print(f"  plot: {a.plot}")
     s, b = (hours_to(curves[k], a.target) for k in curves)
     gap = 100 * abs(curves["fedbuff"][-1][2] - curves["sync + deadline"][-1][2])
     print(f"  goal FedBuff ≥ 2× sooner: {s / b if np.isfinite(b) and b else float('nan'):.2f}× "
@@ -139,6 +171,28 @@ def part_tta(res: Any, tmp: Path, address: str, a: argparse.Namespace) -> None:
     print("  sync rounds, per platform, total:")
     print(lost.pivot_table(index="platform", columns="metric", values="value",
                            aggfunc="sum").to_string())
+
+
+def plot_curves(curves: dict[str, list[tuple[int, float, float]]], target: float,
+                path: str) -> None:
+    """Accuracy of every round's / version's global model against simulated time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for (arm, curve), style in zip(curves.items(), ("-", "--"), strict=False):
+        secs = np.array([c[1] for c in curve])
+        unit, scale = ("h", 3600) if secs.max() > 7200 else ("min", 60) \
+            if secs.max() > 120 else ("s", 1)
+        ax.plot(secs / scale, [c[2] for c in curve], style, label=arm)
+    ax.axhline(target, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel(f"simulated time ({unit})")
+    ax.set_ylabel("accuracy (test split)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def part_clock(res: Any, tmp: Path, address: str, a: argparse.Namespace) -> None:
@@ -248,27 +302,31 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--small", type=int, default=100, help="the smaller fleet (clock, memory)")
     p.add_argument("--dataset", default="digits")
-    p.add_argument("--rounds", type=int, default=300, help="sync rounds (tta)")
-    p.add_argument("--versions", type=int, default=300, help="FedBuff versions (tta)")
+    p.add_argument("--rounds", type=int, default=300,
+                   help="sync rounds (tta; FedBuff runs for the simulated time they took)")
     p.add_argument("--fraction", type=float, default=0.25,
                    help="share of the available clients a sync round selects")
-    p.add_argument("--deadline", type=float, default=900.0, help="simulated seconds")
+    p.add_argument("--deadline", type=float, default=30.0, help="simulated seconds")
     p.add_argument("--buffer", type=int, default=10, help="FedBuff buffer_size")
     p.add_argument("--concurrency", type=int, default=50, help="FedBuff max_concurrency")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--every", type=int, default=5,
+                   help="tta: evaluate every this many rounds / versions (kept checkpoints)")
     p.add_argument("--target", type=float, default=0.9)
     p.add_argument("--pairs", type=int, default=3)
+    p.add_argument("--plot", help="tta: save the accuracy / simulated time plot here")
     p.add_argument("--clock-rounds", type=int, default=10)
     a = p.parse_args()
     if a.smoke:
-        a.clients, a.small, a.rounds, a.versions = 40, 20, 3, 3
+        a.clients, a.small, a.rounds, a.every = 40, 20, 3, 1
         a.clock_rounds, a.pairs, a.buffer, a.concurrency, a.target = 2, 1, 2, 4, 0.2
         a.fraction = 0.5
     import xflwb
     from xflwb.demo import demo_model
 
     tmp = Path(tempfile.mkdtemp(prefix="xflwb-bench-systems-"))
-    res = xflwb.export(demo_model(), name=NAME, data_type=a.dataset,
+    res = xflwb.export(demo_model() if a.smoke else phone_model(), name=NAME,
+                       data_type=a.dataset,
                        out_dir=tmp / "artifacts", optimizer=xflwb.SGD(0.05, momentum=0.9))
     print(f"load average {os.getloadavg()[0]:.2f} at the start; {os.cpu_count()} CPUs")
     head, address = start_ray(tmp)
