@@ -1,8 +1,9 @@
-"""The train signature's ReLU and max-pool gradients run as TFLite built-ins, exactly as TF's.
+"""The train signature's ReLU, max-pool and conv-kernel gradients avoid TF's slow Flex kernels.
 
 ``xflwb.bridge.tflite_grads`` swaps TF's ``ReluGrad``/``MaxPoolGrad`` (Flex ops: TF's
-generic kernels on the phone) for built-in twins while the exporter traces. These tests
-hold the twins to TF's gradients bit for bit (ties in a window included), check the real
+generic kernels on the phone) for built-in twins, and ``Conv2DBackpropFilter`` for a
+swapped convolution, while the exporter traces. These tests hold the ReLU and pool twins
+to TF's gradients bit for bit (ties in a window included), the conv twin to 1e-4, check the real
 converted ``.tflite`` has no such Flex op left and trains like Keras on data full of ties,
 and check the user's model comes back untouched.
 """
@@ -62,12 +63,33 @@ def test_relu_twin_gradient_is_tfs_bit_for_bit():
     np.testing.assert_array_equal(_grad(tflite_grads.relu, x, dy), _grad(tf.nn.relu, x, dy))
 
 
+@pytest.mark.parametrize(("k", "padding"), [(3, "VALID"), (3, "SAME"), (2, "SAME"), (4, "SAME")])
+def test_conv_twin_gradients_are_tfs(k, padding):
+    rng = np.random.default_rng(k)
+    x = tf.constant(rng.standard_normal((5, 9, 8, 3)).astype(np.float32))
+    kernel = tf.constant(rng.standard_normal((k, k, 3, 4)).astype(np.float32))
+
+    def grads(fn):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = fn(x, kernel)
+            loss = tf.reduce_sum(y * tf.sin(y))  # a dy that differs everywhere
+        return [y.numpy(), *(g.numpy() for g in tape.gradient(loss, [x, kernel]))]
+
+    ours = grads(lambda a, b: tflite_grads.conv_2d(a, b, padding))
+    ref = grads(lambda a, b: tf.nn.conv2d(a, b, 1, padding))
+    np.testing.assert_array_equal(ours[0], ref[0])  # the forward is TF's own op
+    for o, r in zip(ours[1:], ref[1:], strict=True):
+        np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+
+
 def cnn() -> keras.Model:
     keras.utils.set_random_seed(7)
     return keras.Sequential([
         keras.Input((14, 14, 1)), L.Conv2D(4, 3, activation="relu", name="c1"),  # 12×12
         L.MaxPooling2D(name="p1"),                                               # 6×6
-        L.Conv2D(6, 2, name="c2"), L.ReLU(name="r2"),                            # 5×5
+        L.Conv2D(6, 2, padding="same", name="c2"), L.ReLU(name="r2"),            # 6×6
+        L.Conv2D(6, 2, name="c3"),                                               # 5×5
         L.MaxPooling2D(name="p2"),                                               # 2×2, odd
         L.Flatten(), L.Dense(8, activation="relu", name="d1"),
         L.Dense(3, activation="softmax", name="head")])
@@ -90,8 +112,9 @@ def test_exported_train_signature_has_no_relu_or_pool_flex_op_and_trains_like_ke
     data = tflite.build(model, graph.analyze(model), "categorical_crossentropy",
                         xflwb.SGD(0.1, 0.9))
     ops = _train_ops(data)
-    assert "FlexReluGrad" not in ops and "FlexMaxPoolGrad" not in ops, ops
-    assert {"SPACE_TO_DEPTH", "DEPTH_TO_SPACE"} <= set(ops)
+    flex = {op for op in ops if op.startswith("Flex")}
+    assert flex == {"FlexConv2D"}, ops  # the kernel gradients: the swapped convolutions
+    assert {"SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "TRANSPOSE_CONV"} <= set(ops)
 
     res = xflwb.export(model, name="ties", out_dir=tmp_path, optimizer=xflwb.SGD(0.1, 0.9))
     assert bool(res.parity["ok"].all())
@@ -117,10 +140,11 @@ def test_the_users_model_is_restored_and_other_pools_keep_tfs_gradient():
     with tflite_grads.builtin_gradients(model):
         seen = {lay.name: "call" in vars(lay) for lay in model.layers}
         assert model.get_layer("c").activation is tflite_grads.relu
+        assert "convolution_op" in vars(model.get_layer("c"))
     assert seen["overlapping"] is False and seen["same_odd"] is False
     assert {lay.name: (lay.activation if hasattr(lay, "activation") else None)
             for lay in model.layers} == before
-    assert not any("call" in vars(lay) for lay in model.layers)
+    assert not any({"call", "convolution_op"} & set(vars(lay)) for lay in model.layers)
     data = tflite.build(model, graph.analyze(model), "categorical_crossentropy",
                         xflwb.SGD(0.1))
     assert _train_ops(data).count("FlexMaxPoolGrad") == 2

@@ -179,8 +179,8 @@ def convert_saved_model(directory: Path) -> bytes:
 def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> bytes:
     """Return the ``.tflite`` bytes for ``model``.
 
-    ReLU and max-pool gradients are traced as built-in ops (``tflite_grads``): TF's own
-    convert to Flex kernels that made the train step ~1.7× a Keras step.
+    ReLU, max-pool and stride-1 conv-kernel gradients are traced as ``tflite_grads``' twins:
+    TF's own convert to slow Flex kernels (the MNIST-sized CNN's step was ~1.7× Keras's).
     """
     from xflwb.bridge.tflite_grads import builtin_gradients
 
