@@ -151,9 +151,9 @@ def _has_input(layer: Any) -> bool:
 
 
 @contextlib.contextmanager
-def builtin_gradients(model: Any) -> Iterator[Any]:
-    """Give ``model``'s ReLUs, non-overlapping max pools and stride-1 Conv2Ds their twins
-    while tracing."""
+def builtin_gradients(model: Any, *, convs: bool = True) -> Iterator[Any]:
+    """Give ``model``'s ReLUs, non-overlapping max pools and (``convs``) stride-1 Conv2Ds
+    their twins while tracing (``convs=False`` lets a benchmark measure the pools alone)."""
     import keras
 
     relu_fn = keras.activations.relu
@@ -167,7 +167,7 @@ def builtin_gradients(model: Any) -> Iterator[Any]:
                 lay.max_value is None and not lay.negative_slope and not lay.threshold):
             swapped.append((lay, "call", None))
             lay.call = relu
-        padding = _conv_padding(lay)
+        padding = _conv_padding(lay) if convs else None
         if padding is not None and "convolution_op" not in vars(lay):
             swapped.append((lay, "convolution_op", None))
             object.__setattr__(lay, "convolution_op", lambda inputs, kernel, _p=padding:
