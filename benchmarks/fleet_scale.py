@@ -89,11 +89,11 @@ class BenchDevice(Device):
         super().__init__(*args, **kwargs)
         self.fits: list[tuple[float, float]] = []  # (FitIns received, FitRes ready)
 
-    def _answer(self, pb: Any, kind: str, msg: Any, session_id: int) -> Any:
+    def _answer(self, pb: Any, kind: str, msg: Any) -> Any:
         if kind != "fit_ins":
-            return super()._answer(pb, kind, msg, session_id)
+            return super()._answer(pb, kind, msg)
         t0 = time.time()
-        reply = super()._answer(pb, kind, msg, session_id)
+        reply = super()._answer(pb, kind, msg)
         self.fits.append((t0, time.time()))
         return reply
 
