@@ -162,9 +162,10 @@ def run_devices(job: dict[str, Any]) -> dict[str, Any]:
 
 # -- stock Flower (its own process: start_server needs the main thread) ---------------------
 def stock_server(port: int, n: int, rounds: int, round_timeout: float,
-                 initial: list[np.ndarray], out: Any) -> None:
+                 initial: list[np.ndarray], out: Any, max_workers: int | None = None) -> None:
     """Flower's ``start_server`` + ``FedAvg``; puts [(round, end of aggregate_fit, ok,
-    failures)] on ``out``."""
+    failures)] on ``out``. ``max_workers``: fit threads of its ``Server`` (None: Flower's
+    default, min(32, cores + 4))."""
     import warnings
 
     with warnings.catch_warnings():
@@ -172,7 +173,7 @@ def stock_server(port: int, n: int, rounds: int, round_timeout: float,
         from flwr.server import ServerConfig, start_server
     logging.getLogger("flwr").setLevel(logging.ERROR)  # a page of INFO per round otherwise
 
-    from xflwb.flower_legacy import FedAvg, ndarrays_to_parameters
+    from xflwb.flower_legacy import FedAvg, Server, SimpleClientManager, ndarrays_to_parameters
 
     stamps: list[tuple[int, float, int, int]] = []
 
@@ -185,8 +186,10 @@ def stock_server(port: int, n: int, rounds: int, round_timeout: float,
     strategy = TimedFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
                            min_available_clients=n,
                            initial_parameters=ndarrays_to_parameters(initial))
+    server = Server(client_manager=SimpleClientManager(), strategy=strategy)
+    server.set_max_workers(max_workers)
     try:
-        start_server(server_address=f"127.0.0.1:{port}", strategy=strategy,
+        start_server(server_address=f"127.0.0.1:{port}", server=server,
                      config=ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
     finally:
         out.put(stamps)
@@ -400,7 +403,7 @@ def run_xflwb(wb: Any, workers: Workers, cache: str, n: int, rounds: int,
 
 def run_stock(workers: Workers, export_dir: str, cache: str, n: int, rounds: int,
               round_timeout: float, deadline: float, first_id: int,
-              answer_delay: float = 0.0) -> Run:
+              answer_delay: float = 0.0, max_workers: int | None = None) -> Run:
     """Flower's start_server + FedAvg in a spawned process, the same devices joining it."""
     from xflwb.bridge import manifest as manifest_mod
     from xflwb.bridge import params
@@ -413,7 +416,8 @@ def run_stock(workers: Workers, export_dir: str, cache: str, n: int, rounds: int
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    proc = ctx.Process(target=stock_server, args=(port, n, rounds, round_timeout, initial, out),
+    proc = ctx.Process(target=stock_server, args=(port, n, rounds, round_timeout, initial, out,
+                                                    max_workers),
                        name="stock-flower")
     proc.start()
     try:
@@ -565,6 +569,10 @@ def main() -> None:
     ap.add_argument("--answer-delay", type=float, default=0.0,
                     help="seconds every device waits before each answer (slow phones); "
                          "shows how many devices a round really serves at once")
+    ap.add_argument("--stock-max-workers", type=int, default=None,
+                    help="fit threads of the stock Server (default: Flower's, min(32, cores "
+                         "+ 4) = 6 here; xflwb's sessions use max_workers=1024): shows what "
+                         "serving every device at once costs on CPU-bound virtual devices")
     ap.add_argument("--budget", type=float, default=900.0,
                     help="seconds; no larger size starts when it would likely overrun")
     ap.add_argument("--smoke", action="store_true",
@@ -619,7 +627,7 @@ def main() -> None:
                     if n in sizes:
                         s = run_stock(workers, export_dir, cache, n, args.rounds,
                                       args.round_timeout, deadline, first_id,
-                                      args.answer_delay)
+                                      args.answer_delay, args.stock_max_workers)
                         print(_describe(s), flush=True)
                         first_id += n
                     size.pairs.append((x, s))
