@@ -78,7 +78,7 @@ with warnings.catch_warnings():
 _log = logging.getLogger("flwr")
 
 
-class PooledServer(Server):  # type: ignore[misc]
+class PooledServer(Server):
     """Flower's legacy ``Server`` whose rounds share one thread pool of ``max_workers``.
 
     Flower's ``fit_clients`` / ``evaluate_clients`` build a ``ThreadPoolExecutor`` per round
