@@ -264,9 +264,9 @@ def test_simulation_prunes_its_checkpoints_too(tmp_path, shared_ray):
 
 
 def test_pruning_is_queued_after_the_rounds_checkpoint_and_runs_in_order(registry):
-    """A round's recorder writes its checkpoint and returns; pruning the older ones is
-    queued (``Housekeeping``) off the round's critical path and runs in order; ``close``
-    waits for it. (That a session records its end only after the queue is done, the
+    """A round's recorder writes its checkpoint and returns; pruning the older ones and the
+    row's round counter are queued (``Housekeeping``) off the round's critical path and run
+    in order; ``close`` waits for them. (That a session records its end only after the queue is done, the
     sessions above show: their checkpoints are already pruned once they finished.)"""
     from xflwb.federation.report import RoundReport
     from xflwb.sessions.process import Housekeeping, round_recorders
@@ -280,12 +280,14 @@ def test_pruning_is_queued_after_the_rounds_checkpoint_and_runs_in_order(registr
     save_checkpoint(reg, sid, model, 0, start)
     for rnd in range(1, 5):
         on_fit(RoundReport(rnd), [x + rnd for x in start])
-    # every checkpoint is written, none pruned yet: the four prunes wait in the queue
+    # every checkpoint is written, none pruned yet: the four prunes (and the row's round
+    # counter) wait in the queue
     assert kept_rounds(reg, sid) == [0, 1, 2, 3, 4] == files_of(reg, sid)
-    assert len(queued) == 4
+    assert len(queued) == 8 and reg.get_session(sid)["round"] == 0
     work = Housekeeping()
     for fn in queued:
         work.later(fn)
     work.close()
     assert kept_rounds(reg, sid) == [0, 3, 4] == files_of(reg, sid)  # the start stays
+    assert reg.get_session(sid)["round"] == 4
 
