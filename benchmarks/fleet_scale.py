@@ -30,9 +30,16 @@ Each run also prints where a round goes: lead (end of the last aggregation → f
 at a device), fits (first FitIns → last FitRes) and tail (→ end of this aggregation).
 Sizes beyond 200 run xflwb alone while the time budget allows, to find the largest N.
 
+Each size runs ``--pairs`` alternating pairs (xflwb, stock, xflwb, stock, ...): a busy
+spell on the shared machine hits both arms of a pair, so the ratio printed is the median of
+the pairs' ratios, with every pair's; the load average is printed at the start and the end.
+
 Run: ``.venv/bin/python benchmarks/fleet_scale.py`` (about 10 minutes);
-``--sizes 10,50 --max-sizes ''`` for a quick check; ``--answer-delay 0.3 --sizes 24
---max-sizes ''`` makes every device take 0.3 s per answer, like a slow phone.
+``--sizes 10,50 --max-sizes ''`` for a quick check; ``--smoke`` (6 devices, 2 rounds, one
+pair, about 20 s, most of it the export) checks that it runs and prints its tables;
+``--answer-delay 0.3 --sizes 24 --max-sizes ''`` makes every device take 0.3 s per answer,
+like a slow phone; ``--stock-max-workers 1024`` gives stock Flower's ``Server`` as many fit
+threads as xflwb's sessions (Flower's default is 6 here).
 """
 
 from __future__ import annotations
