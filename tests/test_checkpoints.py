@@ -266,8 +266,9 @@ def test_simulation_prunes_its_checkpoints_too(tmp_path, shared_ray):
 def test_pruning_is_queued_after_the_rounds_checkpoint_and_runs_in_order(registry):
     """A round's recorder writes its checkpoint and returns; pruning the older ones and the
     row's round counter are queued (``Housekeeping``) off the round's critical path and run
-    in order; ``close`` waits for them. (That a session records its end only after the queue is done, the
-    sessions above show: their checkpoints are already pruned once they finished.)"""
+    in order; ``close`` waits for them. (That a session records its end only after the
+    queue is done, the sessions above show: their checkpoints are already pruned once they
+    finished.)"""
     from xflwb.federation.report import RoundReport
     from xflwb.sessions.process import Housekeeping, round_recorders
 
