@@ -563,6 +563,7 @@ def _load() -> str:
 
 
 def main() -> None:
+    """Run the sizes; exits non-zero when a run of a compared size did not finish."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10,50,100,200",
                     help="fleet sizes run in both arms")
@@ -656,6 +657,12 @@ def main() -> None:
     print(phase_table(results))
     print(f"\nlargest fleet xflwb served with every device finishing every round: {largest}"
           f"; total {time.perf_counter() - started:.0f} s; load average at end: {_load()}")
+    # a compared size whose runs did not all finish is a broken benchmark (or xflwb), not a
+    # figure: exit non-zero so a smoke run in CI fails (the largest-fleet probe may fail)
+    broken = [f"{r.arm} N={r.n}" for size in results if size.n in sizes
+              for r in (*size.arm(0), *size.arm(1)) if not r.ok]
+    if broken:
+        raise SystemExit(f"runs that did not complete every round: {', '.join(broken)}")
 
 
 if __name__ == "__main__":
