@@ -36,7 +36,8 @@ the pairs' ratios, with every pair's; the load average is printed at the start a
 
 Run: ``.venv/bin/python benchmarks/fleet_scale.py`` (about 10 minutes);
 ``--sizes 10,50 --max-sizes ''`` for a quick check; ``--smoke`` (6 devices, 2 rounds, one
-pair, about 20 s, most of it the export) checks that it runs and prints its tables;
+pair, about 20 s, most of it the export) checks that it runs and prints its tables (the
+exit status is 1 when a compared run did not finish every round);
 ``--answer-delay 0.3 --sizes 24 --max-sizes ''`` makes every device take 0.3 s per answer,
 like a slow phone; ``--stock-max-workers 1024`` gives stock Flower's ``Server`` as many fit
 threads as xflwb's sessions (Flower's default is 6 here).
