@@ -30,9 +30,17 @@ Each run also prints where a round goes: lead (end of the last aggregation → f
 at a device), fits (first FitIns → last FitRes) and tail (→ end of this aggregation).
 Sizes beyond 200 run xflwb alone while the time budget allows, to find the largest N.
 
+Each size runs ``--pairs`` alternating pairs (xflwb, stock, xflwb, stock, ...): a busy
+spell on the shared machine hits both arms of a pair, so the ratio printed is the median of
+the pairs' ratios, with every pair's; the load average is printed at the start and the end.
+
 Run: ``.venv/bin/python benchmarks/fleet_scale.py`` (about 10 minutes);
-``--sizes 10,50 --max-sizes ''`` for a quick check; ``--answer-delay 0.3 --sizes 24
---max-sizes ''`` makes every device take 0.3 s per answer, like a slow phone.
+``--sizes 10,50 --max-sizes ''`` for a quick check; ``--smoke`` (6 devices, 2 rounds, one
+pair, about 20 s, most of it the export) checks that it runs and prints its tables (the
+exit status is 1 when a compared run did not finish every round);
+``--answer-delay 0.3 --sizes 24 --max-sizes ''`` makes every device take 0.3 s per answer,
+like a slow phone; ``--stock-max-workers 1024`` gives stock Flower's ``Server`` as many fit
+threads as xflwb's sessions (Flower's default is 6 here).
 """
 
 from __future__ import annotations
@@ -89,11 +97,11 @@ class BenchDevice(Device):
         super().__init__(*args, **kwargs)
         self.fits: list[tuple[float, float]] = []  # (FitIns received, FitRes ready)
 
-    def _answer(self, pb: Any, kind: str, msg: Any, session_id: int) -> Any:
+    def _answer(self, pb: Any, kind: str, msg: Any) -> Any:
         if kind != "fit_ins":
-            return super()._answer(pb, kind, msg, session_id)
+            return super()._answer(pb, kind, msg)
         t0 = time.time()
-        reply = super()._answer(pb, kind, msg, session_id)
+        reply = super()._answer(pb, kind, msg)
         self.fits.append((t0, time.time()))
         return reply
 
@@ -162,9 +170,10 @@ def run_devices(job: dict[str, Any]) -> dict[str, Any]:
 
 # -- stock Flower (its own process: start_server needs the main thread) ---------------------
 def stock_server(port: int, n: int, rounds: int, round_timeout: float,
-                 initial: list[np.ndarray], out: Any) -> None:
+                 initial: list[np.ndarray], out: Any, max_workers: int | None = None) -> None:
     """Flower's ``start_server`` + ``FedAvg``; puts [(round, end of aggregate_fit, ok,
-    failures)] on ``out``."""
+    failures)] on ``out``. ``max_workers``: fit threads of its ``Server`` (None: Flower's
+    default, min(32, cores + 4))."""
     import warnings
 
     with warnings.catch_warnings():
@@ -172,7 +181,7 @@ def stock_server(port: int, n: int, rounds: int, round_timeout: float,
         from flwr.server import ServerConfig, start_server
     logging.getLogger("flwr").setLevel(logging.ERROR)  # a page of INFO per round otherwise
 
-    from xflwb.flower_legacy import FedAvg, ndarrays_to_parameters
+    from xflwb.flower_legacy import FedAvg, Server, SimpleClientManager, ndarrays_to_parameters
 
     stamps: list[tuple[int, float, int, int]] = []
 
@@ -185,8 +194,10 @@ def stock_server(port: int, n: int, rounds: int, round_timeout: float,
     strategy = TimedFedAvg(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n,
                            min_available_clients=n,
                            initial_parameters=ndarrays_to_parameters(initial))
+    server = Server(client_manager=SimpleClientManager(), strategy=strategy)
+    server.set_max_workers(max_workers)
     try:
-        start_server(server_address=f"127.0.0.1:{port}", strategy=strategy,
+        start_server(server_address=f"127.0.0.1:{port}", server=server,
                      config=ServerConfig(num_rounds=rounds, round_timeout=round_timeout))
     finally:
         out.put(stamps)
@@ -400,7 +411,7 @@ def run_xflwb(wb: Any, workers: Workers, cache: str, n: int, rounds: int,
 
 def run_stock(workers: Workers, export_dir: str, cache: str, n: int, rounds: int,
               round_timeout: float, deadline: float, first_id: int,
-              answer_delay: float = 0.0) -> Run:
+              answer_delay: float = 0.0, max_workers: int | None = None) -> Run:
     """Flower's start_server + FedAvg in a spawned process, the same devices joining it."""
     from xflwb.bridge import manifest as manifest_mod
     from xflwb.bridge import params
@@ -413,7 +424,8 @@ def run_stock(workers: Workers, export_dir: str, cache: str, n: int, rounds: int
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    proc = ctx.Process(target=stock_server, args=(port, n, rounds, round_timeout, initial, out),
+    proc = ctx.Process(target=stock_server, args=(port, n, rounds, round_timeout, initial, out,
+                                                    max_workers),
                        name="stock-flower")
     proc.start()
     try:
@@ -446,23 +458,91 @@ def _mib(value: int) -> str:
     return f"{value / 2**20:.0f}" if value else "–"
 
 
-def table(results: list[tuple[Run, Run | None]]) -> str:
-    """Markdown: one row per fleet size, xflwb and stock Flower side by side."""
-    lines = ["| devices | xflwb s/round | stock s/round | xflwb / stock | xflwb overhead s "
-             "| stock overhead s | slowest fit s (x / s) | completed all rounds (x / s) "
-             "| server peak RSS MiB (x / s) | fleet RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for x, s in results:
-        xs, ss = _median(x.round_seconds()), _median(s.round_seconds()) if s else None
-        ratio = f"{xs / ss:.2f}×" if xs and ss else "–"
-        fits = _median([x.slowest_fit(r) for r in range(2, x.rounds + 1)])
-        sfits = _median([s.slowest_fit(r) for r in range(2, s.rounds + 1)]) if s else None
-        done = f"{x.completed}/{x.n} / " + (f"{s.completed}/{s.n}" if s else "–")
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value * 1000:.0f}"
+
+
+@dataclass
+class Size:
+    """Every run at one fleet size: alternating (xflwb, stock) pairs, or xflwb alone."""
+
+    n: int
+    pairs: list[tuple[Run, Run | None]] = field(default_factory=list)
+
+    def arm(self, k: int) -> list[Run]:
+        return [p[k] for p in self.pairs if p[k] is not None]  # type: ignore[misc]
+
+    def ratios(self) -> list[float]:
+        """Per pair: median s/round of xflwb over that of stock (the pair's two runs ran
+        back to back, so a busy spell on the shared machine hits both)."""
+        out = []
+        for x, s in self.pairs:
+            xs, ss = _median(x.round_seconds()), _median(s.round_seconds()) if s else None
+            if xs and ss:
+                out.append(xs / ss)
+        return sorted(out)
+
+    def ratio(self) -> str:
+        r = self.ratios()
+        if not r:
+            return "–"
+        pairs = f" (pairs {', '.join(f'{v:.2f}' for v in r)})" if len(r) > 1 else ""
+        return f"{statistics.median(r):.2f}×{pairs}"
+
+
+def _arm_median(runs: list[Run], of: Callable[[Run], float | None]) -> float | None:
+    return _median([v for v in map(of, runs) if v is not None])
+
+
+def table(results: list[Size]) -> str:
+    """Markdown: one row per fleet size, xflwb and stock Flower side by side (medians over
+    the pairs; the ratio is the median of the per-pair ratios)."""
+    lines = ["| devices | pairs | xflwb s/round | stock s/round | xflwb / stock "
+             "| xflwb overhead s | stock overhead s | slowest fit s (x / s) "
+             "| completed all rounds (x / s) | server peak RSS MiB (x / s) | fleet RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for size in results:
+        xr, sr = size.arm(0), size.arm(1)
+
+        def med(runs: list[Run], of: Callable[[Run], float | None]) -> float | None:
+            return _arm_median(runs, of) if runs else None
+
+        def rs(r: Run) -> float | None:
+            return _median(r.round_seconds())
+
+        def ov(r: Run) -> float | None:
+            return _median(r.overheads())
+
+        def fit(r: Run) -> float | None:
+            return _median([r.slowest_fit(k) for k in range(2, r.rounds + 1)])
+
+        done = (f"{min(r.completed for r in xr)}/{size.n} / "
+                + (f"{min(r.completed for r in sr)}/{size.n}" if sr else "–"))
+        rss = (f"{_mib(max(r.server_rss for r in xr))} / "
+               + (_mib(max(r.server_rss for r in sr)) if sr else "–"))
         lines.append(
-            f"| {x.n} | {_fmt(xs)} | {_fmt(ss)} | {ratio} | {_fmt(_median(x.overheads()))} "
-            f"| {_fmt(_median(s.overheads()) if s else None)} | {_fmt(fits)} / {_fmt(sfits)} "
-            f"| {done} | {_mib(x.server_rss)} / {_mib(s.server_rss) if s else '–'} "
-            f"| {_mib(x.fleet_rss)} |")
+            f"| {size.n} | {len(size.pairs) if sr else '–'} | {_fmt(med(xr, rs))} "
+            f"| {_fmt(med(sr, rs))} | {size.ratio()} | {_fmt(med(xr, ov))} "
+            f"| {_fmt(med(sr, ov))} | {_fmt(med(xr, fit))} / {_fmt(med(sr, fit))} | {done} "
+            f"| {rss} | {_mib(max(r.fleet_rss for r in xr))} |")
+    return "\n".join(lines)
+
+
+def phase_table(results: list[Size]) -> str:
+    """Markdown: where a round goes, per arm (medians over the pairs of each run's medians
+    over rounds 2..R, in ms)."""
+    lines = ["| devices | xflwb lead / fits / tail ms | stock lead / fits / tail ms |",
+             "|---|---|---|"]
+    for size in results:
+        cells = []
+        for runs in (size.arm(0), size.arm(1)):
+            if not runs:
+                cells.append("–")
+                continue
+            phases = [r.phases() for r in runs]
+            cells.append(" / ".join(_ms(_median([p[k] for p in phases if p[k] is not None]))
+                                    for k in range(3)))
+        lines.append(f"| {size.n} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
@@ -472,34 +552,55 @@ def _describe(run: Run) -> str:
     note = f" error: {run.error}" if run.error else ""
     if bad:
         note += f" e.g. device {bad[0]['id']}: {bad[0]['status']} {bad[0]['error'] or ''}"
-    lead, spread, tail = (f"{v * 1000:.0f}" if v is not None else "–" for v in run.phases())
+    lead, spread, tail = (_ms(v) for v in run.phases())
     return (f"{run.arm:5s} N={run.n:4d}: rounds 2..{run.rounds} [{secs}] s (phases ms: lead "
             f"{lead}, fits {spread}, tail {tail}), completed {run.completed}/{run.n}, took "
             f"{run.seconds:.1f} s{note}")
 
 
+def _load() -> str:
+    """The 1/5/15-minute load averages: every figure this prints depends on them."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def main() -> None:
+    """Run the sizes; exits non-zero when a run of a compared size did not finish."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="10,50,100,200",
                     help="fleet sizes run in both arms")
     ap.add_argument("--max-sizes", default="300,400,600,800",
                     help="larger sizes run with xflwb alone while the budget lasts")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="alternating (xflwb, stock) pairs per size; the ratio printed is "
+                         "the median of the pairs' ratios, with every pair's")
     ap.add_argument("--round-timeout", type=float, default=120.0)
     ap.add_argument("--answer-delay", type=float, default=0.0,
                     help="seconds every device waits before each answer (slow phones); "
                          "shows how many devices a round really serves at once")
-    ap.add_argument("--budget", type=float, default=600.0,
+    ap.add_argument("--stock-max-workers", type=int, default=None,
+                    help="fit threads of the stock Server (default: Flower's, min(32, cores "
+                         "+ 4) = 6 here; xflwb's sessions use max_workers=1024): shows what "
+                         "serving every device at once costs on CPU-bound virtual devices")
+    ap.add_argument("--budget", type=float, default=900.0,
                     help="seconds; no larger size starts when it would likely overrun")
+    ap.add_argument("--smoke", action="store_true",
+                    help="6 devices, 2 rounds, 1 pair, no largest-fleet probe: checks that "
+                         "the benchmark runs and prints its tables (its numbers mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        args.sizes, args.max_sizes, args.rounds, args.pairs = "6", "", 2, 1
+    if args.pairs < 1 or args.rounds < 2:
+        ap.error("--pairs must be ≥ 1 and --rounds ≥ 2 (round 1 includes joining)")
     sizes = [int(v) for v in args.sizes.split(",") if v]
     extra = [int(v) for v in args.max_sizes.split(",") if v]
     started = time.perf_counter()
+    print(f"load average at start: {_load()}", flush=True)
 
     import xflwb
 
     ctx = mp.get_context("spawn")
-    results: list[tuple[Run, Run | None]] = []
+    results: list[Size] = []
     with tempfile.TemporaryDirectory(prefix="xflwb-fleet-") as tmp:
         with ctx.Pool(1) as exporter:
             export_dir = exporter.apply(export_model, (str(Path(tmp) / "artifacts"),))
@@ -513,8 +614,8 @@ def main() -> None:
             first_id = 1
             cache = str(Path(tmp) / "cache")
             for n in [*sizes, *extra]:
-                if results and (n in extra or not results[-1][0].ok):
-                    last = results[-1][0]
+                if results and (n in extra or not results[-1].arm(0)[-1].ok):
+                    last = results[-1].arm(0)[-1]
                     elapsed = time.perf_counter() - started
                     # an xflwb-only run takes about as long as the last one, scaled by N
                     guess = last.seconds * n / last.n
@@ -524,25 +625,45 @@ def main() -> None:
                         break
                 deadline = 60.0 + 0.3 * n + args.rounds * 10.0
                 deadline += 2 * n * args.answer_delay * args.rounds
-                x = run_xflwb(wb, workers, cache, n, args.rounds, args.round_timeout,
-                              deadline, first_id, args.answer_delay)
-                print(_describe(x), flush=True)
-                first_id += n
-                s = None
-                if n in sizes:
-                    s = run_stock(workers, export_dir, cache, n, args.rounds,
-                                  args.round_timeout, deadline, first_id, args.answer_delay)
-                    print(_describe(s), flush=True)
+                size = Size(n)
+                results.append(size)
+                for k in range(args.pairs if n in sizes else 1):
+                    x = run_xflwb(wb, workers, cache, n, args.rounds, args.round_timeout,
+                                  deadline, first_id, args.answer_delay)
+                    print(_describe(x), flush=True)
                     first_id += n
-                results.append((x, s))
+                    s = None
+                    if n in sizes:
+                        s = run_stock(workers, export_dir, cache, n, args.rounds,
+                                      args.round_timeout, deadline, first_id,
+                                      args.answer_delay, args.stock_max_workers)
+                        print(_describe(s), flush=True)
+                        first_id += n
+                    size.pairs.append((x, s))
+                    if s is not None:
+                        r = Size(n, [(x, s)]).ratios()
+                        print(f"  pair {k + 1} at N={n}: xflwb / stock = "
+                              f"{f'{r[0]:.2f}×' if r else '–'}", flush=True)
+                    if not x.ok:
+                        break
+                if n in sizes:
+                    print(f"N={n}: xflwb / stock = {size.ratio()}", flush=True)
         finally:
             wb.stop()
             workers.close()
-    largest = max((x.n for x, _ in results if x.ok), default=0)
+    largest = max((r.n for size in results for r in size.arm(0) if r.ok), default=0)
     print()
     print(table(results))
+    print()
+    print(phase_table(results))
     print(f"\nlargest fleet xflwb served with every device finishing every round: {largest}"
-          f"; total {time.perf_counter() - started:.0f} s")
+          f"; total {time.perf_counter() - started:.0f} s; load average at end: {_load()}")
+    # a compared size whose runs did not all finish is a broken benchmark (or xflwb), not a
+    # figure: exit non-zero so a smoke run in CI fails (the largest-fleet probe may fail)
+    broken = [f"{r.arm} N={r.n}" for size in results if size.n in sizes
+              for r in (*size.arm(0), *size.arm(1)) if not r.ok]
+    if broken:
+        raise SystemExit(f"runs that did not complete every round: {', '.join(broken)}")
 
 
 if __name__ == "__main__":

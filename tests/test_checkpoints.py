@@ -261,3 +261,34 @@ def test_simulation_prunes_its_checkpoints_too(tmp_path, shared_ray):
         files = sorted(int(p.stem.split("-")[1]) for p in folder.glob("round-*.npz"))
         pruned = [r["round"] for r in rows_of(wb.registry, sim.id) if r["pruned"]]
     assert kept == files == [0, 2, 4] and pruned == [1, 3]
+
+
+def test_pruning_is_queued_after_the_rounds_checkpoint_and_runs_in_order(registry):
+    """A round's recorder writes its checkpoint and returns; pruning the older ones and the
+    row's round counter are queued (``Housekeeping``) off the round's critical path and run
+    in order; ``close`` waits for them. (That a session records its end only after the
+    queue is done, the sessions above show: their checkpoints are already pruned once they
+    finished.)"""
+    from xflwb.federation.report import RoundReport
+    from xflwb.sessions.process import Housekeeping, round_recorders
+
+    reg, model = registry
+    sid = reg.create_session(model, {"rounds": 4, "keep_checkpoints": 2})
+    start = manifest_mod.initial_parameters(model["manifest"])
+    queued = []
+    on_fit, _ = round_recorders(reg, sid, model, retention=Retention(keep_last=2),
+                                later=queued.append)
+    save_checkpoint(reg, sid, model, 0, start)
+    for rnd in range(1, 5):
+        on_fit(RoundReport(rnd), [x + rnd for x in start])
+    # every checkpoint is written, none pruned yet: the four prunes (and the row's round
+    # counter) wait in the queue
+    assert kept_rounds(reg, sid) == [0, 1, 2, 3, 4] == files_of(reg, sid)
+    assert len(queued) == 8 and reg.get_session(sid)["round"] == 0
+    work = Housekeeping()
+    for fn in queued:
+        work.later(fn)
+    work.close()
+    assert kept_rounds(reg, sid) == [0, 3, 4] == files_of(reg, sid)  # the start stays
+    assert reg.get_session(sid)["round"] == 4
+

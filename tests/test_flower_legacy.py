@@ -116,11 +116,11 @@ def _guarded(box: dict[str, Any], key: str, fn: Callable[[], Any]) -> Callable[[
     return body
 
 
-def test_legacy_server_loop_runs_a_round_off_the_main_thread_over_the_wire():
-    """Flower's legacy ``Server.fit`` with our strategy, client managers and strict servicer,
-    run in a non-main thread for one round with two protocol-only phones (tests/wirephone.py):
-    the round completes (fit and evaluate), each phone gets its platform's layout, and the
-    new global model is the average both phones' updates imply."""
+def _serve_rounds(server_type: type, rounds: int) -> dict[str, Any]:
+    """``rounds`` rounds of ``server_type.fit`` (Flower's legacy ``Server`` or ours) with our
+    strategy, client managers and strict servicer, run in a non-main thread with two
+    protocol-only phones (tests/wirephone.py) that add 1 to every tensor; checks what every
+    such run must show and returns the pieces for the caller's own checks."""
     start = toy_canonical(0)
     shared = fl.SimpleClientManager()
     ports = {"android": _port(), "ios": _port()}
@@ -131,10 +131,14 @@ def test_legacy_server_loop_runs_a_round_off_the_main_thread_over_the_wire():
     strategy = CrossPlatformStrategy(SERVED_TOY_MANIFEST, start, min_clients=2,
                                      on_fit_round=lambda report, _: fits.append(report))
     box: dict[str, Any] = {}
+    server = server_type(client_manager=shared, strategy=strategy)
+    server.set_max_workers(64)
 
-    def one_round() -> Any:
-        server = fl.Server(client_manager=shared, strategy=strategy)
-        history, _elapsed = server.fit(num_rounds=1, timeout=30)
+    def serve() -> Any:
+        history, _elapsed = server.fit(num_rounds=rounds, timeout=30)
+        # the round threads still alive before the phones are let go (ours: the pool's)
+        box["round_threads"] = sorted(t.name for t in threading.enumerate()
+                                      if t.name.startswith("flower-round"))
         server.disconnect_all_clients(timeout=10)  # phones end on ReconnectIns
         return history
 
@@ -145,7 +149,7 @@ def test_legacy_server_loop_runs_a_round_off_the_main_thread_over_the_wire():
               for p, port in ports.items()}
     # what train/advertised would have said (no HTTP backend here: only the gRPC loop)
     phones["android"].report.advertised = SERVED_TOY_MANIFEST["platforms"]["android"]
-    loop = threading.Thread(target=_guarded(box, "history", one_round), name="legacy-loop")
+    loop = threading.Thread(target=_guarded(box, "history", serve), name="legacy-loop")
     threads = [loop] + [
         threading.Thread(target=_guarded(box, p, lambda ph=ph, port=ports[p]: ph._serve(port)),
                          name=f"phone-{p}", daemon=True) for p, ph in phones.items()]
@@ -161,15 +165,35 @@ def test_legacy_server_loop_runs_a_round_off_the_main_thread_over_the_wire():
     errors = {k: v for k, v in box.items() if k.endswith("_error")}
     assert errors == {}, errors
     assert box["history_on_main_thread"] is False
-    assert [r for r, _ in box["history"].losses_distributed] == [1]
+    assert [r for r, _ in box["history"].losses_distributed] == list(range(1, rounds + 1))
     for p, phone in phones.items():
-        assert (phone.report.rounds_fit, phone.report.rounds_evaluated) == (1, 1), p
+        assert (phone.report.rounds_fit, phone.report.rounds_evaluated) == (rounds, rounds), p
         assert phone.report.reconnected, p
         sizes = [a.size for a in phone.report.received[0]]
         assert sizes == [int(np.prod(s)) for s in params.platform_shapes(SERVED_TOY_MANIFEST,
                                                                             p)], p
-    (report,) = fits
-    assert report.rejections == []
+    assert [r.rejections for r in fits] == [[]] * rounds
     # both add 1 to every tensor they train; the iOS-frozen dense bias comes from Android
     for got, was in zip(strategy.global_, start, strict=True):
-        np.testing.assert_allclose(got, was + 1, atol=1e-6)
+        np.testing.assert_allclose(got, was + rounds, atol=1e-5)
+    return {"server": server, "round_threads": box["round_threads"]}
+
+
+def test_legacy_server_loop_runs_a_round_off_the_main_thread_over_the_wire():
+    """Flower's legacy ``Server.fit`` runs a round (fit and evaluate) over the wire: each
+    phone gets its platform's layout, and the new global model is the average both phones'
+    updates imply."""
+    _serve_rounds(fl.Server, rounds=1)
+
+
+def test_pooled_server_runs_every_round_on_the_same_threads():
+    """``PooledServer`` (phone sessions) gives the same rounds as Flower's ``Server``, but
+    the fit and evaluate threads of three rounds with two phones are the same two threads,
+    started once and idle between rounds (Flower starts and joins them every round), until
+    ``close`` lets them go."""
+    out = _serve_rounds(fl.PooledServer, rounds=3)
+    assert len(out["round_threads"]) == 2, out["round_threads"]
+    out["server"].close()
+    wait_until(lambda: not any(t.name.startswith("flower-round")
+                               for t in threading.enumerate()), timeout=10,
+               what="the pool's threads end after close()")

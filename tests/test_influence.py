@@ -87,6 +87,24 @@ def test_the_lower_median_of_one_honest_claim_and_one_lie_is_the_honest_one():
     assert sorted(w.values()) == [5.0, 9.0]  # b forgotten (least recent), a's newest, no inf
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6),
+       st.lists(st.tuples(st.integers(0, 9),
+                          st.one_of(st.floats(-1e3, 1e3), st.sampled_from(
+                              [0.0, -0.0, 1.0, math.nan, math.inf, -math.inf]))),
+                max_size=60))
+def test_the_windows_median_is_the_lower_median_of_its_values(size, observations):
+    """The window keeps its values sorted as clients come, repeat and are forgotten: its
+    median is always the lower median of exactly the values it remembers."""
+    w = PeerWindow(size=size)
+    for client, value in observations:
+        w.observe(str(client), value)
+        kept = w.values()
+        assert len(kept) == len(w) <= size
+        assert all(math.isfinite(v) for v in kept)
+        assert w.median() == (lower_median(kept) if kept else None)
+
+
 def test_the_bounds_are_on_by_default_and_off_with_none():
     cfg = SessionConfig()
     assert cfg.max_weight_ratio == 2.0 and cfg.max_norm_ratio == 10.0

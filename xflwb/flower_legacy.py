@@ -16,7 +16,10 @@ test ``tests/test_flower_legacy.py`` pins what we rely on).
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import warnings
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -70,6 +73,90 @@ with warnings.catch_warnings():
     )
     from flwr.server.superlink.fleet.grpc_bidi.grpc_client_proxy import GrpcClientProxy
     from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH, generic_create_grpc_server
+
+
+_log = logging.getLogger("flwr")
+
+
+class PooledServer(Server):
+    """Flower's legacy ``Server`` whose rounds share one thread pool of ``max_workers``.
+
+    Flower's ``fit_clients`` / ``evaluate_clients`` build a ``ThreadPoolExecutor`` per round
+    and join it at the round's end, so a session that lets every phone train at once
+    (``set_max_workers(1024)``) starts and joins a thread per sampled client every round.
+    Each start waits for the new thread to take the GIL from the gRPC threads serving the
+    fleet: at 200 phones that was the largest server-side cost of a round. Here the threads
+    started in round 1 wait for the next round's fits instead. Same rules otherwise: every
+    instruction runs concurrently (up to ``max_workers``), the round waits for all of them
+    (timeouts are the transport's), an exception or a non-OK status is a failure. Call
+    ``close`` when the session ends (idle threads are also joined at interpreter exit)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def set_max_workers(self, max_workers: int | None) -> None:
+        super().set_max_workers(max_workers)
+        self.close()  # the next round starts a pool of the new size
+
+    def close(self) -> None:
+        """Let the pool's idle threads end (a round in flight finishes first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def _run(self, call: Callable[..., Any], instructions: list[tuple[Any, Any]],
+             timeout: float | None, group_id: int) -> tuple[list[Any], list[Any]]:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.max_workers, thread_name_prefix="flower-round")
+        futures = [self._pool.submit(call, client, ins, timeout=timeout, group_id=group_id)
+                   for client, ins in instructions]
+        concurrent.futures.wait(futures)  # timeouts are the transport's, as in Flower
+        results: list[Any] = []
+        failures: list[Any] = []
+        for (client, _), future in zip(instructions, futures, strict=True):
+            error = future.exception()
+            if error is not None:
+                failures.append(error)
+                continue
+            res = future.result()
+            (results if res.status.code == Code.OK else failures).append((client, res))
+        return results, failures
+
+    def fit_round(self, server_round: int, timeout: float | None) -> Any:
+        """Flower's ``Server.fit_round`` on the shared pool."""
+        instructions = self.strategy.configure_fit(
+            server_round=server_round, parameters=self.parameters,
+            client_manager=self._client_manager)
+        if not instructions:
+            _log.info("configure_fit: no clients selected, cancel")
+            return None
+        _log.info("configure_fit: strategy sampled %s clients (out of %s)", len(instructions),
+                  self._client_manager.num_available())
+        results, failures = self._run(lambda c, ins, **kw: c.fit(ins, **kw), instructions,
+                                      timeout, server_round)
+        _log.info("aggregate_fit: received %s results and %s failures", len(results),
+                  len(failures))
+        parameters, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        return parameters, metrics, (results, failures)
+
+    def evaluate_round(self, server_round: int, timeout: float | None) -> Any:
+        """Flower's ``Server.evaluate_round`` on the shared pool."""
+        instructions = self.strategy.configure_evaluate(
+            server_round=server_round, parameters=self.parameters,
+            client_manager=self._client_manager)
+        if not instructions:
+            _log.info("configure_evaluate: no clients selected, skipping evaluation")
+            return None
+        _log.info("configure_evaluate: strategy sampled %s clients (out of %s)",
+                  len(instructions), self._client_manager.num_available())
+        results, failures = self._run(lambda c, ins, **kw: c.evaluate(ins, **kw),
+                                      instructions, timeout, server_round)
+        _log.info("aggregate_evaluate: received %s results and %s failures", len(results),
+                  len(failures))
+        loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
+        return loss, metrics, (results, failures)
 
 
 def simulation_api() -> SimpleNamespace:
@@ -192,6 +279,7 @@ __all__ = [
     "InsWrapper",
     "Krum",
     "Parameters",
+    "PooledServer",
     "ReconnectIns",
     "ResWrapper",
     "Scalar",

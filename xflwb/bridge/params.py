@@ -123,7 +123,7 @@ def _shaped(arrays: Sequence[Any], shapes: list[tuple[int, ...]], names: list[st
     out = []
     for arr, shape, name in zip(arrays, shapes, names, strict=True):
         a = np.asarray(arr, dtype=np.float32)
-        size = int(np.prod(shape))
+        size = math.prod(shape)  # np.prod's dispatch costs more than the whole check
         if a.size != size:
             raise ValueError(f"{what} tensor for layer {name} has {a.size} elements, "
                              f"expected {size} (shape {list(shape)})")

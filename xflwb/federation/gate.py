@@ -126,6 +126,8 @@ class UpdateGate:
         self._received: OrderedDict[tuple[int, str, str], tuple[Any, list[Array]]] = (
             OrderedDict())
         self._lock = threading.Lock()
+        #: platform → (the manifest it was computed from, ``float32_bytes``)
+        self._f32: dict[str, tuple[Any, int]] = {}
 
     @property
     def platforms(self) -> list[str]:
@@ -258,7 +260,12 @@ class UpdateGate:
     def float32_bytes(self, platform: str) -> int:
         """What one model or update of ``platform`` costs as float32: 4 bytes per element of
         its layout (the compression ratio's reference)."""
-        return 4 * sum(math.prod(s) for s in params.platform_shapes(self.manifest, platform))
+        hit = self._f32.get(platform)
+        if hit is not None and hit[0] is self.manifest:  # asked twice per update
+            return hit[1]
+        size = 4 * sum(math.prod(s) for s in params.platform_shapes(self.manifest, platform))
+        self._f32[platform] = (self.manifest, size)
+        return size
 
     def received(self, model: Sequence[Array], platform: str, down: Codec | None
                  ) -> list[Array]:

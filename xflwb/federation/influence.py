@@ -27,6 +27,7 @@ clip to a fixed or adaptive norm, which is the DP path's job here).
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -77,30 +78,41 @@ def weight_cap(claims: Iterable[int], ratio: float | None) -> int | None:
 
 class PeerWindow:
     """The latest value of each of the last ``size`` distinct clients (least recently seen
-    forgotten first)."""
+    forgotten first).
+
+    The values are also kept sorted, so the median every update is judged against is a
+    lookup, not a sort of the whole window per update (a round of N clients sorted the
+    window N times)."""
 
     def __init__(self, size: int = WINDOW) -> None:
         self.size = int(size)
         self._values: OrderedDict[str, float] = OrderedDict()
+        self._sorted: list[float] = []
 
     def __len__(self) -> int:
         return len(self._values)
+
+    def _forget(self, value: float) -> None:
+        del self._sorted[bisect.bisect_left(self._sorted, value)]
 
     def observe(self, client: str, value: float) -> None:
         """Record ``client``'s newest value (ignored when not finite)."""
         if not math.isfinite(value):
             return
-        self._values.pop(client, None)
+        old = self._values.pop(client, None)
+        if old is not None:
+            self._forget(old)
         self._values[client] = float(value)
+        bisect.insort(self._sorted, float(value))
         while len(self._values) > self.size:
-            self._values.popitem(last=False)
+            self._forget(self._values.popitem(last=False)[1])
 
     def values(self) -> list[float]:
         return list(self._values.values())
 
     def median(self) -> float | None:
         """The lower median of the remembered values (None when empty)."""
-        return lower_median(self._values.values()) if self._values else None
+        return self._sorted[(len(self._sorted) - 1) // 2] if self._sorted else None
 
     def check(self, norm: float, ratio: float, platform: str) -> None:
         """Raise ``UpdateTooLarge`` when ``norm`` exceeds ``ratio`` × the median."""

@@ -88,7 +88,7 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
     with proc:
         from xflwb.federation.dp import PrivacyBudgetSpent
         from xflwb.federation.report import AllClientsFailed
-        from xflwb.flower_legacy import Server, SimpleClientManager
+        from xflwb.flower_legacy import PooledServer, SimpleClientManager
 
         registry, xlog = proc.registry, proc.log
         cfg, model = proc.load(SessionConfig)
@@ -151,8 +151,10 @@ def run_session(data_dir: str, db_url: str, session_id: int) -> None:
         if asynchronous:
             _run_fedbuff(proc, cm, strategy, cfg, offset)
             return
-        server = Server(client_manager=cm, strategy=strategy)
+        # one pool for every round: a thread per phone is started once, not every round
+        server = PooledServer(client_manager=cm, strategy=strategy)
         server.set_max_workers(cfg.max_workers)
+        proc.on_exit(server.close)
         try:
             server.fit(num_rounds=cfg.rounds, timeout=cfg.round_timeout)
         except AllClientsFailed as exc:  # the reason is the clients', not a traceback
