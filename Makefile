@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench bench-smoke clean
 
 $(STAMP): pyproject.toml scripts/install-browser.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(STAMP)  # about 35 minutes in all on 2 cores
 	$(BIN)/python benchmarks/aggregate.py
 	$(BIN)/python benchmarks/fleet_scale.py
 	$(BIN)/python benchmarks/simulation_scale.py
+
+# every benchmark with --smoke: completes and prints its table (make test runs it too)
+bench-smoke: $(STAMP)
+	$(BIN)/python -m pytest tests/test_benchmarks.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

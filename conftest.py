@@ -11,6 +11,7 @@ from typing import Any
 
 #: files that take a minute or more on 2 cores (Ray, notebooks, processes), longest first
 LONG_FIRST = (
+    "tests/test_benchmarks.py",  # every benchmark's smoke run: several minutes
     "tests/test_simulation.py", "tests/test_experiment.py", "tests/test_secagg.py",
     "notebooks/03-non-iid-and-stragglers.ipynb", "notebooks/04-simulation-engine.ipynb",
     "tests/test_demo.py", "tests/test_devices.py", "tests/test_lifeline.py",

@@ -20,7 +20,7 @@ relative to the largest magnitude of each tensor.
 Goals on the 2-core machine: ours ≥ 3× faster than Flower, within 2× of a plain read, peak
 extra memory ≤ 3× one model; for the aggregation the product runs, i.e. in a session
 process (the benchmark pins BLAS as session processes do).
-Run: ``.venv/bin/python benchmarks/aggregate.py``.
+Run: ``.venv/bin/python benchmarks/aggregate.py`` (``--smoke``: 6 updates, one timed run).
 """
 
 from __future__ import annotations
@@ -126,7 +126,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--updates", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=7, help="timed runs of each (median)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="6 updates, one timed run: checks the benchmark runs (seconds)")
     args = ap.parse_args()
+    if args.smoke:
+        args.updates, args.repeat = 6, 1
 
     pin_blas_threads()  # as a session process does: whole-tensor BLAS calls on one thread
     previous, updates = make_updates(args.updates)

@@ -1,7 +1,8 @@
 """FedBuff against synchronous FedAvg with stragglers: wall time to 90 % test accuracy.
 
     python benchmarks/async.py            # the recorded run (about 5 minutes)
-    python benchmarks/async.py --quick    # a smoke run: fewer rounds, 80 % target
+    python benchmarks/async.py --quick    # fewer rounds, 80 % target
+    python benchmarks/async.py --smoke    # 1 + 1 phones, 2 rounds, 50 %: checks it runs
 
 * **Time to accuracy**: the demo CNN (``xflwb.demo.demo_model()``, exported once with
   data_type "digits", SGD(0.05, momentum 0.9)) trained by 8 virtual phones in their own
@@ -49,7 +50,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -59,9 +60,24 @@ import xflwb
 from xflwb.demo import demo_model
 
 NAME, DATASET, PARTITION, SEED = "bench_async", "digits", "dirichlet:0.5", 0
-ANDROID, IOS = 4, 4
-SLOWDOWN = [1, 1, 1, 5, 1, 1, 1, 10]  # device order: 4 Android, then 4 iOS
 BUFFER_SIZE, MAX_STALENESS = 4, 20
+
+
+class Fleet(NamedTuple):
+    """The phones both arms train with, and FedBuff's buffer size for them."""
+
+    android: int
+    ios: int
+    slowdown: list[float]  # device order: the Android phones, then the iOS ones
+    buffer_size: int
+
+    @property
+    def n(self) -> int:
+        return self.android + self.ios
+
+
+FLEET = Fleet(4, 4, [1, 1, 1, 5, 1, 1, 1, 10], BUFFER_SIZE)
+SMOKE_FLEET = Fleet(1, 1, [1, 2], 2)  # --smoke: one phone a platform, the iOS one slower
 
 
 class Load:
@@ -117,28 +133,28 @@ class Load:
                 f"{self.other:.2f} (1-min load average at the end {self.loadavg:.2f})")
 
 
-def held_out() -> tuple[np.ndarray, np.ndarray]:
+def held_out(fleet: Fleet) -> tuple[np.ndarray, np.ndarray]:
     """The union of the phones' local test splits: data no phone trains on."""
     from xflwb.devices.partition import device_data
 
-    n = ANDROID + IOS
+    n = fleet.n
     parts = [device_data(DATASET, PARTITION, n, k, seed=SEED) for k in range(n)]
     return (np.concatenate([p.x_test for p in parts]),
             np.concatenate([p.y_test for p in parts]))
 
 
 def run_arm(wb: Any, res: Any, strategy: str, rounds: int, epochs: int,
-            options: dict[str, Any], timeout: float) -> dict[str, Any]:
+            options: dict[str, Any], timeout: float, fleet_spec: Fleet) -> dict[str, Any]:
     """One session with a fresh fleet; the checkpoints' (seconds since training began,
     canonical arrays), the history and the arrivals."""
     from xflwb.sessions.checkpoints import load_checkpoint
 
     s = wb.train(NAME, rounds=rounds, strategy=strategy, strategy_options=options,
-                 min_clients=ANDROID + IOS, fraction_fit=1.0, fraction_evaluate=0.0,
+                 min_clients=fleet_spec.n, fraction_fit=1.0, fraction_evaluate=0.0,
                  local_epochs=epochs, round_timeout=120,
                  keep_checkpoints=None)  # every version's model is evaluated below
-    fleet = wb.spawn_devices(android=ANDROID, ios=IOS, dataset=DATASET, partition=PARTITION,
-                             seed=SEED, slowdown=SLOWDOWN)
+    fleet = wb.spawn_devices(android=fleet_spec.android, ios=fleet_spec.ios, dataset=DATASET,
+                             partition=PARTITION, seed=SEED, slowdown=fleet_spec.slowdown)
     spawned, began = time.time(), None
     deadline = time.monotonic() + timeout
     try:
@@ -277,7 +293,12 @@ def memory_report(res: Any) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a smoke run (8 rounds, 80 %%)")
+    ap.add_argument("--quick", action="store_true", help="8 rounds, 80 %% target")
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 Android + 1 iOS phone, 2 rounds of 1 epoch, 50 %% target, a 60 s "
+                    "cap: checks the benchmark runs")
+    ap.add_argument("--workdir", type=Path,
+                    help="the export and the workbench's data go here (default: a temp dir)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="sync rounds (FedBuff gets rounds·8/buffer_size versions)")
     ap.add_argument("--local-epochs", type=int, default=3)
@@ -285,14 +306,20 @@ def main() -> int:
     ap.add_argument("--max-seconds", type=float, default=600.0,
                     help="FedBuff's training cap (and each arm's timeout + 300 s)")
     args = ap.parse_args()
+    fleet = FLEET
+    if args.smoke:
+        fleet, args.rounds, args.local_epochs = SMOKE_FLEET, 2, 1
+        args.target, args.max_seconds = 0.5, 60.0
     rounds = args.rounds or (8 if args.quick else 40)
     target = args.target or (0.8 if args.quick else 0.9)
-    versions = rounds * (ANDROID + IOS) // BUFFER_SIZE
-    tmp = Path(tempfile.mkdtemp(prefix="xflwb-bench-async-"))
+    versions = rounds * fleet.n // fleet.buffer_size
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    tmp = args.workdir or Path(tempfile.mkdtemp(prefix="xflwb-bench-async-"))
     res = xflwb.export(demo_model(), name=NAME, data_type=DATASET, out_dir=tmp / "artifacts",
                        optimizer=xflwb.SGD(0.05, momentum=0.9))
-    x, y = held_out()
-    fedbuff = {"buffer_size": BUFFER_SIZE, "max_staleness": MAX_STALENESS,
+    x, y = held_out(fleet)
+    fedbuff = {"buffer_size": fleet.buffer_size, "max_staleness": MAX_STALENESS,
                "staleness": "polynomial:0.5", "server_lr": 1.0,
                "max_seconds": args.max_seconds, "evaluate_every": 0}
     arms = {"sync FedAvg": ("fedavg", rounds, {}), "FedBuff": ("fedbuff", versions, fedbuff)}
@@ -301,15 +328,15 @@ def main() -> int:
         wb.publish(res)
         for label, (strategy, n, options) in arms.items():
             arm = run_arm(wb, res, strategy, n, args.local_epochs, options,
-                          timeout=args.max_seconds + 300)
+                          timeout=args.max_seconds + 300, fleet_spec=fleet)
             arm["curve"] = accuracy_curve(res, arm["models"], x, y)
             results[label] = arm
-    print(f"Dirichlet(0.5) digits, {ANDROID} Android + {IOS} iOS phones (processes), "
-          f"slowdowns {SLOWDOWN}, local_epochs {args.local_epochs}; accuracy of each "
-          f"checkpoint on {len(y)} held-out samples; target {target:.0%}")
-    print(f"  sync FedAvg: {rounds} rounds, min_clients 8, fraction 1.0; FedBuff: up to "
-          f"{versions} versions, buffer_size {BUFFER_SIZE}, max_staleness {MAX_STALENESS}, "
-          "polynomial:0.5, server_lr 1.0")
+    print(f"Dirichlet(0.5) digits, {fleet.android} Android + {fleet.ios} iOS phones "
+          f"(processes), slowdowns {fleet.slowdown}, local_epochs {args.local_epochs}; "
+          f"accuracy of each checkpoint on {len(y)} held-out samples; target {target:.0%}")
+    print(f"  sync FedAvg: {rounds} rounds, min_clients {fleet.n}, fraction 1.0; FedBuff: up "
+          f"to {versions} versions, buffer_size {fleet.buffer_size}, max_staleness "
+          f"{MAX_STALENESS}, polynomial:0.5, server_lr 1.0")
     print(f"  {'arm':12s} {'to target':>16s} {'final acc':>9s} {'best':>6s} {'made':>14s} "
           f"{'train s':>8s}  updates per platform")
     reached = {}

@@ -2,7 +2,7 @@
 
     python benchmarks/compression.py                 # part A (codecs), then part B (training)
     python benchmarks/compression.py --part a        # part A only (a minute)
-    python benchmarks/compression.py --smoke         # tiny sizes, seconds (part A only)
+    python benchmarks/compression.py --smoke         # tiny sizes: both parts, 2 arms, 2 rounds
 
 * **Part A, codec speed and size** (``xflwb.federation.codecs``, no TensorFlow): per codec,
   the bytes of a 1M-parameter update (N(0, 0.01) values, the scale of a delta) against
@@ -27,7 +27,9 @@
   fewer uplink bytes within 1 accuracy point; topk:0.01 ≥ 20× within 3 points; int8's
   aggregation time ≤ 1.3× float32's.
 
-Results go to stdout; record them in ``benchmarks/README.md``.
+Part B's simulations share one Ray head: one started for the run, or the running one
+``--ray-address`` names (neither started nor stopped). Results go to stdout; record them in
+``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -40,14 +42,15 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from privacy import add_common_arguments, ray_head, workdir  # noqa: E402  (the house helpers)
 
 from xflwb.bridge import params  # noqa: E402
 from xflwb.federation import codecs  # noqa: E402
@@ -180,14 +183,6 @@ def compression_for(up: str) -> dict[str, Any]:
     return {"compression": xflwb.Compression(up=up, down=down)}
 
 
-def start_ray(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """One Ray head for every simulation arm (stopped by this script alone)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from privacy import start_ray as start  # the house helper
-
-    return start(tmp)
-
-
 def per_round(hist: Any, metric: str) -> float:
     """Mean per round (rounds after the first) of an all-platform history metric."""
     allp = hist[hist.platform == "all"].pivot_table(index="round", columns="metric",
@@ -206,10 +201,13 @@ def accuracy(res: Any, session: Any) -> float:
     return float(keras_rt.evaluate(ds.x_test, ds.y_test)[1])
 
 
-def fleet_arm(wb: Any, res: Any, up: str, rounds: int, epochs: int) -> dict[str, float]:
-    s = wb.train(NAME, rounds=rounds, min_clients=8, fraction_fit=1.0, local_epochs=epochs,
-                 fraction_evaluate=0.0, round_timeout=300, **compression_for(up))
-    fleet = wb.spawn_devices(android=4, ios=4, dataset=DATASET, partition=PARTITION,
+def fleet_arm(wb: Any, res: Any, up: str, rounds: int, epochs: int,
+              phones: int = 4) -> dict[str, float]:
+    """``phones`` Android and as many iOS virtual phones, every phone every round."""
+    s = wb.train(NAME, rounds=rounds, min_clients=2 * phones, fraction_fit=1.0,
+                 local_epochs=epochs, fraction_evaluate=0.0, round_timeout=300,
+                 **compression_for(up))
+    fleet = wb.spawn_devices(android=phones, ios=phones, dataset=DATASET, partition=PARTITION,
                              seed=SEED)
     try:
         status = s.wait(timeout=3600)
@@ -265,13 +263,14 @@ def report(label: str, rows: dict[str, dict[str, float]]) -> None:
 
 
 def part_b(rounds: int, clients: int, fraction: float, arms: list[str], epochs: int = 1,
-           only: str | None = None) -> None:
+           only: str | None = None, phones: int = 4, ray_address: str | None = None,
+           tmp: Path | None = None) -> None:
     import xflwb
     from xflwb.demo import demo_model
 
     if set(arms) != {"float32"} and not hasattr(xflwb, "Compression"):
         raise SystemExit("part B needs xflwb.Compression (issue 23's session option)")
-    tmp = Path(tempfile.mkdtemp(prefix="xflwb-bench-compression-"))
+    tmp = workdir(tmp, "xflwb-bench-compression-")
     res = xflwb.export(demo_model(), name=NAME, data_type=DATASET, out_dir=tmp / "artifacts",
                        optimizer=xflwb.SGD(0.05, momentum=0.9))
     print(f"Part B: training, Dirichlet(0.5) {DATASET}, demo CNN, {rounds} rounds; "
@@ -283,20 +282,16 @@ def part_b(rounds: int, clients: int, fraction: float, arms: list[str], epochs: 
         with xflwb.Workbench(data_dir=tmp / "xfl", port=0) as wb:
             wb.publish(res)
             for arm in arms:
-                fleet_rows[arm] = fleet_arm(wb, res, arm, rounds, epochs)
-        report("4 Android + 4 iOS virtual phones, every phone every round", fleet_rows)
+                fleet_rows[arm] = fleet_arm(wb, res, arm, rounds, epochs, phones)
+        report(f"{phones} Android + {phones} iOS virtual phones, every phone every round",
+               fleet_rows)
     if only == "fleet":
         return
-    head, address = start_ray(tmp)
     sim_rows: dict[str, dict[str, float]] = {}
-    try:
+    with ray_head(tmp, ray_address) as address:
         for k, arm in enumerate(arms):
             sim_rows[arm] = sim_arm(res, arm, rounds, clients, fraction, tmp / f"sim{k}",
                                     address, epochs)
-    finally:
-        from privacy import stop_ray  # the house helper (on sys.path: start_ray)
-
-        stop_ray(head)
     report(f"{clients}-client simulation, {fraction:.0%} of the clients per round", sim_rows)
     print(f"  load average {os.getloadavg()[0]:.2f} at the end")
 
@@ -304,7 +299,8 @@ def part_b(rounds: int, clients: int, fraction: float, arms: list[str], epochs: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true",
-                    help="tiny sizes, part A only: finishes in seconds")
+                    help="tiny sizes: part A on 20,000 values; part B with float32 and int8, "
+                    "2 rounds, 1 + 1 phones and 4 simulated clients")
     ap.add_argument("--part", choices=["a", "b", "ab"], default="ab")
     ap.add_argument("--params", type=int, default=1_000_000, help="part A's tensor size")
     ap.add_argument("--repeat", type=int, default=21, help="part A's timed repeats")
@@ -319,17 +315,24 @@ def main() -> int:
     ap.add_argument("--local-epochs", type=int, default=1, help="part B: epochs per fit")
     ap.add_argument("--only", choices=["fleet", "sim"], default=None,
                     help="part B: run only the phones or only the simulation")
+    ap.add_argument("--phones", type=int, default=4,
+                    help="part B: Android phones, and as many iOS ones")
+    add_common_arguments(ap)
     args = ap.parse_args()
     if args.smoke:
-        part_a(20_000, 3, 4)
-        return 0
+        args.params, args.repeat, args.clients, args.rounds = 20_000, 3, 4, 2
+        args.fraction, args.arms, args.phones = 1.0, "float32,int8", 1
     if "a" in args.part:
         part_a(args.params, args.repeat, max(2, args.clients // 10))
     if "b" in args.part:
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         if arms[:1] != ["float32"]:
             ap.error("--arms must start with float32 (the ratios are against it)")
-        part_b(args.rounds, args.clients, args.fraction, arms, args.local_epochs, args.only)
+        if args.rounds < 2:
+            ap.error(f"--rounds {args.rounds}: part B's figures are per round after the "
+                     "first; use --rounds 2 or more")
+        part_b(args.rounds, args.clients, args.fraction, arms, args.local_epochs, args.only,
+               args.phones, args.ray_address, args.workdir)
     return 0
 
 

@@ -17,7 +17,7 @@ at 96×96 (32 × 96 channels × 48 × 48, 3×3, stride 1, "same") four ways, int
   (a (C, 1, 1) array broadcast over the map).
 
 It prints ms per call and ratios to ``tf``. Run: ``.venv/bin/python
-benchmarks/depthwise_floor.py [--threads 1]``.
+benchmarks/depthwise_floor.py [--threads 1]`` (``--smoke``: a batch of 2, 2 rounds).
 """
 
 from __future__ import annotations
@@ -65,7 +65,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--batch", type=int, default=B, help="samples per call")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a batch of 2, 2 rounds: checks the benchmark runs (seconds)")
     args = ap.parse_args()
+    if args.smoke:
+        args.batch, args.rounds = 2, 2
+    batch = args.batch
 
     import tensorflow as tf
     from threadpoolctl import threadpool_limits
@@ -77,7 +83,7 @@ def main() -> None:
     threadpool_limits(args.threads)
 
     rng = np.random.default_rng(0)
-    x = rng.random((B, C, H, H), dtype=np.float32)
+    x = rng.random((batch, C, H, H), dtype=np.float32)
     w = rng.random((C, 3, 3), dtype=np.float32)
 
     ex = CoreMLExecutor(_coreml_depthwise(w))
@@ -93,7 +99,7 @@ def main() -> None:
     assert np.allclose(got, ref, atol=1e-4), "executor disagrees with TF"
 
     # one sample at a time, as the executor's gradient-free prefix runs (cache-sized)
-    flats = list(x.reshape(B, -1))
+    flats = list(x.reshape(batch, -1))
     acc, tmp = np.empty_like(flats[0]), np.empty_like(flats[0])
     scalars = [np.float32(v) for v in w[0].ravel()]
 
@@ -115,7 +121,7 @@ def main() -> None:
         "floor": floor,
         "bcast": bcast,
     }, args.rounds)
-    print(f"threads: {args.threads}; layer: {B}×{C}×{H}×{H}, 3×3 depthwise, stride 1")
+    print(f"threads: {args.threads}; layer: {batch}×{C}×{H}×{H}, 3×3 depthwise, stride 1")
     print("| variant | ms/call | ratio to tf |\n|---|---|---|")
     labels = {"tf": "TF depthwise_conv2d (Keras's kernel)",
               "executor": "Core ML executor depthwise kernel",
@@ -123,7 +129,7 @@ def main() -> None:
               "bcast": "one tap as broadcast (C,1,1) multiply (×17 ops per layer)"}
     for n, v in t.items():
         print(f"| {labels[n]} | {v * 1e3:.2f} | {v / t['tf']:.2f}x |")
-    n_el = B * C * H * H
+    n_el = batch * C * H * H
     print(f"\nnumpy throughput: floor {17 * n_el / t['floor'] / 1e9:.2f} G elements/s; "
           f"broadcast multiply {n_el / t['bcast'] / 1e9:.2f} G elements/s")
 

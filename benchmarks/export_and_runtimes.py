@@ -21,7 +21,9 @@ collapse when oversubscribed (see benchmarks/README.md).
 Goals on the 2-core machine: MNIST export ≤ 10 s; transfer export ≤ 30 s and ≤ 4× the bare
 conversion; TFLite step ≤ 1.5× Keras; Core ML step ≤ 3× Keras; Core ML forward of the
 transfer model ≤ 3× Keras.
-Run: ``.venv/bin/python benchmarks/export_and_runtimes.py`` (or ``make bench``).
+Run: ``.venv/bin/python benchmarks/export_and_runtimes.py`` (or ``make bench``); ``--smoke``
+checks it runs: one export each, one timed round of one call, and a small frozen backbone
+(MobileNetV2's layer kinds, 32×32) in place of MobileNetV2.
 """
 
 from __future__ import annotations
@@ -76,6 +78,30 @@ def transfer_mobilenet():
     x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(10, activation="softmax")(x)
     return keras.Model(inputs, outputs, name="mobilenetv2_transfer")
+
+
+def transfer_small():
+    """``--smoke``'s stand-in for MobileNetV2: its layer kinds (conv, depthwise, BatchNorm,
+    ReLU6) in a frozen 32×32×3 backbone of a few layers → GAP → Dense 10 softmax, so the
+    transfer rows run in seconds."""
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential([
+        keras.Input((32, 32, 3)),
+        keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(6.0),
+        keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(6.0),
+        keras.layers.Conv2D(16, 1, use_bias=False),
+        keras.layers.BatchNormalization(),
+    ], name="small_backbone")
+    backbone.trainable = False
+    inputs = keras.Input((32, 32, 3))
+    x = backbone(inputs, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name="small_transfer")
 
 
 def set_threads(n: int) -> dict[str, Any]:
@@ -193,21 +219,21 @@ def _batch(res: Any, batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_steps(res: Any, threads: int, rounds: int, inner: int,
-                batch: int = 32) -> dict[str, Any]:
+                batch: int = 32, warmup: int = 3) -> dict[str, Any]:
     rts = _runtimes(res, threads)
     x, y = _batch(res, batch)
     for rt in rts.values():
         rt._begin_task()
     return _interleaved({p: (lambda rt=rt: rt._train_step(x, y)) for p, rt in rts.items()},
-                        rounds, inner)
+                        rounds, inner, warmup)
 
 
 def bench_forward(res: Any, threads: int, rounds: int, inner: int,
-                  batch: int = 32) -> dict[str, Any]:
+                  batch: int = 32, warmup: int = 3) -> dict[str, Any]:
     rts = _runtimes(res, threads)
     x, _ = _batch(res, batch)
     return _interleaved({p: (lambda rt=rt: rt.predict(x)) for p, rt in rts.items()},
-                        rounds, inner)
+                        rounds, inner, warmup)
 
 
 def _verdict(ok: bool) -> str:
@@ -246,7 +272,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds")
     ap.add_argument("--inner", type=int, default=3, help="calls per runtime per round")
     ap.add_argument("--export-repeat", type=int, default=3)
+    ap.add_argument("--smoke", action="store_true",
+                    help="one export each, one round of one call after one warm-up, a small "
+                    "frozen backbone for MobileNetV2: checks the benchmark runs")
     args = ap.parse_args()
+    warmup = 3
+    transfer, transfer_title = (transfer_mobilenet,
+                                "frozen MobileNetV2 0.35 96x96x3 -> GAP -> Dense 10")
+    if args.smoke:
+        args.export_repeat, args.rounds, args.inner, warmup = 1, 1, 1, 1
+        transfer, transfer_title = (transfer_small, "small frozen conv/depthwise/BN/ReLU6 "
+                                    "backbone 32x32x3 (smoke) -> GAP -> Dense 10")
     th = set_threads(args.threads)
     import xflwb
 
@@ -262,26 +298,25 @@ def main() -> None:
         print_export("MNIST-sized CNN, 28x28x1, 2 conv + 2 dense", ex, 10, None)
         print(f"({load})\n")
         with OtherLoad() as load:
-            tl = bench_export(transfer_mobilenet, "transfer", out, args.export_repeat,
+            tl = bench_export(transfer, "transfer", out, args.export_repeat,
                               xflwb.SGD(0.05, 0.9))
-        print_export("transfer: frozen MobileNetV2 0.35 96x96x3 -> GAP -> Dense 10", tl, 30,
-                     4.0)
+        print_export(f"transfer: {transfer_title}", tl, 30, 4.0)
         print(f"({load})")
         for build, name in ((digits_cnn, "digits"), (mnist_cnn, "mnist")):
             res = xflwb.export(build(), name=f"bench_{name}_steps", out_dir=out,
                                optimizer=xflwb.SGD(0.05, 0.9), check_parity=False)
             with OtherLoad() as load:
-                t = bench_steps(res, args.threads, args.rounds, args.inner)
+                t = bench_steps(res, args.threads, args.rounds, args.inner, warmup=warmup)
             print_runtimes(f"Train step, batch 32, {name} CNN (median of {args.rounds} "
                            f"interleaved rounds of {args.inner})", t, step_goals)
             print(f"({load})")
         with OtherLoad() as load:
-            t = bench_steps(tl["res"], args.threads, args.rounds, args.inner)
+            t = bench_steps(tl["res"], args.threads, args.rounds, args.inner, warmup=warmup)
         print_runtimes(f"Train step, batch 32, transfer model, head only (median of "
                        f"{args.rounds} interleaved rounds of {args.inner})", t, step_goals)
         print(f"({load})")
         with OtherLoad() as load:
-            t = bench_forward(tl["res"], args.threads, args.rounds, args.inner)
+            t = bench_forward(tl["res"], args.threads, args.rounds, args.inner, warmup=warmup)
         print_runtimes(f"Forward, batch 32, transfer model incl. frozen backbone (median of "
                        f"{args.rounds} interleaved rounds of {args.inner})", t, {"ios": 3.0})
         print(f"({load})")

@@ -6,6 +6,7 @@ calls when it joins (``train/advertised``, ``train/server``, the model download 
 ``train/manifest``). Run it before and after a change to the HTTP layer and compare.
 
     .venv/bin/python benchmarks/http_latency.py [--clients 30] [--requests 60]
+    .venv/bin/python benchmarks/http_latency.py --smoke   # 4 clients, 8 requests, one run
 """
 
 from __future__ import annotations
@@ -55,7 +56,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=30)
     ap.add_argument("--requests", type=int, default=60, help="per client")
     ap.add_argument("--repeats", type=int, default=3, help="runs; the median run is kept")
+    ap.add_argument("--smoke", action="store_true",
+                    help="4 clients, 8 requests each, one run: checks the benchmark runs")
     args = ap.parse_args()
+    if args.smoke:
+        args.clients, args.requests, args.repeats = 4, 8, 1
     with tempfile.TemporaryDirectory() as tmp:
         res = xflwb.export(_model(), name="bench", data_type="bench-data",
                            out_dir=Path(tmp) / "exports")

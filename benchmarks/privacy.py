@@ -2,6 +2,7 @@
 
     python benchmarks/privacy.py            # DP at 100 clients; SecAgg+ at 20, 50, 100
     python benchmarks/privacy.py --quick    # DP at 20 clients; SecAgg+ at 10, 20
+    python benchmarks/privacy.py --smoke    # 4 clients, 2 rounds, one pair of each
 
 * **DP overhead**: the same simulation (demo CNN on digits, half Android half iOS,
   ``fraction_fit`` of the fleet per round) with and without ``privacy=xflwb.DP(...)``;
@@ -12,7 +13,8 @@
   several fleet sizes (every client trains every round); the ratio of the wall time per
   round and the bytes each client sends per round. Goal: ≤ 3× at 100 clients.
 
-Every arm runs on one local Ray head started here, so each pays the same start-up, and the
+Every arm runs on one local Ray head started here (or the running one ``--ray-address``
+names, which is neither started nor stopped), so each pays the same start-up, and the
 arms alternate (plain, private, plain, private, …) so a slower minute of the machine hits
 both; each setting runs ``--repeat`` such pairs and reports the median ratio with every
 pair's (one pair of runs was not enough: the same code gave 2.9× and 3.5×). Results go to
@@ -22,12 +24,14 @@ stdout; record them in ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +80,38 @@ def start_ray(tmp: Path) -> tuple[subprocess.Popen, str]:
     return head, f"127.0.0.1:{gcs}"
 
 
+@contextlib.contextmanager
+def ray_head(tmp: Path, address: str | None) -> Iterator[str]:
+    """The GCS address every simulation arm uses: ``address`` (a running head: neither
+    started nor stopped here), else a head started for this run and stopped at its end."""
+    if address:
+        yield address
+        return
+    head, started = start_ray(tmp)
+    try:
+        yield started
+    finally:
+        stop_ray(head)
+
+
+def add_common_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--ray-address`` and ``--workdir``, as every benchmark that runs simulations takes
+    them."""
+    ap.add_argument("--ray-address", metavar="HOST:PORT",
+                    help="a running Ray head's GCS address to run every simulation on (it "
+                    "is neither started nor stopped); default: start one for this run")
+    ap.add_argument("--workdir", type=Path,
+                    help="exports, registries and logs go here (default: a new temp dir)")
+
+
+def workdir(path: Path | None, prefix: str) -> Path:
+    """``--workdir`` (created if missing), else a new temp dir named ``prefix``…"""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=prefix))
+    path.mkdir(parents=True, exist_ok=True)
+    return path.resolve()
+
+
 def run_arm(res: Any, data_dir: Path, ray_address: str, clients: int, rounds: int,
             fraction: float, **extra: Any) -> dict[str, float]:
     """One simulation; wall seconds per round after the first, the server's aggregation
@@ -114,13 +150,20 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="alternating (plain, private) pairs per setting; the ratio printed "
                     "is the median of the pairs' ratios, with their range")
+    ap.add_argument("--smoke", action="store_true",
+                    help="4 clients, 2 rounds, one pair per setting: checks the benchmark runs")
+    add_common_arguments(ap)
     args = ap.parse_args()
     dp_clients, dp_fraction = (20, 0.5) if args.quick else (100, 0.2)
-    secagg_sizes = (10, 20) if args.quick else (20, 50, 100)
-    tmp = Path(tempfile.mkdtemp(prefix="xflwb-bench-privacy-"))
+    secagg_sizes: tuple[int, ...] = (10, 20) if args.quick else (20, 50, 100)
+    if args.smoke:
+        args.rounds, args.repeat, dp_clients, dp_fraction, secagg_sizes = 2, 1, 4, 0.5, (4,)
+    if args.rounds < 2:
+        ap.error(f"--rounds {args.rounds}: the wall time per round is taken over rounds "
+                 "2..R; use --rounds 2 or more")
+    tmp = workdir(args.workdir, "xflwb-bench-privacy-")
     res = xflwb.export(demo_model(), name="bench_dp", data_type="digits",
                        out_dir=tmp / "artifacts", optimizer=xflwb.SGD(0.05, momentum=0.9))
-    head, address = start_ray(tmp)
     runs = 0
 
     def arm(clients: int, fraction: float, **extra: Any) -> dict[str, float]:
@@ -143,7 +186,7 @@ def main() -> int:
                 if len(ratios) > 1 else f"{ratios[0]:.2f}×")
         return ({k: v[0] for k, v in med.items()}, {k: v[1] for k, v in med.items()}, span)
 
-    try:
+    with ray_head(tmp, args.ray_address) as address:
         dp = xflwb.DP(noise_multiplier=1.0, clipping_norm=1.0)
         plain, private, span = pairs(dp_clients, dp_fraction, privacy=dp)
         print(f"DP at {dp_clients} clients ({dp_fraction:.0%} per round), {args.rounds} "
@@ -170,8 +213,6 @@ def main() -> int:
                   f"   bytes per client {p['bytes_per_client']:,.0f} → ≈{masked_bytes:,}"
                   f"   accuracy {p['accuracy']:.3f} / "
                   f"{s['accuracy']:.3f}" + ("   (goal ≤ 3×)" if n == 100 else ""))
-    finally:
-        stop_ray(head)
     return 0
 
 

@@ -16,7 +16,8 @@ Two parts, both with one attacker among honest clients:
   Broken = the session did not finish, or an honest client missed a round.
 
 Run: ``.venv/bin/python benchmarks/robustness_fuzz.py`` (about a minute);
-``--updates 200 --sessions 1 --rounds 10`` for a quick check.
+``--updates 200 --sessions 1 --rounds 10`` for a quick check; ``--smoke`` for a few seconds
+(60 updates, one session of 3 rounds).
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ class StreamClient:
                 out.put(None)
 
 
-def live(sessions: int, rounds: int, seed: int) -> dict[str, Any]:
+def live(sessions: int, rounds: int, seed: int, workdir: Path | None = None
+         ) -> dict[str, Any]:
     import keras
     from flwr.proto import transport_pb2 as pb
 
@@ -227,7 +229,7 @@ def live(sessions: int, rounds: int, seed: int) -> dict[str, Any]:
 
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
-    tmp = Path(tempfile.mkdtemp(prefix="xflwb-fuzz-"))
+    tmp = workdir or Path(tempfile.mkdtemp(prefix="xflwb-fuzz-"))
     res = xflwb.export(model, name="fuzz", data_type="fuzz-data", out_dir=tmp / "exports")
     shapes = [tuple(p["shape"]) for p in res.manifest["parameters"]]
     rng = np.random.default_rng(seed)
@@ -284,7 +286,13 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path,
+                    help="the export and the workbench's data go here (default: a temp dir)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="60 updates, one session of 3 rounds: checks the benchmark runs")
     a = ap.parse_args()
+    if a.smoke:
+        a.updates, a.sessions, a.rounds = 60, 1, 3
     t0 = time.perf_counter()
     ip = in_process(a.updates, a.seed)
     print(f"in process: {ip['sent']} malformed updates sent, {ip['rejected']} rejected, "
@@ -292,7 +300,7 @@ def main() -> None:
     for why, n in sorted(ip["reasons"].items(), key=lambda kv: -kv[1])[:8]:
         print(f"    {n:5d}  {why}")
     t0 = time.perf_counter()
-    lv = live(a.sessions, a.rounds, a.seed)
+    lv = live(a.sessions, a.rounds, a.seed, a.workdir)
     print(f"live: {lv['sent']} malformed updates / stream misbehaviours sent over "
           f"{lv['sessions']} sessions, {lv['broken']} sessions broken "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -32,7 +32,9 @@ peak memory flat in the number of clients.
 * Both arms: Ray started locally by the simulation process with 2 CPUs and
   ``client_resources = {"num_cpus": 1, "num_gpus": 0.0}`` (2 actors), each arm in its own
   fresh process (xflwb's session process; ``--baseline-child`` here), nothing downloaded,
-  ``FLWR_TELEMETRY_ENABLED=0``.
+  ``FLWR_TELEMETRY_ENABLED=0``. With ``--ray-address HOST:PORT`` both arms attach to that
+  running head instead (neither started nor stopped here); its processes are then not this
+  benchmark's descendants, so the peak RSS and CPU columns leave Ray out.
 
 Measures. Wall time runs from the call (``simulate`` / starting the baseline process) to
 the simulation returning from ``run_simulation`` (xflwb's ``finished`` status, the
@@ -52,7 +54,8 @@ Accuracy is the final global model evaluated in Keras on the union of all N clie
 splits (weighted like a federated evaluation of every client).
 
 Run: ``.venv/bin/python benchmarks/simulation_scale.py`` (about 13 minutes);
-``--quick`` for a 60-client, 3-round check of both arms.
+``--quick`` for a 60-client, 3-round check of both arms; ``--smoke`` for 4 clients, 2 rounds
+(both arms, no memory scan).
 """
 
 from __future__ import annotations
@@ -185,6 +188,11 @@ def baseline_child(job_path: str) -> None:
     logging.getLogger("flwr").setLevel(logging.WARNING)  # an INFO page per round otherwise
 
     n, rounds, fraction = int(job["n"]), int(job["rounds"]), float(job["fraction"])
+    init_args: dict[str, Any] = {"logging_level": logging.WARNING}
+    if job.get("ray_address"):  # a running head: attach (Ray refuses num_cpus then)
+        init_args["address"] = job["ray_address"]
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
     with np.load(job["initial"]) as data:
         initial = [data[f"arr_{i}"] for i in range(len(data.files))]
     stamps: list[dict[str, float]] = []
@@ -224,8 +232,7 @@ def baseline_child(job_path: str) -> None:
     run_simulation(server_app=ServerApp(server_fn=server_fn),
                    client_app=ClientApp(client_fn=functools.partial(me.baseline_client_fn, n)),
                    num_supernodes=n,
-                   backend_config={**BACKEND, "init_args": {"num_cpus": os.cpu_count() or 1,
-                                                            "logging_level": logging.WARNING}})
+                   backend_config={**BACKEND, "init_args": init_args})
     ended = time.time()
     if "params" in final:
         np.savez(job["final"], *parameters_to_ndarrays(final["params"]))
@@ -377,7 +384,7 @@ def evaluate_global(arrays: list[np.ndarray], n: int) -> float:
 
 
 def run_xflwb(res: Any, data_dir: Path, n: int, rounds: int, fraction: float,
-              timeout: float) -> Run:
+              timeout: float, ray_address: str | None = None) -> Run:
     """``xflwb.simulate`` of ``n`` clients, half Android and half iOS."""
     import sqlalchemy as sa
 
@@ -394,7 +401,8 @@ def run_xflwb(res: Any, data_dir: Path, n: int, rounds: int, fraction: float,
                                  partition=PARTITION, rounds=rounds, fraction_fit=fraction,
                                  fraction_evaluate=fraction, seed=SEED,
                                  test_fraction=TEST_FRACTION, backend_config=BACKEND,
-                                 round_timeout=3600, data_dir=data_dir, wait=False)
+                                 round_timeout=3600, data_dir=data_dir, wait=False,
+                                 ray_address=ray_address)
         deadline = time.monotonic() + timeout
         while (status := session.status) not in DONE:
             if time.monotonic() > deadline:
@@ -464,7 +472,7 @@ def _log_notes(path: Path) -> list[str]:
 
 
 def run_baseline(tmp: Path, initial: list[np.ndarray], n: int, rounds: int, fraction: float,
-                 timeout: float) -> Run:
+                 timeout: float, ray_address: str | None = None) -> Run:
     """Flower's own simulation of a plain Keras ``NumPyClient``, in a fresh process."""
     run = Run("flower", n, rounds)
     folder = tmp / f"baseline-{n}"
@@ -472,7 +480,7 @@ def run_baseline(tmp: Path, initial: list[np.ndarray], n: int, rounds: int, frac
     np.savez(folder / "initial.npz", *initial)
     job = {"n": n, "rounds": rounds, "fraction": fraction,
            "initial": str(folder / "initial.npz"), "final": str(folder / "final.npz"),
-           "out": str(folder / "out.json")}
+           "out": str(folder / "out.json"), "ray_address": ray_address}
     (folder / "job.json").write_text(json.dumps(job))
     log_path = folder / "baseline.log"
     sampler = TreeSampler()
@@ -561,8 +569,14 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     ap.add_argument("--quick", action="store_true",
                     help="60 clients, sizes 20, 3 rounds: a check that both arms work")
+    ap.add_argument("--smoke", action="store_true",
+                    help="4 clients, 2 rounds, half of them per round, both arms, no memory "
+                    "scan: checks the benchmark runs")
     ap.add_argument("--workdir", help="keep exports, registry, session and baseline logs "
                                       "here (default: a temp dir, removed at the end)")
+    ap.add_argument("--ray-address", metavar="HOST:PORT",
+                    help="run both arms on this running Ray head (neither started nor "
+                    "stopped); default: each simulation process starts its own Ray")
     ap.add_argument("--baseline-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_child:
@@ -570,6 +584,9 @@ def main() -> None:
         return
     if args.quick:
         args.clients, args.sizes, args.baseline_sizes, args.rounds = 60, "20", "", 3
+    if args.smoke:
+        args.clients, args.sizes, args.baseline_sizes, args.rounds = 4, "", "", 2
+        args.fraction = 0.5
     sizes = sorted({*(int(v) for v in args.sizes.split(",") if v), args.clients})
     baseline_sizes = sorted({*(int(v) for v in args.baseline_sizes.split(",") if v),
                              args.clients})
@@ -595,15 +612,20 @@ def main() -> None:
         print(f"exported {MODEL} in {time.perf_counter() - started:.1f} s; sizes {sizes}, "
               f"Flower at {baseline_sizes}, {args.rounds} rounds, fraction {args.fraction}",
               flush=True)
+        if args.ray_address:
+            print(f"both arms on the running Ray head {args.ray_address}: its processes are "
+                  "not counted in the peak RSS and CPU columns", flush=True)
         # The 1,000-client comparison first, xflwb then Flower, so both see the same machine;
         # then the smaller fleets.
         order = [args.clients] + [n for n in sizes if n != args.clients]
         for n in order:
-            run = run_xflwb(res, tmp / "xfl-data", n, args.rounds, args.fraction, args.timeout)
+            run = run_xflwb(res, tmp / "xfl-data", n, args.rounds, args.fraction, args.timeout,
+                            args.ray_address)
             print(describe(run), flush=True)
             runs.append(run)
             if n in baseline_sizes:
-                run = run_baseline(tmp, initial, n, args.rounds, args.fraction, args.timeout)
+                run = run_baseline(tmp, initial, n, args.rounds, args.fraction, args.timeout,
+                                   args.ray_address)
                 print(describe(run), flush=True)
                 runs.append(run)
     runs.sort(key=lambda r: (r.n, r.arm != "xflwb"))

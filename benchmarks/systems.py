@@ -2,7 +2,7 @@
 
     python benchmarks/systems.py                  # every part (long: see README)
     python benchmarks/systems.py --part tta       # time to accuracy only
-    python benchmarks/systems.py --smoke          # tiny sizes, every part, about a minute
+    python benchmarks/systems.py --smoke          # tiny sizes, every part (8 short simulations)
 
 * **tta — time to accuracy.** ``--clients`` simulated clients (half Android, half iOS),
   Dirichlet(0.5) ``--dataset``, a phone-sized CNN (~300k parameters, 1.2 MB: its upload
@@ -25,8 +25,10 @@
   with the same seed: the histories (every metric but the wall-clock ones) and the global
   models must be identical.
 
-One Ray head serves every run (``privacy.start_ray``); nothing is downloaded. Results go to
-stdout; record them in ``benchmarks/README.md``.
+One Ray head serves every run (``privacy.start_ray``; or the running one ``--ray-address``
+names, neither started nor stopped: its processes are then not this script's descendants,
+so the memory part leaves them out); nothing is downloaded. Results go to stdout; record
+them in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -47,7 +48,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from privacy import start_ray, stop_ray
+from privacy import add_common_arguments, ray_head, workdir
 
 NAME = "systems_bench"
 PARTITION = "dirichlet:0.5"
@@ -299,7 +300,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=sorted(PARTS), action="append",
                    help="run only this part (repeatable; default: all)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes: every part in ~a minute")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes, 2 rounds, one pair: every part, checks the script runs")
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--small", type=int, default=100, help="the smaller fleet (clock, memory)")
     p.add_argument("--dataset", default="digits")
@@ -317,25 +319,23 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=3)
     p.add_argument("--plot", help="tta: save the accuracy / simulated time plot here")
     p.add_argument("--clock-rounds", type=int, default=10)
+    add_common_arguments(p)
     a = p.parse_args()
     if a.smoke:
-        a.clients, a.small, a.rounds, a.every = 40, 20, 3, 1
-        a.clock_rounds, a.pairs, a.buffer, a.concurrency, a.target = 2, 1, 2, 4, 0.2
+        a.clients, a.small, a.rounds, a.every = 40, 20, 2, 1
+        a.clock_rounds, a.pairs, a.buffer, a.concurrency, a.target = 1, 1, 2, 4, 0.2
         a.fraction = 0.5
     import xflwb
     from xflwb.demo import demo_model
 
-    tmp = Path(tempfile.mkdtemp(prefix="xflwb-bench-systems-"))
+    tmp = workdir(a.workdir, "xflwb-bench-systems-")
     res = xflwb.export(demo_model() if a.smoke else phone_model(), name=NAME,
                        data_type=a.dataset,
                        out_dir=tmp / "artifacts", optimizer=xflwb.SGD(0.05, momentum=0.9))
     print(f"load average {os.getloadavg()[0]:.2f} at the start; {os.cpu_count()} CPUs")
-    head, address = start_ray(tmp)
-    try:
+    with ray_head(tmp, a.ray_address) as address:
         for name in a.part or list(PARTS):
             PARTS[name](res, tmp, address, a)
-    finally:
-        stop_ray(head)
     print(f"load average {os.getloadavg()[0]:.2f} at the end")
     return 0
 
