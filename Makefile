@@ -33,6 +33,7 @@ test: $(STAMP) lint
 
 bench: $(STAMP)  # about 35 minutes in all on 2 cores
 	$(BIN)/python benchmarks/export_and_runtimes.py
+	$(BIN)/python benchmarks/tflite_step.py
 	$(BIN)/python benchmarks/aggregate.py
 	$(BIN)/python benchmarks/fleet_scale.py
 	$(BIN)/python benchmarks/simulation_scale.py

@@ -69,6 +69,8 @@ SMOKE: dict[str, Smoke] = {
     "simulation_scale.py": Smoke(("| arm | clients | wall s |", "| xflwb | 4 |",
                                   "| flower | 4 |", "xflwb / Flower at 4 clients"),
                                  ray=True, workdir=True),
+    "tflite_step.py": Smoke(("## Train step, batch 32, MNIST-sized CNN",
+                             "| runtime | wall ms | wall ratio vs Keras |", "| xflwb |")),
     "systems.py": Smoke(("tta: 40 clients", "s to target", "clock: 20 clients",
                          "pair 1:", "memory: 40 clients", "determinism: 20 clients"),
                         ray=True, workdir=True),
