@@ -21,6 +21,11 @@ LONG_FIRST = (
     "tests/test_checkpoints.py", "tests/test_interrupt.py", "tests/test_privacy_lineage.py",
     "tests/test_tracking.py", "tests/test_http_limits.py", "tests/test_revocation.py",
     "tests/test_export_warnings.py", "tests/test_dashboard.py",
+    # issue 23/24 files that start simulations or phone sessions
+    "tests/test_virtual_rounds.py", "tests/test_sim_fedbuff.py", "tests/test_compression_sim.py",
+    "tests/test_fedbuff.py", "tests/test_fairness_sessions.py",
+    "tests/test_virtual_rounds_phones.py", "tests/test_server.py",
+    "tests/test_http_hardening.py",
 )
 
 
