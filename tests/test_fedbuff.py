@@ -326,7 +326,7 @@ def test_a_10x_slower_device_never_stalls_training(exports, tmp_path):
         for max_staleness in (50, 1):
             s = wb.train("fb_digits", rounds=24, min_clients=4, local_epochs=3,
                          round_timeout=120, strategy="fedbuff",
-                         strategy_options={"buffer_size": 2, "max_staleness": max_staleness,
+                         strategy_options={"buffer_size": 3, "max_staleness": max_staleness,
                                            "evaluate_every": 4})
             fleet = wb.spawn_devices(android=2, ios=2, dataset="digits", partition="iid",
                                      seed=2, slowdown=[1, 1, 1, 10])
