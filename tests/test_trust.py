@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import xflwb
 from tests.wirephone import WirePhone
 from xflwb.bridge import manifest as manifest_mod
+from xflwb.server.http import state
 from xflwb.sessions.checkpoints import (
     CheckpointError,
     load_checkpoint,
@@ -128,9 +129,17 @@ def test_telemetry_rate_limit_answers_429_with_retry_after(wb, export):
             assert codes[0] == 200 and codes[-1] == 429, codes[-5:]
             assert int(r.headers["Retry-After"]) >= 1 and "faster than" in r.text
             # the limit is the client's (its address), not the body's device_id: another
-            # device id from the same client is limited too (issue 20 item 4)
-            assert http.post("/telemetry/fit_ins", json={**body, "device_id": 6}
-                             ).status_code == 429
+            # device id from the same client is limited too (issue 20 item 4). The bucket
+            # refills at its rate while we post, so a 200 may slip through on a slow
+            # machine; a limit keyed by device_id would give device 6 a fresh bucket and
+            # answer every one of half a burst with 200
+            other = []
+            for _ in range(state.ADDRESS_TELEMETRY_BURST // 2):
+                other.append(http.post("/telemetry/fit_ins", json={**body, "device_id": 6}
+                                       ).status_code)
+                if other[-1] == 429:
+                    break
+            assert other[-1] == 429, other[-5:]
     finally:
         s.stop()
 

@@ -240,7 +240,16 @@ class SessionProcess:
         signal.signal(signal.SIGTERM, self._term)
 
     def _term(self, _sig: int, _frame: Any) -> None:
+        """The handler runs on the main thread between two of its bytecodes, which may be
+        inside a registry write (its SQLite lock held): recording ``stopped`` there would
+        wait on that very lock until the lifeline's hard exit. So the stop runs on its own
+        thread and the interrupted code goes on (releasing the lock) until it exits."""
+        if self.stopping.is_set():
+            return  # a second SIGTERM (the lifeline and a stop() at once): one stop
         self.stopping.set()
+        threading.Thread(target=self._stop, name="xflwb-stop", daemon=True).start()
+
+    def _stop(self) -> None:
         try:
             self.set_status(SessionStatus.STOPPED, error=_lifeline.stop_reason())
         finally:  # even when the registry cannot be written: the manager marks it then
