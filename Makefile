@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint typecheck bench bench-smoke clean
+.PHONY: demo test test-fast durations lint typecheck bench bench-smoke clean
 
 $(STAMP): pyproject.toml scripts/install-browser.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,16 @@ typecheck: $(STAMP)
 # head per worker are shared; a notebook's cells stay in order); see conftest.py
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# the inner loop (under 3 minutes): unit and property tests, those tests/durations.json
+# records at 1 s or less (and new ones); no lint, no notebooks, no processes (conftest.py)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --fast -q
+
+# measure every test again (a full run) into tests/durations.json, which orders make test
+# (longest files first) and selects make test-fast; commit the file it writes
+durations: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --record-durations tests/durations.json
 
 bench: $(STAMP)  # about 35 minutes in all on 2 cores
 	$(BIN)/python benchmarks/export_and_runtimes.py
