@@ -97,8 +97,8 @@ def test_time_to_accuracy_experiment_compares_a_deadline_with_fedbuff(tmp_path, 
     time in the results, the participation counts of the deadline arm, the plot."""
     nb = ROOT / "experiments" / "time_to_accuracy.ipynb"
     df = experiment.run(nb, tmp_path, {
-        "n_android": 2, "n_ios": 2, "rounds": 2, "versions": 2, "fraction_fit": 0.5,
-        "buffer_size": 2, "max_concurrency": 2, "deadline": 3600.0,
+        "n_android": 4, "n_ios": 4, "rounds": 2, "versions": 2, "fraction_fit": 0.5,
+        "buffer_size": 2, "max_concurrency": 4, "deadline": 3600.0,
         "ios_slowdowns": ["lognormal:7.5,0.4"], "availability": "always",
         "ray_address": shared_ray})
     assert {"sync + deadline", "fedbuff"} <= set(df["arm"])
