@@ -13,7 +13,6 @@ import pytest
 import xflwb
 from xflwb.bridge import manifest as manifest_mod
 from xflwb.bridge import params
-from xflwb.sessions.status import ACTIVE
 from xflwb.simulation import SimulationConfig
 from xflwb.simulation.secagg import (
     SecAgg,
@@ -124,57 +123,19 @@ def test_canonical_payload_zeroes_what_the_platform_does_not_train(export):
 
 
 # -- real runs on the shared Ray head -------------------------------------------------------
-def _drop_prob() -> tuple[float, int]:
-    """(drop_prob, client): a ``drop_prob`` under which exactly one client of four, the one
-    with the lowest seeded draw, fails its first fit."""
-    draws = [np.random.default_rng([SEED, pid, 0]).random() for pid in range(4)]
-    low, second = sorted(draws)[:2]
-    return (low + second) / 2, draws.index(low)
-
-
-@pytest.fixture(scope="module")
-def runs(export, tmp_path_factory, shared_ray):
-    """name → finished simulation, for every run this module checks. All five start at
-    once on the shared Ray head (``wait=False``): each spends most of its time starting its
-    own process and Ray workers, which then overlap instead of adding up; the Ray head's
-    two CPUs still run one round's clients at a time."""
-    common = {"android": 2, "ios": 2, "dataset": "digits", "seed": SEED,
-              "fraction_evaluate": 0.0, "ray_address": shared_ray, "progress": False}
-    dp = {"noise_multiplier": 0.0, "clipping_norm": 0.05}
-    options = {
-        # (a) same seeds with and without SecAgg+
-        "plain": {"rounds": 2},
-        "secure": {"rounds": 2, "secagg": xflwb.SecAgg()},
-        # (c) one client drops after sharing its keys
-        "dropping": {"rounds": 1, "drop_prob": _drop_prob()[0],
-                     "secagg": {"num_shares": 3, "reconstruction_threshold": 2}},
-        # central DP without noise, with and without SecAgg+
-        "plain_dp": {"rounds": 1, "privacy": dp},
-        "secure_dp": {"rounds": 1, "privacy": dp, "secagg": {}},
-    }
-    started = {name: xflwb.simulate(export, wait=False,
-                                    data_dir=tmp_path_factory.mktemp(name), **common, **o)
-               for name, o in options.items()}
-    try:
-        for sim in started.values():
-            sim.wait(timeout=900)
-        yield started
-    finally:
-        for sim in started.values():
-            if sim.status in ACTIVE:  # what a failed wait left running
-                sim.stop()
-            sim.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_secure_aggregate_equals_plain_masked_average(export, runs):
+def test_secure_aggregate_equals_plain_masked_average(export, tmp_path, shared_ray):
     """(a) Same seeds with and without SecAgg+: the global models agree within the
     quantisation error, on the tensors both platforms train and on the BatchNorm only
     Android trains (whose average a frozen iOS copy would have pulled back by ~half).
     (b) The strategy got one FitRes per surviving client, all carrying one aggregate."""
-    plain, secure = runs["plain"], runs["secure"]
-    assert plain.status == secure.status == "finished", (plain.error, secure.error)
+    run = {"android": 2, "ios": 2, "rounds": 2, "dataset": "digits", "seed": SEED,
+           "fraction_evaluate": 0.0, "ray_address": shared_ray,
+           "data_dir": tmp_path / "d", "progress": False}
+    plain = xflwb.simulate(export, **run)
+    secure = xflwb.simulate(export, secagg=xflwb.SecAgg(), **run)
+    assert plain.status == secure.status == "finished"
     m = export.manifest
     start = manifest_mod.initial_parameters(m)
     frozen_on_ios = [i for i, t in enumerate(params.trained_mask(m, "ios")) if not t]
@@ -195,11 +156,17 @@ def test_secure_aggregate_equals_plain_masked_average(export, runs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_client_dropping_after_key_sharing_is_survived(export, runs):
+def test_client_dropping_after_key_sharing_is_survived(export, tmp_path, shared_ray):
     """(c) One client of four fails its fit (stage 2: after sharing its keys); SecAgg+
     removes its masks with its neighbours' shares and the round completes with three."""
-    dropped = _drop_prob()[1]  # exactly the client with the lowest draw drops
-    sim = runs["dropping"]
+    draws = [np.random.default_rng([SEED, pid, 0]).random() for pid in range(4)]
+    low, second = sorted(draws)[:2]
+    drop_prob = (low + second) / 2  # exactly the client with the lowest draw drops
+    dropped = draws.index(low)
+    sim = xflwb.simulate(export, android=2, ios=2, rounds=1, dataset="digits", seed=SEED,
+                         fraction_evaluate=0.0, drop_prob=drop_prob,
+                         secagg={"num_shares": 3, "reconstruction_threshold": 2},
+                         ray_address=shared_ray, data_dir=tmp_path / "d", progress=False)
     assert sim.status == "finished", sim.info["error"]
     wide = _wide(sim)
     assert wide.loc[(1, "all"), "clients"] == 3.0 and wide.loc[(1, "all"), "failures"] == 1.0
@@ -216,13 +183,18 @@ def test_client_dropping_after_key_sharing_is_survived(export, runs):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_secagg_with_central_dp_clips_on_clients_and_counts_each_once(export, runs):
+def test_secagg_with_central_dp_clips_on_clients_and_counts_each_once(export, tmp_path,
+                                                                      shared_ray):
     """Flower's fl-dp-sa pattern: clients clip their delta (the server cannot clip a
     masked update), each counts once, the server noises the unmasked mean per tensor
     count. Without noise the secure run equals the plain DP run (server-side clipping of
     the same clipped updates) within the quantisation error."""
-    plain, secure = runs["plain_dp"], runs["secure_dp"]
-    assert plain.status == secure.status == "finished", (plain.error, secure.error)
+    privacy = {"noise_multiplier": 0.0, "clipping_norm": 0.05}
+    run = {"android": 2, "ios": 2, "rounds": 1, "dataset": "digits", "seed": SEED,
+           "fraction_evaluate": 0.0, "privacy": privacy, "ray_address": shared_ray,
+           "data_dir": tmp_path / "d", "progress": False}
+    plain = xflwb.simulate(export, **run)
+    secure = xflwb.simulate(export, secagg={}, **run)
     start = manifest_mod.initial_parameters(export.manifest)
     got, want = secure.global_parameters(), plain.global_parameters()
     moved = max(float(np.abs(w - s).max()) for w, s in zip(want, start, strict=True))
