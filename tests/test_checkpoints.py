@@ -248,8 +248,9 @@ def test_simulation_prunes_its_checkpoints_too(tmp_path, shared_ray):
     keep_checkpoints=1, keep_every=2 leave rounds 0, 2 and 4."""
     from tests.conftest import digits_cnn
 
+    # Android only: the one simulated client is an Android phone (no Core ML export)
     res = xflwb.export(digits_cnn(7), name="keep_sim", data_type="digits",
-                       out_dir=tmp_path / "exp")
+                       out_dir=tmp_path / "exp", platforms=("android",))
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
         wb.publish(res)
         sim = wb.simulate("keep_sim", android=1, rounds=4, keep_checkpoints=1, keep_every=2,

@@ -10,19 +10,37 @@ import pytest
 from xflwb import demo
 
 
+@pytest.fixture(scope="module")
+def local_demo(tmp_path_factory):
+    """``demo.run`` (2 epochs), then ``xflwb demo --local-only`` into the same directory:
+    (its result, the bytes of each file it wrote, the CLI's finished process). One
+    directory for both, so the second export (the CLI's) shows that a re-run never
+    overwrites the first."""
+    out_dir = tmp_path_factory.mktemp("demo")
+    out = demo.run(out=out_dir, epochs=2, quiet=True)
+    written = {name: (out_dir / name).stat().st_size if (out_dir / name).exists() else 0
+               for name in ("runtimes.csv", "parity.csv", "training_loss.png")}
+    proc = subprocess.run([sys.executable, "-m", "xflwb", "demo", "--local-only", "--out",
+                           str(out_dir), "--epochs", "1"], capture_output=True, text=True,
+                          timeout=600)
+    return out, written, proc
+
+
 @pytest.mark.slow
-def test_demo_trains_every_runtime_alike(tmp_path):
-    out = demo.run(out=tmp_path, epochs=2, quiet=True)
+def test_demo_trains_every_runtime_alike(local_demo):
+    out, written, proc = local_demo
     table = out["table"].set_index("runtime")
     assert list(table.index) == ["keras", "android", "ios"]
     assert out["export"].parity["ok"].all()
     assert (table["test_accuracy"] > 0.85).all(), table
     assert (table["test_accuracy_before"] < 0.3).all(), table
     assert float(table["train_loss_last"].max() - table["train_loss_last"].min()) < 1e-4
-    for name in ("runtimes.csv", "parity.csv", "training_loss.png"):
-        assert (tmp_path / name).stat().st_size > 0
-    again = demo.run(out=tmp_path, epochs=1, quiet=True)
-    assert again["export"].version == 2  # a second run never overwrites the first export
+    assert all(size > 0 for size in written.values()), written
+    # the CLI's run into the same directory: a second run never overwrites the first export
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out["export"].version == 1
+    assert f"exported {out['export'].name} v2 " in proc.stdout, proc.stdout[:2000]
+    assert out["export"].paths["manifest"].exists()  # the first export is still there
 
 
 @pytest.mark.slow
@@ -52,10 +70,8 @@ def test_activity_demo_trains_conv1d_on_sensor_windows_on_both_platforms(tmp_pat
 
 
 @pytest.mark.slow
-def test_cli_demo_prints_parity_table(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "xflwb", "demo", "--local-only", "--out",
-                           str(tmp_path), "--epochs", "1"], capture_output=True, text=True,
-                          timeout=600)
+def test_cli_demo_prints_parity_table(local_demo):
+    _, _, proc = local_demo
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "parity (Keras vs TFLite vs Core ML executor)" in proc.stdout
     assert "train_3_steps" in proc.stdout and "False" not in proc.stdout

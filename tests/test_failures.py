@@ -155,10 +155,18 @@ def test_phone_session_whose_every_device_fails_fails_with_their_errors(tmp_path
         assert html.count("must have shape (N, 64)") >= 4  # header, 2 failed fits, 2 devices
 
 
-def test_a_fleet_whose_devices_all_die_fails_its_session(tmp_path):
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    """One digits CNN export for the tests below: each publishes it into its own registry
+    and damages that copy (the export itself stays intact)."""
+    return xflwb.export(digits_cnn(4), name="dying", data_type="digits",
+                        out_dir=tmp_path_factory.mktemp("digits"))
+
+
+def test_a_fleet_whose_devices_all_die_fails_its_session(digits_export, tmp_path):
     """The iPhone refuses a damaged download; the session waits for it (and says so); once
     the Android phone dies too, nothing can join: the session fails with both reasons."""
-    res = xflwb.export(digits_cnn(4), name="dying", data_type="digits", out_dir=tmp_path / "e")
+    res = digits_export
     with xflwb.Workbench(data_dir=tmp_path / "x", port=0) as wb:
         m = wb.publish(res)
         path = os.path.join(m["directory"], res.manifest["platforms"]["ios"]["file"])
@@ -190,10 +198,9 @@ def test_a_fleet_whose_devices_all_die_fails_its_session(tmp_path):
 
 # -- the Simulation Engine and `xflwb simulate` -------------------------------------------------
 @pytest.mark.slow
-def test_simulation_whose_every_client_fails_fails_and_the_cli_exits_non_zero(tmp_path,
-                                                                              shared_ray):
-    res = xflwb.export(digits_cnn(5), name="simfail", data_type="digits",
-                       out_dir=tmp_path / "e", platforms=("android",))
+def test_simulation_whose_every_client_fails_fails_and_the_cli_exits_non_zero(
+        digits_export, tmp_path, shared_ray):
+    res = digits_export  # simulated on Android only: its .tflite is the copy damaged below
     data = tmp_path / "d"
     reg = Registry(data)
     path = os.path.join(reg.publish(res)["directory"],
@@ -203,7 +210,7 @@ def test_simulation_whose_every_client_fails_fails_and_the_cli_exits_non_zero(tm
     with open(path, "wb") as f:  # the registry's copy is damaged: every client fails to load
         f.write(b"not a tflite model")
     proc = subprocess.run(
-        [sys.executable, "-m", "xflwb", "simulate", "simfail", "--android", "2", "--rounds",
+        [sys.executable, "-m", "xflwb", "simulate", res.name, "--android", "2", "--rounds",
          "2", "--data-dir", str(data), "--no-progress", "--ray-address", shared_ray],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, (proc.stdout, proc.stderr[-3000:])
