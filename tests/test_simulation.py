@@ -277,23 +277,38 @@ def test_fidelity_simulation_matches_process_fleet(export, tmp_path, shared_ray)
         assert 1 <= len(loads) <= 2 and len(set(loads)) == len(loads), (platform, loads)
 
 
+@pytest.fixture(scope="module")
+def via_magic(ip, export, shared_ray, tmp_path_factory):
+    """``ATTACHED_RUN`` once more, started by ``%xfl_simulate`` with int8 up and fp16 down:
+    the magic's run (partial participation: 3 of 4 clients a round) is the compressed run
+    compared with ``attached``'s float32 one. Returns (the session, what the magic printed)."""
+    import contextlib
+    import io
+
+    ip.user_ns["sim_export"] = export
+    line = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ATTACHED_RUN.items()
+                    if k != "progress")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        session = ip.run_line_magic(
+            "xfl_simulate", f"sim_export {line} --compression up=int8,down=fp16 "
+            f"--data-dir {tmp_path_factory.mktemp('magic') / 'd'} --ray-address {shared_ray}")
+    return session, out.getvalue()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys, shared_ray):
-    ip.user_ns["sim_export"] = export
-    session = ip.run_line_magic(
-        "xfl_simulate", f"sim_export --android 3 --ios 3 --rounds 2 --fraction-fit 0.5 "
-        f"--partition iid --data-dir {tmp_path / 'd'} --ray-address {shared_ray}")
-    out = capsys.readouterr().out
-    assert "3 Android + 3 iOS" in out and ip.user_ns["sim_cnn_simulation"] is session
+def test_xfl_simulate_magic_partial_participation(ip, via_magic, tmp_path, capsys):
+    session, out = via_magic
+    assert "2 Android + 2 iOS" in out and ip.user_ns["sim_cnn_simulation"] is session
     assert session.wait(timeout=600) == "finished", session.info["error"]
     hist = session.history
     clients = hist.query("metric == 'clients' and platform == 'all'")["value"]
-    assert list(clients) == [3.0, 3.0]  # half the fleet each round
+    assert list(clients) == [3.0, 3.0]  # three of the four each round
     assert len(session.global_parameters()) == 4
     from xflwb.widgets.dashboard import snapshot_html
 
-    assert "simulated 3 Android + 3 iOS clients" in snapshot_html(session)
+    assert "simulated 2 Android + 2 iOS clients" in snapshot_html(session)
     ip.run_line_magic("xfl_simulate", "--help")
     assert "Simulation Engine" in capsys.readouterr().out
     from xflwb.magics import XflMagicError
@@ -469,17 +484,15 @@ def test_without_profiles_there_is_no_virtual_clock(attached):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulation_with_int8_up_and_fp16_down_sends_fewer_bytes(attached, export,
-                                                                shared_ray):
-    """The same seeded run as ``attached``'s float32 one, with int8 up and fp16 down: the
-    same clients train, each sends and receives fewer bytes (the clients' codecs:
-    ``test_compression_sim.py``)."""
+def test_simulation_with_int8_up_and_fp16_down_sends_fewer_bytes(attached, via_magic):
+    """The same seeded run as ``attached``'s float32 one, with int8 up and fp16 down (the
+    magic's run): the same clients train, each sends and receives fewer bytes (the
+    clients' codecs: ``test_compression_sim.py``)."""
     platforms = ["android", "ios"]
-    plain = attached["runs"][0]
-    small = xflwb.simulate(export, data_dir=attached["data"].parent / "c", timeout=600,
-                           ray_address=shared_ray, **ATTACHED_RUN,
-                           compression=xflwb.Compression(up="int8", down="fp16"))
+    plain, small = attached["runs"][0], via_magic[0]
+    assert small.wait(timeout=600) == "finished", small.info["error"]
     assert plain.status == small.status == "finished"
+    assert small.info["config"]["compression"] == {"up": "int8", "down": "fp16"}
 
     def per(history, metric):
         rows = history.query("metric == @metric and platform in @platforms")
