@@ -63,8 +63,8 @@ def runs(export, tmp_path_factory, shared_ray):
     virt_dir = tmp_path_factory.mktemp("virtual")
     common = {"dataset": "digits", "partition": "iid", "seed": SEED, "progress": False,
               "ray_address": shared_ray, "timeout": 900}
-    profile = ios_three_times_slower(export, virt_dir, 6, 6)
-    virtual = [xflwb.simulate(export, data_dir=virt_dir, android=6, ios=6, rounds=3,
+    profile = ios_three_times_slower(export, virt_dir, 4, 4)
+    virtual = [xflwb.simulate(export, data_dir=virt_dir, android=4, ios=4, rounds=2,
                               profiles=profile, deadline=DEADLINE, **common)
                for _ in range(2)]
     return {"virtual": virtual}
@@ -82,20 +82,20 @@ def test_the_same_seed_gives_the_same_history_and_model(runs):
 def test_the_deadline_drops_the_slow_ios_tail_and_counts_it(runs):
     h = runs["virtual"][0].history
     per = h.set_index(["round", "platform", "metric"])["value"]
-    for rnd in (1, 2, 3):
-        # every client available and selected; iOS (3× slower: ~360 s a fit) misses the
-        # 200 s deadline, Android (~120 s) makes it
-        assert per[(rnd, "all", "available")] == per[(rnd, "all", "selected")] == 12
-        assert per[(rnd, "ios", "stragglers")] == 6 and per[(rnd, "android", "stragglers")] == 0
-        assert per[(rnd, "android", "clients")] == 6
+    for rnd in (1, 2):
+        # every client available and selected; iOS (3× slower: ~540 s a fit) misses the
+        # 200 s deadline, Android (~180 s: 180 examples) makes it
+        assert per[(rnd, "all", "available")] == per[(rnd, "all", "selected")] == 8
+        assert per[(rnd, "ios", "stragglers")] == 4 and per[(rnd, "android", "stragglers")] == 0
+        assert per[(rnd, "android", "clients")] == 4
         assert (rnd, "ios", "clients") not in per.index or per[(rnd, "ios", "clients")] == 0
         assert per[(rnd, "all", "dropouts")] == 0 and per[(rnd, "all", "failures")] == 0
         # fewer than n kept: the round lasts until the deadline
         assert per[(rnd, "all", "round_sim_seconds")] == DEADLINE
     sim = h.query("metric == 'sim_seconds'").sort_values("round")["value"].tolist()
-    assert sim == [DEADLINE, 2 * DEADLINE, 3 * DEADLINE]
+    assert sim == [DEADLINE, 2 * DEADLINE]
     # evaluation samples the clients available at the round's end: all of them
-    assert per[(3, "all", "eval_examples")] > 0
+    assert per[(2, "all", "eval_examples")] > 0
 
 
 def test_a_deadline_no_client_can_meet_is_refused_before_training(export, tmp_path,
