@@ -495,7 +495,7 @@ def test_simulation_with_int8_up_and_fp16_down_sends_fewer_bytes(attached, via_m
     assert small.info["config"]["compression"] == {"up": "int8", "down": "fp16"}
 
     def per(history, metric):
-        rows = history.query("metric == @metric and platform in @platforms")
+        rows = history[(history.metric == metric) & history.platform.isin(platforms)]
         return rows.groupby("platform")["value"].sum()
 
     for platform in platforms:
