@@ -113,6 +113,8 @@ def attached(export, tmp_path_factory, shared_ray_head):
     return {"data": data, "runs": [first, running], "seen": seen}
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_simulations_hold_no_database_open_once_done(attached):
     """``xflwb.simulate`` keeps no manager per data directory: its handle owns one, closed
     once the simulation ended (``wait=True``, or ``wait()``); handles stay readable after.
@@ -461,6 +463,7 @@ def comparable(history) -> list[tuple]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_same_seed_gives_the_same_history_and_model(attached):
     """Synchronous rounds without the virtual clock are deterministic for a seed: who
     trains, every metric and the model (with the virtual clock:
@@ -474,6 +477,7 @@ def test_the_same_seed_gives_the_same_history_and_model(attached):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_without_profiles_there_is_no_virtual_clock(attached):
     h = attached["runs"][0].history
     assert not h.metric.isin(["sim_seconds", "stragglers", "selected"]).any()
