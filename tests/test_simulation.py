@@ -322,7 +322,8 @@ def test_xfl_simulate_magic_partial_participation(ip, via_magic, tmp_path, capsy
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shared_ray):
+def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shared_ray,
+                                                        capsys):
     import subprocess
     import sys
 
@@ -346,11 +347,14 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shar
     want = [sum(np.random.default_rng([0, pid, r]).random() < 0.5 for pid in range(4))
             for r in range(2)]
     assert fails == want and [c + f for c, f in zip(clients, fails, strict=True)] == [4, 4]
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "never overwritten" in again.stderr
-    bad = subprocess.run([sys.executable, "-m", "xflwb", "simulate", "sim_cnn", "--data-dir",
-                          str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "needs clients" in bad.stderr
+    # the refusals, in this process (the command's entry point ran above): the same
+    # arguments again, then no clients
+    from xflwb import cli
+
+    capsys.readouterr()
+    assert cli.main(cmd[3:]) == 2 and "never overwritten" in capsys.readouterr().err
+    assert cli.main(["simulate", "sim_cnn", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "needs clients" in capsys.readouterr().err
 
 
 def test_ray_client_server_failure_is_asked_again(monkeypatch):
