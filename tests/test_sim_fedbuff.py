@@ -33,27 +33,51 @@ def export(tmp_path_factory):
                         optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9))
 
 
-def _run(simulate, model, ray_address, **where):
-    """100 Android + 100 iOS phones: lognormal speeds (σ = 0.8: the slowest are 10×–20×
-    slower than the fastest), iPhones 3× slower at the median; int8 up, fp16 down,
-    drop_prob's drop-outs, non-IID partitions (3 to 14 examples a phone)."""
+def per_example_seconds(export, data_dir) -> dict[str, float]:
+    """The measured seconds of one training example per platform (TFLite, the Core ML
+    executor): what the simulation multiplies a phone's slowdown by, read from (and written
+    to) ``data_dir``'s cost cache as the simulation itself does."""
+    from pathlib import Path
+
+    from xflwb.simulation import SimulationConfig
+    from xflwb.simulation.client import ClientSpec
+    from xflwb.simulation.virtual import virtual_fleet
+
+    cfg = SimulationConfig(android=1, ios=1)
+    spec = ClientSpec(bundle=None, bundle_sha="test", android=1, ios=1, dataset="digits",
+                      partition="iid", seed=0, test_fraction=0.2)
+    costs = virtual_fleet(cfg, Path(export.directory), spec, str(data_dir)).costs
+    return {p: float(costs[p]["train"]) for p in ("android", "ios")}
+
+
+def _run(simulate, model, ray_address, profiles, **where):
+    """100 Android + 100 iOS phones (``profiles``), 12 versions of 10 updates; int8 up, fp16
+    down, drop_prob's drop-outs, non-IID partitions (3 to 14 examples a phone)."""
     return simulate(
         model, android=100, ios=100, rounds=12, strategy="fedbuff",
         strategy_options=xflwb.FedBuff(buffer_size=10, evaluate_every=6),
-        fraction_evaluate=0.1, profiles=compute_bound("lognormal:1,0.8", "lognormal:3,0.8"),
-        compression="up=int8,down=fp16", drop_prob=0.2, seed=3, partition="dirichlet:0.5",
-        ray_address=ray_address, progress=False, timeout=1200, **where)
+        fraction_evaluate=0.1, profiles=profiles, compression="up=int8,down=fp16",
+        drop_prob=0.2, seed=3, partition="dirichlet:0.5", ray_address=ray_address,
+        progress=False, timeout=1200, **where)
 
 
 @pytest.fixture(scope="module")
 def twice(export, tmp_path_factory, shared_ray):
     """Two runs in one data directory, ``xflwb.simulate``'s and a workbench's: the second
     reads the per-example costs the first measured (DATA_DIR/costs), as every later run of
-    an export does."""
+    an export does.
+
+    Lognormal speeds (σ = 0.8: the slowest are 10×–20× slower than the fastest), iPhones
+    3× slower at the median in simulated seconds: the measured per-platform cost of an
+    example is divided out (the Core ML executor's can be several times TFLite's, which
+    would leave no iPhone update within the versions' staleness bound)."""
     data = tmp_path_factory.mktemp("same")
-    first = _run(xflwb.simulate, export, shared_ray, data_dir=data)
+    cost = per_example_seconds(export, data)
+    profiles = compute_bound(f"lognormal:{1.0 / cost['android']!r},0.8",
+                             f"lognormal:{3.0 / cost['ios']!r},0.8")
+    first = _run(xflwb.simulate, export, shared_ray, profiles, data_dir=data)
     with xflwb.Workbench(data_dir=data, port=0) as wb:
-        second = _run(wb.simulate, "simbuff_cnn", shared_ray)
+        second = _run(wb.simulate, "simbuff_cnn", shared_ray, profiles)
         assert list(wb.session_table.status) == ["finished", "finished"]
     return [first, second]
 
