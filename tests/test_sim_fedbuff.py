@@ -1,7 +1,8 @@
 """FedBuff on the Simulation Engine (Ray), on the virtual clock: a 200-phone fleet with a
 slow tail keeps making versions; a fleet whose iPhones are 3× slower shows it in their
 staleness; the same seed gives the same history, arrivals and model (with compressed
-links and drop_prob's drop-outs). Three runs in all, each shared by several assertions."""
+links and drop_prob's drop-outs). Two runs of one configuration in all: the first is also
+the one every slow-tail assertion reads."""
 
 from __future__ import annotations
 
@@ -32,16 +33,59 @@ def export(tmp_path_factory):
                         optimizer=xflwb.SGD(learning_rate=0.05, momentum=0.9))
 
 
+def per_example_seconds(export, data_dir) -> dict[str, float]:
+    """The measured seconds of one training example per platform (TFLite, the Core ML
+    executor): what the simulation multiplies a phone's slowdown by, read from (and written
+    to) ``data_dir``'s cost cache as the simulation itself does."""
+    from pathlib import Path
+
+    from xflwb.simulation import SimulationConfig
+    from xflwb.simulation.client import ClientSpec
+    from xflwb.simulation.virtual import virtual_fleet
+
+    cfg = SimulationConfig(android=1, ios=1)
+    spec = ClientSpec(bundle=None, bundle_sha="test", android=1, ios=1, dataset="digits",
+                      partition="iid", seed=0, test_fraction=0.2)
+    costs = virtual_fleet(cfg, Path(export.directory), spec, str(data_dir)).costs
+    return {p: float(costs[p]["train"]) for p in ("android", "ios")}
+
+
+def _run(simulate, model, ray_address, profiles, **where):
+    """100 Android + 100 iOS phones (``profiles``), 12 versions of 10 updates; int8 up, fp16
+    down, drop_prob's drop-outs, non-IID partitions (3 to 14 examples a phone)."""
+    return simulate(
+        model, android=100, ios=100, rounds=12, strategy="fedbuff",
+        strategy_options=xflwb.FedBuff(buffer_size=10, evaluate_every=6),
+        fraction_evaluate=0.1, profiles=profiles, compression="up=int8,down=fp16",
+        drop_prob=0.2, seed=3, partition="dirichlet:0.5", ray_address=ray_address,
+        progress=False, timeout=1200, **where)
+
+
 @pytest.fixture(scope="module")
-def slow_tail(export, tmp_path_factory, shared_ray):
-    """100 Android + 100 iOS phones: lognormal speeds (σ = 0.8: the slowest are 10×–20×
-    slower than the fastest), iPhones 3× slower at the median."""
-    profiles = compute_bound("lognormal:1,0.8", "lognormal:3,0.8")
-    return xflwb.simulate(
-        export, data_dir=tmp_path_factory.mktemp("tail"), android=100, ios=100, rounds=12,
-        strategy="fedbuff", strategy_options=xflwb.FedBuff(buffer_size=10, evaluate_every=6),
-        fraction_evaluate=0.1, profiles=profiles, seed=3, ray_address=shared_ray,
-        progress=False, timeout=1200)
+def twice(export, tmp_path_factory, shared_ray):
+    """Two runs in one data directory, ``xflwb.simulate``'s and a workbench's: the second
+    reads the per-example costs the first measured (DATA_DIR/costs), as every later run of
+    an export does.
+
+    Lognormal speeds (σ = 0.8: the slowest are 10×–20× slower than the fastest), iPhones
+    3× slower at the median in simulated seconds: the measured per-platform cost of an
+    example is divided out (the Core ML executor's can be several times TFLite's, which
+    would leave no iPhone update within the versions' staleness bound)."""
+    data = tmp_path_factory.mktemp("same")
+    cost = per_example_seconds(export, data)
+    profiles = compute_bound(f"lognormal:{1.0 / cost['android']!r},0.8",
+                             f"lognormal:{3.0 / cost['ios']!r},0.8")
+    first = _run(xflwb.simulate, export, shared_ray, profiles, data_dir=data)
+    with xflwb.Workbench(data_dir=data, port=0) as wb:
+        second = _run(wb.simulate, "simbuff_cnn", shared_ray, profiles)
+        assert list(wb.session_table.status) == ["finished", "finished"]
+    return [first, second]
+
+
+@pytest.fixture(scope="module")
+def slow_tail(twice):
+    """The first of ``twice``'s runs."""
+    return twice[0]
 
 
 def test_a_slow_tail_does_not_hold_versions_back(slow_tail):
@@ -75,28 +119,6 @@ def test_slower_iphones_are_staler(slow_tail):
     # and they report less often in the same simulated time
     counts = applied.groupby("platform").size()
     assert counts["android"] > counts["ios"]
-
-
-def _run(simulate, model, ray_address, **where):
-    return simulate(
-        model, android=6, ios=6, rounds=4, strategy="fedbuff",
-        strategy_options=xflwb.FedBuff(buffer_size=3, max_concurrency=8, evaluate_every=2),
-        fraction_evaluate=0.5, profiles=compute_bound("lognormal:1,1", "lognormal:2,1"),
-        compression="up=int8,down=fp16", drop_prob=0.2, seed=7, partition="dirichlet:0.5",
-        ray_address=ray_address, progress=False, timeout=900, **where)
-
-
-@pytest.fixture(scope="module")
-def twice(export, tmp_path_factory, shared_ray):
-    """Two runs in one data directory, ``xflwb.simulate``'s and a workbench's: the second
-    reads the per-example costs the first measured (DATA_DIR/costs), as every later run of
-    an export does."""
-    data = tmp_path_factory.mktemp("same")
-    first = _run(xflwb.simulate, export, shared_ray, data_dir=data)
-    with xflwb.Workbench(data_dir=data, port=0) as wb:
-        second = _run(wb.simulate, "simbuff_cnn", shared_ray)
-        assert list(wb.session_table.status) == ["finished", "finished"]
-    return [first, second]
 
 
 def test_the_same_seed_gives_the_same_run(twice):

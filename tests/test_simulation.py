@@ -81,30 +81,55 @@ def test_a_refused_simulation_leaves_no_database_open(tmp_path):
     assert open_db_files(tmp_path / "d") == []
 
 
+#: the seeded run ``attached`` starts twice and ``test_compression_sim``'s end-to-end check
+#: once more, compressed: 3 of 4 clients a round (fraction_fit 0.75), so the seeded draw of
+#: who trains is part of what two runs must agree on
+ATTACHED_RUN = {"android": 2, "ios": 2, "rounds": 2, "fraction_fit": 0.75, "seed": 1,
+                "progress": False}
+#: measured on this machine's clock, not part of what a seed determines
+WALL_CLOCK = {"fit_seconds", "aggregate_seconds"}
+
+
+@pytest.fixture(scope="module")
+def attached(export, tmp_path_factory, shared_ray_head):
+    """One seeded configuration run twice on the run's shared Ray head, in one data
+    directory: first through its GCS address, ``xflwb.simulate(export)`` waiting; then
+    through Ray Client (``ray://``), by the published name, ``wait=False`` then ``wait()``.
+    Several tests read these two runs (databases held open, attaching, determinism, no
+    virtual clock, the float32 reference of compression); what the process held open at
+    each step is recorded as it happens."""
+    data = tmp_path_factory.mktemp("attached") / "d"
+    seen: dict = {}
+    first = xflwb.simulate(export, data_dir=data, timeout=600,
+                           ray_address=shared_ray_head["gcs"], **ATTACHED_RUN)
+    seen["after wait=True"] = open_db_files(data)
+    seen["first status"], seen["first history rows"] = first.status, len(first.history)
+    seen["after reads"] = open_db_files(data)
+    running = xflwb.simulate("sim_cnn", data_dir=data, wait=False,
+                             ray_address=shared_ray_head["client"], **ATTACHED_RUN)
+    seen["while running"] = open_db_files(data)
+    seen["second wait"] = running.wait(timeout=600)
+    seen["after wait()"] = open_db_files(data)
+    return {"data": data, "runs": [first, running], "seen": seen}
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulations_hold_no_database_open_once_done(export, tmp_path, shared_ray):
+def test_simulations_hold_no_database_open_once_done(attached):
     """``xflwb.simulate`` keeps no manager per data directory: its handle owns one, closed
-    once the simulation ended (``wait=True``, or ``wait()``); a Workbench's simulations run
-    on its own manager, closed by ``wb.stop()``. Handles stay readable after."""
-    data = tmp_path / "d"
-    run = {"android": 1, "ios": 1, "rounds": 1, "ray_address": shared_ray, "progress": False}
-    sim = xflwb.simulate(export, data_dir=data, timeout=600, **run)
-    assert open_db_files(data) == []
-    assert sim.status == "finished" and len(sim.history) > 0  # readable …
-    assert open_db_files(data) == []  # … holding nothing open between reads
-    running = xflwb.simulate("sim_cnn", data_dir=data, wait=False, **run)
-    assert open_db_files(data), "a running simulation's handle reads through its registry"
-    assert running.wait(timeout=600) == "finished", running.info["error"]
-    assert open_db_files(data) == []
-    assert sim.id != running.id and len(running.global_parameters()) == 4
-
-    wb = xflwb.Workbench(data_dir=tmp_path / "wb", port=0).start()
-    on_wb = wb.simulate(export, **run)
-    assert open_db_files(wb.data_dir), "the workbench's registry serves while it runs"
-    wb.stop()
-    assert open_db_files(wb.data_dir) == []
-    assert on_wb.status == "finished" and open_db_files(wb.data_dir) == []
+    once the simulation ended (``wait=True``, or ``wait()``); handles stay readable after.
+    (A Workbench's simulations run on its own manager, closed by ``wb.stop()``: checked in
+    ``test_fidelity_simulation_matches_process_fleet``.)"""
+    seen = attached["seen"]
+    assert seen["after wait=True"] == []
+    assert seen["first status"] == "finished" and seen["first history rows"] > 0  # readable …
+    assert seen["after reads"] == []  # … holding nothing open between reads
+    assert seen["while running"], "a running simulation's handle reads through its registry"
+    first, running = attached["runs"]
+    assert seen["second wait"] == "finished", running.info["error"]
+    assert seen["after wait()"] == []
+    assert first.id != running.id and len(running.global_parameters()) == 4
+    assert open_db_files(attached["data"]) == []
 
 
 # -- the client a Ray worker runs, without Ray ------------------------------------------------
@@ -210,7 +235,9 @@ def _accuracy(export, parameters):
 @pytest.mark.timeout(900)
 def test_fidelity_simulation_matches_process_fleet(export, tmp_path, shared_ray):
     """Same export, partitions and seeds: the Simulation Engine run and the fleet of device
-    processes speaking the phone protocol end within 1 accuracy point (issue 6)."""
+    processes speaking the phone protocol end within 1 accuracy point (issue 6). The
+    Workbench's registry is open while it runs and closed by its stop, the simulation's
+    handle readable after, holding nothing open."""
     rounds, seed, partition = 4, 0, "dirichlet:0.5"
     with xflwb.Workbench(data_dir=tmp_path / "xfl", port=0) as wb:
         wb.publish(export)
@@ -221,12 +248,18 @@ def test_fidelity_simulation_matches_process_fleet(export, tmp_path, shared_ray)
         fleet.wait(timeout=60)
         fleet_params = session.global_parameters()
         fleet_hist = session.history
-        sim = wb.simulate("sim_cnn", android=2, ios=2, dataset="digits", partition=partition,
+        # the export itself (published above: publishing it again is a no-op)
+        sim = wb.simulate(export, android=2, ios=2, dataset="digits", partition=partition,
                           rounds=rounds, seed=seed, ray_address=shared_ray)
         assert sim.wait(timeout=600) == "finished", sim.info["error"]
         sim_params = sim.global_parameters()
         sim_hist = sim.history
         assert list(wb.session_table.status) == ["finished", "finished"]
+        # a Workbench's simulations run on its own manager: its registry serves while it
+        # runs, and wb.stop() (leaving the block) closes it
+        assert open_db_files(wb.data_dir), "the workbench's registry serves while it runs"
+    assert open_db_files(wb.data_dir) == []
+    assert sim.status == "finished" and open_db_files(wb.data_dir) == []
     wide = sim_hist.pivot_table(index=["round", "platform"], columns="metric", values="value")
     assert (wide.xs("android", level="platform")["clients"] == 2).all()
     assert (wide.xs("ios", level="platform")["clients"] == 2).all()
@@ -246,23 +279,38 @@ def test_fidelity_simulation_matches_process_fleet(export, tmp_path, shared_ray)
         assert 1 <= len(loads) <= 2 and len(set(loads)) == len(loads), (platform, loads)
 
 
+@pytest.fixture(scope="module")
+def via_magic(ip, export, shared_ray, tmp_path_factory):
+    """``ATTACHED_RUN`` once more, started by ``%xfl_simulate`` with int8 up and fp16 down:
+    the magic's run (partial participation: 3 of 4 clients a round) is the compressed run
+    compared with ``attached``'s float32 one. Returns (the session, what the magic printed)."""
+    import contextlib
+    import io
+
+    ip.user_ns["sim_export"] = export
+    line = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in ATTACHED_RUN.items()
+                    if k != "progress")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        session = ip.run_line_magic(
+            "xfl_simulate", f"sim_export {line} --compression up=int8,down=fp16 "
+            f"--data-dir {tmp_path_factory.mktemp('magic') / 'd'} --ray-address {shared_ray}")
+    return session, out.getvalue()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys, shared_ray):
-    ip.user_ns["sim_export"] = export
-    session = ip.run_line_magic(
-        "xfl_simulate", f"sim_export --android 3 --ios 3 --rounds 2 --fraction-fit 0.5 "
-        f"--partition iid --data-dir {tmp_path / 'd'} --ray-address {shared_ray}")
-    out = capsys.readouterr().out
-    assert "3 Android + 3 iOS" in out and ip.user_ns["sim_cnn_simulation"] is session
+def test_xfl_simulate_magic_partial_participation(ip, via_magic, tmp_path, capsys):
+    session, out = via_magic
+    assert "2 Android + 2 iOS" in out and ip.user_ns["sim_cnn_simulation"] is session
     assert session.wait(timeout=600) == "finished", session.info["error"]
     hist = session.history
     clients = hist.query("metric == 'clients' and platform == 'all'")["value"]
-    assert list(clients) == [3.0, 3.0]  # half the fleet each round
+    assert list(clients) == [3.0, 3.0]  # three of the four each round
     assert len(session.global_parameters()) == 4
     from xflwb.widgets.dashboard import snapshot_html
 
-    assert "simulated 3 Android + 3 iOS clients" in snapshot_html(session)
+    assert "simulated 2 Android + 2 iOS clients" in snapshot_html(session)
     ip.run_line_magic("xfl_simulate", "--help")
     assert "Simulation Engine" in capsys.readouterr().out
     from xflwb.magics import XflMagicError
@@ -274,7 +322,8 @@ def test_xfl_simulate_magic_partial_participation(ip, export, tmp_path, capsys, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shared_ray):
+def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shared_ray,
+                                                        capsys):
     import subprocess
     import sys
 
@@ -298,11 +347,14 @@ def test_cli_simulate_writes_history_and_never_overwrites(export, tmp_path, shar
     want = [sum(np.random.default_rng([0, pid, r]).random() < 0.5 for pid in range(4))
             for r in range(2)]
     assert fails == want and [c + f for c, f in zip(clients, fails, strict=True)] == [4, 4]
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "never overwritten" in again.stderr
-    bad = subprocess.run([sys.executable, "-m", "xflwb", "simulate", "sim_cnn", "--data-dir",
-                          str(tmp_path / "d")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "needs clients" in bad.stderr
+    # the refusals, in this process (the command's entry point ran above): the same
+    # arguments again, then no clients
+    from xflwb import cli
+
+    capsys.readouterr()
+    assert cli.main(cmd[3:]) == 2 and "never overwritten" in capsys.readouterr().err
+    assert cli.main(["simulate", "sim_cnn", "--data-dir", str(tmp_path / "d")]) == 2
+    assert "needs clients" in capsys.readouterr().err
 
 
 def test_ray_client_server_failure_is_asked_again(monkeypatch):
@@ -345,7 +397,8 @@ def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):
     """On its own Ray (not ``shared_ray``): stopping must end the Ray the simulation started."""
     import os
 
-    sim = xflwb.simulate(export, android=2, ios=2, rounds=500, data_dir=tmp_path / "d",
+    # one client a platform: the smallest fleet whose first round shows the run is under way
+    sim = xflwb.simulate(export, android=1, ios=1, rounds=500, data_dir=tmp_path / "d",
                          wait=False)
     def first_round() -> bool:
         if sim.round >= 1:
@@ -370,7 +423,7 @@ def test_stop_ends_the_simulation_and_its_ray_processes(export, tmp_path):
     wait_until(group_gone, 20, f"the stopped simulation's process group {pid} to end")
     # what it learnt so far is kept
     assert len(sim.global_parameters()) == 4 and sim.round >= 1
-    assert "simulated android=2 ios=2" in repr(sim)
+    assert "simulated android=1 ios=1" in repr(sim)
 
 
 def _free_port() -> int:
@@ -383,7 +436,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_attaches_to_an_existing_ray_cluster(export, tmp_path, shared_ray_head):
+def test_attaches_to_an_existing_ray_cluster(attached, shared_ray_head):
     """``ray_address`` joins a running cluster (GCS address, then Ray Client ``ray://``):
     artifacts travel through the object store, the cluster outlives the simulation, and
     both ways give the same model (same partitions, seeds and batches). The cluster is the
@@ -393,15 +446,84 @@ def test_attaches_to_an_existing_ray_cluster(export, tmp_path, shared_ray_head):
     from pathlib import Path
 
     ray = str(Path(sys.executable).with_name("ray"))
-    runs = {}
-    for address in (shared_ray_head["gcs"], shared_ray_head["client"]):
-        sim = xflwb.simulate(export, android=1, ios=1, rounds=2, seed=5,
-                             ray_address=address, data_dir=tmp_path / "d", timeout=600)
+    runs = attached["runs"]
+    for sim, address in zip(runs, (shared_ray_head["gcs"], shared_ray_head["client"]),
+                            strict=True):
+        assert sim.status == "finished", sim.info["error"]
         assert sim.info["config"]["ray_address"] == address
-        runs[address] = sim.global_parameters()
     status = subprocess.run([ray, "status", "--address", shared_ray_head["gcs"]],
                             capture_output=True, text=True, timeout=120)
     assert status.returncode == 0 and "Active" in status.stdout  # still up
-    a, b = runs.values()
+    a, b = (sim.global_parameters() for sim in runs)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def comparable(history) -> list[tuple]:
+    """A history's rows without the wall-clock measurements."""
+    rows = history[~history.metric.isin(WALL_CLOCK)]
+    return [tuple(r) for r in rows[["round", "platform", "metric", "value"]].itertuples(
+        index=False)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_same_seed_gives_the_same_history_and_model(attached):
+    """Synchronous rounds without the virtual clock are deterministic for a seed: who
+    trains, every metric and the model (with the virtual clock:
+    ``test_virtual_rounds.py``)."""
+    a, b = attached["runs"]
+    assert a.status == b.status == "finished"
+    ha, hb = comparable(a.history), comparable(b.history)
+    assert len(ha) > 20 and ha == hb
+    for x, y in zip(a.global_parameters(), b.global_parameters(), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_without_profiles_there_is_no_virtual_clock(attached):
+    h = attached["runs"][0].history
+    assert not h.metric.isin(["sim_seconds", "stragglers", "selected"]).any()
+    # fraction_fit 0.75 of 4: three clients trained each round
+    clients = h.query("metric == 'clients' and platform == 'all'")["value"].tolist()
+    assert clients == [3.0, 3.0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_simulation_with_int8_up_and_fp16_down_sends_fewer_bytes(attached, via_magic):
+    """The same seeded run as ``attached``'s float32 one, with int8 up and fp16 down (the
+    magic's run): the same clients train, each sends and receives fewer bytes (the
+    clients' codecs: ``test_compression_sim.py``)."""
+    platforms = ["android", "ios"]
+    plain, small = attached["runs"][0], via_magic[0]
+    assert small.wait(timeout=600) == "finished", small.info["error"]
+    assert plain.status == small.status == "finished"
+    assert small.info["config"]["compression"] == {"up": "int8", "down": "fp16"}
+
+    def per(history, metric):
+        rows = history[(history.metric == metric) & history.platform.isin(platforms)]
+        return rows.groupby("platform")["value"].sum()
+
+    for platform in platforms:
+        f32_up, f32_down = per(plain.history, "bytes_up")[platform], per(
+            plain.history, "bytes_down")[platform]
+        up, down = per(small.history, "bytes_up")[platform], per(
+            small.history, "bytes_down")[platform]
+        assert f32_up / up >= 3.5, (platform, f32_up, up)  # int8: ~3.9× at block 256
+        assert 1.9 <= f32_down / down <= 2.0, (platform, f32_down, down)  # fp16: 2× less
+        # what float32 would have cost is recorded next to what was sent
+        assert per(small.history, "bytes_up_float32")[platform] == f32_up
+        assert per(small.history, "bytes_down_float32")[platform] == f32_down
+    # every client asked trained in every round (none refused its compressed update): the
+    # float32 run's clients, platform by platform
+    def clients(history):
+        return history.query("metric == 'clients'").set_index(["round", "platform"])[
+            "value"].sort_index()
+
+    assert clients(small.history).equals(clients(plain.history))
+    assert clients(small.history).xs("all", level="platform").tolist() == [3.0, 3.0]
+    assert len(clients(small.history)) == 2 * (len(platforms) + 1)
+    acc = small.history.query("metric == 'accuracy' and platform == 'all'")["value"]
+    assert np.isfinite(acc).all() and len(acc) == 2
