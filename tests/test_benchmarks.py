@@ -14,8 +14,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.benchmark_smokes import (BENCHMARKS, OTHERS, SCRIPTS, SIMULATING, SMOKE, entry_for,
-                                    flags, run_smoke)
+from tests.benchmark_smokes import (
+    BENCHMARKS,
+    OTHERS,
+    SCRIPTS,
+    SIMULATING,
+    SMOKE,
+    entry_for,
+    flags,
+    run_smoke,
+)
 
 pytestmark = pytest.mark.slow
 
