@@ -71,9 +71,9 @@ SMOKE: dict[str, Smoke] = {
                                  ray=True, workdir=True),
     "tflite_step.py": Smoke(("## Train step, batch 32, MNIST-sized CNN",
                              "| runtime | wall ms | wall ratio vs Keras |", "| xflwb |")),
-    "systems.py": Smoke(("tta: ", "s to target", "clock: ", "pair 1:", "memory: ",
-                         "determinism: ", "history identical: True",
-                         "global model identical: True"),
+    "systems.py": Smoke(("tta: 40 clients", "s to target", "clock: 20 clients", "pair 1:",
+                         "memory: 40 clients", "determinism: 20 clients",
+                         "history identical: True; global model identical: True"),
                         ray=True, workdir=True),
 }
 
