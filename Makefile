@@ -50,7 +50,7 @@ bench: $(STAMP)  # about 35 minutes in all on 2 cores
 
 # every benchmark with --smoke: completes and prints its table (make test runs it too)
 bench-smoke: $(STAMP)
-	$(BIN)/python -m pytest tests/test_benchmarks.py
+	$(BIN)/python -m pytest -n 2 --dist loadfile tests/test_benchmarks.py tests/test_benchmarks_sim.py
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

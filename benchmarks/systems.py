@@ -2,7 +2,7 @@
 
     python benchmarks/systems.py                  # every part (long: see README)
     python benchmarks/systems.py --part tta       # time to accuracy only
-    python benchmarks/systems.py --smoke          # tiny sizes, every part (8 short simulations)
+    python benchmarks/systems.py --smoke          # tiny sizes, every part (7 short simulations)
 
 * **tta — time to accuracy.** ``--clients`` simulated clients (half Android, half iOS),
   Dirichlet(0.5) ``--dataset``, a phone-sized CNN (~300k parameters, 1.2 MB: its upload
@@ -23,7 +23,8 @@
   profiled simulation of ``--small`` and ``--clients`` clients. Goal ≤ 1.1×.
 * **determinism.** One profiled simulation (diurnal, deadline, over-selection) run twice
   with the same seed: the histories (every metric but the wall-clock ones) and the global
-  models must be identical.
+  models must be identical. ``--smoke`` takes the memory part's ``--small`` run (the same
+  settings but the seed) as the first of the two and runs it again, one simulation fewer.
 
 One Ray head serves every run (``privacy.start_ray``; or the running one ``--ray-address``
 names, neither started nor stopped: its processes are then not this script's descendants,
@@ -257,9 +258,11 @@ def part_memory(res: Any, tmp: Path, address: str, a: argparse.Namespace) -> Non
     peaks = {}
     for n in (a.small, a.clients):
         with PeakRSS() as m:
-            simulate(res, tmp / f"mem-{n}", address, clients=n, dataset=a.dataset,
-                     rounds=a.clock_rounds, fraction_fit=a.fraction, over_select=0.3,
-                     deadline=a.deadline, profiles=profile)
+            session = simulate(res, tmp / f"mem-{n}", address, clients=n, dataset=a.dataset,
+                               rounds=a.clock_rounds, fraction_fit=a.fraction,
+                               over_select=0.3, deadline=a.deadline, profiles=profile)
+        if n == a.small:  # --smoke: the determinism part's first run (see part_determinism)
+            a.memory_run = (session, tmp / f"mem-{n}", 0)
         peaks[n] = m.peak
         print(f"memory: {n} clients: peak {m.peak / 2**20:.0f} MiB")
     ratio = peaks[a.clients] / peaks[a.small]
@@ -278,15 +281,20 @@ def part_determinism(res: Any, tmp: Path, address: str, a: argparse.Namespace) -
 
     profile = xflwb.DeviceProfiles(**HEAVY)
     # one data directory: its cost cache holds the per-example costs measured by the first
-    # run, so both runs use the same (a run is deterministic for its seed and costs)
-    runs = [simulate(res, tmp / "det", address, clients=a.small, dataset=a.dataset,
-                     rounds=a.clock_rounds, fraction_fit=a.fraction, over_select=0.3,
-                     deadline=a.deadline, profiles=profile, seed=7) for k in range(2)]
+    # run, so both runs use the same (a run is deterministic for its seed and costs).
+    # --smoke: the memory part's small run (these settings, seed 0) is the first of the two
+    reuse = getattr(a, "memory_run", None) if a.smoke else None
+    first, data_dir, seed = reuse or (None, tmp / "det", 7)
+    runs = [first] if first is not None else []
+    while len(runs) < 2:
+        runs.append(simulate(res, data_dir, address, clients=a.small, dataset=a.dataset,
+                             rounds=a.clock_rounds, fraction_fit=a.fraction, over_select=0.3,
+                             deadline=a.deadline, profiles=profile, seed=seed))
     same_history = comparable(runs[0]).equals(comparable(runs[1]))
     same_model = all(np.array_equal(x, y) for x, y in zip(runs[0].global_parameters(),
                                                           runs[1].global_parameters(),
                                                           strict=True))
-    print(f"determinism: {a.small} clients, seed 7, twice: history identical: "
+    print(f"determinism: {a.small} clients, seed {seed}, twice: history identical: "
           f"{same_history}; global model identical: {same_model}")
     if not (same_history and same_model):
         raise SystemExit("determinism: two runs of one seed differ")
@@ -301,7 +309,8 @@ def main() -> int:
     p.add_argument("--part", choices=sorted(PARTS), action="append",
                    help="run only this part (repeatable; default: all)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes, 2 rounds, one pair: every part, checks the script runs")
+                   help="tiny sizes, 1-2 rounds, one pair, the memory part's small run "
+                   "reused by the determinism part: every part, checks the script runs")
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--small", type=int, default=100, help="the smaller fleet (clock, memory)")
     p.add_argument("--dataset", default="digits")
