@@ -42,22 +42,3 @@ def test_simulation_driver_does_not_import_tensorflow():
         "assert importlib.util.find_spec('tensorflow') is not None  # the mask was lifted\n"
         "print('light')\n")
     assert "light" in run_python(code).stdout
-
-
-def test_simulation_workers_import_tensorflow_without_keras(monkeypatch):
-    """Ray workers get ``TF_USE_LEGACY_KERAS=1`` (unless the user set it): TensorFlow then
-    skips its eager Keras import, which a TFLite / Core ML client never uses."""
-    from xflwb.simulation.server import _worker_keras_env
-
-    monkeypatch.setenv("TF_USE_LEGACY_KERAS", "0")
-    assert _worker_keras_env() == {}  # the user's own setting is kept
-    monkeypatch.delenv("TF_USE_LEGACY_KERAS")
-    env = _worker_keras_env()
-    assert env == {"TF_USE_LEGACY_KERAS": "1"}
-    monkeypatch.setenv("TF_USE_LEGACY_KERAS", env["TF_USE_LEGACY_KERAS"])
-    code = ("import sys\n"
-            "import tensorflow as tf\n"
-            "assert callable(tf.lite.Interpreter)\n"
-            "assert 'keras' not in sys.modules, 'keras imported'\n"
-            "print('light')\n")
-    assert "light" in run_python(code).stdout
