@@ -110,24 +110,6 @@ def compression_arguments(cfg: SimulationConfig) -> dict[str, Any]:
     return {"capable_by_default": True} if getattr(cfg, "compression", None) else {}
 
 
-def _worker_keras_env() -> dict[str, str]:
-    """``TF_USE_LEGACY_KERAS=1`` for the Ray workers when ``tf_keras`` is not installed.
-
-    A worker's ``import tensorflow`` (Flower's actor module imports it; the TFLite
-    interpreter needs it) eagerly imports Keras 3's optimizers, and with them all of Keras
-    and scikit-learn's wrappers: about half of TensorFlow's import, in every worker of every
-    simulation. A simulated client never touches Keras (TFLite interpreter, Core ML
-    executor), and with the legacy flag TensorFlow looks for ``tf_keras`` instead, finds
-    none and skips that import (``tf.keras`` would fail there; nothing of xflwb uses it in
-    a worker). Not set when ``tf_keras`` exists (the flag would then swap ``tf.keras``) or
-    when the environment already says."""
-    import importlib.util
-
-    if "TF_USE_LEGACY_KERAS" in os.environ or importlib.util.find_spec("tf_keras"):
-        return {}
-    return {"TF_USE_LEGACY_KERAS": "1"}
-
-
 def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
     """Start (or attach to) Ray ourselves, before Flower would, so the artifact bundle can
     be put in the object store; returns the backend config for Flower."""
@@ -137,7 +119,7 @@ def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
     init_args = dict(backend.pop("init_args", None) or backend.pop("init-args", None) or {})
     backend.setdefault("client_resources", {"num_cpus": 1, "num_gpus": 0.0})
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "FLWR_TELEMETRY_ENABLED": "0",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), **_worker_keras_env()}
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     init_args.setdefault("runtime_env", {"env_vars": env})
     init_args.setdefault("logging_level", logging.WARNING)
     init_args.setdefault("log_to_driver", True)
