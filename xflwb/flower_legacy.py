@@ -17,9 +17,11 @@ test ``tests/test_flower_legacy.py`` pins what we rely on).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -159,6 +161,28 @@ class PooledServer(Server):
         return loss, metrics, (results, failures)
 
 
+@contextlib.contextmanager
+def _tensorflow_absent() -> Iterator[None]:
+    """Import inside it as if TensorFlow were not installed (unless it is loaded already).
+
+    ``flwr.simulation`` imports TensorFlow at module level (``ray_transport.utils``) only
+    for ``enable_tf_gpu_growth``, a GPU helper xflwb never calls. That import is most of a
+    simulation driver's start-up (seconds of CPU), and the driver runs no TensorFlow
+    (the Ray workers import it when a TFLite client first loads). ``None`` in
+    ``sys.modules`` makes ``import tensorflow`` raise ``ModuleNotFoundError``, which Flower
+    catches (``TF = None``); the entry is removed afterwards, so a later
+    ``import tensorflow`` (a TFLite runtime, measured costs) loads it as usual."""
+    if "tensorflow" in sys.modules:
+        yield
+        return
+    sys.modules["tensorflow"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+
+
 def simulation_api() -> SimpleNamespace:
     """Flower's Simulation Engine pieces, imported on demand (they pull in Ray).
 
@@ -167,7 +191,7 @@ def simulation_api() -> SimpleNamespace:
     be); ``start_grid`` runs a legacy ``Server`` over a ``Grid``, which is how the
     same ``CrossPlatformStrategy`` that serves phones serves simulated clients.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _tensorflow_absent():
         warnings.simplefilter("ignore")
         from flwr.app import ArrayRecord, ConfigRecord
         from flwr.client import Client, ClientApp
