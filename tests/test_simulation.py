@@ -271,8 +271,8 @@ def test_fidelity_simulation_matches_process_fleet(export, tmp_path, shared_ray)
     assert abs(acc.loc[(rounds, "all")] - fleet_acc["value"].iloc[-1]) <= 0.01
     a_fleet, a_sim = _accuracy(export, fleet_params), _accuracy(export, sim_params)
     assert a_sim > 0.5 and abs(a_sim - a_fleet) <= 0.01, (a_sim, a_fleet)
-    # 4 clients × 4 rounds of fit + evaluate on 2 Ray workers (one CPU each): each worker
-    # loaded each platform's runtime at most once
+    # 4 clients × 4 rounds of fit + evaluate on the Ray workers (one per CPU of the Ray
+    # it started: at most 2 here): each worker loaded each platform's runtime at most once
     log = (tmp_path / "xfl" / "logs" / f"session-{sim.id}.log").read_text()
     for platform in ("android", "ios"):
         loads = re.findall(rf"xflwb worker (\d+): loaded {platform} runtime", log)
