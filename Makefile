@@ -27,9 +27,10 @@ typecheck: $(STAMP)
 	$(BIN)/mypy xflwb --no-incremental
 
 # two workers, whole files each (module fixtures such as one export per model and one Ray
-# head per worker are shared; a notebook's cells stay in order); see conftest.py
+# head per worker are shared; a notebook's cells stay in order), handed out in conftest.py's
+# order, longest recorded file first (xdist would otherwise reorder files by test count)
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # the inner loop (under 3 minutes): unit and property tests, those tests/durations.json
 # records at 1 s or less (and new ones); no lint, no notebooks, no processes (conftest.py)
@@ -39,7 +40,7 @@ test-fast: $(STAMP)
 # measure every test again (a full run) into tests/durations.json, which orders make test
 # (longest files first) and selects make test-fast; commit the file it writes
 durations: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --record-durations tests/durations.json
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --record-durations tests/durations.json
 
 bench: $(STAMP)  # about 35 minutes in all on 2 cores
 	$(BIN)/python benchmarks/export_and_runtimes.py

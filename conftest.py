@@ -90,7 +90,7 @@ class _Recorder:
         self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
 
     def pytest_sessionfinish(self, session: Any) -> None:
-        if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller writes the file
+        if hasattr(session.config, "workerinput"):  # an xdist worker: the controller writes
             return
         rounded = {k: round(v, 2) for k, v in sorted(self.seconds.items())}
         tmp = self.path.with_suffix(".tmp")
