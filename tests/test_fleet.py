@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from xflwb.federation.fleet import (
@@ -61,6 +61,7 @@ def brute_until(rows: list[tuple[int, float, float]], n: int, t: float,
 
 @settings(max_examples=60, deadline=None)
 @given(windows(), st.floats(0, 350, allow_nan=False), st.booleans())
+@example((1, [(0, 16.0, 100.0)]), 236.0, True)  # ends at the period's end, none starts at 0
 def test_windows_agree_with_a_brute_force_reading(case: tuple[int, list[tuple[int, float,
                                                                              float]]],
                                                    t: float, periodic: bool) -> None:

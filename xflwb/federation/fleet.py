@@ -226,7 +226,9 @@ class Windows:
         tt, base = self._phase(t)
         later = self._bounds[self._bounds > tt]
         if self.period is not None:
-            if later.size and later[0] < self.period:
+            # the period's end counts too: a window ending there goes on only into one
+            # starting at 0 (then nothing changes there, which costs a caller one more step)
+            if later.size:
                 return float(base + later[0])
             # the next period's first boundary (0 itself when a window starts there)
             return float(base + self.period + (self._bounds[0] if self._bounds.size else 0))
