@@ -71,3 +71,25 @@ def wait_until(predicate: Callable[[], T], timeout: float, what: str, *,
         except Exception as exc:
             message += f"\n(describe() raised {type(exc).__name__}: {exc})"
     raise AssertionError(message) from error
+
+
+#: history metrics measured on the wall clock: they differ between two runs of one seed
+WALL_CLOCK = {"fit_seconds", "aggregate_seconds"}
+
+
+def comparable(history) -> list[tuple]:
+    """A history's rows without the wall-clock measurements."""
+    rows = history[~history.metric.isin(WALL_CLOCK)]
+    return [tuple(r) for r in rows[["round", "platform", "metric", "value"]].itertuples(
+        index=False)]
+
+
+def assert_same_run(a, b) -> None:
+    """Two finished sessions of one seed agree: who trained, every metric, the model."""
+    import numpy as np
+
+    assert a.status == b.status == "finished"
+    ha, hb = comparable(a.history), comparable(b.history)
+    assert len(ha) > 20 and ha == hb
+    for x, y in zip(a.global_parameters(), b.global_parameters(), strict=True):
+        np.testing.assert_array_equal(x, y)

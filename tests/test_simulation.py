@@ -11,7 +11,7 @@ import pytest
 
 import xflwb
 from tests.conftest import digits_cnn
-from tests.support import wait_until
+from tests.support import assert_same_run, wait_until
 from xflwb.bridge import params, runtime
 from xflwb.devices import datasets
 from xflwb.sessions.registry import Registry
@@ -87,7 +87,6 @@ def test_a_refused_simulation_leaves_no_database_open(tmp_path):
 ATTACHED_RUN = {"android": 2, "ios": 2, "rounds": 2, "fraction_fit": 0.75, "seed": 1,
                 "progress": False}
 #: measured on this machine's clock, not part of what a seed determines
-WALL_CLOCK = {"fit_seconds", "aggregate_seconds"}
 
 
 @pytest.fixture(scope="module")
@@ -459,13 +458,6 @@ def test_attaches_to_an_existing_ray_cluster(attached, shared_ray_head):
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-def comparable(history) -> list[tuple]:
-    """A history's rows without the wall-clock measurements."""
-    rows = history[~history.metric.isin(WALL_CLOCK)]
-    return [tuple(r) for r in rows[["round", "platform", "metric", "value"]].itertuples(
-        index=False)]
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_the_same_seed_gives_the_same_history_and_model(attached):
@@ -473,11 +465,7 @@ def test_the_same_seed_gives_the_same_history_and_model(attached):
     trains, every metric and the model (with the virtual clock:
     ``test_virtual_rounds.py``)."""
     a, b = attached["runs"]
-    assert a.status == b.status == "finished"
-    ha, hb = comparable(a.history), comparable(b.history)
-    assert len(ha) > 20 and ha == hb
-    for x, y in zip(a.global_parameters(), b.global_parameters(), strict=True):
-        np.testing.assert_array_equal(x, y)
+    assert_same_run(a, b)
 
 
 @pytest.mark.slow

@@ -8,16 +8,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import keras
-import numpy as np
 import pytest
 
 import xflwb
+from tests.support import assert_same_run
 from xflwb.simulation import SimulationConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 #: measured on this machine's clock, not part of what a seed determines
-WALL_CLOCK = {"fit_seconds", "aggregate_seconds"}
 SEED = 11
 DEADLINE = 200.0
 
@@ -50,12 +49,6 @@ def ios_three_times_slower(export, data_dir: Path, android: int, ios: int) -> di
     return profile
 
 
-def comparable(history) -> list[tuple]:
-    rows = history[~history.metric.isin(WALL_CLOCK)]
-    return [tuple(r) for r in rows[["round", "platform", "metric", "value"]].itertuples(
-        index=False)]
-
-
 @pytest.fixture(scope="module")
 def runs(export, tmp_path_factory, shared_ray):
     """Two seeded runs with an iOS-3×-slower profile and a deadline, in one data directory
@@ -72,11 +65,7 @@ def runs(export, tmp_path_factory, shared_ray):
 
 def test_the_same_seed_gives_the_same_history_and_model(runs):
     a, b = runs["virtual"]
-    assert a.status == b.status == "finished"
-    ha, hb = comparable(a.history), comparable(b.history)
-    assert len(ha) > 20 and ha == hb
-    for x, y in zip(a.global_parameters(), b.global_parameters(), strict=True):
-        np.testing.assert_array_equal(x, y)
+    assert_same_run(a, b)
 
 
 def test_the_deadline_drops_the_slow_ios_tail_and_counts_it(runs):
