@@ -24,6 +24,12 @@ from pathlib import Path
 from typing import Any
 
 DURATIONS = Path(__file__).with_name("tests") / "durations.json"
+#: first on every test process's ``PYTHONPATH`` (set below, at import, before xdist starts
+#: its workers): its ``sitecustomize`` defers an import every Ray process pays for and none
+#: uses (see the module's docstring)
+BOOT = Path(__file__).with_name("tests") / "_boot"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(BOOT), *(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p)])
 #: a test recorded slower than this (seconds) is left out of ``--fast``
 FAST_LIMIT = 1.0
 #: files whose cheap-looking tests share a fixture that starts a server, devices, Ray or an

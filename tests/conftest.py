@@ -4,6 +4,7 @@ the hand-written toy manifest with stand-in clients for the params/strategy test
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -163,6 +164,12 @@ def shared_ray(shared_ray_head):
     return shared_ray_head["gcs"]
 
 
+#: Ray starts an idle worker for each new driver (job) ahead of demand; Flower's actors do
+#: not use it (they get workers of their own), so every simulation paid for one more
+#: Python process importing Ray (~2 s of CPU)
+NO_PRESTART = json.dumps({"enable_worker_prestart": False, "prestart_worker_first_driver": False})
+
+
 @pytest.fixture(scope="session")
 def shared_ray_head():
     """One local Ray head for the whole run, started on first use: ``{"gcs": its GCS
@@ -201,7 +208,7 @@ def shared_ray_head():
         head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "1",
                                  *(str(a) for kv in ports.items() for a in kv),
                                  "--temp-dir", str(temp_dir), "--include-dashboard", "false",
-                                 "--disable-usage-stats"],
+                                 "--disable-usage-stats", "--system-config", NO_PRESTART],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     pids: set[int] = {head.pid}
     try:
