@@ -2,7 +2,7 @@
 
     python benchmarks/systems.py                  # every part (long: see README)
     python benchmarks/systems.py --part tta       # time to accuracy only
-    python benchmarks/systems.py --smoke          # tiny sizes, every part (7 short simulations)
+    python benchmarks/systems.py --smoke          # tiny sizes, every part (6 short simulations)
 
 * **tta — time to accuracy.** ``--clients`` simulated clients (half Android, half iOS),
   Dirichlet(0.5) ``--dataset``, a phone-sized CNN (~300k parameters, 1.2 MB: its upload
@@ -256,7 +256,7 @@ def part_memory(res: Any, tmp: Path, address: str, a: argparse.Namespace) -> Non
 
     profile = xflwb.DeviceProfiles(**HEAVY)
     peaks = {}
-    for n in (a.small, a.clients):
+    for n in sorted({a.small, a.clients}):  # --smoke: one fleet size (the ratio is 1)
         with PeakRSS() as m:
             session = simulate(res, tmp / f"mem-{n}", address, clients=n, dataset=a.dataset,
                                rounds=a.clock_rounds, fraction_fit=a.fraction,
@@ -309,8 +309,9 @@ def main() -> int:
     p.add_argument("--part", choices=sorted(PARTS), action="append",
                    help="run only this part (repeatable; default: all)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny sizes, 1-2 rounds, one pair, the memory part's small run "
-                   "reused by the determinism part: every part, checks the script runs")
+                   help="tiny sizes (one fleet of 20 for every part), 1-2 rounds, one pair, "
+                   "the memory part's run reused by the determinism part: every part, "
+                   "checks the script runs")
     p.add_argument("--clients", type=int, default=1000)
     p.add_argument("--small", type=int, default=100, help="the smaller fleet (clock, memory)")
     p.add_argument("--dataset", default="digits")
@@ -331,7 +332,7 @@ def main() -> int:
     add_common_arguments(p)
     a = p.parse_args()
     if a.smoke:
-        a.clients, a.small, a.rounds, a.every = 40, 20, 2, 1
+        a.clients, a.small, a.rounds, a.every = 20, 20, 2, 1
         a.clock_rounds, a.pairs, a.buffer, a.concurrency, a.target = 1, 1, 2, 4, 0.2
         a.fraction = 0.5
     import xflwb

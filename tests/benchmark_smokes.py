@@ -73,8 +73,8 @@ SMOKE: dict[str, Smoke] = {
                                  ray=True, workdir=True),
     "tflite_step.py": Smoke(("## Train step, batch 32, MNIST-sized CNN",
                              "| runtime | wall ms | wall ratio vs Keras |", "| xflwb |")),
-    "systems.py": Smoke(("tta: 40 clients", "s to target", "clock: 20 clients", "pair 1:",
-                         "memory: 40 clients", "determinism: 20 clients",
+    "systems.py": Smoke(("tta: 20 clients", "s to target", "clock: 20 clients", "pair 1:",
+                         "memory: 20 clients", "20 / 20 clients", "determinism: 20 clients",
                          "history identical: True; global model identical: True"),
                         ray=True, workdir=True),
 }
