@@ -86,7 +86,6 @@ def test_a_refused_simulation_leaves_no_database_open(tmp_path):
 #: who trains is part of what two runs must agree on
 ATTACHED_RUN = {"android": 2, "ios": 2, "rounds": 2, "fraction_fit": 0.75, "seed": 1,
                 "progress": False}
-#: measured on this machine's clock, not part of what a seed determines
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from xflwb.simulation import SimulationConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-#: measured on this machine's clock, not part of what a seed determines
 SEED = 11
 DEADLINE = 200.0
 
