@@ -60,6 +60,7 @@ SIBLINGS: dict[tuple[str, str], str] = {
     ("bridge", "_quiet"): "the converters' log noise is silenced where they are imported",
     ("_export_options", "bridge"): "the export options build the bridge's optimizers",
     ("bridge", "style"): "the export report's tables look like the dashboard's",
+    ("bridge", "_imports"): "the Android runtime loads TFLite without TensorFlow's Python API",
     ("_options", "_argparse"): "an unknown keyword gets the parsers' \"did you mean\"",
     ("bridge", "errors"): "the export errors derive from xflwb.XflwbError (one error tree)",
     ("_options", "errors"): "OptionError is an InputError (one error tree)",

@@ -42,3 +42,79 @@ def test_simulation_driver_does_not_import_tensorflow():
         "assert importlib.util.find_spec('tensorflow') is not None  # the mask was lifted\n"
         "print('light')\n")
     assert "light" in run_python(code).stdout
+
+
+def test_android_runtime_loads_only_tflite_and_trains_as_under_full_tensorflow(tmp_path):
+    """A virtual Android phone loads TFLite's interpreter and TF's kernels (the Flex delegate
+    runs the gradient ops), not TensorFlow's Python API: the same losses and parameters,
+    bit for bit, as in a process that imported TensorFlow first; and a later
+    ``import tensorflow`` is whole and shares the interpreter class."""
+    from tests.conftest import digits_cnn
+
+    res = xflwb.export(digits_cnn(), name="lite", out_dir=tmp_path, platforms="android",
+                       data_type="digits")
+    train = (
+        "import sys, numpy as np\n"
+        "from xflwb.bridge import runtime\n"
+        f"rt = runtime.load({str(res.paths['manifest'])!r}, 'android')\n"
+        "rng = np.random.default_rng(0)\n"
+        "x = rng.random((40, 8, 8, 1), dtype=np.float32); y = rng.integers(0, 10, 40)\n"
+        "h = rt.fit(x, y, epochs=2, seed=3)\n"
+        "print('RESULT', repr(h), [p.tobytes().hex() for p in rt.get_parameters()])\n")
+    light = run_python(
+        train + "heavy = [m for m in ('tensorflow.python.framework.ops', 'keras',\n"
+        "         'tensorflow.lite.python.lite') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "lite = sys.modules['tensorflow.lite.python.interpreter']\n"
+        "import tensorflow as tf\n"
+        "assert tf.lite.Interpreter is lite.Interpreter\n"
+        "assert float(tf.reduce_sum(tf.ones((2, 3)))) == 6.0\n"
+        "assert tf.keras.layers.Dense(2)(tf.ones((1, 3))).shape == (1, 2)\n").stdout
+    full = run_python("import tensorflow\n" + train).stdout
+
+    def result(out: str) -> str:
+        return next(line for line in out.splitlines() if line.startswith("RESULT"))
+
+    assert result(light) == result(full)
+
+
+def test_partitioning_digits_imports_no_plotting_or_scikit_learn():
+    """A device's (or simulated client's) data: the digits file scikit-learn ships, split by
+    flwr-datasets' partitioner, without flwr-datasets' plots (seaborn, scipy.stats) or
+    scikit-learn itself; the images and labels are ``load_digits``'s, exactly."""
+    code = (
+        "import sys, numpy as np\n"
+        "from xflwb.devices.partition import device_data\n"
+        "from xflwb.devices.datasets import _digits_arrays\n"
+        "d = device_data('digits', 'dirichlet:0.5', 4, 1, seed=1)\n"
+        "assert len(d.y_train) > 0\n"
+        "heavy = [m for m in ('seaborn', 'scipy.stats', 'sklearn', 'flwr_datasets.visualization')\n"
+        "         if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "images, target = _digits_arrays()\n"
+        "from sklearn.datasets import load_digits\n"
+        "ref = load_digits()\n"
+        "assert images.dtype == ref.images.dtype and np.array_equal(images, ref.images)\n"
+        "assert target.dtype == ref.target.dtype and np.array_equal(target, ref.target)\n"
+        "import flwr_datasets  # the real package, whole, with the partitioner already loaded\n"
+        "assert flwr_datasets.FederatedDataset and flwr_datasets.visualization\n"
+        "assert flwr_datasets.partitioner is sys.modules['flwr_datasets.partitioner']\n"
+        "print('light')\n")
+    assert "light" in run_python(code).stdout
+
+
+def test_a_ray_worker_imports_flowers_actor_without_tensorflow():
+    """``prepare_ray_worker`` (every simulation's Ray ``worker_process_setup_hook``) loads
+    Flower's actor module as the driver does: without TensorFlow, which stays importable."""
+    code = (
+        "import sys, importlib.util\n"
+        "from xflwb.flower_legacy import prepare_ray_worker\n"
+        "prepare_ray_worker()\n"
+        "import flwr.simulation.ray_transport.ray_actor as actor\n"
+        "import flwr.simulation.ray_transport.utils as flwr_utils\n"
+        "assert actor.ClientAppActor and flwr_utils.TF is None\n"
+        "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "assert importlib.util.find_spec('tensorflow') is not None\n"
+        "print('light')\n")
+    assert "light" in run_python(code).stdout

@@ -183,6 +183,19 @@ def _tensorflow_absent() -> Iterator[None]:
             del sys.modules["tensorflow"]
 
 
+def prepare_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` for xflwb's simulations (``"xflwb.flower_legacy.
+    prepare_ray_worker"``): import Flower's actor module as the driver does, without TensorFlow.
+
+    A Ray worker loads Flower's ``ClientAppActor`` by importing its module, whose package
+    imports TensorFlow for the GPU helper (see `_tensorflow_absent`): about 5 s of CPU in
+    every actor, before the client's own TFLite runtime loads just the interpreter it needs.
+    """
+    with warnings.catch_warnings(), _tensorflow_absent():
+        warnings.simplefilter("ignore")
+        import flwr.simulation.ray_transport.ray_actor  # noqa: F401
+
+
 def simulation_api() -> SimpleNamespace:
     """Flower's Simulation Engine pieces, imported on demand (they pull in Ray).
 

@@ -44,13 +44,34 @@ def _split(name: str, x: AnyArray, y: AnyArray, classes: int, test_fraction: flo
     return Dataset(name, x[train], y[train], x[test], y[test], classes)
 
 
+def _digits_arrays() -> tuple[AnyArray, AnyArray]:
+    """scikit-learn's digits as ``load_digits`` gives them: 8×8 images (0–16) and labels.
+
+    Read from the file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``), parsed
+    as ``load_digits`` parses it, without importing scikit-learn: that import (scipy.stats
+    with it) is 1.1 s of CPU in every virtual phone and simulated client. Should the file
+    move, ``load_digits`` itself is used.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("sklearn")
+    roots = spec.submodule_search_locations if spec is not None else None
+    path = Path(roots[0]) / "datasets" / "data" / "digits.csv.gz" if roots else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    data = np.loadtxt(path, delimiter=",")
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
+
+
 def digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """scikit-learn's 8×8 handwritten digits (1797 images, ships with scikit-learn)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 16.0)[..., None]
-    return _split("digits", x, d.target.astype(np.int64), 10, test_fraction, seed)
+    images, target = _digits_arrays()
+    x = (images.astype(np.float32) / 16.0)[..., None]
+    return _split("digits", x, target.astype(np.int64), 10, test_fraction, seed)
 
 
 def digits32(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
@@ -60,13 +81,11 @@ def digits32(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     8×8 pixel becomes a 4×4 block (``np.repeat``, no interpolation) and the gray channel is
     copied to three. Float32 in [0, 1], same images, labels and train/test split as `digits`.
     """
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    gray = d.images.astype(np.float32) / 16.0
+    images, target = _digits_arrays()
+    gray = images.astype(np.float32) / 16.0
     x = np.repeat(np.repeat(gray, 4, axis=1), 4, axis=2)
     x = np.repeat(x[..., None], 3, axis=-1)
-    return _split("digits32", x, d.target.astype(np.int64), 10, test_fraction, seed)
+    return _split("digits32", x, target.astype(np.int64), 10, test_fraction, seed)
 
 
 #: `activity`'s classes, in label order.

@@ -99,6 +99,14 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
 # ------------------------------------------------------------------------ splitters
 
 
+def _partitioners() -> Any:
+    """``flwr_datasets.partitioner``, without the package's plotting modules (seaborn,
+    scipy.stats: 1.2 s of CPU in every device and simulated client; see `xflwb._imports`)."""
+    from xflwb._imports import skipping_package_init
+
+    return skipping_package_init("flwr_datasets.partitioner")
+
+
 def _hf_dataset(labels: AnyArray, seed: int) -> Any:
     """Rows ``(label, idx)`` in a seeded random order.
 
@@ -124,7 +132,7 @@ def _indices(partitioner: Any, num_partitions: int) -> list[AnyArray]:
 
 
 def _iid(labels: AnyArray, num_partitions: int, seed: int) -> list[AnyArray]:
-    from flwr_datasets.partitioner import IidPartitioner
+    IidPartitioner = _partitioners().IidPartitioner
 
     p = IidPartitioner(num_partitions)
     p.dataset = _hf_dataset(labels, seed)
@@ -133,7 +141,7 @@ def _iid(labels: AnyArray, num_partitions: int, seed: int) -> list[AnyArray]:
 
 def _dirichlet(labels: AnyArray, num_partitions: int, seed: int,
                alpha: float) -> list[AnyArray]:
-    from flwr_datasets.partitioner import DirichletPartitioner
+    DirichletPartitioner = _partitioners().DirichletPartitioner
 
     n = len(labels)
     # flwr-datasets' default of 10 is impossible for small data; demand at least one sample
@@ -187,7 +195,7 @@ def _shards(labels: AnyArray, num_partitions: int, seed: int, k: int) -> list[An
     Shards are equal-sized (``n // (num_partitions*k)``), so up to ``num_partitions*k - 1``
     trailing rows are left out, and a shard straddling a label boundary holds two labels.
     """
-    from flwr_datasets.partitioner import ShardPartitioner
+    ShardPartitioner = _partitioners().ShardPartitioner
 
     if len(labels) < num_partitions * k:
         raise InputError(

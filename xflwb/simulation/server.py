@@ -120,7 +120,10 @@ def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
     backend.setdefault("client_resources", {"num_cpus": 1, "num_gpus": 0.0})
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "FLWR_TELEMETRY_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    init_args.setdefault("runtime_env", {"env_vars": env})
+    runtime_env = dict(init_args.get("runtime_env") or {"env_vars": env})
+    # each worker imports Flower's actor without TensorFlow (the client loads only TFLite)
+    runtime_env.setdefault("worker_process_setup_hook", "xflwb.flower_legacy.prepare_ray_worker")
+    init_args["runtime_env"] = runtime_env
     init_args.setdefault("logging_level", logging.WARNING)
     init_args.setdefault("log_to_driver", True)
     if cfg.ray_address:

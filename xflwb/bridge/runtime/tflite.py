@@ -24,22 +24,26 @@ def load_interpreter(model: Path | bytes, num_threads: int | None = None) -> Any
     if num_threads is not None and (isinstance(num_threads, bool)
                                     or not isinstance(num_threads, int) or num_threads < 1):
         raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
-    import tensorflow as tf
+    from xflwb._imports import skipping_package_init
+
+    # TFLite's interpreter and TF's kernels (the Flex delegate's), not TF's whole Python API
+    lite = skipping_package_init("tensorflow.lite.python.interpreter",
+                                 "tensorflow.python.pywrap_tensorflow")
 
     # No XNNPACK delegate: in TF 2.18 it fails to resize some graphs (a MobileNetV2 backbone)
     # for batches of 256, 512, … and leaves the interpreter returning wrongly shaped outputs
     # afterwards. The built-in kernels are exact and, measured here, still faster than Keras.
     kw: dict[str, Any] = {"num_threads": num_threads, "experimental_op_resolver_type":
-                          tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+                          lite.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
     from xflwb._quiet import quiet
 
     # quiet: "INFO: Created TensorFlow Lite delegate for select TF ops." on fd 2, natively
     with warnings.catch_warnings(), quiet():
         warnings.simplefilter("ignore")
         if isinstance(model, bytes | bytearray):
-            interp = tf.lite.Interpreter(model_content=bytes(model), **kw)
+            interp = lite.Interpreter(model_content=bytes(model), **kw)
         else:
-            interp = tf.lite.Interpreter(model_path=str(model), **kw)
+            interp = lite.Interpreter(model_path=str(model), **kw)
         interp.allocate_tensors()
     return interp
 
