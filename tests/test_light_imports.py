@@ -118,3 +118,34 @@ def test_a_ray_worker_imports_flowers_actor_without_tensorflow():
         "assert importlib.util.find_spec('tensorflow') is not None\n"
         "print('light')\n")
     assert "light" in run_python(code).stdout
+
+
+def test_import_xflwb_and_a_phones_start_up_load_only_what_they_use():
+    """``import xflwb`` loads no public name until it is used (PEP 562), and a virtual
+    phone's start-up (its parser, options, data) loads neither the registry's SQL nor
+    Flower nor plots (pandas only with the partitioner); error classes still say ``xflwb``
+    in such a process (tracebacks)."""
+    code = (
+        "import sys\n"
+        "import xflwb\n"
+        "heavy = ('numpy', 'pandas', 'sqlalchemy', 'flwr', 'tensorflow', 'keras', 'matplotlib')\n"
+        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        "import xflwb.devices.entry, xflwb.devices.device\n"
+        "from xflwb.devices.partition import device_data\n"
+        "loaded = [m for m in heavy if m in sys.modules and m != 'numpy']\n"
+        "assert not loaded, loaded\n"
+        "device_data('digits', 'iid', 2, 0, seed=0)  # flwr-datasets' partitioner: pandas\n"
+        "loaded = [m for m in heavy if m in sys.modules and m not in ('numpy', 'pandas')]\n"
+        "assert not loaded, loaded\n"
+        "from xflwb.errors import DeviceFailure, InputError\n"
+        "from xflwb.bridge.manifest import ManifestError\n"
+        "assert {c.__module__ for c in (DeviceFailure, InputError, ManifestError)} == {'xflwb'}\n"
+        "assert xflwb.InputError is InputError and 'Workbench' in dir(xflwb)\n"
+        "try:\n"
+        "    xflwb.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    assert 'no_such_name' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('xflwb.no_such_name resolved')\n"
+        "print('light')\n")
+    assert "light" in run_python(code).stdout

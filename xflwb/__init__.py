@@ -11,55 +11,77 @@ What notebooks need around them: ``load_dataset`` (the offline datasets), ``demo
 ``PLATFORM_COLORS``. ``__all__`` is the whole public surface: shipped notebooks, docs and
 the README use nothing else (``tests/test_public_surface.py``), and public classes say
 ``xflwb`` as their ``__module__`` (their pickles name ``xflwb.<Name>``, which resolves).
-Heavy libraries (TensorFlow, coremltools) load lazily on first use so ``%load_ext xflwb``
-stays quick.
+Each public name is imported on first use (PEP 562), so ``import xflwb`` and
+``%load_ext xflwb`` stay quick, and a process that uses one part of xflwb loads only that part.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 # First, before anything can import TensorFlow: importing _quiet sets TF's C++ log level
 # (TF reads it once, at import; a level the user set is kept). See xflwb/_quiet.py.
-from xflwb import _quiet  # noqa: F401  (isort keeps it first: "xflwb" < "xflwb.bridge")
-from xflwb._models import demo_model
-from xflwb._options import OptionError, UnknownOptionError
-from xflwb.admin import AdminClient
-from xflwb.bridge.export import DropoutWarning, ExportResult
-from xflwb.bridge.graph import ExportError
-from xflwb.bridge.health import ExportWarning
-from xflwb.bridge.manifest import ManifestError
-from xflwb.bridge.optim import SGD, Adam
-from xflwb.bridge.parity import ParityError
-from xflwb.bridge.runtime import load as load_runtime
-from xflwb.devices.datasets import load as load_dataset
-from xflwb.devices.device import DeviceOptions
-from xflwb.devices.fleet import Fleet
-from xflwb.devices.partition import partition_table
-from xflwb.errors import (
-    BackendError,
-    DeviceFailure,
-    ExportFailure,
-    InputError,
-    PrivacyError,
-    SessionFailure,
-    UpdateRejected,
-    XflwbError,
-)
-from xflwb.exporting import export
-from xflwb.federation.compression import Compression
-from xflwb.federation.dp import DP
-from xflwb.federation.fedbuff import FedBuff
-from xflwb.federation.profiles import DeviceProfiles
-from xflwb.server.config import SessionConfig
-from xflwb.server.security import make_dev_ca
-from xflwb.sessions.handle import Session
-from xflwb.simulation import simulate
-from xflwb.simulation.config import SimulationConfig
-from xflwb.simulation.secagg import SecAgg
-from xflwb.style import PLATFORM_COLORS
-from xflwb.widgets.dashboard import Dashboard, report
-from xflwb.workbench import Workbench
+from xflwb import _quiet  # noqa: F401  (before any TensorFlow import)
+
+# The public names, for readers and type checkers. At run time each is imported on first use
+# (``__getattr__``, PEP 562) from the module these lines name: ``import xflwb`` costs little,
+# and a process that uses one part of xflwb (a virtual phone, a Ray worker, a session
+# process: a test run starts hundreds) loads only that part.
+if TYPE_CHECKING:
+    from xflwb._models import demo_model
+    from xflwb._options import OptionError, UnknownOptionError
+    from xflwb.admin import AdminClient
+    from xflwb.bridge.export import DropoutWarning, ExportResult
+    from xflwb.bridge.graph import ExportError
+    from xflwb.bridge.health import ExportWarning
+    from xflwb.bridge.manifest import ManifestError
+    from xflwb.bridge.optim import SGD, Adam
+    from xflwb.bridge.parity import ParityError
+    from xflwb.bridge.runtime import load as load_runtime
+    from xflwb.devices.datasets import load as load_dataset
+    from xflwb.devices.device import DeviceOptions
+    from xflwb.devices.fleet import Fleet
+    from xflwb.devices.partition import partition_table
+    from xflwb.errors import (
+        BackendError,
+        DeviceFailure,
+        ExportFailure,
+        InputError,
+        PrivacyError,
+        SessionFailure,
+        UpdateRejected,
+        XflwbError,
+    )
+    from xflwb.exporting import export
+    from xflwb.federation.compression import Compression
+    from xflwb.federation.dp import DP
+    from xflwb.federation.fedbuff import FedBuff
+    from xflwb.federation.profiles import DeviceProfiles
+    from xflwb.server.config import SessionConfig
+    from xflwb.server.security import make_dev_ca
+    from xflwb.sessions.handle import Session
+    from xflwb.simulation import simulate
+    from xflwb.simulation.config import SimulationConfig
+    from xflwb.simulation.secagg import SecAgg
+    from xflwb.style import PLATFORM_COLORS
+    from xflwb.widgets.dashboard import Dashboard, report
+    from xflwb.workbench import Workbench
+
+
+def _public_table() -> dict[str, tuple[str, str]]:
+    """``name: (module, attribute)`` for each public name, read from the ``TYPE_CHECKING``
+    imports above (declared once; the file is parsed once, on the first lazy name)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    block = next(n for n in tree.body if isinstance(n, ast.If)
+                 and isinstance(n.test, ast.Name) and n.test.id == "TYPE_CHECKING")
+    return {alias.asname or alias.name: (node.module, alias.name) for node in block.body
+            if isinstance(node, ast.ImportFrom) and node.module for alias in node.names}
+
+
+_PUBLIC: dict[str, tuple[str, str]] = {}
 
 __version__ = "0.1.0"
 
@@ -116,10 +138,26 @@ __all__ = [
     "simulate",
 ]
 
-# Public classes live in ``xflwb`` as far as users see: ``repr``, tracebacks (``xflwb.ExportError``)
-# and pickles name ``xflwb.<Name>``, which resolves to the same object, so configs still pickle
-# (multiprocessing, Ray). Annotations resolve where they were written (``_options.type_hints``).
-for _name in __all__:
-    if isinstance(globals()[_name], type):
-        globals()[_name].__module__ = __name__
-del _name
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported on first use. Public classes live in ``xflwb`` as far as users
+    see: ``repr``, tracebacks (``xflwb.ExportError``) and pickles name ``xflwb.<Name>``, which
+    resolves here to the same object, so configs still pickle (multiprocessing, Ray).
+    Annotations resolve where they were written (``_options.type_hints``)."""
+    if not _PUBLIC:
+        _PUBLIC.update(_public_table())
+    try:
+        module, attribute = _PUBLIC[name]
+    except KeyError:
+        raise AttributeError(f"module 'xflwb' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(module), attribute)
+    if isinstance(value, type):
+        value.__module__ = __name__
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -56,3 +56,11 @@ class BackendError(XflwbError, RuntimeError):
 
 class DeviceFailure(XflwbError, RuntimeError):
     """A (virtual) device could not run: its model, its data, its connection."""
+
+
+# Public as ``xflwb.<Name>`` in every process (tracebacks, pickles), also in one that never
+# asked the facade for the name (a phone, a session process: see ``xflwb/__init__.py``)
+for _cls in (XflwbError, InputError, ExportFailure, SessionFailure, UpdateRejected,
+             PrivacyError, BackendError, DeviceFailure):
+    _cls.__module__ = "xflwb"
+del _cls

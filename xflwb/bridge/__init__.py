@@ -1,11 +1,5 @@
-"""Keras → phone formats and back. Imports none of the server/devices/widgets packages."""
+"""Keras → phone formats and back. Imports none of the server/devices/widgets packages.
 
-from xflwb.bridge.export import DropoutWarning, ExportResult, export
-from xflwb.bridge.graph import ExportError
-from xflwb.bridge.health import ExportWarning
-from xflwb.bridge.optim import SGD, Adam
-from xflwb.bridge.parity import ParityError
-
-__all__ = ["SGD", "Adam", "DropoutWarning", "ExportError", "ExportResult",
-           "ExportWarning", "ParityError",
-           "export"]
+Nothing is imported here: a phone or a Ray worker that needs one runtime loads that
+runtime's modules only, not the exporter (its public names are ``xflwb``'s).
+"""

@@ -47,6 +47,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 class DropoutWarning(UserWarning):
     """Core ML trains without dropout, so iOS and Android/Keras training differ."""
 
+    __module__ = "xflwb"  # public as xflwb.DropoutWarning in every process (xflwb/__init__.py)
+
 
 @dataclass
 class ExportResult:

@@ -54,6 +54,8 @@ REPLACEMENTS = {
 class ExportError(ExportFailure, ValueError):
     """The model cannot be exported as asked; the message names each layer and the fix."""
 
+    __module__ = "xflwb"  # public as xflwb.ExportError in every process (xflwb/__init__.py)
+
 
 @dataclass
 class Node:

@@ -28,6 +28,8 @@ STILL_REL = 1e-6
 class ExportWarning(UserWarning):
     """The export succeeded, but the model (or its data type) will not train as expected."""
 
+    __module__ = "xflwb"  # public as xflwb.ExportWarning in every process (xflwb/__init__.py)
+
 
 def frozen_boundary(graph: ModelGraph) -> list[Node]:
     """The frozen part's outputs: nodes computed from the input through layers without

@@ -161,6 +161,8 @@ class Manifest(TypedDict):
 class ManifestError(InputError):
     """A manifest is missing keys or contradicts itself."""
 
+    __module__ = "xflwb"  # public as xflwb.ManifestError in every process (xflwb/__init__.py)
+
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()

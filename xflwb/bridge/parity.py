@@ -28,6 +28,8 @@ COLUMNS = ["platform", "check", "max_abs_err", "tol", "ok", "note"]
 class ParityError(ExportFailure):
     """The exported artifacts do not compute what the Keras model computes."""
 
+    __module__ = "xflwb"  # public as xflwb.ParityError in every process (xflwb/__init__.py)
+
     def __init__(self, message: str, report: pd.DataFrame) -> None:
         super().__init__(message)
         self.report = report

@@ -21,13 +21,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from xflwb import _lifeline, _options
 from xflwb._options import option
 from xflwb.errors import InputError
+
+if TYPE_CHECKING:  # pandas loads with the first table, not in every phone's start-up
+    import pandas as pd
 
 #: the module each device process runs (``python -m``; ``xflwb.devices.entry``)
 DEVICE_MODULE = "xflwb.devices"
@@ -229,10 +230,14 @@ class Fleet:
     @property
     def table(self) -> pd.DataFrame:
         """id, platform, status, partition, train/test sizes, rounds done, last loss/acc."""
+        import pandas as pd
+
         return pd.DataFrame(self.statuses(), columns=COLUMNS)
 
     def __repr__(self) -> str:
-        counts = pd.Series([r["status"] for r in self.statuses()]).value_counts().to_dict()
+        from collections import Counter
+
+        counts = dict(Counter(r["status"] for r in self.statuses()).most_common())
         return f"Fleet({len(self.ids)} devices: {counts})"
 
     # -- control ----------------------------------------------------------------------------

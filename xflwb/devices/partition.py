@@ -15,15 +15,17 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from xflwb.bridge.arrays import AnyArray
 from xflwb.errors import InputError
 
 from . import datasets as xdatasets
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 Split = Callable[..., list[AnyArray]]
 
@@ -343,4 +345,6 @@ def partition_table(dataset: str, partition: str, num_partitions: int, seed: int
         rows.append({"partition_id": pid, "train": len(train), "test": len(test),
                      "labels": int(np.count_nonzero(hist)),
                      **{f"label_{c}": int(h) for c, h in enumerate(hist)}})
+    import pandas as pd  # only for the table (not in every phone's start-up)
+
     return pd.DataFrame(rows)
