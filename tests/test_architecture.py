@@ -61,6 +61,7 @@ SIBLINGS: dict[tuple[str, str], str] = {
     ("_export_options", "bridge"): "the export options build the bridge's optimizers",
     ("bridge", "style"): "the export report's tables look like the dashboard's",
     ("bridge", "_imports"): "the Android runtime loads TFLite without TensorFlow's Python API",
+    ("flower_legacy", "_imports"): "a Ray worker loads Flower's actor without its server side",
     ("_options", "_argparse"): "an unknown keyword gets the parsers' \"did you mean\"",
     ("bridge", "errors"): "the export errors derive from xflwb.XflwbError (one error tree)",
     ("_options", "errors"): "OptionError is an InputError (one error tree)",

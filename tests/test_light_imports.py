@@ -103,19 +103,27 @@ def test_partitioning_digits_imports_no_plotting_or_scikit_learn():
     assert "light" in run_python(code).stdout
 
 
-def test_a_ray_worker_imports_flowers_actor_without_tensorflow():
+def test_a_ray_worker_imports_flowers_actor_and_our_client_without_the_server_side():
     """``prepare_ray_worker`` (every simulation's Ray ``worker_process_setup_hook``) loads
-    Flower's actor module as the driver does: without TensorFlow, which stays importable."""
+    Flower's actor module alone, and our simulated client only Flower's client side: no
+    TensorFlow, no Simulation Engine server (SuperLink state, SQLAlchemy). Both stay
+    importable whole afterwards, sharing the modules already loaded."""
     code = (
-        "import sys, importlib.util\n"
+        "import sys\n"
         "from xflwb.flower_legacy import prepare_ray_worker\n"
         "prepare_ray_worker()\n"
-        "import flwr.simulation.ray_transport.ray_actor as actor\n"
-        "import flwr.simulation.ray_transport.utils as flwr_utils\n"
-        "assert actor.ClientAppActor and flwr_utils.TF is None\n"
-        "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]\n"
-        "assert not heavy, heavy\n"
-        "assert importlib.util.find_spec('tensorflow') is not None\n"
+        "actor = sys.modules['flwr.simulation.ray_transport.ray_actor']\n"
+        "assert actor.ClientAppActor\n"
+        "import xflwb.simulation.client\n"
+        "heavy = ('tensorflow', 'keras', 'sqlalchemy', 'alembic', 'flwr.simulation',\n"
+        "         'flwr.simulation.app')\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "from flwr.simulation import run_simulation  # the real package, whole\n"
+        "import flwr.simulation.ray_transport.ray_actor as again\n"
+        "assert again is actor and callable(run_simulation)\n"
+        "import tensorflow as tf\n"
+        "assert float(tf.reduce_sum(tf.ones(3))) == 3.0\n"
         "print('light')\n")
     assert "light" in run_python(code).stdout
 
@@ -129,7 +137,8 @@ def test_import_xflwb_and_a_phones_start_up_load_only_what_they_use():
         "import sys\n"
         "import xflwb\n"
         "heavy = ('numpy', 'pandas', 'sqlalchemy', 'flwr', 'tensorflow', 'keras', 'matplotlib')\n"
-        "assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]\n"
+        "loaded = [m for m in heavy if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
         "import xflwb.devices.entry, xflwb.devices.device\n"
         "from xflwb.devices.partition import device_data\n"
         "loaded = [m for m in heavy if m in sys.modules and m != 'numpy']\n"

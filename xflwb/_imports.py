@@ -7,12 +7,14 @@ process (a test run starts hundreds):
   Android phone needs only TFLite's interpreter and the TensorFlow kernels its Flex delegate
   runs (0.4 s);
 - ``import flwr_datasets`` loads its plots (seaborn, scipy.stats: about 1.2 s) where
-  partitioning needs only ``flwr_datasets.partitioner``.
+  partitioning needs only ``flwr_datasets.partitioner``;
+- ``flwr.simulation``'s ``__init__`` loads the Simulation Engine's server side (SuperLink
+  state, SQLAlchemy, Alembic: about 0.8 s) where a Ray worker needs only the actor class.
 
 Neither offers a lighter entry point (``tflite_runtime`` and LiteRT lack the Flex delegate),
 so `skipping_package_init` imports the module with a bare package object standing in for
-the package while it loads: the subpackages' own ``__init__`` files run as usual, only the
-top one is skipped. The stand-in is removed afterwards, so a later ``import tensorflow``
+the package while it loads: the other packages' ``__init__`` files run as usual, only that
+one is skipped. The stand-in is removed afterwards, so a later ``import tensorflow``
 runs the real ``__init__`` and finds the very same modules (``tf.lite.Interpreter`` is the
 class loaded here). When the package is imported already, this is a plain import.
 """
@@ -28,10 +30,14 @@ import types
 _lock = threading.Lock()
 
 
-def skipping_package_init(module: str, *first: str) -> types.ModuleType:
+def skipping_package_init(module: str, *first: str, package: str | None = None
+                          ) -> types.ModuleType:
     """``import module`` (after the modules ``first``), without running the ``__init__`` of
-    its top-level package unless that package is imported already."""
-    package = module.partition(".")[0]
+    ``package`` (its top-level package unless named) unless that package is imported
+    already."""
+    package = package or module.partition(".")[0]
+    if not module.startswith(package + "."):
+        raise ValueError(f"{module!r} is not inside the package {package!r}")
     with _lock:
         if module in sys.modules:
             return sys.modules[module]

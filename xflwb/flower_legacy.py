@@ -185,15 +185,32 @@ def _tensorflow_absent() -> Iterator[None]:
 
 def prepare_ray_worker() -> None:
     """Ray's ``worker_process_setup_hook`` for xflwb's simulations (``"xflwb.flower_legacy.
-    prepare_ray_worker"``): import Flower's actor module as the driver does, without TensorFlow.
+    prepare_ray_worker"``): import Flower's actor module alone.
 
-    A Ray worker loads Flower's ``ClientAppActor`` by importing its module, whose package
-    imports TensorFlow for the GPU helper (see `_tensorflow_absent`): about 5 s of CPU in
-    every actor, before the client's own TFLite runtime loads just the interpreter it needs.
+    A Ray worker loads Flower's ``ClientAppActor`` by importing its module. Its package's
+    ``__init__`` loads the Simulation Engine's server side (SuperLink state, SQLAlchemy,
+    Alembic), and its GPU helper TensorFlow (see `_tensorflow_absent`): about 6 s of CPU in
+    every actor, which runs only clients (`client_api`) and their TFLite interpreters.
     """
+    from xflwb._imports import skipping_package_init
+
     with warnings.catch_warnings(), _tensorflow_absent():
         warnings.simplefilter("ignore")
-        import flwr.simulation.ray_transport.ray_actor  # noqa: F401
+        skipping_package_init("flwr.simulation.ray_transport.ray_actor",
+                              package="flwr.simulation")
+
+
+def client_api() -> SimpleNamespace:
+    """Flower's client side, what a simulated client (in a Ray worker) needs: no Simulation
+    Engine, no server."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from flwr.app import ArrayRecord, ConfigRecord
+        from flwr.client import Client, ClientApp
+        from flwr.common import GetPropertiesRes
+
+    return SimpleNamespace(ArrayRecord=ArrayRecord, Client=Client, ClientApp=ClientApp,
+                           ConfigRecord=ConfigRecord, GetPropertiesRes=GetPropertiesRes)
 
 
 def simulation_api() -> SimpleNamespace:
@@ -206,11 +223,8 @@ def simulation_api() -> SimpleNamespace:
     """
     with warnings.catch_warnings(), _tensorflow_absent():
         warnings.simplefilter("ignore")
-        from flwr.app import ArrayRecord, ConfigRecord
-        from flwr.client import Client, ClientApp
         from flwr.common import (
             GetPropertiesIns,
-            GetPropertiesRes,
             Message,
             MessageTypeLegacy,
             ndarrays_to_parameters,
@@ -222,10 +236,8 @@ def simulation_api() -> SimpleNamespace:
         from flwr.simulation import run_simulation
 
     return SimpleNamespace(
-        ArrayRecord=ArrayRecord, Client=Client, ClientApp=ClientApp, ConfigRecord=ConfigRecord,
-        ServerApp=ServerApp,
-        ServerConfig=ServerConfig,
-        GetPropertiesIns=GetPropertiesIns, GetPropertiesRes=GetPropertiesRes, Message=Message,
+        **vars(client_api()), ServerApp=ServerApp, ServerConfig=ServerConfig,
+        GetPropertiesIns=GetPropertiesIns, Message=Message,
         GET_PROPERTIES=MessageTypeLegacy.GET_PROPERTIES, compat=compat,
         ndarrays_to_parameters=ndarrays_to_parameters, start_grid=start_grid,
         GridClientProxy=GridClientProxy, run_simulation=run_simulation)

@@ -40,7 +40,7 @@ from xflwb.flower_legacy import (
     Parameters,
     Scalar,
     Status,
-    simulation_api,
+    client_api,
 )
 from xflwb.simulation import secagg
 from xflwb.simulation.config import platform_of
@@ -141,7 +141,7 @@ def client_data(spec: ClientSpec, partition_id: int) -> tuple[AnyArray, ...]:
     return d.x_train, d.y_train, d.x_test, d.y_test
 
 
-_API = simulation_api()
+_API = client_api()  # Flower's client side only: this module runs in every Ray worker
 
 
 class SimClient(_API.Client):  # type: ignore[misc, name-defined]
