@@ -202,8 +202,8 @@ def shared_ray_head():
     ports = {"--port": 0, "--ray-client-server-port": free_port(),
              "--dashboard-port": free_port(), "--dashboard-agent-listen-port": free_port()}
     # one CPU: each xdist worker has its own head, so two heads share the two cores, and a
-    # simulation on it runs one ClientAppActor, i.e. one Ray worker process importing
-    # TensorFlow per simulation instead of two (most of a small simulation's cost)
+    # simulation on it runs one ClientAppActor, i.e. one Ray worker process (Ray, Flower's
+    # client side, the runtimes) per simulation instead of two
     with open(log, "wb") as out:
         head = subprocess.Popen([ray, "start", "--head", "--block", "--num-cpus", "1",
                                  *(str(a) for kv in ports.items() for a in kv),
