@@ -150,6 +150,7 @@ def test_import_xflwb_and_a_phones_start_up_load_only_what_they_use():
         "from xflwb.bridge.manifest import ManifestError\n"
         "assert {c.__module__ for c in (DeviceFailure, InputError, ManifestError)} == {'xflwb'}\n"
         "assert xflwb.InputError is InputError and 'Workbench' in dir(xflwb)\n"
+        "assert xflwb.workbench.Workbench is xflwb.Workbench  # a submodule, as before\n"
         "try:\n"
         "    xflwb.no_such_name\n"
         "except AttributeError as e:\n"

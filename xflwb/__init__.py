@@ -146,12 +146,17 @@ def __getattr__(name: str) -> Any:
     Annotations resolve where they were written (``_options.type_hints``)."""
     if not _PUBLIC:
         _PUBLIC.update(_public_table())
+    import importlib
+
     try:
         module, attribute = _PUBLIC[name]
     except KeyError:
-        raise AttributeError(f"module 'xflwb' has no attribute {name!r}") from None
-    import importlib
+        import importlib.util
 
+        # a submodule (``xflwb.workbench``), found as when every name was imported eagerly
+        if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module 'xflwb' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module), attribute)
     if isinstance(value, type):
         value.__module__ = __name__
