@@ -164,6 +164,27 @@ def test_device_entry_points_reject_bad_arguments(prog, tmp_path):
         xflwb.devices.fleet.Fleet("http://x", tmp_path)
 
 
+def test_fleet_partitions_once_and_hands_each_device_its_rows(tmp_path):
+    """The fleet computes every device's rows once (``--partition-file``, this run's own
+    file), so no device imports the partitioners; what a device reads is what it would
+    have computed (``tests/test_light_imports.py``)."""
+    import numpy as np
+
+    fleet = xflwb.devices.fleet.Fleet("http://127.0.0.1:9", tmp_path / "f", android=1, ios=2,
+                                      partition="dirichlet:0.5", seed=4)
+    try:
+        fleet.start()
+        argv = [fleet.procs[i].args for i in fleet.ids]
+    finally:
+        fleet.stop()
+    files = {a[a.index("--partition-file") + 1] for a in argv}
+    assert len(files) == 1 and fleet.run_id in next(iter(files)), files
+    with np.load(next(iter(files))) as f:
+        rows = [f[f"arr_{k}"] for k in range(3)]
+    expected = xflwb.devices.partition.dataset_indices("digits", "dirichlet:0.5", 3, 4)
+    assert all(np.array_equal(a, b) for a, b in zip(rows, expected, strict=True))
+
+
 def test_fleet_launches_the_devices_own_entry_point(tmp_path):
     """Each device process runs ``python -m xflwb.devices``, not the command line: a device
     that dies at start-up (a dataset typo) says so in the entry point's own words."""

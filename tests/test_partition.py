@@ -389,3 +389,50 @@ print("changed:", changed)
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "changed: []", done.stdout
+
+
+# -- indices computed once (a fleet's file, a simulation's object store) ----------------------
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "shards:2"])
+def test_indices_computed_once_give_every_device_the_same_data(spec):
+    """What a device gets from the rows its fleet computed is what it would have computed."""
+    idx = partition.dataset_indices("digits", spec, 6, 3)
+    assert idx is not None and len(idx) == 6
+    for pid in (0, 5):
+        own = device_data("digits", spec, 6, pid, seed=3)
+        given = device_data("digits", spec, 6, pid, seed=3, indices=idx)
+        for a, b in zip((own.x_train, own.y_train, own.x_test, own.y_test),
+                        (given.x_train, given.y_train, given.x_test, given.y_test), strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_synthetic_data_has_no_shared_indices():
+    assert partition.dataset_indices("synthetic", "iid", 4, 0) is None
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+_ARRAYS = st.one_of(
+    hnp.arrays(st.sampled_from([np.int64, np.int32, np.int8]),
+               hnp.array_shapes(min_dims=0, max_dims=2, max_side=5), elements=st.integers(-3, 12)),
+    hnp.arrays(st.sampled_from([np.uint8, np.float64, np.bool_]),
+               hnp.array_shapes(min_dims=0, max_dims=2, max_side=5), elements=st.integers(0, 1)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.lists(_ARRAYS, max_size=5), st.none(), st.integers(), st.text(max_size=5)))
+def test_indices_from_another_process_are_checked(indices):
+    """A partition file is an input (``xflwb device --partition-file``): anything but one
+    1-D array of row numbers per device is an InputError naming the part, never a crash or
+    a silently wrong split."""
+    rows, n = 10, 3
+    ok = (isinstance(indices, list) and len(indices) == n
+          and all(a.ndim == 1 and a.dtype.kind in "iu" and (a.size == 0 or (a.min() >= 0
+                  and a.max() < rows)) for a in indices))
+    if ok:
+        assert [list(a) for a in partition.check_indices(indices, n, rows)] == \
+            [list(a) for a in indices]
+    else:
+        with pytest.raises(partition.InputError, match="partition indices"):
+            partition.check_indices(indices, n, rows)

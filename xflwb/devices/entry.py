@@ -29,6 +29,9 @@ def add_device_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--num-partitions", type=int, default=1)
     p.add_argument("--partition-id", type=int, default=0)
     p.add_argument("--device-id", type=int, default=1)
+    p.add_argument("--partition-file", default=None,
+                   help="every device's rows of the dataset (.npz, arr_0 … arr_{n-1}), as a "
+                   "fleet computes them once for all its devices; default: partition here")
     p.add_argument("--cache-dir", default=".xfl-cache")
     p.add_argument("--status-file", default=None, help="JSON status, rewritten on change")
     p.add_argument("--run-id", default=None, help="written into the status file (a fleet "
@@ -39,6 +42,22 @@ def add_device_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def build_parser(prog: str = "python -m xflwb.devices") -> argparse.ArgumentParser:
     return add_device_arguments(Parser(prog=prog, description="run one virtual phone "
                                        "(FedKit client flow)"))
+
+
+def _read_indices(path: str | None) -> list[Any] | None:
+    """The rows a fleet computed for its devices (``--partition-file``), or None."""
+    if path is None:
+        return None
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return [f[f"arr_{k}"] for k in range(len(f.files))]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"--partition-file {path}: not a fleet's partition file ({exc}); "
+                         "leave it out to partition here") from None
 
 
 def run(args: argparse.Namespace, prog: str = "xflwb device") -> int:
@@ -62,7 +81,8 @@ def run(args: argparse.Namespace, prog: str = "xflwb device") -> int:
         options = DeviceOptions(**given(args, DeviceOptions), seed=spec.seed,
                                 token=os.environ.get(TOKEN_ENV) or None)
         data = device_data(spec.dataset, spec.partition, args.num_partitions,
-                           args.partition_id, seed=spec.seed)
+                           args.partition_id, seed=spec.seed,
+                           indices=_read_indices(args.partition_file))
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2

@@ -179,9 +179,30 @@ class Fleet:
             return f.read()[-20000:].decode("utf-8", "replace")
         return ""
 
+    def _write_indices(self, n: int) -> Path | None:
+        """Every device's rows of the dataset, computed once here and written for the
+        devices to read (``--partition-file``), instead of each device partitioning the
+        whole dataset itself (``dataset_indices``); None for synthetic data, and for data
+        that cannot be split so: each device then fails saying why, in its own log."""
+        import numpy as np
+
+        from xflwb.devices.partition import dataset_indices
+
+        try:
+            indices = dataset_indices(self.dataset, self.partition, n, self.seed)
+        except InputError:
+            return None
+        if indices is None:
+            return None
+        path = self.workdir / f"partitions-{self.run_id}.npz"  # this run's own file
+        with open(path, "wb") as f:
+            np.savez(f, *indices)
+        return path
+
     def start(self) -> Fleet:
         check_spawn(self.dataset, self.data_type)
         n = len(self.platforms)
+        indices = self._write_indices(n)
         for k, (device_id, platform) in enumerate(zip(self.ids, self.platforms, strict=True)):
             cmd = [sys.executable, "-m", DEVICE_MODULE, "--backend", self.url,
                    "--platform", platform, "--data-type", self.data_type,
@@ -191,6 +212,8 @@ class Fleet:
                    "--cache-dir", str(self.workdir / "cache"),
                    "--status-file", str(self._status_file(device_id)),
                    "--run-id", self.run_id]
+            if indices is not None:
+                cmd += ["--partition-file", str(indices)]
             for knob, values in self.knobs.items():  # DeviceOptions: the same flags
                 cmd += [f"--{knob.replace('_', '-')}", str(values[k])]
             env = _lifeline.child_env()

@@ -264,14 +264,51 @@ def _pool(dataset: str) -> tuple[AnyArray, AnyArray, int]:
             d.classes)
 
 
-def dataset_partitions(dataset: str, partition: str, num_partitions: int,
-                       seed: int) -> tuple[list[tuple[AnyArray, AnyArray]], int]:
+def dataset_indices(dataset: str, partition: str, num_partitions: int,
+                    seed: int) -> list[AnyArray] | None:
+    """Each device's rows of the pooled dataset (`partition_indices` of its labels), or
+    ``None`` for synthetic data (its devices are its partitions, drawn by each device).
+
+    A fleet or a simulation computes them once and hands them to its devices and simulated
+    clients (`dataset_partitions`'s ``indices``), so that each of those processes need not
+    import the partitioners: flwr-datasets works on Hugging Face datasets, whose import
+    (with pandas) is about 1 s of CPU in every process.
+    """
+    parse(partition)
+    base, _ = xdatasets.parse_name(dataset)
+    if base == "synthetic":
+        return None
+    _, y, _ = _pool(dataset)
+    return [np.asarray(p, dtype=np.int64)
+            for p in partition_indices(y, num_partitions, partition, seed)]
+
+
+def check_indices(indices: Any, num_partitions: int, rows: int) -> list[AnyArray]:
+    """``indices`` as `dataset_indices` gives them, or an ``InputError`` naming what is
+    wrong (they come from another process: a fleet's file, a simulation's object store)."""
+    if not isinstance(indices, list | tuple) or len(indices) != num_partitions:
+        got = len(indices) if isinstance(indices, list | tuple) else type(indices).__name__
+        raise InputError(f"partition indices: expected {num_partitions} arrays, got {got}")
+    out = []
+    for k, part in enumerate(indices):
+        a = np.asarray(part)
+        if a.ndim != 1 or a.dtype.kind not in "iu" or (a.size and (a.min() < 0
+                                                                   or a.max() >= rows)):
+            raise InputError(f"partition indices: part {k} is not a 1-D array of row numbers "
+                             f"in [0, {rows}) (dtype {a.dtype}, shape {a.shape})")
+        out.append(a.astype(np.int64, copy=False))
+    return out
+
+
+def dataset_partitions(dataset: str, partition: str, num_partitions: int, seed: int,
+                       indices: Any = None) -> tuple[list[tuple[AnyArray, AnyArray]], int]:
     """``(x, y)`` for every device, and the number of classes.
 
     Synthetic(α, β) data is federated by construction (each device draws its own model
     and input distribution), so its devices *are* the partitions and a label-based scheme
     is ignored (still validated); ``"iid"`` instead pools all devices' samples, reshuffles
-    and deals them out evenly, the IID baseline for the same data.
+    and deals them out evenly, the IID baseline for the same data. ``indices``: the rows
+    `dataset_indices` computed for these arguments elsewhere (not for synthetic data).
     """
     name, params = parse(partition)
     base, kwargs = xdatasets.parse_name(dataset)
@@ -287,7 +324,10 @@ def dataset_partitions(dataset: str, partition: str, num_partitions: int,
     else:
         x, y, classes = _pool(dataset)
         _check_num_partitions(num_partitions, len(y))
-        parts = PARTITIONERS[name].split(y, int(num_partitions), int(seed), **params)
+        if indices is not None:
+            parts = check_indices(indices, num_partitions, len(y))
+        else:
+            parts = PARTITIONERS[name].split(y, int(num_partitions), int(seed), **params)
     return [(x[p], y[p]) for p in parts], classes
 
 
@@ -307,10 +347,11 @@ def _check_fraction(test_fraction: float) -> None:
 
 
 def device_data(dataset: str, partition: str, num_partitions: int, partition_id: int,
-                seed: int = 0, test_fraction: float = 0.2) -> DeviceData:
+                seed: int = 0, test_fraction: float = 0.2, indices: Any = None) -> DeviceData:
     """Device ``partition_id``'s data: partition the whole dataset, then split locally.
 
     A device evaluates on held-out data from its *own* distribution, as a phone would.
+    ``indices``: every device's rows, as `dataset_indices` computed them elsewhere.
     """
     _check_fraction(test_fraction)
     if not isinstance(partition_id, int | np.integer) or isinstance(partition_id, bool):
@@ -320,7 +361,8 @@ def device_data(dataset: str, partition: str, num_partitions: int, partition_id:
     if not 0 <= partition_id < num_partitions:
         raise InputError(f"partition_id={partition_id} out of range: "
                          f"expected 0 <= partition_id < num_partitions={num_partitions}")
-    x, y = dataset_partitions(dataset, partition, num_partitions, seed)[0][partition_id]
+    x, y = dataset_partitions(dataset, partition, num_partitions, seed,
+                              indices)[0][partition_id]
     return local_data(x, y, partition_id, num_partitions, seed, test_fraction)
 
 

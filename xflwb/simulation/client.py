@@ -76,6 +76,9 @@ class ClientSpec:
     #: SecAgg+ parameters (``SimulationConfig.secagg``): fit answers in the canonical layout
     #: for ``secaggplus_mod`` to mask (``xflwb.simulation.secagg``)
     secagg: dict[str, Any] | None = None
+    #: every client's rows of the dataset (``dataset_indices``, computed once by the driver),
+    #: a Ray ObjectRef: workers then need no partitioner (None: each worker partitions)
+    indices: Any = None
 
     def platform_of(self, partition_id: int) -> str:
         return platform_of(partition_id, self.android)
@@ -124,10 +127,15 @@ def runtime_for(spec: ClientSpec, platform: str) -> Any:
 
 
 @functools.lru_cache(maxsize=4)
-def _partitions(dataset: str, partition: str, num_partitions: int, seed: int) -> Any:
+def _partitions(dataset: str, partition: str, num_partitions: int, seed: int,
+                indices: Any = None) -> Any:
     from xflwb.devices.partition import dataset_partitions as split
 
-    return split(dataset, partition, num_partitions, seed)[0]
+    if indices is not None:  # the driver's ``dataset_indices``, in Ray's object store
+        import ray
+
+        indices = ray.get(indices)
+    return split(dataset, partition, num_partitions, seed, indices)[0]
 
 
 def client_data(spec: ClientSpec, partition_id: int) -> tuple[AnyArray, ...]:
@@ -136,7 +144,7 @@ def client_data(spec: ClientSpec, partition_id: int) -> tuple[AnyArray, ...]:
     from xflwb.devices.partition import local_data
 
     n = spec.android + spec.ios
-    x, y = _partitions(spec.dataset, spec.partition, n, spec.seed)[partition_id]
+    x, y = _partitions(spec.dataset, spec.partition, n, spec.seed, spec.indices)[partition_id]
     d = local_data(x, y, partition_id, n, spec.seed, spec.test_fraction)
     return d.x_train, d.y_train, d.x_test, d.y_test
 

@@ -179,6 +179,7 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
     with proc:
         import ray
 
+        from xflwb.devices.partition import dataset_indices
         from xflwb.federation.dp import PrivacyBudgetSpent
         from xflwb.federation.fleet import NoClientAvailable
         from xflwb.federation.report import AllClientsFailed
@@ -196,11 +197,13 @@ def run(data_dir: str, db_url: str, session_id: int) -> None:
         proc.handle_sigterm()  # ray.init installed its own (sys.exit)
         wanted = [p for p in PLATFORMS if getattr(cfg, p)]
         blob, sha = sim_client.make_bundle(m, wanted)
+        # partitioned here, once: the workers take their rows from the object store
+        indices = dataset_indices(cfg.dataset, cfg.partition, cfg.num_clients, cfg.seed)
         spec = sim_client.ClientSpec(
             bundle=ray.put(blob), bundle_sha=sha, android=cfg.android, ios=cfg.ios,
             dataset=cfg.dataset, partition=cfg.partition, seed=cfg.seed,
             test_fraction=cfg.test_fraction, drop_prob=float(cfg.drop_prob),
-            secagg=cfg.secagg)
+            secagg=cfg.secagg, indices=None if indices is None else ray.put(indices))
         # fail here, once, on data that cannot be split this way (not in every worker)
         sim_client.client_data(spec, 0)
         if cfg.secagg is not None:  # every weight and the start within SecAgg+'s range

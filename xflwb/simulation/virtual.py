@@ -67,7 +67,7 @@ def virtual_fleet(cfg: SimulationConfig, bundle_dir: Path, spec: ClientSpec,
     when nobody is available at the start."""
     n = cfg.num_clients
     platforms = np.where(np.arange(n) < cfg.android, "android", "ios")
-    parts = _partitions(spec.dataset, spec.partition, n, spec.seed)
+    parts = _partitions(spec.dataset, spec.partition, n, spec.seed, spec.indices)
     sizes = np.fromiter((len(p[1]) for p in parts), np.int64, count=n)
     train, test = example_counts(sizes, spec.test_fraction)
     # a batch-sized sample of the dataset's own examples, from the first partitions
