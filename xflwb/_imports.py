@@ -1,17 +1,17 @@
 """Import a module of a package whose ``__init__`` costs seconds the module does not need.
 
-Two of our dependencies load far more than a phone or a Ray worker uses, in every such
-process (a test run starts hundreds):
+Three packages load far more than a phone, a Ray worker or a session process uses, in
+every such process (a test run starts hundreds):
 
 - ``import tensorflow`` loads the whole Python API (about 5 s of CPU) where a virtual
   Android phone needs only TFLite's interpreter and the TensorFlow kernels its Flex delegate
   runs (0.4 s);
 - ``import flwr_datasets`` loads its plots (seaborn, scipy.stats: about 1.2 s) where
-  partitioning needs only ``flwr_datasets.partitioner``;
+  partitioning (a fleet, a simulation's driver) needs only ``flwr_datasets.partitioner``;
 - ``flwr.simulation``'s ``__init__`` loads the Simulation Engine's server side (SuperLink
   state, SQLAlchemy, Alembic: about 0.8 s) where a Ray worker needs only the actor class.
 
-Neither offers a lighter entry point (``tflite_runtime`` and LiteRT lack the Flex delegate),
+None offers a lighter entry point (``tflite_runtime`` and LiteRT lack the Flex delegate),
 so `skipping_package_init` imports the module with a bare package object standing in for
 the package while it loads: the other packages' ``__init__`` files run as usual, only that
 one is skipped. The stand-in is removed afterwards, so a later ``import tensorflow``
