@@ -121,7 +121,7 @@ def _init_ray(cfg: SimulationConfig) -> dict[str, Any]:
     env = {"TF_CPP_MIN_LOG_LEVEL": "2", "FLWR_TELEMETRY_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     runtime_env = dict(init_args.get("runtime_env") or {"env_vars": env})
-    # each worker imports Flower's actor without TensorFlow (the client loads only TFLite)
+    # each worker imports only Flower's actor: no TensorFlow, no Simulation Engine server side
     runtime_env.setdefault("worker_process_setup_hook", "xflwb.flower_legacy.prepare_ray_worker")
     init_args["runtime_env"] = runtime_env
     init_args.setdefault("logging_level", logging.WARNING)
