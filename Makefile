@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast durations lint typecheck bench bench-smoke clean
+.PHONY: demo test test-fast durations lint ruff typecheck bench bench-smoke clean
 
 $(STAMP): pyproject.toml scripts/install-browser.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,17 +19,20 @@ demo: $(STAMP)
 
 # ruff, then mypy over the whole package (pinned in the dev extra; configured in
 # pyproject.toml). --no-incremental: mypy's cache crashes on this tree
-lint: $(STAMP)
+lint: ruff typecheck
+
+ruff: $(STAMP)
 	$(BIN)/ruff check xflwb tests benchmarks scripts conftest.py
-	$(BIN)/mypy xflwb --no-incremental
 
 typecheck: $(STAMP)
 	$(BIN)/mypy xflwb --no-incremental
 
-# two workers, whole files each (module fixtures such as one export per model and one Ray
-# head per worker are shared; a notebook's cells stay in order), handed out in conftest.py's
-# order, longest recorded file first (xdist would otherwise reorder files by test count)
-test: $(STAMP) lint
+# ruff, then the suite on two workers, whole files each (module fixtures such as one export
+# per model and one Ray head per worker are shared; a notebook's cells stay in order),
+# handed out in conftest.py's order, longest recorded file first (xdist would otherwise
+# reorder files by test count). mypy runs inside the suite (tests/test_typecheck.py), beside
+# the other tests, where it fills CPU they leave idle
+test: $(STAMP) ruff
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # the inner loop (under 3 minutes): unit and property tests, those tests/durations.json

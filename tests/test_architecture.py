@@ -36,6 +36,7 @@ xflwb.simulation.server``) is an arrow too: launching a module by name depends o
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -147,10 +148,17 @@ def _resolve(module: str, path: Path, node: ast.ImportFrom) -> list[str]:
     return [f"{pkg}.{a.name}" if f"{pkg}.{a.name}" in MODULES else pkg for a in node.names]
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """``path`` parsed, once per run: every check reads each module (several tests run
+    every check), and parsing the package takes seconds. A probe gets a path of its own."""
+    return ast.parse(path.read_text(), str(path))
+
+
 def _arrows(module: str, path: Path) -> list[tuple[int, str]]:
     """(line, imported module) for every import and every dotted module name in a string."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             out += [(node.lineno, a.name) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -165,7 +173,7 @@ def _private_names(module: str, path: Path) -> list[tuple[int, str, str]]:
     """(line, module, name) for each private name (``_x``, not a module) imported from
     another room: what a room keeps private may change under its callers."""
     out = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("xflwb"):
             for a, target in zip(node.names, _resolve(module, path, node), strict=True):
                 if (a.name.startswith("_") and not a.name.startswith("__")
@@ -204,7 +212,7 @@ def _dotted(node: ast.AST) -> str | None:
 def _private_attributes(module: str, path: Path) -> list[tuple[int, str, str]]:
     """(line, module, name) for each ``alias._x`` read of another room's module (``alias``
     bound by an import): the attribute spelling of ``from x import _y``."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = _tree(path)
     aliases = _module_aliases(module, path, tree)
     out = []
     for node in ast.walk(tree):
@@ -328,7 +336,7 @@ def _federation_imports() -> list[tuple[str, int, str, list[str]]]:
     for module, path in MODULES.items():
         if _room(module) != "federation":
             continue
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(_tree(path)):
             if isinstance(node, ast.Import):
                 out += [(module, node.lineno, a.name, []) for a in node.names]
             elif isinstance(node, ast.ImportFrom) and not node.level:

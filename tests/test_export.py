@@ -176,6 +176,41 @@ def test_tflite_signatures_and_restore_resets_optimizer(cnn, tmp_path):
     assert any(not np.allclose(once[k], start[k]) for k in once)
 
 
+def test_dropping_custom_gradients_from_the_saved_model_changes_no_training_step(
+        cnn, tmp_path, monkeypatch):
+    """The converter's SavedModel is saved without custom gradients (faster): the .tflite
+    it gives trains exactly as the one from a SavedModel saved with them, bit for bit."""
+    import tensorflow as tf
+
+    from xflwb.bridge.runtime.tflite import load_interpreter
+
+    def trained(path):
+        interp = load_interpreter(path)
+        train, get = (interp.get_signature_runner(n) for n in ("train", "parameters"))
+        rng = np.random.default_rng(5)
+        losses = []
+        for _ in range(3):
+            x = rng.random((6, 8, 8, 1), dtype=np.float32)
+            y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 6)]
+            losses.append(train(x=x, y=y)["loss"])
+        return losses, get()
+
+    opt = xflwb.SGD(0.05, momentum=0.9)
+    lean = xflwb.export(cnn, name="lean", out_dir=tmp_path, platforms="android",
+                        optimizer=opt, check_parity=False)
+    with monkeypatch.context() as m:  # the SavedModel's defaults: custom gradients saved
+        defaults = tf.saved_model.SaveOptions
+        m.setattr(tf.saved_model, "SaveOptions", lambda **_: defaults())
+        full = xflwb.export(cnn, name="full", out_dir=tmp_path, platforms="android",
+                            optimizer=opt, check_parity=False)
+    (lean_losses, lean_params), (full_losses, full_params) = (
+        trained(r.paths["android"]) for r in (lean, full))
+    assert lean_losses == full_losses and len(set(map(float, lean_losses))) > 1
+    assert lean_params.keys() == full_params.keys()
+    for k in lean_params:
+        np.testing.assert_array_equal(lean_params[k], full_params[k])
+
+
 def test_new_version_never_overwrites(cnn, tmp_path):
     first = xflwb.export(cnn, name="same", out_dir=tmp_path, platforms="android")
     digest = manifest.sha256(first.paths["android"])

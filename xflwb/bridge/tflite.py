@@ -10,6 +10,7 @@ optimizer state (as a Core ML update task does) and avoids READ_VARIABLE failure
 from __future__ import annotations
 
 import contextlib
+import gc
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,8 +146,13 @@ def save_saved_model(module: Any, directory: Path) -> Path:
 
     signatures = {name: getattr(module, name).get_concrete_function()
                   for name in ("train", "infer", "parameters", "restore")}
+    # No custom gradients: only the converter reads this SavedModel, and it never
+    # differentiates what it loads (``train``'s gradients are already in its graph). Saving
+    # them traces every op's gradient function again, a third of the save's time; the
+    # .tflite trains the same, bit for bit (tests/test_export.py)
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     with quiet():
-        tf.saved_model.save(module, str(directory), signatures=signatures)
+        tf.saved_model.save(module, str(directory), signatures=signatures, options=options)
     return Path(directory)
 
 
@@ -164,6 +170,12 @@ def convert_saved_model(directory: Path) -> bytes:
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
                                           tf.lite.OpsSet.SELECT_TF_OPS]
         conv.experimental_enable_resource_variables = True
+        # The converter calls gc.collect(), which walks every object of the process: in a
+        # kernel or a test process with a large heap that is most of a small model's
+        # conversion. Frozen objects are left out of collections until unfrozen, so it only
+        # looks at what the conversion made; nothing is lost, old cycles wait for the next
+        # collection.
+        gc.freeze()
         try:
             data: bytes = conv.convert()
             return data
@@ -174,6 +186,8 @@ def convert_saved_model(directory: Path) -> bytes:
                 + (f"\nconverter log:\n{log}" if log else "")
                 + "\n(xflwb's layer check accepted this model, so this is an xflwb bug: "
                 "please report it with this message; verbose=True shows the full log)") from exc
+        finally:
+            gc.unfreeze()
 
 
 def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> bytes:
