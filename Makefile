@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test test-fast durations lint ruff typecheck bench bench-smoke clean
 
+# pip --no-compile: Python compiles a module when it is first imported; compiling every
+# installed file up front (TensorFlow, Ray, Jupyter) took longer than installing them
 $(STAMP): pyproject.toml scripts/install-browser.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "make: installing xflwb and its dependencies into $(VENV) (a few minutes the first time)"
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
+	$(BIN)/python -m pip install --progress-bar on --no-compile -e ".[dev]"
 	bash scripts/install-browser.sh $(BIN)/pip  # Debian chromium for the browser test
 	touch $(STAMP)
 

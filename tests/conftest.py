@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -117,16 +118,47 @@ def transfer_model(seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def transfer_export(tmp_path_factory):
-    """(model, export) of ``transfer_model``: the one expensive export its tests share."""
+def transfer_export(tmp_path_factory, request):
+    """(model, export) of ``transfer_model``: the one expensive export its tests share, made
+    once per run (`once_per_run`: the xdist workers share it)."""
     import xflwb
 
+    # the same model in every worker: transfer_model is deterministic for its seed (its
+    # frozen digest equals the export's, tests/test_models.py)
     model = transfer_model()
-    # plain SGD: no optimizer state carries over between rounds, so a round can be replayed
-    res = xflwb.export(model, name=TRANSFER_NAME, data_type=TRANSFER_DATA,
-                       out_dir=tmp_path_factory.mktemp("transfer"),
-                       optimizer=xflwb.SGD(learning_rate=0.02))
-    return model, res
+
+    def make(directory: Path) -> Any:
+        # plain SGD: no optimizer state carries over between rounds, so a round can be
+        # replayed
+        return xflwb.export(model, name=TRANSFER_NAME, data_type=TRANSFER_DATA,
+                            out_dir=directory, optimizer=xflwb.SGD(learning_rate=0.02))
+
+    return model, once_per_run(tmp_path_factory, request, "transfer", make)
+
+
+def once_per_run(tmp_path_factory: Any, request: Any, key: str, make: Any) -> Any:
+    """``make(directory)``'s result, computed once per test run and shared by the xdist
+    workers: the first to ask computes it under a file lock in the run's common temp
+    directory and pickles it there, the others read it (an export's files are only read
+    afterwards). Without xdist it is simply made."""
+    import fcntl
+    import pickle
+
+    if not hasattr(request.config, "workerinput"):  # not an xdist worker
+        return make(tmp_path_factory.mktemp(key))
+    # pytest-N/popen-gwK: pytest-N is this run's own and common to its workers
+    shared = tmp_path_factory.getbasetemp().parent / f"once-{key}"
+    shared.mkdir(exist_ok=True)
+    done = shared / "result.pickle"
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if done.exists():
+            return pickle.loads(done.read_bytes())
+        result = make(shared / "made")
+        tmp = done.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(result))
+        tmp.replace(done)
+        return result
 
 
 def _session_pids(leader: int) -> set[int]:
@@ -186,7 +218,6 @@ def shared_ray_head():
     import signal
     import socket
     import tempfile
-    from pathlib import Path
 
     def free_port() -> int:
         with socket.socket() as s:
