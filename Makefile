@@ -4,15 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast durations lint ruff typecheck bench bench-smoke clean
+.PHONY: demo test test-fast durations lint ruff typecheck bytecode bench bench-smoke clean
 
-# pip --no-compile: Python compiles a module when it is first imported; compiling every
-# installed file up front (TensorFlow, Ray, Jupyter) took longer than installing them
 $(STAMP): pyproject.toml scripts/install-browser.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "make: installing xflwb and its dependencies into $(VENV) (a few minutes the first time)"
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install --progress-bar on --no-compile -e ".[dev]"
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
 	bash scripts/install-browser.sh $(BIN)/pip  # Debian chromium for the browser test
 	touch $(STAMP)
 
@@ -29,22 +27,28 @@ ruff: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy xflwb --no-incremental
 
+# Compiled once here: a test run starts hundreds of Python processes (sessions, devices, Ray
+# workers, kernels), and where PYTHONDONTWRITEBYTECODE is set (it is on the machines we build on) each
+# would otherwise compile every module of ours it imports again (pip compiled the rest)
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q xflwb tests benchmarks conftest.py
+
 # ruff, then the suite on two workers, whole files each (module fixtures such as one export
 # per model and one Ray head per worker are shared; a notebook's cells stay in order),
 # handed out in conftest.py's order, longest recorded file first (xdist would otherwise
 # reorder files by test count). mypy runs inside the suite (tests/test_typecheck.py), beside
 # the other tests, where it fills CPU they leave idle
-test: $(STAMP) ruff
+test: $(STAMP) ruff bytecode
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # the inner loop (under 3 minutes): unit and property tests, those tests/durations.json
 # records at 1 s or less (and new ones); no lint, no notebooks, no processes (conftest.py)
-test-fast: $(STAMP)
+test-fast: $(STAMP) bytecode
 	$(BIN)/python -m pytest -n 2 --fast -q
 
 # measure every test again (a full run) into tests/durations.json, which orders make test
 # (longest files first) and selects make test-fast; commit the file it writes
-durations: $(STAMP)
+durations: $(STAMP) bytecode
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --record-durations tests/durations.json
 
 bench: $(STAMP)  # about 35 minutes in all on 2 cores
@@ -55,7 +59,7 @@ bench: $(STAMP)  # about 35 minutes in all on 2 cores
 	$(BIN)/python benchmarks/simulation_scale.py
 
 # every benchmark with --smoke: completes and prints its table (make test runs it too)
-bench-smoke: $(STAMP)
+bench-smoke: $(STAMP) bytecode
 	$(BIN)/python -m pytest -n 2 --dist loadfile tests/test_benchmarks.py tests/test_benchmarks_sim.py
 
 clean:
