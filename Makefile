@@ -28,8 +28,9 @@ typecheck: $(STAMP)
 	$(BIN)/mypy xflwb --no-incremental
 
 # Compiled once here: a test run starts hundreds of Python processes (sessions, devices, Ray
-# workers, kernels), and where PYTHONDONTWRITEBYTECODE is set (it is on the machines we build on) each
-# would otherwise compile every module of ours it imports again (pip compiled the rest)
+# workers, kernels), and where PYTHONDONTWRITEBYTECODE is set (it is on the machines we
+# build on) each would otherwise compile every module of ours it imports again (pip
+# compiled the rest)
 bytecode: $(STAMP)
 	$(BIN)/python -m compileall -q xflwb tests benchmarks conftest.py
 

@@ -211,6 +211,27 @@ def test_dropping_custom_gradients_from_the_saved_model_changes_no_training_step
         np.testing.assert_array_equal(lean_params[k], full_params[k])
 
 
+def test_an_export_leaves_the_garbage_collector_as_it_found_it(cnn, tmp_path):
+    """The conversion runs with the process's objects frozen (TF's converter collects
+    garbage): afterwards nothing of ours stays frozen, and objects the process froze itself
+    stay frozen."""
+    import gc
+
+    assert gc.get_freeze_count() == 0
+    xflwb.export(cnn, name="gc", out_dir=tmp_path, platforms="android", check_parity=False)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        theirs = gc.get_freeze_count()
+        assert theirs > 0
+        xflwb.export(cnn, name="gc", out_dir=tmp_path, platforms="android",
+                     check_parity=False)
+        # objects freed meanwhile leave the permanent generation; an unfreeze would empty it
+        assert gc.get_freeze_count() > theirs // 2
+    finally:
+        gc.unfreeze()
+
+
 def test_new_version_never_overwrites(cnn, tmp_path):
     first = xflwb.export(cnn, name="same", out_dir=tmp_path, platforms="android")
     digest = manifest.sha256(first.paths["android"])

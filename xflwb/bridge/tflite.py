@@ -174,8 +174,11 @@ def convert_saved_model(directory: Path) -> bytes:
         # kernel or a test process with a large heap that is most of a small model's
         # conversion. Frozen objects are left out of collections until unfrozen, so it only
         # looks at what the conversion made; nothing is lost, old cycles wait for the next
-        # collection.
-        gc.freeze()
+        # collection. A process that froze objects itself (a pre-fork server) is left as it
+        # is: unfreezing would undo its freeze.
+        ours = gc.get_freeze_count() == 0
+        if ours:
+            gc.freeze()
         try:
             data: bytes = conv.convert()
             return data
@@ -187,7 +190,8 @@ def convert_saved_model(directory: Path) -> bytes:
                 + "\n(xflwb's layer check accepted this model, so this is an xflwb bug: "
                 "please report it with this message; verbose=True shows the full log)") from exc
         finally:
-            gc.unfreeze()
+            if ours:
+                gc.unfreeze()
 
 
 def build(model: Any, graph: ModelGraph, loss: str, optimizer: Optimizer) -> bytes:
