@@ -1,9 +1,9 @@
 """The package type-checks: ``mypy xflwb`` (pinned in the dev extra, configured in
 pyproject.toml) reports nothing.
 
-Run here, inside ``make test``'s suite, rather than before it: mypy takes about two minutes
-of one core, and beside the other tests it fills CPU the suite leaves idle instead of
-adding its whole length to ``make test``. ``make lint`` / ``make typecheck`` still run it
+Run here, inside ``make test``'s suite, rather than before it: mypy takes about 45 s of one
+core (measured 2026-12-08), and beside the other tests it fills CPU the suite leaves idle
+instead of adding its whole length to ``make test``. ``make lint`` / ``make typecheck`` still run it
 on its own.
 """
 
